@@ -1,0 +1,215 @@
+"""One typed settings object, read from app settings (environment variables).
+
+`SETTINGS` is the single list of every app setting the code reads. The Bicep
+template and its tests check themselves against it, and the README table is
+generated from the same descriptions, so a setting cannot exist in one place only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    name: str
+    default: str
+    description: str
+    # "app": set by the Bicep template in Azure; "local": only for a laptop or tests;
+    # "platform": set by the Functions platform itself, not by our template.
+    scope: str = "app"
+
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec("AzureWebJobsStorage", "", "Storage for queues, tables and blobs: a connection string, or the identity-based `AzureWebJobsStorage__*` form in Azure.", "local"),
+    SettingSpec("AzureWebJobsStorage__accountName", "", "Storage account name for identity-based access (Azure).", "app"),
+    SettingSpec("AzureWebJobsStorage__credential", "", "`managedidentity` for identity-based storage access (Azure).", "app"),
+    SettingSpec("AzureWebJobsStorage__clientId", "", "Client id of the user-assigned managed identity used for storage (Azure).", "app"),
+    SettingSpec("AZURE_CLIENT_ID", "", "Client id of the user-assigned managed identity used for Key Vault, Graph and XOAUTH2 tokens.", "app"),
+    SettingSpec("MAIL_QUEUE", "outbound-mail", "Queue that carries mail requests; its poison queue is `<name>-poison`."),
+    SettingSpec("HVE_SMTP_HOST", "smtp.hve.mx.microsoft", "HVE SMTP endpoint."),
+    SettingSpec("HVE_SMTP_PORT", "587", "HVE SMTP port (STARTTLS)."),
+    SettingSpec("HVE_SMTP_CA_FILE", "", "Extra CA bundle (PEM) trusted for the SMTP endpoint, for a local emulator. Public CAs stay trusted.", "local"),
+    SettingSpec("HVE_SMTP_TIMEOUT_SECONDS", "30", "Timeout of one SMTP command."),
+    SettingSpec("HVE_ACCOUNTS", "", "Comma-separated HVE account addresses the relay may send as."),
+    SettingSpec("HVE_AUTH", "basic", "`basic` (password from Key Vault) or `oauth` (XOAUTH2 with an app-only token)."),
+    SettingSpec("KEY_VAULT_URL", "", "Key Vault holding the HVE passwords (basic auth). Secret name: `hve-` + the account address lower-cased with every character other than a-z and 0-9 replaced by `-`."),
+    SettingSpec("HVE_PASSWORDS", "", "Local only: JSON object account -> password, used when KEY_VAULT_URL is empty.", "local"),
+    SettingSpec("HVE_SECRET_CACHE_SECONDS", "300", "How long a password read from Key Vault is cached."),
+    SettingSpec("HVE_OAUTH_SCOPE", "https://outlook.office365.com/.default", "Token scope for XOAUTH2."),
+    SettingSpec("HVE_INTERNAL_DOMAINS", "", "Comma-separated accepted domains of the tenant; any other recipient domain is external."),
+    SettingSpec("HVE_SENDER_NAME", "", "Display name on the From header (the address is always the HVE account)."),
+    SettingSpec("HVE_LIMITS_PROFILE", "ga-2026", "`ga-2026` (external recipients refused) or `preview-2024` (external allowed, rate limited)."),
+    SettingSpec("HVE_LIMITS", "", "JSON object overriding single limits of the profile, e.g. {\"recipients_per_message\": 20}."),
+    SettingSpec("HVE_DAILY_RECIPIENT_BUDGET", "", "Cost guard: at most this many recipients per daily window across all accounts (empty: no guard)."),
+    SettingSpec("HVE_POOL_SIZE", "4", "Open SMTP sessions kept per HVE account in one worker process."),
+    SettingSpec("HVE_POOL_IDLE_SECONDS", "60", "An idle SMTP session older than this is closed."),
+    SettingSpec("ACCOUNT_UNHEALTHY_SECONDS", "900", "How long an account that failed authentication is left out of rotation."),
+    SettingSpec("SEND_MAX_ATTEMPTS", "12", "Attempts before a request is recorded as dead."),
+    SettingSpec("SEND_MAX_AGE_HOURS", "72", "Age after which a still-undelivered request is recorded as dead."),
+    SettingSpec("RETRY_BASE_SECONDS", "30", "First retry delay; doubles per attempt, with jitter."),
+    SettingSpec("RETRY_MAX_SECONDS", "3600", "Cap of the retry delay."),
+    SettingSpec("LEDGER_TABLE", "hveledger", "Table with one row per request (outcome ledger)."),
+    SettingSpec("RECIPIENT_INDEX_TABLE", "hverecipients", "Table keyed by recipient hash, answering 'was this address mailed?'."),
+    SettingSpec("GOVERNOR_TABLE", "hvegovernor", "Table holding the rate governor's per-account state."),
+    SettingSpec("CLAIM_CHECK_CONTAINER", "mail-payloads", "Blob container for requests larger than a queue message, and for attachments."),
+    SettingSpec("RECIPIENT_HASH_KEY", "", "Secret key of the recipient hashes in the ledger (HMAC-SHA256). Set it; without it a built-in key is used and a warning is logged."),
+    SettingSpec("APPLICATIONINSIGHTS_CONNECTION_STRING", "", "Export telemetry to Azure Monitor when set."),
+    SettingSpec("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "", "Entra (managed identity) authentication for Application Insights, e.g. `Authorization=AAD;ClientId=...`."),
+    SettingSpec("OTEL_EXPORTER_OTLP_ENDPOINT", "", "Export telemetry over OTLP/HTTP when set (and no Azure Monitor connection string)."),
+    SettingSpec("WELCOME_ENABLED", "false", "Run the welcome scan timer."),
+    SettingSpec("WELCOME_SCHEDULE", "0 */15 * * * *", "NCRONTAB schedule of the welcome scan."),
+    SettingSpec("WELCOME_LOOKBACK", "P7D", "How far back the first welcome scan looks (ISO 8601 duration)."),
+    SettingSpec("WELCOME_GROUP_ID", "", "Only welcome members of this group (object id); empty: all members."),
+    SettingSpec("WELCOME_BCC", "", "Address Bcc'd on every welcome mail (e.g. customer services)."),
+    SettingSpec("GRAPH_BASE_URL", "https://graph.microsoft.com", "Microsoft Graph base URL."),
+)
+
+_DEFAULTS = {spec.name: spec.default for spec in SETTINGS}
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    storage_connection_string: str
+    storage_account_name: str
+    storage_client_id: str
+    managed_identity_client_id: str
+    mail_queue: str
+    smtp_host: str
+    smtp_port: int
+    smtp_ca_file: str
+    smtp_timeout: float
+    accounts: tuple[str, ...]
+    auth_mode: str
+    key_vault_url: str
+    local_passwords: Mapping[str, str] = field(repr=False)
+    secret_cache_seconds: float
+    oauth_scope: str
+    internal_domains: frozenset[str]
+    sender_name: str
+    limits_profile: str
+    limits_overrides: Mapping[str, object]
+    daily_recipient_budget: int | None
+    pool_size: int
+    pool_idle_seconds: float
+    account_unhealthy_seconds: float
+    max_attempts: int
+    max_age_seconds: float
+    retry_base_seconds: float
+    retry_max_seconds: float
+    ledger_table: str
+    recipient_index_table: str
+    governor_table: str
+    claim_check_container: str
+    recipient_hash_key: bytes = field(repr=False)
+    appinsights_connection_string: str = field(repr=False)
+    otlp_endpoint: str
+    welcome_enabled: bool
+    welcome_schedule: str
+    welcome_lookback: str
+    welcome_group_id: str
+    welcome_bcc: str
+    graph_base_url: str
+
+    @property
+    def poison_queue(self) -> str:
+        return f"{self.mail_queue}-poison"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str:
+            value = env.get(name)
+            return (value if value is not None and value.strip() != "" else _DEFAULTS[name]).strip()
+
+        def number(name: str, kind: type = float):
+            raw = get(name)
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+            if value < 0:
+                raise SettingsError(f"{name} must not be negative")
+            return value
+
+        def json_object(name: str) -> dict:
+            raw = get(name)
+            if not raw:
+                return {}
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise SettingsError(f"{name} is not valid JSON: {exc.msg}") from None
+            if not isinstance(value, dict):
+                raise SettingsError(f"{name} must be a JSON object")
+            return value
+
+        auth_mode = get("HVE_AUTH").lower()
+        if auth_mode not in ("basic", "oauth"):
+            raise SettingsError(f"HVE_AUTH must be 'basic' or 'oauth', got {auth_mode!r}")
+        profile = get("HVE_LIMITS_PROFILE").lower()
+        if profile not in ("ga-2026", "preview-2024"):
+            raise SettingsError(f"HVE_LIMITS_PROFILE must be 'ga-2026' or 'preview-2024', got {profile!r}")
+        accounts = tuple(a.lower() for a in _csv(get("HVE_ACCOUNTS")))
+        passwords = {k.lower(): str(v) for k, v in json_object("HVE_PASSWORDS").items()}
+        budget_raw = get("HVE_DAILY_RECIPIENT_BUDGET")
+        hash_key = get("RECIPIENT_HASH_KEY")
+
+        return cls(
+            storage_connection_string=get("AzureWebJobsStorage"),
+            storage_account_name=get("AzureWebJobsStorage__accountName"),
+            storage_client_id=get("AzureWebJobsStorage__clientId"),
+            managed_identity_client_id=get("AZURE_CLIENT_ID"),
+            mail_queue=get("MAIL_QUEUE"),
+            smtp_host=get("HVE_SMTP_HOST"),
+            smtp_port=number("HVE_SMTP_PORT", int),
+            smtp_ca_file=get("HVE_SMTP_CA_FILE"),
+            smtp_timeout=number("HVE_SMTP_TIMEOUT_SECONDS"),
+            accounts=accounts,
+            auth_mode=auth_mode,
+            key_vault_url=get("KEY_VAULT_URL"),
+            local_passwords=passwords,
+            secret_cache_seconds=number("HVE_SECRET_CACHE_SECONDS"),
+            oauth_scope=get("HVE_OAUTH_SCOPE"),
+            internal_domains=frozenset(d.lower() for d in _csv(get("HVE_INTERNAL_DOMAINS"))),
+            sender_name=get("HVE_SENDER_NAME"),
+            limits_profile=profile,
+            limits_overrides=json_object("HVE_LIMITS"),
+            daily_recipient_budget=int(number("HVE_DAILY_RECIPIENT_BUDGET", int)) if budget_raw else None,
+            pool_size=max(1, number("HVE_POOL_SIZE", int)),
+            pool_idle_seconds=number("HVE_POOL_IDLE_SECONDS"),
+            account_unhealthy_seconds=number("ACCOUNT_UNHEALTHY_SECONDS"),
+            max_attempts=max(1, number("SEND_MAX_ATTEMPTS", int)),
+            max_age_seconds=number("SEND_MAX_AGE_HOURS") * 3600.0,
+            retry_base_seconds=number("RETRY_BASE_SECONDS"),
+            retry_max_seconds=number("RETRY_MAX_SECONDS"),
+            ledger_table=get("LEDGER_TABLE"),
+            recipient_index_table=get("RECIPIENT_INDEX_TABLE"),
+            governor_table=get("GOVERNOR_TABLE"),
+            claim_check_container=get("CLAIM_CHECK_CONTAINER"),
+            recipient_hash_key=(hash_key or "hve-relay-unset-key").encode(),
+            appinsights_connection_string=get("APPLICATIONINSIGHTS_CONNECTION_STRING"),
+            otlp_endpoint=get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            welcome_enabled=get("WELCOME_ENABLED").lower() in ("1", "true", "yes"),
+            welcome_schedule=get("WELCOME_SCHEDULE"),
+            welcome_lookback=get("WELCOME_LOOKBACK"),
+            welcome_group_id=get("WELCOME_GROUP_ID"),
+            welcome_bcc=get("WELCOME_BCC"),
+            graph_base_url=get("GRAPH_BASE_URL").rstrip("/"),
+        )
+
+    def require_accounts(self) -> None:
+        if not self.accounts:
+            raise SettingsError("HVE_ACCOUNTS is empty: name at least one HVE account address")
