@@ -48,6 +48,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("HVE_POOL_SIZE", "4", "Open SMTP sessions kept per HVE account in one worker process."),
     SettingSpec("HVE_POOL_IDLE_SECONDS", "60", "An idle SMTP session older than this is closed."),
     SettingSpec("ACCOUNT_UNHEALTHY_SECONDS", "900", "How long an account that failed authentication is left out of rotation."),
+    SettingSpec("ACCOUNT_COOLDOWN_SECONDS", "60", "How long an account is rested after HVE throttles it (4.5.104, 421); a daily-quota reply (4.5.102) rests it until its daily window resets."),
     SettingSpec("SEND_MAX_ATTEMPTS", "12", "Attempts before a request is recorded as dead."),
     SettingSpec("SEND_MAX_AGE_HOURS", "72", "Age after which a still-undelivered request is recorded as dead."),
     SettingSpec("RETRY_BASE_SECONDS", "30", "First retry delay; doubles per attempt, with jitter."),
@@ -104,6 +105,7 @@ class Settings:
     pool_size: int
     pool_idle_seconds: float
     account_unhealthy_seconds: float
+    account_cooldown_seconds: float
     max_attempts: int
     max_age_seconds: float
     retry_base_seconds: float
@@ -191,6 +193,7 @@ class Settings:
             pool_size=max(1, number("HVE_POOL_SIZE", int)),
             pool_idle_seconds=number("HVE_POOL_IDLE_SECONDS"),
             account_unhealthy_seconds=number("ACCOUNT_UNHEALTHY_SECONDS"),
+            account_cooldown_seconds=number("ACCOUNT_COOLDOWN_SECONDS"),
             max_attempts=max(1, number("SEND_MAX_ATTEMPTS", int)),
             max_age_seconds=number("SEND_MAX_AGE_HOURS") * 3600.0,
             retry_base_seconds=number("RETRY_BASE_SECONDS"),

@@ -1,0 +1,42 @@
+"""Reading claim-check payloads and attachments from the relay's own blob container.
+
+A URL is trusted only when it points into that container of the relay's storage account: the
+request cannot make the relay read anything else (no SSRF, no other tenant's data).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+from azure.core.exceptions import ResourceNotFoundError
+
+from .contract import RequestRefused
+
+
+class BlobReader:
+    def __init__(self, container_client, max_bytes: int | None) -> None:
+        self._container = container_client
+        self._max = max_bytes
+        self._prefix = container_client.url.rstrip("/") + "/"
+
+    def blob_name(self, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.query or parts.fragment:
+            raise RequestRefused("claim-check", "blob URLs must not carry a query (no SAS tokens: the relay uses its own identity)")
+        clean = f"{parts.scheme}://{parts.netloc}{parts.path}"
+        if not clean.startswith(self._prefix) or len(clean) == len(self._prefix):
+            raise RequestRefused("claim-check", f"blob URL is outside the relay's container {self._container.container_name!r}")
+        name = unquote(clean[len(self._prefix):])
+        if ".." in name.split("/"):
+            raise RequestRefused("claim-check", "blob name must not contain '..'")
+        return name
+
+    async def read(self, url: str, what: str) -> bytes:
+        name = self.blob_name(url)
+        try:
+            stream = await self._container.download_blob(name)
+        except ResourceNotFoundError:
+            raise RequestRefused("claim-check", f"{what}: blob {name!r} does not exist") from None
+        if self._max is not None and stream.size > self._max:
+            raise RequestRefused("too-large", f"{what}: blob {name!r} is {stream.size} bytes, over the {self._max}-byte limit")
+        return await stream.readall()

@@ -1,0 +1,337 @@
+"""Message contract v1: decoding a queue message and validating a mail request.
+
+Pure policy: no I/O. The JSON Schema in `shared/schema/mail-request.v1.json` documents
+the same contract for producers; tests keep the two in agreement.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+# An Azure queue message holds at most 64 KiB; bigger requests travel by claim check.
+MAX_REQUEST_ID_LENGTH = 200
+MAX_SUBJECT_LENGTH = 998
+MAX_CATEGORY_LENGTH = 64
+MAX_CUSTOM_HEADERS = 20
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@=+-]{0,199}$")
+# RFC 5322 dot-atom local part; domain of LDH labels with at least one dot.
+_LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_LABEL = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+_ADDR = re.compile(rf"^(?P<local>{_LOCAL})@(?P<domain>{_LABEL}(?:\.{_LABEL})+)$")
+_NAMED = re.compile(r"^(?P<name>[^<>]*?)\s*<(?P<addr>[^<>]+)>$")
+_CUSTOM_HEADER_NAME = re.compile(r"^X-[A-Za-z0-9][A-Za-z0-9-]{0,76}$")
+# Characters that end a header line or that no header may carry.
+_FORBIDDEN_IN_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\u2028\u2029\u0085]")
+_ATTACHMENT_NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\\"]")
+_CONTENT_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
+
+_FIELDS = {
+    "id", "to", "cc", "bcc", "subject", "text", "html", "attachments",
+    "account", "category", "headers",
+    # Asked for by callers used to Send-MailMessage; refused unless it is the HVE account.
+    "from", "sender",
+}
+# Headers a caller may never set through `headers`, even under an X- name, because the relay owns them.
+_RESERVED_HEADERS = {"x-hve-relay-request-id"}
+
+
+class RequestRefused(Exception):
+    """The request breaks the contract. `reason` is a stable code, `detail` says what and where."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Address:
+    addr: str
+    display_name: str = ""
+
+    @property
+    def domain(self) -> str:
+        return self.addr.rsplit("@", 1)[1].lower()
+
+
+@dataclass(frozen=True)
+class Attachment:
+    name: str
+    content_type: str
+    content: bytes | None = None
+    blob_url: str | None = None
+
+
+@dataclass(frozen=True)
+class MailRequest:
+    id: str | None
+    to: tuple[Address, ...]
+    cc: tuple[Address, ...]
+    bcc: tuple[Address, ...]
+    subject: str
+    text: str | None
+    html: str | None
+    attachments: tuple[Attachment, ...]
+    account: str | None
+    category: str
+    headers: tuple[tuple[str, str], ...]
+
+    @property
+    def recipients(self) -> tuple[Address, ...]:
+        return self.to + self.cc + self.bcc
+
+
+@dataclass(frozen=True)
+class ValidationPolicy:
+    accounts: frozenset[str]
+    internal_domains: frozenset[str]
+    external_allowed: bool
+    recipients_per_message: int | None
+
+
+@dataclass(frozen=True)
+class ClaimCheck:
+    blob_url: str
+    id: str | None
+
+
+# --- queue body ---------------------------------------------------------------------------------
+
+def decode_queue_body(body: bytes | str) -> dict[str, Any]:
+    """The JSON object in a queue message written raw or base64-encoded (both are accepted)."""
+    raw = body.encode() if isinstance(body, str) else bytes(body)
+    text = raw.strip()
+    if not text:
+        raise RequestRefused("malformed", "the queue message is empty")
+    if not text.startswith(b"{"):
+        # '{' is not in the base64 alphabet, so a raw JSON object can never be mistaken for base64.
+        try:
+            text = base64.b64decode(text, validate=True).strip()
+        except (binascii.Error, ValueError):
+            raise RequestRefused("malformed", "the queue message is neither a JSON object nor base64 of one") from None
+    try:
+        doc = json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RequestRefused("malformed", "the queue message is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise RequestRefused("malformed", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(doc, dict):
+        raise RequestRefused("malformed", "the request must be a JSON object")
+    return doc
+
+
+def claim_check_of(doc: Mapping[str, Any]) -> ClaimCheck | None:
+    """A claim-check stub (`{"claimCheck": {"blobUrl": ...}, "id": ...}`), or None for a full request."""
+    if "claimCheck" not in doc:
+        return None
+    extra = set(doc) - {"claimCheck", "id"}
+    if extra:
+        raise RequestRefused("schema", f"a claim-check message carries only 'claimCheck' and 'id', not {sorted(extra)}")
+    ref = doc["claimCheck"]
+    if not isinstance(ref, dict) or not isinstance(ref.get("blobUrl"), str) or set(ref) != {"blobUrl"}:
+        raise RequestRefused("schema", "claimCheck must be an object with a single string field 'blobUrl'")
+    return ClaimCheck(blob_url=ref["blobUrl"], id=parse_request_id(doc.get("id")))
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+def parse_request_id(value: Any) -> str | None:
+    """The caller's idempotency key, checked (it becomes a Table key and a Message-ID seed)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _REQUEST_ID.match(value):
+        raise RequestRefused(
+            "schema",
+            "id must be 1-200 characters of letters, digits and . _ : @ = + - (starting with a letter or digit)",
+        )
+    return value
+
+
+def check_header_value(field: str, value: str) -> None:
+    if _FORBIDDEN_IN_HEADER.search(value):
+        raise RequestRefused("header-injection", f"{field} contains a line break or control character")
+
+
+def parse_address(field: str, value: Any) -> Address:
+    if not isinstance(value, str) or not value.strip():
+        raise RequestRefused("bad-address", f"{field}: an address must be a non-empty string")
+    check_header_value(field, value)
+    value = value.strip()
+    named = _NAMED.match(value)
+    if named:
+        display, addr = named.group("name").strip(), named.group("addr").strip()
+        if len(display) >= 2 and display[0] == display[-1] == '"':
+            display = display[1:-1]
+    elif "<" in value or ">" in value:
+        raise RequestRefused("bad-address", f"{field}: {value!r} is not 'addr' or 'Display Name <addr>'")
+    else:
+        display, addr = "", value
+    match = _ADDR.match(addr)
+    if not match or len(addr) > 254 or len(match.group("local")) > 64:
+        raise RequestRefused("bad-address", f"{field}: {addr!r} is not a valid mail address")
+    return Address(addr=addr, display_name=display)
+
+
+def _address_list(doc: Mapping[str, Any], field: str) -> tuple[Address, ...]:
+    value = doc.get(field)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise RequestRefused("schema", f"{field} must be a list of addresses")
+    return tuple(parse_address(f"{field}[{i}]", item) for i, item in enumerate(value))
+
+
+def _optional_str(doc: Mapping[str, Any], field: str) -> str | None:
+    value = doc.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RequestRefused("schema", f"{field} must be a string")
+    return value
+
+
+def _attachments(doc: Mapping[str, Any]) -> tuple[Attachment, ...]:
+    value = doc.get("attachments")
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise RequestRefused("schema", "attachments must be a list")
+    out = []
+    for i, item in enumerate(value):
+        where = f"attachments[{i}]"
+        if not isinstance(item, dict):
+            raise RequestRefused("schema", f"{where} must be an object")
+        unknown = set(item) - {"name", "contentType", "contentBase64", "blobUrl"}
+        if unknown:
+            raise RequestRefused("schema", f"{where} has unknown fields {sorted(unknown)}")
+        name, ctype = item.get("name"), item.get("contentType", "application/octet-stream")
+        if not isinstance(name, str) or not name.strip() or len(name) > 255:
+            raise RequestRefused("bad-attachment", f"{where}.name must be a non-empty file name")
+        check_header_value(f"{where}.name", name)
+        if _ATTACHMENT_NAME_FORBIDDEN.search(name):
+            raise RequestRefused("bad-attachment", f"{where}.name must not contain quotes, slashes or control characters")
+        if not isinstance(ctype, str) or not _CONTENT_TYPE.match(ctype):
+            raise RequestRefused("bad-attachment", f"{where}.contentType must look like 'type/subtype'")
+        has_inline, has_blob = "contentBase64" in item, "blobUrl" in item
+        if has_inline == has_blob:
+            raise RequestRefused("bad-attachment", f"{where} needs exactly one of contentBase64 or blobUrl")
+        if has_inline:
+            data = item["contentBase64"]
+            if not isinstance(data, str):
+                raise RequestRefused("bad-attachment", f"{where}.contentBase64 must be a string")
+            try:
+                content = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                raise RequestRefused("bad-attachment", f"{where}.contentBase64 is not valid base64") from None
+            out.append(Attachment(name=name, content_type=ctype.lower(), content=content))
+        else:
+            url = item["blobUrl"]
+            if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+                raise RequestRefused("bad-attachment", f"{where}.blobUrl must be an http(s) URL")
+            out.append(Attachment(name=name, content_type=ctype.lower(), blob_url=url))
+    return tuple(out)
+
+
+def _custom_headers(doc: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    value = doc.get("headers")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise RequestRefused("schema", "headers must be an object of X- header names to string values")
+    if len(value) > MAX_CUSTOM_HEADERS:
+        raise RequestRefused("schema", f"at most {MAX_CUSTOM_HEADERS} custom headers")
+    out = []
+    for name, header_value in value.items():
+        check_header_value(f"headers name {name!r}", name)
+        if name.lower() in ("from", "sender"):
+            raise RequestRefused("send-as", f"the {name} header is set by the relay to the HVE account")
+        if not _CUSTOM_HEADER_NAME.match(name) or name.lower() in _RESERVED_HEADERS:
+            raise RequestRefused("schema", f"header {name!r} is not allowed: only custom X- headers may be set")
+        if not isinstance(header_value, str):
+            raise RequestRefused("schema", f"header {name} must have a string value")
+        check_header_value(f"headers.{name}", header_value)
+        out.append((name, header_value))
+    return tuple(out)
+
+
+def _check_send_as(doc: Mapping[str, Any], accounts: frozenset[str], chosen: str | None) -> None:
+    """HVE has no Send As: a From/Sender is only tolerated when it names the relay's own account."""
+    for field in ("from", "sender"):
+        if field not in doc:
+            continue
+        addr = parse_address(field, doc[field]).addr.lower()
+        if addr not in accounts or (chosen is not None and addr != chosen):
+            raise RequestRefused(
+                "send-as",
+                f"{field} {addr!r} is not an HVE account of this relay; HVE sends only as the account itself",
+            )
+
+
+def is_internal(address: Address, internal_domains: Iterable[str]) -> bool:
+    return address.domain in internal_domains
+
+
+def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRequest:
+    """A typed request, or RequestRefused naming the first rule it breaks."""
+    unknown = set(doc) - _FIELDS
+    if unknown:
+        raise RequestRefused("schema", f"unknown fields {sorted(unknown)}")
+    request_id = parse_request_id(doc.get("id"))
+
+    account = doc.get("account")
+    if account is not None:
+        if not isinstance(account, str) or account.strip().lower() not in policy.accounts:
+            raise RequestRefused("unknown-account", f"account {account!r} is not one of the configured HVE accounts")
+        account = account.strip().lower()
+    _check_send_as(doc, policy.accounts, account)
+
+    to, cc, bcc = (_address_list(doc, f) for f in ("to", "cc", "bcc"))
+    recipients = to + cc + bcc
+    if not recipients:
+        raise RequestRefused("no-recipients", "at least one recipient in to, cc or bcc is required")
+    limit = policy.recipients_per_message
+    if limit is not None and len(recipients) > limit:
+        raise RequestRefused("too-many-recipients", f"{len(recipients)} recipients; the limit per message is {limit}")
+    if not policy.external_allowed:
+        external = [r for r in recipients if not is_internal(r, policy.internal_domains)]
+        if external:
+            raise RequestRefused(
+                "external-not-allowed",
+                f"{len(external)} external recipient(s) (e.g. domain {external[0].domain!r}); "
+                "HVE refuses external recipients (550 5.5.105) under this limits profile",
+            )
+
+    subject = _optional_str(doc, "subject") or ""
+    check_header_value("subject", subject)
+    if len(subject) > MAX_SUBJECT_LENGTH:
+        raise RequestRefused("schema", f"subject is longer than {MAX_SUBJECT_LENGTH} characters")
+    text, html = _optional_str(doc, "text"), _optional_str(doc, "html")
+    if not (text and text.strip()) and not (html and html.strip()):
+        raise RequestRefused("no-body", "a request needs a non-empty text or html body")
+
+    category = _optional_str(doc, "category") or ""
+    check_header_value("category", category)
+    if len(category) > MAX_CATEGORY_LENGTH:
+        raise RequestRefused("schema", f"category is longer than {MAX_CATEGORY_LENGTH} characters")
+
+    return MailRequest(
+        id=request_id,
+        to=to,
+        cc=cc,
+        bcc=bcc,
+        subject=subject,
+        text=text,
+        html=html,
+        attachments=_attachments(doc),
+        account=account,
+        category=category,
+        headers=_custom_headers(doc),
+    )

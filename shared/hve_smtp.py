@@ -1,0 +1,235 @@
+"""SMTP submission to HVE: STARTTLS, validated certificates, AUTH, and a per-account session pool.
+
+The pool lives as long as the worker process (one per event loop), so consecutive invocations
+reuse authenticated sessions instead of paying TCP + TLS + AUTH for every message.
+Failures never raise out of `submit`: they come back as a `Verdict` carrying the SMTP code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import aiosmtplib
+
+from .credentials import CredentialError, PasswordSource, TokenSource
+from .replies import Outcome, Verdict, classify_reply, connection_lost
+
+log = logging.getLogger(__name__)
+
+# A session idle longer than this may have been dropped by the server: probe it with RSET first.
+PROBE_AFTER_IDLE_SECONDS = 10.0
+
+
+def tls_context(ca_file: str = "") -> ssl.SSLContext:
+    """System trust plus an optional extra CA (a local emulator); TLS 1.2 or newer; names checked."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class AuthError(Exception):
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.text)
+        self.verdict = verdict
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, smtp: aiosmtplib.SMTP, account: str) -> None: ...
+
+
+class BasicAuth:
+    """AUTH LOGIN/PLAIN with the account's password."""
+
+    def __init__(self, passwords: PasswordSource) -> None:
+        self._passwords = passwords
+
+    async def authenticate(self, smtp: aiosmtplib.SMTP, account: str) -> None:
+        password = await self._passwords.password(account)
+        try:
+            await smtp.login(account, password)
+        except aiosmtplib.SMTPAuthenticationError:
+            # The password may have been rotated in Key Vault: read it again next time.
+            self._passwords.forget(account)
+            raise
+
+
+class OAuthAuth:
+    """AUTH XOAUTH2 with an app-only token; on 5.7.142/5.7.143 the token is refreshed once."""
+
+    def __init__(self, tokens: TokenSource) -> None:
+        self._tokens = tokens
+
+    async def authenticate(self, smtp: aiosmtplib.SMTP, account: str) -> None:
+        try:
+            await smtp.auth_xoauth2(account, await self._tokens.token())
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            if not classify_reply(exc.code, exc.message).token_expired:
+                raise
+            await smtp.auth_xoauth2(account, await self._tokens.token(force_refresh=True))
+
+
+@dataclass
+class _Session:
+    smtp: aiosmtplib.SMTP
+    last_used: float
+    dirty: bool = False  # last transaction failed: RSET before the next one
+
+
+@dataclass
+class _AccountPool:
+    slots: asyncio.Semaphore
+    idle: list[_Session] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    verdict: Verdict
+    # Recipients the server refused while accepting the message for the others.
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PoolStats:
+    connections_opened: int = 0
+    sessions_reused: int = 0
+    transactions: int = 0
+
+
+class HveSmtp:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        authenticator: Authenticator,
+        context: ssl.SSLContext,
+        timeout: float = 30.0,
+        pool_size: int = 4,
+        idle_seconds: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._host, self._port = host, port
+        self._auth = authenticator
+        self._context = context
+        self._timeout = timeout
+        self._pool_size = pool_size
+        self._idle_seconds = idle_seconds
+        self._clock = clock
+        self._pools: dict[str, _AccountPool] = {}
+        self.stats = PoolStats()
+
+    def _pool(self, account: str) -> _AccountPool:
+        pool = self._pools.get(account)
+        if pool is None:
+            pool = self._pools[account] = _AccountPool(asyncio.Semaphore(self._pool_size))
+        return pool
+
+    async def _open(self, account: str) -> _Session:
+        smtp = aiosmtplib.SMTP(hostname=self._host, port=self._port, start_tls=True,
+                               tls_context=self._context, timeout=self._timeout)
+        await smtp.connect()
+        self.stats.connections_opened += 1
+        try:
+            if smtp.get_transport_info("sslobject") is None:
+                # Never send credentials in clear text, whatever the server offered.
+                raise AuthError(Verdict(Outcome.ACCOUNT, 0, "", "refusing to authenticate: the connection is not encrypted"))
+            await self._auth.authenticate(smtp, account)
+        except BaseException:
+            smtp.close()
+            raise
+        return _Session(smtp, self._clock())
+
+    def _take_idle(self, pool: _AccountPool) -> _Session | None:
+        now = self._clock()
+        while pool.idle:
+            session = pool.idle.pop()
+            if now - session.last_used <= self._idle_seconds and session.smtp.is_connected:
+                return session
+            session.smtp.close()
+        return None
+
+    async def submit(self, account: str, recipients: Sequence[str], message: bytes) -> SubmitResult:
+        pool = self._pool(account)
+        async with pool.slots:
+            self._close_expired(pool)
+            session = self._take_idle(pool)
+            if session is not None:
+                self.stats.sessions_reused += 1
+                result, keep = await self._transaction(session, account, recipients, message)
+                if keep or result.verdict.code != 0:
+                    return self._finish(pool, session, result, keep)
+                session.smtp.close()
+                # A reused session was found dead before any reply: one fresh try is safe
+                # (and a resend after DATA is harmless: the Message-ID is the same).
+            try:
+                session = await self._open(account)
+            except AuthError as exc:
+                return SubmitResult(exc.verdict)
+            except aiosmtplib.SMTPAuthenticationError as exc:
+                return SubmitResult(classify_reply(exc.code, exc.message))
+            except aiosmtplib.SMTPResponseException as exc:
+                return SubmitResult(classify_reply(exc.code, exc.message))
+            except CredentialError as exc:
+                return SubmitResult(Verdict(Outcome.ACCOUNT, 0, "", str(exc)))
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                return SubmitResult(connection_lost(f"{type(exc).__name__}: {exc}"))
+            result, keep = await self._transaction(session, account, recipients, message)
+            return self._finish(pool, session, result, keep)
+
+    def _finish(self, pool: _AccountPool, session: _Session, result: SubmitResult, keep: bool) -> SubmitResult:
+        if keep:
+            session.last_used = self._clock()
+            session.dirty = result.verdict.outcome is not Outcome.SENT
+            pool.idle.append(session)
+        else:
+            session.smtp.close()
+        return result
+
+    async def _transaction(self, session: _Session, account: str, recipients: Sequence[str],
+                           message: bytes) -> tuple[SubmitResult, bool]:
+        """One MAIL/RCPT/DATA exchange. Returns the result and whether the session can be reused."""
+        smtp = session.smtp
+        self.stats.transactions += 1
+        try:
+            if session.dirty or self._clock() - session.last_used > PROBE_AFTER_IDLE_SECONDS:
+                await smtp.rset()
+            options = [f"SIZE={len(message)}"] if "size" in smtp.esmtp_extensions else []
+            refused, reply = await smtp.sendmail(account, list(recipients), message, mail_options=options)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            first = exc.recipients[0]
+            return SubmitResult(classify_reply(first.code, first.message)), True
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError, asyncio.TimeoutError) as exc:
+            return SubmitResult(connection_lost(f"{type(exc).__name__}: {exc}")), False
+        except aiosmtplib.SMTPResponseException as exc:
+            verdict = classify_reply(exc.code, exc.message)
+            return SubmitResult(verdict), exc.code != 421 and smtp.is_connected
+        except aiosmtplib.SMTPException as exc:
+            return SubmitResult(connection_lost(f"{type(exc).__name__}: {exc}")), False
+        verdict = classify_reply(250, reply)
+        return SubmitResult(verdict, {r: f"{resp.code} {resp.message}" for r, resp in refused.items()}), True
+
+    def _close_expired(self, pool: _AccountPool) -> None:
+        now = self._clock()
+        keep = []
+        for session in pool.idle:
+            if now - session.last_used > self._idle_seconds or not session.smtp.is_connected:
+                session.smtp.close()
+            else:
+                keep.append(session)
+        pool.idle[:] = keep
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            for session in pool.idle:
+                try:
+                    await asyncio.wait_for(session.smtp.quit(), timeout=2)
+                except Exception:
+                    session.smtp.close()
+            pool.idle.clear()

@@ -1,0 +1,168 @@
+"""The outcome ledger in Table storage: one row per request id.
+
+Never bodies, never recipient addresses. Recipients are written to a second table keyed by a
+keyed hash (HMAC-SHA256) of the address, so "was this address mailed?" has an answer while no
+table holds a recipient list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+
+RECEIVED, SENDING, SENT, DEFERRED, REFUSED, DEAD = "received", "sending", "sent", "deferred", "refused", "dead"
+FINAL_STATES = frozenset({SENT, REFUSED, DEAD})
+_ROW = "request"
+_MAX_TEXT = 500
+
+
+class LedgerConflict(Exception):
+    """Another instance changed the row since it was read (ETag mismatch) or created it first."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    request_id: str
+    state: str
+    first_received: datetime
+    updated: datetime
+    attempts: int = 0
+    account: str = ""
+    category: str = ""
+    internal_recipients: int = 0
+    external_recipients: int = 0
+    last_code: int = 0
+    last_reply: str = ""
+    reason: str = ""
+    message_id: str = ""
+    queue_message_id: str = ""
+    etag: str | None = field(default=None, compare=False)
+
+    def evolve(self, **changes: Any) -> "LedgerEntry":
+        return replace(self, **changes)
+
+
+def recipient_hash(key: bytes, address: str) -> str:
+    return hmac.new(key, address.strip().lower().encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _to_row(entry: LedgerEntry) -> dict[str, Any]:
+    return {
+        "PartitionKey": entry.request_id,
+        "RowKey": _ROW,
+        "State": entry.state,
+        "FirstReceived": entry.first_received,
+        "Updated": entry.updated,
+        "Attempts": entry.attempts,
+        "Account": entry.account,
+        "Category": entry.category,
+        "InternalRecipients": entry.internal_recipients,
+        "ExternalRecipients": entry.external_recipients,
+        "LastCode": entry.last_code,
+        "LastReply": entry.last_reply[:_MAX_TEXT],
+        "Reason": entry.reason[:_MAX_TEXT],
+        "MessageId": entry.message_id,
+        "QueueMessageId": entry.queue_message_id,
+    }
+
+
+def _from_row(row: Any) -> LedgerEntry:
+    def when(name: str) -> datetime:
+        value = row.get(name)
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return datetime.fromtimestamp(0, timezone.utc)
+
+    return LedgerEntry(
+        request_id=row["PartitionKey"],
+        state=row.get("State", RECEIVED),
+        first_received=when("FirstReceived"),
+        updated=when("Updated"),
+        attempts=int(row.get("Attempts", 0)),
+        account=row.get("Account", ""),
+        category=row.get("Category", ""),
+        internal_recipients=int(row.get("InternalRecipients", 0)),
+        external_recipients=int(row.get("ExternalRecipients", 0)),
+        last_code=int(row.get("LastCode", 0)),
+        last_reply=row.get("LastReply", ""),
+        reason=row.get("Reason", ""),
+        message_id=row.get("MessageId", ""),
+        queue_message_id=row.get("QueueMessageId", ""),
+        etag=row.metadata.get("etag") if hasattr(row, "metadata") else None,
+    )
+
+
+class Ledger:
+    def __init__(self, table: Any, recipient_index: Any, hash_key: bytes) -> None:
+        self._table = table
+        self._index = recipient_index
+        self._key = hash_key
+
+    async def get(self, request_id: str) -> LedgerEntry | None:
+        try:
+            return _from_row(await self._table.get_entity(request_id, _ROW))
+        except ResourceNotFoundError:
+            return None
+
+    async def save(self, entry: LedgerEntry) -> LedgerEntry:
+        """Create the row (entry.etag None) or replace it if unchanged since read; else LedgerConflict."""
+        row = _to_row(entry)
+        try:
+            if entry.etag is None:
+                meta = await self._table.create_entity(row)
+            else:
+                meta = await self._table.update_entity(
+                    row, mode="replace", etag=entry.etag, match_condition=MatchConditions.IfNotModified
+                )
+        except (ResourceExistsError, ResourceModifiedError) as exc:
+            raise LedgerConflict(entry.request_id) from exc
+        except ResourceNotFoundError as exc:
+            raise LedgerConflict(entry.request_id) from exc
+        return entry.evolve(etag=meta.get("etag"))
+
+    async def put(self, entry: LedgerEntry) -> LedgerEntry:
+        """Write unconditionally (for rows only this invocation can own, e.g. unparseable messages)."""
+        meta = await self._table.upsert_entity(_to_row(entry), mode="replace")
+        return entry.evolve(etag=meta.get("etag"))
+
+    async def index_recipients(self, entry: LedgerEntry, addresses: Iterable[str]) -> None:
+        rows = [
+            {
+                "PartitionKey": recipient_hash(self._key, addr),
+                "RowKey": entry.request_id,
+                "State": entry.state,
+                "Account": entry.account,
+                "MessageId": entry.message_id,
+                "At": entry.updated,
+            }
+            for addr in {a.strip().lower() for a in addresses}
+        ]
+        await asyncio.gather(*(self._index.upsert_entity(row) for row in rows))
+
+    async def requests_for_address(self, address: str) -> list[dict[str, Any]]:
+        """Operator look-up: the requests that reached this address (by its keyed hash)."""
+        key = recipient_hash(self._key, address)
+        found = []
+        async for row in self._index.query_entities("PartitionKey eq @pk", parameters={"pk": key}):
+            found.append({"request_id": row["RowKey"], "state": row.get("State"), "account": row.get("Account"),
+                          "message_id": row.get("MessageId"), "at": row.get("At")})
+        return found
+
+    async def summary(self) -> dict[str, Any]:
+        """Counts by state and by (state, reason) over the whole ledger (for the demo and tools)."""
+        by_state: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        async for row in self._table.list_entities(select=["State", "Reason"]):
+            state = row.get("State", "?")
+            by_state[state] = by_state.get(state, 0) + 1
+            if row.get("Reason"):
+                key = f"{state}: {row['Reason'].split(':', 1)[0]}"
+                reasons[key] = reasons.get(key, 0) + 1
+        return {"by_state": by_state, "reasons": reasons}

@@ -1,0 +1,67 @@
+"""Building the MIME message HVE receives. Pure: bytes in, bytes out."""
+
+from __future__ import annotations
+
+import hashlib
+from email.headerregistry import Address as HeaderAddress
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime
+from datetime import datetime, timezone
+
+from .contract import Address, MailRequest
+
+
+def message_id(request_id: str, domain: str, chunk: int = 0) -> str:
+    """Deterministic per request (and chunk), so a duplicate delivery carries the same Message-ID
+    and Exchange discards it; the request id itself is not exposed."""
+    digest = hashlib.sha256(request_id.encode("utf-8")).hexdigest()[:40]
+    suffix = f".{chunk}" if chunk else ""
+    return f"<{digest}{suffix}@{domain.lower()}>"
+
+
+def _header_address(address: Address) -> HeaderAddress:
+    local, domain = address.addr.rsplit("@", 1)
+    return HeaderAddress(display_name=address.display_name, username=local, domain=domain)
+
+
+def build_message(
+    request: MailRequest,
+    *,
+    request_id: str,
+    account: str,
+    sender_name: str,
+    message_id_domain: str,
+    attachments: list[tuple[str, str, bytes]],
+    now: datetime | None = None,
+) -> bytes:
+    """The RFC 5322 message, CRLF line endings. Bcc never appears in the headers.
+
+    `attachments` are (name, content type, bytes), already resolved from inline base64 or blobs.
+    """
+    msg = EmailMessage(policy=SMTP)
+    local, domain = account.rsplit("@", 1)
+    msg["From"] = HeaderAddress(display_name=sender_name, username=local, domain=domain)
+    if request.to:
+        msg["To"] = [_header_address(a) for a in request.to]
+    if request.cc:
+        msg["Cc"] = [_header_address(a) for a in request.cc]
+    if not request.to and not request.cc:
+        msg["To"] = "undisclosed-recipients:;"
+    msg["Subject"] = request.subject
+    msg["Date"] = format_datetime(now or datetime.now(timezone.utc))
+    msg["Message-ID"] = message_id(request_id, message_id_domain)
+    for name, value in request.headers:
+        msg[name] = value
+
+    if request.text and request.html:
+        msg.set_content(request.text)
+        msg.add_alternative(request.html, subtype="html")
+    elif request.html:
+        msg.set_content(request.html, subtype="html")
+    else:
+        msg.set_content(request.text or "")
+    for name, content_type, data in attachments:
+        maintype, subtype = content_type.split("/", 1)
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return msg.as_bytes()

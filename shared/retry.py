@@ -1,0 +1,23 @@
+"""Backoff arithmetic for re-enqueued requests. Pure."""
+
+from __future__ import annotations
+
+import random
+
+# A queue message can be hidden for at most 7 days.
+MAX_VISIBILITY_SECONDS = 7 * 24 * 3600 - 60
+
+
+def retry_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with equal jitter: in [d/2, d] for d = min(cap, base * 2**(attempt-1))."""
+    rng = rng or random
+    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
+    return min(MAX_VISIBILITY_SECONDS, ceiling / 2 + rng.uniform(0, ceiling / 2))
+
+
+def visibility_for(wait_seconds: float, jitter_fraction: float = 0.1, rng: random.Random | None = None) -> int:
+    """Whole seconds to hide a re-enqueued message for a known wait, with a little jitter so a
+    crowd deferred to the same instant does not wake together."""
+    rng = rng or random
+    wait = max(0.0, wait_seconds)
+    return int(min(MAX_VISIBILITY_SECONDS, wait + rng.uniform(0, max(1.0, wait * jitter_fraction))) + 0.999)

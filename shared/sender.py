@@ -1,0 +1,325 @@
+"""The send stage: one queue message in, one recorded outcome out.
+
+It trusts nothing from the producer: the body is decoded and validated here, the ledger is the
+truth about attempts and duplicates, and the queue is the only way to try again later (a copy is
+re-enqueued with a visibility delay; the function never sleeps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import weakref
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from .blobs import BlobReader
+from .contract import (
+    MailRequest,
+    RequestRefused,
+    ValidationPolicy,
+    claim_check_of,
+    decode_queue_body,
+    parse_request_id,
+    is_internal,
+    validate_request,
+)
+from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential
+from .governor import Governor, SendShape, TableGovernor, Wait
+from .hve_smtp import BasicAuth, HveSmtp, OAuthAuth, SubmitResult, tls_context
+from .ledger import DEAD, DEFERRED, FINAL_STATES, REFUSED, SENDING, SENT, Ledger, LedgerConflict, LedgerEntry
+from .limits import Limits, resolve_limits
+from .mime import build_message, message_id
+from .replies import Outcome, Verdict
+from .retry import retry_delay, visibility_for
+from .settings import Settings
+from .storage import StorageClients
+from .telemetry import Instruments
+
+log = logging.getLogger("hve_relay.sender")
+
+# A request some instance is submitting right now: others leave it alone this long.
+SENDING_LEASE_SECONDS = 120.0
+# After an account problem another account can usually take the message at once.
+ACCOUNT_RETRY_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Handled:
+    """What became of one queue message (returned for the host's log and for tests)."""
+
+    request_id: str
+    state: str                # sent | deferred | refused | dead | duplicate | busy
+    reason: str = ""
+    account: str = ""
+    code: int = 0
+    delay_seconds: int = 0
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+class Relay:
+    """Everything the send stage needs, built once per worker process (per event loop)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        storage: StorageClients,
+        smtp: HveSmtp,
+        governor: Governor,
+        ledger: Ledger,
+        queue: Any,
+        payloads: BlobReader,
+        limits: Limits,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        settings.require_accounts()
+        self.settings = settings
+        self.storage = storage
+        self.smtp = smtp
+        self.governor = governor
+        self.ledger = ledger
+        self.queue = queue
+        self.payloads = payloads
+        self.limits = limits
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.instruments = Instruments()
+        account_domains = {a.rsplit("@", 1)[1] for a in settings.accounts}
+        self.policy = ValidationPolicy(
+            accounts=frozenset(settings.accounts),
+            # The HVE accounts' own domains are accepted domains of the tenant.
+            internal_domains=settings.internal_domains | account_domains,
+            external_allowed=limits.external_allowed,
+            recipients_per_message=limits.recipients_per_message,
+        )
+        self.message_id_domain = settings.accounts[0].rsplit("@", 1)[1]
+
+    @classmethod
+    async def create(cls, settings: Settings, *, token_credential: Any = None,
+                     clock: Callable[[], float] = time.time) -> "Relay":
+        settings.require_accounts()
+        limits = resolve_limits(settings.limits_profile, settings.limits_overrides)
+        storage = StorageClients(settings)
+        if settings.auth_mode == "oauth":
+            credential = token_credential or azure_credential(settings.managed_identity_client_id)
+            authenticator: Any = OAuthAuth(TokenSource(credential, settings.oauth_scope))
+        elif settings.key_vault_url:
+            credential = azure_credential(settings.managed_identity_client_id)
+            authenticator = BasicAuth(KeyVaultPasswords(settings.key_vault_url, credential, settings.secret_cache_seconds))
+        else:
+            authenticator = BasicAuth(LocalPasswords(settings.local_passwords))
+        smtp = HveSmtp(
+            host=settings.smtp_host, port=settings.smtp_port, authenticator=authenticator,
+            context=tls_context(settings.smtp_ca_file), timeout=settings.smtp_timeout,
+            pool_size=settings.pool_size, idle_seconds=settings.pool_idle_seconds,
+        )
+        ledger = Ledger(await storage.table(settings.ledger_table),
+                        await storage.table(settings.recipient_index_table), settings.recipient_hash_key)
+        governor = TableGovernor(await storage.table(settings.governor_table), settings.accounts,
+                                 cooldown_seconds=settings.account_cooldown_seconds,
+                                 unhealthy_seconds=settings.account_unhealthy_seconds)
+        container = storage.container(settings.claim_check_container)
+        return cls(settings, storage=storage, smtp=smtp, governor=governor, ledger=ledger,
+                   queue=await storage.queue(settings.mail_queue),
+                   payloads=BlobReader(container, limits.message_bytes), limits=limits, clock=clock)
+
+    async def close(self) -> None:
+        await self.smtp.close()
+        await self.storage.close()
+
+    # --- the stage ------------------------------------------------------------------------------
+
+    async def handle(self, body: bytes | str, queue_message_id: str, dequeue_count: int = 1) -> Handled:
+        with self.instruments.tracer.start_as_current_span("hve_relay.send") as span:
+            handled = await self._handle(body, queue_message_id, dequeue_count)
+            span.set_attribute("hve.request_id", handled.request_id)
+            span.set_attribute("hve.outcome", handled.state)
+            if handled.account:
+                span.set_attribute("hve.account", handled.account)
+            if handled.code:
+                span.set_attribute("hve.smtp.code", handled.code)
+            self.instruments.messages.add(1, {"outcome": handled.state, "account": handled.account or "-"})
+            log.info("request %s: %s%s%s", handled.request_id, handled.state,
+                     f" via {handled.account}" if handled.account else "",
+                     f" ({handled.reason})" if handled.reason else "")
+            return handled
+
+    async def _handle(self, body: bytes | str, queue_message_id: str, dequeue_count: int) -> Handled:
+        now = self.clock()
+        try:
+            doc = decode_queue_body(body)
+            claim = claim_check_of(doc)
+        except RequestRefused as refusal:
+            return await self._refuse_unread(queue_message_id, refusal, now)
+        try:
+            request_id = (claim.id if claim else parse_request_id(doc.get("id"))) or queue_message_id
+        except RequestRefused as refusal:
+            return await self._refuse_unread(queue_message_id, refusal, now)
+        # What goes back on the queue: the caller's message, now carrying its id.
+        stub = {**doc, "id": request_id}
+
+        entry = await self.ledger.get(request_id)
+        if entry is not None and entry.state in FINAL_STATES:
+            return Handled(request_id, "duplicate", f"already {entry.state}", entry.account, entry.last_code)
+        if entry is not None and entry.state == SENDING:
+            lease_left = entry.updated.timestamp() + SENDING_LEASE_SECONDS - now
+            if lease_left > 0:
+                delay = await self._requeue(stub, lease_left)
+                return Handled(request_id, "busy", "another instance is sending it", entry.account, 0, delay)
+        if entry is None:
+            entry = LedgerEntry(request_id=request_id, state="received", first_received=_utc(now), updated=_utc(now),
+                                queue_message_id=queue_message_id)
+
+        try:
+            full = doc
+            if claim is not None:
+                full = decode_queue_body(await self.payloads.read(claim.blob_url, "claim check"))
+                if full.get("id") not in (None, request_id):
+                    raise RequestRefused("claim-check", "the id in the blob differs from the id on the queue")
+                full = {**full, "id": request_id}
+            request = validate_request(full, self.policy)
+            attachments = [
+                (a.name, a.content_type, a.content if a.content is not None else await self.payloads.read(a.blob_url, f"attachment {a.name!r}"))
+                for a in request.attachments
+            ]
+            message = build_message(request, request_id=request_id, account=request.account or self.settings.accounts[0],
+                                    sender_name=self.settings.sender_name, message_id_domain=self.message_id_domain,
+                                    attachments=attachments, now=_utc(now))
+            if self.limits.message_bytes is not None and len(message) > self.limits.message_bytes:
+                raise RequestRefused("too-large", f"the encoded message is {len(message)} bytes; the limit is {self.limits.message_bytes}")
+        except RequestRefused as refusal:
+            return await self._finish(entry, REFUSED, f"{refusal.reason}: {refusal.detail}")
+
+        internal = sum(1 for r in request.recipients if is_internal(r, self.policy.internal_domains))
+        entry = entry.evolve(category=request.category, internal_recipients=internal,
+                             external_recipients=len(request.recipients) - internal,
+                             message_id=message_id(request_id, self.message_id_domain))
+        expired = self._expired(entry, now)
+        if expired:
+            return await self._finish(entry, DEAD, expired)
+
+        decision = await self.governor.acquire(SendShape(internal, entry.external_recipients, request.account), now)
+        if isinstance(decision, Wait):
+            if decision.until - entry.first_received.timestamp() > self.settings.max_age_seconds:
+                return await self._finish(entry, DEAD, f"no send slot before the age limit ({decision.reason})")
+            delay = await self._requeue(stub, decision.until - now)
+            await self._save_quietly(entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=_utc(now)))
+            return Handled(request_id, DEFERRED, decision.reason, "", 0, delay)
+
+        account = decision.account
+        if account != (request.account or self.settings.accounts[0]):
+            message = build_message(request, request_id=request_id, account=account, sender_name=self.settings.sender_name,
+                                    message_id_domain=self.message_id_domain, attachments=attachments, now=_utc(now))
+        try:
+            entry = await self.ledger.save(entry.evolve(state=SENDING, account=account, attempts=entry.attempts + 1,
+                                                        updated=_utc(now), reason=""))
+        except LedgerConflict:
+            # Another delivery of the same request got there first; let it finish.
+            delay = await self._requeue(stub, SENDING_LEASE_SECONDS / 4)
+            return Handled(request_id, "busy", "another instance claimed it", account, 0, delay)
+
+        envelope = list(dict.fromkeys(r.addr for r in request.recipients))
+        result = await self.smtp.submit(account, envelope, message)
+        verdict = result.verdict
+        self.instruments.smtp_replies.add(1, {"code": verdict.enhanced or str(verdict.code), "account": account})
+        await self.governor.report(account, verdict, self.clock())
+        return await self._after_submit(entry, stub, request, result, verdict, account)
+
+    async def _after_submit(self, entry: LedgerEntry, stub: dict, request: MailRequest, result: SubmitResult,
+                            verdict: Verdict, account: str) -> Handled:
+        now = self.clock()
+        entry = entry.evolve(last_code=verdict.code, last_reply=_reply_text(verdict), updated=_utc(now))
+        if verdict.outcome is Outcome.SENT:
+            reason = f"{len(result.refused)} recipient(s) refused by the server" if result.refused else ""
+            handled = await self._finish(entry, SENT, reason)
+            accepted = [r.addr for r in request.recipients if r.addr not in result.refused]
+            await self.ledger.index_recipients(entry.evolve(state=SENT), accepted)
+            self.instruments.recipients.add(entry.internal_recipients, {"kind": "internal"})
+            self.instruments.recipients.add(entry.external_recipients, {"kind": "external"})
+            return handled
+        if verdict.outcome is Outcome.REFUSE:
+            return await self._finish(entry, REFUSED, f"refused by HVE: {verdict.code} {verdict.text}"[:300])
+        # DEFER or ACCOUNT: the message is fine; try again later, maybe on another account.
+        expired = self._expired(entry, now, count_attempts=verdict.outcome is Outcome.DEFER)
+        if expired:
+            return await self._finish(entry, DEAD, f"{expired}; last reply {verdict.code} {verdict.text}"[:300])
+        if verdict.outcome is Outcome.ACCOUNT:
+            wait, why = ACCOUNT_RETRY_SECONDS, f"account {account} unavailable: {verdict.code} {verdict.enhanced}".strip()
+        else:
+            wait = retry_delay(entry.attempts, self.settings.retry_base_seconds, self.settings.retry_max_seconds, self.rng)
+            why = f"transient: {verdict.code} {verdict.text}"[:300]
+        delay = await self._requeue(stub, wait)
+        await self._save_quietly(entry.evolve(state=DEFERRED, reason=why))
+        return Handled(entry.request_id, DEFERRED, why, account, verdict.code, delay)
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _expired(self, entry: LedgerEntry, now: float, count_attempts: bool = True) -> str:
+        if count_attempts and entry.attempts >= self.settings.max_attempts:
+            return f"gave up after {entry.attempts} attempts"
+        age = now - entry.first_received.timestamp()
+        if age > self.settings.max_age_seconds:
+            return f"gave up after {age / 3600:.1f} hours"
+        return ""
+
+    async def _requeue(self, stub: dict, wait_seconds: float) -> int:
+        delay = visibility_for(wait_seconds, rng=self.rng)
+        # time_to_live=-1: a deferred request must never expire silently on the queue.
+        await self.queue.send_message(json.dumps(stub, separators=(",", ":")), visibility_timeout=delay, time_to_live=-1)
+        return delay
+
+    async def _finish(self, entry: LedgerEntry, state: str, reason: str) -> Handled:
+        entry = entry.evolve(state=state, reason=reason, updated=_utc(self.clock()))
+        await self._save_quietly(entry)
+        return Handled(entry.request_id, state, reason, entry.account, entry.last_code)
+
+    async def _save_quietly(self, entry: LedgerEntry) -> None:
+        """Record an outcome; on a lost ETag race the newer row wins unless it is less final."""
+        try:
+            await self.ledger.save(entry)
+        except LedgerConflict:
+            current = await self.ledger.get(entry.request_id)
+            if current is None or current.state not in FINAL_STATES:
+                await self.ledger.put(entry)
+
+    async def _refuse_unread(self, queue_message_id: str, refusal: RequestRefused, now: float) -> Handled:
+        """A message that cannot even be read is recorded under its queue message id and set aside."""
+        entry = LedgerEntry(request_id=queue_message_id, state=REFUSED, first_received=_utc(now), updated=_utc(now),
+                            reason=f"{refusal.reason}: {refusal.detail}", queue_message_id=queue_message_id)
+        await self.ledger.put(entry)
+        return Handled(queue_message_id, REFUSED, entry.reason)
+
+
+def _reply_text(verdict: Verdict) -> str:
+    return verdict.text[:300]
+
+
+# --- one Relay per event loop (the Python worker keeps one loop for the process) -----------------
+
+_relays: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task]" = weakref.WeakKeyDictionary()
+
+
+async def get_relay() -> Relay:
+    loop = asyncio.get_running_loop()
+    task = _relays.get(loop)
+    if task is None or (task.done() and task.exception() is not None):
+        settings = Settings.from_env()
+        from .telemetry import configure
+
+        configure(settings)
+        task = _relays[loop] = loop.create_task(Relay.create(settings))
+    return await task
+
+
+async def handle_queue_message(body: bytes, queue_message_id: str, dequeue_count: int) -> Handled:
+    relay = await get_relay()
+    return await relay.handle(body, queue_message_id, dequeue_count)

@@ -1,0 +1,68 @@
+"""OpenTelemetry: one span per request and counters for messages, recipients and outcomes.
+
+Exporter: Azure Monitor when APPLICATIONINSIGHTS_CONNECTION_STRING is set, OTLP/HTTP when
+OTEL_EXPORTER_OTLP_ENDPOINT is set, otherwise none (the API's no-op providers). Exporter
+packages are imported only when used, to keep cold start short. No addresses ever.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from opentelemetry import metrics, trace
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+_configured = False
+
+
+def configure(settings: Settings) -> str:
+    """Install the exporter named by the settings, once per process. Returns which one."""
+    global _configured
+    if _configured:
+        return "already"
+    _configured = True
+    if settings.appinsights_connection_string:
+        from azure.monitor.opentelemetry import configure_azure_monitor
+
+        kwargs: dict[str, Any] = {"connection_string": settings.appinsights_connection_string}
+        if settings.managed_identity_client_id:
+            # Entra authentication (local auth is off on the App Insights resource).
+            from azure.identity import ManagedIdentityCredential
+
+            kwargs["credential"] = ManagedIdentityCredential(client_id=settings.managed_identity_client_id)
+        configure_azure_monitor(**kwargs)
+        return "azure-monitor"
+    if settings.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        resource = Resource.create({"service.name": "hve-relay"})
+        tracer_provider = TracerProvider(resource=resource)
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        trace.set_tracer_provider(tracer_provider)
+        metrics.set_meter_provider(MeterProvider(resource=resource,
+                                                 metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]))
+        return "otlp"
+    return "none"
+
+
+class Instruments:
+    """The relay's spans and counters; names follow OpenTelemetry conventions (dots, units)."""
+
+    def __init__(self) -> None:
+        self.tracer = trace.get_tracer("hve_relay")
+        meter = metrics.get_meter("hve_relay")
+        self.messages = meter.create_counter("hve_relay.messages", unit="{message}",
+                                             description="Requests handled, by outcome and account")
+        self.recipients = meter.create_counter("hve_relay.recipients", unit="{recipient}",
+                                               description="Recipients of sent messages, by kind (internal/external)")
+        self.smtp_replies = meter.create_counter("hve_relay.smtp.replies", unit="{reply}",
+                                                 description="SMTP replies from HVE, by code")
