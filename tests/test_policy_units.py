@@ -1,0 +1,106 @@
+"""Pure pieces of the send path: limits, backoff, MIME, governor choice, settings."""
+
+import random
+from email import message_from_bytes, policy
+
+import pytest
+
+from shared.contract import ValidationPolicy, validate_request
+from shared.governor import AccountState, Grant, SendShape, Wait, after_reply, choose_account, next_daily_reset
+from shared.limits import PROFILES, resolve_limits
+from shared.mime import build_message, message_id
+from shared.replies import classify_reply
+from shared.retry import MAX_VISIBILITY_SECONDS, retry_delay, visibility_for
+from shared.settings import SETTINGS, Settings, SettingsError
+
+
+def test_profiles_carry_the_documented_limits():
+    preview, ga = PROFILES["preview-2024"], PROFILES["ga-2026"]
+    assert (preview.external_messages_per_minute, preview.external_recipients_per_day, preview.recipients_per_day_per_tenant) == (10, 2000, 100_000)
+    assert ga.external_allowed is False and preview.external_allowed is True
+    assert ga.message_bytes == 10 * 1024 * 1024
+
+
+def test_limit_overrides_apply_and_unknown_keys_fail():
+    assert resolve_limits("ga-2026", {"recipients_per_message": 20}).recipients_per_message == 20
+    with pytest.raises(ValueError, match="unknown keys"):
+        resolve_limits("ga-2026", {"recipients_per_mesage": 20})
+    with pytest.raises(ValueError):
+        resolve_limits("ga-2026", {"recipients_per_message": -1})
+
+
+def test_backoff_grows_and_is_capped_with_jitter():
+    rng = random.Random(1)
+    delays = [retry_delay(a, 30, 3600, rng) for a in range(1, 12)]
+    assert 15 <= delays[0] <= 30
+    assert all(d <= 3600 for d in delays) and delays[-1] >= 1800
+    assert visibility_for(10 ** 9) <= MAX_VISIBILITY_SECONDS
+    assert visibility_for(0, rng=rng) >= 0
+
+
+def test_message_id_is_deterministic_per_request_and_distinct_per_chunk():
+    assert message_id("r-1", "contoso.com") == message_id("r-1", "Contoso.com")
+    assert message_id("r-1", "contoso.com") != message_id("r-2", "contoso.com")
+    assert message_id("r-1", "contoso.com", chunk=2) != message_id("r-1", "contoso.com")
+
+
+def test_mime_has_account_as_from_and_no_bcc_header():
+    pol = ValidationPolicy(frozenset({"news@contoso.com"}), frozenset({"contoso.com"}), False, 50)
+    req = validate_request({"to": ["Zoë <z@contoso.com>"], "bcc": ["hidden@contoso.com"], "subject": "Grüße",
+                            "text": "plain", "html": "<b>rich</b>", "headers": {"X-Campaign": "c1"}}, pol)
+    raw = build_message(req, request_id="r-1", account="news@contoso.com", sender_name="Contoso News",
+                        message_id_domain="contoso.com", attachments=[("r.pdf", "application/pdf", b"%PDF")])
+    msg = message_from_bytes(raw, policy=policy.default)
+    assert msg["From"] == "Contoso News <news@contoso.com>"
+    assert "hidden@contoso.com" not in raw.decode() and msg["Bcc"] is None
+    assert msg["Subject"] == "Grüße" and msg["X-Campaign"] == "c1"
+    assert msg["Message-ID"] == message_id("r-1", "contoso.com")
+    assert b"\r\n" in raw and [p.get_content_type() for p in msg.walk()][:4] == ["multipart/mixed", "multipart/alternative", "text/plain", "text/html"]
+    assert [a.get_filename() for a in msg.iter_attachments()] == ["r.pdf"]
+
+
+def test_governor_picks_least_recently_used_healthy_account():
+    states = [AccountState("a@c.com", last_granted=5), AccountState("b@c.com", last_granted=1),
+              AccountState("c@c.com", last_granted=0, unhealthy_until=100)]
+    assert choose_account(states, SendShape(1, 0), now=10) == Grant("b@c.com")
+    assert choose_account(states, SendShape(1, 0, "a@c.com"), now=10) == Grant("a@c.com")
+
+
+def test_governor_waits_until_the_first_account_is_back():
+    states = [AccountState("a@c.com", cooldown_until=50), AccountState("b@c.com", unhealthy_until=40)]
+    decision = choose_account(states, SendShape(1, 0), now=10)
+    assert isinstance(decision, Wait) and decision.until == 40
+
+
+def test_throttling_reply_cools_the_account_and_daily_quota_waits_for_the_next_day():
+    state = AccountState("a@c.com")
+    cooled = after_reply(state, classify_reply(450, "4.5.104 rate"), now=1000, cooldown=60, unhealthy=900)
+    assert cooled.cooldown_until == 1060
+    daily = after_reply(state, classify_reply(450, "4.5.102 quota"), now=1000, cooldown=60, unhealthy=900)
+    assert daily.cooldown_until == next_daily_reset(1000) == 86400
+    sick = after_reply(state, classify_reply(535, "5.7.3 Authentication unsuccessful"), now=1000, cooldown=60, unhealthy=900)
+    assert sick.unhealthy_until == 1900 and "5.7.3" in sick.last_problem
+    assert after_reply(state, classify_reply(250, "ok"), now=1000, cooldown=60, unhealthy=900) == state
+
+
+def test_settings_read_with_defaults_and_names_the_bad_setting():
+    s = Settings.from_env({"HVE_ACCOUNTS": "News@Contoso.com, alerts@contoso.com", "AzureWebJobsStorage": "x"})
+    assert s.accounts == ("news@contoso.com", "alerts@contoso.com")
+    assert (s.mail_queue, s.poison_queue, s.smtp_host, s.smtp_port) == ("outbound-mail", "outbound-mail-poison", "smtp.hve.mx.microsoft", 587)
+    assert s.limits_profile == "ga-2026" and s.auth_mode == "basic"
+    with pytest.raises(SettingsError, match="HVE_AUTH"):
+        Settings.from_env({"HVE_AUTH": "ntlm"})
+    with pytest.raises(SettingsError, match="HVE_SMTP_PORT"):
+        Settings.from_env({"HVE_SMTP_PORT": "abc"})
+    with pytest.raises(SettingsError, match="HVE_PASSWORDS"):
+        Settings.from_env({"HVE_PASSWORDS": "[1]"})
+
+
+def test_every_setting_has_a_unique_name_and_a_description():
+    names = [s.name for s in SETTINGS]
+    assert len(names) == len(set(names)) and all(s.description for s in SETTINGS)
+
+
+def test_secrets_are_not_in_settings_repr():
+    s = Settings.from_env({"HVE_PASSWORDS": '{"a@c.com": "hunter2"}', "RECIPIENT_HASH_KEY": "k3y"})
+    assert "hunter2" not in repr(s) and "k3y" not in repr(s)
