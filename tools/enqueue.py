@@ -1,0 +1,118 @@
+"""Drop mail requests on the relay's queue, as any producer would.
+
+    python -m tools.enqueue --to ann@contoso.com --subject Hi --text "Hello"
+    python -m tools.enqueue --file requests.json [--base64] [--repeat 100]
+
+A request bigger than a queue message allows is uploaded to the claim-check container and
+the queue gets a stub pointing at it. Settings come from the environment or local.settings.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+from shared.settings import Settings
+from shared.storage import StorageClients
+
+# 64 KiB per queue message, less room for base64 and envelope.
+QUEUE_MESSAGE_BUDGET = 48 * 1024
+
+
+def load_local_settings(path: Path) -> None:
+    """Values of local.settings.json into the environment; variables already set win."""
+    if path.exists():
+        for key, value in json.loads(path.read_text()).get("Values", {}).items():
+            os.environ.setdefault(key, str(value))
+
+
+async def enqueue_requests(settings: Settings, requests: Iterable[dict[str, Any]], *, encode_base64: bool = False) -> list[str]:
+    """Put each request on the queue (claim check for big ones). Returns the request ids used."""
+    storage = StorageClients(settings)
+    ids: list[str] = []
+    try:
+        queue = await storage.queue(settings.mail_queue)
+        container = storage.container(settings.claim_check_container)
+        container_ready = False
+        for request in requests:
+            body = json.dumps(request, separators=(",", ":"))
+            if len(body.encode()) > QUEUE_MESSAGE_BUDGET:
+                if not container_ready:
+                    if not await container.exists():
+                        await container.create_container()
+                    container_ready = True
+                request_id = request.get("id") or f"cc-{uuid.uuid4()}"
+                blob = await container.upload_blob(f"requests/{request_id}.json", json.dumps({**request, "id": request_id}), overwrite=True)
+                body = json.dumps({"id": request_id, "claimCheck": {"blobUrl": blob.url}})
+            if encode_base64:
+                body = base64.b64encode(body.encode()).decode()
+            # time_to_live=-1: a request must not expire unseen while HVE is throttling.
+            await queue.send_message(body, time_to_live=-1)
+            ids.append(str(request.get("id", "")))
+    finally:
+        await storage.close()
+    return ids
+
+
+def _requests_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.file:
+        doc = json.loads(Path(args.file).read_text())
+        requests = doc if isinstance(doc, list) else [doc]
+    else:
+        if not args.to:
+            raise SystemExit("give --file or at least one --to")
+        request: dict[str, Any] = {"to": args.to, "subject": args.subject or ""}
+        for key in ("cc", "bcc"):
+            if getattr(args, key):
+                request[key] = getattr(args, key)
+        if args.text:
+            request["text"] = args.text
+        if args.html:
+            request["html"] = args.html
+        if args.category:
+            request["category"] = args.category
+        if args.id:
+            request["id"] = args.id
+        requests = [request]
+    out = []
+    for n in range(args.repeat):
+        for request in requests:
+            copy = dict(request)
+            if args.repeat > 1 and "id" in copy:
+                copy["id"] = f"{copy['id']}-{n}"
+            out.append(copy)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.enqueue", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--file", help="JSON file with one request object or a list of them")
+    parser.add_argument("--to", action="append")
+    parser.add_argument("--cc", action="append")
+    parser.add_argument("--bcc", action="append")
+    parser.add_argument("--subject")
+    parser.add_argument("--text")
+    parser.add_argument("--html")
+    parser.add_argument("--category")
+    parser.add_argument("--id", help="idempotency key (default: the queue message id)")
+    parser.add_argument("--repeat", type=int, default=1, help="enqueue the requests N times (ids get -N suffixes)")
+    parser.add_argument("--base64", action="store_true", help="write base64 like a Functions output binding")
+    parser.add_argument("--settings", default="local.settings.json")
+    args = parser.parse_args(argv)
+    load_local_settings(Path(args.settings))
+    settings = Settings.from_env()
+    requests = _requests_from_args(args)
+    asyncio.run(enqueue_requests(settings, requests, encode_base64=args.base64))
+    print(f"enqueued {len(requests)} request(s) on {settings.mail_queue}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
