@@ -137,7 +137,7 @@ class HveSmtp:
         await smtp.connect()
         self.stats.connections_opened += 1
         try:
-            if smtp.get_transport_info("sslobject") is None:
+            if smtp.get_transport_info("ssl_object") is None:
                 # Never send credentials in clear text, whatever the server offered.
                 raise AuthError(Verdict(Outcome.ACCOUNT, 0, "", "refusing to authenticate: the connection is not encrypted"))
             await self._auth.authenticate(smtp, account)

@@ -253,7 +253,7 @@ class Relay:
         if expired:
             return await self._finish(entry, DEAD, f"{expired}; last reply {verdict.code} {verdict.text}"[:300])
         if verdict.outcome is Outcome.ACCOUNT:
-            wait, why = ACCOUNT_RETRY_SECONDS, f"account {account} unavailable: {verdict.code} {verdict.enhanced}".strip()
+            wait, why = ACCOUNT_RETRY_SECONDS, f"account {account} unavailable: {verdict.code} {verdict.text}"[:300]
         else:
             wait = retry_delay(entry.attempts, self.settings.retry_base_seconds, self.settings.retry_max_seconds, self.rng)
             why = f"transient: {verdict.code} {verdict.text}"[:300]
