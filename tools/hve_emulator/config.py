@@ -48,6 +48,10 @@ def profile_limits(profile: str, **overrides: object) -> Limits:
     """The limits of a profile with single values replaced, e.g. recipients_per_message=5."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; known: {', '.join(sorted(PROFILES))}")
+    known = {f.name for f in dataclasses.fields(Limits)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown limit(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return dataclasses.replace(PROFILES[profile], **overrides)  # type: ignore[arg-type]
 
 
