@@ -25,8 +25,10 @@ MESSAGES_DIR = "messages"
 class HveEmulator:
     """A local HVE endpoint on its own thread. Every public method is safe to call from any thread.
 
-    >>> with HveEmulator(EmulatorConfig(accounts={"news@contoso.com": "pw"})) as emu:
-    ...     emu.port, emu.ca_file
+    Usage::
+
+        with HveEmulator(EmulatorConfig(accounts={"news@contoso.com": "pw"})) as emu:
+            connect_to(emu.host, emu.port, cafile=emu.ca_file)
     """
 
     def __init__(self, config: EmulatorConfig | None = None) -> None:

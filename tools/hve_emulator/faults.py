@@ -5,11 +5,8 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
-
 from . import replies
 
-Stage = Literal["AUTH", "MAIL", "RCPT", "DATA"]
 STAGES: tuple[str, ...] = ("AUTH", "MAIL", "RCPT", "DATA")
 
 

@@ -47,6 +47,8 @@ def _code(reply: str) -> str:
 
 
 class HveSMTP(SMTP):
+    """One client connection (aiosmtpd creates one SMTP instance per connection)."""
+
     def __init__(self, handler: "HveHandler", **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._hve = handler
