@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass
+
 from . import replies
 
 STAGES: tuple[str, ...] = ("AUTH", "MAIL", "RCPT", "DATA")
