@@ -92,7 +92,8 @@ class ValidationPolicy:
     accounts: frozenset[str]
     internal_domains: frozenset[str]
     external_allowed: bool
-    recipients_per_message: int | None
+    # Above the per-message limit a request is chunked; this is the hard cap per request.
+    max_recipients: int | None
 
 
 @dataclass(frozen=True)
@@ -297,9 +298,9 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
     recipients = to + cc + bcc
     if not recipients:
         raise RequestRefused("no-recipients", "at least one recipient in to, cc or bcc is required")
-    limit = policy.recipients_per_message
-    if limit is not None and len(recipients) > limit:
-        raise RequestRefused("too-many-recipients", f"{len(recipients)} recipients; the limit per message is {limit}")
+    limit = policy.max_recipients
+    if limit is not None and len(set(r.addr.lower() for r in recipients)) > limit:
+        raise RequestRefused("too-many-recipients", f"{len(recipients)} recipients; the limit per request is {limit}")
     if not policy.external_allowed:
         external = [r for r in recipients if not is_internal(r, policy.internal_domains)]
         if external:

@@ -1,105 +1,50 @@
-"""The rate governor: which HVE account sends next, and when.
+"""The rate governor kept in Table storage, like a Durable entity: one row per HVE account plus one
+tenant row, all in one partition. A decision reads the partition (one query) and writes the
+chosen account's row with If-Match on its ETag (one write; the tenant row joins the same entity
+group transaction only when the account takes a new block of tenant allowance). A lost race
+re-reads and decides again, a bounded number of times with jitter. No in-process state counts.
 
-The send path only sees `Governor.acquire` (a Grant or a Wait) and `Governor.report`.
-State lives in Table storage, one row per account, updated with optimistic concurrency
-(ETag If-Match) so any number of function instances share one truth, like a Durable entity.
-
-The policy (`choose_account`, `after_reply`) is pure and tested on its own.
+The arithmetic is in `shared.pacing`; this module only moves state in and out of the table.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable
 
 from azure.core import MatchConditions
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 
+from .pacing import AccountState, Decision, Grant, Impossible, PacingConfig, Shape, TenantState, Wait, after_reply, decide
 from .replies import Outcome, Verdict
 
-_PARTITION = "account"
-MAX_CONFLICT_RETRIES = 8
+PARTITION = "governor"
+TENANT_ROW = "tenant"
+_ACCOUNT_PREFIX = "account|"
+MAX_CONFLICT_RETRIES = 10
+
+__all__ = ["TableGovernor", "Grant", "Wait", "Impossible", "Shape", "AccountState", "TenantState"]
 
 
-@dataclass(frozen=True)
-class SendShape:
-    internal: int
-    external: int
-    preferred_account: str | None = None
+def _slots_to_text(slots: tuple[float, ...]) -> str:
+    return ",".join(f"{s:.3f}" for s in slots)
 
 
-@dataclass(frozen=True)
-class Grant:
-    account: str
+def _slots_from_text(text: str | None) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",")) if text else ()
 
 
-@dataclass(frozen=True)
-class Wait:
-    until: float          # epoch seconds at which a grant is expected to succeed
-    reason: str
-
-
-@dataclass(frozen=True)
-class AccountState:
-    account: str
-    last_granted: float = 0.0
-    cooldown_until: float = 0.0
-    unhealthy_until: float = 0.0
-    last_problem: str = ""
-    etag: str | None = None
-
-    def available_at(self) -> float:
-        return max(self.cooldown_until, self.unhealthy_until)
-
-
-class Governor(Protocol):
-    async def acquire(self, shape: SendShape, now: float) -> Grant | Wait: ...
-
-    async def report(self, account: str, verdict: Verdict, now: float) -> None: ...
-
-
-# --- pure policy --------------------------------------------------------------------------------
-
-def choose_account(states: Iterable[AccountState], shape: SendShape, now: float) -> Grant | Wait:
-    """Least recently used account that is neither cooling down nor unhealthy; the preferred
-    account when it is available. With none available: wait until the first one is."""
-    states = list(states)
-    if not states:
-        return Wait(until=now + 60, reason="no HVE accounts configured")
-    ready = [s for s in states if s.available_at() <= now]
-    if ready:
-        for s in ready:
-            if s.account == shape.preferred_account:
-                return Grant(s.account)
-        return Grant(min(ready, key=lambda s: (s.last_granted, s.account)).account)
-    soonest = min(states, key=lambda s: s.available_at())
-    return Wait(until=soonest.available_at(), reason=f"every account is resting ({soonest.last_problem or 'cooldown'})")
-
-
-def next_daily_reset(now: float) -> float:
-    day = datetime.fromtimestamp(now, timezone.utc).date() + timedelta(days=1)
-    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc).timestamp()
-
-
-def after_reply(state: AccountState, verdict: Verdict, now: float, cooldown: float, unhealthy: float) -> AccountState:
-    """What a server reply teaches about the account that sent it."""
-    if verdict.outcome is Outcome.ACCOUNT:
-        return replace(state, unhealthy_until=now + unhealthy, last_problem=f"{verdict.code} {verdict.enhanced}".strip())
-    if verdict.throttled:
-        until = next_daily_reset(now) if verdict.daily_quota else now + cooldown
-        return replace(state, cooldown_until=max(state.cooldown_until, until),
-                       last_problem=f"{verdict.code} {verdict.enhanced}".strip())
-    return state
-
-
-# --- Table storage adapter ---------------------------------------------------------------------
-
-def _from_row(row: Any) -> AccountState:
+def account_from_row(row: Any) -> AccountState:
     return AccountState(
-        account=row["RowKey"],
+        account=row["RowKey"][len(_ACCOUNT_PREFIX):],
+        day=int(row.get("Day", -1)),
+        internal_today=int(row.get("InternalToday", 0)),
+        external_today=int(row.get("ExternalToday", 0)),
+        messages_today=int(row.get("MessagesToday", 0)),
+        allowance=int(row.get("Allowance", 0)),
+        slots=_slots_from_text(row.get("Slots")),
+        external_slots=_slots_from_text(row.get("ExternalSlots")),
         last_granted=float(row.get("LastGranted", 0.0)),
         cooldown_until=float(row.get("CooldownUntil", 0.0)),
         unhealthy_until=float(row.get("UnhealthyUntil", 0.0)),
@@ -108,10 +53,17 @@ def _from_row(row: Any) -> AccountState:
     )
 
 
-def _to_row(state: AccountState) -> dict[str, Any]:
+def account_to_row(state: AccountState) -> dict[str, Any]:
     return {
-        "PartitionKey": _PARTITION,
-        "RowKey": state.account,
+        "PartitionKey": PARTITION,
+        "RowKey": _ACCOUNT_PREFIX + state.account,
+        "Day": state.day,
+        "InternalToday": state.internal_today,
+        "ExternalToday": state.external_today,
+        "MessagesToday": state.messages_today,
+        "Allowance": state.allowance,
+        "Slots": _slots_to_text(state.slots),
+        "ExternalSlots": _slots_to_text(state.external_slots),
         "LastGranted": float(state.last_granted),
         "CooldownUntil": float(state.cooldown_until),
         "UnhealthyUntil": float(state.unhealthy_until),
@@ -119,67 +71,106 @@ def _to_row(state: AccountState) -> dict[str, Any]:
     }
 
 
-class TableGovernor:
-    def __init__(self, table: Any, accounts: Iterable[str], *, cooldown_seconds: float,
-                 unhealthy_seconds: float, rng: random.Random | None = None) -> None:
-        self._table = table
-        self._accounts = tuple(accounts)
-        self._cooldown = cooldown_seconds
-        self._unhealthy = unhealthy_seconds
-        self._rng = rng or random.Random()
-        self.round_trips = 0  # Table calls made, for benchmarks
+def _tenant_to_row(state: TenantState) -> dict[str, Any]:
+    return {"PartitionKey": PARTITION, "RowKey": TENANT_ROW, "Day": state.day, "Claimed": state.claimed}
 
-    async def states(self) -> list[AccountState]:
-        self.round_trips += 1
-        found = {}
-        async for row in self._table.query_entities("PartitionKey eq @pk", parameters={"pk": _PARTITION}):
-            found[row["RowKey"]] = _from_row(row)
-        # Accounts no longer configured are ignored; new ones start fresh.
-        return [found.get(a, AccountState(account=a)) for a in self._accounts]
 
-    async def _write(self, state: AccountState) -> None:
-        self.round_trips += 1
-        try:
-            if state.etag is None:
-                await self._table.create_entity(_to_row(state))
-            else:
-                await self._table.update_entity(_to_row(state), mode="replace", etag=state.etag,
-                                                match_condition=MatchConditions.IfNotModified)
-        except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError) as exc:
-            raise _Conflict from exc
-
-    async def _backoff(self, attempt: int) -> None:
-        # A lost ETag race: re-read after a few milliseconds so racing instances spread out.
-        await asyncio.sleep(self._rng.uniform(0, 0.005 * (2 ** attempt)))
-
-    async def acquire(self, shape: SendShape, now: float) -> Grant | Wait:
-        for attempt in range(MAX_CONFLICT_RETRIES):
-            states = await self.states()
-            decision = choose_account(states, shape, now)
-            if isinstance(decision, Wait):
-                return decision
-            chosen = next(s for s in states if s.account == decision.account)
-            try:
-                await self._write(replace(chosen, last_granted=max(now, chosen.last_granted + 1e-6)))
-                return decision
-            except _Conflict:
-                await self._backoff(attempt)
-        # Heavy contention: tell the caller to come back shortly rather than spin.
-        return Wait(until=now + 1.0, reason="governor contention")
-
-    async def report(self, account: str, verdict: Verdict, now: float) -> None:
-        if verdict.outcome is not Outcome.ACCOUNT and not verdict.throttled:
-            return
-        for attempt in range(MAX_CONFLICT_RETRIES):
-            state = next((s for s in await self.states() if s.account == account), None)
-            if state is None:
-                return
-            try:
-                await self._write(after_reply(state, verdict, now, self._cooldown, self._unhealthy))
-                return
-            except _Conflict:
-                await self._backoff(attempt)
+def _operation(row: dict[str, Any], etag: str | None) -> tuple:
+    if etag is None:
+        return ("create", row)
+    return ("update", row, {"mode": "replace", "etag": etag, "match_condition": MatchConditions.IfNotModified})
 
 
 class _Conflict(Exception):
     pass
+
+
+class TableGovernor:
+    def __init__(self, table: Any, accounts: Iterable[str], config: PacingConfig,
+                 rng: random.Random | None = None) -> None:
+        self._table = table
+        self._accounts = tuple(accounts)
+        self.config = config
+        self._rng = rng or random.Random()
+        self.round_trips = 0   # Table calls, for the benchmark
+        self.conflicts = 0
+
+    async def read(self) -> tuple[list[AccountState], TenantState | None]:
+        """All accounts' rows and the tenant row: one query of one partition."""
+        self.round_trips += 1
+        found: dict[str, AccountState] = {}
+        tenant = TenantState()
+        async for row in self._table.query_entities("PartitionKey eq @pk", parameters={"pk": PARTITION}):
+            if row["RowKey"] == TENANT_ROW:
+                tenant = TenantState(day=int(row.get("Day", -1)), claimed=int(row.get("Claimed", 0)),
+                                     etag=row.metadata.get("etag"))
+            elif row["RowKey"].startswith(_ACCOUNT_PREFIX):
+                state = account_from_row(row)
+                found[state.account] = state
+        # Accounts no longer configured are ignored; new ones start fresh.
+        states = [found.get(a, AccountState(account=a)) for a in self._accounts]
+        return states, (tenant if self.config.tenant_cap is not None else None)
+
+    async def _write(self, account: AccountState, tenant: TenantState | None, old_account_etag: str | None,
+                     old_tenant_etag: str | None) -> None:
+        self.round_trips += 1
+        try:
+            if tenant is None:
+                row = account_to_row(account)
+                if old_account_etag is None:
+                    await self._table.create_entity(row)
+                else:
+                    await self._table.update_entity(row, mode="replace", etag=old_account_etag,
+                                                    match_condition=MatchConditions.IfNotModified)
+            else:
+                await self._table.submit_transaction([
+                    _operation(account_to_row(account), old_account_etag),
+                    _operation(_tenant_to_row(tenant), old_tenant_etag),
+                ])
+        except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError) as exc:
+            raise _Conflict from exc
+        except HttpResponseError as exc:  # TableTransactionError: 409/412 inside the batch
+            if exc.status_code in (409, 412):
+                raise _Conflict from exc
+            raise
+
+    async def _backoff(self, attempt: int) -> None:
+        # A lost ETag race: retry after a few jittered milliseconds so racing instances spread out.
+        self.conflicts += 1
+        await asyncio.sleep(self._rng.uniform(0, 0.004 * (2 ** min(attempt, 5))))
+
+    async def acquire(self, shape: Shape, now: float, *, allow_booking: bool = True) -> Decision:
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            states, tenant = await self.read()
+            decision = decide(states, tenant, shape, now, self.config, self._rng, allow_booking=allow_booking)
+            if not isinstance(decision, Grant):
+                return decision
+            old = next(s for s in states if s.account == decision.account)
+            try:
+                await self._write(decision.account_state, decision.tenant_state, old.etag,
+                                  tenant.etag if tenant is not None else None)
+                return decision
+            except _Conflict:
+                await self._backoff(attempt)
+        # Heavy contention: come back shortly rather than spin here.
+        return Wait(until=now + 1.0 + self._rng.uniform(0, 1.0), reason="governor contention")
+
+    async def report(self, account: str, verdict: Verdict, now: float) -> None:
+        """Throttling puts the account in cooldown; an authentication failure marks it unhealthy."""
+        if verdict.outcome is not Outcome.ACCOUNT and not verdict.throttled:
+            return
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            try:
+                self.round_trips += 1
+                row = await self._table.get_entity(PARTITION, _ACCOUNT_PREFIX + account)
+                state = account_from_row(row)
+            except ResourceNotFoundError:
+                state = AccountState(account=account)
+            try:
+                await self._write(after_reply(state, verdict, now, self.config), None, state.etag, None)
+                return
+            except _Conflict:
+                await self._backoff(attempt)
+
+    async def states(self) -> list[AccountState]:
+        return (await self.read())[0]

@@ -43,6 +43,12 @@ class LedgerEntry:
     reason: str = ""
     message_id: str = ""
     queue_message_id: str = ""
+    chunks_total: int = 1
+    chunks_sent: int = 0
+    # A slot the governor booked for this request later today (account, epoch seconds, chunk).
+    booked_account: str = ""
+    booked_at: float = 0.0
+    booked_chunk: int = -1
     etag: str | None = field(default=None, compare=False)
 
     def evolve(self, **changes: Any) -> "LedgerEntry":
@@ -70,6 +76,11 @@ def _to_row(entry: LedgerEntry) -> dict[str, Any]:
         "Reason": entry.reason[:_MAX_TEXT],
         "MessageId": entry.message_id,
         "QueueMessageId": entry.queue_message_id,
+        "ChunksTotal": entry.chunks_total,
+        "ChunksSent": entry.chunks_sent,
+        "BookedAccount": entry.booked_account,
+        "BookedAt": float(entry.booked_at),
+        "BookedChunk": entry.booked_chunk,
     }
 
 
@@ -95,6 +106,11 @@ def _from_row(row: Any) -> LedgerEntry:
         reason=row.get("Reason", ""),
         message_id=row.get("MessageId", ""),
         queue_message_id=row.get("QueueMessageId", ""),
+        chunks_total=int(row.get("ChunksTotal", 1)),
+        chunks_sent=int(row.get("ChunksSent", 0)),
+        booked_account=row.get("BookedAccount", ""),
+        booked_at=float(row.get("BookedAt", 0.0)),
+        booked_chunk=int(row.get("BookedChunk", -1)),
         etag=row.metadata.get("etag") if hasattr(row, "metadata") else None,
     )
 
@@ -132,6 +148,26 @@ class Ledger:
         meta = await self._table.upsert_entity(_to_row(entry), mode="replace")
         return entry.evolve(etag=meta.get("etag"))
 
+    async def record_chunk(self, entry: LedgerEntry, index: int, *, account: str, recipients: int,
+                           code: int, message_id: str) -> None:
+        """One row per SMTP transaction of a chunked request, beside the request's row."""
+        await self._table.upsert_entity({
+            "PartitionKey": entry.request_id,
+            "RowKey": f"chunk-{index + 1:04d}",
+            "State": SENT,
+            "Account": account,
+            "Recipients": recipients,
+            "LastCode": code,
+            "MessageId": message_id,
+            "Updated": entry.updated,
+        }, mode="replace")
+
+    async def chunks(self, request_id: str) -> list[dict[str, Any]]:
+        rows = []
+        async for row in self._table.query_entities("PartitionKey eq @pk and RowKey ge 'chunk-'", parameters={"pk": request_id}):
+            rows.append(dict(row))
+        return sorted(rows, key=lambda r: r["RowKey"])
+
     async def index_recipients(self, entry: LedgerEntry, addresses: Iterable[str]) -> None:
         rows = [
             {
@@ -159,7 +195,7 @@ class Ledger:
         """Counts by state and by (state, reason) over the whole ledger (for the demo and tools)."""
         by_state: dict[str, int] = {}
         reasons: dict[str, int] = {}
-        async for row in self._table.list_entities(select=["State", "Reason"]):
+        async for row in self._table.query_entities("RowKey eq @rk", parameters={"rk": _ROW}, select=["State", "Reason"]):
             state = row.get("State", "?")
             by_state[state] = by_state.get(state, 0) + 1
             if row.get("Reason"):

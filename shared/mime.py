@@ -34,10 +34,13 @@ def build_message(
     message_id_domain: str,
     attachments: list[tuple[str, str, bytes]],
     now: datetime | None = None,
+    chunk: int = 0,
 ) -> bytes:
     """The RFC 5322 message, CRLF line endings. Bcc never appears in the headers.
 
     `attachments` are (name, content type, bytes), already resolved from inline base64 or blobs.
+    `chunk` > 0 marks one of several SMTP transactions of a request with many recipients: each has
+    its own Message-ID, or Exchange would drop the later ones as duplicates.
     """
     msg = EmailMessage(policy=SMTP)
     local, domain = account.rsplit("@", 1)
@@ -50,7 +53,7 @@ def build_message(
         msg["To"] = "undisclosed-recipients:;"
     msg["Subject"] = request.subject
     msg["Date"] = format_datetime(now or datetime.now(timezone.utc))
-    msg["Message-ID"] = message_id(request_id, message_id_domain)
+    msg["Message-ID"] = message_id(request_id, message_id_domain, chunk)
     for name, value in request.headers:
         msg[name] = value
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 # A queue message can be hidden for at most 7 days.
@@ -20,4 +21,5 @@ def visibility_for(wait_seconds: float, jitter_fraction: float = 0.1, rng: rando
     crowd deferred to the same instant does not wake together."""
     rng = rng or random
     wait = max(0.0, wait_seconds)
-    return int(min(MAX_VISIBILITY_SECONDS, wait + rng.uniform(0, max(1.0, wait * jitter_fraction))) + 0.999)
+    jitter = rng.uniform(0, max(1.0, wait * jitter_fraction)) if jitter_fraction > 0 else 0.0
+    return math.ceil(min(MAX_VISIBILITY_SECONDS, wait + jitter))

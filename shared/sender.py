@@ -29,7 +29,8 @@ from .contract import (
     validate_request,
 )
 from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential
-from .governor import Governor, SendShape, TableGovernor, Wait
+from .governor import TableGovernor
+from .pacing import Impossible, PacingConfig, Shape, Wait, chunk_recipients
 from .hve_smtp import BasicAuth, HveSmtp, OAuthAuth, SubmitResult, tls_context
 from .ledger import DEAD, DEFERRED, FINAL_STATES, REFUSED, SENDING, SENT, Ledger, LedgerConflict, LedgerEntry
 from .limits import Limits, resolve_limits
@@ -60,6 +61,14 @@ class Handled:
     delay_seconds: int = 0
 
 
+def pacing_config(settings: Settings, limits: Limits) -> PacingConfig:
+    return PacingConfig(limits=limits, margin_seconds=settings.pacing_margin_seconds,
+                        day_offset_seconds=settings.daily_reset_seconds,
+                        daily_recipient_budget=settings.daily_recipient_budget,
+                        cooldown_seconds=settings.account_cooldown_seconds,
+                        unhealthy_seconds=settings.account_unhealthy_seconds)
+
+
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, timezone.utc)
 
@@ -73,7 +82,7 @@ class Relay:
         *,
         storage: StorageClients,
         smtp: HveSmtp,
-        governor: Governor,
+        governor: TableGovernor,
         ledger: Ledger,
         queue: Any,
         payloads: BlobReader,
@@ -99,7 +108,7 @@ class Relay:
             # The HVE accounts' own domains are accepted domains of the tenant.
             internal_domains=settings.internal_domains | account_domains,
             external_allowed=limits.external_allowed,
-            recipients_per_message=limits.recipients_per_message,
+            max_recipients=settings.max_recipients_per_request,
         )
         self.message_id_domain = settings.accounts[0].rsplit("@", 1)[1]
 
@@ -125,8 +134,7 @@ class Relay:
         ledger = Ledger(await storage.table(settings.ledger_table),
                         await storage.table(settings.recipient_index_table), settings.recipient_hash_key)
         governor = TableGovernor(await storage.table(settings.governor_table), settings.accounts,
-                                 cooldown_seconds=settings.account_cooldown_seconds,
-                                 unhealthy_seconds=settings.account_unhealthy_seconds)
+                                 pacing_config(settings, limits))
         container = storage.container(settings.claim_check_container)
         return cls(settings, storage=storage, smtp=smtp, governor=governor, ledger=ledger,
                    queue=await storage.queue(settings.mail_queue),
@@ -158,9 +166,6 @@ class Relay:
         try:
             doc = decode_queue_body(body)
             claim = claim_check_of(doc)
-        except RequestRefused as refusal:
-            return await self._refuse_unread(queue_message_id, refusal, now)
-        try:
             request_id = (claim.id if claim else parse_request_id(doc.get("id"))) or queue_message_id
         except RequestRefused as refusal:
             return await self._refuse_unread(queue_message_id, refusal, now)
@@ -180,72 +185,111 @@ class Relay:
                                 queue_message_id=queue_message_id)
 
         try:
-            full = doc
-            if claim is not None:
-                full = decode_queue_body(await self.payloads.read(claim.blob_url, "claim check"))
-                if full.get("id") not in (None, request_id):
-                    raise RequestRefused("claim-check", "the id in the blob differs from the id on the queue")
-                full = {**full, "id": request_id}
-            request = validate_request(full, self.policy)
-            attachments = [
-                (a.name, a.content_type, a.content if a.content is not None else await self.payloads.read(a.blob_url, f"attachment {a.name!r}"))
-                for a in request.attachments
-            ]
-            message = build_message(request, request_id=request_id, account=request.account or self.settings.accounts[0],
-                                    sender_name=self.settings.sender_name, message_id_domain=self.message_id_domain,
-                                    attachments=attachments, now=_utc(now))
-            if self.limits.message_bytes is not None and len(message) > self.limits.message_bytes:
-                raise RequestRefused("too-large", f"the encoded message is {len(message)} bytes; the limit is {self.limits.message_bytes}")
+            prepared = await self._prepare(doc, claim, request_id)
         except RequestRefused as refusal:
             return await self._finish(entry, REFUSED, f"{refusal.reason}: {refusal.detail}")
-
+        request = prepared.request
         internal = sum(1 for r in request.recipients if is_internal(r, self.policy.internal_domains))
         entry = entry.evolve(category=request.category, internal_recipients=internal,
                              external_recipients=len(request.recipients) - internal,
-                             message_id=message_id(request_id, self.message_id_domain))
+                             message_id=message_id(request_id, self.message_id_domain),
+                             chunks_total=len(prepared.chunks))
         expired = self._expired(entry, now)
         if expired:
             return await self._finish(entry, DEAD, expired)
+        return await self._send_chunks(entry, stub, prepared, now)
 
-        decision = await self.governor.acquire(SendShape(internal, entry.external_recipients, request.account), now)
-        if isinstance(decision, Wait):
-            if decision.until - entry.first_received.timestamp() > self.settings.max_age_seconds:
-                return await self._finish(entry, DEAD, f"no send slot before the age limit ({decision.reason})")
-            delay = await self._requeue(stub, decision.until - now)
-            await self._save_quietly(entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=_utc(now)))
-            return Handled(request_id, DEFERRED, decision.reason, "", 0, delay)
+    async def _prepare(self, doc: dict, claim: Any, request_id: str) -> "_Prepared":
+        """Read the full request (claim check, blob attachments), validate it, check its size."""
+        full = doc
+        if claim is not None:
+            full = decode_queue_body(await self.payloads.read(claim.blob_url, "claim check"))
+            if full.get("id") not in (None, request_id):
+                raise RequestRefused("claim-check", "the id in the blob differs from the id on the queue")
+            full = {**full, "id": request_id}
+        request = validate_request(full, self.policy)
+        attachments = [
+            (a.name, a.content_type,
+             a.content if a.content is not None else await self.payloads.read(a.blob_url, f"attachment {a.name!r}"))
+            for a in request.attachments
+        ]
+        prepared = _Prepared(request, attachments,
+                             chunk_recipients(dict.fromkeys(r.addr for r in request.recipients),
+                                              self.limits.recipients_per_message))
+        size = len(self._message(prepared, request_id, self.settings.accounts[0], 0, self.clock()))
+        if self.limits.message_bytes is not None and size > self.limits.message_bytes:
+            raise RequestRefused("too-large", f"the encoded message is {size} bytes; the limit is {self.limits.message_bytes}")
+        return prepared
 
-        account = decision.account
-        if account != (request.account or self.settings.accounts[0]):
-            message = build_message(request, request_id=request_id, account=account, sender_name=self.settings.sender_name,
-                                    message_id_domain=self.message_id_domain, attachments=attachments, now=_utc(now))
-        try:
-            entry = await self.ledger.save(entry.evolve(state=SENDING, account=account, attempts=entry.attempts + 1,
-                                                        updated=_utc(now), reason=""))
-        except LedgerConflict:
-            # Another delivery of the same request got there first; let it finish.
-            delay = await self._requeue(stub, SENDING_LEASE_SECONDS / 4)
-            return Handled(request_id, "busy", "another instance claimed it", account, 0, delay)
+    def _message(self, prepared: "_Prepared", request_id: str, account: str, chunk: int, now: float) -> bytes:
+        return build_message(prepared.request, request_id=request_id, account=account,
+                             sender_name=self.settings.sender_name, message_id_domain=self.message_id_domain,
+                             attachments=prepared.attachments, now=_utc(now),
+                             chunk=chunk if len(prepared.chunks) > 1 else 0)
 
-        envelope = list(dict.fromkeys(r.addr for r in request.recipients))
-        result = await self.smtp.submit(account, envelope, message)
-        verdict = result.verdict
-        self.instruments.smtp_replies.add(1, {"code": verdict.enhanced or str(verdict.code), "account": account})
-        await self.governor.report(account, verdict, self.clock())
-        return await self._after_submit(entry, stub, request, result, verdict, account)
+    async def _send_chunks(self, entry: LedgerEntry, stub: dict, prepared: "_Prepared", now: float) -> Handled:
+        """Each chunk (one SMTP transaction) gets its own slot; progress lives in the ledger, so a
+        retry resumes at the first chunk not yet sent."""
+        request, chunks = prepared.request, prepared.chunks
+        for index in range(entry.chunks_sent, len(chunks)):
+            envelope = chunks[index]
+            internal = sum(1 for a in envelope if a.rsplit("@", 1)[1].lower() in self.policy.internal_domains)
+            account = ""
+            if entry.booked_account and entry.booked_chunk == index:
+                if now < entry.booked_at:  # woke early: sleep again on the queue, not here
+                    delay = await self._requeue(stub, entry.booked_at - now, jitter=False)
+                    return Handled(entry.request_id, DEFERRED, "booked slot not reached", entry.booked_account, 0, delay)
+                if now <= entry.booked_at + self.settings.pacing_margin_seconds:
+                    account = entry.booked_account
+                # A booking missed by more than the margin is given up: ask for a fresh slot.
+                entry = entry.evolve(booked_account="", booked_at=0.0, booked_chunk=-1)
+            if not account:
+                decision = await self.governor.acquire(Shape(internal, len(envelope) - internal, request.account), now)
+                if isinstance(decision, Impossible):
+                    return await self._finish(entry, REFUSED, f"over-limit: {decision.reason}")
+                if isinstance(decision, Wait):
+                    if decision.until - entry.first_received.timestamp() > self.settings.max_age_seconds:
+                        return await self._finish(entry, DEAD, f"no send slot before the age limit ({decision.reason})")
+                    delay = await self._requeue(stub, decision.until - now)
+                    await self._save_quietly(entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=_utc(now)))
+                    return Handled(entry.request_id, DEFERRED, decision.reason, "", 0, delay)
+                if decision.at > now:
+                    delay = await self._requeue(stub, decision.at - now, jitter=False)
+                    await self._save_quietly(entry.evolve(
+                        state=DEFERRED, reason=f"booked a slot on {decision.account}", updated=_utc(now),
+                        booked_account=decision.account, booked_at=decision.at, booked_chunk=index))
+                    return Handled(entry.request_id, DEFERRED, "booked", decision.account, 0, delay)
+                account = decision.account
+            try:
+                entry = await self.ledger.save(entry.evolve(state=SENDING, account=account, attempts=entry.attempts + 1,
+                                                            updated=_utc(now), reason="", chunks_sent=index))
+            except LedgerConflict:
+                # Another delivery of the same request got there first; let it finish.
+                delay = await self._requeue(stub, SENDING_LEASE_SECONDS / 4)
+                return Handled(entry.request_id, "busy", "another instance claimed it", account, 0, delay)
 
-    async def _after_submit(self, entry: LedgerEntry, stub: dict, request: MailRequest, result: SubmitResult,
-                            verdict: Verdict, account: str) -> Handled:
-        now = self.clock()
-        entry = entry.evolve(last_code=verdict.code, last_reply=_reply_text(verdict), updated=_utc(now))
-        if verdict.outcome is Outcome.SENT:
-            reason = f"{len(result.refused)} recipient(s) refused by the server" if result.refused else ""
-            handled = await self._finish(entry, SENT, reason)
-            accepted = [r.addr for r in request.recipients if r.addr not in result.refused]
+            message = self._message(prepared, entry.request_id, account, index, now)
+            result = await self.smtp.submit(account, envelope, message)
+            verdict = result.verdict
+            self.instruments.smtp_replies.add(1, {"code": verdict.enhanced or str(verdict.code), "account": account})
+            await self.governor.report(account, verdict, self.clock())
+            now = self.clock()
+            entry = entry.evolve(last_code=verdict.code, last_reply=verdict.text[:300], updated=_utc(now))
+            if verdict.outcome is not Outcome.SENT:
+                return await self._not_sent(entry, stub, verdict, account, now)
+            entry = entry.evolve(chunks_sent=index + 1)
+            accepted = [a for a in envelope if a not in result.refused]
+            if len(chunks) > 1:
+                await self.ledger.record_chunk(entry, index, account=account, recipients=len(accepted), code=verdict.code,
+                                               message_id=message_id(entry.request_id, self.message_id_domain, index))
             await self.ledger.index_recipients(entry.evolve(state=SENT), accepted)
-            self.instruments.recipients.add(entry.internal_recipients, {"kind": "internal"})
-            self.instruments.recipients.add(entry.external_recipients, {"kind": "external"})
-            return handled
+            if result.refused:
+                entry = entry.evolve(reason=f"{len(result.refused)} recipient(s) refused by the server")
+        self.instruments.recipients.add(entry.internal_recipients, {"kind": "internal"})
+        self.instruments.recipients.add(entry.external_recipients, {"kind": "external"})
+        return await self._finish(entry, SENT, entry.reason)
+
+    async def _not_sent(self, entry: LedgerEntry, stub: dict, verdict: Verdict, account: str, now: float) -> Handled:
         if verdict.outcome is Outcome.REFUSE:
             return await self._finish(entry, REFUSED, f"refused by HVE: {verdict.code} {verdict.text}"[:300])
         # DEFER or ACCOUNT: the message is fine; try again later, maybe on another account.
@@ -271,8 +315,8 @@ class Relay:
             return f"gave up after {age / 3600:.1f} hours"
         return ""
 
-    async def _requeue(self, stub: dict, wait_seconds: float) -> int:
-        delay = visibility_for(wait_seconds, rng=self.rng)
+    async def _requeue(self, stub: dict, wait_seconds: float, *, jitter: bool = True) -> int:
+        delay = visibility_for(wait_seconds, jitter_fraction=0.1 if jitter else 0.0, rng=self.rng)
         # time_to_live=-1: a deferred request must never expire silently on the queue.
         await self.queue.send_message(json.dumps(stub, separators=(",", ":")), visibility_timeout=delay, time_to_live=-1)
         return delay
@@ -299,8 +343,11 @@ class Relay:
         return Handled(queue_message_id, REFUSED, entry.reason)
 
 
-def _reply_text(verdict: Verdict) -> str:
-    return verdict.text[:300]
+@dataclass(frozen=True)
+class _Prepared:
+    request: MailRequest
+    attachments: list[tuple[str, str, bytes]]
+    chunks: list[list[str]]       # envelope recipients of each SMTP transaction
 
 
 # --- one Relay per event loop (the Python worker keeps one loop for the process) -----------------

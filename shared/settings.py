@@ -45,6 +45,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("HVE_LIMITS_PROFILE", "ga-2026", "`ga-2026` (external recipients refused) or `preview-2024` (external allowed, rate limited)."),
     SettingSpec("HVE_LIMITS", "", "JSON object overriding single limits of the profile, e.g. {\"recipients_per_message\": 20}."),
     SettingSpec("HVE_DAILY_RECIPIENT_BUDGET", "", "Cost guard: at most this many recipients per daily window across all accounts (empty: no guard)."),
+    SettingSpec("HVE_DAILY_RESET_UTC", "00:00", "Time of day (UTC, HH:MM) at which the daily windows (quotas, budget) start."),
+    SettingSpec("HVE_PACING_MARGIN_SECONDS", "2", "Safety margin added to each rolling-minute window: HVE counts a message when it arrives, not when it was granted."),
+    SettingSpec("MAX_RECIPIENTS_PER_REQUEST", "500", "Recipients one request may have; above the per-message limit a request is sent as several SMTP transactions."),
     SettingSpec("HVE_POOL_SIZE", "4", "Open SMTP sessions kept per HVE account in one worker process."),
     SettingSpec("HVE_POOL_IDLE_SECONDS", "60", "An idle SMTP session older than this is closed."),
     SettingSpec("ACCOUNT_UNHEALTHY_SECONDS", "900", "How long an account that failed authentication is left out of rotation."),
@@ -80,6 +83,16 @@ class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the setting."""
 
 
+def _time_of_day(name: str, value: str) -> float:
+    try:
+        hours, minutes = (int(part) for part in value.split(":"))
+    except ValueError:
+        raise SettingsError(f"{name} must be HH:MM, got {value!r}") from None
+    if not (0 <= hours < 24 and 0 <= minutes < 60):
+        raise SettingsError(f"{name} must be HH:MM between 00:00 and 23:59, got {value!r}")
+    return hours * 3600.0 + minutes * 60.0
+
+
 @dataclass(frozen=True)
 class Settings:
     storage_connection_string: str
@@ -102,6 +115,9 @@ class Settings:
     limits_profile: str
     limits_overrides: Mapping[str, object]
     daily_recipient_budget: int | None
+    daily_reset_seconds: float
+    pacing_margin_seconds: float
+    max_recipients_per_request: int
     pool_size: int
     pool_idle_seconds: float
     account_unhealthy_seconds: float
@@ -190,6 +206,9 @@ class Settings:
             limits_profile=profile,
             limits_overrides=json_object("HVE_LIMITS"),
             daily_recipient_budget=int(number("HVE_DAILY_RECIPIENT_BUDGET", int)) if budget_raw else None,
+            daily_reset_seconds=_time_of_day("HVE_DAILY_RESET_UTC", get("HVE_DAILY_RESET_UTC")),
+            pacing_margin_seconds=number("HVE_PACING_MARGIN_SECONDS"),
+            max_recipients_per_request=max(1, number("MAX_RECIPIENTS_PER_REQUEST", int)),
             pool_size=max(1, number("HVE_POOL_SIZE", int)),
             pool_idle_seconds=number("HVE_POOL_IDLE_SECONDS"),
             account_unhealthy_seconds=number("ACCOUNT_UNHEALTHY_SECONDS"),

@@ -20,7 +20,7 @@ POLICY = ValidationPolicy(
     accounts=frozenset({"news@contoso.com", "alerts@contoso.com"}),
     internal_domains=frozenset({"contoso.com", "fabrikam-internal.com"}),
     external_allowed=False,
-    recipients_per_message=50,
+    max_recipients=50,
 )
 PREVIEW = ValidationPolicy(POLICY.accounts, POLICY.internal_domains, True, 50)
 SCHEMA = json.loads((Path(__file__).parents[1] / "shared/schema/mail-request.v1.json").read_text())
@@ -107,7 +107,7 @@ def test_only_x_headers_may_be_set():
     assert validate_request(good(headers={"X-Campaign": "fall"}), POLICY).headers == (("X-Campaign", "fall"),)
 
 
-def test_recipients_over_the_limit_are_refused():
+def test_recipients_over_the_per_request_cap_are_refused():
     doc = good(to=[f"u{i}@contoso.com" for i in range(51)])
     assert refused(doc) == "too-many-recipients"
 
