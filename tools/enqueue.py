@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import sys
-import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
+from shared.producer import enqueue_requests
 from shared.settings import Settings
 from shared.storage import StorageClients
-
-# 64 KiB per queue message, less room for base64 and envelope.
-QUEUE_MESSAGE_BUDGET = 48 * 1024
-
 
 def load_local_settings(path: Path) -> None:
     """Values of local.settings.json into the environment; variables already set win."""
@@ -33,32 +28,13 @@ def load_local_settings(path: Path) -> None:
             os.environ.setdefault(key, str(value))
 
 
-async def enqueue_requests(settings: Settings, requests: Iterable[dict[str, Any]], *, encode_base64: bool = False) -> list[str]:
-    """Put each request on the queue (claim check for big ones). Returns the request ids used."""
+async def enqueue(settings: Settings, requests: list[dict[str, Any]], *, encode_base64: bool = False) -> list[str]:
     storage = StorageClients(settings)
-    ids: list[str] = []
     try:
-        queue = await storage.queue(settings.mail_queue)
-        container = storage.container(settings.claim_check_container)
-        container_ready = False
-        for request in requests:
-            body = json.dumps(request, separators=(",", ":"))
-            if len(body.encode()) > QUEUE_MESSAGE_BUDGET:
-                if not container_ready:
-                    if not await container.exists():
-                        await container.create_container()
-                    container_ready = True
-                request_id = request.get("id") or f"cc-{uuid.uuid4()}"
-                blob = await container.upload_blob(f"requests/{request_id}.json", json.dumps({**request, "id": request_id}), overwrite=True)
-                body = json.dumps({"id": request_id, "claimCheck": {"blobUrl": blob.url}})
-            if encode_base64:
-                body = base64.b64encode(body.encode()).decode()
-            # time_to_live=-1: a request must not expire unseen while HVE is throttling.
-            await queue.send_message(body, time_to_live=-1)
-            ids.append(str(request.get("id", "")))
+        return await enqueue_requests(storage, settings.mail_queue, settings.claim_check_container, requests,
+                                      encode_base64=encode_base64)
     finally:
         await storage.close()
-    return ids
 
 
 def _requests_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -109,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     load_local_settings(Path(args.settings))
     settings = Settings.from_env()
     requests = _requests_from_args(args)
-    asyncio.run(enqueue_requests(settings, requests, encode_base64=args.base64))
+    asyncio.run(enqueue(settings, requests, encode_base64=args.base64))
     print(f"enqueued {len(requests)} request(s) on {settings.mail_queue}", file=sys.stderr)
     return 0
 
