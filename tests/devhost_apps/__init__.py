@@ -1,0 +1,1 @@
+"""Tiny function apps used by tests/test_devhost.py (not the relay)."""
