@@ -1,0 +1,378 @@
+// hve-relay: everything the relay needs in one resource group.
+//
+//   az deployment group create -g <rg> -f infra/main.bicep -p @infra/main.parameters.json
+//
+// infra/deploy.sh wraps that, writes the secrets and deploys the code (infra/README.md).
+// Every app setting is in `appSettings` below; tests/test_infra.py checks that list against
+// shared/settings.py in both directions.
+
+targetScope = 'resourceGroup'
+
+// ---------------------------------------------------------------- deployment
+
+@minLength(1)
+@maxLength(64)
+@description('Name of the environment (e.g. hve-relay-prod): tags every resource and seeds the resource names.')
+param environmentName string
+
+@minLength(1)
+@description('Azure region of all resources (one that offers Flex Consumption).')
+param location string = resourceGroup().location
+
+@description('Object id of the user or service principal running the deployment; it gets Key Vault Secrets Officer and queue Message Sender so infra/deploy.sh can write the secrets and a first request. Empty: no deployer roles.')
+param deployerPrincipalId string = ''
+
+@description('Type of deployerPrincipalId.')
+@allowed([
+  'User'
+  'ServicePrincipal'
+  'Group'
+])
+param deployerPrincipalType string = 'User'
+
+@description('Storage redundancy.')
+@allowed([
+  'Standard_LRS'
+  'Standard_ZRS'
+  'Standard_GRS'
+  'Standard_GZRS'
+])
+param storageSkuName string = 'Standard_LRS'
+
+@description('Most instances the function app scales out to. The rate governor, not this number, paces HVE.')
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 40
+
+@description('Memory of one function app instance, in MB.')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@description('Zone-redundant Flex Consumption plan (region must support it; pair it with storageSkuName Standard_ZRS or Standard_GZRS).')
+param zoneRedundant bool = false
+
+@description('Days Log Analytics keeps telemetry.')
+@minValue(30)
+@maxValue(730)
+param logRetentionInDays int = 30
+
+// ---------------------------------------------------------------- Entra ID permissions
+
+@description('Grant the app identity Microsoft Graph User.Read.All (needed by the welcome scan). The deployer needs Privileged Role Administrator or Global Administrator.')
+param grantGraphUserReadAll bool = false
+
+@description('Grant the app identity an Office 365 Exchange Online application role for XOAUTH2 (HVE_AUTH=oauth). Same admin rights as above.')
+param grantExchangeAppRole bool = false
+
+@description('Exchange Online application role granted when grantExchangeAppRole is true.')
+@allowed([
+  'Mail.Send'
+  'SMTP.SendAsApp'
+])
+param exchangeAppRole string = 'Mail.Send'
+
+// ---------------------------------------------------------------- HVE
+
+@minLength(1)
+@description('HVE account addresses the relay may send as.')
+param hveAccounts array
+
+@description('Accepted domains of the tenant; any other recipient domain is external.')
+param hveInternalDomains array
+
+@description('basic: passwords from Key Vault (set by infra/deploy.sh); oauth: XOAUTH2 with the managed identity (grantExchangeAppRole and Add-HVEAppAccess).')
+@allowed([
+  'basic'
+  'oauth'
+])
+param hveAuth string = 'basic'
+
+@description('Display name on the From header.')
+param hveSenderName string = ''
+
+@description('ga-2026: external recipients refused; preview-2024: external allowed, rate limited.')
+@allowed([
+  'ga-2026'
+  'preview-2024'
+])
+param hveLimitsProfile string = 'ga-2026'
+
+@description('Single limits of the profile to override, e.g. {"recipients_per_message": 20}.')
+param hveLimits object = {}
+
+@description('Cost guard: most recipients per daily window across all accounts (0: no guard).')
+@minValue(0)
+param hveDailyRecipientBudget int = 0
+
+@description('Time of day (UTC, HH:MM) at which the daily windows (quotas, budget) start.')
+param hveDailyResetUtc string = '00:00'
+
+@description('Seconds added to each rolling-minute pacing window (HVE counts a message when it arrives).')
+@minValue(0)
+param hvePacingMarginSeconds int = 2
+
+@description('Recipients one request may have; above the per-message limit a request is sent as several SMTP transactions.')
+@minValue(1)
+param maxRecipientsPerRequest int = 500
+
+@description('HVE SMTP endpoint.')
+param hveSmtpHost string = 'smtp.hve.mx.microsoft'
+
+@description('HVE SMTP port (STARTTLS).')
+param hveSmtpPort int = 587
+
+@description('Timeout of one SMTP command, in seconds.')
+param hveSmtpTimeoutSeconds int = 30
+
+@description('Token scope for XOAUTH2.')
+param hveOauthScope string = 'https://outlook.office365.com/.default'
+
+@description('How long a password read from Key Vault is cached, in seconds.')
+param hveSecretCacheSeconds int = 300
+
+@description('Open SMTP sessions kept per HVE account in one worker process.')
+param hvePoolSize int = 4
+
+@description('An idle SMTP session older than this many seconds is closed.')
+param hvePoolIdleSeconds int = 60
+
+@description('Seconds an account that failed authentication is left out of rotation.')
+param accountUnhealthySeconds int = 900
+
+@description('Seconds an account is rested after HVE throttles it.')
+param accountCooldownSeconds int = 60
+
+@description('Attempts before a request is recorded as dead.')
+param sendMaxAttempts int = 12
+
+@description('Hours after which a still-undelivered request is recorded as dead.')
+param sendMaxAgeHours int = 72
+
+@description('First retry delay in seconds; doubles per attempt, with jitter.')
+param retryBaseSeconds int = 30
+
+@description('Cap of the retry delay, in seconds.')
+param retryMaxSeconds int = 3600
+
+@description('OTLP/HTTP endpoint for telemetry; used only when Application Insights is not (leave empty in Azure).')
+param otelExporterOtlpEndpoint string = ''
+
+// ---------------------------------------------------------------- welcome scan
+
+@description('Run the welcome scan of new users (needs grantGraphUserReadAll, or an admin granting User.Read.All).')
+param welcomeEnabled bool = false
+
+@description('NCRONTAB schedule of the welcome scan.')
+param welcomeSchedule string = '0 */15 * * * *'
+
+@description('How far back the first welcome scan looks (ISO 8601 duration).')
+param welcomeLookback string = 'P7D'
+
+@description('Only welcome members of this group (object id); empty: all users.')
+param welcomeGroupId string = ''
+
+@description('Address Bcc\'d on every welcome mail.')
+param welcomeBcc string = ''
+
+@description('Microsoft Graph base URL.')
+param graphBaseUrl string = 'https://graph.microsoft.com'
+
+// ---------------------------------------------------------------- names
+
+var abbrs = loadJsonContent('abbreviations.json')
+var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, environmentName, location))
+var tags = {
+  'azd-env-name': environmentName
+  application: 'hve-relay'
+}
+var functionAppName = '${abbrs.webSitesFunctions}${resourceToken}'
+var keyVaultName = '${abbrs.keyVaultVaults}${resourceToken}'
+
+// Storage names: the code's defaults (shared/settings.py), set explicitly below.
+var mailQueueName = 'outbound-mail'
+var poisonQueueName = '${mailQueueName}-poison'
+var ledgerTableName = 'hveledger'
+var recipientIndexTableName = 'hverecipients'
+var governorTableName = 'hvegovernor'
+var welcomeTableName = 'hvewelcome'
+var claimCheckContainerName = 'mail-payloads'
+var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
+
+// Secret written by infra/deploy.sh (never by this template), read through a Key Vault reference.
+var recipientHashKeySecretName = 'recipient-hash-key'
+
+// ---------------------------------------------------------------- resources
+
+resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+  name: '${abbrs.managedIdentityUserAssignedIdentities}${resourceToken}'
+  location: location
+  tags: tags
+}
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'monitoring'
+  params: {
+    location: location
+    tags: tags
+    logAnalyticsName: '${abbrs.operationalInsightsWorkspaces}${resourceToken}'
+    applicationInsightsName: '${abbrs.insightsComponents}${resourceToken}'
+    retentionInDays: logRetentionInDays
+  }
+}
+
+module storage 'modules/storage.bicep' = {
+  name: 'storage'
+  params: {
+    location: location
+    tags: tags
+    name: '${abbrs.storageStorageAccounts}${resourceToken}'
+    skuName: storageSkuName
+    queueNames: [
+      mailQueueName
+      poisonQueueName
+    ]
+    tableNames: [
+      ledgerTableName
+      recipientIndexTableName
+      governorTableName
+      welcomeTableName
+    ]
+    containerNames: [
+      deploymentContainerName
+      claimCheckContainerName
+    ]
+  }
+}
+
+module keyVault 'modules/keyvault.bicep' = {
+  name: 'keyvault'
+  params: {
+    location: location
+    tags: tags
+    name: keyVaultName
+    logAnalyticsId: monitoring.outputs.logAnalyticsId
+  }
+}
+
+module rbac 'modules/rbac.bicep' = {
+  name: 'rbac'
+  params: {
+    identityPrincipalId: identity.properties.principalId
+    storageAccountName: storage.outputs.name
+    keyVaultName: keyVault.outputs.name
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    mailQueueName: mailQueueName
+    deployerPrincipalId: deployerPrincipalId
+    deployerPrincipalType: deployerPrincipalType
+  }
+}
+
+module graph 'modules/graph.bicep' = if (grantGraphUserReadAll || grantExchangeAppRole) {
+  name: 'graph-permissions'
+  params: {
+    principalId: identity.properties.principalId
+    grantUserReadAll: grantGraphUserReadAll
+    grantExchangeMailSend: grantExchangeAppRole
+    exchangeAppRole: exchangeAppRole
+  }
+}
+
+// Every app setting the function app gets, and nothing else (shared/settings.py, scope "app").
+var appSettings = {
+  // Functions host storage, identity-based (no connection string, shared keys are off).
+  AzureWebJobsStorage__accountName: storage.outputs.name
+  AzureWebJobsStorage__credential: 'managedidentity'
+  AzureWebJobsStorage__clientId: identity.properties.clientId
+  AZURE_CLIENT_ID: identity.properties.clientId
+  // Telemetry, Entra-authenticated.
+  APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.applicationInsightsConnectionString
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD;ClientId=${identity.properties.clientId}'
+  OTEL_EXPORTER_OTLP_ENDPOINT: otelExporterOtlpEndpoint
+  // Storage names.
+  MAIL_QUEUE: mailQueueName
+  LEDGER_TABLE: ledgerTableName
+  RECIPIENT_INDEX_TABLE: recipientIndexTableName
+  GOVERNOR_TABLE: governorTableName
+  CLAIM_CHECK_CONTAINER: claimCheckContainerName
+  // HVE.
+  HVE_ACCOUNTS: join(hveAccounts, ',')
+  HVE_AUTH: hveAuth
+  KEY_VAULT_URL: keyVault.outputs.uri
+  HVE_SECRET_CACHE_SECONDS: string(hveSecretCacheSeconds)
+  HVE_OAUTH_SCOPE: hveOauthScope
+  HVE_SMTP_HOST: hveSmtpHost
+  HVE_SMTP_PORT: string(hveSmtpPort)
+  HVE_SMTP_TIMEOUT_SECONDS: string(hveSmtpTimeoutSeconds)
+  HVE_INTERNAL_DOMAINS: join(hveInternalDomains, ',')
+  HVE_SENDER_NAME: hveSenderName
+  HVE_LIMITS_PROFILE: hveLimitsProfile
+  HVE_LIMITS: empty(hveLimits) ? '' : string(hveLimits)
+  HVE_DAILY_RECIPIENT_BUDGET: hveDailyRecipientBudget > 0 ? string(hveDailyRecipientBudget) : ''
+  HVE_DAILY_RESET_UTC: hveDailyResetUtc
+  HVE_PACING_MARGIN_SECONDS: string(hvePacingMarginSeconds)
+  MAX_RECIPIENTS_PER_REQUEST: string(maxRecipientsPerRequest)
+  HVE_POOL_SIZE: string(hvePoolSize)
+  HVE_POOL_IDLE_SECONDS: string(hvePoolIdleSeconds)
+  ACCOUNT_UNHEALTHY_SECONDS: string(accountUnhealthySeconds)
+  ACCOUNT_COOLDOWN_SECONDS: string(accountCooldownSeconds)
+  SEND_MAX_ATTEMPTS: string(sendMaxAttempts)
+  SEND_MAX_AGE_HOURS: string(sendMaxAgeHours)
+  RETRY_BASE_SECONDS: string(retryBaseSeconds)
+  RETRY_MAX_SECONDS: string(retryMaxSeconds)
+  RECIPIENT_HASH_KEY: '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=${recipientHashKeySecretName})'
+  // Welcome scan.
+  WELCOME_ENABLED: welcomeEnabled ? 'true' : 'false'
+  WELCOME_SCHEDULE: welcomeSchedule
+  WELCOME_LOOKBACK: welcomeLookback
+  WELCOME_GROUP_ID: welcomeGroupId
+  WELCOME_BCC: welcomeBcc
+  GRAPH_BASE_URL: graphBaseUrl
+}
+
+module functionApp 'modules/functionapp.bicep' = {
+  name: 'functionapp'
+  params: {
+    location: location
+    tags: tags
+    planName: '${abbrs.webServerFarms}${resourceToken}'
+    appName: functionAppName
+    identityId: identity.id
+    storageBlobEndpoint: storage.outputs.blobEndpoint
+    deploymentContainerName: deploymentContainerName
+    pythonVersion: '3.11'
+    maximumInstanceCount: maximumInstanceCount
+    instanceMemoryMB: instanceMemoryMB
+    zoneRedundant: zoneRedundant
+    appSettings: appSettings
+  }
+  dependsOn: [
+    rbac
+  ]
+}
+
+// ---------------------------------------------------------------- outputs (env style)
+
+output AZURE_LOCATION string = location
+output AZURE_TENANT_ID string = subscription().tenantId
+output AZURE_RESOURCE_GROUP string = resourceGroup().name
+output AZURE_FUNCTION_APP_NAME string = functionApp.outputs.name
+output AZURE_FUNCTION_APP_URL string = 'https://${functionApp.outputs.defaultHostName}'
+output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
+output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name
+output AZURE_KEY_VAULT_URL string = keyVault.outputs.uri
+output AZURE_MANAGED_IDENTITY_NAME string = identity.name
+output AZURE_MANAGED_IDENTITY_CLIENT_ID string = identity.properties.clientId
+output AZURE_MANAGED_IDENTITY_PRINCIPAL_ID string = identity.properties.principalId
+output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsName
+output MAIL_QUEUE string = mailQueueName
+output MAIL_QUEUE_URL string = '${storage.outputs.queueEndpoint}${mailQueueName}'
+output HVE_ACCOUNTS string = join(hveAccounts, ',')
+output HVE_AUTH string = hveAuth
+output HVE_INTERNAL_DOMAINS string = join(hveInternalDomains, ',')
+output RECIPIENT_HASH_KEY_SECRET_NAME string = recipientHashKeySecretName
+output GRAPH_USER_READ_ALL_GRANTED bool = grantGraphUserReadAll
+output WELCOME_ENABLED bool = welcomeEnabled

@@ -1,0 +1,49 @@
+// Entra ID application permissions for the app's managed identity, through the Microsoft
+// Graph Bicep extension (alias in infra/bicepconfig.json). Deployed only when main.bicep's
+// grantGraphUserReadAll or grantExchangeMailSend is true; the deployer then needs an Entra
+// role that may grant application permissions (Privileged Role Administrator or Global
+// Administrator): see infra/README.md.
+extension microsoftGraphV1
+
+@description('Principal (object) id of the app\'s user-assigned managed identity.')
+param principalId string
+
+@description('Grant Microsoft Graph User.Read.All (welcome scan of new users).')
+param grantUserReadAll bool = true
+
+@description('Grant an Office 365 Exchange Online application role for XOAUTH2 (HVE_AUTH=oauth).')
+param grantExchangeMailSend bool = false
+
+@description('Exchange Online application role granted for XOAUTH2.')
+@allowed([
+  'Mail.Send'
+  'SMTP.SendAsApp'
+])
+param exchangeAppRole string = 'Mail.Send'
+
+// Well-known application ids of the first-party resource applications.
+var microsoftGraphAppId = '00000003-0000-0000-c000-000000000000'
+var exchangeOnlineAppId = '00000002-0000-0ff1-ce00-000000000000'
+
+resource microsoftGraph 'Microsoft.Graph/servicePrincipals@v1.0' existing = {
+  appId: microsoftGraphAppId
+}
+
+resource exchangeOnline 'Microsoft.Graph/servicePrincipals@v1.0' existing = {
+  appId: exchangeOnlineAppId
+}
+
+// Least privilege for the app-only GET /users scan (hve-facts.md, "Microsoft Graph for the welcome scan").
+resource userReadAll 'Microsoft.Graph/appRoleAssignedTo@v1.0' = if (grantUserReadAll) {
+  appRoleId: filter(microsoftGraph.appRoles, role => role.value == 'User.Read.All')[0].id
+  principalId: principalId
+  resourceId: microsoftGraph.id
+}
+
+// Secretless XOAUTH2 (hve-facts.md, "Secretless option"). The HVE account must also allow the
+// identity: Add-HVEAppAccess with the identity's object id (infra/README.md).
+resource exchangeSend 'Microsoft.Graph/appRoleAssignedTo@v1.0' = if (grantExchangeMailSend) {
+  appRoleId: filter(exchangeOnline.appRoles, role => role.value == exchangeAppRole)[0].id
+  principalId: principalId
+  resourceId: exchangeOnline.id
+}
