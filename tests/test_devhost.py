@@ -221,7 +221,7 @@ def test_timer_fires_on_schedule_and_on_startup(app_settings):
     # "*/1 * * * * *": once per second, on the second.
     gaps = [(b["at"] - a["at"]).total_seconds() for a, b in zip(ticks, ticks[1:])]
     assert all(0.7 < gap < 1.3 for gap in gaps), gaps
-    assert all(t["at"].microsecond < 300_000 for t in ticks), [t["at"] for t in ticks]
+    assert all(t["at"].microsecond < 500_000 for t in ticks), [t["at"] for t in ticks]
     assert all(t["past_due"] is False for t in ticks)
     assert "Next" in ticks[0]["status"]
 
