@@ -65,15 +65,8 @@ param logRetentionInDays int = 30
 @description('Grant the app identity Microsoft Graph User.Read.All (needed by the welcome scan). The deployer needs Privileged Role Administrator or Global Administrator.')
 param grantGraphUserReadAll bool = false
 
-@description('Grant the app identity an Office 365 Exchange Online application role for XOAUTH2 (HVE_AUTH=oauth). Same admin rights as above.')
-param grantExchangeAppRole bool = false
-
-@description('Exchange Online application role granted when grantExchangeAppRole is true.')
-@allowed([
-  'Mail.Send'
-  'SMTP.SendAsApp'
-])
-param exchangeAppRole string = 'Mail.Send'
+@description('Grant the app identity the Office 365 Exchange Online application role Mail.Send for XOAUTH2 (HVE_AUTH=oauth). Same admin rights as above.')
+param grantExchangeMailSend bool = false
 
 // ---------------------------------------------------------------- HVE
 
@@ -84,7 +77,7 @@ param hveAccounts array
 @description('Accepted domains of the tenant; any other recipient domain is external.')
 param hveInternalDomains array
 
-@description('basic: passwords from Key Vault (set by infra/deploy.sh); oauth: XOAUTH2 with the managed identity (grantExchangeAppRole and Add-HVEAppAccess).')
+@description('basic: passwords from Key Vault (set by infra/deploy.sh); oauth: XOAUTH2 with the managed identity (grantExchangeMailSend and Add-HVEAppAccess).')
 @allowed([
   'basic'
   'oauth'
@@ -271,13 +264,12 @@ module rbac 'modules/rbac.bicep' = {
   }
 }
 
-module graph 'modules/graph.bicep' = if (grantGraphUserReadAll || grantExchangeAppRole) {
+module graph 'modules/graph.bicep' = if (grantGraphUserReadAll || grantExchangeMailSend) {
   name: 'graph-permissions'
   params: {
     principalId: identity.properties.principalId
     grantUserReadAll: grantGraphUserReadAll
-    grantExchangeMailSend: grantExchangeAppRole
-    exchangeAppRole: exchangeAppRole
+    grantExchangeMailSend: grantExchangeMailSend
   }
 }
 

@@ -596,14 +596,15 @@ def test_graph_permissions_module(bicep):
         role = json.dumps(body["appRoleId"])
         assigned[sps[sp]] = (cond, role)
     assert MICROSOFT_GRAPH_APP_ID in assigned and "User.Read.All" in assigned[MICROSOFT_GRAPH_APP_ID][1]
-    assert EXCHANGE_ONLINE_APP_ID in assigned, "optional Exchange Online app role for XOAUTH2"
+    assert EXCHANGE_ONLINE_APP_ID in assigned and "Mail.Send" in assigned[EXCHANGE_ONLINE_APP_ID][1], \
+        "optional Exchange Online Mail.Send for XOAUTH2"
 
     main = bicep["main.bicep"]
     module = _module_for(bicep, "modules/graph.bicep")
     assert _condition(module["config"]) is not None, "the Graph module must be behind a parameter"
     params = _body(module["config"])["params"]
     assert _accessor_path(params["principalId"]) == ["identity", "properties", "principalId"]
-    for name in ("grantGraphUserReadAll", "grantExchangeAppRole"):
+    for name in ("grantGraphUserReadAll", "grantExchangeMailSend"):
         assert main["parameters"][name]["type"] == "bool"
         assert main["parameters"][name]["default"] is False, f"{name} must be opt-in (needs Entra admin rights)"
     assert evaluate(module["config"]["condition"], main) is False

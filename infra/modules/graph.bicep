@@ -11,15 +11,8 @@ param principalId string
 @description('Grant Microsoft Graph User.Read.All (welcome scan of new users).')
 param grantUserReadAll bool = true
 
-@description('Grant an Office 365 Exchange Online application role for XOAUTH2 (HVE_AUTH=oauth).')
+@description('Grant the Office 365 Exchange Online application role Mail.Send for XOAUTH2 (HVE_AUTH=oauth).')
 param grantExchangeMailSend bool = false
-
-@description('Exchange Online application role granted for XOAUTH2.')
-@allowed([
-  'Mail.Send'
-  'SMTP.SendAsApp'
-])
-param exchangeAppRole string = 'Mail.Send'
 
 // Well-known application ids of the first-party resource applications.
 var microsoftGraphAppId = '00000003-0000-0000-c000-000000000000'
@@ -40,10 +33,11 @@ resource userReadAll 'Microsoft.Graph/appRoleAssignedTo@v1.0' = if (grantUserRea
   resourceId: microsoftGraph.id
 }
 
-// Secretless XOAUTH2 (hve-facts.md, "Secretless option"). The HVE account must also allow the
-// identity: Add-HVEAppAccess with the identity's object id (infra/README.md).
+// Secretless XOAUTH2 (hve-facts.md, "Secretless option"): Office 365 Exchange Online Mail.Send,
+// the application permission Microsoft documents for OAuth with HVE. The HVE account must also
+// allow the identity: Add-HVEAppAccess (infra/README.md).
 resource exchangeSend 'Microsoft.Graph/appRoleAssignedTo@v1.0' = if (grantExchangeMailSend) {
-  appRoleId: filter(exchangeOnline.appRoles, role => role.value == exchangeAppRole)[0].id
+  appRoleId: filter(exchangeOnline.appRoles, role => role.value == 'Mail.Send')[0].id
   principalId: principalId
   resourceId: exchangeOnline.id
 }
