@@ -192,13 +192,16 @@ class Ledger:
         return found
 
     async def summary(self) -> dict[str, Any]:
-        """Counts by state and by (state, reason) over the whole ledger (for the demo and tools)."""
+        """Counts by state, by (state, reason), and of requests that took more than one attempt."""
         by_state: dict[str, int] = {}
         reasons: dict[str, int] = {}
-        async for row in self._table.query_entities("RowKey eq @rk", parameters={"rk": _ROW}, select=["State", "Reason"]):
+        retried = 0
+        async for row in self._table.query_entities("RowKey eq @rk", parameters={"rk": _ROW},
+                                                    select=["State", "Reason", "Attempts"]):
             state = row.get("State", "?")
+            retried += int(row.get("Attempts") or 0) > 1
             by_state[state] = by_state.get(state, 0) + 1
             if row.get("Reason"):
                 key = f"{state}: {row['Reason'].split(':', 1)[0]}"
                 reasons[key] = reasons.get(key, 0) + 1
-        return {"by_state": by_state, "reasons": reasons}
+        return {"by_state": by_state, "reasons": reasons, "retried": retried}

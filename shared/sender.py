@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 import weakref
@@ -37,14 +38,16 @@ from .limits import Limits, resolve_limits
 from .mime import build_message, message_id
 from .replies import Outcome, Verdict
 from .retry import retry_delay, visibility_for
-from .settings import Settings
+from .settings import SETTINGS, Settings
 from .storage import StorageClients
 from .telemetry import Instruments
 
 log = logging.getLogger("hve_relay.sender")
 
-# A request some instance is submitting right now: others leave it alone this long.
+# A request some instance is submitting right now: others leave it alone this long...
 SENDING_LEASE_SECONDS = 120.0
+# ...and look again this often (usually the other instance has finished by then).
+BUSY_RECHECK_SECONDS = 5.0
 # After an account problem another account can usually take the message at once.
 ACCOUNT_RETRY_SECONDS = 2.0
 
@@ -178,7 +181,7 @@ class Relay:
         if entry is not None and entry.state == SENDING:
             lease_left = entry.updated.timestamp() + SENDING_LEASE_SECONDS - now
             if lease_left > 0:
-                delay = await self._requeue(stub, lease_left)
+                delay = await self._requeue(stub, min(lease_left, BUSY_RECHECK_SECONDS))
                 return Handled(request_id, "busy", "another instance is sending it", entry.account, 0, delay)
         if entry is None:
             entry = LedgerEntry(request_id=request_id, state="received", first_received=_utc(now), updated=_utc(now),
@@ -265,7 +268,7 @@ class Relay:
                                                             updated=_utc(now), reason="", chunks_sent=index))
             except LedgerConflict:
                 # Another delivery of the same request got there first; let it finish.
-                delay = await self._requeue(stub, SENDING_LEASE_SECONDS / 4)
+                delay = await self._requeue(stub, BUSY_RECHECK_SECONDS)
                 return Handled(entry.request_id, "busy", "another instance claimed it", account, 0, delay)
 
             message = self._message(prepared, entry.request_id, account, index, now)
@@ -352,19 +355,31 @@ class _Prepared:
 
 # --- one Relay per event loop (the Python worker keeps one loop for the process) -----------------
 
-_relays: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task]" = weakref.WeakKeyDictionary()
+_relays: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, asyncio.Task]]" = weakref.WeakKeyDictionary()
 
 
 async def get_relay() -> Relay:
+    """The process's Relay, built on first use (cold start pays for it once). A different set of
+    app settings (a local host restarted with new ones) gets its own Relay."""
     loop = asyncio.get_running_loop()
-    task = _relays.get(loop)
-    if task is None or (task.done() and task.exception() is not None):
+    key = tuple(os.environ.get(spec.name) for spec in SETTINGS)
+    per_loop = _relays.setdefault(loop, {})
+    task = per_loop.get(key)
+    if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
         settings = Settings.from_env()
         from .telemetry import configure
 
         configure(settings)
-        task = _relays[loop] = loop.create_task(Relay.create(settings))
+        task = per_loop[key] = loop.create_task(Relay.create(settings))
     return await task
+
+
+async def close_relays() -> None:
+    """Close the Relays of the running loop (a local host shutting down; Azure just ends the process)."""
+    per_loop = _relays.pop(asyncio.get_running_loop(), {})
+    for task in per_loop.values():
+        if task.done() and not task.cancelled() and task.exception() is None:
+            await task.result().close()
 
 
 async def handle_queue_message(body: bytes, queue_message_id: str, dequeue_count: int) -> Handled:

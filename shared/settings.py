@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Mapping
 
 
@@ -68,8 +70,16 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("WELCOME_SCHEDULE", "0 */15 * * * *", "NCRONTAB schedule of the welcome scan."),
     SettingSpec("WELCOME_LOOKBACK", "P7D", "How far back the first welcome scan looks (ISO 8601 duration)."),
     SettingSpec("WELCOME_GROUP_ID", "", "Only welcome members of this group (object id); empty: all members."),
+    SettingSpec("WELCOME_OVERLAP", "PT1H", "Each welcome scan re-reads users created this long before the previous scan (Graph replication lag, clock skew); ISO 8601 duration."),
+    SettingSpec("WELCOME_PENDING_DAYS", "3", "A new user not yet eligible (no mailbox yet, account disabled, not yet in WELCOME_GROUP_ID) is re-checked on every scan for this many days after creation, then recorded as skipped with the reason."),
+    SettingSpec("WELCOME_STATE_TABLE", "hvewelcome", "Table holding the welcome scan's watermark and one row per new user seen (pending, enqueued or skipped)."),
     SettingSpec("WELCOME_BCC", "", "Address Bcc'd on every welcome mail (e.g. customer services)."),
-    SettingSpec("GRAPH_BASE_URL", "https://graph.microsoft.com", "Microsoft Graph base URL."),
+    SettingSpec("WELCOME_TEMPLATES", "", "Welcome templates (`welcome.subject.txt`, `welcome.txt`, `welcome.html`) instead of the built-in ones: a folder path, or `blob:<container>/<prefix>` in the app's storage account."),
+    SettingSpec("WELCOME_OUTLOOK_URL", "https://outlook.office.com/mail/", "Outlook on the web link in the welcome mail (template variable `outlook_url`)."),
+    SettingSpec("WELCOME_FAQ_URL", "", "FAQ link in the welcome mail (template variable `faq_url`); empty: no FAQ paragraph."),
+    SettingSpec("WELCOME_SUPPORT_ADDRESS", "", "Support address offered as a mailto link in the welcome mail (template variables `support_address`, `support_mailto`); empty: no support paragraph."),
+    SettingSpec("GRAPH_BASE_URL", "https://graph.microsoft.com", "Microsoft Graph base URL (HTTPS; plain HTTP only for a loopback stand-in)."),
+    SettingSpec("GRAPH_DEV_TOKEN", "", "Local only: fixed bearer token for a loopback GRAPH_BASE_URL (the Graph stand-in) instead of the app identity's token; refused for any other URL.", "local"),
 )
 
 _DEFAULTS = {spec.name: spec.default for spec in SETTINGS}
@@ -91,6 +101,22 @@ def _time_of_day(name: str, value: str) -> float:
     if not (0 <= hours < 24 and 0 <= minutes < 60):
         raise SettingsError(f"{name} must be HH:MM between 00:00 and 23:59, got {value!r}")
     return hours * 3600.0 + minutes * 60.0
+
+
+_DURATION = re.compile(
+    r"^P(?:(?P<weeks>\d+(?:\.\d+)?)W)?(?:(?P<days>\d+(?:\.\d+)?)D)?"
+    r"(?:T(?:(?P<hours>\d+(?:\.\d+)?)H)?(?:(?P<minutes>\d+(?:\.\d+)?)M)?(?:(?P<seconds>\d+(?:\.\d+)?)S)?)?$"
+)
+
+
+def _duration(name: str, value: str) -> timedelta:
+    """An ISO 8601 duration of weeks, days, hours, minutes and seconds (P7D, PT1H, P1DT12H).
+    Months and years are refused: their length is not fixed."""
+    match = _DURATION.match(value.strip().upper())
+    if not match or not any(match.groupdict().values()) or value.strip().upper().endswith("T"):
+        raise SettingsError(f"{name} must be an ISO 8601 duration such as P7D or PT1H (no months or years), got {value!r}")
+    parts = {k: float(v) for k, v in match.groupdict().items() if v}
+    return timedelta(**parts)
 
 
 @dataclass(frozen=True)
@@ -135,10 +161,18 @@ class Settings:
     otlp_endpoint: str
     welcome_enabled: bool
     welcome_schedule: str
-    welcome_lookback: str
+    welcome_lookback: timedelta
+    welcome_overlap: timedelta
+    welcome_pending: timedelta
+    welcome_state_table: str
     welcome_group_id: str
     welcome_bcc: str
+    welcome_templates: str
+    welcome_outlook_url: str
+    welcome_faq_url: str
+    welcome_support_address: str
     graph_base_url: str
+    graph_dev_token: str = field(repr=False)
 
     @property
     def poison_queue(self) -> str:
@@ -226,10 +260,18 @@ class Settings:
             otlp_endpoint=get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             welcome_enabled=get("WELCOME_ENABLED").lower() in ("1", "true", "yes"),
             welcome_schedule=get("WELCOME_SCHEDULE"),
-            welcome_lookback=get("WELCOME_LOOKBACK"),
+            welcome_lookback=_duration("WELCOME_LOOKBACK", get("WELCOME_LOOKBACK")),
+            welcome_overlap=_duration("WELCOME_OVERLAP", get("WELCOME_OVERLAP")),
+            welcome_pending=timedelta(days=number("WELCOME_PENDING_DAYS")),
+            welcome_state_table=get("WELCOME_STATE_TABLE"),
             welcome_group_id=get("WELCOME_GROUP_ID"),
             welcome_bcc=get("WELCOME_BCC"),
+            welcome_templates=get("WELCOME_TEMPLATES"),
+            welcome_outlook_url=get("WELCOME_OUTLOOK_URL"),
+            welcome_faq_url=get("WELCOME_FAQ_URL"),
+            welcome_support_address=get("WELCOME_SUPPORT_ADDRESS"),
             graph_base_url=get("GRAPH_BASE_URL").rstrip("/"),
+            graph_dev_token=get("GRAPH_DEV_TOKEN"),
         )
 
     def require_accounts(self) -> None:

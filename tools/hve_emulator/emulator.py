@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 from pathlib import Path
@@ -53,6 +54,8 @@ class HveEmulator:
         with self._lifecycle:
             if self._controller is not None:
                 raise RuntimeError("HVE emulator already running")
+            # aiosmtpd logs every recipient at INFO and a deprecation warning on each AUTH.
+            logging.getLogger("mail.log").setLevel(logging.ERROR)
             self._certs = ensure_certificates(self.state_dir)
             self._store.open()
             handler = HveHandler(

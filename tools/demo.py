@@ -1,0 +1,159 @@
+"""The local demo: Azurite + HVE emulator + the function app under the local host, a sample batch
+of mail requests, progress while they flow, and a closing summary read from the ledger.
+
+    python -m tools.demo [--requests tools/samples/demo-requests.json] [--keep-running]
+
+Everything listens on 127.0.0.1 only and stops at the end (Ctrl-C stops it early).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from shared.ledger import Ledger
+from shared.producer import enqueue_requests
+from shared.sender import close_relays
+from shared.settings import Settings
+from shared.storage import StorageClients
+from tools.azurite import Azurite
+from tools.devhost import DevHost, _background_loop
+from tools.hve_emulator import EmulatorConfig, HveEmulator
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE = ROOT / ".local"
+ACCOUNTS = {"news@contoso.com": "news-pw", "alerts@contoso.com": "alerts-pw", "billing@contoso.com": "billing-pw"}
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def demo_settings(connection_string: str, emulator: HveEmulator) -> dict[str, str]:
+    example = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
+    return {
+        **example,
+        "AzureWebJobsStorage": connection_string,
+        "HVE_SMTP_PORT": str(emulator.port),
+        "HVE_SMTP_CA_FILE": str(emulator.ca_file),
+        "HVE_PASSWORDS": json.dumps(ACCOUNTS),
+    }
+
+
+async def _ledger_view(settings: Settings) -> tuple[dict, int]:
+    storage = StorageClients(settings)
+    try:
+        ledger = Ledger(await storage.table(settings.ledger_table), await storage.table(settings.recipient_index_table),
+                        settings.recipient_hash_key)
+        summary = await ledger.summary()
+        props = await (await storage.queue(settings.mail_queue)).get_queue_properties()
+        return summary, props.approximate_message_count
+    finally:
+        await storage.close()
+
+
+async def _enqueue_batch(settings: Settings, requests: list[dict]) -> None:
+    storage = StorageClients(settings)
+    try:
+        # Most as a producer's SDK writes them, one the way a Functions output binding does (base64),
+        # one bigger than a queue message (claim check through blob storage), one that is not JSON.
+        await enqueue_requests(storage, settings.mail_queue, settings.claim_check_container, requests[:1], encode_base64=True)
+        await enqueue_requests(storage, settings.mail_queue, settings.claim_check_container, requests[1:])
+        big = {"id": "demo-claim-check", "to": ["ann@contoso.com"], "subject": "Annual report (large)",
+               "html": "<h1>Annual report</h1>" + "<p>" + "Lorem ipsum dolor sit amet. " * 3000 + "</p>"}
+        await enqueue_requests(storage, settings.mail_queue, settings.claim_check_container, [big])
+        await (await storage.queue(settings.mail_queue)).send_message('{"to": ["ann@contoso.com"], "subject": "truncated')
+    finally:
+        await storage.close()
+
+
+def run(requests_file: Path, keep_running: bool) -> int:
+    requests = json.loads(requests_file.read_text())
+    STATE.mkdir(exist_ok=True)
+    say("== hve-relay local demo ==")
+    with Azurite() as azurite, HveEmulator(EmulatorConfig(
+        accounts=dict(ACCOUNTS), internal_domains={"contoso.com"}, profile="ga-2026",
+        state_dir=STATE / "hve-emulator",
+    )) as emulator:
+        say(f"Azurite      queues/tables/blobs on 127.0.0.1 (ports {azurite.queue_port}/{azurite.table_port}/{azurite.blob_port})")
+        say(f"HVE emulator smtp://127.0.0.1:{emulator.port} STARTTLS, CA {emulator.ca_file.relative_to(ROOT)}")
+        values = demo_settings(azurite.connection_string, emulator)
+        settings = Settings.from_env(values)
+        # Show the failure paths too: two transient 4xx replies, one dropped connection, and an
+        # account whose password was rotated without telling the relay.
+        emulator.fail_next(2, "451 4.7.0 Temporary server error. Please try again later", stage="DATA")
+        emulator.drop_next(1, stage="DATA")
+        emulator.set_password("billing@contoso.com", "rotated-in-exchange")
+        say("faults      2 x 451 4.7.0, 1 dropped connection, billing@contoso.com password rotated")
+
+        with DevHost(ROOT / "function_app.py", values) as host:
+            say(f"local host  running {', '.join(host.functions)} (host.json: batchSize "
+                f"{host.queue_options.batch_size}, maxDequeueCount {host.queue_options.max_dequeue_count})")
+            asyncio.run(_enqueue_batch(settings, requests))
+            total = len(requests) + 2
+            say(f"enqueued    {total} requests on '{settings.mail_queue}' (raw, base64, claim check, one malformed)")
+            started = time.monotonic()
+            last = ""
+            while True:
+                summary, queued = asyncio.run(_ledger_view(settings))
+                by_state = summary["by_state"]
+                line = "  ".join(f"{k} {by_state.get(k, 0)}" for k in ("sent", "deferred", "refused", "dead")) + f"  on queue {queued}"
+                if line != last:
+                    say(f"  {time.monotonic() - started:5.1f}s  {line}")
+                    last = line
+                if queued == 0:
+                    try:
+                        host.wait_until_idle(timeout=0.5)
+                        break
+                    except TimeoutError:
+                        pass
+                if time.monotonic() - started > 180:
+                    say("  (stopping the wait after 180 s)")
+                    break
+                time.sleep(0.5)
+            summary, _ = asyncio.run(_ledger_view(settings))
+            stats = emulator.stats()
+            say("\n== Summary (from the ledger) ==")
+            for state, count in sorted(summary["by_state"].items()):
+                say(f"  {state:9} {count}")
+            say(f"  ({summary['retried']} sent after a retry: transient reply, dropped connection or an account problem)")
+            if summary["reasons"]:
+                say("  reasons:")
+                for reason, count in sorted(summary["reasons"].items()):
+                    say(f"    {count} x {reason}")
+            say(f"HVE emulator accepted {stats['accepted_messages']} messages over {stats['connections_opened']} "
+                f"TLS connection(s) with {stats['auth_count']} AUTH(s); replies {stats['replies']}")
+            say(f"Stored messages: {emulator.messages_dir.relative_to(ROOT)}/")
+            if keep_running:
+                say("\nStill running (Ctrl-C to stop). Enqueue more with: python -m tools.enqueue --to ann@contoso.com --subject Hi --text Hello")
+                say(f"  AzureWebJobsStorage={azurite.connection_string}")
+                try:
+                    while True:
+                        time.sleep(1)
+                except KeyboardInterrupt:
+                    pass
+            # The relay keeps its SMTP sessions and storage clients for the life of the worker; close them.
+            asyncio.run_coroutine_threadsafe(close_relays(), _background_loop()).result(timeout=10)
+    sent = summary["by_state"].get("sent", 0)
+    return 0 if sent > 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=Path, default=ROOT / "tools/samples/demo-requests.json")
+    parser.add_argument("--keep-running", action="store_true", help="leave the stack up after the batch")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return run(args.requests, args.keep_running)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
