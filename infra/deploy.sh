@@ -160,21 +160,22 @@ outputs="$(az deployment group show --resource-group "$RESOURCE_GROUP" --name "$
   properties.outputs.GRAPH_USER_READ_ALL_GRANTED.value,
   properties.outputs.WELCOME_ENABLED.value
 ]' -o tsv)"
-{
-  read -r APP_NAME
-  read -r APP_URL
-  read -r STORAGE_ACCOUNT
-  read -r KEY_VAULT
-  read -r IDENTITY_PRINCIPAL_ID
-  read -r MAIL_QUEUE
-  read -r MAIL_QUEUE_URL
-  read -r HVE_ACCOUNTS
-  read -r HVE_AUTH
-  read -r HVE_INTERNAL_DOMAINS
-  read -r HASH_KEY_SECRET
-  read -r GRAPH_GRANTED
-  read -r WELCOME_ENABLED
-} <<<"$outputs"
+values=()
+while IFS= read -r line; do values+=("$line"); done <<<"$outputs"
+[[ ${#values[@]} -ge 13 ]] || die "unexpected deployment outputs; see: az deployment group show -g $RESOURCE_GROUP -n $DEPLOYMENT_NAME"
+APP_NAME="${values[0]}"
+APP_URL="${values[1]}"
+STORAGE_ACCOUNT="${values[2]}"
+KEY_VAULT="${values[3]}"
+IDENTITY_PRINCIPAL_ID="${values[4]}"
+MAIL_QUEUE="${values[5]}"
+MAIL_QUEUE_URL="${values[6]}"
+HVE_ACCOUNTS="${values[7]}"
+HVE_AUTH="${values[8]}"
+HVE_INTERNAL_DOMAINS="${values[9]}"
+HASH_KEY_SECRET="${values[10]}"
+GRAPH_GRANTED="${values[11]}"
+WELCOME_ENABLED="${values[12]}"
 [[ -n "$APP_NAME" && -n "$KEY_VAULT" ]] || die "the deployment has no outputs; see: az deployment group show -g $RESOURCE_GROUP -n $DEPLOYMENT_NAME"
 
 # ------------------------------------------------------------------ 5. secrets
@@ -283,7 +284,7 @@ if [[ $SKIP_APP -eq 0 ]]; then
     cd "$ROOT"
     git ls-files --cached --others --exclude-standard |
       grep -Ev '^(\.ci|\.github|bench|docs|infra|node_modules|tests|tools)/' |
-      grep -Ev '^(\.gitignore|\.checkov\.yaml|package\.json|package-lock\.json|requirements-dev\.txt|requirements-iac\.txt|local\.settings\.json|pytest\.ini)$' |
+      grep -Ev '^(\.gitignore|\.checkov\.yaml|package\.json|package-lock\.json|requirements-dev\.txt|requirements-iac\.txt|local\.settings.*\.json|pytest\.ini)$' |
       grep -Ev '\.md$' |
       while IFS= read -r file; do
         if [[ -f "$file" ]]; then printf '%s\n' "$file"; fi

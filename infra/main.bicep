@@ -171,6 +171,25 @@ param welcomeGroupId string = ''
 @description('Address Bcc\'d on every welcome mail.')
 param welcomeBcc string = ''
 
+@description('Each welcome scan re-reads users created this long before the previous scan (ISO 8601 duration).')
+param welcomeOverlap string = 'PT1H'
+
+@description('Days a new user not yet eligible (no mailbox, disabled, not in the group) is re-checked before being skipped.')
+@minValue(0)
+param welcomePendingDays int = 3
+
+@description('Welcome templates instead of the built-in ones: `blob:<container>/<prefix>` in the app\'s storage account (create the container yourself), or empty.')
+param welcomeTemplates string = ''
+
+@description('Outlook on the web link in the welcome mail.')
+param welcomeOutlookUrl string = 'https://outlook.office.com/mail/'
+
+@description('FAQ link in the welcome mail; empty: no FAQ paragraph.')
+param welcomeFaqUrl string = ''
+
+@description('Support address offered in the welcome mail; empty: no support paragraph.')
+param welcomeSupportAddress string = ''
+
 @description('Microsoft Graph base URL.')
 param graphBaseUrl string = 'https://graph.microsoft.com'
 
@@ -322,6 +341,13 @@ var appSettings = {
   WELCOME_LOOKBACK: welcomeLookback
   WELCOME_GROUP_ID: welcomeGroupId
   WELCOME_BCC: welcomeBcc
+  WELCOME_OVERLAP: welcomeOverlap
+  WELCOME_PENDING_DAYS: string(welcomePendingDays)
+  WELCOME_STATE_TABLE: welcomeTableName
+  WELCOME_TEMPLATES: welcomeTemplates
+  WELCOME_OUTLOOK_URL: welcomeOutlookUrl
+  WELCOME_FAQ_URL: welcomeFaqUrl
+  WELCOME_SUPPORT_ADDRESS: welcomeSupportAddress
   GRAPH_BASE_URL: graphBaseUrl
 }
 
