@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from dataclasses import replace
 from typing import Any, Iterable
 
 from azure.core import MatchConditions
@@ -23,6 +25,8 @@ PARTITION = "governor"
 TENANT_ROW = "tenant"
 _ACCOUNT_PREFIX = "account|"
 MAX_CONFLICT_RETRIES = 10
+# How long this process decides from the state it last read or wrote before reading again.
+SNAPSHOT_SECONDS = 2.0
 
 __all__ = ["TableGovernor", "Grant", "Wait", "Impossible", "Shape", "AccountState", "TenantState"]
 
@@ -94,6 +98,9 @@ class TableGovernor:
         self._rng = rng or random.Random()
         self.round_trips = 0   # Table calls, for the benchmark
         self.conflicts = 0
+        self._lock = asyncio.Lock()
+        self._snapshot: tuple[list[AccountState], TenantState | None] | None = None
+        self._snapshot_at = 0.0
 
     async def read(self) -> tuple[list[AccountState], TenantState | None]:
         """All accounts' rows and the tenant row: one query of one partition."""
@@ -111,22 +118,28 @@ class TableGovernor:
         states = [found.get(a, AccountState(account=a)) for a in self._accounts]
         return states, (tenant if self.config.tenant_cap is not None else None)
 
+    async def _refresh(self) -> None:
+        self._snapshot = await self.read()
+        self._snapshot_at = time.monotonic()
+
     async def _write(self, account: AccountState, tenant: TenantState | None, old_account_etag: str | None,
-                     old_tenant_etag: str | None) -> None:
+                     old_tenant_etag: str | None) -> tuple[str | None, str | None]:
+        """Write the account row (and the tenant row in the same transaction); returns new ETags."""
         self.round_trips += 1
         try:
             if tenant is None:
                 row = account_to_row(account)
                 if old_account_etag is None:
-                    await self._table.create_entity(row)
+                    meta = await self._table.create_entity(row)
                 else:
-                    await self._table.update_entity(row, mode="replace", etag=old_account_etag,
-                                                    match_condition=MatchConditions.IfNotModified)
-            else:
-                await self._table.submit_transaction([
-                    _operation(account_to_row(account), old_account_etag),
-                    _operation(_tenant_to_row(tenant), old_tenant_etag),
-                ])
+                    meta = await self._table.update_entity(row, mode="replace", etag=old_account_etag,
+                                                           match_condition=MatchConditions.IfNotModified)
+                return meta.get("etag"), None
+            metas = await self._table.submit_transaction([
+                _operation(account_to_row(account), old_account_etag),
+                _operation(_tenant_to_row(tenant), old_tenant_etag),
+            ])
+            return metas[0].get("etag"), metas[1].get("etag")
         except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError) as exc:
             raise _Conflict from exc
         except HttpResponseError as exc:  # TableTransactionError: 409/412 inside the batch
@@ -139,19 +152,45 @@ class TableGovernor:
         self.conflicts += 1
         await asyncio.sleep(self._rng.uniform(0, 0.004 * (2 ** min(attempt, 5))))
 
+    def _remember(self, account: AccountState, tenant: TenantState | None) -> None:
+        if self._snapshot is None:
+            return
+        states, old_tenant = self._snapshot
+        states = [account if s.account == account.account else s for s in states]
+        self._snapshot = (states, tenant if tenant is not None else old_tenant)
+
     async def acquire(self, shape: Shape, now: float, *, allow_booking: bool = True) -> Decision:
-        for attempt in range(MAX_CONFLICT_RETRIES):
-            states, tenant = await self.read()
-            decision = decide(states, tenant, shape, now, self.config, self._rng, allow_booking=allow_booking)
-            if not isinstance(decision, Grant):
+        """Grant (maybe a booking later today), Wait, or Impossible.
+
+        Decisions in one process take turns (they would only race each other) and start from
+        the state this process last read or wrote; the ETag on the write is what makes the
+        decision safe against every other instance. A Wait is only ever given on fresh state."""
+        async with self._lock:
+            fresh = False
+            for attempt in range(MAX_CONFLICT_RETRIES):
+                if self._snapshot is None or time.monotonic() - self._snapshot_at > SNAPSHOT_SECONDS:
+                    await self._refresh()
+                    fresh = True
+                states, tenant = self._snapshot
+                decision = decide(states, tenant, shape, now, self.config, self._rng, allow_booking=allow_booking)
+                if isinstance(decision, Wait) and not fresh:
+                    await self._refresh()
+                    fresh = True
+                    continue
+                if not isinstance(decision, Grant):
+                    return decision
+                old = next(s for s in states if s.account == decision.account)
+                try:
+                    account_etag, tenant_etag = await self._write(
+                        decision.account_state, decision.tenant_state, old.etag, tenant.etag if tenant is not None else None)
+                except _Conflict:
+                    self._snapshot = None
+                    fresh = False
+                    await self._backoff(attempt)
+                    continue
+                self._remember(replace(decision.account_state, etag=account_etag),
+                               replace(decision.tenant_state, etag=tenant_etag) if decision.tenant_state else None)
                 return decision
-            old = next(s for s in states if s.account == decision.account)
-            try:
-                await self._write(decision.account_state, decision.tenant_state, old.etag,
-                                  tenant.etag if tenant is not None else None)
-                return decision
-            except _Conflict:
-                await self._backoff(attempt)
         # Heavy contention: come back shortly rather than spin here.
         return Wait(until=now + 1.0 + self._rng.uniform(0, 1.0), reason="governor contention")
 
@@ -166,11 +205,15 @@ class TableGovernor:
                 state = account_from_row(row)
             except ResourceNotFoundError:
                 state = AccountState(account=account)
+            updated = after_reply(state, verdict, now, self.config)
             try:
-                await self._write(after_reply(state, verdict, now, self.config), None, state.etag, None)
-                return
+                etag, _ = await self._write(updated, None, state.etag, None)
             except _Conflict:
                 await self._backoff(attempt)
+                continue
+            async with self._lock:
+                self._remember(replace(updated, etag=etag), None)
+            return
 
     async def states(self) -> list[AccountState]:
         return (await self.read())[0]

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Sets up what the demo and the tests need, once (re-runs are cheap: stamps skip finished steps).
+#   .venv/          Python 3.11+ with requirements-dev.txt (the app's runtime deps + local tools)
+#   node_modules/   Azurite from npm, installed into the repo (not globally)
+# Usage: tools/setup.sh [--tests]   (--tests also: swaks, shellcheck, the Bicep check environments)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+say() { printf '[setup] %s\n' "$*"; }
+
+PYTHON="${PYTHON:-}"
+if [[ -z "$PYTHON" ]]; then
+  for candidate in python3.13 python3.12 python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      PYTHON="$candidate"; break
+    fi
+  done
+fi
+[[ -n "$PYTHON" ]] || { echo "Python 3.11 or newer is needed (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+command -v npm >/dev/null 2>&1 || { echo "Node.js 20+ with npm is needed for Azurite" >&2; exit 1; }
+
+stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
+
+if [[ ! -x .venv/bin/python ]]; then
+  say "creating .venv with $PYTHON"
+  "$PYTHON" -m venv .venv
+fi
+want="$(stamp_of requirements.txt requirements-dev.txt)"
+if [[ "$(cat .venv/.requirements 2>/dev/null)" != "$want" ]]; then
+  say "installing Python packages (requirements-dev.txt)"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip 2>/dev/null
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import azure.functions, aiosmtplib, aiosmtpd" || { echo "pip install failed" >&2; exit 1; }
+  echo "$want" > .venv/.requirements
+fi
+
+want="$(stamp_of package.json package-lock.json)"
+if [[ ! -d node_modules/azurite || "$(cat node_modules/.requirements 2>/dev/null)" != "$want" ]]; then
+  say "installing Azurite from npm into node_modules/"
+  npm ci --no-audit --no-fund --loglevel=error
+  echo "$want" > node_modules/.requirements
+fi
+
+if [[ "${1:-}" == "--tests" ]]; then
+  missing=()
+  command -v swaks >/dev/null 2>&1 || missing+=(swaks)
+  command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+  if (( ${#missing[@]} )); then
+    if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+      say "installing ${missing[*]} from Debian"
+      apt-get update -qq >/dev/null 2>&1 || true
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    elif command -v brew >/dev/null 2>&1; then
+      say "installing ${missing[*]} with Homebrew"
+      brew install "${missing[@]}" >/dev/null
+    else
+      say "please install: ${missing[*]} (e.g. sudo apt-get install ${missing[*]}); the tests that need them are skipped"
+    fi
+  fi
+  tools/iac_check.sh --setup >/dev/null
+fi
+say "ready"
