@@ -11,3 +11,17 @@ app = func.FunctionApp()
 async def send_mail(msg: func.QueueMessage) -> None:
     """One mail request from the queue: validate, get a send slot, submit to HVE, record."""
     await sender.handle_queue_message(msg.get_body(), msg.id, msg.dequeue_count)
+
+
+@app.timer_trigger(arg_name="timer", schedule="%WELCOME_SCHEDULE%", run_on_startup=False, use_monitor=True)
+async def welcome_new_users(timer: func.TimerRequest) -> None:
+    """Welcome users created since the last scan, once each (only when WELCOME_ENABLED=true)."""
+    from shared import welcome
+
+    await welcome.handle_timer(past_due=timer.past_due)
+
+
+@app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+async def status(req: func.HttpRequest) -> func.HttpResponse:
+    """Live per-account view from the rate governor (used today, remaining, next slot, health)."""
+    return func.HttpResponse(await sender.status_json(), mimetype="application/json")

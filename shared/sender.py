@@ -382,6 +382,15 @@ async def close_relays() -> None:
             await task.result().close()
 
 
+async def status_json() -> str:
+    """The governor's live view of the accounts, as JSON (the `status` HTTP function)."""
+    from .status import status_report, to_json
+
+    relay = await get_relay()
+    states, tenant = await relay.governor.read()
+    return to_json(status_report(states, tenant, relay.governor.config, relay.settings.limits_profile, relay.clock()))
+
+
 async def handle_queue_message(body: bytes, queue_message_id: str, dequeue_count: int) -> Handled:
     relay = await get_relay()
     return await relay.handle(body, queue_message_id, dequeue_count)

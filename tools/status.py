@@ -1,0 +1,45 @@
+"""Live status of the HVE accounts from the governor's table: used today by kind, remaining,
+next free slot, cooldown, health.
+
+    python -m tools.status [--json] [--settings local.settings.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from shared.governor import TableGovernor
+from shared.limits import resolve_limits
+from shared.sender import pacing_config
+from shared.settings import Settings
+from shared.status import render_text, status_report, to_json
+from shared.storage import StorageClients
+from tools.enqueue import load_local_settings
+
+
+async def report(settings: Settings) -> dict:
+    storage = StorageClients(settings)
+    try:
+        config = pacing_config(settings, resolve_limits(settings.limits_profile, settings.limits_overrides))
+        governor = TableGovernor(await storage.table(settings.governor_table), settings.accounts, config)
+        states, tenant = await governor.read()
+        return status_report(states, tenant, config, settings.limits_profile)
+    finally:
+        await storage.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.status", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the same JSON as the status HTTP function")
+    parser.add_argument("--settings", default="local.settings.json")
+    args = parser.parse_args(argv)
+    load_local_settings(Path(args.settings))
+    result = asyncio.run(report(Settings.from_env()))
+    print(to_json(result) if args.json else render_text(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
