@@ -38,7 +38,7 @@ from .limits import Limits, resolve_limits
 from .mime import build_message, message_id
 from .replies import Outcome, Verdict
 from .retry import retry_delay, visibility_for
-from .settings import SETTINGS, Settings
+from .settings import SETTINGS, UNSET_HASH_KEY, Settings
 from .storage import StorageClients
 from .telemetry import Instruments
 
@@ -119,6 +119,8 @@ class Relay:
     async def create(cls, settings: Settings, *, token_credential: Any = None,
                      clock: Callable[[], float] = time.time) -> "Relay":
         settings.require_accounts()
+        if settings.recipient_hash_key == UNSET_HASH_KEY.encode():
+            log.warning("RECIPIENT_HASH_KEY is not set: recipient hashes use a built-in key (fine for local runs only)")
         limits = resolve_limits(settings.limits_profile, settings.limits_overrides)
         storage = StorageClients(settings)
         if settings.auth_mode == "oauth":

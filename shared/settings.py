@@ -89,6 +89,10 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
+# Used only on a laptop when RECIPIENT_HASH_KEY is unset; Azure refuses to start without a key.
+UNSET_HASH_KEY = "hve-relay-unset-key"
+
+
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the setting."""
 
@@ -218,6 +222,11 @@ class Settings:
         passwords = {k.lower(): str(v) for k, v in json_object("HVE_PASSWORDS").items()}
         budget_raw = get("HVE_DAILY_RECIPIENT_BUDGET")
         hash_key = get("RECIPIENT_HASH_KEY")
+        if hash_key.startswith("@Microsoft.KeyVault("):
+            raise SettingsError("RECIPIENT_HASH_KEY is an unresolved Key Vault reference: check the secret exists "
+                                "and the app's identity may read it")
+        if not hash_key and get("AzureWebJobsStorage__accountName"):
+            raise SettingsError("RECIPIENT_HASH_KEY is empty: in Azure it must come from Key Vault (infra/deploy.sh sets it)")
 
         return cls(
             storage_connection_string=get("AzureWebJobsStorage"),
@@ -255,7 +264,7 @@ class Settings:
             recipient_index_table=get("RECIPIENT_INDEX_TABLE"),
             governor_table=get("GOVERNOR_TABLE"),
             claim_check_container=get("CLAIM_CHECK_CONTAINER"),
-            recipient_hash_key=(hash_key or "hve-relay-unset-key").encode(),
+            recipient_hash_key=(hash_key or UNSET_HASH_KEY).encode(),
             appinsights_connection_string=get("APPLICATIONINSIGHTS_CONNECTION_STRING"),
             otlp_endpoint=get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             welcome_enabled=get("WELCOME_ENABLED").lower() in ("1", "true", "yes"),

@@ -79,3 +79,10 @@ def test_every_setting_has_a_unique_name_and_a_description():
 def test_secrets_are_not_in_settings_repr():
     s = Settings.from_env({"HVE_PASSWORDS": '{"a@c.com": "hunter2"}', "RECIPIENT_HASH_KEY": "k3y"})
     assert "hunter2" not in repr(s) and "k3y" not in repr(s)
+
+
+def test_unresolved_key_vault_reference_for_the_hash_key_is_refused():
+    with pytest.raises(SettingsError, match="unresolved Key Vault reference"):
+        Settings.from_env({"RECIPIENT_HASH_KEY": "@Microsoft.KeyVault(SecretUri=https://kv.vault.azure.net/secrets/x)"})
+    with pytest.raises(SettingsError, match="RECIPIENT_HASH_KEY is empty"):
+        Settings.from_env({"AzureWebJobsStorage__accountName": "stacct"})
