@@ -86,8 +86,8 @@ def request_id_for(user_id: str) -> str:
 
 # --- eligibility ----------------------------------------------------------------------------------
 
-def decide(user: GraphUser, now: datetime, pending_for: timedelta, *,
-           group_id: str = "", group_members: frozenset[str] | None = None) -> Decision:
+def decide(user: GraphUser, now: datetime, pending_for: timedelta, *, group_id: str = "",
+           group_members: frozenset[str] | None = None, first_seen: datetime | None = None) -> Decision:
     """Welcome an enabled member with a mail address (in the group, when one is configured).
 
     A guest is skipped for good. Anything that can still change (the mailbox is being created,
@@ -105,17 +105,26 @@ def decide(user: GraphUser, now: datetime, pending_for: timedelta, *,
         waiting.append(f"not a member of group {group_id}")
     if not waiting:
         return Decision(user, WELCOME)
-    reason = "; ".join(waiting)
-    created = user.created or now
-    deadline = created + pending_for
+    return hold(user, "; ".join(waiting), now, pending_for, first_seen=first_seen)
+
+
+def hold(user: GraphUser, reason: str, now: datetime, pending_for: timedelta, *,
+         first_seen: datetime | None = None) -> Decision:
+    """Pending for `reason` until `pending_for` after the user was created; skipped after that."""
+    deadline = (user.created or first_seen or now) + pending_for
     if now >= deadline:
-        return Decision(user, SKIP, f"{reason} for {_days(pending_for)} after creation")
+        return Decision(user, SKIP, f"{reason} (still, {span(pending_for)} after creation)")
     return Decision(user, PENDING, reason, deadline)
 
 
-def _days(delta: timedelta) -> str:
-    days = delta.total_seconds() / 86400
-    return f"{days:g} day" + ("" if days == 1 else "s")
+def span(delta: timedelta) -> str:
+    """A duration for people: "7 days", "1 hour", "90 minutes", "1.5 days"."""
+    seconds = delta.total_seconds()
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and (seconds % size == 0 or unit == "day"):
+            value = seconds / size
+            return f"{value:g} {unit}" + ("" if value == 1 else "s")
+    return f"{seconds:g} second" + ("" if seconds == 1 else "s")
 
 
 def needs_group_check(user: GraphUser, group_id: str) -> bool:
@@ -146,11 +155,11 @@ def scan_window(now: datetime, watermark: datetime | None, *, lookback: timedelt
     """
     now = utc(now)
     if watermark is None:
-        since, first, why = now - lookback, True, f"first scan: looking back {lookback}"
+        since, first, why = now - lookback, True, f"first scan: looking back {span(lookback)}"
     else:
         since = max(utc(watermark) - overlap, now - lookback)
         since = min(since, now - overlap)
-        first, why = False, f"watermark {graph_time(watermark)} less overlap {overlap}"
+        first, why = False, f"watermark {graph_time(watermark)} less overlap {span(overlap)}"
     if oldest_pending is not None:
         floor = now - max(lookback, pending_for)
         reach = max(utc(oldest_pending), floor)
@@ -201,9 +210,17 @@ def _parse(name: str, source: str) -> tuple:
     current = root
     pos = 0
     for match in _TAG.finditer(source):
-        current.append(source[pos:match.start()])
-        pos = match.end()
+        start, end = match.start(), match.end()
         kind, var = match.groups()
+        if kind:
+            # A section tag alone on its line takes the whole line with it (as in Mustache).
+            line_start = source.rfind("\n", 0, start) + 1
+            line_end = source.find("\n", end)
+            line_end = len(source) if line_end < 0 else line_end + 1
+            if line_start >= pos and not source[line_start:start].strip() and not source[end:line_end].strip():
+                start, end = line_start, line_end
+        current.append(source[pos:start])
+        pos = end
         if var not in TEMPLATE_VARIABLES:
             raise TemplateError(f"{name}: unknown variable {{{{{kind}{var}}}}}; known: {', '.join(sorted(TEMPLATE_VARIABLES))}")
         if kind in ("#", "^"):
@@ -219,9 +236,9 @@ def _parse(name: str, source: str) -> tuple:
             current.append(("=", var, None))
     if stack:
         raise TemplateError(f"{name}: section {{{{{stack[-1][0]}{stack[-1][1]}}}}} is not closed")
-    if "{{" in source[pos:] or any(isinstance(p, str) and "{{" in p for p in _flatten(root)):
-        raise TemplateError(f"{name}: a '{{{{' does not form a valid tag")
     current.append(source[pos:])
+    if any("{{" in text for text in _flatten(root)):
+        raise TemplateError(f"{name}: a '{{{{' does not form a valid tag")
     return tuple(root)
 
 
