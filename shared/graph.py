@@ -1,0 +1,280 @@
+"""A small Microsoft Graph client for the welcome scan: app-only token, paging, throttling.
+
+aiohttp (already loaded by the async Azure SDKs) instead of the Graph SDK, which would add
+seconds to every cold start for two GET requests.
+
+- The token comes from any object with `async get_token(scope)` (azure-identity credentials;
+  `StaticToken` for the local stand-in), cached by `shared.credentials.TokenSource`.
+- `@odata.nextLink` is followed as given, but only on the origin of the base URL: the bearer
+  token is never sent anywhere else.
+- 429 and 503 (and 502/504, and network errors) are retried: `Retry-After` is honoured when
+  present, capped exponential backoff with jitter when not. A `Retry-After` longer than the
+  client is willing to wait ends the call with `GraphThrottled`; the caller's next run tries again.
+- HTTPS only, except for a loopback base URL (a local stand-in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from urllib.parse import quote, urlencode, urlsplit
+
+import aiohttp
+from yarl import URL
+
+from .credentials import CredentialError, TokenSource, azure_credential
+from .settings import Settings, SettingsError
+from .welcome_policy import graph_time
+
+log = logging.getLogger("hve_relay.graph")
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+PAGE_SIZE = 999  # Graph's maximum $top for users and group members
+
+
+class GraphError(Exception):
+    """Graph answered with an error (or could not be reached). `status` 0: no HTTP answer."""
+
+    def __init__(self, status: int, code: str, message: str, url: str = "") -> None:
+        super().__init__(f"Graph {status or 'unreachable'} {code}: {message}" + (f" ({url})" if url else ""))
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class GraphThrottled(GraphError):
+    """Still throttled after the allowed retries, or asked to wait longer than the client will."""
+
+
+@dataclass(frozen=True)
+class _AccessToken:
+    token: str
+    expires_on: int
+
+
+class StaticToken:
+    """A fixed bearer token, for a local Graph stand-in on a loopback address (GRAPH_DEV_TOKEN)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> _AccessToken:
+        return _AccessToken(self._token, int(time.time()) + 24 * 3600)
+
+    async def close(self) -> None:
+        pass
+
+
+def is_loopback_url(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    if parts.scheme == "https" and parts.hostname:
+        return base_url.rstrip("/")
+    if parts.scheme == "http" and is_loopback_url(base_url):
+        return base_url.rstrip("/")
+    raise SettingsError(f"GRAPH_BASE_URL must be an https:// URL (plain http only on a loopback address), got {base_url!r}")
+
+
+def graph_scope(base_url: str) -> str:
+    """`https://graph.microsoft.com/.default`, or the national cloud's own Graph resource."""
+    parts = urlsplit(base_url)
+    return f"{parts.scheme}://{parts.netloc}/.default"
+
+
+def graph_credential(settings: Settings) -> Any:
+    """The credential the app uses for Graph: the managed identity (AZURE_CLIENT_ID), or the fixed
+    GRAPH_DEV_TOKEN when GRAPH_BASE_URL is a loopback stand-in. The dev token is refused for any
+    other URL, so it can never reach the real Graph."""
+    if settings.graph_dev_token:
+        if not is_loopback_url(settings.graph_base_url):
+            raise SettingsError("GRAPH_DEV_TOKEN is only for a loopback GRAPH_BASE_URL (a local stand-in); "
+                                f"unset it to use the app identity with {settings.graph_base_url}")
+        return StaticToken(settings.graph_dev_token)
+    return azure_credential(settings.managed_identity_client_id)
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def backoff_seconds(attempt: int, base: float, cap: float, rng: Callable[[], float] = random.random) -> float:
+    """Capped exponential backoff with jitter: attempt 1 -> about base, doubling up to cap."""
+    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
+    return ceiling * (0.5 + 0.5 * rng())
+
+
+def _query(params: dict[str, str]) -> str:
+    # Graph reads `$filter=createdDateTime ge 2026-08-14T00:00:00Z`; keep `$`, `,` and `:` readable.
+    return urlencode(params, quote_via=quote, safe="$,:")
+
+
+class GraphClient:
+    def __init__(self, base_url: str, credential: Any, *, owns_credential: bool = False,
+                 max_attempts: int = 6, backoff_base: float = 1.0, backoff_max: float = 30.0,
+                 retry_after_max: float = 120.0, timeout_seconds: float = 60.0,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.base_url = check_base_url(base_url)
+        self._origin = self._origin_of(self.base_url)
+        self._credential = credential
+        self._owns_credential = owns_credential
+        self._tokens = TokenSource(credential, graph_scope(self.base_url))
+        self._max_attempts = max(1, max_attempts)
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._retry_after_max = retry_after_max
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._sleep = sleep
+        self._rng = rng
+        self._session: aiohttp.ClientSession | None = None
+        self.requests = 0
+        self.retries = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, credential: Any = None, **kwargs: Any) -> "GraphClient":
+        owns = credential is None
+        return cls(settings.graph_base_url, credential if credential is not None else graph_credential(settings),
+                   owns_credential=owns, **kwargs)
+
+    @staticmethod
+    def _origin_of(url: str) -> tuple[str, str, int | None]:
+        parts = urlsplit(url)
+        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme)
+        return parts.scheme, (parts.hostname or "").lower(), port
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._owns_credential and hasattr(self._credential, "close"):
+            await self._credential.close()
+
+    async def __aenter__(self) -> "GraphClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    async def get_json(self, url: str) -> dict[str, Any]:
+        """GET one Graph URL (already encoded) with retries; the JSON object it answers."""
+        if self._origin_of(url) != self._origin:
+            raise GraphError(0, "foreign-url", "refusing to send the Graph token to another origin", url)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers={"User-Agent": "hve-relay-welcome"})
+        refreshed = force_refresh = False
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                token = await self._tokens.token(force_refresh=force_refresh)
+            except CredentialError as exc:
+                raise GraphError(0, "no-token", str(exc), url) from exc
+            force_refresh = False
+            headers = {"Authorization": f"Bearer {token}", "Accept": "application/json",
+                       "client-request-id": str(uuid.uuid4())}
+            self.requests += 1
+            try:
+                async with self._session.get(URL(url, encoded=True), headers=headers, allow_redirects=False) as resp:
+                    if resp.status == 200:
+                        try:
+                            body = await resp.json(content_type=None)
+                        except ValueError:
+                            body = None
+                        if not isinstance(body, dict):
+                            raise GraphError(200, "bad-response", "the answer is not a JSON object", url)
+                        return body
+                    code, message = await self._error_of(resp)
+                    if resp.status == 401 and not refreshed:
+                        # A token revoked or rotated early: one fresh token, then give up.
+                        refreshed = force_refresh = True
+                        attempt -= 1
+                        continue
+                    if resp.status not in RETRY_STATUSES:
+                        raise GraphError(resp.status, code, message, url)
+                    wait = retry_after_seconds(resp.headers.get("Retry-After"))
+                    error: GraphError = GraphThrottled(resp.status, code, message, url)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                wait = None
+                error = GraphError(0, type(exc).__name__, str(exc) or "no answer", url)
+            if attempt >= self._max_attempts:
+                raise error
+            if wait is None:
+                wait = backoff_seconds(attempt, self._backoff_base, self._backoff_max, self._rng)
+            elif wait > self._retry_after_max:
+                raise GraphThrottled(error.status, error.code, f"asked to retry after {wait:.0f} s, more than "
+                                     f"the {self._retry_after_max:.0f} s this client waits", url)
+            self.retries += 1
+            log.warning("Graph %s (%s); retry %d in %.1f s", error.status or "unreachable", error.code, attempt, wait)
+            await self._sleep(wait)
+
+    @staticmethod
+    async def _error_of(resp: aiohttp.ClientResponse) -> tuple[str, str]:
+        try:
+            doc = await resp.json(content_type=None)
+            err = doc.get("error", {}) if isinstance(doc, dict) else {}
+            return str(err.get("code") or resp.reason or ""), str(err.get("message") or "")[:300]
+        except (ValueError, aiohttp.ContentTypeError, UnicodeDecodeError):
+            return str(resp.reason or ""), ""
+
+    async def pages(self, path: str, params: dict[str, str]) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every page of a collection, following `@odata.nextLink`."""
+        url: str | None = f"{self.base_url}{path}?{_query(params)}" if params else f"{self.base_url}{path}"
+        while url:
+            doc = await self.get_json(url)
+            value = doc.get("value")
+            if not isinstance(value, list):
+                raise GraphError(200, "bad-response", "a collection answer has no 'value' list", url)
+            yield value
+            url = doc.get("@odata.nextLink")
+
+    # --- what the welcome scan reads ----------------------------------------------------------------
+
+    async def users_created_since(self, since: datetime, select: Iterable[str]) -> AsyncIterator[dict[str, Any]]:
+        """Users with createdDateTime >= since (any order; a user may repeat across pages)."""
+        params = {"$filter": f"createdDateTime ge {graph_time(since)}", "$select": ",".join(select),
+                  "$top": str(PAGE_SIZE)}
+        async for page in self.pages("/v1.0/users", params):
+            for item in page:
+                if isinstance(item, dict) and item.get("id"):
+                    yield item
+
+    async def group_member_ids(self, group_id: str) -> frozenset[str]:
+        """Ids of the users in a group, nested groups included (transitive members)."""
+        path = f"/v1.0/groups/{quote(group_id, safe='')}/transitiveMembers/microsoft.graph.user"
+        ids: set[str] = set()
+        async for page in self.pages(path, {"$select": "id", "$top": str(PAGE_SIZE)}):
+            ids.update(str(item["id"]) for item in page if isinstance(item, dict) and item.get("id"))
+        return frozenset(ids)
