@@ -13,7 +13,7 @@ async def send_mail(msg: func.QueueMessage) -> None:
     await sender.handle_queue_message(msg.get_body(), msg.id, msg.dequeue_count)
 
 
-@app.timer_trigger(arg_name="timer", schedule="%WELCOME_SCHEDULE%", run_on_startup=False, use_monitor=True)
+@app.timer_trigger(arg_name="timer", schedule="%WELCOME_SCHEDULE%")
 async def welcome_new_users(timer: func.TimerRequest) -> None:
     """Welcome users created since the last scan, once each (only when WELCOME_ENABLED=true)."""
     from shared import welcome
