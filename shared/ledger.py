@@ -164,7 +164,7 @@ class Ledger:
 
     async def chunks(self, request_id: str) -> list[dict[str, Any]]:
         rows = []
-        async for row in self._table.query_entities("PartitionKey eq @pk and RowKey ge 'chunk-'", parameters={"pk": request_id}):
+        async for row in self._table.query_entities("PartitionKey eq @pk and RowKey ge 'chunk-' and RowKey lt 'chunk.'", parameters={"pk": request_id}):
             rows.append(dict(row))
         return sorted(rows, key=lambda r: r["RowKey"])
 

@@ -325,3 +325,44 @@ def test_xoauth2_token_is_refreshed_once_when_expired(storage, make_emulator, tm
     assert [r.state for r in results] == ["sent"]
     assert credential.issued == [("https://outlook.office365.com/.default",)] * 2
     assert emu.auth_count == 1
+
+
+def test_many_recipients_go_as_governed_chunks_with_their_own_message_ids(storage, emulator):
+    recipients = [f"member{i}@contoso.com" for i in range(5)]
+
+    async def main():
+        relay = await open_relay(storage, emulator, HVE_LIMITS='{"recipients_per_message": 2}')
+        try:
+            await enqueue(relay, mail(id="chunky-1", to=recipients[:3], bcc=recipients[3:]))
+            results = await drain(relay)
+            return results, await relay.ledger.get("chunky-1"), await relay.ledger.chunks("chunky-1")
+        finally:
+            await relay.close()
+
+    results, entry, chunks = run(main())
+    assert [r.state for r in results] == ["sent"]
+    assert (entry.chunks_total, entry.chunks_sent, entry.state) == (3, 3, "sent")
+    accepted = emulator.accepted()
+    assert [len(a.recipients) for a in accepted] == [2, 2, 1]
+    assert sorted(r for a in accepted for r in a.recipients) == sorted(recipients)
+    assert len({a.message_id for a in accepted}) == 3
+    assert [c["RowKey"] for c in chunks] == ["chunk-0001", "chunk-0002", "chunk-0003"]
+    assert all(c["LastCode"] == 250 for c in chunks)
+
+
+def test_throttling_reply_cools_the_account_and_another_one_sends(storage, emulator):
+    emulator.fail_next(1, "450 4.5.104 Message rejected. Excessive message rate from sender", stage="DATA")
+
+    async def main():
+        relay = await open_relay(storage, emulator)
+        try:
+            await enqueue(relay, mail(id="throttled-1", account="alerts@contoso.com"))
+            results = await drain(relay)
+            return results, {s.account: s for s in await relay.governor.states()}
+        finally:
+            await relay.close()
+
+    results, states = run(main())
+    assert [r.state for r in results] == ["deferred", "sent"]
+    assert results[0].account == "alerts@contoso.com" and results[1].account != "alerts@contoso.com"
+    assert states["alerts@contoso.com"].cooldown_until > 0 and "4.5.104" in states["alerts@contoso.com"].last_problem
