@@ -101,6 +101,7 @@ class TableGovernor:
         self._lock = asyncio.Lock()
         self._snapshot: tuple[list[AccountState], TenantState | None] | None = None
         self._snapshot_at = 0.0
+        self._stale: set[str] = set()
 
     async def read(self) -> tuple[list[AccountState], TenantState | None]:
         """All accounts' rows and the tenant row: one query of one partition."""
@@ -121,6 +122,7 @@ class TableGovernor:
     async def _refresh(self) -> None:
         self._snapshot = await self.read()
         self._snapshot_at = time.monotonic()
+        self._stale.clear()
 
     async def _write(self, account: AccountState, tenant: TenantState | None, old_account_etag: str | None,
                      old_tenant_etag: str | None) -> tuple[str | None, str | None]:
@@ -172,7 +174,9 @@ class TableGovernor:
                     await self._refresh()
                     fresh = True
                 states, tenant = self._snapshot
-                decision = decide(states, tenant, shape, now, self.config, self._rng, allow_booking=allow_booking)
+                # Rows another instance changed under us are left out until the next read.
+                usable = [s for s in states if s.account not in self._stale] or states
+                decision = decide(usable, tenant, shape, now, self.config, self._rng, allow_booking=allow_booking)
                 if isinstance(decision, Wait) and not fresh:
                     await self._refresh()
                     fresh = True
@@ -184,8 +188,12 @@ class TableGovernor:
                     account_etag, tenant_etag = await self._write(
                         decision.account_state, decision.tenant_state, old.etag, tenant.etag if tenant is not None else None)
                 except _Conflict:
-                    self._snapshot = None
+                    # Only that row (or the tenant row) is known stale: try another account from
+                    # the same read, and read again once nothing fresh is left.
+                    self._stale.add(decision.account)
                     fresh = False
+                    if decision.tenant_state is not None or len(self._stale) >= len(states):
+                        self._snapshot = None
                     await self._backoff(attempt)
                     continue
                 self._remember(replace(decision.account_state, etag=account_etag),

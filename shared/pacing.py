@@ -240,7 +240,7 @@ def decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Sh
     """Grant now, book a slot later today, wait until a stated time, or refuse as impossible.
 
     Picks the account with the earliest slot; among accounts free now, the preferred one, else
-    one of the less recently used (at random, so instances reading the same state spread out)."""
+    one at random (so instances reading the same state spread out)."""
     rng = rng or random.Random()
     impossible = impossible_reason(shape, cfg)
     if impossible:
@@ -254,8 +254,9 @@ def decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Sh
         if preferred:
             chosen = preferred[0]
         else:
-            ready.sort(key=lambda s: (s.last_granted, s.account))
-            chosen = rng.choice(ready[: max(1, (len(ready) + 1) // 2)])
+            # Uniform among the free accounts: spreads load evenly, and instances deciding from the
+            # same state rarely pick the same row (each such collision costs an ETag retry).
+            chosen = rng.choice(ready)
         return _grant(chosen, tenant, shape, now, now, cfg, len(states))
     (best_t, best_why), _ = min(slots, key=lambda item: item[0][0])
     today_end = cfg.day_end(cfg.day_of(now))
