@@ -21,8 +21,10 @@ from shared.producer import enqueue_requests
 from shared.sender import close_relays
 from shared.settings import Settings
 from shared.storage import StorageClients
+from shared.welcome import run_scan
 from tools.azurite import Azurite
 from tools.devhost import DevHost, _background_loop
+from tools.graph_standin import GraphStandIn
 from tools.hve_emulator import EmulatorConfig, HveEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +36,7 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def demo_settings(connection_string: str, emulator: HveEmulator) -> dict[str, str]:
+def demo_settings(connection_string: str, emulator: HveEmulator, graph: GraphStandIn) -> dict[str, str]:
     example = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
     return {
         **example,
@@ -42,6 +44,8 @@ def demo_settings(connection_string: str, emulator: HveEmulator) -> dict[str, st
         "HVE_SMTP_PORT": str(emulator.port),
         "HVE_SMTP_CA_FILE": str(emulator.ca_file),
         "HVE_PASSWORDS": json.dumps(ACCOUNTS),
+        "GRAPH_BASE_URL": graph.base_url,
+        "GRAPH_DEV_TOKEN": graph.token,
     }
 
 
@@ -72,6 +76,47 @@ async def _enqueue_batch(settings: Settings, requests: list[dict]) -> None:
         await storage.close()
 
 
+def wait_and_report(host: DevHost, settings: Settings, started: float, limit: float = 180) -> dict:
+    """Print progress until the queue is empty and the host idle; return the ledger summary."""
+    last = ""
+    while True:
+        summary, queued = asyncio.run(_ledger_view(settings))
+        by_state = summary["by_state"]
+        line = "  ".join(f"{k} {by_state.get(k, 0)}" for k in ("sent", "deferred", "refused", "dead")) + f"  on queue {queued}"
+        if line != last:
+            say(f"  {time.monotonic() - started:5.1f}s  {line}")
+            last = line
+        if queued == 0:
+            try:
+                host.wait_until_idle(timeout=0.5)
+                return summary
+            except TimeoutError:
+                pass
+        if time.monotonic() - started > limit:
+            say(f"  (stopping the wait after {limit:.0f} s)")
+            return summary
+        time.sleep(0.5)
+
+
+def welcome_scan(settings: Settings, host: DevHost, graph: GraphStandIn) -> None:
+    say("\n== Welcome scan (Microsoft Graph stand-in) ==")
+    report = asyncio.run(run_scan(settings))
+    say(report.summary())
+    for decision in report.decisions:
+        say(f"  {decision.outcome:8} {decision.user.display_name or decision.user.id}"
+            + (f"  ({decision.reason})" if decision.reason else ""))
+    wait_and_report(host, settings, time.monotonic())
+    # A user whose mailbox was not ready gets it; the next scan welcomes only that user.
+    pending = [d.user for d in report.decisions if d.outcome == "pending" and "mailbox" in d.reason]
+    if pending:
+        user = pending[0]
+        graph.update_user(user.id, mail=user.user_principal_name)
+        say(f"mailbox ready for {user.display_name}; scanning again")
+        report = asyncio.run(run_scan(settings))
+        say(report.summary())
+        wait_and_report(host, settings, time.monotonic())
+
+
 def run(requests_file: Path, keep_running: bool) -> int:
     requests = json.loads(requests_file.read_text())
     STATE.mkdir(exist_ok=True)
@@ -79,10 +124,12 @@ def run(requests_file: Path, keep_running: bool) -> int:
     with Azurite() as azurite, HveEmulator(EmulatorConfig(
         accounts=dict(ACCOUNTS), internal_domains={"contoso.com"}, profile="ga-2026",
         state_dir=STATE / "hve-emulator",
-    )) as emulator:
+    )) as emulator, GraphStandIn() as graph:
+        graph.load(ROOT / "tools/samples/graph-users.json")
         say(f"Azurite      queues/tables/blobs on 127.0.0.1 (ports {azurite.queue_port}/{azurite.table_port}/{azurite.blob_port})")
         say(f"HVE emulator smtp://127.0.0.1:{emulator.port} STARTTLS, CA {emulator.ca_file.relative_to(ROOT)}")
-        values = demo_settings(azurite.connection_string, emulator)
+        say(f"Graph       stand-in at {graph.base_url} (sample users)")
+        values = demo_settings(azurite.connection_string, emulator, graph)
         settings = Settings.from_env(values)
         # Show the failure paths too: two transient 4xx replies, one dropped connection, and an
         # account whose password was rotated without telling the relay.
@@ -97,25 +144,7 @@ def run(requests_file: Path, keep_running: bool) -> int:
             asyncio.run(_enqueue_batch(settings, requests))
             total = len(requests) + 2
             say(f"enqueued    {total} requests on '{settings.mail_queue}' (raw, base64, claim check, one malformed)")
-            started = time.monotonic()
-            last = ""
-            while True:
-                summary, queued = asyncio.run(_ledger_view(settings))
-                by_state = summary["by_state"]
-                line = "  ".join(f"{k} {by_state.get(k, 0)}" for k in ("sent", "deferred", "refused", "dead")) + f"  on queue {queued}"
-                if line != last:
-                    say(f"  {time.monotonic() - started:5.1f}s  {line}")
-                    last = line
-                if queued == 0:
-                    try:
-                        host.wait_until_idle(timeout=0.5)
-                        break
-                    except TimeoutError:
-                        pass
-                if time.monotonic() - started > 180:
-                    say("  (stopping the wait after 180 s)")
-                    break
-                time.sleep(0.5)
+            wait_and_report(host, settings, time.monotonic())
             summary, _ = asyncio.run(_ledger_view(settings))
             stats = emulator.stats()
             say("\n== Summary (from the ledger) ==")
@@ -129,6 +158,8 @@ def run(requests_file: Path, keep_running: bool) -> int:
             say(f"HVE emulator accepted {stats['accepted_messages']} messages over {stats['connections_opened']} "
                 f"TLS connection(s) with {stats['auth_count']} AUTH(s); replies {stats['replies']}")
             say(f"Stored messages: {emulator.messages_dir.relative_to(ROOT)}/")
+            welcome_scan(settings, host, graph)
+            say(f"welcome mails accepted by the emulator: {len(emulator.accepted()) - stats['accepted_messages']}")
             if keep_running:
                 say("\nStill running (Ctrl-C to stop). Enqueue more with: python -m tools.enqueue --to ann@contoso.com --subject Hi --text Hello")
                 say(f"  AzureWebJobsStorage={azurite.connection_string}")
