@@ -156,6 +156,7 @@ class Relay:
             handled = await self._handle(body, queue_message_id, dequeue_count)
             span.set_attribute("hve.request_id", handled.request_id)
             span.set_attribute("hve.outcome", handled.state)
+            span.set_attribute("hve.dequeue_count", dequeue_count)
             if handled.account:
                 span.set_attribute("hve.account", handled.account)
             if handled.code:
@@ -221,7 +222,9 @@ class Relay:
         prepared = _Prepared(request, attachments,
                              chunk_recipients(dict.fromkeys(r.addr for r in request.recipients),
                                               self.limits.recipients_per_message))
-        size = len(self._message(prepared, request_id, self.settings.accounts[0], 0, self.clock()))
+        # Built once here for the size check, and reused if the first chunk goes out as this account.
+        prepared.first = self._message(prepared, request_id, self.settings.accounts[0], 0, self.clock())
+        size = len(prepared.first)
         if self.limits.message_bytes is not None and size > self.limits.message_bytes:
             raise RequestRefused("too-large", f"the encoded message is {size} bytes; the limit is {self.limits.message_bytes}")
         return prepared
@@ -273,7 +276,10 @@ class Relay:
                 delay = await self._requeue(stub, BUSY_RECHECK_SECONDS)
                 return Handled(entry.request_id, "busy", "another instance claimed it", account, 0, delay)
 
-            message = self._message(prepared, entry.request_id, account, index, now)
+            if index == 0 and account == self.settings.accounts[0] and prepared.first is not None:
+                message = prepared.first
+            else:
+                message = self._message(prepared, entry.request_id, account, index, now)
             result = await self.smtp.submit(account, envelope, message)
             verdict = result.verdict
             self.instruments.smtp_replies.add(1, {"code": verdict.enhanced or str(verdict.code), "account": account})
@@ -348,11 +354,12 @@ class Relay:
         return Handled(queue_message_id, REFUSED, entry.reason)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Prepared:
     request: MailRequest
     attachments: list[tuple[str, str, bytes]]
     chunks: list[list[str]]       # envelope recipients of each SMTP transaction
+    first: bytes | None = None    # the message of chunk 0 as the first account
 
 
 # --- one Relay per event loop (the Python worker keeps one loop for the process) -----------------
