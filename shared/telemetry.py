@@ -18,13 +18,23 @@ log = logging.getLogger(__name__)
 _configured = False
 
 
+def exporter_for(settings: Settings) -> str:
+    """Which exporter the settings ask for: Azure Monitor wins over OTLP; neither means none."""
+    if settings.appinsights_connection_string:
+        return "azure-monitor"
+    if settings.otlp_endpoint:
+        return "otlp"
+    return "none"
+
+
 def configure(settings: Settings) -> str:
     """Install the exporter named by the settings, once per process. Returns which one."""
     global _configured
     if _configured:
         return "already"
     _configured = True
-    if settings.appinsights_connection_string:
+    exporter = exporter_for(settings)
+    if exporter == "azure-monitor":
         from azure.monitor.opentelemetry import configure_azure_monitor
 
         kwargs: dict[str, Any] = {"connection_string": settings.appinsights_connection_string}
@@ -34,8 +44,7 @@ def configure(settings: Settings) -> str:
 
             kwargs["credential"] = ManagedIdentityCredential(client_id=settings.managed_identity_client_id)
         configure_azure_monitor(**kwargs)
-        return "azure-monitor"
-    if settings.otlp_endpoint:
+    elif exporter == "otlp":
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.metrics import MeterProvider
@@ -50,8 +59,7 @@ def configure(settings: Settings) -> str:
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(MeterProvider(resource=resource,
                                                  metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]))
-        return "otlp"
-    return "none"
+    return exporter
 
 
 class Instruments:
