@@ -36,6 +36,8 @@ _FIELDS = {
     "account", "category", "headers",
     # Asked for by callers used to Send-MailMessage; refused unless it is the HVE account.
     "from", "sender",
+    # Written by the relay on re-enqueued copies; informational (the ledger counts attempts).
+    "attempt",
 }
 # Headers a caller may never set through `headers`, even under an X- name, because the relay owns them.
 _RESERVED_HEADERS = {"x-hve-relay-request-id"}
@@ -131,9 +133,9 @@ def claim_check_of(doc: Mapping[str, Any]) -> ClaimCheck | None:
     """A claim-check stub (`{"claimCheck": {"blobUrl": ...}, "id": ...}`), or None for a full request."""
     if "claimCheck" not in doc:
         return None
-    extra = set(doc) - {"claimCheck", "id"}
+    extra = set(doc) - {"claimCheck", "id", "attempt"}
     if extra:
-        raise RequestRefused("schema", f"a claim-check message carries only 'claimCheck' and 'id', not {sorted(extra)}")
+        raise RequestRefused("schema", f"a claim-check message carries only 'claimCheck', 'id' and 'attempt', not {sorted(extra)}")
     ref = doc["claimCheck"]
     if not isinstance(ref, dict) or not isinstance(ref.get("blobUrl"), str) or set(ref) != {"blobUrl"}:
         raise RequestRefused("schema", "claimCheck must be an object with a single string field 'blobUrl'")
@@ -285,6 +287,9 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
     unknown = set(doc) - _FIELDS
     if unknown:
         raise RequestRefused("schema", f"unknown fields {sorted(unknown)}")
+    attempt = doc.get("attempt", 0)
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
+        raise RequestRefused("schema", "attempt must be a non-negative integer")
     request_id = parse_request_id(doc.get("id"))
 
     account = doc.get("account")

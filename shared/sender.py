@@ -184,7 +184,7 @@ class Relay:
         if entry is not None and entry.state == SENDING:
             lease_left = entry.updated.timestamp() + SENDING_LEASE_SECONDS - now
             if lease_left > 0:
-                delay = await self._requeue(stub, min(lease_left, BUSY_RECHECK_SECONDS))
+                delay = await self._requeue(stub, min(lease_left, BUSY_RECHECK_SECONDS), entry.attempts)
                 return Handled(request_id, "busy", "another instance is sending it", entry.account, 0, delay)
         if entry is None:
             entry = LedgerEntry(request_id=request_id, state="received", first_received=_utc(now), updated=_utc(now),
@@ -245,7 +245,7 @@ class Relay:
             account = ""
             if entry.booked_account and entry.booked_chunk == index:
                 if now < entry.booked_at:  # woke early: sleep again on the queue, not here
-                    delay = await self._requeue(stub, entry.booked_at - now, jitter=False)
+                    delay = await self._requeue(stub, entry.booked_at - now, entry.attempts, jitter=False)
                     return Handled(entry.request_id, DEFERRED, "booked slot not reached", entry.booked_account, 0, delay)
                 if now <= entry.booked_at + self.settings.pacing_margin_seconds:
                     account = entry.booked_account
@@ -258,11 +258,11 @@ class Relay:
                 if isinstance(decision, Wait):
                     if decision.until - entry.first_received.timestamp() > self.settings.max_age_seconds:
                         return await self._finish(entry, DEAD, f"no send slot before the age limit ({decision.reason})")
-                    delay = await self._requeue(stub, decision.until - now)
+                    delay = await self._requeue(stub, decision.until - now, entry.attempts)
                     await self._save_quietly(entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=_utc(now)))
                     return Handled(entry.request_id, DEFERRED, decision.reason, "", 0, delay)
                 if decision.at > now:
-                    delay = await self._requeue(stub, decision.at - now, jitter=False)
+                    delay = await self._requeue(stub, decision.at - now, entry.attempts, jitter=False)
                     await self._save_quietly(entry.evolve(
                         state=DEFERRED, reason=f"booked a slot on {decision.account}", updated=_utc(now),
                         booked_account=decision.account, booked_at=decision.at, booked_chunk=index))
@@ -273,7 +273,7 @@ class Relay:
                                                             updated=_utc(now), reason="", chunks_sent=index))
             except LedgerConflict:
                 # Another delivery of the same request got there first; let it finish.
-                delay = await self._requeue(stub, BUSY_RECHECK_SECONDS)
+                delay = await self._requeue(stub, BUSY_RECHECK_SECONDS, entry.attempts)
                 return Handled(entry.request_id, "busy", "another instance claimed it", account, 0, delay)
 
             if index == 0 and account == self.settings.accounts[0] and prepared.first is not None:
@@ -312,7 +312,7 @@ class Relay:
         else:
             wait = retry_delay(entry.attempts, self.settings.retry_base_seconds, self.settings.retry_max_seconds, self.rng)
             why = f"transient: {verdict.code} {verdict.text}"[:300]
-        delay = await self._requeue(stub, wait)
+        delay = await self._requeue(stub, wait, entry.attempts)
         await self._save_quietly(entry.evolve(state=DEFERRED, reason=why))
         return Handled(entry.request_id, DEFERRED, why, account, verdict.code, delay)
 
@@ -326,8 +326,11 @@ class Relay:
             return f"gave up after {age / 3600:.1f} hours"
         return ""
 
-    async def _requeue(self, stub: dict, wait_seconds: float, *, jitter: bool = True) -> int:
+    async def _requeue(self, stub: dict, wait_seconds: float, attempts: int, *, jitter: bool = True) -> int:
+        """A copy of the caller's message, carrying its id and (for people reading the queue) the
+        attempts so far; the ledger, not this field, is what the relay trusts."""
         delay = visibility_for(wait_seconds, jitter_fraction=0.1 if jitter else 0.0, rng=self.rng)
+        stub = {**stub, "attempt": attempts}
         # time_to_live=-1: a deferred request must never expire silently on the queue.
         await self.queue.send_message(json.dumps(stub, separators=(",", ":")), visibility_timeout=delay, time_to_live=-1)
         return delay

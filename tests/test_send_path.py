@@ -366,3 +366,25 @@ def test_throttling_reply_cools_the_account_and_another_one_sends(storage, emula
     assert [r.state for r in results] == ["deferred", "sent"]
     assert results[0].account == "alerts@contoso.com" and results[1].account != "alerts@contoso.com"
     assert states["alerts@contoso.com"].cooldown_until > 0 and "4.5.104" in states["alerts@contoso.com"].last_problem
+
+
+def test_deferred_copy_carries_the_first_queue_message_id_and_the_attempts(storage, emulator):
+    emulator.fail_next(1, "451 4.7.0 Temporary server error", stage="DATA")
+
+    async def main():
+        relay = await open_relay(storage, emulator)
+        try:
+            await enqueue(relay, mail())  # no id: the first delivery's queue message id becomes it
+            [first] = [m async for m in relay.queue.receive_messages(visibility_timeout=60)]
+            handled = await relay.handle(first.content, first.id, first.dequeue_count)
+            await relay.queue.delete_message(first)
+            await asyncio.sleep(handled.delay_seconds + 0.5)
+            copies = [json.loads(m.content) async for m in relay.queue.receive_messages(visibility_timeout=60)]
+            return first.id, handled, copies
+        finally:
+            await relay.close()
+
+    first_id, handled, copies = run(main())
+    assert handled.state == "deferred" and handled.request_id == first_id
+    assert len(copies) == 1 and copies[0]["id"] == first_id and copies[0]["attempt"] == 1
+    assert copies[0]["to"] == mail()["to"]
