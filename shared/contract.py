@@ -11,7 +11,11 @@ import binascii
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+if TYPE_CHECKING:
+    from .limits import Limits
+    from .settings import Settings
 
 # An Azure queue message holds at most 64 KiB; bigger requests travel by claim check.
 MAX_REQUEST_ID_LENGTH = 200
@@ -96,6 +100,18 @@ class ValidationPolicy:
     external_allowed: bool
     # Above the per-message limit a request is chunked; this is the hard cap per request.
     max_recipients: int | None
+
+    @classmethod
+    def from_settings(cls, settings: "Settings", limits: "Limits") -> "ValidationPolicy":
+        """The policy the send stage applies (and the welcome scan checks its requests against)."""
+        account_domains = {a.rsplit("@", 1)[1] for a in settings.accounts}
+        return cls(
+            accounts=frozenset(settings.accounts),
+            # The HVE accounts' own domains are accepted domains of the tenant.
+            internal_domains=settings.internal_domains | account_domains,
+            external_allowed=limits.external_allowed,
+            max_recipients=settings.max_recipients_per_request,
+        )
 
 
 @dataclass(frozen=True)

@@ -105,14 +105,7 @@ class Relay:
         self.clock = clock
         self.rng = rng or random.Random()
         self.instruments = Instruments()
-        account_domains = {a.rsplit("@", 1)[1] for a in settings.accounts}
-        self.policy = ValidationPolicy(
-            accounts=frozenset(settings.accounts),
-            # The HVE accounts' own domains are accepted domains of the tenant.
-            internal_domains=settings.internal_domains | account_domains,
-            external_allowed=limits.external_allowed,
-            max_recipients=settings.max_recipients_per_request,
-        )
+        self.policy = ValidationPolicy.from_settings(settings, limits)
         self.message_id_domain = settings.accounts[0].rsplit("@", 1)[1]
 
     @classmethod

@@ -100,12 +100,7 @@ def validation_policy(settings: Settings) -> ValidationPolicy:
     from .limits import resolve_limits
 
     settings.require_accounts()
-    limits = resolve_limits(settings.limits_profile, settings.limits_overrides)
-    account_domains = {a.rsplit("@", 1)[1] for a in settings.accounts}
-    return ValidationPolicy(accounts=frozenset(settings.accounts),
-                            internal_domains=settings.internal_domains | account_domains,
-                            external_allowed=limits.external_allowed,
-                            max_recipients=settings.max_recipients_per_request)
+    return ValidationPolicy.from_settings(settings, resolve_limits(settings.limits_profile, settings.limits_overrides))
 
 
 def check_bcc(settings: Settings, policy: ValidationPolicy) -> str:
