@@ -8,6 +8,7 @@ re-enqueued with a visibility delay; the function never sleeps).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import os
@@ -368,6 +369,8 @@ async def get_relay() -> Relay:
     app settings (a local host restarted with new ones) gets its own Relay."""
     loop = asyncio.get_running_loop()
     key = tuple(os.environ.get(spec.name) for spec in SETTINGS)
+    if not _relays:
+        atexit.register(_close_at_exit)
     per_loop = _relays.setdefault(loop, {})
     task = per_loop.get(key)
     if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
@@ -385,6 +388,17 @@ async def close_relays() -> None:
     for task in per_loop.values():
         if task.done() and not task.cancelled() and task.exception() is None:
             await task.result().close()
+
+
+def _close_at_exit() -> None:
+    """A local host exiting with its loop still running (a daemon thread): close the sessions
+    cleanly instead of leaving them to the garbage collector. In Azure the process just ends."""
+    for loop in list(_relays.keys()):
+        if loop.is_running() and not loop.is_closed():
+            try:
+                asyncio.run_coroutine_threadsafe(close_relays(), loop).result(timeout=5)
+            except Exception:  # best effort at interpreter exit
+                pass
 
 
 async def status_json() -> str:

@@ -1400,6 +1400,10 @@ def main(argv: list[str] | None = None) -> int:
         functions = [f.strip() for f in args.functions.split(",") if f.strip()] if args.functions else None
         host = DevHost(args.app, host_json=args.host_json, http_port=http_port, functions=functions, export_settings=False)
         asyncio.run(host.serve(once=args.once, duration=args.duration))
+        # Like the real worker, the host ends the process without closing what the app keeps open
+        # for its lifetime (SMTP sessions, storage clients); their garbage-collection complaints
+        # at exit are noise, not errors.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     except DevHostError as exc:
         log.error("%s", exc)
         return 1
