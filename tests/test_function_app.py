@@ -13,6 +13,8 @@ from azure.storage.queue import QueueClient
 from shared.mime import message_id
 from shared.sender import close_relays
 from tests.relay_harness import ACCOUNTS
+from shared.settings import Settings
+from tools import poison as poison_tool
 from tools.devhost import DevHost, _background_loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +65,19 @@ def test_an_invocation_that_keeps_failing_lands_in_the_poison_queue_intact(stora
         close_app_relays()
     assert [i.outcome for i in invocations] == ["Failed", "Failed"]
     poison = QueueClient.from_connection_string(storage.connection_string, storage.poison_queue_name)
-    assert [m.content for m in poison.receive_messages()] == [body]
+    assert [m.content for m in poison.peek_messages()] == [body]
     assert emulator.messages() == []
+
+    # Storage is back: the operator replays the poison queue and the request goes out.
+    fixed = app_settings(storage, emulator)
+    asyncio.run(poison_tool.run(Settings.from_env(fixed), "requeue"))
+    assert list(poison.peek_messages()) == []
+    host = DevHost(ROOT / "function_app.py", fixed, host_json=FAST_HOST, functions=["send_mail"])
+    try:
+        assert [i.outcome for i in host.run_until_idle(timeout=60)] == ["Succeeded"]
+    finally:
+        close_app_relays()
+    assert {a.message_id for a in emulator.accepted()} == {message_id("fa-poison", "contoso.com")}
 
 
 def test_status_endpoint_reports_every_account(storage, emulator):

@@ -1,0 +1,70 @@
+"""Look at and replay the poison queue: messages the function failed on `maxDequeueCount` times
+(e.g. storage was down). Refused requests never land here — they are in the ledger.
+
+    python -m tools.poison list
+    python -m tools.poison requeue            # every poison message back onto the mail queue
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from shared.contract import RequestRefused, claim_check_of, decode_queue_body
+from shared.settings import Settings
+from shared.storage import StorageClients
+from tools.enqueue import load_local_settings
+
+
+def describe(body: str) -> str:
+    """The request id if the body has one; never addresses or content."""
+    try:
+        doc = decode_queue_body(body)
+        claim = claim_check_of(doc)
+    except RequestRefused as refusal:
+        return f"(unreadable: {refusal.reason})"
+    return f"id={doc.get('id') or '-'}" + (" (claim check)" if claim else "")
+
+
+async def run(settings: Settings, command: str) -> int:
+    storage = StorageClients(settings)
+    try:
+        poison = await storage.queue(settings.poison_queue)
+        if command == "list":
+            count = 0
+            async for message in poison.peek_messages(max_messages=32):
+                count += 1
+                print(f"{message.id}  inserted {message.inserted_on:%Y-%m-%d %H:%M:%S}  {describe(message.content)}")
+            props = await poison.get_queue_properties()
+            print(f"{props.approximate_message_count} message(s) on {settings.poison_queue}"
+                  + (" (first 32 shown)" if props.approximate_message_count > count else ""))
+            return 0
+        queue = await storage.queue(settings.mail_queue)
+        moved = 0
+        while True:
+            batch = [m async for m in poison.receive_messages(messages_per_page=32, visibility_timeout=60, max_messages=32)]
+            if not batch:
+                break
+            for message in batch:
+                # Back unchanged: the ledger still knows the request, so nothing is sent twice.
+                await queue.send_message(message.content, time_to_live=-1)
+                await poison.delete_message(message)
+                moved += 1
+        print(f"moved {moved} message(s) from {settings.poison_queue} to {settings.mail_queue}")
+        return 0
+    finally:
+        await storage.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.poison", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["list", "requeue"])
+    parser.add_argument("--settings", default="local.settings.json")
+    args = parser.parse_args(argv)
+    load_local_settings(Path(args.settings))
+    return asyncio.run(run(Settings.from_env(), args.command))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
