@@ -241,9 +241,10 @@ class Relay:
                 if now < entry.booked_at:  # woke early: sleep again on the queue, not here
                     delay = await self._requeue(stub, entry.booked_at - now, entry.attempts, jitter=False)
                     return Handled(entry.request_id, DEFERRED, "booked slot not reached", entry.booked_account, 0, delay)
-                if now <= entry.booked_at + self.settings.pacing_margin_seconds:
+                # Late by up to half the margin is safe: the other half covers the SMTP exchange.
+                if now <= entry.booked_at + self.settings.pacing_margin_seconds / 2:
                     account = entry.booked_account
-                # A booking missed by more than the margin is given up: ask for a fresh slot.
+                # A booking missed by more than that is given up (its slot stays counted): ask again.
                 entry = entry.evolve(booked_account="", booked_at=0.0, booked_chunk=-1)
             if not account:
                 decision = await self.governor.acquire(Shape(internal, len(envelope) - internal, request.account), now)
