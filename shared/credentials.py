@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -52,10 +53,12 @@ class KeyVaultPasswords:
     messages is not a burst of Key Vault calls. `forget` after an auth failure picks up a rotation."""
 
     def __init__(self, vault_url: str, credential: Any, ttl_seconds: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, **client_options: Any) -> None:
+        """`client_options` go to SecretClient unchanged; only tests pass them (a local CA in
+        `connection_verify`, `verify_challenge_resource=False` for a vault on 127.0.0.1)."""
         from azure.keyvault.secrets.aio import SecretClient
 
-        self._client = SecretClient(vault_url=vault_url, credential=credential)
+        self._client = SecretClient(vault_url=vault_url, credential=credential, **client_options)
         self._ttl = ttl_seconds
         self._clock = clock
         self._cache: dict[str, _Cached] = {}
@@ -108,11 +111,23 @@ class TokenSource:
             if not force_refresh and self._token and self._expires_on - self.REFRESH_MARGIN_SECONDS > self._clock():
                 return self._token
             try:
-                access = await self._credential.get_token(self._scope)
+                access = await (self._newer_token() if force_refresh else self._credential.get_token(self._scope))
             except Exception as exc:
                 raise CredentialError(f"cannot get a token for {self._scope}: {type(exc).__name__}") from exc
             self._token, self._expires_on = access.token, float(access.expires_on)
             return self._token
+
+    async def _newer_token(self) -> Any:
+        """A token other than the one just refused. azure-identity credentials keep a cache of their
+        own and would hand that very token back until it nearly expires; given claims they skip it.
+        The claims are Entra's CAE shape ("issued no earlier than now"); managed identity drops them
+        from the request. A credential that refuses claims (Azure CLI under DefaultAzureCredential)
+        gets the plain request."""
+        claims = json.dumps({"access_token": {"nbf": {"essential": True, "value": str(int(time.time()))}}})
+        try:
+            return await self._credential.get_token(self._scope, claims=claims)
+        except Exception:
+            return await self._credential.get_token(self._scope)
 
 
 def azure_credential(client_id: str) -> Any:
