@@ -17,7 +17,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from .blobs import BlobReader
 from .contract import (
@@ -106,6 +106,7 @@ class Relay:
         self.clock = clock
         self.rng = rng or random.Random()
         self.instruments = Instruments()
+        self.closers: list[Callable[[], Awaitable[None]]] = []
         self.policy = ValidationPolicy.from_settings(settings, limits)
         self.message_id_domain = settings.accounts[0].rsplit("@", 1)[1]
 
@@ -117,12 +118,18 @@ class Relay:
             log.warning("RECIPIENT_HASH_KEY is not set: recipient hashes use a built-in key (fine for local runs only)")
         limits = resolve_limits(settings.limits_profile, settings.limits_overrides)
         storage = StorageClients(settings)
+        closers: list[Callable[[], Awaitable[None]]] = []  # what this Relay opened besides storage and SMTP
         if settings.auth_mode == "oauth":
-            credential = token_credential or azure_credential(settings.managed_identity_client_id)
+            credential = token_credential
+            if credential is None:
+                credential = azure_credential(settings.managed_identity_client_id)
+                closers.append(credential.close)
             authenticator: Any = OAuthAuth(TokenSource(credential, settings.oauth_scope))
         elif settings.key_vault_url:
             credential = azure_credential(settings.managed_identity_client_id)
-            authenticator = BasicAuth(KeyVaultPasswords(settings.key_vault_url, credential, settings.secret_cache_seconds))
+            passwords = KeyVaultPasswords(settings.key_vault_url, credential, settings.secret_cache_seconds)
+            closers += [passwords.close, credential.close]
+            authenticator = BasicAuth(passwords)
         else:
             authenticator = BasicAuth(LocalPasswords(settings.local_passwords))
         smtp = HveSmtp(
@@ -135,13 +142,17 @@ class Relay:
         governor = TableGovernor(await storage.table(settings.governor_table), settings.accounts,
                                  pacing_config(settings, limits))
         container = storage.container(settings.claim_check_container)
-        return cls(settings, storage=storage, smtp=smtp, governor=governor, ledger=ledger,
-                   queue=await storage.queue(settings.mail_queue),
-                   payloads=BlobReader(container, limits.message_bytes), limits=limits, clock=clock)
+        relay = cls(settings, storage=storage, smtp=smtp, governor=governor, ledger=ledger,
+                    queue=await storage.queue(settings.mail_queue),
+                    payloads=BlobReader(container, limits.message_bytes), limits=limits, clock=clock)
+        relay.closers = closers
+        return relay
 
     async def close(self) -> None:
         await self.smtp.close()
         await self.storage.close()
+        for close in self.closers:
+            await close()
 
     # --- the stage ------------------------------------------------------------------------------
 
