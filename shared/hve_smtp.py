@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 # A session idle longer than this may have been dropped by the server: probe it with RSET first.
 PROBE_AFTER_IDLE_SECONDS = 10.0
+# After an account fails AUTH, this process answers for it without logging in again for a while
+# (at most this long, and never longer than the governor rests the account): a burst of messages
+# must not become a burst of failed logins, which can lock an account out.
+AUTH_FAILURE_HOLD_SECONDS = 10.0
 
 
 def tls_context(ca_file: str = "") -> ssl.SSLContext:
@@ -113,6 +117,7 @@ class HveSmtp:
         timeout: float = 30.0,
         pool_size: int = 4,
         idle_seconds: float = 60.0,
+        auth_failure_hold: float = AUTH_FAILURE_HOLD_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._host, self._port = host, port
@@ -123,6 +128,8 @@ class HveSmtp:
         self._idle_seconds = idle_seconds
         self._clock = clock
         self._pools: dict[str, _AccountPool] = {}
+        self._auth_failed: dict[str, tuple[float, Verdict]] = {}
+        self._auth_failure_hold = auth_failure_hold
         self.stats = PoolStats()
 
     def _pool(self, account: str) -> _AccountPool:
@@ -158,6 +165,9 @@ class HveSmtp:
     async def submit(self, account: str, recipients: Sequence[str], message: bytes) -> SubmitResult:
         pool = self._pool(account)
         async with pool.slots:
+            held = self._auth_failed.get(account)
+            if held is not None and self._clock() < held[0]:
+                return SubmitResult(held[1])
             self._close_expired(pool)
             session = self._take_idle(pool)
             if session is not None:
@@ -173,7 +183,9 @@ class HveSmtp:
             except AuthError as exc:
                 return SubmitResult(exc.verdict)
             except aiosmtplib.SMTPAuthenticationError as exc:
-                return SubmitResult(classify_reply(exc.code, exc.message))
+                verdict = classify_reply(exc.code, exc.message)
+                self._auth_failed[account] = (self._clock() + self._auth_failure_hold, verdict)
+                return SubmitResult(verdict)
             except aiosmtplib.SMTPResponseException as exc:
                 return SubmitResult(classify_reply(exc.code, exc.message))
             except CredentialError as exc:

@@ -33,7 +33,7 @@ from .contract import (
 from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential
 from .governor import TableGovernor
 from .pacing import Impossible, PacingConfig, Shape, Wait, chunk_recipients
-from .hve_smtp import BasicAuth, HveSmtp, OAuthAuth, SubmitResult, tls_context
+from .hve_smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
 from .ledger import DEAD, DEFERRED, FINAL_STATES, REFUSED, SENDING, SENT, Ledger, LedgerConflict, LedgerEntry
 from .limits import Limits, resolve_limits
 from .mime import build_message, message_id
@@ -136,6 +136,7 @@ class Relay:
             host=settings.smtp_host, port=settings.smtp_port, authenticator=authenticator,
             context=tls_context(settings.smtp_ca_file), timeout=settings.smtp_timeout,
             pool_size=settings.pool_size, idle_seconds=settings.pool_idle_seconds,
+            auth_failure_hold=min(AUTH_FAILURE_HOLD_SECONDS, settings.account_unhealthy_seconds),
         )
         ledger = Ledger(await storage.table(settings.ledger_table),
                         await storage.table(settings.recipient_index_table), settings.recipient_hash_key)

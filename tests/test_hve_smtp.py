@@ -78,3 +78,22 @@ def test_tls_context_requires_tls_1_2_and_checks_names(emulator):
     context = tls_context(str(emulator.ca_file))
     assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
     assert context.check_hostname and context.verify_mode is ssl.CERT_REQUIRED
+
+
+def test_a_burst_for_an_account_with_a_wrong_password_is_not_a_burst_of_logins(emulator):
+    emulator.set_password("news@contoso.com", "rotated")
+
+    async def main():
+        smtp = HveSmtp(host="127.0.0.1", port=emulator.port, context=tls_context(str(emulator.ca_file)), timeout=5,
+                       pool_size=2, authenticator=BasicAuth(LocalPasswords({"news@contoso.com": "news-pw"})))
+        try:
+            first = await smtp.submit("news@contoso.com", ["ann@contoso.com"], MESSAGE)
+            failures_of_one_login = emulator.stats()["auth_failures"]  # aiosmtplib tries PLAIN, then LOGIN
+            burst = await asyncio.gather(*(smtp.submit("news@contoso.com", ["ann@contoso.com"], MESSAGE) for _ in range(8)))
+            return [first, *burst], failures_of_one_login
+        finally:
+            await smtp.close()
+
+    results, failures_of_one_login = asyncio.run(main())
+    assert all(r.verdict.outcome is Outcome.ACCOUNT and r.verdict.enhanced == "5.7.3" for r in results)
+    assert failures_of_one_login >= 1 and emulator.stats()["auth_failures"] == failures_of_one_login
