@@ -56,8 +56,18 @@ class BasicAuth:
 
     async def authenticate(self, smtp: aiosmtplib.SMTP, account: str) -> None:
         password = await self._passwords.password(account)
+        # One mechanism, not aiosmtplib's login() which tries the next one after a 535: a wrong
+        # password must cost one failed login, not two.
+        if not smtp.server_auth_methods:  # aiosmtplib says EHLO again after STARTTLS only when asked
+            await smtp.ehlo()
+        methods = smtp.server_auth_methods
         try:
-            await smtp.login(account, password)
+            if "plain" in methods:
+                await smtp.auth_plain(account, password)
+            elif "login" in methods:
+                await smtp.auth_login(account, password)
+            else:
+                raise AuthError(Verdict(Outcome.ACCOUNT, 0, "", "the server offers neither AUTH PLAIN nor AUTH LOGIN"))
         except aiosmtplib.SMTPAuthenticationError:
             # The password may have been rotated in Key Vault: read it again next time.
             self._passwords.forget(account)
