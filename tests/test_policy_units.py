@@ -8,7 +8,6 @@ import pytest
 from shared.contract import ValidationPolicy, validate_request
 from shared.limits import PROFILES, resolve_limits
 from shared.mime import build_message, message_id
-from shared.replies import classify_reply
 from shared.retry import MAX_VISIBILITY_SECONDS, retry_delay, visibility_for
 from shared.settings import SETTINGS, Settings, SettingsError
 

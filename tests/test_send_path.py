@@ -9,7 +9,6 @@ from email import message_from_bytes, policy
 
 import pytest
 
-from shared.governor import TableGovernor
 from shared.ledger import recipient_hash
 from shared.mime import message_id
 from shared.sender import Relay

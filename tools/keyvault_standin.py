@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 import shutil
 import tempfile
 import threading
