@@ -137,6 +137,12 @@ def _rolling_ready(slots: Sequence[float], limit: int | None, margin: float) -> 
     return slots[-limit] + MINUTE + margin
 
 
+def _ms_up(t: float) -> float:
+    """A slot time as stored (milliseconds), never earlier than the real one: rounding down would
+    let the next slot in the window come a fraction too soon."""
+    return math.ceil(t * 1000.0) / 1000.0
+
+
 def impossible_reason(shape: Shape, cfg: PacingConfig) -> str | None:
     lim = cfg.limits
     if shape.external and not lim.external_allowed:
@@ -205,7 +211,7 @@ def take_slot(state: AccountState, tenant: TenantState | None, shape: Shape, at:
     def log(slots: tuple[float, ...], add: bool) -> tuple[float, ...]:
         if depth == 0:
             return ()
-        kept = [s for s in slots if s > keep_after] + ([round(at, 3)] if add else [])
+        kept = [s for s in slots if s > keep_after] + ([_ms_up(at)] if add else [])
         return tuple(sorted(kept)[-depth:])
 
     new_tenant = None

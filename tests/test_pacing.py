@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from shared.limits import PROFILES, Limits
 from shared.pacing import (
@@ -85,7 +85,6 @@ def check_windows(cfg: PacingConfig, sent: list[tuple[str, float, Shape]]) -> No
         assert all(total <= cfg.tenant_cap for total in tenant_day.values()), tenant_day
 
 
-@settings(max_examples=300, deadline=None)
 @given(scenarios())
 def test_no_window_is_exceeded_and_every_wait_is_honest(scenario):
     cfg, events, seed = scenario
