@@ -182,3 +182,45 @@ def test_schema_rejects_what_the_validator_rejects(doc):
             claim_check_of(doc)
         else:
             validate_request(doc, POLICY)
+
+
+# --- properties: whatever a producer sends, the relay refuses it or builds exactly what was asked ---
+
+from email import message_from_bytes, policy as email_policy  # noqa: E402
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from shared.mime import build_message  # noqa: E402
+
+ANY_TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=80)
+
+
+@given(subject=ANY_TEXT, name=ANY_TEXT, tag=ANY_TEXT, category=ANY_TEXT)
+def test_no_input_can_add_a_header(subject, name, tag, category):
+    doc = {"to": [f"{name} <ann@contoso.com>"], "subject": subject, "text": "body",
+           "headers": {"X-Tag": tag}, "category": category}
+    try:
+        request = validate_request(doc, POLICY)
+    except RequestRefused:
+        return
+    raw = build_message(request, request_id="p-1", account="news@contoso.com", sender_name="News",
+                        message_id_domain="contoso.com", attachments=[])
+    msg = message_from_bytes(raw, policy=email_policy.default)
+    assert sorted(k.lower() for k in msg.keys()) == sorted(
+        ["from", "to", "subject", "date", "message-id", "mime-version", "x-tag", "content-type",
+         "content-transfer-encoding"])
+    # Values survive (up to whitespace folding, which is not injection).
+    assert msg["Subject"].split() == subject.split()
+    assert msg["X-Tag"].split() == tag.split()
+    assert [a.addr_spec for a in msg["To"].addresses] == ["ann@contoso.com"]
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | ANY_TEXT,
+                    lambda children: st.lists(children, max_size=4) | st.dictionaries(ANY_TEXT, children, max_size=4),
+                    max_leaves=20))
+def test_any_json_value_is_accepted_or_refused_never_crashes(value):
+    doc = value if isinstance(value, dict) else {"to": value, "text": value, "subject": value}
+    try:
+        validate_request(doc, POLICY)
+    except RequestRefused:
+        pass
