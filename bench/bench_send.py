@@ -111,7 +111,7 @@ def relay_stack(connection_string: str, emulator: "_Endpoint", n: int, tag: str)
     }
     settings = Settings.from_env(values)
     asyncio.run(_enqueue(settings, n))
-    host = DevHost(ROOT / "function_app.py", values)
+    host = DevHost(ROOT / "function_app.py", values, functions=["send_mail"])
     started = time.perf_counter()
     host.start()
     try:
