@@ -163,23 +163,16 @@ class HveSmtp:
             raise
         return _Session(smtp, self._clock())
 
-    def _take_idle(self, pool: _AccountPool) -> _Session | None:
-        now = self._clock()
-        while pool.idle:
-            session = pool.idle.pop()
-            if now - session.last_used <= self._idle_seconds and session.smtp.is_connected:
-                return session
-            session.smtp.close()
-        return None
-
     async def submit(self, account: str, recipients: Sequence[str], message: bytes) -> SubmitResult:
         pool = self._pool(account)
         async with pool.slots:
             held = self._auth_failed.get(account)
             if held is not None and self._clock() < held[0]:
                 return SubmitResult(held[1])
-            self._close_expired(pool)
-            session = self._take_idle(pool)
+            # Every account's idle sessions are checked, so a quiet account's sessions close too.
+            for each in self._pools.values():
+                self._close_expired(each)
+            session = pool.idle.pop() if pool.idle else None
             if session is not None:
                 self.stats.sessions_reused += 1
                 result, keep = await self._transaction(session, account, recipients, message)
