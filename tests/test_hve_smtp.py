@@ -97,3 +97,28 @@ def test_a_burst_for_an_account_with_a_wrong_password_is_not_a_burst_of_logins(e
     results, failures_of_one_login = asyncio.run(main())
     assert all(r.verdict.outcome is Outcome.ACCOUNT and r.verdict.enhanced == "5.7.3" for r in results)
     assert failures_of_one_login == 1 and emulator.stats()["auth_failures"] == 1
+
+
+def test_sessions_are_reused_then_closed_when_idle_too_long(emulator):
+    now = [1000.0]
+
+    async def main():
+        smtp = HveSmtp(host="127.0.0.1", port=emulator.port, context=tls_context(str(emulator.ca_file)), timeout=5,
+                       idle_seconds=60, clock=lambda: now[0],
+                       authenticator=BasicAuth(LocalPasswords({"news@contoso.com": "news-pw", "alerts@contoso.com": "alerts-pw"})))
+        try:
+            for _ in range(3):
+                assert (await smtp.submit("news@contoso.com", ["ann@contoso.com"], MESSAGE)).verdict.outcome is Outcome.SENT
+            reused = emulator.connections_opened
+            now[0] += 61  # news@ has been idle past the limit
+            await smtp.submit("alerts@contoso.com", ["ann@contoso.com"], MESSAGE.replace(b"news@", b"alerts@"))
+            idle_news = len(smtp._pools["news@contoso.com"].idle)
+            await smtp.submit("news@contoso.com", ["ann@contoso.com"], MESSAGE)
+            return reused, idle_news, smtp.stats
+        finally:
+            await smtp.close()
+
+    reused, idle_news, stats = asyncio.run(main())
+    assert reused == 1                      # three messages, one connection, one AUTH
+    assert idle_news == 0                   # closed while another account was busy
+    assert emulator.connections_opened == 3 and stats.sessions_reused == 2
