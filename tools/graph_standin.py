@@ -40,7 +40,6 @@ before the stand-in loaded it, so a sample file stays "new" whenever it is used.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import itertools
 import json
@@ -58,6 +57,8 @@ from typing import Any, Iterable, Mapping
 from urllib.parse import quote, urlencode
 
 from aiohttp import web
+
+from tools.http_standin import BackgroundHttpServer
 
 log = logging.getLogger("graph_standin")
 
@@ -138,24 +139,19 @@ class _State:
     log: list[LoggedRequest] = field(default_factory=list)
 
 
-class GraphStandIn:
+class GraphStandIn(BackgroundHttpServer):
     """The stand-in server on its own thread and event loop. Public methods are thread-safe."""
 
     def __init__(self, users: Iterable[Mapping[str, Any]] = (), groups: Mapping[str, Iterable[str]] | None = None, *,
                  host: str = "127.0.0.1", port: int = 0, token: str | None = DEFAULT_TOKEN,
                  default_page_size: int = DEFAULT_PAGE_SIZE, page_limit: int | None = None) -> None:
-        self.host = host
+        super().__init__(host, port)
         # Server-driven paging, as Graph may do: never more than this per page, whatever $top says.
         self.page_limit = page_limit
-        self._port = port
         self.token = token
         self.default_page_size = default_page_size
         self._lock = threading.RLock()
         self._state = _State()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._bound_port = 0
         for user in users:
             self.add_user(**user)
         for group_id, members in (groups or {}).items():
@@ -266,43 +262,12 @@ class GraphStandIn:
     # -- lifecycle -------------------------------------------------------------------------------
 
     @property
-    def port(self) -> int:
-        return self._bound_port
-
-    @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self._bound_port}"
 
-    def start(self) -> "GraphStandIn":
-        if self._thread is not None:
-            raise RuntimeError("Graph stand-in already running")
-        ready = threading.Event()
-        failure: list[BaseException] = []
+    thread_name = "graph-standin"
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._start_server())
-            except BaseException as exc:  # reported to start()
-                failure.append(exc)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup() if self._runner else asyncio.sleep(0))
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="graph-standin", daemon=True)
-        self._thread.start()
-        ready.wait(30)
-        if failure:
-            self._thread = None
-            raise failure[0]
-        return self
-
-    async def _start_server(self) -> None:
+    def build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
         app.router.add_get("/v1.0/users", self._list_users)
         app.router.add_post("/v1.0/users", self._create_user)
@@ -311,25 +276,7 @@ class GraphStandIn:
         app.router.add_delete("/v1.0/users/{id}", self._delete_user)
         app.router.add_get(r"/v1.0/groups/{id}/{rel:(members|transitiveMembers)}", self._members)
         app.router.add_get(r"/v1.0/groups/{id}/{rel:(members|transitiveMembers)}/microsoft.graph.user", self._members)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self._port)
-        await site.start()
-        self._bound_port = self._runner.addresses[0][1]
-
-    def stop(self) -> None:
-        if self._thread is None or self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
-        self._thread = None
-        self._loop = None
-
-    def __enter__(self) -> "GraphStandIn":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        return app
 
     # -- HTTP ------------------------------------------------------------------------------------
 

@@ -35,9 +35,9 @@ Python API (tests)::
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
+import ssl
 import tempfile
 import threading
 import time
@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from aiohttp import web
+
+from tools.http_standin import BackgroundHttpServer
 
 from tools.hve_emulator.certs import ensure_certificates, server_tls_context
 
@@ -94,15 +96,14 @@ class _Refused(Exception):
         self.status, self.code, self.message, self.inner, self.challenge = status, code, message, inner, challenge
 
 
-class KeyVaultStandIn:
+class KeyVaultStandIn(BackgroundHttpServer):
     """The vault on its own thread and event loop. Public methods are thread-safe."""
 
     def __init__(self, *, issuer: Any = None, tenant_id: str = DEFAULT_TENANT, host: str = "127.0.0.1",
                  port: int = 0, state_dir: str | Path | None = None) -> None:
-        self.host = host
+        super().__init__(host, port)
         self.tenant_id = tenant_id
         self.issuer = issuer
-        self._port = port
         self._own_state_dir = state_dir is None
         self.state_dir = Path(state_dir) if state_dir is not None else Path(tempfile.mkdtemp(prefix="kv-standin-"))
         self._certs = ensure_certificates(self.state_dir)
@@ -111,10 +112,6 @@ class KeyVaultStandIn:
         self._trusted: dict[str, str] = {}
         self._forbidden: set[str] = set()
         self._log: list[LoggedRequest] = []
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._bound_port = 0
 
     # -- secrets ---------------------------------------------------------------------------------
 
@@ -164,10 +161,6 @@ class KeyVaultStandIn:
     # -- lifecycle -------------------------------------------------------------------------------
 
     @property
-    def port(self) -> int:
-        return self._bound_port
-
-    @property
     def vault_url(self) -> str:
         """KEY_VAULT_URL."""
         return f"https://{self.host}:{self._bound_port}"
@@ -180,60 +173,22 @@ class KeyVaultStandIn:
         """SecretClient keyword arguments for this stand-in (tests only)."""
         return {"connection_verify": str(self.ca_file), "verify_challenge_resource": False}
 
-    def start(self) -> "KeyVaultStandIn":
-        if self._thread is not None:
-            raise RuntimeError("Key Vault stand-in already running")
-        ready = threading.Event()
-        failure: list[BaseException] = []
+    thread_name = "keyvault-standin"
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._start_server())
-            except BaseException as exc:  # reported to start()
-                failure.append(exc)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup() if self._runner else asyncio.sleep(0))
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="keyvault-standin", daemon=True)
-        self._thread.start()
-        ready.wait(30)
-        if failure:
-            self._thread = None
-            raise failure[0]
-        return self
-
-    async def _start_server(self) -> None:
+    def build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
         app.router.add_get("/secrets/{name}", self._get_secret)
         app.router.add_get("/secrets/{name}/", self._get_secret)
         app.router.add_get("/secrets/{name}/{version}", self._get_secret)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self._port, ssl_context=server_tls_context(self._certs))
-        await site.start()
-        self._bound_port = self._runner.addresses[0][1]
+        return app
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return server_tls_context(self._certs)
 
     def stop(self) -> None:
-        if self._thread is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(30)
-            self._thread = None
-            self._loop = None
+        super().stop()
         if self._own_state_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
-
-    def __enter__(self) -> "KeyVaultStandIn":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     # -- HTTP ------------------------------------------------------------------------------------
 

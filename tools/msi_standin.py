@@ -34,14 +34,15 @@ Python API (tests)::
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from aiohttp import web
+
+from tools.http_standin import BackgroundHttpServer
 
 API_VERSION = "2019-08-01"
 TOKEN_PATH = "/msi/token"
@@ -68,14 +69,13 @@ class LoggedRequest:
     at: float
 
 
-class MsiStandIn:
+class MsiStandIn(BackgroundHttpServer):
     """The endpoint on its own thread and event loop. Public methods are thread-safe."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, header_secret: str | None = None,
                  token_lifetime: float = DEFAULT_TOKEN_LIFETIME,
                  assigned_client_ids: Iterable[str] | None = None) -> None:
-        self.host = host
-        self._port = port
+        super().__init__(host, port)
         self.header_secret = header_secret or secrets.token_urlsafe(24)
         self.token_lifetime = token_lifetime
         self.assigned_client_ids = None if assigned_client_ids is None else {c.lower() for c in assigned_client_ids}
@@ -83,10 +83,6 @@ class MsiStandIn:
         self._fixed: dict[str, str] = {}
         self._issued: list[IssuedToken] = []
         self._log: list[LoggedRequest] = []
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._bound_port = 0
 
     # -- tokens ----------------------------------------------------------------------------------
 
@@ -122,10 +118,6 @@ class MsiStandIn:
     # -- lifecycle -------------------------------------------------------------------------------
 
     @property
-    def port(self) -> int:
-        return self._bound_port
-
-    @property
     def endpoint(self) -> str:
         """IDENTITY_ENDPOINT."""
         return f"http://{self.host}:{self._bound_port}{TOKEN_PATH}"
@@ -134,57 +126,12 @@ class MsiStandIn:
         """The variables App Service sets for a managed identity."""
         return {"IDENTITY_ENDPOINT": self.endpoint, "IDENTITY_HEADER": self.header_secret}
 
-    def start(self) -> "MsiStandIn":
-        if self._thread is not None:
-            raise RuntimeError("MSI stand-in already running")
-        ready = threading.Event()
-        failure: list[BaseException] = []
+    thread_name = "msi-standin"
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._start_server())
-            except BaseException as exc:  # reported to start()
-                failure.append(exc)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup() if self._runner else asyncio.sleep(0))
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="msi-standin", daemon=True)
-        self._thread.start()
-        ready.wait(30)
-        if failure:
-            self._thread = None
-            raise failure[0]
-        return self
-
-    async def _start_server(self) -> None:
+    def build_app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", TOKEN_PATH, self._token)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self._port)
-        await site.start()
-        self._bound_port = self._runner.addresses[0][1]
-
-    def stop(self) -> None:
-        if self._thread is None or self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
-        self._thread = None
-        self._loop = None
-
-    def __enter__(self) -> "MsiStandIn":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        return app
 
     # -- HTTP ------------------------------------------------------------------------------------
 
