@@ -154,6 +154,13 @@ class TableGovernor:
         self.conflicts += 1
         await asyncio.sleep(self._rng.uniform(0, 0.004 * (2 ** min(attempt, 5))))
 
+    def known_resting(self, account: str, now: float) -> bool:
+        """Whether this process last saw the account cooling down or unhealthy (no Table call)."""
+        if self._snapshot is None:
+            return False
+        state = next((s for s in self._snapshot[0] if s.account == account), None)
+        return state is not None and state.available_at() > now
+
     def _remember(self, account: AccountState, tenant: TenantState | None) -> None:
         if self._snapshot is None:
             return

@@ -90,6 +90,10 @@ class AccountState:
     def recipients_today(self) -> int:
         return self.internal_today + self.external_today
 
+    def available_at(self) -> float:
+        """When the account stops resting (cooldown after throttling, or unhealthy)."""
+        return max(self.cooldown_until, self.unhealthy_until)
+
 
 @dataclass(frozen=True)
 class TenantState:

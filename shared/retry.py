@@ -7,6 +7,7 @@ import random
 
 # A queue message can be hidden for at most 7 days.
 MAX_VISIBILITY_SECONDS = 7 * 24 * 3600 - 60
+MAX_JITTER_SECONDS = 30.0
 
 
 def retry_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
@@ -21,5 +22,6 @@ def visibility_for(wait_seconds: float, jitter_fraction: float = 0.1, rng: rando
     crowd deferred to the same instant does not wake together."""
     rng = rng or random
     wait = max(0.0, wait_seconds)
-    jitter = rng.uniform(0, max(1.0, wait * jitter_fraction)) if jitter_fraction > 0 else 0.0
+    # At most half a minute of jitter: enough to spread a crowd, never hours on a day-long wait.
+    jitter = rng.uniform(0, min(MAX_JITTER_SECONDS, max(1.0, wait * jitter_fraction))) if jitter_fraction > 0 else 0.0
     return math.ceil(min(MAX_VISIBILITY_SECONDS, wait + jitter))

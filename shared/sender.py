@@ -254,7 +254,10 @@ class Relay:
                     delay = await self._requeue(stub, entry.booked_at - now, entry.attempts, jitter=False)
                     return Handled(entry.request_id, DEFERRED, "booked slot not reached", entry.booked_account, 0, delay)
                 # Late by up to half the margin is safe: the other half covers the SMTP exchange.
-                if now <= entry.booked_at + self.settings.pacing_margin_seconds / 2:
+                # An account that started resting since the booking is not used (this process's
+                # view of the governor, no extra round trip).
+                if (now <= entry.booked_at + self.settings.pacing_margin_seconds / 2
+                        and not self.governor.known_resting(entry.booked_account, now)):
                     account = entry.booked_account
                 # A booking missed by more than that is given up (its slot stays counted): ask again.
                 entry = entry.evolve(booked_account="", booked_at=0.0, booked_chunk=-1)
@@ -348,13 +351,19 @@ class Relay:
         return Handled(entry.request_id, state, reason, entry.account, entry.last_code)
 
     async def _save_quietly(self, entry: LedgerEntry) -> None:
-        """Record an outcome; on a lost ETag race the newer row wins unless it is less final."""
+        """Record an outcome. On a lost ETag race our row still wins, unless the other one is final
+        or another instance is sending right now (its outcome will follow)."""
         try:
             await self.ledger.save(entry)
         except LedgerConflict:
             current = await self.ledger.get(entry.request_id)
-            if current is None or current.state not in FINAL_STATES:
-                await self.ledger.put(entry)
+            if current is not None and current.state in FINAL_STATES:
+                return
+            if (current is not None and current.state == SENDING and entry.state != SENDING
+                    and current.updated.timestamp() + SENDING_LEASE_SECONDS > self.clock()
+                    and entry.state not in FINAL_STATES):
+                return
+            await self.ledger.put(entry)
 
     async def _refuse_unread(self, queue_message_id: str, refusal: RequestRefused, now: float) -> Handled:
         """A message that cannot even be read is recorded under its queue message id and set aside."""

@@ -34,6 +34,8 @@ def test_backoff_grows_and_is_capped_with_jitter():
     assert all(d <= 3600 for d in delays) and delays[-1] >= 1800
     assert visibility_for(10 ** 9) <= MAX_VISIBILITY_SECONDS
     assert visibility_for(0, rng=rng) >= 0
+    assert 20 * 3600 <= visibility_for(20 * 3600, rng=rng) <= 20 * 3600 + 30  # day-long waits: small jitter
+    assert visibility_for(12.5, jitter_fraction=0.0) == 13                  # bookings: exact, whole seconds
 
 
 def test_message_id_is_deterministic_per_request_and_distinct_per_chunk():
