@@ -248,36 +248,10 @@ class Relay:
         for index in range(entry.chunks_sent, len(chunks)):
             envelope = chunks[index]
             internal = sum(1 for a in envelope if a.rsplit("@", 1)[1].lower() in self.policy.internal_domains)
-            account = ""
-            if entry.booked_account and entry.booked_chunk == index:
-                if now < entry.booked_at:  # woke early: sleep again on the queue, not here
-                    delay = await self._requeue(stub, entry.booked_at - now, entry.attempts, jitter=False)
-                    return Handled(entry.request_id, DEFERRED, "booked slot not reached", entry.booked_account, 0, delay)
-                # Late by up to half the margin is safe: the other half covers the SMTP exchange.
-                # An account that started resting since the booking is not used (this process's
-                # view of the governor, no extra round trip).
-                if (now <= entry.booked_at + self.settings.pacing_margin_seconds / 2
-                        and not self.governor.known_resting(entry.booked_account, now)):
-                    account = entry.booked_account
-                # A booking missed by more than that is given up (its slot stays counted): ask again.
-                entry = entry.evolve(booked_account="", booked_at=0.0, booked_chunk=-1)
-            if not account:
-                decision = await self.governor.acquire(Shape(internal, len(envelope) - internal, request.account), now)
-                if isinstance(decision, Impossible):
-                    return await self._finish(entry, REFUSED, f"over-limit: {decision.reason}")
-                if isinstance(decision, Wait):
-                    if decision.until - entry.first_received.timestamp() > self.settings.max_age_seconds:
-                        return await self._finish(entry, DEAD, f"no send slot before the age limit ({decision.reason})")
-                    delay = await self._requeue(stub, decision.until - now, entry.attempts)
-                    await self._save_quietly(entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=_utc(now)))
-                    return Handled(entry.request_id, DEFERRED, decision.reason, "", 0, delay)
-                if decision.at > now:
-                    delay = await self._requeue(stub, decision.at - now, entry.attempts, jitter=False)
-                    await self._save_quietly(entry.evolve(
-                        state=DEFERRED, reason=f"booked a slot on {decision.account}", updated=_utc(now),
-                        booked_account=decision.account, booked_at=decision.at, booked_chunk=index))
-                    return Handled(entry.request_id, DEFERRED, "booked", decision.account, 0, delay)
-                account = decision.account
+            slot = await self._slot(entry, stub, Shape(internal, len(envelope) - internal, request.account), index, now)
+            if isinstance(slot, Handled):
+                return slot
+            account, entry = slot
             try:
                 entry = await self.ledger.save(entry.evolve(state=SENDING, account=account, attempts=entry.attempts + 1,
                                                             updated=_utc(now), reason="", chunks_sent=index))
@@ -309,6 +283,38 @@ class Relay:
         self.instruments.recipients.add(entry.internal_recipients, {"kind": "internal"})
         self.instruments.recipients.add(entry.external_recipients, {"kind": "external"})
         return await self._finish(entry, SENT, entry.reason)
+
+    async def _slot(self, entry: LedgerEntry, stub: dict, shape: Shape, index: int,
+                    now: float) -> tuple[str, LedgerEntry] | Handled:
+        """The account to send chunk `index` on now (with the entry minus a used-up booking), or
+        what became of the request when it cannot go now (booked, waiting, refused, dead)."""
+        if entry.booked_account and entry.booked_chunk == index:
+            if now < entry.booked_at:  # woke early: sleep again on the queue, not here
+                delay = await self._requeue(stub, entry.booked_at - now, entry.attempts, jitter=False)
+                return Handled(entry.request_id, DEFERRED, "booked slot not reached", entry.booked_account, 0, delay)
+            booked, booked_at = entry.booked_account, entry.booked_at
+            entry = entry.evolve(booked_account="", booked_at=0.0, booked_chunk=-1)
+            # Late by up to half the margin is safe: the other half covers the SMTP exchange. An
+            # account this process saw start resting since is not used (no extra round trip). A
+            # booking missed by more is given up (its slot stays counted) and a new slot asked for.
+            if now <= booked_at + self.settings.pacing_margin_seconds / 2 and not self.governor.known_resting(booked, now):
+                return booked, entry
+        decision = await self.governor.acquire(shape, now)
+        if isinstance(decision, Impossible):
+            return await self._finish(entry, REFUSED, f"over-limit: {decision.reason}")
+        if isinstance(decision, Wait):
+            if decision.until - entry.first_received.timestamp() > self.settings.max_age_seconds:
+                return await self._finish(entry, DEAD, f"no send slot before the age limit ({decision.reason})")
+            delay = await self._requeue(stub, decision.until - now, entry.attempts)
+            await self._save_quietly(entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=_utc(now)))
+            return Handled(entry.request_id, DEFERRED, decision.reason, "", 0, delay)
+        if decision.at > now:
+            delay = await self._requeue(stub, decision.at - now, entry.attempts, jitter=False)
+            await self._save_quietly(entry.evolve(
+                state=DEFERRED, reason=f"booked a slot on {decision.account}", updated=_utc(now),
+                booked_account=decision.account, booked_at=decision.at, booked_chunk=index))
+            return Handled(entry.request_id, DEFERRED, "booked", decision.account, 0, delay)
+        return decision.account, entry
 
     async def _not_sent(self, entry: LedgerEntry, stub: dict, verdict: Verdict, account: str, now: float) -> Handled:
         if verdict.outcome is Outcome.REFUSE:
