@@ -389,6 +389,7 @@ class _Prepared:
 
 # --- one Relay per event loop (the Python worker keeps one loop for the process) -----------------
 
+_exit_hook = None
 _relays: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, asyncio.Task]]" = weakref.WeakKeyDictionary()
 
 
@@ -397,8 +398,9 @@ async def get_relay() -> Relay:
     app settings (a local host restarted with new ones) gets its own Relay."""
     loop = asyncio.get_running_loop()
     key = tuple(os.environ.get(spec.name) for spec in SETTINGS)
-    if not _relays:
-        atexit.register(_close_at_exit)
+    global _exit_hook
+    if not _exit_hook:
+        _exit_hook = atexit.register(_close_at_exit)
     per_loop = _relays.setdefault(loop, {})
     task = per_loop.get(key)
     if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
