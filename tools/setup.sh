@@ -19,7 +19,9 @@ fi
 [[ -n "$PYTHON" ]] || { echo "Python 3.11 or newer is needed (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
 command -v npm >/dev/null 2>&1 || { echo "Node.js 20+ with npm is needed for Azurite" >&2; exit 1; }
 
-stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
+# Linux has sha256sum, macOS has shasum.
+if command -v sha256sum >/dev/null 2>&1; then hash_cmd=(sha256sum); else hash_cmd=(shasum -a 256); fi
+stamp_of() { cat "$@" | "${hash_cmd[@]}" | cut -c1-16; }
 
 if [[ ! -x .venv/bin/python ]]; then
   say "creating .venv with $PYTHON"
