@@ -10,7 +10,8 @@ say() { printf '[setup] %s\n' "$*"; }
 
 PYTHON="${PYTHON:-}"
 if [[ -z "$PYTHON" ]]; then
-  for candidate in python3.13 python3.12 python3.11 python3; do
+  # The deployed runtime is Python 3.11 (infra/), so prefer it locally too.
+  for candidate in python3.11 python3.12 python3.13 python3; do
     if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
       PYTHON="$candidate"; break
     fi
