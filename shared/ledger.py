@@ -86,10 +86,7 @@ def _to_row(entry: LedgerEntry) -> dict[str, Any]:
 
 def _from_row(row: Any) -> LedgerEntry:
     def when(name: str) -> datetime:
-        value = row.get(name)
-        if isinstance(value, datetime):
-            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-        return datetime.fromtimestamp(0, timezone.utc)
+        return _from_row_time(row.get(name))
 
     return LedgerEntry(
         request_id=row["PartitionKey"],
@@ -191,13 +188,13 @@ class Ledger:
                           "message_id": row.get("MessageId"), "at": row.get("At")})
         return found
 
-    async def summary(self) -> dict[str, Any]:
-        """Counts by state, by (state, reason), and of requests that took more than one attempt."""
+    async def summary(self, since: datetime | None = None) -> dict[str, Any]:
+        """Counts by state, by (state, reason), and of requests that took more than one attempt;
+        with `since`, only requests first received then or later."""
         by_state: dict[str, int] = {}
         reasons: dict[str, int] = {}
         retried = 0
-        async for row in self._table.query_entities("RowKey eq @rk", parameters={"rk": _ROW},
-                                                    select=["State", "Reason", "Attempts"]):
+        async for row in self._rows(since, ["State", "Reason", "Attempts"]):
             state = row.get("State", "?")
             retried += int(row.get("Attempts") or 0) > 1
             by_state[state] = by_state.get(state, 0) + 1
@@ -205,3 +202,33 @@ class Ledger:
                 key = f"{state}: {row['Reason'].split(':', 1)[0]}"
                 reasons[key] = reasons.get(key, 0) + 1
         return {"by_state": by_state, "reasons": reasons, "retried": retried}
+
+    async def report(self, since: datetime) -> list[dict[str, Any]]:
+        """The usage report HVE's own lacks, live and with errors: per UTC day, account and category,
+        requests by outcome and recipients by kind (recipients of sent requests only)."""
+        groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+        fields = ["State", "Account", "Category", "FirstReceived", "InternalRecipients", "ExternalRecipients"]
+        async for row in self._rows(since, fields):
+            day = _from_row_time(row.get("FirstReceived")).date().isoformat()
+            key = (day, row.get("Account") or "-", row.get("Category") or "-")
+            group = groups.setdefault(key, {"day": key[0], "account": key[1], "category": key[2], "requests": 0,
+                                            "outcomes": {}, "internal_recipients": 0, "external_recipients": 0})
+            state = row.get("State", "?")
+            group["requests"] += 1
+            group["outcomes"][state] = group["outcomes"].get(state, 0) + 1
+            if state == SENT:
+                group["internal_recipients"] += int(row.get("InternalRecipients") or 0)
+                group["external_recipients"] += int(row.get("ExternalRecipients") or 0)
+        return [groups[k] for k in sorted(groups)]
+
+    def _rows(self, since: datetime | None, fields: list[str]):
+        if since is None:
+            return self._table.query_entities("RowKey eq @rk", parameters={"rk": _ROW}, select=fields)
+        return self._table.query_entities("RowKey eq @rk and FirstReceived ge @since",
+                                          parameters={"rk": _ROW, "since": since}, select=fields)
+
+
+def _from_row_time(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return datetime.fromtimestamp(0, timezone.utc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from datetime import datetime, timedelta, timezone
 from email import message_from_bytes, policy
 
 import pytest
@@ -387,3 +388,24 @@ def test_deferred_copy_carries_the_first_queue_message_id_and_the_attempts(stora
     assert handled.state == "deferred" and handled.request_id == first_id
     assert len(copies) == 1 and copies[0]["id"] == first_id and copies[0]["attempt"] == 1
     assert copies[0]["to"] == mail()["to"]
+
+
+def test_usage_report_counts_outcomes_and_recipients_per_day_account_and_category(storage, emulator):
+    async def main():
+        relay = await open_relay(storage, emulator, HVE_ACCOUNTS="news@contoso.com")
+        try:
+            await enqueue(relay, mail(id="rep-1", category="orders", cc=["bob@contoso.com"]))
+            await enqueue(relay, mail(id="rep-2", category="orders"))
+            await enqueue(relay, mail(id="rep-3", category="orders", cc=["x@gmail.com"]))  # refused: external
+            await drain(relay)
+            return await relay.ledger.report(datetime.now(timezone.utc) - timedelta(days=1))
+        finally:
+            await relay.close()
+
+    rows = run(main())
+    today = datetime.now(timezone.utc).date().isoformat()
+    sent = next(r for r in rows if r["account"] == "news@contoso.com")
+    assert (sent["day"], sent["category"], sent["requests"], sent["outcomes"]) == (today, "orders", 2, {"sent": 2})
+    assert (sent["internal_recipients"], sent["external_recipients"]) == (3, 0)
+    refused = next(r for r in rows if r["account"] == "-")
+    assert refused["outcomes"] == {"refused": 1}
