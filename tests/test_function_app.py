@@ -34,6 +34,15 @@ def close_app_relays() -> None:
     asyncio.run_coroutine_threadsafe(close_relays(), _background_loop()).result(timeout=10)
 
 
+def run_send_mail(settings: dict[str, str]) -> list:
+    """send_mail under the local host until the queue is empty; the invocations it made."""
+    host = DevHost(ROOT / "function_app.py", settings, host_json=FAST_HOST, functions=["send_mail"])
+    try:
+        return host.run_until_idle(timeout=60)
+    finally:
+        close_app_relays()
+
+
 def test_queue_trigger_sends_raw_and_base64_requests(storage, emulator):
     settings = app_settings(storage, emulator)
     queue = QueueClient.from_connection_string(storage.connection_string, storage.queue_name)
@@ -41,11 +50,7 @@ def test_queue_trigger_sends_raw_and_base64_requests(storage, emulator):
     queue.send_message(json.dumps({"id": "fa-raw", "to": ["ann@contoso.com"], "subject": "raw", "text": "x"}))
     queue.send_message(base64.b64encode(json.dumps(
         {"id": "fa-b64", "to": ["bob@contoso.com"], "subject": "b64", "text": "y"}).encode()).decode())
-    host = DevHost(ROOT / "function_app.py", settings, host_json=FAST_HOST, functions=["send_mail"])
-    try:
-        invocations = host.run_until_idle(timeout=60)
-    finally:
-        close_app_relays()
+    invocations = run_send_mail(settings)
     assert [i.outcome for i in invocations] == ["Succeeded", "Succeeded"]
     assert {a.message_id for a in emulator.accepted()} == {message_id("fa-raw", "contoso.com"),
                                                            message_id("fa-b64", "contoso.com")}
@@ -58,11 +63,7 @@ def test_an_invocation_that_keeps_failing_lands_in_the_poison_queue_intact(stora
     queue = QueueClient.from_connection_string(storage.connection_string, storage.queue_name)
     queue.create_queue()
     queue.send_message(body)
-    host = DevHost(ROOT / "function_app.py", settings, host_json=FAST_HOST, functions=["send_mail"])
-    try:
-        invocations = host.run_until_idle(timeout=60)
-    finally:
-        close_app_relays()
+    invocations = run_send_mail(settings)
     assert [i.outcome for i in invocations] == ["Failed", "Failed"]
     poison = QueueClient.from_connection_string(storage.connection_string, storage.poison_queue_name)
     assert [m.content for m in poison.peek_messages()] == [body]
@@ -72,11 +73,7 @@ def test_an_invocation_that_keeps_failing_lands_in_the_poison_queue_intact(stora
     fixed = app_settings(storage, emulator)
     asyncio.run(poison_tool.run(Settings.from_env(fixed), "requeue"))
     assert list(poison.peek_messages()) == []
-    host = DevHost(ROOT / "function_app.py", fixed, host_json=FAST_HOST, functions=["send_mail"])
-    try:
-        assert [i.outcome for i in host.run_until_idle(timeout=60)] == ["Succeeded"]
-    finally:
-        close_app_relays()
+    assert [i.outcome for i in run_send_mail(fixed)] == ["Succeeded"]
     assert {a.message_id for a in emulator.accepted()} == {message_id("fa-poison", "contoso.com")}
 
 
