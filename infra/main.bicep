@@ -133,6 +133,18 @@ param hvePoolSize int = 4
 @description('An idle SMTP session older than this many seconds is closed.')
 param hvePoolIdleSeconds int = 60
 
+@description('Longest wait for a free SMTP session of an account, in seconds.')
+param hvePoolWaitSeconds int = 10
+
+@description('How long other deliveries of a request leave it alone while one instance is in its SMTP transaction, in seconds.')
+param sendLeaseSeconds int = 120
+
+@description('How far ahead the governor books send slots, in seconds.')
+param hveBookingHorizonSeconds int = 3600
+
+@description('At most this many booked slots fall due in one second (0: no spreading).')
+param hveBookingsPerSecond int = 8
+
 @description('Seconds an account that failed authentication is left out of rotation.')
 param accountUnhealthySeconds int = 900
 
@@ -328,6 +340,10 @@ var appSettings = {
   MAX_RECIPIENTS_PER_REQUEST: string(maxRecipientsPerRequest)
   HVE_POOL_SIZE: string(hvePoolSize)
   HVE_POOL_IDLE_SECONDS: string(hvePoolIdleSeconds)
+  HVE_POOL_WAIT_SECONDS: string(hvePoolWaitSeconds)
+  SEND_LEASE_SECONDS: string(sendLeaseSeconds)
+  HVE_BOOKING_HORIZON_SECONDS: string(hveBookingHorizonSeconds)
+  HVE_BOOKINGS_PER_SECOND: string(hveBookingsPerSecond)
   ACCOUNT_UNHEALTHY_SECONDS: string(accountUnhealthySeconds)
   ACCOUNT_COOLDOWN_SECONDS: string(accountCooldownSeconds)
   SEND_MAX_ATTEMPTS: string(sendMaxAttempts)

@@ -18,7 +18,8 @@ from typing import Any, Iterable
 from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 
-from .pacing import AccountState, Decision, Grant, Impossible, PacingConfig, Shape, TenantState, Wait, after_reply, decide
+from .pacing import (AccountState, Decision, Grant, Impossible, PacingConfig, Release, Shape, TenantState, Wait,
+                     after_reply, decide, release_slot)
 from .replies import Outcome, Verdict
 
 PARTITION = "governor"
@@ -28,15 +29,28 @@ MAX_CONFLICT_RETRIES = 10
 # How long this process decides from the state it last read or wrote before reading again.
 SNAPSHOT_SECONDS = 2.0
 
-__all__ = ["TableGovernor", "Grant", "Wait", "Impossible", "Shape", "AccountState", "TenantState"]
+__all__ = ["TableGovernor", "Grant", "Wait", "Impossible", "Release", "Shape", "AccountState", "TenantState"]
 
 
 def _slots_to_text(slots: tuple[float, ...]) -> str:
-    return ",".join(f"{s:.3f}" for s in slots)
+    """Slot times in milliseconds, each as the difference from the one before (a backlog booked an
+    hour ahead is hundreds of slots: this keeps the property far below Table's 32K-character limit)."""
+    if not slots:
+        return ""
+    ms = [round(s * 1000) for s in slots]
+    return "d:" + ",".join([str(ms[0])] + [str(b - a) for a, b in zip(ms, ms[1:])])
 
 
 def _slots_from_text(text: str | None) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",")) if text else ()
+    if not text:
+        return ()
+    if not text.startswith("d:"):  # rows written before the delta form: seconds with 3 decimals
+        return tuple(float(x) for x in text.split(","))
+    total, out = 0, []
+    for part in text[2:].split(","):
+        total += int(part)
+        out.append(total / 1000.0)
+    return tuple(out)
 
 
 def account_from_row(row: Any) -> AccountState:
@@ -91,17 +105,21 @@ class _Conflict(Exception):
 
 class TableGovernor:
     def __init__(self, table: Any, accounts: Iterable[str], config: PacingConfig,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, clock: Any = time.monotonic) -> None:
         self._table = table
         self._accounts = tuple(accounts)
         self.config = config
         self._rng = rng or random.Random()
+        self._monotonic = clock
         self.round_trips = 0   # Table calls, for the benchmark
         self.conflicts = 0
         self._lock = asyncio.Lock()
         self._snapshot: tuple[list[AccountState], TenantState | None] | None = None
         self._snapshot_at = 0.0
         self._stale: set[str] = set()
+        # Accounts this process keeps away from for a moment after a local failure (a credential
+        # read): never shared, because it says nothing about the account itself.
+        self._held: dict[str, float] = {}
 
     async def read(self) -> tuple[list[AccountState], TenantState | None]:
         """All accounts' rows and the tenant row: one query of one partition."""
@@ -121,27 +139,30 @@ class TableGovernor:
 
     async def _refresh(self) -> None:
         self._snapshot = await self.read()
-        self._snapshot_at = time.monotonic()
+        self._snapshot_at = self._monotonic()
         self._stale.clear()
 
-    async def _write(self, account: AccountState, tenant: TenantState | None, old_account_etag: str | None,
-                     old_tenant_etag: str | None) -> tuple[str | None, str | None]:
-        """Write the account row (and the tenant row in the same transaction); returns new ETags."""
+    async def _write(self, rows: list[tuple[AccountState, str | None]], tenant: TenantState | None,
+                     old_tenant_etag: str | None) -> tuple[list[str | None], str | None]:
+        """Write account rows (each If-Match its old ETag) and maybe the tenant row, all in one
+        transaction when there is more than one; returns the new ETags."""
         self.round_trips += 1
         try:
-            if tenant is None:
+            if tenant is None and len(rows) == 1:
+                account, old_etag = rows[0]
                 row = account_to_row(account)
-                if old_account_etag is None:
+                if old_etag is None:
                     meta = await self._table.create_entity(row)
                 else:
-                    meta = await self._table.update_entity(row, mode="replace", etag=old_account_etag,
+                    meta = await self._table.update_entity(row, mode="replace", etag=old_etag,
                                                            match_condition=MatchConditions.IfNotModified)
-                return meta.get("etag"), None
-            metas = await self._table.submit_transaction([
-                _operation(account_to_row(account), old_account_etag),
-                _operation(_tenant_to_row(tenant), old_tenant_etag),
-            ])
-            return metas[0].get("etag"), metas[1].get("etag")
+                return [meta.get("etag")], None
+            operations = [_operation(account_to_row(a), etag) for a, etag in rows]
+            if tenant is not None:
+                operations.append(_operation(_tenant_to_row(tenant), old_tenant_etag))
+            metas = await self._table.submit_transaction(operations)
+            etags = [m.get("etag") for m in metas]
+            return etags[:len(rows)], (etags[-1] if tenant is not None else None)
         except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError) as exc:
             raise _Conflict from exc
         except HttpResponseError as exc:  # TableTransactionError: 409/412 inside the batch
@@ -155,21 +176,33 @@ class TableGovernor:
         await asyncio.sleep(self._rng.uniform(0, 0.004 * (2 ** min(attempt, 5))))
 
     def known_resting(self, account: str, now: float) -> bool:
-        """Whether this process last saw the account cooling down or unhealthy (no Table call)."""
+        """Whether this process last saw the account cooling down or unhealthy, or holds it after a
+        local failure (no Table call)."""
+        if self._held.get(account, 0.0) > self._monotonic():
+            return True
         if self._snapshot is None:
             return False
         state = next((s for s in self._snapshot[0] if s.account == account), None)
         return state is not None and state.available_at() > now
 
-    def _remember(self, account: AccountState, tenant: TenantState | None) -> None:
+    def hold_locally(self, account: str, seconds: float) -> None:
+        """Keep this process off `account` for `seconds` (other instances are not told)."""
+        self._held[account] = max(self._held.get(account, 0.0), self._monotonic() + seconds)
+
+    def _remember(self, accounts: list[AccountState], tenant: TenantState | None) -> None:
         if self._snapshot is None:
             return
         states, old_tenant = self._snapshot
-        states = [account if s.account == account.account else s for s in states]
+        by_name = {a.account: a for a in accounts}
+        states = [by_name.get(s.account, s) for s in states]
         self._snapshot = (states, tenant if tenant is not None else old_tenant)
 
-    async def acquire(self, shape: Shape, now: float, *, allow_booking: bool = True) -> Decision:
+    async def acquire(self, shape: Shape, now: float, *, allow_booking: bool = True,
+                      release: Release | None = None, only: str | None = None) -> Decision:
         """Grant (maybe a booking later today), Wait, or Impossible.
+
+        `release`: the request's earlier slot, given back in the same write that takes the new one
+        (a late booking, a lapsed grant). `only`: decide for that account alone.
 
         Decisions in one process take turns (they would only race each other) and start from
         the state this process last read or wrote; the ETag on the write is what makes the
@@ -177,57 +210,109 @@ class TableGovernor:
         async with self._lock:
             fresh = False
             for attempt in range(MAX_CONFLICT_RETRIES):
-                if self._snapshot is None or time.monotonic() - self._snapshot_at > SNAPSHOT_SECONDS:
+                if self._snapshot is None or self._monotonic() - self._snapshot_at > SNAPSHOT_SECONDS:
                     await self._refresh()
                     fresh = True
                 states, tenant = self._snapshot
-                # Rows another instance changed under us are left out until the next read.
-                usable = [s for s in states if s.account not in self._stale] or states
-                decision = decide(usable, tenant, shape, now, self.config, self._rng, allow_booking=allow_booking)
+                usable = self._usable(states, release, only)
+                decision = decide(usable, tenant, shape, now, self.config, self._rng, allow_booking=allow_booking,
+                                  release=release)
                 if isinstance(decision, Wait) and not fresh:
                     await self._refresh()
                     fresh = True
                     continue
-                if not isinstance(decision, Grant):
+                rows: list[AccountState] = []
+                if isinstance(decision, Grant):
+                    rows.append(decision.account_state)
+                if decision.released_state is not None:
+                    rows.append(decision.released_state)
+                if not rows:
                     return decision
-                old = next(s for s in states if s.account == decision.account)
+                new_tenant = decision.tenant_state if isinstance(decision, Grant) else None
+                old = {s.account: s for s in states}
                 try:
-                    account_etag, tenant_etag = await self._write(
-                        decision.account_state, decision.tenant_state, old.etag, tenant.etag if tenant is not None else None)
+                    etags, tenant_etag = await self._write([(r, old[r.account].etag) for r in rows], new_tenant,
+                                                           tenant.etag if tenant is not None else None)
                 except _Conflict:
-                    # Only that row (or the tenant row) is known stale: try another account from
+                    # Only those rows (or the tenant row) are known stale: try another account from
                     # the same read, and read again once nothing fresh is left.
-                    self._stale.add(decision.account)
+                    self._stale.update(r.account for r in rows)
                     fresh = False
-                    if decision.tenant_state is not None or len(self._stale) >= len(states):
+                    if new_tenant is not None or release is not None or only is not None \
+                            or len(self._stale) >= len(states):
                         self._snapshot = None
                     await self._backoff(attempt)
                     continue
-                self._remember(replace(decision.account_state, etag=account_etag),
-                               replace(decision.tenant_state, etag=tenant_etag) if decision.tenant_state else None)
+                self._remember([replace(r, etag=e) for r, e in zip(rows, etags)],
+                               replace(new_tenant, etag=tenant_etag) if new_tenant is not None else None)
                 return decision
-        # Heavy contention: come back shortly rather than spin here.
+        # Heavy contention: come back shortly rather than spin here. A release not written is
+        # not lost: the caller gives it back with `refund` or the booking stays counted.
         return Wait(until=now + 1.0 + self._rng.uniform(0, 1.0), reason="governor contention")
 
-    async def report(self, account: str, verdict: Verdict, now: float) -> None:
-        """Throttling puts the account in cooldown; an authentication failure marks it unhealthy."""
-        if verdict.outcome is not Outcome.ACCOUNT and not verdict.throttled:
-            return
+    def _usable(self, states: list[AccountState], release: Release | None, only: str | None) -> list[AccountState]:
+        if only is not None:
+            return [s for s in states if s.account == only]
+        # Rows another instance changed under us are left out until the next read, and so are
+        # accounts this process holds after a local failure (unless nothing else is left).
+        held = {a for a, until in self._held.items() if until > self._monotonic()}
+        usable = [s for s in states if s.account not in self._stale and s.account not in held] or \
+            [s for s in states if s.account not in self._stale] or states
+        if release is not None and all(s.account != release.account for s in usable):
+            usable = usable + [s for s in states if s.account == release.account]
+        return usable
+
+    async def recheck(self, account: str, at: float, shape: Shape, now: float) -> float | None:
+        """A grant at `at` that got old before its message could go (a slow session): give the slot
+        back and take one now on the same account if it still fits. Returns the new slot time, or
+        None when it does not fit now (the old slot is given back either way)."""
+        decision = await self.acquire(shape, now, allow_booking=False, release=Release(account, at, shape), only=account)
+        if isinstance(decision, Grant) and decision.at <= now:
+            return decision.at
+        if decision.released_state is None and not isinstance(decision, Grant):
+            await self.refund(Release(account, at, shape))  # contention: give it back on its own
+        return None
+
+    async def refund(self, release: Release) -> None:
+        """Give back a slot whose message was definitely not delivered (a 4xx, a connection lost
+        before DATA, a refusal, a lost ledger race): its place in the rolling minute and its daily
+        counts. When it is unknown whether HVE accepted, callers keep the charge."""
         for attempt in range(MAX_CONFLICT_RETRIES):
+            state = await self._get(release.account)
+            updated = release_slot(state, release, self.config)
+            if updated == state:
+                return
             try:
-                self.round_trips += 1
-                row = await self._table.get_entity(PARTITION, _ACCOUNT_PREFIX + account)
-                state = account_from_row(row)
-            except ResourceNotFoundError:
-                state = AccountState(account=account)
-            updated = after_reply(state, verdict, now, self.config)
-            try:
-                etag, _ = await self._write(updated, None, state.etag, None)
+                (etag,), _ = await self._write([(updated, state.etag)], None, None)
             except _Conflict:
                 await self._backoff(attempt)
                 continue
             async with self._lock:
-                self._remember(replace(updated, etag=etag), None)
+                self._remember([replace(updated, etag=etag)], None)
+            return
+
+    async def _get(self, account: str) -> AccountState:
+        try:
+            self.round_trips += 1
+            return account_from_row(await self._table.get_entity(PARTITION, _ACCOUNT_PREFIX + account))
+        except ResourceNotFoundError:
+            return AccountState(account=account)
+
+    async def report(self, account: str, verdict: Verdict, now: float) -> None:
+        """Throttling puts the account in cooldown; an authentication failure HVE answered marks it
+        unhealthy. A local failure (code 0) changes nothing shared."""
+        if not verdict.throttled and not (verdict.outcome is Outcome.ACCOUNT and verdict.code):
+            return
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            state = await self._get(account)
+            updated = after_reply(state, verdict, now, self.config)
+            try:
+                (etag,), _ = await self._write([(updated, state.etag)], None, None)
+            except _Conflict:
+                await self._backoff(attempt)
+                continue
+            async with self._lock:
+                self._remember([replace(updated, etag=etag)], None)
             return
 
     async def states(self) -> list[AccountState]:

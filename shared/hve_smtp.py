@@ -12,7 +12,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Awaitable, Callable, Protocol, Sequence
 
 import aiosmtplib
 
@@ -105,8 +105,16 @@ class _AccountPool:
 @dataclass(frozen=True)
 class SubmitResult:
     verdict: Verdict
-    # Recipients the server refused while accepting the message for the others.
+    # Recipients the server refused for good (5xx at RCPT) while accepting the message for others.
     refused: dict[str, str] = field(default_factory=dict)
+    # Recipients the server refused for now (4xx at RCPT): they need another transaction.
+    deferred: dict[str, Verdict] = field(default_factory=dict)
+    # Whether HVE may have the message: the DATA command was sent and no final reply proved
+    # otherwise. False means "definitely not delivered" (safe to give the slot back, safe to
+    # resend at once).
+    maybe_delivered: bool = False
+    # The caller's `before_mail` check called the send off (nothing was sent).
+    called_off: bool = False
 
 
 @dataclass
@@ -114,6 +122,15 @@ class PoolStats:
     connections_opened: int = 0
     sessions_reused: int = 0
     transactions: int = 0
+
+
+def _called_off() -> SubmitResult:
+    return SubmitResult(Verdict(Outcome.DEFER, 0, "", "not sent: called off before MAIL FROM"), called_off=True)
+
+
+def _split(reply: str) -> tuple[int, str]:
+    code, _, text = reply.partition(" ")
+    return int(code), text
 
 
 class HveSmtp:
@@ -128,6 +145,7 @@ class HveSmtp:
         pool_size: int = 4,
         idle_seconds: float = 60.0,
         auth_failure_hold: float = AUTH_FAILURE_HOLD_SECONDS,
+        pool_wait: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._host, self._port = host, port
@@ -140,6 +158,7 @@ class HveSmtp:
         self._pools: dict[str, _AccountPool] = {}
         self._auth_failed: dict[str, tuple[float, Verdict]] = {}
         self._auth_failure_hold = auth_failure_hold
+        self._pool_wait = pool_wait
         self.stats = PoolStats()
 
     def _pool(self, account: str) -> _AccountPool:
@@ -163,40 +182,61 @@ class HveSmtp:
             raise
         return _Session(smtp, self._clock())
 
-    async def submit(self, account: str, recipients: Sequence[str], message: bytes) -> SubmitResult:
+    async def submit(self, account: str, recipients: Sequence[str], message: bytes, *,
+                     before_mail: Callable[[], Awaitable[bool]] | None = None) -> SubmitResult:
+        """One transaction for `recipients`. `before_mail` runs once a session is ready, just before
+        MAIL FROM (the moment that counts at HVE): returning False calls the send off."""
         pool = self._pool(account)
-        async with pool.slots:
-            held = self._auth_failed.get(account)
-            if held is not None and self._clock() < held[0]:
-                return SubmitResult(held[1])
-            # Every account's idle sessions are checked, so a quiet account's sessions close too.
-            for each in self._pools.values():
-                self._close_expired(each)
-            session = pool.idle.pop() if pool.idle else None
-            if session is not None:
-                self.stats.sessions_reused += 1
-                result, keep = await self._transaction(session, account, recipients, message)
-                if keep or result.verdict.code != 0:
-                    return self._finish(pool, session, result, keep)
-                session.smtp.close()
-                # A reused session was found dead before any reply: one fresh try is safe
-                # (and a resend after DATA is harmless: the Message-ID is the same).
-            try:
-                session = await self._open(account)
-            except AuthError as exc:
-                return SubmitResult(exc.verdict)
-            except aiosmtplib.SMTPAuthenticationError as exc:
-                verdict = classify_reply(exc.code, exc.message)
-                self._auth_failed[account] = (self._clock() + self._auth_failure_hold, verdict)
-                return SubmitResult(verdict)
-            except aiosmtplib.SMTPResponseException as exc:
-                return SubmitResult(classify_reply(exc.code, exc.message))
-            except CredentialError as exc:
-                return SubmitResult(Verdict(Outcome.ACCOUNT, 0, "", str(exc)))
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
-                return SubmitResult(connection_lost(f"{type(exc).__name__}: {exc}"))
+        try:
+            # Bounded: a message must not wait on a busy pool past its slot (and its ledger lease).
+            await asyncio.wait_for(pool.slots.acquire(), timeout=self._pool_wait)
+        except asyncio.TimeoutError:
+            return SubmitResult(Verdict(Outcome.DEFER, 0, "", f"no SMTP session free for {account} within {self._pool_wait:g} s"))
+        try:
+            return await self._submit(pool, account, recipients, message, before_mail)
+        finally:
+            pool.slots.release()
+
+    async def _submit(self, pool: _AccountPool, account: str, recipients: Sequence[str], message: bytes,
+                      before_mail: Callable[[], Awaitable[bool]] | None) -> SubmitResult:
+        held = self._auth_failed.get(account)
+        if held is not None and self._clock() < held[0]:
+            return SubmitResult(held[1])
+        # Every account's idle sessions are checked, so a quiet account's sessions close too.
+        for each in self._pools.values():
+            self._close_expired(each)
+        session = pool.idle.pop() if pool.idle else None
+        if session is not None:
+            self.stats.sessions_reused += 1
+            if before_mail is not None and not await before_mail():
+                return self._finish(pool, session, _called_off(), True)
+            before_mail = None
             result, keep = await self._transaction(session, account, recipients, message)
-            return self._finish(pool, session, result, keep)
+            if keep or result.verdict.code != 0 or result.maybe_delivered:
+                # A reply lost after DATA is never resent here: the caller defers it through the
+                # ledger, so the resend is governed and counted.
+                return self._finish(pool, session, result, keep)
+            session.smtp.close()
+            # The reused session was dead before DATA: one fresh session is safe.
+        try:
+            session = await self._open(account)
+        except AuthError as exc:
+            return SubmitResult(exc.verdict)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            verdict = classify_reply(exc.code, exc.message)
+            self._auth_failed[account] = (self._clock() + self._auth_failure_hold, verdict)
+            return SubmitResult(verdict)
+        except aiosmtplib.SMTPResponseException as exc:
+            return SubmitResult(classify_reply(exc.code, exc.message))
+        except CredentialError as exc:
+            # Code 0: a local failure (Key Vault, managed identity), not a reply about the account.
+            return SubmitResult(Verdict(Outcome.ACCOUNT, 0, "", f"credential: {exc}"[:300]))
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            return SubmitResult(connection_lost(f"{type(exc).__name__}: {exc}"))
+        if before_mail is not None and not await before_mail():
+            return self._finish(pool, session, _called_off(), True)
+        result, keep = await self._transaction(session, account, recipients, message)
+        return self._finish(pool, session, result, keep)
 
     def _finish(self, pool: _AccountPool, session: _Session, result: SubmitResult, keep: bool) -> SubmitResult:
         if keep:
@@ -209,26 +249,46 @@ class HveSmtp:
 
     async def _transaction(self, session: _Session, account: str, recipients: Sequence[str],
                            message: bytes) -> tuple[SubmitResult, bool]:
-        """One MAIL/RCPT/DATA exchange. Returns the result and whether the session can be reused."""
+        """MAIL, one RCPT per recipient, DATA, each step on its own so a failure is known to be
+        before DATA (nothing delivered) or after it (maybe delivered). Returns the result and
+        whether the session can be reused."""
         smtp = session.smtp
         self.stats.transactions += 1
+        data_sent = False
         try:
             if session.dirty or self._clock() - session.last_used > PROBE_AFTER_IDLE_SECONDS:
                 await smtp.rset()
             options = [f"SIZE={len(message)}"] if "size" in smtp.esmtp_extensions else []
-            refused, reply = await smtp.sendmail(account, list(recipients), message, mail_options=options)
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            first = exc.recipients[0]
-            return SubmitResult(classify_reply(first.code, first.message)), True
+            await smtp.mail(account, options=options)
+            refused: dict[str, str] = {}
+            deferred: dict[str, Verdict] = {}
+            for recipient in recipients:
+                try:
+                    await smtp.rcpt(recipient)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    verdict = classify_reply(exc.code, exc.message)
+                    if exc.code == 421:
+                        raise aiosmtplib.SMTPResponseException(exc.code, exc.message) from exc
+                    if 400 <= exc.code < 500:
+                        deferred[recipient] = verdict
+                    else:
+                        refused[recipient] = f"{exc.code} {exc.message}"
+            if len(refused) + len(deferred) == len(recipients):
+                # Nobody to send to: the first temporary refusal (it may be throttling) wins.
+                first = next(iter(deferred.values()), None) or classify_reply(*_split(next(iter(refused.values()))))
+                await smtp.rset()
+                return SubmitResult(first, refused, deferred), True
+            data_sent = True
+            reply = await smtp.data(message)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError, asyncio.TimeoutError) as exc:
-            return SubmitResult(connection_lost(f"{type(exc).__name__}: {exc}")), False
+            return SubmitResult(connection_lost(f"{type(exc).__name__}: {exc}"), maybe_delivered=data_sent), False
         except aiosmtplib.SMTPResponseException as exc:
+            # A reply, so the server's answer is known: not delivered.
             verdict = classify_reply(exc.code, exc.message)
             return SubmitResult(verdict), exc.code != 421 and smtp.is_connected
         except aiosmtplib.SMTPException as exc:
-            return SubmitResult(connection_lost(f"{type(exc).__name__}: {exc}")), False
-        verdict = classify_reply(250, reply)
-        return SubmitResult(verdict, {r: f"{resp.code} {resp.message}" for r, resp in refused.items()}), True
+            return SubmitResult(connection_lost(f"{type(exc).__name__}: {exc}"), maybe_delivered=data_sent), False
+        return SubmitResult(classify_reply(reply.code, reply.message), refused, deferred, maybe_delivered=True), True
 
     def _close_expired(self, pool: _AccountPool) -> None:
         now = self._clock()

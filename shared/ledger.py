@@ -49,6 +49,10 @@ class LedgerEntry:
     booked_account: str = ""
     booked_at: float = 0.0
     booked_chunk: int = -1
+    # Recipients by their index in the request's (de-duplicated) recipient list, never by address:
+    # refused for now (4xx at RCPT), still to go in a follow-up transaction; refused for good (5xx).
+    pending_recipients: tuple[int, ...] = ()
+    refused_recipients: tuple[int, ...] = ()
     etag: str | None = field(default=None, compare=False)
 
     def evolve(self, **changes: Any) -> "LedgerEntry":
@@ -81,7 +85,17 @@ def _to_row(entry: LedgerEntry) -> dict[str, Any]:
         "BookedAccount": entry.booked_account,
         "BookedAt": float(entry.booked_at),
         "BookedChunk": entry.booked_chunk,
+        "PendingRecipients": _indices_to_text(entry.pending_recipients),
+        "RefusedRecipients": _indices_to_text(entry.refused_recipients),
     }
+
+
+def _indices_to_text(indices: tuple[int, ...]) -> str:
+    return ",".join(str(i) for i in indices)
+
+
+def _indices_from_text(text: str | None) -> tuple[int, ...]:
+    return tuple(int(i) for i in text.split(",")) if text else ()
 
 
 def _from_row(row: Any) -> LedgerEntry:
@@ -108,6 +122,8 @@ def _from_row(row: Any) -> LedgerEntry:
         booked_account=row.get("BookedAccount", ""),
         booked_at=float(row.get("BookedAt", 0.0)),
         booked_chunk=int(row.get("BookedChunk", -1)),
+        pending_recipients=_indices_from_text(row.get("PendingRecipients")),
+        refused_recipients=_indices_from_text(row.get("RefusedRecipients")),
         etag=row.metadata.get("etag") if hasattr(row, "metadata") else None,
     )
 

@@ -9,18 +9,38 @@ Windows (from ../shared/docs/hve-facts.md, values from `Limits`):
 Rolling windows keep a log of slot times per account. A slot is counted from the time it was
 granted, plus a safety margin, because HVE counts a message when it arrives by its own clock.
 Future slots (bookings) go in the same log, so a backlog is spread over the coming minutes
-instead of waking all at once.
+instead of waking all at once. A slot may be placed anywhere it fits (`_fits`: every limit+1
+consecutive slots of the log span at least the window), not only after the last one, so a slot
+given back leaves a gap that the next request can use.
+
+Invariants (tests/test_pacing.py proves them with hypothesis):
+- Windows hold: in every account's log, any limit+1 consecutive slots span at least the window.
+- A slot is charged once: a booking that is released (its request came back late, or was never
+  delivered) leaves the log and the daily counts in the same write that takes its next slot.
+- Lateness never costs capacity: a request that comes back after its booked slot, however late,
+  is judged like a new request at the moment it came back, on the state without its own stale
+  booking. So it waits no longer than an on-time request would have plus its lateness (and when
+  nothing was decided after it, it goes at once), and it is never behind its own ghost.
+- Days never go backwards: a row already on day D+1 keeps its counts when a stale decision (or
+  an instance whose clock is behind) touches it with a time on day D; the slot is charged to D+1.
 
 Tenant-wide daily counts would make one Table row every instance writes on every message. So an
 account takes a block of the tenant's daily allowance at a time (one write of the tenant row per
 block), and spends it from its own row. The tenant row only ever hands out what the cap allows,
 so the cap holds; at most a little allowance per account goes unused at the end of a day.
+
+Bookings are spread over seconds (at most `bookings_per_second` tenant-wide in one second): a
+queue whose messages become visible every second or so keeps the Functions host polling at its
+shortest interval, while a wave of bookings all due at one second lets the host's poll back off
+towards `maxPollingInterval` in between, and every wave then comes back late.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
@@ -31,6 +51,8 @@ DAY = 86400.0
 MINUTE = 60.0
 # Recipients an account takes from the tenant allowance at once when far from the cap.
 ALLOWANCE_BLOCK = 500
+# How far a booking may be moved to a less crowded second before it just takes the crowded one.
+SPREAD_SEARCH_SECONDS = 120
 
 
 @dataclass(frozen=True)
@@ -41,6 +63,15 @@ class PacingConfig:
     daily_recipient_budget: int | None = None
     cooldown_seconds: float = 60.0
     unhealthy_seconds: float = 900.0
+    # Bookings go at most this far ahead; a request whose slot is further away waits unbooked.
+    booking_horizon_seconds: float = 3600.0
+    # At most this many bookings (tenant-wide) fall due in one second; 0 turns spreading off.
+    bookings_per_second: int = 8
+
+    @property
+    def window(self) -> float:
+        """The rolling minute as the governor counts it: HVE's minute plus the safety margin."""
+        return MINUTE + self.margin_seconds
 
     @property
     def tenant_cap(self) -> int | None:
@@ -73,8 +104,8 @@ class AccountState:
     external_today: int = 0
     messages_today: int = 0
     allowance: int = 0                       # tenant allowance held for `day`
-    slots: tuple[float, ...] = ()            # slot times of recent messages (rolling minute)
-    external_slots: tuple[float, ...] = ()   # slot times of recent messages with external recipients
+    slots: tuple[float, ...] = ()            # slot times of recent and booked messages (rolling minute)
+    external_slots: tuple[float, ...] = ()   # the same, for messages with external recipients
     last_granted: float = 0.0
     cooldown_until: float = 0.0
     unhealthy_until: float = 0.0
@@ -82,7 +113,9 @@ class AccountState:
     etag: str | None = field(default=None, compare=False)
 
     def on_day(self, day: int) -> "AccountState":
-        if self.day == day:
+        """The counts of daily window `day`. Never backwards: a row already on a later day keeps
+        its counts (a stale decision is charged to the row's day, which is the safe side)."""
+        if self.day >= day:
             return self
         return replace(self, day=day, internal_today=0, external_today=0, messages_today=0, allowance=0)
 
@@ -102,7 +135,17 @@ class TenantState:
     etag: str | None = field(default=None, compare=False)
 
     def on_day(self, day: int) -> "TenantState":
-        return self if self.day == day else replace(self, day=day, claimed=0)
+        return self if self.day >= day else replace(self, day=day, claimed=0)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A slot charged to `account` at `at` for a message of `shape` that will not be used there:
+    its request came back after the booked time, or the message was not delivered."""
+
+    account: str
+    at: float
+    shape: Shape
 
 
 @dataclass(frozen=True)
@@ -111,6 +154,9 @@ class Grant:
     at: float                 # slot time: now for a grant, later today for a booking
     account_state: AccountState
     tenant_state: TenantState | None   # None: the tenant row is not written
+    # The state of the account a Release gave a slot back to, when that is another account
+    # (written in the same transaction); None when there was no release or it is `account`.
+    released_state: AccountState | None = None
 
     def is_booking(self, now: float) -> bool:
         return self.at > now
@@ -120,31 +166,66 @@ class Grant:
 class Wait:
     until: float
     reason: str
+    # With a Release: the released account's state, to be written although nothing is granted.
+    released_state: AccountState | None = None
 
 
 @dataclass(frozen=True)
 class Impossible:
     reason: str
+    released_state: AccountState | None = None
 
 
 Decision = Grant | Wait | Impossible
 
 
-# --- per-account arithmetic ---------------------------------------------------------------------
-
-def _rolling_ready(slots: Sequence[float], limit: int | None, margin: float) -> float:
-    """Earliest time another slot fits in a rolling minute holding at most `limit` slots."""
-    if limit is None or len(slots) < limit:
-        return -math.inf
-    if limit == 0:
-        return math.inf
-    return slots[-limit] + MINUTE + margin
-
+# --- rolling windows ----------------------------------------------------------------------------
 
 def _ms_up(t: float) -> float:
     """A slot time as stored (milliseconds), never earlier than the real one: rounding down would
     let the next slot in the window come a fraction too soon."""
-    return math.ceil(t * 1000.0) / 1000.0
+    return math.ceil(t * 1000.0 - 1e-6) / 1000.0
+
+
+def _fits(log: Sequence[float], t: float, limit: int | None, window: float) -> bool:
+    """Whether a slot at `t` can join the sorted `log` with every limit+1 consecutive slots still
+    spanning at least `window` (so no rolling window holds more than `limit`)."""
+    if limit is None:
+        return True
+    if limit == 0:
+        return False
+    p = bisect.bisect_right(log, t)
+    around = list(log[max(0, p - limit):p]) + [t] + list(log[p:p + limit])
+    q = min(p, limit)  # where t stands in `around`
+    for i in range(max(0, q - limit), q + 1):
+        j = i + limit
+        if j < len(around) and around[j] - around[i] < window - 1e-9:
+            return False
+    return True
+
+
+def _rolling_ready(log: Sequence[float], t: float, limit: int | None, window: float) -> float:
+    """Earliest time >= t a slot fits in the log: t itself (maybe in a gap a released slot left),
+    else after the last `limit` slots, where a slot always fits."""
+    if limit is None or _fits(log, _ms_up(t), limit, window):
+        return t
+    if limit == 0:
+        return math.inf
+    return max(t, log[-limit] + window)
+
+
+def _add(log: tuple[float, ...], at: float, keep_after: float) -> tuple[float, ...]:
+    kept = [s for s in log if s > keep_after]
+    bisect.insort(kept, _ms_up(at))
+    return tuple(kept)
+
+
+def _remove(log: tuple[float, ...], at: float) -> tuple[float, ...]:
+    stored = _ms_up(at)
+    for i, s in enumerate(log):
+        if abs(s - stored) < 5e-4:
+            return log[:i] + log[i + 1:]
+    return log
 
 
 def impossible_reason(shape: Shape, cfg: PacingConfig) -> str | None:
@@ -165,6 +246,12 @@ def impossible_reason(shape: Shape, cfg: PacingConfig) -> str | None:
     return None
 
 
+def _slot_fits(state: AccountState, shape: Shape, t: float, cfg: PacingConfig) -> bool:
+    lim, at = cfg.limits, _ms_up(t)
+    return (_fits(state.slots, at, lim.messages_per_minute, cfg.window)
+            and (not shape.external or _fits(state.external_slots, at, lim.external_messages_per_minute, cfg.window)))
+
+
 def earliest_slot(state: AccountState, tenant: TenantState | None, shape: Shape, now: float,
                   cfg: PacingConfig) -> tuple[float, str]:
     """Earliest time this account can take the message if nothing else arrives, and what binds."""
@@ -173,12 +260,19 @@ def earliest_slot(state: AccountState, tenant: TenantState | None, shape: Shape,
     for candidate, reason in (
         (state.cooldown_until, f"cooling down after {state.last_problem or 'throttling'}"),
         (state.unhealthy_until, f"unhealthy ({state.last_problem or 'auth'})"),
-        (_rolling_ready(state.slots, lim.messages_per_minute, cfg.margin_seconds), "messages per minute"),
-        (_rolling_ready(state.external_slots, lim.external_messages_per_minute if shape.external else None,
-                        cfg.margin_seconds), "external messages per minute"),
     ):
         if candidate > t:
             t, why = candidate, reason
+    for _ in range(4):
+        moved = False
+        for log, limit, reason in ((state.slots, lim.messages_per_minute, "messages per minute"),
+                                   (state.external_slots, lim.external_messages_per_minute if shape.external else None,
+                                    "external messages per minute")):
+            ready = _rolling_ready(log, t, limit, cfg.window)
+            if ready > t:
+                t, why, moved = ready, reason, True
+        if not moved or _slot_fits(state, shape, t, cfg):
+            break
     # Daily windows: judged on the day the slot falls in; a full day sends it to the next one.
     for _ in range(3):
         day = cfg.day_of(t)
@@ -186,7 +280,7 @@ def earliest_slot(state: AccountState, tenant: TenantState | None, shape: Shape,
         full = _daily_full(acct, tenant.on_day(day) if tenant is not None else None, shape, cfg)
         if not full:
             return t, why
-        t, why = cfg.day_end(day), full
+        t, why = max(t, cfg.day_end(max(day, acct.day))), full
     return t, why
 
 
@@ -209,14 +303,8 @@ def take_slot(state: AccountState, tenant: TenantState | None, shape: Shape, at:
     """The states after the message takes the slot at `at` (>= now, on the same day)."""
     day = cfg.day_of(at)
     acct = state.on_day(day)
-    keep_after = now - MINUTE - cfg.margin_seconds
-    depth = max(cfg.limits.messages_per_minute or 0, cfg.limits.external_messages_per_minute or 0)
-
-    def log(slots: tuple[float, ...], add: bool) -> tuple[float, ...]:
-        if depth == 0:
-            return ()
-        kept = [s for s in slots if s > keep_after] + ([_ms_up(at)] if add else [])
-        return tuple(sorted(kept)[-depth:])
+    day = acct.day  # never backwards: a row already on a later day is charged on that day
+    keep_after = now - cfg.window
 
     new_tenant = None
     allowance = acct.allowance
@@ -230,28 +318,66 @@ def take_slot(state: AccountState, tenant: TenantState | None, shape: Shape, at:
             allowance += block
             new_tenant = replace(tenant_today, claimed=tenant_today.claimed + block)
         allowance -= shape.recipients
+    lim = cfg.limits
     new_state = replace(
         acct,
         internal_today=acct.internal_today + shape.internal,
         external_today=acct.external_today + shape.external,
         messages_today=acct.messages_today + 1,
         allowance=allowance,
-        slots=log(acct.slots, cfg.limits.messages_per_minute is not None),
-        external_slots=log(acct.external_slots, shape.external > 0 and cfg.limits.external_messages_per_minute is not None),
+        slots=_add(acct.slots, at, keep_after) if lim.messages_per_minute is not None else (),
+        external_slots=(_add(acct.external_slots, at, keep_after)
+                        if shape.external and lim.external_messages_per_minute is not None
+                        else tuple(s for s in acct.external_slots if s > keep_after)),
         last_granted=max(acct.last_granted, at),
     )
     return new_state, new_tenant
 
 
+def release_slot(state: AccountState, release: Release, cfg: PacingConfig) -> AccountState:
+    """Give a charged slot back: its place in the rolling logs and, if the row is still on the day
+    it was charged to, its daily counts and recipients (as allowance the account keeps)."""
+    shape = release.shape
+    state = replace(state, slots=_remove(state.slots, release.at),
+                    external_slots=_remove(state.external_slots, release.at) if shape.external else state.external_slots)
+    if state.day != cfg.day_of(release.at) or state.messages_today == 0:
+        return state
+    return replace(
+        state,
+        internal_today=max(0, state.internal_today - shape.internal),
+        external_today=max(0, state.external_today - shape.external),
+        messages_today=state.messages_today - 1,
+        allowance=state.allowance + shape.recipients if cfg.tenant_cap is not None else state.allowance,
+    )
+
+
 # --- the decision -------------------------------------------------------------------------------
 
 def decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Shape, now: float,
-           cfg: PacingConfig, rng: random.Random | None = None, *, allow_booking: bool = True) -> Decision:
+           cfg: PacingConfig, rng: random.Random | None = None, *, allow_booking: bool = True,
+           release: Release | None = None) -> Decision:
     """Grant now, book a slot later today, wait until a stated time, or refuse as impossible.
+
+    With `release`, the request's own earlier slot is given back first (it came back late, or was
+    not delivered), so the decision and the release are one write.
 
     Picks the account with the earliest slot; among accounts free now, the preferred one, else
     one at random (so instances reading the same state spread out)."""
     rng = rng or random.Random()
+    released: AccountState | None = None
+    if release is not None:
+        states = [release_slot(s, release, cfg) if s.account == release.account else s for s in states]
+        released = next((s for s in states if s.account == release.account), None)
+    decision = _decide(states, tenant, shape, now, cfg, rng, allow_booking)
+    if released is None:
+        return decision
+    if isinstance(decision, Grant):
+        return decision if decision.account == released.account else replace(decision, released_state=released)
+    return replace(decision, released_state=released)
+
+
+def _decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Shape, now: float,
+            cfg: PacingConfig, rng: random.Random, allow_booking: bool) -> Decision:
     impossible = impossible_reason(shape, cfg)
     if impossible:
         return Impossible(impossible)
@@ -272,14 +398,34 @@ def decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Sh
     today_end = cfg.day_end(cfg.day_of(now))
     if not allow_booking or best_t >= today_end:
         return Wait(until=best_t, reason=best_why)
+    if best_t - now > cfg.booking_horizon_seconds:
+        # Too far ahead to hold a place in the log: come back when the slot is within the horizon.
+        return Wait(until=max(now + 1.0, best_t - cfg.booking_horizon_seconds / 2), reason=best_why)
     # Book: spread over accounts whose slot is within a second of the best one.
-    near = [s for (t, _), s in slots if t <= best_t + 1.0]
-    pref = [s for s in near if s.account == shape.preferred_account]
-    chosen = pref[0] if pref else rng.choice(near)
-    at = math.ceil(max(t for (t, _), s in slots if s is chosen))
+    near = [(t, s) for (t, _), s in slots if t <= best_t + 1.0]
+    pref = [(t, s) for t, s in near if s.account == shape.preferred_account]
+    t, chosen = pref[0] if pref else rng.choice(near)
+    at = _spread(chosen, shape, float(math.ceil(t)), states, cfg)
     if at >= today_end:
         return Wait(until=best_t, reason=best_why)
     return _grant(chosen, tenant, shape, at, now, cfg, len(states))
+
+
+def _spread(state: AccountState, shape: Shape, at: float, states: Sequence[AccountState], cfg: PacingConfig) -> float:
+    """The first whole second from `at` with room for another booking tenant-wide, where the slot
+    still fits this account's windows (a later slot at the end of the log always does)."""
+    per_second = cfg.bookings_per_second
+    if per_second <= 0:
+        return at
+    due: Counter[int] = Counter()
+    for s in states:
+        for second, n in Counter(int(x) for x in (s.external_slots or s.slots) if x >= at).items():
+            due[second] += n
+    for k in range(SPREAD_SEARCH_SECONDS):
+        t = at + k
+        if due[int(t)] < per_second and _slot_fits(state, shape, t, cfg):
+            return t
+    return at
 
 
 def _grant(state: AccountState, tenant: TenantState | None, shape: Shape, at: float, now: float,
@@ -289,9 +435,11 @@ def _grant(state: AccountState, tenant: TenantState | None, shape: Shape, at: fl
 
 
 def after_reply(state: AccountState, verdict: Verdict, now: float, cfg: PacingConfig) -> AccountState:
-    """What a server reply teaches about the account that sent it."""
+    """What a server reply teaches about the account that sent it. Only a reply from HVE marks an
+    account: a local failure (a credential read, a refused unencrypted connection: code 0) says
+    nothing about the account and must not rest it on every instance."""
     problem = f"{verdict.code} {verdict.enhanced}".strip()
-    if verdict.outcome is Outcome.ACCOUNT:
+    if verdict.outcome is Outcome.ACCOUNT and verdict.code:
         return replace(state, unhealthy_until=now + cfg.unhealthy_seconds, last_problem=problem)
     if verdict.throttled:
         until = cfg.day_end(cfg.day_of(now)) if verdict.daily_quota else now + cfg.cooldown_seconds

@@ -31,8 +31,8 @@ from .contract import (
     validate_request,
 )
 from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential
-from .governor import TableGovernor
-from .pacing import Impossible, PacingConfig, Shape, Wait, chunk_recipients
+from .governor import Grant, TableGovernor
+from .pacing import Impossible, PacingConfig, Release, Shape, Wait, chunk_recipients
 from .hve_smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
 from .ledger import DEAD, DEFERRED, FINAL_STATES, REFUSED, SENDING, SENT, Ledger, LedgerConflict, LedgerEntry
 from .limits import Limits, resolve_limits
@@ -45,12 +45,15 @@ from .telemetry import Instruments
 
 log = logging.getLogger("hve_relay.sender")
 
-# A request some instance is submitting right now: others leave it alone this long...
-SENDING_LEASE_SECONDS = 120.0
-# ...and look again this often (usually the other instance has finished by then).
+# A request another instance is submitting right now (SEND_LEASE_SECONDS): look again this often
+# (usually the other instance has finished by then).
 BUSY_RECHECK_SECONDS = 5.0
 # After an account problem another account can usually take the message at once.
 ACCOUNT_RETRY_SECONDS = 2.0
+# After a local failure with an account (a credential read), this process leaves it alone this long.
+LOCAL_HOLD_SECONDS = 10.0
+# A slot whose session took too long to be ready is taken again after this short deferral.
+LAPSED_RETRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,9 @@ def pacing_config(settings: Settings, limits: Limits) -> PacingConfig:
                         day_offset_seconds=settings.daily_reset_seconds,
                         daily_recipient_budget=settings.daily_recipient_budget,
                         cooldown_seconds=settings.account_cooldown_seconds,
-                        unhealthy_seconds=settings.account_unhealthy_seconds)
+                        unhealthy_seconds=settings.account_unhealthy_seconds,
+                        booking_horizon_seconds=settings.booking_horizon_seconds,
+                        bookings_per_second=settings.bookings_per_second)
 
 
 def _utc(ts: float) -> datetime:
@@ -106,6 +111,7 @@ class Relay:
         self.clock = clock
         self.rng = rng or random.Random()
         self.instruments = Instruments()
+        self.stats = RelayStats()
         self.closers: list[Callable[[], Awaitable[None]]] = []
         self.policy = ValidationPolicy.from_settings(settings, limits)
         self.message_id_domain = settings.accounts[0].rsplit("@", 1)[1]
@@ -137,6 +143,7 @@ class Relay:
             context=tls_context(settings.smtp_ca_file), timeout=settings.smtp_timeout,
             pool_size=settings.pool_size, idle_seconds=settings.pool_idle_seconds,
             auth_failure_hold=min(AUTH_FAILURE_HOLD_SECONDS, settings.account_unhealthy_seconds),
+            pool_wait=settings.pool_wait_seconds,
         )
         ledger = Ledger(await storage.table(settings.ledger_table),
                         await storage.table(settings.recipient_index_table), settings.recipient_hash_key)
@@ -174,13 +181,13 @@ class Relay:
             return handled
 
     async def _handle(self, body: bytes | str, queue_message_id: str, dequeue_count: int) -> Handled:
-        now = self.clock()
+        received = self.clock()
         try:
             doc = decode_queue_body(body)
             claim = claim_check_of(doc)
             request_id = (claim.id if claim else parse_request_id(doc.get("id"))) or queue_message_id
         except RequestRefused as refusal:
-            return await self._refuse_unread(queue_message_id, refusal, now)
+            return await self._refuse_unread(queue_message_id, refusal, received)
         # What goes back on the queue: the caller's message, now carrying its id.
         stub = {**doc, "id": request_id}
 
@@ -188,28 +195,31 @@ class Relay:
         if entry is not None and entry.state in FINAL_STATES:
             return Handled(request_id, "duplicate", f"already {entry.state}", entry.account, entry.last_code)
         if entry is not None and entry.state == SENDING:
-            lease_left = entry.updated.timestamp() + SENDING_LEASE_SECONDS - now
+            lease_left = entry.updated.timestamp() + self.settings.send_lease_seconds - received
             if lease_left > 0:
                 delay = await self._requeue(stub, min(lease_left, BUSY_RECHECK_SECONDS), entry.attempts)
                 return Handled(request_id, "busy", "another instance is sending it", entry.account, 0, delay)
-        if entry is None:
-            entry = LedgerEntry(request_id=request_id, state="received", first_received=_utc(now), updated=_utc(now),
-                                queue_message_id=queue_message_id)
-
         try:
             prepared = await self._prepare(doc, claim, request_id)
         except RequestRefused as refusal:
+            entry = entry or LedgerEntry(request_id=request_id, state="received", first_received=_utc(received),
+                                         updated=_utc(received), queue_message_id=queue_message_id)
             return await self._finish(entry, REFUSED, f"{refusal.reason}: {refusal.detail}")
         request = prepared.request
         internal = sum(1 for r in request.recipients if is_internal(r, self.policy.internal_domains))
+        if entry is None:
+            entry = LedgerEntry(request_id=request_id, state="received", first_received=_utc(received),
+                                updated=_utc(received), queue_message_id=queue_message_id, chunks_total=0)
         entry = entry.evolve(category=request.category, internal_recipients=internal,
                              external_recipients=len(request.recipients) - internal,
                              message_id=message_id(request_id, self.message_id_domain),
-                             chunks_total=len(prepared.chunks))
-        expired = self._expired(entry, now)
+                             chunks_total=max(entry.chunks_total, len(prepared.chunks)))
+        # The clock is read after the downloads: a slot is the moment the message goes, not the
+        # moment the handler started.
+        expired = self._expired(entry, self.clock())
         if expired:
             return await self._finish(entry, DEAD, expired)
-        return await self._send_chunks(entry, stub, prepared, now)
+        return await self._send_chunks(entry, stub, prepared)
 
     async def _prepare(self, doc: dict, claim: Any, request_id: str) -> "_Prepared":
         """Read the full request (claim check, blob attachments), validate it, check its size."""
@@ -225,9 +235,9 @@ class Relay:
              a.content if a.content is not None else await self.payloads.read(a.blob_url, f"attachment {a.name!r}"))
             for a in request.attachments
         ]
-        prepared = _Prepared(request, attachments,
-                             chunk_recipients(dict.fromkeys(r.addr for r in request.recipients),
-                                              self.limits.recipients_per_message))
+        recipients = list(dict.fromkeys(r.addr for r in request.recipients))
+        prepared = _Prepared(request, attachments, recipients,
+                             chunk_recipients(range(len(recipients)), self.limits.recipients_per_message))
         # Built once here for the size check, and reused if the first chunk goes out as this account.
         prepared.first = self._message(prepared, request_id, self.settings.accounts[0], 0, self.clock())
         size = len(prepared.first)
@@ -235,59 +245,153 @@ class Relay:
             raise RequestRefused("too-large", f"the encoded message is {size} bytes; the limit is {self.limits.message_bytes}")
         return prepared
 
-    def _message(self, prepared: "_Prepared", request_id: str, account: str, chunk: int, now: float) -> bytes:
+    def _message(self, prepared: "_Prepared", request_id: str, account: str, index: int, now: float) -> bytes:
+        # Transaction `index` > 0 (another chunk, or a follow-up for recipients HVE deferred) has
+        # its own Message-ID suffix, or Exchange would drop it as a duplicate of the first.
         return build_message(prepared.request, request_id=request_id, account=account,
                              sender_name=self.settings.sender_name, message_id_domain=self.message_id_domain,
-                             attachments=prepared.attachments, now=_utc(now),
-                             chunk=chunk if len(prepared.chunks) > 1 else 0)
+                             attachments=prepared.attachments, now=_utc(now), chunk=index)
 
-    async def _send_chunks(self, entry: LedgerEntry, stub: dict, prepared: "_Prepared", now: float) -> Handled:
-        """Each chunk (one SMTP transaction) gets its own slot; progress lives in the ledger, so a
-        retry resumes at the first chunk not yet sent."""
-        request, chunks = prepared.request, prepared.chunks
-        for index in range(entry.chunks_sent, len(chunks)):
-            envelope = chunks[index]
-            internal = sum(1 for a in envelope if a.rsplit("@", 1)[1].lower() in self.policy.internal_domains)
-            slot = await self._slot(entry, stub, Shape(internal, len(envelope) - internal, request.account), index, now)
+    def _envelope(self, entry: LedgerEntry, prepared: "_Prepared", index: int) -> list[int] | None:
+        """Recipient indices of transaction `index`: a planned chunk, then follow-ups for the
+        recipients HVE deferred at RCPT; None when nothing is left to send."""
+        refused = set(entry.refused_recipients)
+        if index < len(prepared.chunks):
+            return [i for i in prepared.chunks[index] if i not in refused]
+        pending = [i for i in entry.pending_recipients if i not in refused]
+        return pending[:self.limits.recipients_per_message or len(pending)] or None
+
+    async def _send_chunks(self, entry: LedgerEntry, stub: dict, prepared: "_Prepared") -> Handled:
+        """Each transaction (a chunk, or a follow-up) gets its own slot; progress is saved in the
+        ledger after every accepted transaction, so a retry resumes at the first one not sent."""
+        index = entry.chunks_sent
+        deferred_here = False
+        while (envelope := self._envelope(entry, prepared, index)) is not None:
+            if not envelope:  # every recipient of this chunk was refused for good earlier
+                index += 1
+                entry = entry.evolve(chunks_sent=index)
+                continue
+            if index >= len(prepared.chunks) and deferred_here:
+                # HVE deferred some recipients a moment ago: they go in a follow-up, later.
+                return await self._retry_later(entry, stub, f"{len(entry.pending_recipients)} recipient(s) deferred by HVE")
+            addresses = [prepared.recipients[i] for i in envelope]
+            internal = sum(1 for a in addresses if a.rsplit("@", 1)[1].lower() in self.policy.internal_domains)
+            shape = Shape(internal, len(addresses) - internal, prepared.request.account)
+            slot = await self._slot(entry, stub, shape, index, self.clock())
             if isinstance(slot, Handled):
                 return slot
-            account, entry = slot
-            try:
-                entry = await self.ledger.save(entry.evolve(state=SENDING, account=account, attempts=entry.attempts + 1,
-                                                            updated=_utc(now), reason="", chunks_sent=index))
-            except LedgerConflict:
-                # Another delivery of the same request got there first; let it finish.
-                delay = await self._requeue(stub, BUSY_RECHECK_SECONDS, entry.attempts)
-                return Handled(entry.request_id, "busy", "another instance claimed it", account, 0, delay)
-
-            if index == 0 and account == self.settings.accounts[0] and prepared.first is not None:
-                message = prepared.first
-            else:
-                message = self._message(prepared, entry.request_id, account, index, now)
-            result = await self.smtp.submit(account, envelope, message)
-            verdict = result.verdict
-            self.instruments.smtp_replies.add(1, {"code": verdict.enhanced or str(verdict.code), "account": account})
-            await self.governor.report(account, verdict, self.clock())
-            now = self.clock()
-            entry = entry.evolve(last_code=verdict.code, last_reply=verdict.text[:300], updated=_utc(now))
-            if verdict.outcome is not Outcome.SENT:
-                return await self._not_sent(entry, stub, verdict, account, now)
-            entry = entry.evolve(chunks_sent=index + 1)
-            accepted = [a for a in envelope if a not in result.refused]
-            if len(chunks) > 1:
-                await self.ledger.record_chunk(entry, index, account=account, recipients=len(accepted), code=verdict.code,
-                                               message_id=message_id(entry.request_id, self.message_id_domain, index))
-            await self.ledger.index_recipients(entry.evolve(state=SENT), accepted)
-            if result.refused:
-                entry = entry.evolve(reason=f"{len(result.refused)} recipient(s) refused by the server")
+            account, slot_at, entry = slot
+            sent = await self._transaction(entry, stub, prepared, index, envelope, account, slot_at, shape)
+            if isinstance(sent, Handled):
+                return sent
+            deferred_here = deferred_here or len(sent.pending_recipients) > len(entry.pending_recipients)
+            entry = sent
+            index += 1
+        everyone = len(prepared.recipients)
         self.instruments.recipients.add(entry.internal_recipients, {"kind": "internal"})
         self.instruments.recipients.add(entry.external_recipients, {"kind": "external"})
-        return await self._finish(entry, SENT, entry.reason)
+        if len(entry.refused_recipients) >= everyone:
+            return await self._finish(entry, REFUSED, f"refused by HVE: all {everyone} recipient(s)")
+        reason = f"{len(entry.refused_recipients)} recipient(s) refused by HVE" if entry.refused_recipients else ""
+        return await self._finish(entry, SENT, reason)
+
+    async def _transaction(self, entry: LedgerEntry, stub: dict, prepared: "_Prepared", index: int,
+                           envelope: list[int], account: str, slot_at: float, shape: Shape) -> LedgerEntry | Handled:
+        """One SMTP transaction on a granted slot; the new entry when HVE accepted it."""
+        addresses = [prepared.recipients[i] for i in envelope]
+        lapse = self.settings.pacing_margin_seconds / 2
+        trying = entry.evolve(account=account, attempts=entry.attempts + 1, reason="")
+        called_off = ""
+
+        async def before_mail() -> bool:
+            # The moment that counts at HVE. A grant that got old waiting for a session is taken
+            # again (or given back), and only now is the request claimed in the ledger, so the
+            # claim's lease never runs out while the message still waits for a session.
+            nonlocal slot_at, trying, called_off
+            now = self.clock()
+            if now - slot_at > lapse:
+                new_at = await self.governor.recheck(account, slot_at, shape, now)
+                if new_at is None:
+                    called_off = "lapsed"
+                    return False
+                slot_at = new_at
+            try:
+                trying = await self.ledger.save(trying.evolve(state=SENDING, updated=_utc(now), chunks_sent=index))
+            except LedgerConflict:
+                called_off = "claimed"
+                return False
+            return True
+
+        if index == 0 and account == self.settings.accounts[0] and prepared.first is not None:
+            message = prepared.first
+        else:
+            message = self._message(prepared, entry.request_id, account, index, self.clock())
+        result = await self.smtp.submit(account, addresses, message, before_mail=before_mail)
+        if called_off == "claimed":
+            # Another delivery of the same request got there first; let it finish.
+            await self.governor.refund(Release(account, slot_at, shape))
+            delay = await self._requeue(stub, BUSY_RECHECK_SECONDS, entry.attempts)
+            return Handled(entry.request_id, "busy", "another instance claimed it", account, 0, delay)
+        if called_off == "lapsed":
+            # recheck gave the slot back already.
+            self.stats.lapsed += 1
+            delay = await self._requeue(stub, LAPSED_RETRY_SECONDS, entry.attempts)
+            await self._save_quietly(entry.evolve(state=DEFERRED, reason="waiting: the slot lapsed before an SMTP session was ready",
+                                                  updated=_utc(self.clock())))
+            return Handled(entry.request_id, DEFERRED, "slot lapsed", account, 0, delay)
+
+        verdict = result.verdict
+        now = self.clock()
+        self.instruments.smtp_replies.add(1, {"code": verdict.enhanced or str(verdict.code), "account": account})
+        # Throttling at RCPT teaches the governor as much as at DATA.
+        feedback = verdict if verdict.throttled else next((v for v in result.deferred.values() if v.throttled), verdict)
+        await self.governor.report(account, feedback, now)
+        refused_now = [i for i, a in zip(envelope, addresses) if a in result.refused]
+        deferred_now = [i for i, a in zip(envelope, addresses) if a in result.deferred]
+        trying = trying.evolve(last_code=verdict.code, last_reply=verdict.text[:300], updated=_utc(now),
+                               refused_recipients=tuple(sorted(set(trying.refused_recipients) | set(refused_now))))
+        if verdict.outcome is not Outcome.SENT:
+            if not result.maybe_delivered:
+                # Definitely not delivered: the charge goes back. (A reply lost after DATA keeps it.)
+                await self.governor.refund(Release(account, slot_at, shape))
+            return await self._not_sent(trying, stub, verdict, account, now)
+        pending = [i for i in trying.pending_recipients if i not in envelope] + deferred_now
+        done = trying.evolve(chunks_sent=index + 1, pending_recipients=tuple(pending),
+                             chunks_total=max(trying.chunks_total, index + (2 if pending else 1)))
+        # Progress is durable before the next slot is asked for: a crash or a failed governor call
+        # from here on never sends this transaction again.
+        done = await self._save_progress(done)
+        accepted = [a for i, a in zip(envelope, addresses) if i not in refused_now and i not in deferred_now]
+        if done.chunks_total > 1:
+            await self.ledger.record_chunk(done, index, account=account, recipients=len(accepted), code=verdict.code,
+                                           message_id=message_id(done.request_id, self.message_id_domain, index))
+        await self.ledger.index_recipients(done.evolve(state=SENT), accepted)
+        return done
+
+    async def _save_progress(self, entry: LedgerEntry) -> LedgerEntry:
+        try:
+            return await self.ledger.save(entry)
+        except LedgerConflict:
+            # The row changed under us (a duplicate delivery waiting out our lease looked at it):
+            # what HVE accepted is the truth, so our progress wins.
+            return await self.ledger.put(entry)
+
+    async def _retry_later(self, entry: LedgerEntry, stub: dict, why: str) -> Handled:
+        now = self.clock()
+        expired = self._expired(entry, now)
+        if expired:
+            return await self._finish(entry, DEAD, f"{expired}; {why}")
+        wait = retry_delay(entry.attempts, self.settings.retry_base_seconds, self.settings.retry_max_seconds, self.rng)
+        delay = await self._requeue(stub, wait, entry.attempts)
+        await self._save_quietly(entry.evolve(state=DEFERRED, reason=why, updated=_utc(now)))
+        return Handled(entry.request_id, DEFERRED, why, entry.account, entry.last_code, delay)
 
     async def _slot(self, entry: LedgerEntry, stub: dict, shape: Shape, index: int,
-                    now: float) -> tuple[str, LedgerEntry] | Handled:
-        """The account to send chunk `index` on now (with the entry minus a used-up booking), or
-        what became of the request when it cannot go now (booked, waiting, refused, dead)."""
+                    now: float) -> tuple[str, float, LedgerEntry] | Handled:
+        """The account and slot time to send transaction `index` on now (with the entry minus a
+        used-up booking), or what became of the request when it cannot go now (booked, waiting,
+        refused, dead)."""
+        release = None
         if entry.booked_account and entry.booked_chunk == index:
             if now < entry.booked_at:  # woke early: sleep again on the queue, not here
                 delay = await self._requeue(stub, entry.booked_at - now, entry.attempts, jitter=False)
@@ -295,11 +399,16 @@ class Relay:
             booked, booked_at = entry.booked_account, entry.booked_at
             entry = entry.evolve(booked_account="", booked_at=0.0, booked_chunk=-1)
             # Late by up to half the margin is safe: the other half covers the SMTP exchange. An
-            # account this process saw start resting since is not used (no extra round trip). A
-            # booking missed by more is given up (its slot stays counted) and a new slot asked for.
+            # account this process saw start resting since is not used (no extra round trip).
             if now <= booked_at + self.settings.pacing_margin_seconds / 2 and not self.governor.known_resting(booked, now):
-                return booked, entry
-        decision = await self.governor.acquire(shape, now)
+                return booked, booked_at, entry
+            # Later than that: the booking is given back in the same write that takes the next
+            # slot, which is now if the windows allow it.
+            release = Release(booked, booked_at, shape)
+            self.stats.late += 1
+        decision = await self.governor.acquire(shape, now, release=release)
+        if release is not None and not (isinstance(decision, Grant) and decision.at <= now):
+            self.stats.late_rebooked += 1
         if isinstance(decision, Impossible):
             return await self._finish(entry, REFUSED, f"over-limit: {decision.reason}")
         if isinstance(decision, Wait):
@@ -314,7 +423,7 @@ class Relay:
                 state=DEFERRED, reason=f"booked a slot on {decision.account}", updated=_utc(now),
                 booked_account=decision.account, booked_at=decision.at, booked_chunk=index))
             return Handled(entry.request_id, DEFERRED, "booked", decision.account, 0, delay)
-        return decision.account, entry
+        return decision.account, decision.at, entry
 
     async def _not_sent(self, entry: LedgerEntry, stub: dict, verdict: Verdict, account: str, now: float) -> Handled:
         if verdict.outcome is Outcome.REFUSE:
@@ -324,6 +433,10 @@ class Relay:
         if expired:
             return await self._finish(entry, DEAD, f"{expired}; last reply {verdict.code} {verdict.text}"[:300])
         if verdict.outcome is Outcome.ACCOUNT:
+            if not verdict.code:
+                # A local failure (a credential read): this process leaves the account alone for
+                # a moment; nothing is shared, the account itself may be fine.
+                self.governor.hold_locally(account, LOCAL_HOLD_SECONDS)
             wait, why = ACCOUNT_RETRY_SECONDS, f"account {account} unavailable: {verdict.code} {verdict.text}"[:300]
         else:
             wait = retry_delay(entry.attempts, self.settings.retry_base_seconds, self.settings.retry_max_seconds, self.rng)
@@ -366,7 +479,7 @@ class Relay:
             if current is not None and current.state in FINAL_STATES:
                 return
             if (current is not None and current.state == SENDING and entry.state != SENDING
-                    and current.updated.timestamp() + SENDING_LEASE_SECONDS > self.clock()
+                    and current.updated.timestamp() + self.settings.send_lease_seconds > self.clock()
                     and entry.state not in FINAL_STATES):
                 return
             await self.ledger.put(entry)
@@ -383,8 +496,18 @@ class Relay:
 class _Prepared:
     request: MailRequest
     attachments: list[tuple[str, str, bytes]]
-    chunks: list[list[str]]       # envelope recipients of each SMTP transaction
+    recipients: list[str]         # envelope addresses, de-duplicated; the ledger names them by index
+    chunks: list[list[int]]       # recipient indices of each planned SMTP transaction
     first: bytes | None = None    # the message of chunk 0 as the first account
+
+
+@dataclass
+class RelayStats:
+    """Counts for the simulation and the benchmarks (per process)."""
+
+    late: int = 0            # requests that came back after their booked slot plus the tolerance
+    late_rebooked: int = 0   # ...of which could not go at once and were booked again (or wait)
+    lapsed: int = 0          # grants that got old waiting for an SMTP session and were not taken again
 
 
 # --- one Relay per event loop (the Python worker keeps one loop for the process) -----------------

@@ -49,9 +49,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("HVE_DAILY_RECIPIENT_BUDGET", "", "Cost guard: at most this many recipients per daily window across all accounts (empty: no guard)."),
     SettingSpec("HVE_DAILY_RESET_UTC", "00:00", "Time of day (UTC, HH:MM) at which the daily windows (quotas, budget) start."),
     SettingSpec("HVE_PACING_MARGIN_SECONDS", "2", "Safety margin added to each rolling-minute window: HVE counts a message when it arrives, not when it was granted."),
+    SettingSpec("HVE_BOOKING_HORIZON_SECONDS", "3600", "How far ahead the governor books send slots for a backlog; a request whose slot is further away waits unbooked and asks again later."),
+    SettingSpec("HVE_BOOKINGS_PER_SECOND", "8", "At most this many booked slots (tenant-wide) fall due in one second, so the queue's messages come back spread out and the Functions host keeps polling often; 0 turns spreading off."),
     SettingSpec("MAX_RECIPIENTS_PER_REQUEST", "500", "Recipients one request may have; above the per-message limit a request is sent as several SMTP transactions."),
     SettingSpec("HVE_POOL_SIZE", "4", "Open SMTP sessions kept per HVE account in one worker process."),
     SettingSpec("HVE_POOL_IDLE_SECONDS", "60", "An idle SMTP session older than this is closed."),
+    SettingSpec("HVE_POOL_WAIT_SECONDS", "10", "Longest wait for a free SMTP session of an account; past it the request is deferred (its slot given back)."),
+    SettingSpec("SEND_LEASE_SECONDS", "120", "While one instance is in an SMTP transaction for a request, other deliveries of it leave it alone this long."),
     SettingSpec("ACCOUNT_UNHEALTHY_SECONDS", "900", "How long an account that failed authentication is left out of rotation."),
     SettingSpec("ACCOUNT_COOLDOWN_SECONDS", "60", "How long an account is rested after HVE throttles it (4.5.104, 421); a daily-quota reply (4.5.102) rests it until its daily window resets."),
     SettingSpec("SEND_MAX_ATTEMPTS", "12", "Attempts before a request is recorded as dead."),
@@ -150,6 +154,10 @@ class Settings:
     max_recipients_per_request: int
     pool_size: int
     pool_idle_seconds: float
+    pool_wait_seconds: float
+    send_lease_seconds: float
+    booking_horizon_seconds: float
+    bookings_per_second: int
     account_unhealthy_seconds: float
     account_cooldown_seconds: float
     max_attempts: int
@@ -254,6 +262,10 @@ class Settings:
             max_recipients_per_request=max(1, number("MAX_RECIPIENTS_PER_REQUEST", int)),
             pool_size=max(1, number("HVE_POOL_SIZE", int)),
             pool_idle_seconds=number("HVE_POOL_IDLE_SECONDS"),
+            pool_wait_seconds=max(0.1, number("HVE_POOL_WAIT_SECONDS")),
+            send_lease_seconds=max(10.0, number("SEND_LEASE_SECONDS")),
+            booking_horizon_seconds=max(60.0, number("HVE_BOOKING_HORIZON_SECONDS")),
+            bookings_per_second=max(0, number("HVE_BOOKINGS_PER_SECOND", int)),
             account_unhealthy_seconds=number("ACCOUNT_UNHEALTHY_SECONDS"),
             account_cooldown_seconds=number("ACCOUNT_COOLDOWN_SECONDS"),
             max_attempts=max(1, number("SEND_MAX_ATTEMPTS", int)),
