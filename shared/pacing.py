@@ -405,25 +405,39 @@ def _decide(states: Sequence[AccountState], tenant: TenantState | None, shape: S
     near = [(t, s) for (t, _), s in slots if t <= best_t + 1.0]
     pref = [(t, s) for t, s in near if s.account == shape.preferred_account]
     t, chosen = pref[0] if pref else rng.choice(near)
-    at = _spread(chosen, shape, float(math.ceil(t)), states, cfg)
+    # A whole number of seconds from now: the queue's visibility delay is whole seconds, so the
+    # message comes back at its slot, not up to a second after it.
+    at = _spread(chosen, shape, now + math.ceil(t - now - 1e-9), states, cfg)
     if at >= today_end:
         return Wait(until=best_t, reason=best_why)
     return _grant(chosen, tenant, shape, at, now, cfg, len(states))
 
 
 def _spread(state: AccountState, shape: Shape, at: float, states: Sequence[AccountState], cfg: PacingConfig) -> float:
-    """The first whole second from `at` with room for another booking tenant-wide, where the slot
-    still fits this account's windows (a later slot at the end of the log always does)."""
-    per_second = cfg.bookings_per_second
-    if per_second <= 0:
+    """The first of at, at+1, at+2 ... whose second has room for another booking tenant-wide, where
+    the slot still fits this account's windows (a later slot at the end of the log always does).
+
+    Room per second follows the accounts' combined rate (at most `bookings_per_second`), so the
+    bookings of a backlog cover every second of the minute instead of bunching: a queue whose
+    messages come back every second keeps the host polling at its shortest interval."""
+    ceiling = cfg.bookings_per_second
+    if ceiling <= 0:
         return at
+    limit = (cfg.limits.external_messages_per_minute if shape.external else None) or cfg.limits.messages_per_minute
+    rate = min(float(ceiling), limit * len(states) / cfg.window) if limit else float(ceiling)
+
+    def room(second: int) -> int:  # whole bookings in this second at `rate` per second on average
+        return max(1, math.floor((second + 1) * rate) - math.floor(second * rate)) if rate < 1 else \
+            math.floor((second + 1) * rate) - math.floor(second * rate)
+
     due: Counter[int] = Counter()
     for s in states:
-        for second, n in Counter(int(x) for x in (s.external_slots or s.slots) if x >= at).items():
-            due[second] += n
+        log = s.external_slots or s.slots
+        for x in log[bisect.bisect_left(log, at - 1):bisect.bisect_left(log, at + SPREAD_SEARCH_SECONDS + 1)]:
+            due[int(x)] += 1
     for k in range(SPREAD_SEARCH_SECONDS):
         t = at + k
-        if due[int(t)] < per_second and _slot_fits(state, shape, t, cfg):
+        if due[int(t)] < room(int(t)) and _slot_fits(state, shape, t, cfg):
             return t
     return at
 
