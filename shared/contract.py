@@ -22,6 +22,9 @@ MAX_REQUEST_ID_LENGTH = 200
 MAX_SUBJECT_LENGTH = 998
 MAX_CATEGORY_LENGTH = 64
 MAX_CUSTOM_HEADERS = 20
+# The contract nests three levels (request -> attachments -> attachment); anything deeper is junk,
+# and walking it could exhaust the interpreter's recursion limit.
+MAX_JSON_DEPTH = 8
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@=+-]{0,199}$")
 # RFC 5322 dot-atom local part; domain of LDH labels with at least one dot.
@@ -140,9 +143,56 @@ def decode_queue_body(body: bytes | str) -> dict[str, Any]:
         raise RequestRefused("malformed", "the queue message is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise RequestRefused("malformed", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise RequestRefused("malformed", f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError:
+        # e.g. an integer of thousands of digits (Python's int conversion limit)
+        raise RequestRefused("malformed", "JSON holds a number too large to read") from None
     if not isinstance(doc, dict):
         raise RequestRefused("malformed", "the request must be a JSON object")
+    _check_tree(doc)
     return doc
+
+
+def _check_tree(doc: Any) -> None:
+    """Refuse what would break later stages: nesting beyond the contract, and strings that are not
+    Unicode text (JSON's \\ud800 escapes decode to lone surrogates, which no encoder accepts)."""
+    stack: list[tuple[Any, str, int]] = [(doc, "", 1)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestRefused("malformed", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                if not _is_text(key):
+                    raise RequestRefused("bad-encoding", f"a field name under {where or 'the request'} is not valid Unicode text")
+                stack.append((item, path, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str) and not _is_text(value):
+            # The path names fields of the contract only up to here; never the value itself.
+            raise RequestRefused("bad-encoding", f"{_safe_path(where)} is not valid Unicode text (a lone surrogate)")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _safe_path(path: str) -> str:
+    # Field names are caller-chosen; keep the ones the contract knows, mask the rest.
+    parts = re.split(r"(\[\d+\])|\.", path)
+    known = _FIELDS | {"claimCheck", "blobUrl", "name", "contentType", "contentBase64"}
+    out = []
+    for part in parts:
+        if not part:
+            continue
+        out.append(part if part in known or part.startswith("[") or _CUSTOM_HEADER_NAME.match(part) else "?")
+    return ".".join(out).replace(".[", "[") or "the request"
 
 
 def claim_check_of(doc: Mapping[str, Any]) -> ClaimCheck | None:
