@@ -228,6 +228,7 @@ def check_header_value(field: str, value: str) -> None:
 
 
 def parse_address(field: str, value: Any) -> Address:
+    # Refusals name the field and its index, never the value: reasons are stored and logged.
     if not isinstance(value, str) or not value.strip():
         raise RequestRefused("bad-address", f"{field}: an address must be a non-empty string")
     check_header_value(field, value)
@@ -238,12 +239,12 @@ def parse_address(field: str, value: Any) -> Address:
         if len(display) >= 2 and display[0] == display[-1] == '"':
             display = display[1:-1]
     elif "<" in value or ">" in value:
-        raise RequestRefused("bad-address", f"{field}: {value!r} is not 'addr' or 'Display Name <addr>'")
+        raise RequestRefused("bad-address", f"{field} is not 'addr' or 'Display Name <addr>'")
     else:
         display, addr = "", value
     match = _ADDR.match(addr)
     if not match or len(addr) > 254 or len(match.group("local")) > 64:
-        raise RequestRefused("bad-address", f"{field}: {addr!r} is not a valid mail address")
+        raise RequestRefused("bad-address", f"{field} is not a valid mail address")
     return Address(addr=addr, display_name=display)
 
 
@@ -340,7 +341,7 @@ def _check_send_as(doc: Mapping[str, Any], accounts: frozenset[str], chosen: str
         if addr not in accounts or (chosen is not None and addr != chosen):
             raise RequestRefused(
                 "send-as",
-                f"{field} {addr!r} is not an HVE account of this relay; HVE sends only as the account itself",
+                f"{field} is not an HVE account of this relay; HVE sends only as the account itself",
             )
 
 
@@ -361,7 +362,7 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
     account = doc.get("account")
     if account is not None:
         if not isinstance(account, str) or account.strip().lower() not in policy.accounts:
-            raise RequestRefused("unknown-account", f"account {account!r} is not one of the configured HVE accounts")
+            raise RequestRefused("unknown-account", "account is not one of the configured HVE accounts")
         account = account.strip().lower()
     _check_send_as(doc, policy.accounts, account)
 

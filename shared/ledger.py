@@ -17,6 +17,8 @@ from typing import Any, Iterable
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 
+from .replies import mask_addresses
+
 RECEIVED, SENDING, SENT, DEFERRED, REFUSED, DEAD = "received", "sending", "sent", "deferred", "refused", "dead"
 FINAL_STATES = frozenset({SENT, REFUSED, DEAD})
 _ROW = "request"
@@ -72,8 +74,9 @@ def _to_row(entry: LedgerEntry) -> dict[str, Any]:
         "InternalRecipients": entry.internal_recipients,
         "ExternalRecipients": entry.external_recipients,
         "LastCode": entry.last_code,
-        "LastReply": entry.last_reply[:_MAX_TEXT],
-        "Reason": entry.reason[:_MAX_TEXT],
+        # Free text from HVE or the contract: the last place an address could slip into the table.
+        "LastReply": mask_addresses(entry.last_reply)[:_MAX_TEXT],
+        "Reason": mask_addresses(entry.reason)[:_MAX_TEXT],
         "MessageId": entry.message_id,
         "QueueMessageId": entry.queue_message_id,
         "ChunksTotal": entry.chunks_total,

@@ -37,7 +37,7 @@ from .hve_smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, 
 from .ledger import DEAD, DEFERRED, FINAL_STATES, REFUSED, SENDING, SENT, Ledger, LedgerConflict, LedgerEntry
 from .limits import Limits, resolve_limits
 from .mime import build_message, message_id
-from .replies import Outcome, Verdict
+from .replies import Outcome, Verdict, mask_addresses
 from .retry import retry_delay, visibility_for
 from .settings import SETTINGS, UNSET_HASH_KEY, Settings
 from .storage import StorageClients
@@ -170,7 +170,7 @@ class Relay:
             self.instruments.messages.add(1, {"outcome": handled.state, "account": handled.account or "-"})
             log.info("request %s: %s%s%s", handled.request_id, handled.state,
                      f" via {handled.account}" if handled.account else "",
-                     f" ({handled.reason})" if handled.reason else "")
+                     f" ({mask_addresses(handled.reason)})" if handled.reason else "")
             return handled
 
     async def _handle(self, body: bytes | str, queue_message_id: str, dequeue_count: int) -> Handled:
