@@ -30,7 +30,7 @@ from .contract import (
     is_internal,
     validate_request,
 )
-from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential
+from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential, check_secret_names
 from .governor import TableGovernor
 from .pacing import Impossible, PacingConfig, Shape, Wait, chunk_recipients
 from .hve_smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
@@ -126,6 +126,7 @@ class Relay:
                 closers.append(credential.close)
             authenticator: Any = OAuthAuth(TokenSource(credential, settings.oauth_scope))
         elif settings.key_vault_url:
+            check_secret_names(settings.accounts)  # refuse to start when two accounts share a secret
             credential = azure_credential(settings.managed_identity_client_id)
             passwords = KeyVaultPasswords(settings.key_vault_url, credential, settings.secret_cache_seconds)
             closers += [passwords.close, credential.close]
