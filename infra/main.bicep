@@ -257,6 +257,7 @@ module storage 'modules/storage.bicep' = {
       deploymentContainerName
       claimCheckContainerName
     ]
+    claimCheckContainerName: claimCheckContainerName
   }
 }
 

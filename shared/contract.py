@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from urllib.parse import unquote
 
 if TYPE_CHECKING:
     from .limits import Limits
@@ -205,7 +206,14 @@ def claim_check_of(doc: Mapping[str, Any]) -> ClaimCheck | None:
     ref = doc["claimCheck"]
     if not isinstance(ref, dict) or not isinstance(ref.get("blobUrl"), str) or set(ref) != {"blobUrl"}:
         raise RequestRefused("schema", "claimCheck must be an object with a single string field 'blobUrl'")
+    check_blob_url("claimCheck.blobUrl", ref["blobUrl"], "claim-check")
     return ClaimCheck(blob_url=ref["blobUrl"], id=parse_request_id(doc.get("id")))
+
+
+def check_blob_url(field: str, url: str, reason: str) -> None:
+    """A backslash (raw or %5C) is a path separator to some tools and not to others: refused."""
+    if "\\" in unquote(url):
+        raise RequestRefused(reason, f"{field} must not contain a backslash")
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -306,6 +314,7 @@ def _attachments(doc: Mapping[str, Any]) -> tuple[Attachment, ...]:
             url = item["blobUrl"]
             if not isinstance(url, str) or not url.startswith(("https://", "http://")):
                 raise RequestRefused("bad-attachment", f"{where}.blobUrl must be an http(s) URL")
+            check_blob_url(f"{where}.blobUrl", url, "bad-attachment")
             out.append(Attachment(name=name, content_type=ctype.lower(), blob_url=url))
     return tuple(out)
 

@@ -51,6 +51,8 @@ class LedgerEntry:
     booked_account: str = ""
     booked_at: float = 0.0
     booked_chunk: int = -1
+    # The request's claim-check blob (URL), deleted once the request is final.
+    claim_blob: str = ""
     etag: str | None = field(default=None, compare=False)
 
     def evolve(self, **changes: Any) -> "LedgerEntry":
@@ -84,6 +86,7 @@ def _to_row(entry: LedgerEntry) -> dict[str, Any]:
         "BookedAccount": entry.booked_account,
         "BookedAt": float(entry.booked_at),
         "BookedChunk": entry.booked_chunk,
+        "ClaimCheck": entry.claim_blob,
     }
 
 
@@ -111,6 +114,7 @@ def _from_row(row: Any) -> LedgerEntry:
         booked_account=row.get("BookedAccount", ""),
         booked_at=float(row.get("BookedAt", 0.0)),
         booked_chunk=int(row.get("BookedChunk", -1)),
+        claim_blob=row.get("ClaimCheck", ""),
         etag=row.metadata.get("etag") if hasattr(row, "metadata") else None,
     )
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
+from azure.core.exceptions import ResourceNotFoundError
+
 from .blobs import BlobReader
 from .contract import (
     MailRequest,
@@ -32,6 +34,7 @@ from .contract import (
 )
 from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential, check_secret_names
 from .governor import TableGovernor
+from .producer import CLAIM_CHECK_PREFIX
 from .pacing import Impossible, PacingConfig, Shape, Wait, chunk_recipients
 from .hve_smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
 from .ledger import DEAD, DEFERRED, FINAL_STATES, REFUSED, SENDING, SENT, Ledger, LedgerConflict, LedgerEntry
@@ -200,7 +203,12 @@ class Relay:
         try:
             prepared = await self._prepare(doc, claim, request_id)
         except RequestRefused as refusal:
+            # A claim-check blob that is missing, elsewhere or another request's is not ours to delete.
+            if claim is not None and refusal.reason != "claim-check":
+                entry = entry.evolve(claim_blob=claim.blob_url)
             return await self._finish(entry, REFUSED, f"{refusal.reason}: {refusal.detail}")
+        if claim is not None:
+            entry = entry.evolve(claim_blob=claim.blob_url)
         request = prepared.request
         internal = sum(1 for r in request.recipients if is_internal(r, self.policy.internal_domains))
         entry = entry.evolve(category=request.category, internal_recipients=internal,
@@ -355,7 +363,24 @@ class Relay:
     async def _finish(self, entry: LedgerEntry, state: str, reason: str) -> Handled:
         entry = entry.evolve(state=state, reason=reason, updated=_utc(self.clock()))
         await self._save_quietly(entry)
+        if state in FINAL_STATES and entry.claim_blob:
+            await self._delete_claim_check(entry)
         return Handled(entry.request_id, state, reason, entry.account, entry.last_code)
+
+    async def _delete_claim_check(self, entry: LedgerEntry) -> None:
+        """Best effort, after the outcome is recorded: a blob left behind is the lifecycle rule's
+        (infra/) to delete, never a reason to fail or retry the request. Only `requests/` blobs:
+        what else is in the container (attachments) belongs to the producer."""
+        try:
+            name = self.payloads.blob_name(entry.claim_blob)
+            if not name.startswith(CLAIM_CHECK_PREFIX):
+                return
+            await self.storage.container(self.settings.claim_check_container).delete_blob(name)
+        except ResourceNotFoundError:
+            pass  # deleted by an earlier delivery of the same request
+        except Exception as exc:  # noqa: BLE001 - any storage failure is only logged
+            log.warning("request %s: claim-check blob not deleted (%s); the lifecycle rule will",
+                        entry.request_id, type(exc).__name__)
 
     async def _save_quietly(self, entry: LedgerEntry) -> None:
         """Record an outcome. On a lost ETag race our row still wins, unless the other one is final
