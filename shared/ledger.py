@@ -147,6 +147,16 @@ class Ledger:
             raise LedgerConflict(entry.request_id) from exc
         return entry.evolve(etag=meta.get("etag"))
 
+    async def sending_before(self, cutoff: datetime, limit: int) -> list[LedgerEntry]:
+        """Up to `limit` request rows still `sending` whose last update is older than `cutoff`."""
+        found: list[LedgerEntry] = []
+        async for row in self._table.query_entities("RowKey eq @rk and State eq @state and Updated lt @cutoff",
+                                                    parameters={"rk": _ROW, "state": SENDING, "cutoff": cutoff}):
+            found.append(_from_row(row))
+            if len(found) >= limit:
+                break
+        return found
+
     async def put(self, entry: LedgerEntry) -> LedgerEntry:
         """Write unconditionally (for rows only this invocation can own, e.g. unparseable messages)."""
         meta = await self._table.upsert_entity(_to_row(entry), mode="replace")
