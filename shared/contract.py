@@ -128,7 +128,8 @@ class ClaimCheck:
 
 def decode_queue_body(body: bytes | str) -> dict[str, Any]:
     """The JSON object in a queue message written raw or base64-encoded (both are accepted)."""
-    raw = body.encode() if isinstance(body, str) else bytes(body)
+    # surrogatepass: a str body with a lone surrogate becomes bytes that fail UTF-8 below, not here
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
     text = raw.strip()
     if not text:
         raise RequestRefused("malformed", "the queue message is empty")

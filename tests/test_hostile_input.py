@@ -48,7 +48,7 @@ HOSTILE = {
 }
 
 
-def policy_outcome(body: bytes) -> str:
+def policy_outcome(body: bytes | str) -> str:
     """What the pure stages make of a body: 'built', 'claim-check', or the refusal reason."""
     try:
         doc = decode_queue_body(body)
@@ -67,6 +67,11 @@ def policy_outcome(body: bytes) -> str:
 def test_hostile_payload_is_refused_with_a_stable_reason(name):
     body, reason = HOSTILE[name]
     assert policy_outcome(body) == reason
+
+
+def test_a_str_body_with_a_lone_surrogate_is_refused():
+    # The SDKs hand queue content over as str; one that is not Unicode text is refused, not raised.
+    assert policy_outcome('{"to": "a@contoso.com", "text": "\ud800"}') == "malformed"
 
 
 @settings(max_examples=settings.default.max_examples * 2, suppress_health_check=[HealthCheck.too_slow])
