@@ -9,6 +9,7 @@ import logging
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from shared.replies import mask_addresses
 from shared.sender import Relay
@@ -61,7 +62,11 @@ def test_mask_addresses_keeps_the_domain_and_hides_the_local_part():
 
 def test_a_demo_run_leaves_no_address_in_ledger_index_logs_or_spans(storage, emulator):
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        test_telemetry.setup_module()  # the in-memory span exporter, shared with test_telemetry
+        # The process has one tracer provider: the one test_telemetry sets up, feeding its
+        # in-memory exporter (its meter provider is left to it).
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(test_telemetry.SPANS))
+        trace.set_tracer_provider(provider)
     test_telemetry.SPANS.clear()
     # HVE quotes the recipient in its replies: a permanent 550, a transient 451, a refused RCPT.
     emulator.fail_next(1, f"550 5.1.1 <{REFUSED_BY_HVE}>: Recipient address rejected: User unknown", stage="DATA")
