@@ -21,6 +21,15 @@ async def welcome_new_users(timer: func.TimerRequest) -> None:
     await welcome.handle_timer(past_due=timer.past_due)
 
 
+@app.timer_trigger(arg_name="timer", schedule="%RETENTION_SCHEDULE%")
+async def purge_expired(timer: func.TimerRequest) -> None:
+    """Delete ledger, recipient-index and welcome rows older than LEDGER_RETENTION_DAYS (bounded per
+    run); record requests left `sending` for LOST_IN_FLIGHT_HOURS as dead (lost-in-flight)."""
+    from shared import retention
+
+    await retention.handle_timer()
+
+
 @app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 async def status(req: func.HttpRequest) -> func.HttpResponse:
     """Live per-account view from the rate governor (used today, remaining, next slot, health)."""

@@ -10,7 +10,9 @@
 #     address upper-cased with every character other than A-Z and 0-9 replaced by "_"
 #     (hve-notify@contoso.com -> HVE_PASSWORD_HVE_NOTIFY_CONTOSO_COM), else a hidden prompt.
 #     Key Vault secret name: "hve-" + the address lower-cased with every character other than
-#     a-z and 0-9 replaced by "-" (the rule in shared/settings.py, KEY_VAULT_URL).
+#     a-z and 0-9 replaced by "-" (cut to 100 characters) + "-" + the first 10 hex digits of the
+#     SHA-256 of the lower-cased address (the rule of shared/credentials.py secret_name_for, which
+#     tests/test_infra.py checks this script against).
 #   Recipient hash key: generated once into the secret "recipient-hash-key" if absent (an
 #     existing one is never replaced: ledger hashes depend on it); RECIPIENT_HASH_KEY in the
 #     environment sets it explicitly, e.g. when moving a ledger.
@@ -181,7 +183,8 @@ WELCOME_ENABLED="${values[12]}"
 # ------------------------------------------------------------------ 5. secrets
 lower() { printf '%s' "$1" | tr '[:upper:]' '[:lower:]'; }
 upper() { printf '%s' "$1" | tr '[:lower:]' '[:upper:]'; }
-secret_name_for() { printf 'hve-%s' "$(lower "$1" | sed 's/[^a-z0-9]/-/g')"; }
+sha256_hex() { if command -v sha256sum >/dev/null 2>&1; then sha256sum; else shasum -a 256; fi | cut -c1-64; }
+secret_name_for() { printf 'hve-%s-%s' "$(lower "$1" | sed 's/[^a-z0-9]/-/g' | cut -c1-100)" "$(lower "$1" | sha256_hex | cut -c1-10)"; }
 env_name_for() { printf 'HVE_PASSWORD_%s' "$(upper "$1" | sed 's/[^A-Z0-9]/_/g')"; }
 
 # Role assignments take a few minutes to reach Key Vault: retry "forbidden" for up to 5 minutes.
@@ -226,6 +229,23 @@ put_secret() {
 SECRETS_CHANGED=0
 if [[ $SKIP_SECRETS -eq 0 ]]; then
   step "Secrets in Key Vault $KEY_VAULT"
+  if [[ "$HVE_AUTH" == "basic" ]]; then
+    IFS=',' read -r -a accounts <<<"$HVE_ACCOUNTS"
+    # Refuse what the app refuses at start-up (two accounts sharing a secret, an address that is
+    # not ASCII) and one password variable naming two accounts (a.b@x and a-b@x).
+    seen_names="" seen_vars=""
+    for account in ${accounts[@]+"${accounts[@]}"}; do
+      account="$(printf '%s' "$account" | tr -d '[:space:]')"
+      [[ -n "$account" ]] || continue
+      if printf '%s' "$account" | LC_ALL=C grep -q '[^ -~]'; then die "HVE account $account is not an ASCII address"; fi
+      name="$(secret_name_for "$account")" var="$(env_name_for "$account")"
+      if grep -qx "$name" <<<"$seen_names"; then die "two HVE accounts map to the Key Vault secret $name"; fi
+      if [[ -n "${!var:-}" ]] && grep -qx "$var" <<<"$seen_vars"; then
+        die "$var would set the password of two HVE accounts; unset it and type each password at the prompt"
+      fi
+      seen_names="$seen_names"$'\n'"$name" seen_vars="$seen_vars"$'\n'"$var"
+    done
+  fi
   if [[ -n "${RECIPIENT_HASH_KEY:-}" ]]; then
     put_secret "$HASH_KEY_SECRET" "$RECIPIENT_HASH_KEY"
     SECRETS_CHANGED=1
@@ -241,6 +261,7 @@ if [[ $SKIP_SECRETS -eq 0 ]]; then
   if [[ "$HVE_AUTH" == "basic" ]]; then
     IFS=',' read -r -a accounts <<<"$HVE_ACCOUNTS"
     for account in ${accounts[@]+"${accounts[@]}"}; do
+      account="$(printf '%s' "$account" | tr -d '[:space:]')"
       [[ -n "$account" ]] || continue
       name="$(secret_name_for "$account")"
       var="$(env_name_for "$account")"

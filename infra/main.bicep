@@ -163,6 +163,21 @@ param retryBaseSeconds int = 30
 @description('Cap of the retry delay, in seconds.')
 param retryMaxSeconds int = 3600
 
+@description('Days the relay keeps who was mailed (ledger, chunk, recipient-index and welcome rows); longer than sendMaxAgeHours.')
+@minValue(4)
+param ledgerRetentionDays int = 90
+
+@description('NCRONTAB schedule of the purge_expired timer (retention and lost-in-flight requests).')
+param retentionSchedule string = '0 30 2 * * *'
+
+@description('Rows purge_expired deletes per table in one run at most.')
+@minValue(1)
+param retentionMaxRowsPerRun int = 20000
+
+@description('Hours after which a ledger row still `sending` is recorded as dead (lost-in-flight).')
+@minValue(1)
+param lostInFlightHours int = 24
+
 @description('OTLP/HTTP endpoint for telemetry; used only when Application Insights is not (leave empty in Azure).')
 param otelExporterOtlpEndpoint string = ''
 
@@ -269,6 +284,7 @@ module storage 'modules/storage.bicep' = {
       deploymentContainerName
       claimCheckContainerName
     ]
+    claimCheckContainerName: claimCheckContainerName
   }
 }
 
@@ -350,6 +366,11 @@ var appSettings = {
   SEND_MAX_AGE_HOURS: string(sendMaxAgeHours)
   RETRY_BASE_SECONDS: string(retryBaseSeconds)
   RETRY_MAX_SECONDS: string(retryMaxSeconds)
+  // Retention.
+  LEDGER_RETENTION_DAYS: string(ledgerRetentionDays)
+  RETENTION_SCHEDULE: retentionSchedule
+  RETENTION_MAX_ROWS_PER_RUN: string(retentionMaxRowsPerRun)
+  LOST_IN_FLIGHT_HOURS: string(lostInFlightHours)
   RECIPIENT_HASH_KEY: '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=${recipientHashKeySecretName})'
   // Welcome scan.
   WELCOME_ENABLED: welcomeEnabled ? 'true' : 'false'

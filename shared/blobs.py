@@ -27,8 +27,8 @@ class BlobReader:
         if not clean.startswith(self._prefix) or len(clean) == len(self._prefix):
             raise RequestRefused("claim-check", f"blob URL is outside the relay's container {self._container.container_name!r}")
         name = unquote(clean[len(self._prefix):])
-        if ".." in name.split("/"):
-            raise RequestRefused("claim-check", "blob name must not contain '..'")
+        if ".." in name.split("/") or "\\" in name:
+            raise RequestRefused("claim-check", "blob name must not contain '..' or a backslash")
         return name
 
     async def read(self, url: str, what: str) -> bytes:

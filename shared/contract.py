@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from urllib.parse import unquote
 
 if TYPE_CHECKING:
     from .limits import Limits
@@ -22,6 +23,9 @@ MAX_REQUEST_ID_LENGTH = 200
 MAX_SUBJECT_LENGTH = 998
 MAX_CATEGORY_LENGTH = 64
 MAX_CUSTOM_HEADERS = 20
+# The contract nests three levels (request -> attachments -> attachment); anything deeper is junk,
+# and walking it could exhaust the interpreter's recursion limit.
+MAX_JSON_DEPTH = 8
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@=+-]{0,199}$")
 # RFC 5322 dot-atom local part; domain of LDH labels with at least one dot.
@@ -124,7 +128,8 @@ class ClaimCheck:
 
 def decode_queue_body(body: bytes | str) -> dict[str, Any]:
     """The JSON object in a queue message written raw or base64-encoded (both are accepted)."""
-    raw = body.encode() if isinstance(body, str) else bytes(body)
+    # surrogatepass: a str body with a lone surrogate becomes bytes that fail UTF-8 below, not here
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
     text = raw.strip()
     if not text:
         raise RequestRefused("malformed", "the queue message is empty")
@@ -140,9 +145,56 @@ def decode_queue_body(body: bytes | str) -> dict[str, Any]:
         raise RequestRefused("malformed", "the queue message is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise RequestRefused("malformed", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise RequestRefused("malformed", f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError:
+        # e.g. an integer of thousands of digits (Python's int conversion limit)
+        raise RequestRefused("malformed", "JSON holds a number too large to read") from None
     if not isinstance(doc, dict):
         raise RequestRefused("malformed", "the request must be a JSON object")
+    _check_tree(doc)
     return doc
+
+
+def _check_tree(doc: Any) -> None:
+    """Refuse what would break later stages: nesting beyond the contract, and strings that are not
+    Unicode text (JSON's \\ud800 escapes decode to lone surrogates, which no encoder accepts)."""
+    stack: list[tuple[Any, str, int]] = [(doc, "", 1)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestRefused("malformed", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                if not _is_text(key):
+                    raise RequestRefused("bad-encoding", f"a field name under {where or 'the request'} is not valid Unicode text")
+                stack.append((item, path, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str) and not _is_text(value):
+            # The path names fields of the contract only up to here; never the value itself.
+            raise RequestRefused("bad-encoding", f"{_safe_path(where)} is not valid Unicode text (a lone surrogate)")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _safe_path(path: str) -> str:
+    # Field names are caller-chosen; keep the ones the contract knows, mask the rest.
+    parts = re.split(r"(\[\d+\])|\.", path)
+    known = _FIELDS | {"claimCheck", "blobUrl", "name", "contentType", "contentBase64"}
+    out = []
+    for part in parts:
+        if not part:
+            continue
+        out.append(part if part in known or part.startswith("[") or _CUSTOM_HEADER_NAME.match(part) else "?")
+    return ".".join(out).replace(".[", "[") or "the request"
 
 
 def claim_check_of(doc: Mapping[str, Any]) -> ClaimCheck | None:
@@ -155,7 +207,14 @@ def claim_check_of(doc: Mapping[str, Any]) -> ClaimCheck | None:
     ref = doc["claimCheck"]
     if not isinstance(ref, dict) or not isinstance(ref.get("blobUrl"), str) or set(ref) != {"blobUrl"}:
         raise RequestRefused("schema", "claimCheck must be an object with a single string field 'blobUrl'")
+    check_blob_url("claimCheck.blobUrl", ref["blobUrl"], "claim-check")
     return ClaimCheck(blob_url=ref["blobUrl"], id=parse_request_id(doc.get("id")))
+
+
+def check_blob_url(field: str, url: str, reason: str) -> None:
+    """A backslash (raw or %5C) is a path separator to some tools and not to others: refused."""
+    if "\\" in unquote(url):
+        raise RequestRefused(reason, f"{field} must not contain a backslash")
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -178,6 +237,7 @@ def check_header_value(field: str, value: str) -> None:
 
 
 def parse_address(field: str, value: Any) -> Address:
+    # Refusals name the field and its index, never the value: reasons are stored and logged.
     if not isinstance(value, str) or not value.strip():
         raise RequestRefused("bad-address", f"{field}: an address must be a non-empty string")
     check_header_value(field, value)
@@ -188,12 +248,12 @@ def parse_address(field: str, value: Any) -> Address:
         if len(display) >= 2 and display[0] == display[-1] == '"':
             display = display[1:-1]
     elif "<" in value or ">" in value:
-        raise RequestRefused("bad-address", f"{field}: {value!r} is not 'addr' or 'Display Name <addr>'")
+        raise RequestRefused("bad-address", f"{field} is not 'addr' or 'Display Name <addr>'")
     else:
         display, addr = "", value
     match = _ADDR.match(addr)
     if not match or len(addr) > 254 or len(match.group("local")) > 64:
-        raise RequestRefused("bad-address", f"{field}: {addr!r} is not a valid mail address")
+        raise RequestRefused("bad-address", f"{field} is not a valid mail address")
     return Address(addr=addr, display_name=display)
 
 
@@ -255,6 +315,7 @@ def _attachments(doc: Mapping[str, Any]) -> tuple[Attachment, ...]:
             url = item["blobUrl"]
             if not isinstance(url, str) or not url.startswith(("https://", "http://")):
                 raise RequestRefused("bad-attachment", f"{where}.blobUrl must be an http(s) URL")
+            check_blob_url(f"{where}.blobUrl", url, "bad-attachment")
             out.append(Attachment(name=name, content_type=ctype.lower(), blob_url=url))
     return tuple(out)
 
@@ -290,7 +351,7 @@ def _check_send_as(doc: Mapping[str, Any], accounts: frozenset[str], chosen: str
         if addr not in accounts or (chosen is not None and addr != chosen):
             raise RequestRefused(
                 "send-as",
-                f"{field} {addr!r} is not an HVE account of this relay; HVE sends only as the account itself",
+                f"{field} is not an HVE account of this relay; HVE sends only as the account itself",
             )
 
 
@@ -311,7 +372,7 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
     account = doc.get("account")
     if account is not None:
         if not isinstance(account, str) or account.strip().lower() not in policy.accounts:
-            raise RequestRefused("unknown-account", f"account {account!r} is not one of the configured HVE accounts")
+            raise RequestRefused("unknown-account", "account is not one of the configured HVE accounts")
         account = account.strip().lower()
     _check_send_as(doc, policy.accounts, account)
 

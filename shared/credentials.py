@@ -3,17 +3,48 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+from .settings import SettingsError
+
+
+# Key Vault secret names are 1-127 letters, digits and dashes: a readable part and a hash.
+_READABLE_MAX = 100
+_HASH_CHARS = 10
 
 
 def secret_name_for(account: str) -> str:
     """Key Vault secret name of an account's password: `hve-` + the address lower-cased with every
-    character other than a-z and 0-9 replaced by `-` (Key Vault names allow only letters, digits, -)."""
-    return "hve-" + re.sub(r"[^a-z0-9]", "-", account.strip().lower())
+    character other than a-z and 0-9 replaced by `-` (cut to 100 characters) + `-` + the first 10
+    hex digits of SHA-256 of the lower-cased address. The readable part alone would map `a.b@x`
+    and `a-b@x` to one secret; the hash keeps the names apart. infra/deploy.sh computes the same."""
+    address = account.strip().lower()
+    readable = re.sub(r"[^a-z0-9]", "-", address)[:_READABLE_MAX]
+    digest = hashlib.sha256(address.encode("utf-8")).hexdigest()[:_HASH_CHARS]
+    return f"hve-{readable}-{digest}"
+
+
+def check_secret_names(accounts: Iterable[str], name_for: Callable[[str], str] = secret_name_for) -> dict[str, str]:
+    """Account -> secret name, or SettingsError when two accounts would share a secret (one would
+    authenticate with the other's password) or an address is not ASCII (deploy.sh and this module
+    must lower-case it the same way)."""
+    names: dict[str, str] = {}
+    owners: dict[str, str] = {}
+    for account in accounts:
+        address = account.strip().lower()
+        if not address.isascii():
+            raise SettingsError(f"HVE_ACCOUNTS: {address!r} is not an ASCII address")
+        name = name_for(address)
+        if name in owners and owners[name] != address:
+            raise SettingsError(f"HVE_ACCOUNTS: {owners[name]} and {address} map to the same Key Vault secret {name!r}")
+        owners[name] = address
+        names[address] = name
+    return names
 
 
 class CredentialError(Exception):
@@ -140,3 +171,10 @@ def azure_credential(client_id: str) -> Any:
 
     return DefaultAzureCredential()
 
+
+
+if __name__ == "__main__":  # python -m shared.credentials ADDRESS...: the secret name of each account
+    import sys
+
+    for account, name in check_secret_names(sys.argv[1:]).items():
+        print(f"{account}\t{name}")

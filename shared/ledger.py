@@ -17,6 +17,8 @@ from typing import Any, Iterable
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 
+from .replies import mask_addresses
+
 RECEIVED, SENDING, SENT, DEFERRED, REFUSED, DEAD = "received", "sending", "sent", "deferred", "refused", "dead"
 FINAL_STATES = frozenset({SENT, REFUSED, DEAD})
 _ROW = "request"
@@ -53,6 +55,8 @@ class LedgerEntry:
     # refused for now (4xx at RCPT), still to go in a follow-up transaction; refused for good (5xx).
     pending_recipients: tuple[int, ...] = ()
     refused_recipients: tuple[int, ...] = ()
+    # The request's claim-check blob (URL), deleted once the request is final.
+    claim_blob: str = ""
     etag: str | None = field(default=None, compare=False)
 
     def evolve(self, **changes: Any) -> "LedgerEntry":
@@ -76,8 +80,9 @@ def _to_row(entry: LedgerEntry) -> dict[str, Any]:
         "InternalRecipients": entry.internal_recipients,
         "ExternalRecipients": entry.external_recipients,
         "LastCode": entry.last_code,
-        "LastReply": entry.last_reply[:_MAX_TEXT],
-        "Reason": entry.reason[:_MAX_TEXT],
+        # Free text from HVE or the contract: the last place an address could slip into the table.
+        "LastReply": mask_addresses(entry.last_reply)[:_MAX_TEXT],
+        "Reason": mask_addresses(entry.reason)[:_MAX_TEXT],
         "MessageId": entry.message_id,
         "QueueMessageId": entry.queue_message_id,
         "ChunksTotal": entry.chunks_total,
@@ -87,6 +92,7 @@ def _to_row(entry: LedgerEntry) -> dict[str, Any]:
         "BookedChunk": entry.booked_chunk,
         "PendingRecipients": _indices_to_text(entry.pending_recipients),
         "RefusedRecipients": _indices_to_text(entry.refused_recipients),
+        "ClaimCheck": entry.claim_blob,
     }
 
 
@@ -124,6 +130,7 @@ def _from_row(row: Any) -> LedgerEntry:
         booked_chunk=int(row.get("BookedChunk", -1)),
         pending_recipients=_indices_from_text(row.get("PendingRecipients")),
         refused_recipients=_indices_from_text(row.get("RefusedRecipients")),
+        claim_blob=row.get("ClaimCheck", ""),
         etag=row.metadata.get("etag") if hasattr(row, "metadata") else None,
     )
 
@@ -155,6 +162,16 @@ class Ledger:
         except ResourceNotFoundError as exc:
             raise LedgerConflict(entry.request_id) from exc
         return entry.evolve(etag=meta.get("etag"))
+
+    async def sending_before(self, cutoff: datetime, limit: int) -> list[LedgerEntry]:
+        """Up to `limit` request rows still `sending` whose last update is older than `cutoff`."""
+        found: list[LedgerEntry] = []
+        async for row in self._table.query_entities("RowKey eq @rk and State eq @state and Updated lt @cutoff",
+                                                    parameters={"rk": _ROW, "state": SENDING, "cutoff": cutoff}):
+            found.append(_from_row(row))
+            if len(found) >= limit:
+                break
+        return found
 
     async def put(self, entry: LedgerEntry) -> LedgerEntry:
         """Write unconditionally (for rows only this invocation can own, e.g. unparseable messages)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import uuid
 from typing import Any, Iterable
 
@@ -13,6 +14,16 @@ from .storage import StorageClients
 
 # 64 KiB per queue message, less room for base64 and the envelope.
 QUEUE_MESSAGE_BUDGET = 48 * 1024
+
+
+# The relay deletes claim-check blobs under this prefix once their request is final (and a
+# lifecycle rule in infra/ deletes what is left after some days): never put attachments here.
+CLAIM_CHECK_PREFIX = "requests/"
+
+
+def claim_check_blob_name() -> str:
+    """`requests/<uuid4>-<22 random url-safe characters>.json`: 250 random bits, no request id."""
+    return f"{CLAIM_CHECK_PREFIX}{uuid.uuid4()}-{secrets.token_urlsafe(16)}.json"
 
 
 async def enqueue_requests(storage: StorageClients, queue_name: str, container_name: str,
@@ -30,8 +41,10 @@ async def enqueue_requests(storage: StorageClients, queue_name: str, container_n
                     await container.create_container()
                 container_ready = True
             request_id = request.get("id") or f"cc-{uuid.uuid4()}"
-            blob = await container.upload_blob(f"requests/{request_id}.json", json.dumps({**request, "id": request_id}),
-                                               overwrite=True)
+            # Unguessable and never overwritten: no producer can replace (or predict) another's
+            # request. The relay deletes the blob once the request is final.
+            blob = await container.upload_blob(claim_check_blob_name(), json.dumps({**request, "id": request_id}),
+                                               overwrite=False)
             body = json.dumps({"id": request_id, "claimCheck": {"blobUrl": blob.url}})
         if encode_base64:
             body = base64.b64encode(body.encode()).decode()

@@ -84,6 +84,17 @@ def classify_reply(code: int, text: str) -> Verdict:
     return Verdict(Outcome.DEFER, code, enhanced, text)
 
 
+# Anything shaped like local@domain, quoted local parts included; the domain is kept (it tells
+# internal from external and is no one's address), the local part is not.
+_ADDRESS = re.compile(r"""(?:"[^"\r\n]*"|[^\s<>()\[\]",;:@'][^\s<>()\[\]",;:@]*)@((?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+|\[[^\]\s]*\])""")
+
+
+def mask_addresses(text: str) -> str:
+    """`text` with every mail address's local part replaced by `***`, for what is stored or logged
+    (HVE's replies quote recipients: `550 5.1.1 <carol@contoso.com> ...`)."""
+    return _ADDRESS.sub(lambda m: f"***@{m.group(1)}", text)
+
+
 def connection_lost(detail: str) -> Verdict:
     """No reply at all: the message may or may not have arrived; the Message-ID makes a resend safe."""
     return Verdict(Outcome.DEFER, 0, "", f"connection lost: {detail}"[:300])

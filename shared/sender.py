@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
+from azure.core.exceptions import ResourceNotFoundError
+
 from .blobs import BlobReader
 from .contract import (
     MailRequest,
@@ -30,14 +32,15 @@ from .contract import (
     is_internal,
     validate_request,
 )
-from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential
+from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential, check_secret_names
 from .governor import Grant, TableGovernor
+from .producer import CLAIM_CHECK_PREFIX
 from .pacing import Impossible, PacingConfig, Release, Shape, Wait, chunk_recipients
 from .hve_smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
 from .ledger import DEAD, DEFERRED, FINAL_STATES, REFUSED, SENDING, SENT, Ledger, LedgerConflict, LedgerEntry
 from .limits import Limits, resolve_limits
 from .mime import build_message, message_id
-from .replies import Outcome, Verdict
+from .replies import Outcome, Verdict, mask_addresses
 from .retry import retry_delay, visibility_for
 from .settings import SETTINGS, UNSET_HASH_KEY, Settings
 from .storage import StorageClients
@@ -132,6 +135,7 @@ class Relay:
                 closers.append(credential.close)
             authenticator: Any = OAuthAuth(TokenSource(credential, settings.oauth_scope))
         elif settings.key_vault_url:
+            check_secret_names(settings.accounts)  # refuse to start when two accounts share a secret
             credential = azure_credential(settings.managed_identity_client_id)
             passwords = KeyVaultPasswords(settings.key_vault_url, credential, settings.secret_cache_seconds)
             closers += [passwords.close, credential.close]
@@ -177,7 +181,7 @@ class Relay:
             self.instruments.messages.add(1, {"outcome": handled.state, "account": handled.account or "-"})
             log.info("request %s: %s%s%s", handled.request_id, handled.state,
                      f" via {handled.account}" if handled.account else "",
-                     f" ({handled.reason})" if handled.reason else "")
+                     f" ({mask_addresses(handled.reason)})" if handled.reason else "")
             return handled
 
     async def _handle(self, body: bytes | str, queue_message_id: str, dequeue_count: int) -> Handled:
@@ -199,17 +203,20 @@ class Relay:
             if lease_left > 0:
                 delay = await self._requeue(stub, min(lease_left, BUSY_RECHECK_SECONDS), entry.attempts)
                 return Handled(request_id, "busy", "another instance is sending it", entry.account, 0, delay)
-        try:
-            prepared = await self._prepare(doc, claim, request_id)
-        except RequestRefused as refusal:
-            entry = entry or LedgerEntry(request_id=request_id, state="received", first_received=_utc(received),
-                                         updated=_utc(received), queue_message_id=queue_message_id)
-            return await self._finish(entry, REFUSED, f"{refusal.reason}: {refusal.detail}")
-        request = prepared.request
-        internal = sum(1 for r in request.recipients if is_internal(r, self.policy.internal_domains))
         if entry is None:
             entry = LedgerEntry(request_id=request_id, state="received", first_received=_utc(received),
                                 updated=_utc(received), queue_message_id=queue_message_id, chunks_total=0)
+        try:
+            prepared = await self._prepare(doc, claim, request_id)
+        except RequestRefused as refusal:
+            # A claim-check blob that is missing, elsewhere or another request's is not ours to delete.
+            if claim is not None and refusal.reason != "claim-check":
+                entry = entry.evolve(claim_blob=claim.blob_url)
+            return await self._finish(entry, REFUSED, f"{refusal.reason}: {refusal.detail}")
+        if claim is not None:
+            entry = entry.evolve(claim_blob=claim.blob_url)
+        request = prepared.request
+        internal = sum(1 for r in request.recipients if is_internal(r, self.policy.internal_domains))
         entry = entry.evolve(category=request.category, internal_recipients=internal,
                              external_recipients=len(request.recipients) - internal,
                              message_id=message_id(request_id, self.message_id_domain),
@@ -467,7 +474,24 @@ class Relay:
     async def _finish(self, entry: LedgerEntry, state: str, reason: str) -> Handled:
         entry = entry.evolve(state=state, reason=reason, updated=_utc(self.clock()))
         await self._save_quietly(entry)
+        if state in FINAL_STATES and entry.claim_blob:
+            await self._delete_claim_check(entry)
         return Handled(entry.request_id, state, reason, entry.account, entry.last_code)
+
+    async def _delete_claim_check(self, entry: LedgerEntry) -> None:
+        """Best effort, after the outcome is recorded: a blob left behind is the lifecycle rule's
+        (infra/) to delete, never a reason to fail or retry the request. Only `requests/` blobs:
+        what else is in the container (attachments) belongs to the producer."""
+        try:
+            name = self.payloads.blob_name(entry.claim_blob)
+            if not name.startswith(CLAIM_CHECK_PREFIX):
+                return
+            await self.storage.container(self.settings.claim_check_container).delete_blob(name)
+        except ResourceNotFoundError:
+            pass  # deleted by an earlier delivery of the same request
+        except Exception as exc:  # noqa: BLE001 - any storage failure is only logged
+            log.warning("request %s: claim-check blob not deleted (%s); the lifecycle rule will",
+                        entry.request_id, type(exc).__name__)
 
     async def _save_quietly(self, entry: LedgerEntry) -> None:
         """Record an outcome. On a lost ETag race our row still wins, unless the other one is final

@@ -38,7 +38,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("HVE_SMTP_TIMEOUT_SECONDS", "30", "Timeout of one SMTP command."),
     SettingSpec("HVE_ACCOUNTS", "", "Comma-separated HVE account addresses the relay may send as."),
     SettingSpec("HVE_AUTH", "basic", "`basic` (password from Key Vault) or `oauth` (XOAUTH2 with an app-only token)."),
-    SettingSpec("KEY_VAULT_URL", "", "Key Vault holding the HVE passwords (basic auth). Secret name: `hve-` + the account address lower-cased with every character other than a-z and 0-9 replaced by `-`."),
+    SettingSpec("KEY_VAULT_URL", "", "Key Vault holding the HVE passwords (basic auth). Secret name: `hve-` + the account address lower-cased with every character other than a-z and 0-9 replaced by `-` (at most 100 characters) + `-` + the first 10 hex digits of the SHA-256 of the lower-cased address, e.g. `hve-news-contoso-com-<10 hex>` (`python -m shared.credentials ADDRESS` prints it)."),
     SettingSpec("HVE_PASSWORDS", "", "Local only: JSON object account -> password, used when KEY_VAULT_URL is empty.", "local"),
     SettingSpec("HVE_SECRET_CACHE_SECONDS", "300", "How long a password read from Key Vault is cached."),
     SettingSpec("HVE_OAUTH_SCOPE", "https://outlook.office365.com/.default", "Token scope for XOAUTH2."),
@@ -67,6 +67,10 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("GOVERNOR_TABLE", "hvegovernor", "Table holding the rate governor's per-account state."),
     SettingSpec("CLAIM_CHECK_CONTAINER", "mail-payloads", "Blob container for requests larger than a queue message, and for attachments."),
     SettingSpec("RECIPIENT_HASH_KEY", "", "Secret key of the recipient hashes in the ledger (HMAC-SHA256). Set it; without it a built-in key is used and a warning is logged."),
+    SettingSpec("LEDGER_RETENTION_DAYS", "90", "Days the relay keeps who was mailed: ledger rows, chunk rows, recipient-index rows and welcome user rows not updated for this long are deleted by the daily `purge_expired` timer. Longer than SEND_MAX_AGE_HOURS and WELCOME_LOOKBACK + WELCOME_OVERLAP (a request replayed after it is treated as new)."),
+    SettingSpec("RETENTION_SCHEDULE", "0 30 2 * * *", "NCRONTAB schedule of the `purge_expired` timer (default: daily at 02:30 UTC)."),
+    SettingSpec("RETENTION_MAX_ROWS_PER_RUN", "20000", "Rows `purge_expired` deletes per table in one run at most; what is left waits for the next run."),
+    SettingSpec("LOST_IN_FLIGHT_HOURS", "24", "A ledger row still `sending` this long after its last update is recorded by `purge_expired` as `dead`, reason `lost-in-flight` (HVE may have accepted it: its Message-ID is in the row)."),
     SettingSpec("APPLICATIONINSIGHTS_CONNECTION_STRING", "", "Export telemetry to Azure Monitor when set."),
     SettingSpec("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "", "Entra (managed identity) authentication for Application Insights, e.g. `Authorization=AAD;ClientId=...`."),
     SettingSpec("OTEL_EXPORTER_OTLP_ENDPOINT", "", "Export telemetry over OTLP/HTTP when set (and no Azure Monitor connection string)."),
@@ -168,6 +172,10 @@ class Settings:
     recipient_index_table: str
     governor_table: str
     claim_check_container: str
+    ledger_retention: timedelta
+    retention_schedule: str
+    retention_max_rows: int
+    lost_in_flight_seconds: float
     recipient_hash_key: bytes = field(repr=False)
     appinsights_connection_string: str = field(repr=False)
     otlp_endpoint: str
@@ -236,6 +244,15 @@ class Settings:
         if not hash_key and get("AzureWebJobsStorage__accountName"):
             raise SettingsError("RECIPIENT_HASH_KEY is empty: in Azure it must come from Key Vault (infra/deploy.sh sets it)")
 
+        retention_days = number("LEDGER_RETENTION_DAYS")
+        # Purging a row that a live request still needs would let a replay send it again.
+        must_outlive = max(timedelta(hours=number("SEND_MAX_AGE_HOURS")),
+                           _duration("WELCOME_LOOKBACK", get("WELCOME_LOOKBACK"))
+                           + _duration("WELCOME_OVERLAP", get("WELCOME_OVERLAP")))
+        if timedelta(days=retention_days) <= must_outlive:
+            raise SettingsError(f"LEDGER_RETENTION_DAYS ({retention_days:g}) must be longer than SEND_MAX_AGE_HOURS "
+                                "and WELCOME_LOOKBACK + WELCOME_OVERLAP")
+
         return cls(
             storage_connection_string=get("AzureWebJobsStorage"),
             storage_account_name=get("AzureWebJobsStorage__accountName"),
@@ -276,6 +293,10 @@ class Settings:
             recipient_index_table=get("RECIPIENT_INDEX_TABLE"),
             governor_table=get("GOVERNOR_TABLE"),
             claim_check_container=get("CLAIM_CHECK_CONTAINER"),
+            ledger_retention=timedelta(days=retention_days),
+            retention_schedule=get("RETENTION_SCHEDULE"),
+            retention_max_rows=max(1, number("RETENTION_MAX_ROWS_PER_RUN", int)),
+            lost_in_flight_seconds=number("LOST_IN_FLIGHT_HOURS") * 3600.0,
             recipient_hash_key=(hash_key or UNSET_HASH_KEY).encode(),
             appinsights_connection_string=get("APPLICATIONINSIGHTS_CONNECTION_STRING"),
             otlp_endpoint=get("OTEL_EXPORTER_OTLP_ENDPOINT"),

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from shared.credentials import check_secret_names, secret_name_for
 from shared.settings import SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -429,6 +430,26 @@ def test_storage_account_security(bicep):
         assert _body(res["config"]).get("properties", {}).get("publicAccess") == "None", name
 
 
+def test_claim_check_requests_have_a_lifecycle_backstop(bicep):
+    """The relay deletes a request's claim-check blob when the request is final; a management
+    policy deletes what is left under `requests/` of the claim-check container, after the relay
+    has given up on any request (SEND_MAX_AGE_HOURS)."""
+    _, policy = _the(bicep, "Microsoft.Storage/storageAccounts/managementPolicies")
+    [rule] = policy["properties"]["policy"]["rules"]
+    assert rule["enabled"] is True and rule["type"] == "Lifecycle"
+    storage_doc = bicep["modules/storage.bicep"]
+    [prefix] = rule["definition"]["filters"]["prefixMatch"]
+    main = bicep["main.bicep"]
+    container = evaluate(_storage_module_params(bicep)["claimCheckContainerName"], main)
+    assert evaluate(prefix, storage_doc, {"claimCheckContainerName": container}) == \
+        f"{container}/requests/"
+    from shared.producer import CLAIM_CHECK_PREFIX
+    assert CLAIM_CHECK_PREFIX == "requests/"
+    days = evaluate(rule["definition"]["actions"]["baseBlob"]["delete"]["daysAfterModificationGreaterThan"], storage_doc)
+    max_age_hours = float(next(s.default for s in SETTINGS if s.name == "SEND_MAX_AGE_HOURS"))
+    assert days * 24 > max_age_hours
+
+
 # ------------------------------------------------------------------ identity and roles
 
 
@@ -671,19 +692,40 @@ def _deploy_function(name: str) -> str:
     return m.group(0)
 
 
-@pytest.mark.parametrize("address", ["hve-notify@contoso.com", "Relay.One+x@Sub.Contoso.co.uk", "a_b@c-d.org"])
-def test_deploy_script_secret_names_follow_the_rule(address):
-    helpers = "\n".join(_deploy_function(n) for n in ("lower", "upper", "secret_name_for", "env_name_for"))
+# Addresses whose readable parts collide, upper case, long ones, leading/trailing dots and dashes.
+TRICKY_ADDRESSES = [
+    "hve-notify@contoso.com", "Relay.One+x@Sub.Contoso.co.uk", "a_b@c-d.org", "a.b@x.com", "a-b@x.com", "A.B@X.com",
+    "a+b@x.com", "o'brien@x.com", "-.-@x.com", "x" * 64 + "@" + "sub." * 40 + "example.com", "UPPER.CASE@EXAMPLE.ORG",
+]
+
+
+@pytest.mark.parametrize("address", TRICKY_ADDRESSES)
+def test_deploy_script_secret_names_are_the_apps(address):
+    helpers = "\n".join(_deploy_function(n) for n in ("lower", "upper", "sha256_hex", "secret_name_for", "env_name_for"))
     out = subprocess.run(
         ["bash", "-c", f'{helpers}\nsecret_name_for "$1"; echo; env_name_for "$1"', "_", address],
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout.splitlines()
-    # The rule of shared/settings.py (KEY_VAULT_URL): `hve-` + the address lower-cased with every
-    # character other than a-z and 0-9 replaced by `-`.
-    assert "every character other than a-z and 0-9 replaced by `-`" in next(
-        s.description for s in SETTINGS if s.name == "KEY_VAULT_URL")
-    assert out[0] == "hve-" + re.sub(r"[^a-z0-9]", "-", address.lower())
+    # One rule, shared/credentials.py; the script reimplements it in bash and must agree.
+    assert out[0] == secret_name_for(address)
+    assert re.fullmatch(r"[A-Za-z0-9-]{1,127}", out[0]), "a valid Key Vault secret name"
     assert out[1] == "HVE_PASSWORD_" + re.sub(r"[^A-Z0-9]", "_", address.upper())
+
+
+def test_secret_names_of_tricky_addresses_are_distinct():
+    lowered = {a.lower() for a in TRICKY_ADDRESSES}
+    assert len(check_secret_names(TRICKY_ADDRESSES)) == len(lowered)
+    assert len({secret_name_for(a) for a in lowered}) == len(lowered)
+    assert secret_name_for("a.b@x.com") != secret_name_for("a-b@x.com")
+    assert "SHA-256" in next(s.description for s in SETTINGS if s.name == "KEY_VAULT_URL")
+
+
+def test_deploy_script_refuses_accounts_sharing_a_password_variable(tmp_path):
+    _needs_deploy_tools()
+    result = _run_deploy(tmp_path, "--skip-app", env={"FAKE_AZ_ACCOUNTS": "a.b@fabrikam.com,a-b@fabrikam.com",
+                                                     "HVE_PASSWORD_A_B_FABRIKAM_COM": "pw"})
+    assert result.returncode != 0 and "HVE_PASSWORD_A_B_FABRIKAM_COM" in result.stderr
+    assert not (tmp_path / "secrets.log").exists()
 
 
 def test_deploy_script_is_valid_bash():
@@ -720,7 +762,7 @@ case "$args" in
   *" deployment group show "*)
     printf '%s\n' func-abc https://func-abc.azurewebsites.net stabc kv-abc \
       22222222-2222-2222-2222-222222222222 outbound-mail https://stabc.queue.core.windows.net/outbound-mail \
-      "hve-one@fabrikam.com,HVE.Two@fabrikam.com" "${FAKE_AZ_AUTH:-basic}" "fabrikam.com,fabrikam.onmicrosoft.com" \
+      "${FAKE_AZ_ACCOUNTS:-hve-one@fabrikam.com,HVE.Two@fabrikam.com}" "${FAKE_AZ_AUTH:-basic}" "fabrikam.com,fabrikam.onmicrosoft.com" \
       recipient-hash-key False False ;;
   *" keyvault secret show "*)
     name="$(sed -E 's/.*--name ([^ ]+).*/\1/' <<<"$*")"
@@ -784,8 +826,8 @@ def test_deploy_script_end_to_end_with_a_fake_az(tmp_path):
     secrets = dict(line.split("=", 1) for line in (tmp_path / "secrets.log").read_text(encoding="utf-8").splitlines())
 
     # Secrets: named by the rule, values through the pipe, never in argv or on screen.
-    assert secrets["hve-hve-one-fabrikam-com"] == "pw-one s3cret!"
-    assert secrets["hve-hve-two-fabrikam-com"] == "pw-two s3cret!"
+    assert secrets[secret_name_for("hve-one@fabrikam.com")] == "pw-one s3cret!"
+    assert secrets[secret_name_for("HVE.Two@fabrikam.com")] == "pw-two s3cret!"
     assert len(secrets["recipient-hash-key"]) >= 40, "a generated recipient hash key"
     for value in secrets.values():
         assert value not in calls and value not in result.stdout and value not in result.stderr
@@ -812,7 +854,7 @@ def test_deploy_script_end_to_end_with_a_fake_az(tmp_path):
 
 def test_deploy_script_keeps_existing_secrets_and_refuses_to_guess(tmp_path):
     _needs_deploy_tools()
-    existing = "recipient-hash-key\nhve-hve-one-fabrikam-com"
+    existing = "recipient-hash-key\n" + secret_name_for("hve-one@fabrikam.com")
     # No password for the second account, no terminal: a clear error, nothing deployed.
     result = _run_deploy(tmp_path, "--skip-app", env={"FAKE_AZ_EXISTING": existing})
     assert result.returncode != 0
@@ -823,7 +865,7 @@ def test_deploy_script_keeps_existing_secrets_and_refuses_to_guess(tmp_path):
         "FAKE_AZ_EXISTING": existing, "HVE_PASSWORD_HVE_TWO_FABRIKAM_COM": "two"})
     assert result.returncode == 0, result.stderr
     secrets = (tmp_path / "secrets.log").read_text(encoding="utf-8").splitlines()
-    assert secrets == ["hve-hve-two-fabrikam-com=two"]
+    assert secrets == [secret_name_for("hve.two@fabrikam.com") + "=two"]
     assert "functionapp restart" in (tmp_path / "calls.log").read_text(encoding="utf-8")
 
 

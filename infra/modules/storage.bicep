@@ -37,6 +37,13 @@ param containerNames array
 @maxValue(365)
 param deleteRetentionDays int = 7
 
+@description('Container of the claim-check request blobs (its `requests/` prefix is the relay\'s).')
+param claimCheckContainerName string
+
+@description('Days after which a claim-check request blob is deleted whatever became of it: the backstop for blobs the relay could not delete when their request became final. Longer than SEND_MAX_AGE_HOURS.')
+@minValue(1)
+param claimCheckRetentionDays int = 7
+
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   name: name
   location: location
@@ -94,6 +101,41 @@ resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01'
     containerDeleteRetentionPolicy: {
       enabled: true
       days: deleteRetentionDays
+    }
+  }
+}
+
+// Claim-check requests do not pile up: the relay deletes each once its request is final; this
+// rule deletes what is left (a failed delete, a request that never reached the relay).
+resource lifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
+  parent: storage
+  name: 'default'
+  properties: {
+    policy: {
+      rules: [
+        {
+          enabled: true
+          name: 'claim-check-requests'
+          type: 'Lifecycle'
+          definition: {
+            filters: {
+              blobTypes: [
+                'blockBlob'
+              ]
+              prefixMatch: [
+                '${claimCheckContainerName}/requests/'
+              ]
+            }
+            actions: {
+              baseBlob: {
+                delete: {
+                  daysAfterModificationGreaterThan: claimCheckRetentionDays
+                }
+              }
+            }
+          }
+        }
+      ]
     }
   }
 }

@@ -1,0 +1,136 @@
+"""Claim-check blobs are private to their request and do not pile up (Azurite + the emulator)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+
+import pytest
+from azure.core.exceptions import ResourceExistsError
+
+from shared.contract import RequestRefused, claim_check_of, validate_request
+from shared.producer import claim_check_blob_name, enqueue_requests
+from shared.sender import Relay
+from tests.relay_harness import drain, enqueue, relay_settings
+from tests.test_contract import POLICY, good
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def big(request_id: str | None = None, **extra):
+    doc = {"to": ["ann@contoso.com"], "subject": "Big", "html": "<p>" + "x" * 70_000 + "</p>", **extra}
+    return {**doc, "id": request_id} if request_id else doc
+
+
+async def blob_names(relay: Relay, container_name: str) -> list[str]:
+    container = relay.storage.container(container_name)
+    return sorted([b.name async for b in container.list_blobs()])
+
+
+def test_producer_names_are_unguessable_and_never_overwrite(storage, emulator):
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator))
+        try:
+            # Two producers, same id: two blobs, neither replaces the other; the names carry no id.
+            await enqueue_requests(relay.storage, storage.queue_name, storage.container_name, [big("same-id")] * 2)
+            names = await blob_names(relay, storage.container_name)
+            container = relay.storage.container(storage.container_name)
+            with pytest.raises(ResourceExistsError):  # what overwrite=False means for a name taken
+                await container.upload_blob(names[0], b"{}", overwrite=False)
+            return names
+        finally:
+            await relay.close()
+
+    names = run(main())
+    assert len(names) == 2 and names[0] != names[1]
+    for name in names:
+        assert re.fullmatch(r"requests/[0-9a-f-]{36}-[A-Za-z0-9_-]{22}\.json", name) and "same-id" not in name
+    assert len({claim_check_blob_name() for _ in range(1000)}) == 1000
+
+
+def test_claim_check_blob_is_deleted_once_the_request_is_final_and_attachments_stay(storage, emulator):
+    emulator.fail_next(1, "451 4.7.0 Temporary server error. Please try again later", stage="DATA")
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator))
+        try:
+            container = relay.storage.container(storage.container_name)
+            await container.create_container()
+            attachment = await container.upload_blob("att/terms.pdf", b"%PDF terms")
+            attach = [{"name": "terms.pdf", "contentType": "application/pdf", "blobUrl": attachment.url}]
+            await enqueue_requests(relay.storage, storage.queue_name, storage.container_name, [
+                big("cc-sent", attachments=attach),          # deferred once (451), then sent
+                big("cc-refused", to=["not an address"]),     # refused: bad address
+            ])
+            during = None
+            handled = []
+            async for msg in relay.queue.receive_messages(messages_per_page=1, visibility_timeout=60):
+                handled.append(await relay.handle(msg.content, msg.id, msg.dequeue_count))
+                await relay.queue.delete_message(msg)
+                during = await blob_names(relay, storage.container_name)  # after the first (deferred) one
+                break
+            handled += await drain(relay)
+            return handled, during, await blob_names(relay, storage.container_name), \
+                await relay.ledger.get("cc-sent"), await relay.ledger.get("cc-refused")
+        finally:
+            await relay.close()
+
+    handled, during, after, sent, refused = run(main())
+    assert sorted(h.state for h in handled) == ["deferred", "refused", "sent"]
+    assert len([n for n in during if n.startswith("requests/")]) == 2, (handled, during)
+    assert sent.state == "sent" and refused.state == "refused" and sent.claim_blob and refused.claim_blob
+    assert after == ["att/terms.pdf"]
+
+
+def test_a_claim_check_naming_another_requests_blob_does_not_delete_it(storage, emulator):
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator))
+        try:
+            container = relay.storage.container(storage.container_name)
+            await container.create_container()
+            victim = await container.upload_blob(claim_check_blob_name(), json.dumps(big("victim-1")))
+            await enqueue(relay, {"id": "thief-1", "claimCheck": {"blobUrl": victim.url}})
+            [handled] = await drain(relay)
+            return handled, await blob_names(relay, storage.container_name)
+        finally:
+            await relay.close()
+
+    handled, names = run(main())
+    assert handled.state == "refused" and handled.reason.startswith("claim-check")
+    assert len(names) == 1
+
+
+def test_a_failed_delete_is_logged_and_the_request_still_succeeds(storage, emulator, caplog):
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator))
+        try:
+            await enqueue_requests(relay.storage, storage.queue_name, storage.container_name, [big("leased-1")])
+            [name] = await blob_names(relay, storage.container_name)
+            # A lease held by someone else: the delete fails with 412, the outcome must not.
+            await relay.storage.container(storage.container_name).get_blob_client(name).acquire_lease(-1)
+            return await drain(relay), await blob_names(relay, storage.container_name)
+        finally:
+            await relay.close()
+
+    with caplog.at_level(logging.WARNING, logger="hve_relay.sender"):
+        [handled], names = run(main())
+    assert handled.state == "sent" and len(names) == 1
+    assert any("claim-check blob not deleted" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:10000/devstoreaccount1/mail-payloads/requests\\x.json",
+    "http://127.0.0.1:10000/devstoreaccount1/mail-payloads/requests%5Cx.json",
+    "http://127.0.0.1:10000/devstoreaccount1/mail-payloads/..%5c..%5cx.json",
+])
+def test_backslash_in_a_blob_path_is_refused(url):
+    with pytest.raises(RequestRefused) as claim:
+        claim_check_of({"id": "b-1", "claimCheck": {"blobUrl": url}})
+    assert claim.value.reason == "claim-check"
+    with pytest.raises(RequestRefused) as attachment:
+        validate_request(good(attachments=[{"name": "a.txt", "blobUrl": url}]), POLICY)
+    assert attachment.value.reason == "bad-attachment"

@@ -1,0 +1,130 @@
+"""No recipient address reaches the ledger, the recipient index, the logs or the spans: a demo-like
+run with refused addresses and HVE replies that quote recipients, then a scan of everything stored."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from shared.replies import mask_addresses
+from shared.sender import Relay
+from tests import test_telemetry
+from tests.relay_harness import drain, enqueue, relay_settings
+
+# Distinctive local parts, so a hit in a scan is this test's address and nothing else.
+SENT_TO = ["Ann Privatename <ann.privatename@contoso.com>", "bob.hidden@fabrikam-internal.com"]
+CC = "cc.quietperson@contoso.com"
+BCC = "bcc.invisible@contoso.com"
+BAD = "bob..x@contoso.com"
+EXTERNAL = "ext.person@gmail-like.example"
+REFUSED_BY_HVE = "carol.private@contoso.com"
+DEFERRED_FOR = "dana.retry@contoso.com"
+RCPT_REFUSED = "erin.unknown@contoso.com"
+SEND_AS = "fred.spoof@contoso.com"
+ADDRESSES = [a.split("<")[-1].rstrip(">") for a in SENT_TO] + [
+    CC, BCC, BAD, EXTERNAL, REFUSED_BY_HVE, DEFERRED_FOR, RCPT_REFUSED, SEND_AS]
+# The needles: each full address, and each local part (an address masked badly leaves it behind).
+NEEDLES = sorted({a.lower() for a in ADDRESSES} | {a.split("@")[0].lower() for a in ADDRESSES} | {"privatename"})
+
+
+def mail(request_id: str, to, **extra):
+    return {"id": request_id, "to": to, "subject": "Quarterly update", "text": "Hello", **extra}
+
+
+def leaks(text: str) -> list[str]:
+    lowered = text.lower()
+    return [needle for needle in NEEDLES if needle in lowered]
+
+
+class Everything(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # The emulator and its SMTP server library stand in for HVE: their logs are HVE's, not ours.
+        if record.name.startswith(("hve_emulator", "mail.log")):
+            return
+        self.lines.append(f"{record.name}: {record.getMessage()} {record.exc_text or ''}")
+
+
+def test_mask_addresses_keeps_the_domain_and_hides_the_local_part():
+    assert mask_addresses("550 5.1.1 <carol.private@contoso.com>: User unknown") == "550 5.1.1 <***@contoso.com>: User unknown"
+    assert mask_addresses("'bob..x@contoso.com', \"a b\"@x.org o'brien@sub.example.co.uk") == \
+        "'***@contoso.com', ***@x.org ***@sub.example.co.uk"
+    assert mask_addresses("451 4.7.0 Temporary server error") == "451 4.7.0 Temporary server error"
+
+
+def test_a_demo_run_leaves_no_address_in_ledger_index_logs_or_spans(storage, emulator):
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        # The process has one tracer provider: the one test_telemetry sets up, feeding its
+        # in-memory exporter (its meter provider is left to it).
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(test_telemetry.SPANS))
+        trace.set_tracer_provider(provider)
+    test_telemetry.SPANS.clear()
+    # HVE quotes the recipient in its replies: a permanent 550, a transient 451, a refused RCPT.
+    emulator.fail_next(1, f"550 5.1.1 <{REFUSED_BY_HVE}>: Recipient address rejected: User unknown", stage="DATA")
+    handler = Everything()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS='{"recipients_per_message": 2}'))
+        try:
+            # One at a time, so each fault meets the request it is meant for.
+            await enqueue(relay, mail("refused-by-hve", [REFUSED_BY_HVE]))
+            await drain(relay)
+            emulator.fail_next(1, f"451 4.7.0 <{DEFERRED_FOR}> mailbox busy, try again later", stage="DATA")
+            await enqueue(relay, mail("deferred-then-sent", [DEFERRED_FOR]))
+            await drain(relay)
+            emulator.fail_next(1, f"550 5.1.1 <{RCPT_REFUSED}>: Recipient address rejected", stage="RCPT")
+            await enqueue(relay, mail("one-rcpt-refused", [RCPT_REFUSED, "bob.hidden@fabrikam-internal.com"]))
+            await drain(relay)
+            for doc in [
+                mail("sent-chunked", SENT_TO, cc=[CC], bcc=[BCC], category="newsletter"),
+                mail("bad-address", ["ann.privatename@contoso.com", BAD]),
+                mail("external", [EXTERNAL]),
+                mail("send-as", ["ann.privatename@contoso.com"], **{"from": SEND_AS}),
+                mail("unknown-account", ["ann.privatename@contoso.com"], account=SEND_AS),
+            ]:
+                await enqueue(relay, doc)
+            await enqueue(relay, b'{"to": ["' + BAD.encode() + b'"], "text": ')  # unreadable: recorded by queue id
+            handled = await drain(relay)
+            ledger = [dict(r) async for r in (await relay.storage.table(storage.env()["LEDGER_TABLE"])).list_entities()]
+            index = [dict(r) async for r in (await relay.storage.table(storage.env()["RECIPIENT_INDEX_TABLE"])).list_entities()]
+            return handled, ledger, index
+        finally:
+            await relay.close()
+
+    try:
+        handled, ledger, index = asyncio.run(main())
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+    rows = {r["PartitionKey"]: r for r in ledger if r["RowKey"] == "request"}
+    # The run did what it should, so the scan below covers refusals and HVE's replies.
+    assert rows["refused-by-hve"]["State"] == "refused" and "5.1.1" in rows["refused-by-hve"]["Reason"]
+    assert rows["deferred-then-sent"]["State"] == "sent" and rows["deferred-then-sent"]["Attempts"] == 2
+    assert rows["sent-chunked"]["State"] == "sent" and rows["sent-chunked"]["ChunksTotal"] == 2
+    assert rows["bad-address"]["Reason"].startswith("bad-address: to[1]")
+    assert rows["external"]["Reason"].startswith("external-not-allowed")
+    assert rows["send-as"]["Reason"].startswith("send-as") and rows["unknown-account"]["Reason"].startswith("unknown-account")
+    assert any(r["State"] == "refused" and r["Reason"].startswith("malformed") for r in rows.values())
+    assert len(index) >= 6 and handler.lines
+    spans = [dict(s.attributes) for s in test_telemetry.SPANS.get_finished_spans()]
+    assert len(spans) >= len(handled)
+
+    assert leaks(json.dumps(ledger, default=str)) == []
+    assert leaks(json.dumps(index, default=str)) == []
+    assert [line for line in handler.lines if leaks(line)] == []
+    assert leaks(json.dumps(spans, default=str)) == []
+    assert [s.attributes for s in test_telemetry.SPANS.get_finished_spans() for e in s.events if leaks(str(e.attributes))] == []
