@@ -151,6 +151,12 @@ param retryBaseSeconds int = 30
 @description('Cap of the retry delay, in seconds.')
 param retryMaxSeconds int = 3600
 
+@description('Seconds a request in state sending is left alone before it is sent again (same Message-ID).')
+param sendingLeaseSeconds int = 120
+
+@description('Attachments one request may have; more is refused before anything is downloaded.')
+param maxAttachments int = 20
+
 @description('OTLP/HTTP endpoint for telemetry; used only when Application Insights is not (leave empty in Azure).')
 param otelExporterOtlpEndpoint string = ''
 
@@ -334,6 +340,8 @@ var appSettings = {
   SEND_MAX_AGE_HOURS: string(sendMaxAgeHours)
   RETRY_BASE_SECONDS: string(retryBaseSeconds)
   RETRY_MAX_SECONDS: string(retryMaxSeconds)
+  SENDING_LEASE_SECONDS: string(sendingLeaseSeconds)
+  MAX_ATTACHMENTS: string(maxAttachments)
   RECIPIENT_HASH_KEY: '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=${recipientHashKeySecretName})'
   // Welcome scan.
   WELCOME_ENABLED: welcomeEnabled ? 'true' : 'false'

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -143,6 +144,22 @@ def decode_queue_body(body: bytes | str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise RequestRefused("malformed", "the request must be a JSON object")
     return doc
+
+
+CONTENT_ID_PREFIX = "c-"
+
+
+def content_request_id(body: bytes | str) -> str:
+    """The id of a request that names none: `c-` and 32 hex digits of the SHA-256 of its JSON text
+    (after the transport's base64, if any). Every copy of the same bytes (the host's poison copy, a
+    replay, a producer sending it again) is the same request: one ledger row, one Message-ID."""
+    raw = (body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)).strip()
+    if raw and not raw.startswith(b"{"):
+        try:
+            raw = base64.b64decode(raw, validate=True).strip()
+        except (binascii.Error, ValueError):
+            pass
+    return CONTENT_ID_PREFIX + hashlib.sha256(raw).hexdigest()[:32]
 
 
 def claim_check_of(doc: Mapping[str, Any]) -> ClaimCheck | None:

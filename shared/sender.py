@@ -25,6 +25,7 @@ from .contract import (
     RequestRefused,
     ValidationPolicy,
     claim_check_of,
+    content_request_id,
     decode_queue_body,
     parse_request_id,
     is_internal,
@@ -45,9 +46,8 @@ from .telemetry import Instruments
 
 log = logging.getLogger("hve_relay.sender")
 
-# A request some instance is submitting right now: others leave it alone this long...
-SENDING_LEASE_SECONDS = 120.0
-# ...and look again this often (usually the other instance has finished by then).
+# A request some instance is submitting right now is left alone for SENDING_LEASE_SECONDS (a setting);
+# others look again this often (usually the other instance has finished by then).
 BUSY_RECHECK_SECONDS = 5.0
 # After an account problem another account can usually take the message at once.
 ACCOUNT_RETRY_SECONDS = 2.0
@@ -178,7 +178,9 @@ class Relay:
         try:
             doc = decode_queue_body(body)
             claim = claim_check_of(doc)
-            request_id = (claim.id if claim else parse_request_id(doc.get("id"))) or queue_message_id
+            # Without an id the request is its content, never the queue message id: the host's poison
+            # copy and a replay are new queue messages, yet must map to the same row and Message-ID.
+            request_id = (claim.id if claim else parse_request_id(doc.get("id"))) or content_request_id(body)
         except RequestRefused as refusal:
             return await self._refuse_unread(queue_message_id, refusal, now)
         # What goes back on the queue: the caller's message, now carrying its id.
@@ -188,7 +190,7 @@ class Relay:
         if entry is not None and entry.state in FINAL_STATES:
             return Handled(request_id, "duplicate", f"already {entry.state}", entry.account, entry.last_code)
         if entry is not None and entry.state == SENDING:
-            lease_left = entry.updated.timestamp() + SENDING_LEASE_SECONDS - now
+            lease_left = entry.updated.timestamp() + self.settings.sending_lease_seconds - now
             if lease_left > 0:
                 delay = await self._requeue(stub, min(lease_left, BUSY_RECHECK_SECONDS), entry.attempts)
                 return Handled(request_id, "busy", "another instance is sending it", entry.account, 0, delay)
@@ -366,7 +368,7 @@ class Relay:
             if current is not None and current.state in FINAL_STATES:
                 return
             if (current is not None and current.state == SENDING and entry.state != SENDING
-                    and current.updated.timestamp() + SENDING_LEASE_SECONDS > self.clock()
+                    and current.updated.timestamp() + self.settings.sending_lease_seconds > self.clock()
                     and entry.state not in FINAL_STATES):
                 return
             await self.ledger.put(entry)

@@ -58,6 +58,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("SEND_MAX_AGE_HOURS", "72", "Age after which a still-undelivered request is recorded as dead."),
     SettingSpec("RETRY_BASE_SECONDS", "30", "First retry delay; doubles per attempt, with jitter."),
     SettingSpec("RETRY_MAX_SECONDS", "3600", "Cap of the retry delay."),
+    SettingSpec("SENDING_LEASE_SECONDS", "120", "A request whose ledger row says `sending` (an instance is submitting it, or died doing so) is left alone this long, then sent again under the same Message-ID. Longer than one SMTP transaction can take."),
+    SettingSpec("MAX_ATTACHMENTS", "20", "Attachments one request may have (inline and blob together); more is refused as `too-many-attachments` before anything is downloaded."),
     SettingSpec("LEDGER_TABLE", "hveledger", "Table with one row per request (outcome ledger)."),
     SettingSpec("RECIPIENT_INDEX_TABLE", "hverecipients", "Table keyed by recipient hash, answering 'was this address mailed?'."),
     SettingSpec("GOVERNOR_TABLE", "hvegovernor", "Table holding the rate governor's per-account state."),
@@ -156,6 +158,8 @@ class Settings:
     max_age_seconds: float
     retry_base_seconds: float
     retry_max_seconds: float
+    sending_lease_seconds: float
+    max_attachments: int
     ledger_table: str
     recipient_index_table: str
     governor_table: str
@@ -260,6 +264,8 @@ class Settings:
             max_age_seconds=number("SEND_MAX_AGE_HOURS") * 3600.0,
             retry_base_seconds=number("RETRY_BASE_SECONDS"),
             retry_max_seconds=number("RETRY_MAX_SECONDS"),
+            sending_lease_seconds=number("SENDING_LEASE_SECONDS"),
+            max_attachments=number("MAX_ATTACHMENTS", int),
             ledger_table=get("LEDGER_TABLE"),
             recipient_index_table=get("RECIPIENT_INDEX_TABLE"),
             governor_table=get("GOVERNOR_TABLE"),
