@@ -6,9 +6,10 @@ request cannot make the relay read anything else (no SSRF, no other tenant's dat
 
 from __future__ import annotations
 
+import uuid
 from urllib.parse import unquote, urlsplit
 
-from azure.core.exceptions import ResourceNotFoundError
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from .contract import RequestRefused
 
@@ -40,3 +41,16 @@ class BlobReader:
         if self._max is not None and stream.size > self._max:
             raise RequestRefused("too-large", f"{what}: blob {name!r} is {stream.size} bytes, over the {self._max}-byte limit")
         return await stream.readall()
+
+    async def store(self, prefix: str, data: bytes) -> str:
+        """Write `data` under `prefix` with an unguessable suffix, never overwriting; its URL."""
+        name = f"{prefix}-{uuid.uuid4().hex}.json"
+        try:
+            blob = await self._container.upload_blob(name, data, overwrite=False)
+        except ResourceNotFoundError:  # Azurite starts empty (Bicep creates the container in Azure)
+            try:
+                await self._container.create_container()
+            except ResourceExistsError:
+                pass
+            blob = await self._container.upload_blob(name, data, overwrite=False)
+        return blob.url

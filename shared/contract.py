@@ -18,7 +18,13 @@ if TYPE_CHECKING:
     from .limits import Limits
     from .settings import Settings
 
-# An Azure queue message holds at most 64 KiB; bigger requests travel by claim check.
+# An Azure queue message holds at most 64 KiB of text, counted in UTF-8 (Azurite enforces the same);
+# bigger requests travel by claim check. The host reads what the relay writes as is (host.json
+# `messageEncoding: none`); with base64 every copy would grow by 4/3 and the budget would shrink.
+QUEUE_MESSAGE_MAX_BYTES = 64 * 1024
+# What the relay itself puts on the queue stays this far below the limit (the service's own count
+# of a message is not documented to the byte; Azurite refuses some multi-byte text a few bytes short).
+QUEUE_MESSAGE_BUDGET = QUEUE_MESSAGE_MAX_BYTES - 1024
 MAX_REQUEST_ID_LENGTH = 200
 MAX_SUBJECT_LENGTH = 998
 MAX_CATEGORY_LENGTH = 64
@@ -160,6 +166,25 @@ def content_request_id(body: bytes | str) -> str:
         except (binascii.Error, ValueError):
             pass
     return CONTENT_ID_PREFIX + hashlib.sha256(raw).hexdigest()[:32]
+
+
+def queue_text(doc: Mapping[str, Any]) -> str:
+    """A request as the relay re-enqueues it: compact JSON, non-ASCII text as UTF-8, not as 6-byte
+    \\u escapes (which triple Cyrillic and pass no queue limit). Text that is not valid UTF-8 (a lone
+    surrogate) keeps its escapes so the copy can still be written."""
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(doc, separators=(",", ":"))
+    return text
+
+
+def fits_on_queue(text: str, *, base64_encoded: bool = False) -> bool:
+    size = len(text.encode("utf-8"))
+    if base64_encoded:
+        size = 4 * ((size + 2) // 3)
+    return size <= QUEUE_MESSAGE_BUDGET
 
 
 def claim_check_of(doc: Mapping[str, Any]) -> ClaimCheck | None:

@@ -27,7 +27,9 @@ from .contract import (
     claim_check_of,
     content_request_id,
     decode_queue_body,
+    fits_on_queue,
     parse_request_id,
+    queue_text,
     is_internal,
     validate_request,
 )
@@ -349,8 +351,14 @@ class Relay:
         attempts so far; the ledger, not this field, is what the relay trusts."""
         delay = visibility_for(wait_seconds, jitter_fraction=0.1 if jitter else 0.0, rng=self.rng)
         stub = {**stub, "attempt": attempts}
+        text = queue_text(stub)
+        if not fits_on_queue(text):
+            # The caller's message fitted, but not with its id and attempts added: the copy travels by
+            # claim check (once: later copies re-enqueue the small stub).
+            url = await self.payloads.store(f"deferred/{stub['id']}", text.encode("utf-8"))
+            text = queue_text({"id": stub["id"], "claimCheck": {"blobUrl": url}, "attempt": attempts})
         # time_to_live=-1: a deferred request must never expire silently on the queue.
-        await self.queue.send_message(json.dumps(stub, separators=(",", ":")), visibility_timeout=delay, time_to_live=-1)
+        await self.queue.send_message(text, visibility_timeout=delay, time_to_live=-1)
         return delay
 
     async def _finish(self, entry: LedgerEntry, state: str, reason: str) -> Handled:
