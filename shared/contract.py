@@ -187,6 +187,12 @@ def fits_on_queue(text: str, *, base64_encoded: bool = False) -> bool:
     return size <= QUEUE_MESSAGE_BUDGET
 
 
+def mime_base64_size(raw_bytes: int) -> int:
+    """Bytes an attachment of `raw_bytes` takes in a MIME message: base64 in lines of 76 plus CRLF."""
+    encoded = 4 * -(-raw_bytes // 3)
+    return encoded + 2 * -(-encoded // 76)
+
+
 def claim_check_of(doc: Mapping[str, Any]) -> ClaimCheck | None:
     """A claim-check stub (`{"claimCheck": {"blobUrl": ...}, "id": ...}`), or None for a full request."""
     if "claimCheck" not in doc:

@@ -31,6 +31,7 @@ from .contract import (
     parse_request_id,
     queue_text,
     is_internal,
+    mime_base64_size,
     validate_request,
 )
 from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential
@@ -224,11 +225,7 @@ class Relay:
                 raise RequestRefused("claim-check", "the id in the blob differs from the id on the queue")
             full = {**full, "id": request_id}
         request = validate_request(full, self.policy)
-        attachments = [
-            (a.name, a.content_type,
-             a.content if a.content is not None else await self.payloads.read(a.blob_url, f"attachment {a.name!r}"))
-            for a in request.attachments
-        ]
+        attachments = await self._attachments(request)
         prepared = _Prepared(request, attachments,
                              chunk_recipients(dict.fromkeys(r.addr for r in request.recipients),
                                               self.limits.recipients_per_message))
@@ -238,6 +235,35 @@ class Relay:
         if self.limits.message_bytes is not None and size > self.limits.message_bytes:
             raise RequestRefused("too-large", f"the encoded message is {size} bytes; the limit is {self.limits.message_bytes}")
         return prepared
+
+    async def _attachments(self, request: MailRequest) -> list[tuple[str, str, bytes]]:
+        """The attachments' bytes, bounded before anything is read: their number, then the sum of
+        their sizes (blob properties, base64 overhead included) against the message size limit. A
+        few hundred bytes naming one big blob many times are refused without a download."""
+        if len(request.attachments) > self.settings.max_attachments:
+            raise RequestRefused("too-many-attachments", f"{len(request.attachments)} attachments; the limit is "
+                                                         f"{self.settings.max_attachments}")
+        limit = self.limits.message_bytes
+        sizes = [len(a.content) if a.content is not None else await self.payloads.size(a.blob_url, f"attachment {a.name!r}")
+                 for a in request.attachments]
+        estimate = sum(mime_base64_size(size) for size in sizes)
+        if limit is not None and estimate > limit:
+            raise RequestRefused("too-large", f"the attachments take about {estimate} bytes encoded; the message limit "
+                                              f"is {limit}")
+        # What the blobs may still grow by before the limit: a blob that grew past it since its size
+        # was read is refused at that many bytes, never read whole.
+        slack = (limit - estimate) * 3 // 4 if limit is not None else None
+        out: list[tuple[str, str, bytes]] = []
+        for a, size in zip(request.attachments, sizes):
+            if a.content is None:
+                data = await self.payloads.read(a.blob_url, f"attachment {a.name!r}",
+                                                size + slack if slack is not None else None)
+                if slack is not None:
+                    slack -= max(0, len(data) - size)
+                out.append((a.name, a.content_type, data))
+            else:
+                out.append((a.name, a.content_type, a.content))
+        return out
 
     def _message(self, prepared: "_Prepared", request_id: str, account: str, chunk: int, now: float) -> bytes:
         return build_message(prepared.request, request_id=request_id, account=account,
