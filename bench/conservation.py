@@ -59,7 +59,7 @@ DOMAIN = "contoso.com"
 MESSAGE_LIMIT = 200_000          # HVE_LIMITS message_bytes of the run: oversize requests are cheap to make
 RECIPIENTS_PER_MESSAGE = 10      # HVE_LIMITS recipients_per_message: multi-chunk requests need few RCPTs
 OVERSIZE_BLOB = 190_000          # raw bytes; about 257 KB once base64-encoded
-HOST_LEASE_SECONDS = 3           # the killed host's messages come back after this
+HOST_LEASE_SECONDS = 3           # the killed host's messages come back after this (the CLI's default: 10)
 SENDING_LEASE_SECONDS = 2
 HOST_JSON = {"version": "2.0", "functionTimeout": "00:02:00", "extensions": {"queues": {
     "batchSize": 16, "newBatchThreshold": 8, "maxPollingInterval": "00:00:00.500",
@@ -146,8 +146,9 @@ def build_requests(count: int, rng: random.Random, oversize_url: str, run: str) 
 class HostProcess:
     """`python -m tools.devhost` with its own settings file; killed with SIGKILL, like a lost instance."""
 
-    def __init__(self, workdir: Path, settings: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, settings: dict[str, str], lease_seconds: float = HOST_LEASE_SECONDS) -> None:
         self.workdir = workdir
+        self.lease_seconds = lease_seconds
         self.settings_file = workdir / "local.settings.json"
         self.settings_file.write_text(json.dumps({"IsEncrypted": False, "Values": settings}))
         self.host_json = workdir / "host.json"
@@ -161,7 +162,7 @@ class HostProcess:
         env = {k: v for k, v in os.environ.items() if k not in {s.name for s in SETTINGS}}
         args = [sys.executable, "-m", "tools.devhost", "--app", "function_app", "--settings", str(self.settings_file),
                 "--host-json", str(self.host_json), "--no-http", "--functions", "send_mail",
-                "--lease-seconds", str(HOST_LEASE_SECONDS), "--log-level", "WARNING"]
+                "--lease-seconds", str(self.lease_seconds), "--log-level", "WARNING"]
         if once:
             args.append("--once")
         log = open(self.workdir / f"host-{self.runs}.log", "w")
@@ -172,6 +173,12 @@ class HostProcess:
         assert self.proc is not None
         self.proc.kill()  # SIGKILL: no graceful shutdown, leases and SMTP sessions left as they are
         self.proc.wait(10)
+
+    def terminate(self) -> None:
+        """SIGTERM: the host stops taking messages and lets in-flight invocations finish."""
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(120)
 
     def wait(self, timeout: float) -> int:
         assert self.proc is not None
@@ -249,7 +256,8 @@ def table_fault_rule(rng: random.Random, rate: float, counts: Counter):
 
 def run(count: int, *, azurite: Any, emulator: Any, workdir: Path, names: dict[str, str], kills: int = 0,
         smtp_faults: bool = False, table_fault_rate: float = 0.0, outage_seconds: float = 0.0,
-        rtt_ms: float = 20.0, seed: int = 1, timeout: float = 600.0) -> Report:
+        rtt_ms: float = 20.0, seed: int = 1, timeout: float = 600.0,
+        lease_seconds: float = HOST_LEASE_SECONDS) -> Report:
     """Send `count` requests through a local host and audit where each one ended.
 
     `names`: MAIL_QUEUE, LEDGER_TABLE, RECIPIENT_INDEX_TABLE, GOVERNOR_TABLE, CLAIM_CHECK_CONTAINER."""
@@ -278,9 +286,12 @@ def run(count: int, *, azurite: Any, emulator: Any, workdir: Path, names: dict[s
         }
         queue = QueueClient.from_connection_string(conn, names["MAIL_QUEUE"])
         queue.create_queue()
-        asyncio.run(_enqueue(conn, names["MAIL_QUEUE"], [r.body for r in requests]))
+        # Producers trickle: the backlog stays bounded (Azurite slows down with a deep queue).
+        producer = threading.Thread(target=lambda: asyncio.run(_produce(conn, names["MAIL_QUEUE"], [r.body for r in requests])),
+                                    daemon=True, name="producer")
+        producer.start()
 
-        host = HostProcess(workdir, settings)
+        host = HostProcess(workdir, settings, lease_seconds)
         fault_thread = SmtpFaults(emulator, random.Random(seed + 2), max(5, count // 100), report.faults) if smtp_faults else None
         try:
             if fault_thread:
@@ -290,18 +301,15 @@ def run(count: int, *, azurite: Any, emulator: Any, workdir: Path, names: dict[s
             if outage_seconds:
                 events.append((1 / 3, "outage"))
             events.sort()
-            killed = 0
-            # The host after the last kill (or the only one) exits once everything is done.
-            host.start(once=kills == 0)
+            host.start()
             deadline = started + timeout
             expected = sum(r.chunks for r in requests if r.should_send)
             for at, what in events:
                 _wait_until(lambda: len(emulator.accepted()) >= at * expected, deadline, host, f"{what} at {at:.0%}")
                 if what == "kill":
                     host.kill()
-                    killed += 1
                     report.faults["host SIGKILL"] += 1
-                    host.start(once=killed == kills)
+                    host.start()
                 else:
                     for proxy in proxies:
                         proxy.down()
@@ -309,6 +317,12 @@ def run(count: int, *, azurite: Any, emulator: Any, workdir: Path, names: dict[s
                     time.sleep(outage_seconds)
                     for proxy in proxies:
                         proxy.up()
+            producer.join(max(1.0, deadline - time.monotonic()))
+            _wait_until(lambda: len(emulator.accepted()) >= expected or _count(conn, names["MAIL_QUEUE"]) == 0,
+                        deadline, host, "the backlog")
+            # Stop gracefully (in-flight invocations finish); a host that exits when all is done takes over.
+            host.terminate()
+            host.start(once=True)
             code = host.wait(max(1.0, deadline - time.monotonic()))
             if code != 0:
                 raise RuntimeError(f"the local host exited with {code}; see {workdir}")
@@ -339,17 +353,20 @@ def _wait_until(predicate, deadline: float, host: HostProcess, what: str) -> Non
         time.sleep(0.05)
 
 
-async def _enqueue(conn: str, queue_name: str, bodies: list[str]) -> None:
+async def _produce(conn: str, queue_name: str, bodies: list[str], backlog: int = 500, slice_size: int = 250) -> None:
     from azure.storage.queue.aio import QueueClient as AsyncQueueClient
 
     async with AsyncQueueClient.from_connection_string(conn, queue_name) as queue:
-        gate = asyncio.Semaphore(32)
+        gate = asyncio.Semaphore(16)
 
         async def one(body: str) -> None:
             async with gate:
                 await queue.send_message(body, time_to_live=-1)
 
-        await asyncio.gather(*(one(b) for b in bodies))
+        for start in range(0, len(bodies), slice_size):
+            while (await queue.get_queue_properties()).approximate_message_count > backlog:
+                await asyncio.sleep(0.5)
+            await asyncio.gather(*(one(b) for b in bodies[start:start + slice_size]))
 
 
 def _subject(path: Path) -> str:
@@ -404,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outage-seconds", type=float, default=3.0, help="storage unreachable this long at a third")
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="round trip to the SMTP peer")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--lease-seconds", type=float, default=10.0, help="the local host's message lease")
     args = parser.parse_args(argv)
 
     from tools.azurite import Azurite
@@ -419,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args.count, azurite=azurite, emulator=emulator, workdir=Path(tmp), names=names,
                      kills=args.kills, smtp_faults=True, table_fault_rate=args.table_fault_rate,
                      outage_seconds=args.outage_seconds, rtt_ms=args.rtt_ms, seed=args.seed,
-                     timeout=max(600.0, args.count * 0.2))
+                     timeout=max(600.0, args.count * 0.3), lease_seconds=args.lease_seconds)
         for line in report.lines():
             print(line)
         for token in (report.lost + report.foreign)[:20]:
