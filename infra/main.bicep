@@ -136,9 +136,6 @@ param hvePoolIdleSeconds int = 60
 @description('Longest wait for a free SMTP session of an account, in seconds.')
 param hvePoolWaitSeconds int = 10
 
-@description('How long other deliveries of a request leave it alone while one instance is in its SMTP transaction, in seconds.')
-param sendLeaseSeconds int = 120
-
 @description('How far ahead the governor books send slots, in seconds.')
 param hveBookingHorizonSeconds int = 3600
 
@@ -177,6 +174,12 @@ param retentionMaxRowsPerRun int = 20000
 @description('Hours after which a ledger row still `sending` is recorded as dead (lost-in-flight).')
 @minValue(1)
 param lostInFlightHours int = 24
+
+@description('Seconds a request in state sending is left alone before it is sent again (same Message-ID).')
+param sendingLeaseSeconds int = 120
+
+@description('Attachments one request may have; more is refused before anything is downloaded.')
+param maxAttachments int = 20
 
 @description('OTLP/HTTP endpoint for telemetry; used only when Application Insights is not (leave empty in Azure).')
 param otelExporterOtlpEndpoint string = ''
@@ -357,7 +360,6 @@ var appSettings = {
   HVE_POOL_SIZE: string(hvePoolSize)
   HVE_POOL_IDLE_SECONDS: string(hvePoolIdleSeconds)
   HVE_POOL_WAIT_SECONDS: string(hvePoolWaitSeconds)
-  SEND_LEASE_SECONDS: string(sendLeaseSeconds)
   HVE_BOOKING_HORIZON_SECONDS: string(hveBookingHorizonSeconds)
   HVE_BOOKINGS_PER_SECOND: string(hveBookingsPerSecond)
   ACCOUNT_UNHEALTHY_SECONDS: string(accountUnhealthySeconds)
@@ -371,6 +373,8 @@ var appSettings = {
   RETENTION_SCHEDULE: retentionSchedule
   RETENTION_MAX_ROWS_PER_RUN: string(retentionMaxRowsPerRun)
   LOST_IN_FLIGHT_HOURS: string(lostInFlightHours)
+  SENDING_LEASE_SECONDS: string(sendingLeaseSeconds)
+  MAX_ATTACHMENTS: string(maxAttachments)
   RECIPIENT_HASH_KEY: '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=${recipientHashKeySecretName})'
   // Welcome scan.
   WELCOME_ENABLED: welcomeEnabled ? 'true' : 'false'

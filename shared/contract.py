@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -18,7 +19,13 @@ if TYPE_CHECKING:
     from .limits import Limits
     from .settings import Settings
 
-# An Azure queue message holds at most 64 KiB; bigger requests travel by claim check.
+# An Azure queue message holds at most 64 KiB of text, counted in UTF-8 (Azurite enforces the same);
+# bigger requests travel by claim check. The host reads what the relay writes as is (host.json
+# `messageEncoding: none`); with base64 every copy would grow by 4/3 and the budget would shrink.
+QUEUE_MESSAGE_MAX_BYTES = 64 * 1024
+# What the relay itself puts on the queue stays this far below the limit (the service's own count
+# of a message is not documented to the byte; Azurite refuses some multi-byte text a few bytes short).
+QUEUE_MESSAGE_BUDGET = QUEUE_MESSAGE_MAX_BYTES - 1024
 MAX_REQUEST_ID_LENGTH = 200
 MAX_SUBJECT_LENGTH = 998
 MAX_CATEGORY_LENGTH = 64
@@ -195,6 +202,47 @@ def _safe_path(path: str) -> str:
             continue
         out.append(part if part in known or part.startswith("[") or _CUSTOM_HEADER_NAME.match(part) else "?")
     return ".".join(out).replace(".[", "[") or "the request"
+
+
+CONTENT_ID_PREFIX = "c-"
+
+
+def content_request_id(body: bytes | str) -> str:
+    """The id of a request that names none: `c-` and 32 hex digits of the SHA-256 of its JSON text
+    (after the transport's base64, if any). Every copy of the same bytes (the host's poison copy, a
+    replay, a producer sending it again) is the same request: one ledger row, one Message-ID."""
+    raw = (body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)).strip()
+    if raw and not raw.startswith(b"{"):
+        try:
+            raw = base64.b64decode(raw, validate=True).strip()
+        except (binascii.Error, ValueError):
+            pass
+    return CONTENT_ID_PREFIX + hashlib.sha256(raw).hexdigest()[:32]
+
+
+def queue_text(doc: Mapping[str, Any]) -> str:
+    """A request as the relay re-enqueues it: compact JSON, non-ASCII text as UTF-8, not as 6-byte
+    \\u escapes (which triple Cyrillic and pass no queue limit). Text that is not valid UTF-8 (a lone
+    surrogate) keeps its escapes so the copy can still be written."""
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(doc, separators=(",", ":"))
+    return text
+
+
+def fits_on_queue(text: str, *, base64_encoded: bool = False) -> bool:
+    size = len(text.encode("utf-8"))
+    if base64_encoded:
+        size = 4 * ((size + 2) // 3)
+    return size <= QUEUE_MESSAGE_BUDGET
+
+
+def mime_base64_size(raw_bytes: int) -> int:
+    """Bytes an attachment of `raw_bytes` takes in a MIME message: base64 in lines of 76 plus CRLF."""
+    encoded = 4 * -(-raw_bytes // 3)
+    return encoded + 2 * -(-encoded // 76)
 
 
 def claim_check_of(doc: Mapping[str, Any]) -> ClaimCheck | None:

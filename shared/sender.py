@@ -27,9 +27,13 @@ from .contract import (
     RequestRefused,
     ValidationPolicy,
     claim_check_of,
+    content_request_id,
     decode_queue_body,
+    fits_on_queue,
     parse_request_id,
+    queue_text,
     is_internal,
+    mime_base64_size,
     validate_request,
 )
 from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential, check_secret_names
@@ -48,8 +52,8 @@ from .telemetry import Instruments
 
 log = logging.getLogger("hve_relay.sender")
 
-# A request another instance is submitting right now (SEND_LEASE_SECONDS): look again this often
-# (usually the other instance has finished by then).
+# A request some instance is submitting right now is left alone for SENDING_LEASE_SECONDS (a setting);
+# others look again this often (usually the other instance has finished by then).
 BUSY_RECHECK_SECONDS = 5.0
 # After an account problem another account can usually take the message at once.
 ACCOUNT_RETRY_SECONDS = 2.0
@@ -189,7 +193,9 @@ class Relay:
         try:
             doc = decode_queue_body(body)
             claim = claim_check_of(doc)
-            request_id = (claim.id if claim else parse_request_id(doc.get("id"))) or queue_message_id
+            # Without an id the request is its content, never the queue message id: the host's poison
+            # copy and a replay are new queue messages, yet must map to the same row and Message-ID.
+            request_id = (claim.id if claim else parse_request_id(doc.get("id"))) or content_request_id(body)
         except RequestRefused as refusal:
             return await self._refuse_unread(queue_message_id, refusal, received)
         # What goes back on the queue: the caller's message, now carrying its id.
@@ -199,7 +205,7 @@ class Relay:
         if entry is not None and entry.state in FINAL_STATES:
             return Handled(request_id, "duplicate", f"already {entry.state}", entry.account, entry.last_code)
         if entry is not None and entry.state == SENDING:
-            lease_left = entry.updated.timestamp() + self.settings.send_lease_seconds - received
+            lease_left = entry.updated.timestamp() + self.settings.sending_lease_seconds - received
             if lease_left > 0:
                 delay = await self._requeue(stub, min(lease_left, BUSY_RECHECK_SECONDS), entry.attempts)
                 return Handled(request_id, "busy", "another instance is sending it", entry.account, 0, delay)
@@ -237,11 +243,7 @@ class Relay:
                 raise RequestRefused("claim-check", "the id in the blob differs from the id on the queue")
             full = {**full, "id": request_id}
         request = validate_request(full, self.policy)
-        attachments = [
-            (a.name, a.content_type,
-             a.content if a.content is not None else await self.payloads.read(a.blob_url, f"attachment {a.name!r}"))
-            for a in request.attachments
-        ]
+        attachments = await self._attachments(request)
         recipients = list(dict.fromkeys(r.addr for r in request.recipients))
         prepared = _Prepared(request, attachments, recipients,
                              chunk_recipients(range(len(recipients)), self.limits.recipients_per_message))
@@ -251,6 +253,35 @@ class Relay:
         if self.limits.message_bytes is not None and size > self.limits.message_bytes:
             raise RequestRefused("too-large", f"the encoded message is {size} bytes; the limit is {self.limits.message_bytes}")
         return prepared
+
+    async def _attachments(self, request: MailRequest) -> list[tuple[str, str, bytes]]:
+        """The attachments' bytes, bounded before anything is read: their number, then the sum of
+        their sizes (blob properties, base64 overhead included) against the message size limit. A
+        few hundred bytes naming one big blob many times are refused without a download."""
+        if len(request.attachments) > self.settings.max_attachments:
+            raise RequestRefused("too-many-attachments", f"{len(request.attachments)} attachments; the limit is "
+                                                         f"{self.settings.max_attachments}")
+        limit = self.limits.message_bytes
+        sizes = [len(a.content) if a.content is not None else await self.payloads.size(a.blob_url, f"attachment {a.name!r}")
+                 for a in request.attachments]
+        estimate = sum(mime_base64_size(size) for size in sizes)
+        if limit is not None and estimate > limit:
+            raise RequestRefused("too-large", f"the attachments take about {estimate} bytes encoded; the message limit "
+                                              f"is {limit}")
+        # What the blobs may still grow by before the limit: a blob that grew past it since its size
+        # was read is refused at that many bytes, never read whole.
+        slack = (limit - estimate) * 3 // 4 if limit is not None else None
+        out: list[tuple[str, str, bytes]] = []
+        for a, size in zip(request.attachments, sizes):
+            if a.content is None:
+                data = await self.payloads.read(a.blob_url, f"attachment {a.name!r}",
+                                                size + slack if slack is not None else None)
+                if slack is not None:
+                    slack -= max(0, len(data) - size)
+                out.append((a.name, a.content_type, data))
+            else:
+                out.append((a.name, a.content_type, a.content))
+        return out
 
     def _message(self, prepared: "_Prepared", request_id: str, account: str, index: int, now: float) -> bytes:
         # Transaction `index` > 0 (another chunk, or a follow-up for recipients HVE deferred) has
@@ -467,8 +498,14 @@ class Relay:
         attempts so far; the ledger, not this field, is what the relay trusts."""
         delay = visibility_for(wait_seconds, jitter_fraction=0.1 if jitter else 0.0, rng=self.rng)
         stub = {**stub, "attempt": attempts}
+        text = queue_text(stub)
+        if not fits_on_queue(text):
+            # The caller's message fitted, but not with its id and attempts added: the copy travels by
+            # claim check (once: later copies re-enqueue the small stub).
+            url = await self.payloads.store(f"deferred/{stub['id']}", text.encode("utf-8"))
+            text = queue_text({"id": stub["id"], "claimCheck": {"blobUrl": url}, "attempt": attempts})
         # time_to_live=-1: a deferred request must never expire silently on the queue.
-        await self.queue.send_message(json.dumps(stub, separators=(",", ":")), visibility_timeout=delay, time_to_live=-1)
+        await self.queue.send_message(text, visibility_timeout=delay, time_to_live=-1)
         return delay
 
     async def _finish(self, entry: LedgerEntry, state: str, reason: str) -> Handled:
@@ -503,7 +540,7 @@ class Relay:
             if current is not None and current.state in FINAL_STATES:
                 return
             if (current is not None and current.state == SENDING and entry.state != SENDING
-                    and current.updated.timestamp() + self.settings.send_lease_seconds > self.clock()
+                    and current.updated.timestamp() + self.settings.sending_lease_seconds > self.clock()
                     and entry.state not in FINAL_STATES):
                 return
             await self.ledger.put(entry)

@@ -55,13 +55,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("HVE_POOL_SIZE", "4", "Open SMTP sessions kept per HVE account in one worker process."),
     SettingSpec("HVE_POOL_IDLE_SECONDS", "60", "An idle SMTP session older than this is closed."),
     SettingSpec("HVE_POOL_WAIT_SECONDS", "10", "Longest wait for a free SMTP session of an account; past it the request is deferred (its slot given back)."),
-    SettingSpec("SEND_LEASE_SECONDS", "120", "While one instance is in an SMTP transaction for a request, other deliveries of it leave it alone this long."),
     SettingSpec("ACCOUNT_UNHEALTHY_SECONDS", "900", "How long an account that failed authentication is left out of rotation."),
     SettingSpec("ACCOUNT_COOLDOWN_SECONDS", "60", "How long an account is rested after HVE throttles it (4.5.104, 421); a daily-quota reply (4.5.102) rests it until its daily window resets."),
     SettingSpec("SEND_MAX_ATTEMPTS", "12", "Attempts before a request is recorded as dead."),
     SettingSpec("SEND_MAX_AGE_HOURS", "72", "Age after which a still-undelivered request is recorded as dead."),
     SettingSpec("RETRY_BASE_SECONDS", "30", "First retry delay; doubles per attempt, with jitter."),
     SettingSpec("RETRY_MAX_SECONDS", "3600", "Cap of the retry delay."),
+    SettingSpec("SENDING_LEASE_SECONDS", "120", "A request whose ledger row says `sending` (an instance is submitting it, or died doing so) is left alone this long, then sent again under the same Message-ID. Longer than one SMTP transaction can take."),
+    SettingSpec("MAX_ATTACHMENTS", "20", "Attachments one request may have (inline and blob together); more is refused as `too-many-attachments` before anything is downloaded."),
     SettingSpec("LEDGER_TABLE", "hveledger", "Table with one row per request (outcome ledger)."),
     SettingSpec("RECIPIENT_INDEX_TABLE", "hverecipients", "Table keyed by recipient hash, answering 'was this address mailed?'."),
     SettingSpec("GOVERNOR_TABLE", "hvegovernor", "Table holding the rate governor's per-account state."),
@@ -159,7 +160,6 @@ class Settings:
     pool_size: int
     pool_idle_seconds: float
     pool_wait_seconds: float
-    send_lease_seconds: float
     booking_horizon_seconds: float
     bookings_per_second: int
     account_unhealthy_seconds: float
@@ -168,6 +168,8 @@ class Settings:
     max_age_seconds: float
     retry_base_seconds: float
     retry_max_seconds: float
+    sending_lease_seconds: float
+    max_attachments: int
     ledger_table: str
     recipient_index_table: str
     governor_table: str
@@ -280,7 +282,6 @@ class Settings:
             pool_size=max(1, number("HVE_POOL_SIZE", int)),
             pool_idle_seconds=number("HVE_POOL_IDLE_SECONDS"),
             pool_wait_seconds=max(0.1, number("HVE_POOL_WAIT_SECONDS")),
-            send_lease_seconds=max(10.0, number("SEND_LEASE_SECONDS")),
             booking_horizon_seconds=max(60.0, number("HVE_BOOKING_HORIZON_SECONDS")),
             bookings_per_second=max(0, number("HVE_BOOKINGS_PER_SECOND", int)),
             account_unhealthy_seconds=number("ACCOUNT_UNHEALTHY_SECONDS"),
@@ -289,6 +290,8 @@ class Settings:
             max_age_seconds=number("SEND_MAX_AGE_HOURS") * 3600.0,
             retry_base_seconds=number("RETRY_BASE_SECONDS"),
             retry_max_seconds=number("RETRY_MAX_SECONDS"),
+            sending_lease_seconds=number("SENDING_LEASE_SECONDS"),
+            max_attachments=number("MAX_ATTACHMENTS", int),
             ledger_table=get("LEDGER_TABLE"),
             recipient_index_table=get("RECIPIENT_INDEX_TABLE"),
             governor_table=get("GOVERNOR_TABLE"),

@@ -65,9 +65,10 @@ def configure(settings: Settings) -> str:
 class Instruments:
     """The relay's spans and counters; names follow OpenTelemetry conventions (dots, units)."""
 
-    def __init__(self) -> None:
-        self.tracer = trace.get_tracer("hve_relay")
-        meter = metrics.get_meter("hve_relay")
+    def __init__(self, tracer_provider: Any = None, meter_provider: Any = None) -> None:
+        # Providers default to the process's global ones (set once by `configure`).
+        self.tracer = trace.get_tracer("hve_relay", tracer_provider=tracer_provider)
+        meter = metrics.get_meter("hve_relay", meter_provider=meter_provider)
         self.messages = meter.create_counter("hve_relay.messages", unit="{message}",
                                              description="Requests handled, by outcome and account")
         self.recipients = meter.create_counter("hve_relay.recipients", unit="{recipient}",

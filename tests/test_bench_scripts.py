@@ -21,3 +21,9 @@ def test_send_benchmark_prints_both_rates_and_the_ratio():
 def test_governor_benchmark_prints_round_trips_per_decision():
     out = run("bench.bench_governor", "--workers", "2", "--decisions", "10", "--accounts", "3")
     assert "ga-2026" in out and "preview-2024" in out
+
+
+def test_conservation_bench_prints_each_terminal_state_and_finds_nothing_lost_or_doubled():
+    out = run("bench.conservation", "--count", "40", "--kills", "1", "--outage-seconds", "1", "--seed", "3")
+    assert "terminal states" in out and "sent " in out and "refused " in out
+    assert "duplicates, other Message-ID  0" in out and "\nlost                     0" in out

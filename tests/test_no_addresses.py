@@ -7,12 +7,10 @@ import asyncio
 import json
 import logging
 
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from shared.replies import mask_addresses
 from shared.sender import Relay
+from shared.telemetry import Instruments
 from tests import test_telemetry
 from tests.relay_harness import drain, enqueue, relay_settings
 
@@ -61,12 +59,6 @@ def test_mask_addresses_keeps_the_domain_and_hides_the_local_part():
 
 
 def test_a_demo_run_leaves_no_address_in_ledger_index_logs_or_spans(storage, emulator):
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        # The process has one tracer provider: the one test_telemetry sets up, feeding its
-        # in-memory exporter (its meter provider is left to it).
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(test_telemetry.SPANS))
-        trace.set_tracer_provider(provider)
     test_telemetry.SPANS.clear()
     # HVE quotes the recipient in its replies: a permanent 550, a transient 451, a refused RCPT.
     emulator.fail_next(1, f"550 5.1.1 <{REFUSED_BY_HVE}>: Recipient address rejected: User unknown", stage="DATA")
@@ -78,6 +70,8 @@ def test_a_demo_run_leaves_no_address_in_ledger_index_logs_or_spans(storage, emu
 
     async def main():
         relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS='{"recipients_per_message": 2}'))
+        # Spans go to test_telemetry's in-memory exporter whatever the process-wide provider is.
+        relay.instruments = Instruments(test_telemetry.TRACER_PROVIDER, test_telemetry.METER_PROVIDER)
         try:
             # One at a time, so each fault meets the request it is meant for.
             await enqueue(relay, mail("refused-by-hve", [REFUSED_BY_HVE]))

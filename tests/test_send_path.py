@@ -10,6 +10,7 @@ from email import message_from_bytes, policy
 
 import pytest
 
+from shared.contract import content_request_id
 from shared.ledger import recipient_hash
 from shared.mime import message_id
 from shared.sender import Relay
@@ -54,7 +55,7 @@ def test_request_is_sent_and_recorded(storage, emulator, encoding):
     assert msg["Subject"] == "Quarterly update"
 
 
-def test_missing_id_takes_the_queue_message_id(storage, emulator):
+def test_missing_id_is_derived_from_the_content_not_the_queue_message(storage, emulator):
     async def main():
         relay = await open_relay(storage, emulator)
         try:
@@ -65,7 +66,8 @@ def test_missing_id_takes_the_queue_message_id(storage, emulator):
             await relay.close()
 
     handled, entry = run(main())
-    assert handled.state == "sent" and entry.queue_message_id == handled.request_id
+    assert handled.state == "sent" and handled.request_id == content_request_id(json.dumps(mail()))
+    assert entry.queue_message_id != handled.request_id
 
 
 def test_claim_check_request_is_read_from_blob(storage, emulator):
@@ -368,13 +370,13 @@ def test_throttling_reply_cools_the_account_and_another_one_sends(storage, emula
     assert states["alerts@contoso.com"].cooldown_until > 0 and "4.5.104" in states["alerts@contoso.com"].last_problem
 
 
-def test_deferred_copy_carries_the_first_queue_message_id_and_the_attempts(storage, emulator):
+def test_deferred_copy_carries_the_derived_id_and_the_attempts(storage, emulator):
     emulator.fail_next(1, "451 4.7.0 Temporary server error", stage="DATA")
 
     async def main():
         relay = await open_relay(storage, emulator)
         try:
-            await enqueue(relay, mail())  # no id: the first delivery's queue message id becomes it
+            await enqueue(relay, mail())  # no id: the content's hash becomes it
             [first] = [m async for m in relay.queue.receive_messages(visibility_timeout=60)]
             handled = await relay.handle(first.content, first.id, first.dequeue_count)
             await relay.queue.delete_message(first)
@@ -384,9 +386,10 @@ def test_deferred_copy_carries_the_first_queue_message_id_and_the_attempts(stora
         finally:
             await relay.close()
 
-    first_id, handled, copies = run(main())
-    assert handled.state == "deferred" and handled.request_id == first_id
-    assert len(copies) == 1 and copies[0]["id"] == first_id and copies[0]["attempt"] == 1
+    _, handled, copies = run(main())
+    derived = content_request_id(json.dumps(mail()))
+    assert handled.state == "deferred" and handled.request_id == derived
+    assert len(copies) == 1 and copies[0]["id"] == derived and copies[0]["attempt"] == 1
     assert copies[0]["to"] == mail()["to"]
 
 

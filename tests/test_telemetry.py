@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -13,23 +13,27 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from shared.sender import Relay
 from shared.settings import Settings
-from shared.telemetry import exporter_for
+from shared.telemetry import Instruments, exporter_for
 from tests.relay_harness import drain, enqueue, relay_settings
 
 SPANS = InMemorySpanExporter()
 READER = InMemoryMetricReader()
+# Providers of this test's own: the process-wide ones can be set only once, and another test (or a
+# relay's `configure`) may have set them first.
+TRACER_PROVIDER = TracerProvider()
+TRACER_PROVIDER.add_span_processor(SimpleSpanProcessor(SPANS))
+METER_PROVIDER = MeterProvider(metric_readers=[READER])
 
 
 def setup_module():
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(SPANS))
-    trace.set_tracer_provider(provider)
-    metrics.set_meter_provider(MeterProvider(metric_readers=[READER]))
+    # Tests that use the global provider (test_no_addresses) feed the same exporter.
+    trace.set_tracer_provider(TRACER_PROVIDER)
 
 
 def test_span_and_counters_describe_the_outcome_without_addresses(storage, emulator):
     async def main():
         relay = await Relay.create(relay_settings(storage, emulator))
+        relay.instruments = Instruments(TRACER_PROVIDER, METER_PROVIDER)
         try:
             await enqueue(relay, {"id": "otel-1", "to": ["secret.person@contoso.com"], "subject": "s", "text": "t"})
             await enqueue(relay, {"id": "otel-2", "to": ["bad address"], "subject": "s", "text": "t"})

@@ -10,6 +10,7 @@ CLI::
                             [--settings local.settings.json] [--host-json PATH]
                             [--once] [--for SECONDS] [--functions NAME,NAME]
                             [--http-port 7071 | --no-http] [--log-level INFO]
+                            [--lease-seconds 600]
 
   * `Values` of local.settings.json go to os.environ before the app is imported; variables
     already in the environment win (like `func start`). `Host.LocalHttpPort` is honoured.
@@ -54,7 +55,8 @@ What it does like the real host
     visibilityTimeout, or, when its dequeue count has reached maxDequeueCount, copies it
     unchanged to `<queue>-poison` and deletes it. A message received with a dequeue count
     above maxDequeueCount goes to the poison queue without an invocation. Messages are
-    leased for 10 minutes and the lease is renewed while the function runs.
+    leased for 10 minutes and the lease is renewed while the function runs (`--lease-seconds` /
+    `lease_seconds=` shortens it, so a test can replay a killed host's messages quickly).
     messageEncoding "base64" decodes the body (undecodable = failed invocation), "none"
     hands over the UTF-8 text. The queue and its poison queue are created if missing.
     The function gets an azure.functions.QueueMessage (body bytes, id, dequeue_count,
@@ -617,6 +619,7 @@ class DevHost:
         functions: Iterable[str] | None = None,
         export_settings: bool = True,
         shutdown_timeout: float = 30.0,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self.app, app_root = load_app(app)
         if host_json is None and app_root is not None and (app_root / "host.json").is_file():
@@ -636,6 +639,11 @@ class DevHost:
         self._requested_http_port = http_port
         self.http_port: int | None = None
         self.shutdown_timeout = shutdown_timeout
+        if lease_seconds < 1:
+            raise DevHostError("the lease must be at least 1 second")
+        # How long a received message stays invisible (renewed halfway while the function runs); a
+        # host that dies leaves it invisible this long. Tests shorten it; the real host uses 10 minutes.
+        self.lease_seconds = float(lease_seconds)
         self.invocations: list[Invocation] = []
 
         wanted = set(functions) if functions is not None else None
@@ -1271,7 +1279,7 @@ class _QueueListener:
             await asyncio.wait(set(self.inflight))
 
     async def _receive(self, count: int) -> list[Any]:
-        pages = self.queue.receive_messages(messages_per_page=count, visibility_timeout=int(LEASE_SECONDS)).by_page()
+        pages = self.queue.receive_messages(messages_per_page=count, visibility_timeout=int(self.host.lease_seconds)).by_page()
         async for page in pages:
             return [m async for m in page]
         return []
@@ -1353,9 +1361,9 @@ class _QueueListener:
 
     async def _renew(self, message: Any, state: dict[str, str]) -> None:
         while True:
-            await asyncio.sleep(LEASE_SECONDS / 2)
+            await asyncio.sleep(self.host.lease_seconds / 2)
             try:
-                updated = await self.queue.update_message(message.id, state["pop_receipt"], visibility_timeout=int(LEASE_SECONDS))
+                updated = await self.queue.update_message(message.id, state["pop_receipt"], visibility_timeout=int(self.host.lease_seconds))
                 state["pop_receipt"] = updated.pop_receipt
             except Exception as exc:
                 log.warning("%s: renewing the lease of message %s failed: %s", self.spec.name, message.id, exc)
@@ -1386,6 +1394,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", "--port", type=int, default=None, help="HTTP port (default: Host.LocalHttpPort or 7071; 0 = any free port)")
     parser.add_argument("--no-http", action="store_true", help="do not serve HTTP")
     parser.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+    parser.add_argument("--lease-seconds", type=float, default=LEASE_SECONDS,
+                        help=f"how long a received queue message stays invisible, renewed halfway while it runs "
+                             f"(default {LEASE_SECONDS:.0f}, like the real host; tests shorten it to replay a crash quickly)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -1398,7 +1409,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_http:
             http_port = args.http_port if args.http_port is not None else int((local.get("Host") or {}).get("LocalHttpPort") or 7071)
         functions = [f.strip() for f in args.functions.split(",") if f.strip()] if args.functions else None
-        host = DevHost(args.app, host_json=args.host_json, http_port=http_port, functions=functions, export_settings=False)
+        host = DevHost(args.app, host_json=args.host_json, http_port=http_port, functions=functions, export_settings=False,
+                       lease_seconds=args.lease_seconds)
         asyncio.run(host.serve(once=args.once, duration=args.duration))
         # Like the real worker, the host ends the process without closing what the app keeps open
         # for its lifetime (SMTP sessions, storage clients); their garbage-collection complaints

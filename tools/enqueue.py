@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,13 @@ def _requests_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
             request["id"] = args.id
         requests = [request]
     out = []
+    batch = uuid.uuid4().hex[:12]
     for n in range(args.repeat):
-        for request in requests:
+        for i, request in enumerate(requests):
             copy = dict(request)
-            if args.repeat > 1 and "id" in copy:
-                copy["id"] = f"{copy['id']}-{n}"
+            if args.repeat > 1:
+                # Without ids the copies would be one request (the id is derived from the content).
+                copy["id"] = f"{copy['id']}-{n}" if "id" in copy else f"r-{batch}-{i}-{n}"
             out.append(copy)
     return out
 
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text")
     parser.add_argument("--html")
     parser.add_argument("--category")
-    parser.add_argument("--id", help="idempotency key (default: the queue message id)")
+    parser.add_argument("--id", help="idempotency key (default: derived from the content, so identical requests are sent once)")
     parser.add_argument("--repeat", type=int, default=1, help="enqueue the requests N times (ids get -N suffixes)")
     parser.add_argument("--base64", action="store_true", help="write base64 like a Functions output binding")
     parser.add_argument("--settings", default="local.settings.json")

@@ -11,7 +11,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from shared.contract import RequestRefused, claim_check_of, decode_queue_body
+from shared.contract import RequestRefused, claim_check_of, content_request_id, decode_queue_body
 from shared.settings import Settings
 from shared.storage import StorageClients
 from tools.enqueue import load_local_settings
@@ -24,7 +24,8 @@ def describe(body: str) -> str:
         claim = claim_check_of(doc)
     except RequestRefused as refusal:
         return f"(unreadable: {refusal.reason})"
-    return f"id={doc.get('id') or '-'}" + (" (claim check)" if claim else "")
+    # Without an id the relay derives it from the content: the same ledger row as the first delivery.
+    return f"id={doc.get('id') or content_request_id(body)}" + (" (claim check)" if claim else "")
 
 
 async def run(settings: Settings, command: str) -> int:
