@@ -142,6 +142,9 @@ param hveBookingHorizonSeconds int = 3600
 @description('At most this many booked slots fall due in one second (0: no spreading).')
 param hveBookingsPerSecond int = 8
 
+@description('While slots are booked ahead, a pacer message comes back this often (seconds) so the host keeps polling; 0: off.')
+param hvePacerSeconds int = 2
+
 @description('Seconds an account that failed authentication is left out of rotation.')
 param accountUnhealthySeconds int = 900
 
@@ -362,6 +365,7 @@ var appSettings = {
   HVE_POOL_WAIT_SECONDS: string(hvePoolWaitSeconds)
   HVE_BOOKING_HORIZON_SECONDS: string(hveBookingHorizonSeconds)
   HVE_BOOKINGS_PER_SECOND: string(hveBookingsPerSecond)
+  HVE_PACER_SECONDS: string(hvePacerSeconds)
   ACCOUNT_UNHEALTHY_SECONDS: string(accountUnhealthySeconds)
   ACCOUNT_COOLDOWN_SECONDS: string(accountCooldownSeconds)
   SEND_MAX_ATTEMPTS: string(sendMaxAttempts)

@@ -185,6 +185,19 @@ class TableGovernor:
         state = next((s for s in self._snapshot[0] if s.account == account), None)
         return state is not None and state.available_at() > now
 
+    async def refresh(self) -> None:
+        async with self._lock:
+            await self._refresh()
+
+    def snapshot_age(self) -> float:
+        return self._monotonic() - self._snapshot_at if self._snapshot is not None else float("inf")
+
+    def latest_slot(self) -> float:
+        """The last slot (usually a booking) this process knows of, any account; 0 when none."""
+        if self._snapshot is None:
+            return 0.0
+        return max((log[-1] for s in self._snapshot[0] for log in (s.slots, s.external_slots) if log), default=0.0)
+
     def hold_locally(self, account: str, seconds: float) -> None:
         """Keep this process off `account` for `seconds` (other instances are not told)."""
         self._held[account] = max(self._held.get(account, 0.0), self._monotonic() + seconds)

@@ -11,6 +11,7 @@ import asyncio
 import atexit
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -61,6 +62,10 @@ ACCOUNT_RETRY_SECONDS = 2.0
 LOCAL_HOLD_SECONDS = 10.0
 # A slot whose session took too long to be ready is taken again after this short deferral.
 LAPSED_RETRY_SECONDS = 1.0
+# The body of the pacer message (see `_keep_host_polling`).
+PACER_KEY = "hveRelayPacer"
+# The pacer reads the governor again when what this process knows of the bookings is this old.
+PACER_STATE_MAX_AGE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,7 @@ class Relay:
         self.rng = rng or random.Random()
         self.instruments = Instruments()
         self.stats = RelayStats()
+        self._pacer_seen = -math.inf
         self.closers: list[Callable[[], Awaitable[None]]] = []
         self.policy = ValidationPolicy.from_settings(settings, limits)
         self.message_id_domain = settings.accounts[0].rsplit("@", 1)[1]
@@ -192,6 +198,8 @@ class Relay:
         received = self.clock()
         try:
             doc = decode_queue_body(body)
+            if PACER_KEY in doc and len(doc) == 1:
+                return await self._pace()
             claim = claim_check_of(doc)
             # Without an id the request is its content, never the queue message id: the host's poison
             # copy and a replay are new queue messages, yet must map to the same row and Message-ID.
@@ -460,6 +468,7 @@ class Relay:
             await self._save_quietly(entry.evolve(
                 state=DEFERRED, reason=f"booked a slot on {decision.account}", updated=_utc(now),
                 booked_account=decision.account, booked_at=decision.at, booked_chunk=index))
+            await self._keep_host_polling(decision.at)
             return Handled(entry.request_id, DEFERRED, "booked", decision.account, 0, delay)
         return decision.account, decision.at, entry
 
@@ -482,6 +491,37 @@ class Relay:
         delay = await self._requeue(stub, wait, entry.attempts)
         await self._save_quietly(entry.evolve(state=DEFERRED, reason=why))
         return Handled(entry.request_id, DEFERRED, why, account, verdict.code, delay)
+
+    # --- keeping the host's polling short while bookings are ahead ------------------------------
+
+    async def _keep_host_polling(self, booked_at: float) -> None:
+        """The Functions host backs its polling off to maxPollingInterval (a minute on Azure) while
+        the queue looks empty, and booked messages then come back late. While bookings are ahead, a
+        tiny pacer message comes back every HVE_PACER_SECONDS, so some instance keeps polling often.
+        One chain per process at most; it ends once this process knows of no booking ahead."""
+        interval = self.settings.pacer_seconds
+        now = self.clock()
+        if interval <= 0 or booked_at - now <= interval or now - self._pacer_seen < 2 * interval:
+            return
+        self._pacer_seen = now
+        await self._send_pacer(interval)
+
+    async def _pace(self) -> Handled:
+        interval = self.settings.pacer_seconds
+        now = self.clock()
+        self._pacer_seen = now
+        if interval <= 0:
+            return Handled("pacer", "pacer", "pacing is off")
+        if self.governor.snapshot_age() > PACER_STATE_MAX_AGE_SECONDS:
+            await self.governor.refresh()
+        if self.governor.latest_slot() <= now + interval:
+            return Handled("pacer", "pacer", "no booking ahead: the chain ends")
+        await self._send_pacer(interval)
+        return Handled("pacer", "pacer", f"next tick in {interval:g} s")
+
+    async def _send_pacer(self, interval: float) -> None:
+        await self.queue.send_message(json.dumps({PACER_KEY: 1}), visibility_timeout=math.ceil(interval),
+                                      time_to_live=max(60, math.ceil(10 * interval)))
 
     # --- helpers --------------------------------------------------------------------------------
 

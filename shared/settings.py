@@ -51,6 +51,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("HVE_PACING_MARGIN_SECONDS", "2", "Safety margin added to each rolling-minute window: HVE counts a message when it arrives, not when it was granted."),
     SettingSpec("HVE_BOOKING_HORIZON_SECONDS", "3600", "How far ahead the governor books send slots for a backlog; a request whose slot is further away waits unbooked and asks again later."),
     SettingSpec("HVE_BOOKINGS_PER_SECOND", "8", "At most this many booked slots (tenant-wide) fall due in one second, so the queue's messages come back spread out and the Functions host keeps polling often; 0 turns spreading off."),
+    SettingSpec("HVE_PACER_SECONDS", "2", "While send slots are booked ahead, a tiny pacer message comes back on the queue this often, so the Functions host keeps polling often instead of backing off to maxPollingInterval (a minute on Azure) and picking booked requests up late; 0 turns it off."),
     SettingSpec("MAX_RECIPIENTS_PER_REQUEST", "500", "Recipients one request may have; above the per-message limit a request is sent as several SMTP transactions."),
     SettingSpec("HVE_POOL_SIZE", "4", "Open SMTP sessions kept per HVE account in one worker process."),
     SettingSpec("HVE_POOL_IDLE_SECONDS", "60", "An idle SMTP session older than this is closed."),
@@ -162,6 +163,7 @@ class Settings:
     pool_wait_seconds: float
     booking_horizon_seconds: float
     bookings_per_second: int
+    pacer_seconds: float
     account_unhealthy_seconds: float
     account_cooldown_seconds: float
     max_attempts: int
@@ -284,6 +286,7 @@ class Settings:
             pool_wait_seconds=max(0.1, number("HVE_POOL_WAIT_SECONDS")),
             booking_horizon_seconds=max(60.0, number("HVE_BOOKING_HORIZON_SECONDS")),
             bookings_per_second=max(0, number("HVE_BOOKINGS_PER_SECOND", int)),
+            pacer_seconds=number("HVE_PACER_SECONDS"),
             account_unhealthy_seconds=number("ACCOUNT_UNHEALTHY_SECONDS"),
             account_cooldown_seconds=number("ACCOUNT_COOLDOWN_SECONDS"),
             max_attempts=max(1, number("SEND_MAX_ATTEMPTS", int)),
