@@ -449,11 +449,10 @@ def _grant(state: AccountState, tenant: TenantState | None, shape: Shape, at: fl
 
 
 def after_reply(state: AccountState, verdict: Verdict, now: float, cfg: PacingConfig) -> AccountState:
-    """What a server reply teaches about the account that sent it. Only a reply from HVE marks an
-    account: a local failure (a credential read, a refused unencrypted connection: code 0) says
-    nothing about the account and must not rest it on every instance."""
+    """What a server reply teaches about the account that sent it. (Local failures, code 0, never
+    get here: `TableGovernor.report` keeps them out of the shared state.)"""
     problem = f"{verdict.code} {verdict.enhanced}".strip()
-    if verdict.outcome is Outcome.ACCOUNT and verdict.code:
+    if verdict.outcome is Outcome.ACCOUNT:
         return replace(state, unhealthy_until=now + cfg.unhealthy_seconds, last_problem=problem)
     if verdict.throttled:
         until = cfg.day_end(cfg.day_of(now)) if verdict.daily_quota else now + cfg.cooldown_seconds
