@@ -273,18 +273,20 @@ def test_a_recipient_refused_for_good_is_named_by_index_and_the_others_get_the_m
 
 
 def test_throttling_at_rcpt_cools_the_account_like_throttling_at_data(storage, emulator):
+    # HVE throttles one recipient at RCPT and takes the other: the message goes, the account rests.
     emulator.fail_next(1, "450 4.5.104 Message rejected. Excessive message rate from sender", stage="RCPT")
 
     async def main():
         relay = await Relay.create(relay_settings(storage, emulator, HVE_ACCOUNTS=NEWS))
         try:
-            await enqueue(relay, mail(id="rcpt-throttle"))
+            await enqueue(relay, mail(id="rcpt-throttle", to=["ann@contoso.com", "bob@contoso.com"]))
             first = await relay.handle((await anext(relay.queue.receive_messages())).content, "q")
             [state] = await relay.governor.states()
-            return first, state
+            return first, state, await relay.ledger.get("rcpt-throttle")
         finally:
             await relay.close()
 
-    first, state = run(main())
-    assert first.state == "deferred"
+    first, state, entry = run(main())
+    assert first.state == "deferred" and entry.pending_recipients == (0,)
+    assert [sorted(m.recipients) for m in emulator.accepted()] == [["bob@contoso.com"]]
     assert state.cooldown_until > time.time() and "4.5.104" in state.last_problem
