@@ -272,6 +272,24 @@ def test_a_recipient_refused_for_good_is_named_by_index_and_the_others_get_the_m
     assert [sorted(m.recipients) for m in emulator.accepted()] == [["bob@contoso.com"]]
 
 
+def test_a_chunk_whose_recipients_are_all_refused_does_not_stop_the_other_chunks(storage, emulator):
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS='{"recipients_per_message": 2}'))
+        try:
+            emulator.fail_next(2, "550 5.1.10 recipient not found", stage="RCPT")
+            await enqueue(relay, mail(id="chunk-5xx", to=["x1@contoso.com", "x2@contoso.com", "y1@contoso.com"]))
+            results = await drain(relay)
+            return results, await relay.ledger.get("chunk-5xx")
+        finally:
+            await relay.close()
+
+    results, entry = run(main())
+    assert [r.state for r in results] == ["sent"]
+    assert entry.refused_recipients == (0, 1) and entry.chunks_sent == 2
+    assert [(m.message_id, m.recipients) for m in emulator.accepted()] == [
+        (message_id("chunk-5xx", "contoso.com", 1), ("y1@contoso.com",))]
+
+
 def test_throttling_at_rcpt_cools_the_account_like_throttling_at_data(storage, emulator):
     # HVE throttles one recipient at RCPT and takes the other: the message goes, the account rests.
     emulator.fail_next(1, "450 4.5.104 Message rejected. Excessive message rate from sender", stage="RCPT")
