@@ -652,7 +652,7 @@ def test_fail_next_answers_the_given_reply_at_each_stage(emulator: HveEmulator) 
     emulator.fail_next()  # default: stage DATA, 451 4.7.0
     emulator.fail_next(1, "452 4.3.1 Insufficient system resources", stage="MAIL")
     emulator.fail_next(2, "450 4.2.0 Recipient temporarily unavailable", stage="RCPT")
-    assert emulator.stats()["faults_pending"] == {"AUTH": 0, "MAIL": 1, "RCPT": 2, "DATA": 1}
+    assert emulator.stats()["faults_pending"] == {"CONNECT": 0, "AUTH": 0, "MAIL": 1, "RCPT": 2, "DATA": 1}
     recipients = ["a@contoso.com", "b@contoso.com", "c@contoso.com"]
 
     async def main() -> None:
@@ -699,6 +699,40 @@ def test_fail_next_at_auth(emulator: HveEmulator) -> None:
 
     run(main())
     assert emulator.auth_count == 1
+
+
+@pytest.mark.parametrize("reply", ["421 4.3.2 Service not available, closing transmission channel",
+                                   "554 5.7.1 Service unavailable; Client host blocked"])
+def test_fail_next_at_connect_replaces_the_greeting_then_closes(emulator: HveEmulator, reply: str) -> None:
+    emulator.fail_next(1, reply, stage="CONNECT")
+
+    async def main() -> None:
+        client = aiosmtplib.SMTP(hostname=emulator.host, port=emulator.port, start_tls=True,
+                                 tls_context=emulator.client_ssl_context(), timeout=10)
+        with pytest.raises(aiosmtplib.SMTPConnectResponseError) as caught:
+            await client.connect()
+        assert (caught.value.code, caught.value.message) == (int(reply[:3]), reply[4:])
+        assert not client.is_connected
+        # Only that connection: the next one is greeted as usual.
+        assert (await send_one(emulator, ["team@contoso.com"])).startswith("2.6.0")
+
+    run(main())
+    assert emulator.connections_opened == 2 and emulator.auth_count == 1
+    assert emulator.stats()["faults_pending"]["CONNECT"] == 0
+
+
+def test_drop_next_at_connect_closes_before_the_greeting(emulator: HveEmulator) -> None:
+    emulator.drop_next(1, stage="CONNECT")
+
+    async def main() -> None:
+        client = aiosmtplib.SMTP(hostname=emulator.host, port=emulator.port, start_tls=True,
+                                 tls_context=emulator.client_ssl_context(), timeout=10)
+        with pytest.raises(aiosmtplib.SMTPConnectError, match="Unexpected EOF"):
+            await client.connect()
+        assert (await send_one(emulator, ["team@contoso.com"])).startswith("2.6.0")
+
+    run(main())
+    assert emulator.connections_opened == 2
 
 
 def test_drop_next_closes_the_connection_without_a_reply(emulator: HveEmulator) -> None:
