@@ -529,22 +529,26 @@ def test_speedup_turns_real_seconds_into_minutes() -> None:
         EmulatorClock(source, speedup=0)
 
 
-def test_speedup_reopens_the_rate_window_in_real_time(make_emulator: Any) -> None:
-    # speedup 600: a rolling minute lasts 0.1 real seconds.
-    emu = make_emulator(profile="preview-2024", speedup=600.0,
+def test_speedup_reopens_the_rate_window_after_a_fraction_of_a_source_second(make_emulator: Any) -> None:
+    # speedup 600: a rolling minute lasts 0.1 seconds of the source clock. The source is injected,
+    # so the test says exactly how much time passes between submissions, however busy the machine.
+    source = FakeClock(DAY_START + 3600)
+    emu = make_emulator(profile="preview-2024", speedup=600.0, clock=source,
                         limits=profile_limits("preview-2024", external_messages_per_window=1))
 
     async def main() -> None:
         client = await login(emu)
         assert (await submit(client, ["someone@gmail.com"])).startswith("2.6.0")
+        source.now += 0.09  # 54 emulated seconds: still inside the minute
         with pytest.raises(aiosmtplib.SMTPDataError) as caught:
             await submit(client, ["someone@gmail.com"])
         assert caught.value.message.startswith("4.5.104")
-        await asyncio.sleep(0.15)
+        source.now += 0.011  # 60.6 emulated seconds after the first: the window has reopened
         assert (await submit(client, ["someone@gmail.com"])).startswith("2.6.0")
         await client.quit()
 
     run(main())
+    assert emu.stats()["replies"]["4.5.104"] == 1
 
 
 def test_preview_daily_external_quota_gets_4_5_102_until_the_next_utc_day(make_emulator: Any) -> None:
