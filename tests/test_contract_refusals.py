@@ -54,6 +54,7 @@ def b64(data: bytes) -> str:
     (b" \r\n ", "the queue message is empty"),
     (b"not json!", "the queue message is neither a JSON object nor base64 of one"),
     (b"e30", "the queue message is neither a JSON object nor base64 of one"),   # base64 without padding
+    (b"e30=!", "the queue message is neither a JSON object nor base64 of one"),  # base64 of {} and a stray byte
     (b"{\"a\":", "invalid JSON at line 1 column 6: Expecting value"),
     (b"{\xff}", "the queue message is not UTF-8"),
     (base64.b64encode(b"{\xff}"), "the queue message is not UTF-8"),
