@@ -120,6 +120,29 @@ def test_a_claim_check_blob_with_another_id_is_refused_and_nothing_is_sent(stora
     assert left == 0 and emulator.messages() == [] and emulator.connections_opened == 0
 
 
+def test_a_missing_or_oversized_blob_is_refused_naming_it_and_nothing_is_sent(storage, emulator):
+    async def main():
+        relay = await open_relay(storage, emulator, HVE_LIMITS='{"message_bytes": 4000}')
+        try:
+            container = relay.storage.container(storage.container_name)
+            await container.create_container()
+            big = await container.upload_blob("att/big.bin", b"x" * 5000)
+            await enqueue(relay, {"id": "gone-1", "claimCheck": {"blobUrl": f"{container.url}/requests/gone-1.json"}})
+            await enqueue(relay, mail(id="gone-2", attachments=[{"name": "a.pdf", "blobUrl": f"{container.url}/att/a.pdf"}]))
+            await enqueue(relay, mail(id="big-3", attachments=[{"name": "big.bin", "blobUrl": big.url}]))
+            await drain(relay)
+            return [await relay.ledger.get(i) for i in ("gone-1", "gone-2", "big-3")], await queued(relay)
+        finally:
+            await relay.close()
+
+    entries, left = run(main())
+    assert [(e.state, e.attempts) for e in entries] == [("refused", 0)] * 3
+    assert entries[0].reason == "claim-check: claim check: blob 'requests/gone-1.json' does not exist"
+    assert entries[1].reason == "claim-check: attachment 'a.pdf': blob 'att/a.pdf' does not exist"
+    assert entries[2].reason == "too-large: attachment 'big.bin': blob 'att/big.bin' is 5000 bytes, over the 4000-byte limit"
+    assert left == 0 and emulator.connections_opened == 0
+
+
 def test_a_request_no_daily_window_can_ever_hold_is_refused_as_over_limit(storage, emulator):
     async def main():
         # A daily budget of 2 recipients: a message to 3 can never be sent, whatever the day.
