@@ -32,7 +32,7 @@ class Recorder:
         return responses
 
     async def handle_AUTH(self, server, session, envelope, args):
-        self.commands.append(f"AUTH {args[0]} {'tls' if server._tls_protocol else 'clear'}")
+        self.commands.append(f"AUTH {args[0]} {'tls' if session.ssl else 'clear'}")
         return MISSING  # aiosmtpd carries on with the exchange and calls the authenticator
 
     async def handle_MAIL(self, server, session, envelope, address, options):
