@@ -5,6 +5,12 @@ N worker processes sharing one governor in Azurite (each process its own clients
 
 Two workloads: ga-2026 internal mail (no window binds: pure bookkeeping) and preview-2024 with
 external recipients (rolling minute, daily and tenant limits bind, bookings ahead).
+
+Besides the cost it prints what the concurrency costs in outcomes: contention waits (decisions
+that gave up on a contended row and said "come back in 1-2 s") and over-grants. Over-grants are
+re-counted here from the raw log of granted slots of every worker, without the pacing code: a
+rolling minute per account holding more messages than the limit, or a UTC day holding more
+recipients than a daily limit of the account or the tenant.
 """
 
 from __future__ import annotations
@@ -15,17 +21,68 @@ import multiprocessing
 import random
 import time
 import uuid
+from collections import defaultdict
+from typing import Iterable, Sequence
 
-from shared.limits import PROFILES
-from shared.pacing import Grant, PacingConfig, Shape
+from shared.limits import PROFILES, Limits
+from shared.pacing import Grant, PacingConfig, Shape, Wait
 from tools.azurite import Azurite
 
 START = 1_799_920_800.0
+WINDOW_SECONDS = 60.0
+DAY_SECONDS = 86_400
+
+# One granted slot: (account, slot time, internal recipients, external recipients).
+Slot = tuple[str, float, int, int]
+
+
+def window_over_grants(times: Sequence[float], limit: int | None) -> int:
+    """Messages beyond `limit` in any rolling minute: for each slot, the slots in the minute that
+    starts with it, past the limit (an independent re-count; no pacing code)."""
+    if limit is None:
+        return 0
+    ordered = sorted(times)
+    crowded = 0
+    end = 0
+    for start, t in enumerate(ordered):
+        while end < len(ordered) and ordered[end] < t + WINDOW_SECONDS:
+            end += 1
+        if end - start > limit:
+            crowded += 1
+    return crowded
+
+
+def over_grants(slots: Iterable[Slot], limits: Limits) -> int:
+    """Windows (rolling minutes per account, UTC days per account and for the tenant) that hold
+    more than the limit allows."""
+    slots = list(slots)
+    count = 0
+    by_account: dict[str, list[Slot]] = defaultdict(list)
+    for slot in slots:
+        by_account[slot[0]].append(slot)
+    for account_slots in by_account.values():
+        count += window_over_grants([s[1] for s in account_slots], limits.messages_per_minute)
+        count += window_over_grants([s[1] for s in account_slots if s[3]], limits.external_messages_per_minute)
+        daily_external: dict[int, int] = defaultdict(int)
+        daily_all: dict[int, int] = defaultdict(int)
+        for _, at, internal, external in account_slots:
+            daily_external[int(at // DAY_SECONDS)] += external
+            daily_all[int(at // DAY_SECONDS)] += internal + external
+        count += sum(1 for n in daily_external.values()
+                     if limits.external_recipients_per_day is not None and n > limits.external_recipients_per_day)
+        count += sum(1 for n in daily_all.values()
+                     if limits.recipients_per_day_per_account is not None and n > limits.recipients_per_day_per_account)
+    tenant: dict[int, int] = defaultdict(int)
+    for _, at, internal, external in slots:
+        tenant[int(at // DAY_SECONDS)] += internal + external
+    count += sum(1 for n in tenant.values()
+                 if limits.recipients_per_day_per_tenant is not None and n > limits.recipients_per_day_per_tenant)
+    return count
 
 
 def _worker(connection_string: str, table_name: str, accounts: list[str], profile: str, decisions: int,
-            seed: int, barrier) -> tuple[int, int, int, float]:
-    async def run() -> tuple[int, int, int, float]:
+            seed: int, barrier) -> tuple[list[Slot], int, int, int, float]:
+    async def run() -> tuple[list[Slot], int, int, int, float]:
         from azure.data.tables.aio import TableClient
 
         from shared.governor import TableGovernor
@@ -38,12 +95,16 @@ def _worker(connection_string: str, table_name: str, accounts: list[str], profil
             governor.round_trips = 0
             barrier.wait()
             started = time.perf_counter()
-            grants = 0
+            granted: list[Slot] = []
+            contention_waits = 0
             for i in range(decisions):
                 external = 1 if profile == "preview-2024" and rng.random() < 0.5 else 0
                 decision = await governor.acquire(Shape(1 - external, external), START + i * 0.01)
-                grants += isinstance(decision, Grant)
-            return grants, governor.round_trips, governor.conflicts, time.perf_counter() - started
+                if isinstance(decision, Grant):
+                    granted.append((decision.account, decision.at, 1 - external, external))
+                elif isinstance(decision, Wait) and decision.reason == "governor contention":
+                    contention_waits += 1
+            return granted, contention_waits, governor.round_trips, governor.conflicts, time.perf_counter() - started
     return asyncio.run(run())
 
 
@@ -62,9 +123,11 @@ def measure(connection_string: str, workers: int, decisions: int, accounts: int,
         results = pool.starmap(_worker, [(connection_string, table, names, profile, decisions, seed, barrier)
                                          for seed in range(workers)])
     total = workers * decisions
-    wall = max(r[3] for r in results)
-    return {"decisions": total, "grants": sum(r[0] for r in results), "round_trips": sum(r[1] for r in results),
-            "conflicts": sum(r[2] for r in results), "per_second": total / wall}
+    wall = max(r[4] for r in results)
+    slots = [slot for r in results for slot in r[0]]
+    return {"decisions": total, "grants": len(slots), "contention_waits": sum(r[1] for r in results),
+            "round_trips": sum(r[2] for r in results), "conflicts": sum(r[3] for r in results),
+            "over_grants": over_grants(slots, PROFILES[profile]), "per_second": total / wall}
 
 
 def main() -> None:
@@ -77,9 +140,13 @@ def main() -> None:
         rows = [(profile, measure(azurite.connection_string, args.workers, args.decisions, args.accounts, profile))
                 for profile in ("ga-2026", "preview-2024")]
     print(f"{args.workers} worker processes x {args.decisions} decisions, {args.accounts} accounts, one governor in Azurite")
-    print(f"{'workload':14} {'decisions/s':>12} {'round trips/decision':>21} {'conflicts':>10} {'grants':>7}")
+    print(f"{'workload':14} {'decisions/s':>12} {'round trips/decision':>21} {'conflicts':>10} {'grants':>7}"
+          f" {'contention waits':>17} {'over-grants':>12}")
     for profile, r in rows:
-        print(f"{profile:14} {r['per_second']:12.0f} {r['round_trips'] / r['decisions']:21.2f} {r['conflicts']:10d} {r['grants']:7d}")
+        print(f"{profile:14} {r['per_second']:12.0f} {r['round_trips'] / r['decisions']:21.2f} {r['conflicts']:10d}"
+              f" {r['grants']:7d} {r['contention_waits']:17d} {r['over_grants']:12d}")
+    print(f"over-grants: {sum(r['over_grants'] for _, r in rows)}"
+          f" (re-counted from {sum(r['grants'] for _, r in rows)} granted slots)")
 
 
 if __name__ == "__main__":

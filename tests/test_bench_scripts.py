@@ -1,8 +1,13 @@
 """The benchmarks still run end to end (tiny sizes; they print ratios, tests assert no timings)."""
 
+import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+
+from bench.bench_governor import START, over_grants, window_over_grants
+from shared.limits import PROFILES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,9 +23,35 @@ def test_send_benchmark_prints_both_rates_and_the_ratio():
     assert out.count("x  (A timed on") == 2
 
 
-def test_governor_benchmark_prints_round_trips_per_decision():
-    out = run("bench.bench_governor", "--workers", "2", "--decisions", "10", "--accounts", "3")
-    assert "ga-2026" in out and "preview-2024" in out
+def test_governor_benchmark_reports_contention_waits_and_no_over_grants():
+    # One account and two processes: the rolling minute binds (about 20 external messages for a
+    # limit of 10 a minute), so the processes really compete for the same slots.
+    out = run("bench.bench_governor", "--workers", "2", "--decisions", "20", "--accounts", "1")
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"^(ga-2026|preview-2024)\s+(\d+)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$", line)
+        if m:
+            rows[m[1]] = {"round_trips": float(m[3]), "grants": int(m[5]), "contention_waits": int(m[6]),
+                          "over_grants": int(m[7])}
+    assert set(rows) == {"ga-2026", "preview-2024"}, out
+    assert all(r["over_grants"] == 0 for r in rows.values()), out
+    assert all(r["grants"] + r["contention_waits"] <= 40 and r["grants"] > 0 for r in rows.values()), out
+    assert all(r["round_trips"] >= 1.0 for r in rows.values()), out
+    assert re.search(r"^over-grants: 0 \(re-counted from \d+ granted slots\)$", out, re.M), out
+
+
+def test_the_over_grant_recount_sees_a_crowded_minute_and_a_full_day():
+    limits = replace(PROFILES["preview-2024"], external_messages_per_minute=2, external_recipients_per_day=3,
+                     recipients_per_day_per_tenant=5)
+    assert window_over_grants([0.0, 30.0, 59.9], 2) == 1     # three in one minute
+    assert window_over_grants([0.0, 30.0, 60.0], 2) == 0     # the first has left the minute
+    assert window_over_grants([0.0, 1.0, 2.0, 3.0], 2) == 2  # two minutes start crowded
+    assert window_over_grants([0.0] * 9, None) == 0
+    fine = [("a", START, 0, 1), ("a", START + 61, 0, 1), ("b", START, 1, 0)]
+    assert over_grants(fine, limits) == 0
+    # A fourth external recipient for account a on the same UTC day, and a sixth for the tenant.
+    assert over_grants(fine + [("a", START + 200, 0, 2)], limits) == 1
+    assert over_grants(fine + [("c", START + 300, 3, 0)], limits) == 1
 
 
 def test_conservation_bench_prints_each_terminal_state_and_finds_nothing_lost_or_doubled():

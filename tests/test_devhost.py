@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 
 import azure.functions as func
 import pytest
@@ -143,25 +144,43 @@ def test_none_encoding_hands_over_raw_text(app_settings):
     assert [c["body"] for c in queue_app.CALLS] == [payload.encode()]
 
 
+def current() -> int:
+    return queue_app.STATE["current"]
+
+
 def test_concurrency_is_batch_size_plus_new_batch_threshold(app_settings):
     q = queue(app_settings, app_settings["TEST_QUEUE"])
-    # First batch of 4: two long, two short. When the short ones finish, 2 <= threshold are in
-    # flight, so the host fetches 4 more: 6 at once, never more.
-    for body in ["sleep:1.0", "sleep:1.0", "sleep:0.05", "sleep:0.05"] + ["sleep:0.3"] * 12:
-        q.send_message(body)
-        time.sleep(0.002)  # keep insertion order distinct
+    for _ in range(16):
+        q.send_message("hold")
 
-    DevHost(queue_app, app_settings, host_json=queues_json(batchSize=4, newBatchThreshold=2), functions=["handle"]).run_until_idle(30)
+    host = DevHost(queue_app, app_settings, host_json=queues_json(batchSize=4, newBatchThreshold=2), functions=["handle"])
+    with host:
+        # First batch of 4, all held: 4 in flight is above the threshold, so nothing more is fetched.
+        host.wait_for(lambda: current() == 4, timeout=20)
+        # Two finish: 2 <= threshold in flight, so the host fetches another 4: 6 at once.
+        queue_app.release(2)
+        host.wait_for(lambda: current() == 6, timeout=20)
+        queue_app.release(16)
+        host.wait_until_idle(timeout=30)
 
     assert len(queue_app.CALLS) == 16
-    assert queue_app.STATE["max"] == 6
+    assert queue_app.STATE["max"] == 6  # batchSize + newBatchThreshold, never more
 
 
 def test_concurrency_without_threshold_is_batch_size(app_settings):
     q = queue(app_settings, app_settings["TEST_QUEUE"])
     for _ in range(9):
-        q.send_message("sleep:0.2")
-    DevHost(queue_app, app_settings, host_json=queues_json(batchSize=3, newBatchThreshold=0), functions=["handle"]).run_until_idle(30)
+        q.send_message("hold")
+
+    host = DevHost(queue_app, app_settings, host_json=queues_json(batchSize=3, newBatchThreshold=0), functions=["handle"])
+    with host:
+        host.wait_for(lambda: current() == 3, timeout=20)
+        queue_app.release(2)  # one still in flight: with threshold 0 the host waits for it
+        host.wait_for(lambda: len(queue_app.CALLS) == 3 and current() == 1, timeout=20)
+        queue_app.release(1)
+        host.wait_for(lambda: len(queue_app.CALLS) == 6 and current() == 3, timeout=20)
+        queue_app.release(9)
+        host.wait_until_idle(timeout=30)
     assert len(queue_app.CALLS) == 9
     assert queue_app.STATE["max"] == 3
 
@@ -171,12 +190,16 @@ def test_sync_function_runs_in_threads_with_context_and_queue_output(app_setting
     for i in range(4):
         q.send_message(f"m{i}")
 
-    DevHost(queue_app, app_settings, host_json=queues_json(batchSize=4, newBatchThreshold=0), functions=["sync_handle"]).run_until_idle(20)
+    host = DevHost(queue_app, app_settings, host_json=queues_json(batchSize=4, newBatchThreshold=0), functions=["sync_handle"])
+    with host:
+        host.wait_for(lambda: current() == 4, timeout=20)  # all four held at once: they run in the pool
+        queue_app.release(4)
+        host.wait_until_idle(timeout=30)
 
     assert sorted(c["body"] for c in queue_app.SYNC_CALLS) == ["m0", "m1", "m2", "m3"]  # `body: str`
     assert all(c["thread"].startswith("devhost-worker") for c in queue_app.SYNC_CALLS)
     assert {c["function"] for c in queue_app.SYNC_CALLS} == {"sync_handle"}
-    assert queue_app.STATE["max"] == 4  # ran concurrently in the pool
+    assert queue_app.STATE["max"] == 4
     assert sorted(contents(queue(app_settings, app_settings["TEST_OUT_QUEUE"]))) == ["M0", "M1", "M2", "M3"]
 
 
@@ -215,15 +238,20 @@ def test_timer_fires_on_schedule_and_on_startup(app_settings):
     host = DevHost(timer_app, app_settings)
     assert host.functions["startup"].schedule == "0 0 0 1 1 *"  # %STARTUP_SCHEDULE% resolved
     with host:
-        host.wait_for(lambda: len(timer_app.TICKS) >= 3, timeout=10)
+        host.wait_for(lambda: len(timer_app.TICKS) >= 4, timeout=20)
     ticks = timer_app.TICKS
     assert len(timer_app.STARTUPS) == 1 and timer_app.STARTUPS[0]["past_due"] is False
-    # "*/1 * * * * *": once per second, on the second.
-    gaps = [(b["at"] - a["at"]).total_seconds() for a, b in zip(ticks, ticks[1:])]
-    assert all(0.7 < gap < 1.3 for gap in gaps), gaps
-    assert all(t["at"].microsecond < 500_000 for t in ticks), [t["at"] for t in ticks]
-    assert all(t["past_due"] is False for t in ticks)
-    assert "Next" in ticks[0]["status"]
+    # "*/1 * * * * *": due on every whole second. Each tick's status names the previous due time
+    # ("Last"), so the due times are known without timing anything: whole seconds, increasing,
+    # and no tick ran before its due time. (A busy machine may run a tick late or skip a second.)
+    dues = [datetime.fromisoformat(t["status"]["Last"]) for t in ticks[1:]]
+    assert all(d.microsecond == 0 for d in dues), dues
+    assert all(b > a for a, b in zip(dues, dues[1:])), dues
+    for tick, due in zip(ticks, dues):
+        assert tick["at"] >= due
+        if (tick["at"] - due).total_seconds() <= 1.0:  # on time is not past due
+            assert tick["past_due"] is False
+    assert all(datetime.fromisoformat(t["status"]["Next"]) > t["at"] for t in ticks)
 
 
 def test_unresolved_setting_and_bad_schedule_are_clear_errors(app_settings):

@@ -36,8 +36,9 @@ ALERTS, ALERTS_PW = "alerts@contoso.com", "alerts-pw"
 # 2026-06-01T00:00:00Z: a fixed UTC day start for the quota tests.
 DAY_START = datetime(2026, 6, 1, tzinfo=timezone.utc).timestamp()
 
-# In CI (CI=true) swaks is installed by tools/setup.sh, so a missing swaks fails there instead of skipping.
-needs_swaks = pytest.mark.skipif(shutil.which("swaks") is None and not os.environ.get("CI"), reason="swaks is not installed")
+# .ci/run makes tools/setup.sh install swaks or stop (REQUIRE_SWAKS=1), and in CI a skip is a
+# failure (tests/conftest.py): only a developer without swaks sees these skipped.
+needs_swaks = pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed (tools/setup.sh --tests)")
 
 
 class FakeClock:
@@ -528,22 +529,26 @@ def test_speedup_turns_real_seconds_into_minutes() -> None:
         EmulatorClock(source, speedup=0)
 
 
-def test_speedup_reopens_the_rate_window_in_real_time(make_emulator: Any) -> None:
-    # speedup 600: a rolling minute lasts 0.1 real seconds.
-    emu = make_emulator(profile="preview-2024", speedup=600.0,
+def test_speedup_reopens_the_rate_window_after_a_fraction_of_a_source_second(make_emulator: Any) -> None:
+    # speedup 600: a rolling minute lasts 0.1 seconds of the source clock. The source is injected,
+    # so the test says exactly how much time passes between submissions, however busy the machine.
+    source = FakeClock(DAY_START + 3600)
+    emu = make_emulator(profile="preview-2024", speedup=600.0, clock=source,
                         limits=profile_limits("preview-2024", external_messages_per_window=1))
 
     async def main() -> None:
         client = await login(emu)
         assert (await submit(client, ["someone@gmail.com"])).startswith("2.6.0")
+        source.now += 0.09  # 54 emulated seconds: still inside the minute
         with pytest.raises(aiosmtplib.SMTPDataError) as caught:
             await submit(client, ["someone@gmail.com"])
         assert caught.value.message.startswith("4.5.104")
-        await asyncio.sleep(0.15)
+        source.now += 0.011  # 60.6 emulated seconds after the first: the window has reopened
         assert (await submit(client, ["someone@gmail.com"])).startswith("2.6.0")
         await client.quit()
 
     run(main())
+    assert emu.stats()["replies"]["4.5.104"] == 1
 
 
 def test_preview_daily_external_quota_gets_4_5_102_until_the_next_utc_day(make_emulator: Any) -> None:
@@ -651,7 +656,7 @@ def test_fail_next_answers_the_given_reply_at_each_stage(emulator: HveEmulator) 
     emulator.fail_next()  # default: stage DATA, 451 4.7.0
     emulator.fail_next(1, "452 4.3.1 Insufficient system resources", stage="MAIL")
     emulator.fail_next(2, "450 4.2.0 Recipient temporarily unavailable", stage="RCPT")
-    assert emulator.stats()["faults_pending"] == {"AUTH": 0, "MAIL": 1, "RCPT": 2, "DATA": 1}
+    assert emulator.stats()["faults_pending"] == {"CONNECT": 0, "AUTH": 0, "MAIL": 1, "RCPT": 2, "DATA": 1}
     recipients = ["a@contoso.com", "b@contoso.com", "c@contoso.com"]
 
     async def main() -> None:
@@ -698,6 +703,40 @@ def test_fail_next_at_auth(emulator: HveEmulator) -> None:
 
     run(main())
     assert emulator.auth_count == 1
+
+
+@pytest.mark.parametrize("reply", ["421 4.3.2 Service not available, closing transmission channel",
+                                   "554 5.7.1 Service unavailable; Client host blocked"])
+def test_fail_next_at_connect_replaces_the_greeting_then_closes(emulator: HveEmulator, reply: str) -> None:
+    emulator.fail_next(1, reply, stage="CONNECT")
+
+    async def main() -> None:
+        client = aiosmtplib.SMTP(hostname=emulator.host, port=emulator.port, start_tls=True,
+                                 tls_context=emulator.client_ssl_context(), timeout=10)
+        with pytest.raises(aiosmtplib.SMTPConnectResponseError) as caught:
+            await client.connect()
+        assert (caught.value.code, caught.value.message) == (int(reply[:3]), reply[4:])
+        assert not client.is_connected
+        # Only that connection: the next one is greeted as usual.
+        assert (await send_one(emulator, ["team@contoso.com"])).startswith("2.6.0")
+
+    run(main())
+    assert emulator.connections_opened == 2 and emulator.auth_count == 1
+    assert emulator.stats()["faults_pending"]["CONNECT"] == 0
+
+
+def test_drop_next_at_connect_closes_before_the_greeting(emulator: HveEmulator) -> None:
+    emulator.drop_next(1, stage="CONNECT")
+
+    async def main() -> None:
+        client = aiosmtplib.SMTP(hostname=emulator.host, port=emulator.port, start_tls=True,
+                                 tls_context=emulator.client_ssl_context(), timeout=10)
+        with pytest.raises(aiosmtplib.SMTPConnectError, match="Unexpected EOF"):
+            await client.connect()
+        assert (await send_one(emulator, ["team@contoso.com"])).startswith("2.6.0")
+
+    run(main())
+    assert emulator.connections_opened == 2
 
 
 def test_drop_next_closes_the_connection_without_a_reply(emulator: HveEmulator) -> None:

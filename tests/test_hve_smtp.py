@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
+from typing import Any, Iterator
 
+import aiosmtplib
+import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import MISSING, AuthResult
 
 from shared.credentials import LocalPasswords
 from shared.hve_smtp import BasicAuth, HveSmtp, tls_context
@@ -16,22 +19,59 @@ MESSAGE = b"From: news@contoso.com\r\nTo: ann@contoso.com\r\nSubject: t\r\n\r\nh
 
 
 class Recorder:
-    """A plain SMTP server with no STARTTLS: records every command it is sent."""
+    """A plain SMTP server with no STARTTLS that offers AUTH PLAIN/LOGIN in the clear and accepts
+    any credentials: records every command it is sent, AUTH included (the mechanism and whether
+    the connection was encrypted, never the credentials)."""
 
     def __init__(self) -> None:
         self.commands: list[str] = []
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
         self.commands.append("EHLO")
         return responses
 
+    async def handle_AUTH(self, server, session, envelope, args):
+        self.commands.append(f"AUTH {args[0]} {'tls' if session.ssl else 'clear'}")
+        return MISSING  # aiosmtpd carries on with the exchange and calls the authenticator
+
     async def handle_MAIL(self, server, session, envelope, address, options):
         self.commands.append("MAIL")
+        envelope.mail_from = address
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         self.commands.append("DATA")
         return "250 OK"
+
+    @property
+    def auth_lines(self) -> list[str]:
+        return [c for c in self.commands if c.startswith("AUTH")]
+
+
+class RecorderController(Controller):
+    """Binds port 0 itself and reads the port the OS chose, so no other process can take it
+    between choosing and binding."""
+
+    def _create_server(self) -> Any:
+        return self._bind()
+
+    async def _bind(self) -> asyncio.AbstractServer:
+        server = await super()._create_server()
+        self.port = server.sockets[0].getsockname()[1]
+        return server
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[Recorder, int]]:
+    handler = Recorder()
+    controller = RecorderController(handler, hostname="127.0.0.1", port=0, auth_require_tls=False,
+                                    authenticator=lambda *args: AuthResult(success=True))
+    controller.start()
+    try:
+        yield handler, controller.port
+    finally:
+        controller.stop()
 
 
 def submitter(port: int, context: ssl.SSLContext) -> HveSmtp:
@@ -39,26 +79,51 @@ def submitter(port: int, context: ssl.SSLContext) -> HveSmtp:
                    authenticator=BasicAuth(LocalPasswords({"news@contoso.com": "news-pw"})))
 
 
-def test_no_auth_and_no_mail_on_a_server_without_starttls():
-    recorder = Recorder()
-    with socket.socket() as probe:  # a free port: aiosmtpd's Controller cannot start on port 0
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    controller = Controller(recorder, hostname="127.0.0.1", port=port, auth_require_tls=False)
-    controller.start()
+async def submit_once(smtp: HveSmtp):
     try:
-        async def main():
-            smtp = submitter(port, tls_context())
-            try:
-                return await smtp.submit("news@contoso.com", ["ann@contoso.com"], MESSAGE)
-            finally:
-                await smtp.close()
-        result = asyncio.run(main())
+        return await smtp.submit("news@contoso.com", ["ann@contoso.com"], MESSAGE)
     finally:
-        controller.stop()
+        await smtp.close()
+
+
+def test_the_recorder_logs_auth_sent_in_the_clear(recorder):
+    """The control for the tests below: a client that does authenticate in the clear is seen."""
+    handler, port = recorder
+
+    async def main():
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=5)
+        await client.connect()
+        await client.ehlo()
+        await client.auth_plain("news@contoso.com", "news-pw")
+        await client.quit()
+
+    asyncio.run(main())
+    assert handler.auth_lines == ["AUTH PLAIN clear"]
+
+
+def test_no_auth_and_no_mail_on_a_server_without_starttls(recorder):
+    handler, port = recorder
+    result = asyncio.run(submit_once(submitter(port, tls_context())))
     assert result.verdict.outcome is not Outcome.SENT
-    assert recorder.commands == ["EHLO"]  # it talked to the server, and stopped there
+    assert handler.commands == ["EHLO"]  # it talked to the server, and stopped there
     assert "STARTTLS" in result.verdict.text
+
+
+def test_no_auth_in_the_clear_even_from_a_client_that_would_settle_for_plain_text(recorder, monkeypatch):
+    """The adapter's own guard, not aiosmtplib's STARTTLS check: the SMTP client is made to settle
+    for plain text when the server offers no STARTTLS (start_tls=None, what a "make it work with
+    my local server" change would do). The guard must still refuse to send credentials."""
+    handler, port = recorder
+
+    class SettlesForPlainText(aiosmtplib.SMTP):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "start_tls": None})
+
+    monkeypatch.setattr(aiosmtplib, "SMTP", SettlesForPlainText)
+    result = asyncio.run(submit_once(submitter(port, tls_context())))
+    assert handler.auth_lines == [] and "MAIL" not in handler.commands
+    assert handler.commands == ["EHLO"]  # the connection did get that far: in the clear
+    assert result.verdict.outcome is Outcome.ACCOUNT and "not encrypted" in result.verdict.text
 
 
 def test_an_untrusted_certificate_is_refused_before_any_credential_is_sent(emulator):
@@ -122,3 +187,27 @@ def test_sessions_are_reused_then_closed_when_idle_too_long(emulator):
     assert reused == 1                      # three messages, one connection, one AUTH
     assert idle_news == 0                   # closed while another account was busy
     assert emulator.connections_opened == 3 and stats.sessions_reused == 2
+
+
+def test_a_pooled_session_found_dead_is_replaced_once_and_the_message_still_goes(emulator):
+    """The server dropped the idle session: the next command on it gets no reply at all. The
+    adapter opens one fresh session and sends; a second dead connection in a row is not chased."""
+    async def main():
+        smtp = submitter(emulator.port, tls_context(str(emulator.ca_file)))
+        try:
+            first = await smtp.submit("news@contoso.com", ["ann@contoso.com"], MESSAGE)
+            emulator.drop_next(1, stage="MAIL")  # the pooled session dies before answering
+            second = await smtp.submit("news@contoso.com", ["ann@contoso.com"], MESSAGE)
+            opened_after_second = emulator.connections_opened
+            emulator.drop_next(2, stage="MAIL")  # the pooled one and its replacement both die
+            third = await smtp.submit("news@contoso.com", ["ann@contoso.com"], MESSAGE)
+            return first, second, opened_after_second, third, smtp.stats
+        finally:
+            await smtp.close()
+
+    first, second, opened_after_second, third, stats = asyncio.run(main())
+    assert first.verdict.outcome is Outcome.SENT and second.verdict.outcome is Outcome.SENT
+    assert opened_after_second == 2 and len(emulator.messages()) == 2
+    assert third.verdict.outcome is Outcome.DEFER and third.verdict.code == 0
+    assert emulator.connections_opened == 3  # one replacement, not a loop of them
+    assert stats.sessions_reused == 2

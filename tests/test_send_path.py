@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from datetime import datetime, timedelta, timezone
 from email import message_from_bytes, policy
 
@@ -380,8 +381,13 @@ def test_deferred_copy_carries_the_derived_id_and_the_attempts(storage, emulator
             [first] = [m async for m in relay.queue.receive_messages(visibility_timeout=60)]
             handled = await relay.handle(first.content, first.id, first.dequeue_count)
             await relay.queue.delete_message(first)
-            await asyncio.sleep(handled.delay_seconds + 0.5)
-            copies = [json.loads(m.content) async for m in relay.queue.receive_messages(visibility_timeout=60)]
+            # The copy is invisible for delay_seconds by Azurite's clock: poll for it, with a deadline.
+            copies: list[dict] = []
+            deadline = time.monotonic() + handled.delay_seconds + 30
+            while not copies and time.monotonic() < deadline:
+                copies = [json.loads(m.content) async for m in relay.queue.receive_messages(visibility_timeout=60)]
+                if not copies:
+                    await asyncio.sleep(0.2)
             return first.id, handled, copies
         finally:
             await relay.close()
@@ -394,19 +400,25 @@ def test_deferred_copy_carries_the_derived_id_and_the_attempts(storage, emulator
 
 
 def test_usage_report_counts_outcomes_and_recipients_per_day_account_and_category(storage, emulator):
+    # The relay's clock starts at noon UTC of a fixed day: the report's day is known before the
+    # run, and a run near midnight cannot put the requests on two days.
+    noon = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
+    offset = noon.timestamp() - time.time()
+
     async def main():
-        relay = await open_relay(storage, emulator, HVE_ACCOUNTS="news@contoso.com")
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_ACCOUNTS="news@contoso.com"),
+                                   clock=lambda: time.time() + offset)
         try:
             await enqueue(relay, mail(id="rep-1", category="orders", cc=["bob@contoso.com"]))
             await enqueue(relay, mail(id="rep-2", category="orders"))
             await enqueue(relay, mail(id="rep-3", category="orders", cc=["x@gmail.com"]))  # refused: external
             await drain(relay)
-            return await relay.ledger.report(datetime.now(timezone.utc) - timedelta(days=1))
+            return await relay.ledger.report(noon - timedelta(days=1))
         finally:
             await relay.close()
 
     rows = run(main())
-    today = datetime.now(timezone.utc).date().isoformat()
+    today = noon.date().isoformat()
     sent = next(r for r in rows if r["account"] == "news@contoso.com")
     assert (sent["day"], sent["category"], sent["requests"], sent["outcomes"]) == (today, "orders", 2, {"sent": 2})
     assert (sent["internal_recipients"], sent["external_recipients"]) == (3, 0)

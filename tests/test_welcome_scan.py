@@ -17,6 +17,7 @@ from shared.sender import Relay
 from shared.welcome import handle_timer, run_scan
 from shared.welcome_policy import PENDING, SKIP, WELCOME, TemplateError
 from shared.welcome_state import WelcomeState
+from shared.settings import SettingsError
 from shared.storage import StorageClients
 from tests.fixtures_graph import graph_env, graph_standin  # noqa: F401  (fixture)
 from tests.relay_harness import drain, relay_settings
@@ -435,3 +436,38 @@ def test_function_app_declares_the_timer_at_the_welcome_schedule():
     [trigger] = [b for b in fn.get_bindings() if b.type == "timerTrigger"]
     assert trigger.schedule == "%WELCOME_SCHEDULE%"
     assert "WELCOME_ENABLED" in (fn.get_user_function().__doc__ or "")
+
+
+@pytest.mark.parametrize("bcc,why", [
+    ("not an address", "WELCOME_BCC"),
+    ("desk@contoso.com\r\nBcc: victim@contoso.com", "WELCOME_BCC"),
+    ("desk@gmail.com", "outside HVE_INTERNAL_DOMAINS"),
+])
+def test_a_bad_welcome_bcc_fails_the_scan_before_graph_is_asked_or_anything_enqueued(storage, emulator, graph_standin, bcc, why):
+    member(graph_standin, "Ann Example", T0 - MINUTE)
+    settings = settings_for(storage, emulator, graph_standin, WELCOME_BCC=bcc)
+    with pytest.raises(SettingsError, match=why):
+        run(run_scan(settings, clock=Clock()))
+    assert graph_standin.requests == []
+    assert run(queue_count(settings)) == 0
+
+
+def test_a_template_blob_missing_fails_the_scan_naming_it_and_enqueues_nothing(storage, emulator, graph_standin):
+    member(graph_standin, "Ann Example", T0 - MINUTE)
+    container = f"{storage.table_prefix}-tpl"
+    settings = settings_for(storage, emulator, graph_standin, WELCOME_TEMPLATES=f"blob:{container}/set")
+
+    async def upload_all_but_html():
+        clients = StorageClients(settings)
+        try:
+            blobs = clients.container(container)
+            await blobs.create_container()
+            await blobs.upload_blob("set/welcome.subject.txt", "Hi {{first_name}}")
+            await blobs.upload_blob("set/welcome.txt", "Text for {{display_name}}")
+        finally:
+            await clients.close()
+
+    run(upload_all_but_html())
+    with pytest.raises(TemplateError, match=r"blob 'set/welcome.html' not found"):
+        run(run_scan(settings, clock=Clock()))
+    assert run(queue_count(settings)) == 0

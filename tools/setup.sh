@@ -3,6 +3,7 @@
 #   .venv/          Python 3.11+ with requirements-dev.txt (the app's runtime deps + local tools)
 #   node_modules/   Azurite from npm, installed into the repo (not globally)
 # Usage: tools/setup.sh [--tests]   (--tests also: swaks, shellcheck, the Bicep check environments)
+#   REQUIRE_SWAKS=1   with --tests: fail when swaks is missing and cannot be installed (CI sets it)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -59,6 +60,11 @@ if [[ "${1:-}" == "--tests" ]]; then
     else
       say "please install: ${missing[*]} (e.g. sudo apt-get install ${missing[*]}); the tests that need them are skipped"
     fi
+  fi
+  # CI (.ci/run) sets REQUIRE_SWAKS=1: the swaks tests must run there, so no swaks is an error.
+  if [[ "${REQUIRE_SWAKS:-0}" == "1" ]] && ! command -v swaks >/dev/null 2>&1; then
+    echo "swaks is required (REQUIRE_SWAKS=1) but could not be installed (apt-get install -y swaks)" >&2
+    exit 1
   fi
   tools/iac_check.sh --setup >/dev/null
 fi

@@ -168,7 +168,8 @@ class HveEmulator:
 
     def fail_next(self, count: int = 1, reply: str = replies.DEFAULT_FAULT, stage: str = "DATA") -> None:
         """The next `count` commands of `stage` (AUTH, MAIL, RCPT or DATA) get `reply`.
-        DATA faults answer after the message content, like a real end-of-data reply."""
+        DATA faults answer after the message content, like a real end-of-data reply.
+        Stage CONNECT: the next `count` connections are greeted with `reply` instead of 220, then closed."""
         self._faults.fail_next(count, reply, stage)
 
     def drop_next(self, count: int = 1, stage: str = "DATA", *, after_accept: bool = False) -> None:

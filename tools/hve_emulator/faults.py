@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 from . import replies
 
-STAGES: tuple[str, ...] = ("AUTH", "MAIL", "RCPT", "DATA")
+# CONNECT: the greeting itself (e.g. "421 4.3.2 Service not available", "554 5.7.1 ..."); the
+# connection is closed after the reply, as a front end refusing a connection does.
+STAGES: tuple[str, ...] = ("CONNECT", "AUTH", "MAIL", "RCPT", "DATA")
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,22 @@ class HveSMTP(SMTP):
             self._hve.stats.connection_opened()
         super().connection_made(transport)
 
+    async def _handle_client(self) -> None:
+        # A CONNECT fault replaces the 220 greeting (or drops the connection) and ends the session.
+        fault = self._hve.faults.take("CONNECT")
+        if fault is None:
+            await super()._handle_client()
+            return
+        log.info("fault stage=CONNECT reply=%s", "connection dropped" if fault.drops else _code(str(fault.reply)))
+        transport = self._original_transport or self.transport
+        if fault.drops:
+            if transport is not None:
+                transport.abort()
+            return
+        await self.push(str(fault.reply))
+        if transport is not None:
+            transport.close()
+
     async def push(self, status: Any) -> None:
         # str replies are final or intermediate status lines; bytes are AUTH challenges (334).
         if isinstance(status, str):
