@@ -338,7 +338,8 @@ class Relay:
         self.instruments.recipients.add(entry.internal_recipients, {"kind": "internal"})
         self.instruments.recipients.add(entry.external_recipients, {"kind": "external"})
         if len(entry.refused_recipients) >= everyone:
-            return await self._finish(entry, REFUSED, f"refused by HVE: all {everyone} recipient(s)")
+            return await self._finish(entry, REFUSED, f"refused by HVE: all {everyone} recipient(s); last reply "
+                                                      f"{entry.last_code} {entry.last_reply}"[:300])
         reason = f"{len(entry.refused_recipients)} recipient(s) refused by HVE" if entry.refused_recipients else ""
         return await self._finish(entry, SENT, reason)
 

@@ -106,14 +106,14 @@ def test_request_ids_at_the_edges_are_accepted():
     ("", "bad-address", "to[0]: an address must be a non-empty string"),
     ("   ", "bad-address", "to[0]: an address must be a non-empty string"),
     (7, "bad-address", "to[0]: an address must be a non-empty string"),
-    ("Ann <ann@contoso.com", "bad-address", "to[0]: 'Ann <ann@contoso.com' is not 'addr' or 'Display Name <addr>'"),
-    ("ann@contoso.com>", "bad-address", "to[0]: 'ann@contoso.com>' is not 'addr' or 'Display Name <addr>'"),
-    ("ann@contoso", "bad-address", "to[0]: 'ann@contoso' is not a valid mail address"),
-    ("Ann <ann.@contoso.com>", "bad-address", "to[0]: 'ann.@contoso.com' is not a valid mail address"),
-    ("a" * 65 + "@contoso.com", "bad-address", f"to[0]: {'a' * 65 + '@contoso.com'!r} is not a valid mail address"),
+    ("Ann <ann@contoso.com", "bad-address", "to[0] is not 'addr' or 'Display Name <addr>'"),
+    ("ann@contoso.com>", "bad-address", "to[0] is not 'addr' or 'Display Name <addr>'"),
+    ("ann@contoso", "bad-address", "to[0] is not a valid mail address"),
+    ("Ann <ann.@contoso.com>", "bad-address", "to[0] is not a valid mail address"),
+    ("a" * 65 + "@contoso.com", "bad-address", "to[0] is not a valid mail address"),
     ("ann@contoso.com\r\nBcc: x@contoso.com", "header-injection", "to[0] contains a line break or control character"),
 ])
-def test_a_bad_address_is_refused_naming_the_field_and_the_value(value, reason, detail):
+def test_a_bad_address_is_refused_naming_the_field_never_the_value(value, reason, detail):
     assert refusal(validate_request, good(to=[value]), POLICY) == (reason, detail)
 
 
@@ -124,7 +124,7 @@ def test_addresses_at_the_length_limits():
     longest = "a" * (254 - len(domain) - 1) + "@" + domain  # 254 characters: the limit
     assert len(longest) == 254 and parse_address("to", longest).addr == longest
     too_long = "a" + longest
-    assert refusal(parse_address, "to", too_long) == ("bad-address", f"to: {too_long!r} is not a valid mail address")
+    assert refusal(parse_address, "to", too_long) == ("bad-address", "to is not a valid mail address")
 
 
 def test_display_names_are_kept_unquoted_and_trimmed():
@@ -152,13 +152,13 @@ def test_a_recipient_field_must_be_an_address_or_a_list_of_them():
     ({"attempt": "1"}, "schema", "attempt must be a non-negative integer"),
     ({"attempt": True}, "schema", "attempt must be a non-negative integer"),
     ({"attempt": 1.5}, "schema", "attempt must be a non-negative integer"),
-    ({"account": "other@contoso.com"}, "unknown-account", "account 'other@contoso.com' is not one of the configured HVE accounts"),
-    ({"account": 7}, "unknown-account", "account 7 is not one of the configured HVE accounts"),
+    ({"account": "other@contoso.com"}, "unknown-account", "account is not one of the configured HVE accounts"),
+    ({"account": 7}, "unknown-account", "account is not one of the configured HVE accounts"),
     ({"from": "ceo@contoso.com"}, "send-as",
-     "from 'ceo@contoso.com' is not an HVE account of this relay; HVE sends only as the account itself"),
+     "from is not an HVE account of this relay; HVE sends only as the account itself"),
     ({"sender": "Alerts <ALERTS@contoso.com>", "account": "news@contoso.com"}, "send-as",
-     "sender 'alerts@contoso.com' is not an HVE account of this relay; HVE sends only as the account itself"),
-    ({"from": "not-an-address"}, "bad-address", "from: 'not-an-address' is not a valid mail address"),
+     "sender is not an HVE account of this relay; HVE sends only as the account itself"),
+    ({"from": "not-an-address"}, "bad-address", "from is not a valid mail address"),
     ({"to": [], "cc": None}, "no-recipients", "at least one recipient in to, cc or bcc is required"),
     ({"to": ["a@contoso.com", "b@contoso.com"], "cc": ["c@contoso.com"], "bcc": ["d@contoso.com"]},
      "too-many-recipients", "4 recipients; the limit per request is 3"),
