@@ -91,9 +91,13 @@ def test_two_hosts_with_slow_polling_send_an_over_the_limit_backlog_at_the_limit
     accepted = emulator.accepted()
     stats = emulator.stats()
     by_subject = Counter(_subject(record.path) for record in accepted)
-    bookings = Counter(m.group(1) for host in hosts
-                       for m in re.finditer(r"request (\S+): deferred via \S+ \(booked\)", host.log_file.read_text()))
-    summary = (f"accepted {len(accepted)}/{len(everyone)}, replies {stats['replies']}, "
+    booked = [m.groups() for host in hosts
+              for m in re.finditer(r"request (\S+): deferred via (\S+) \(booked\)", host.log_file.read_text())]
+    bookings = Counter(request_id for request_id, _ in booked)
+    times = sorted(r.received_at for r in accepted if r.external_recipients)
+    makespan = times[-1] - times[0] if times else float("nan")
+    summary = (f"accepted {len(accepted)}/{len(everyone)}, makespan {makespan:.1f} s, replies {stats['replies']}, "
+               f"bookings per account {dict(Counter(account for _, account in booked))}, "
                f"bookings per request {sorted(Counter(bookings.values()).items())}, "
                f"ledger sent {len(sent_rows())}; logs in {tmp_path}")
 
@@ -105,8 +109,6 @@ def test_two_hosts_with_slow_polling_send_an_over_the_limit_backlog_at_the_limit
     assert not [code for code in stats["replies"] if code.startswith("4.")], summary
 
     # Makespan, by the emulator's clock: first accepted to last accepted external message.
-    times = sorted(r.received_at for r in accepted if r.external_recipients)
-    makespan = times[-1] - times[0]
     per_account = math.ceil(EXTERNAL / len(ACCOUNTS))
     windows = math.ceil(per_account / PER_MINUTE) - 1
     minimum = windows * 60.0
@@ -119,13 +121,13 @@ def test_two_hosts_with_slow_polling_send_an_over_the_limit_backlog_at_the_limit
     second_wave = EXTERNAL - len(ACCOUNTS) * PER_MINUTE
     allowance = MARGIN_SECONDS * windows + (second_wave - 1)
     bound = minimum + poll_seconds + allowance
-    assert makespan <= bound, f"makespan {makespan:.1f} s > {bound:.0f} s (minimum {minimum:.0f} s); {summary}"
+    assert makespan <= bound, f"makespan over {bound:.0f} s (minimum {minimum:.0f} s); {summary}"
 
     # Lateness never cost a slot: no request was booked twice (a late one goes at once, or is
     # re-booked in the same write that gives back its stale slot: that would show here).
     assert set(bookings) <= set(external_ids), summary
     assert max(bookings.values(), default=0) <= 1, summary
-    print(f"makespan {makespan:.1f} s (minimum {minimum:.0f} s, bound {bound:.0f} s); {summary}")
+    print(f"bound {bound:.0f} s (minimum {minimum:.0f} s); {summary}")
 
 
 def _subject(path: Path) -> str:
