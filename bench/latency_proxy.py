@@ -28,6 +28,11 @@ class LatencyProxy:
     def __exit__(self, *exc: object) -> None:
         async def close() -> None:
             self._server.close()
+            # Connections still piped are ended here, not left to a stopped loop's garbage collector.
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         asyncio.run_coroutine_threadsafe(close(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)

@@ -219,7 +219,7 @@ async def _run(connection_string: str, emulator: HveEmulator, accounts: dict[str
         else:
             inst.empty_polls += 1
             wait = min(host.max_polling_interval,
-                       FIRST_POLL_SECONDS + rng.uniform(0.8, 1.2) * 2 ** (inst.empty_polls - 1) * FIRST_POLL_SECONDS)
+                       FIRST_POLL_SECONDS + rng.uniform(0.8, 1.2) * 2 ** min(inst.empty_polls - 1, 30) * FIRST_POLL_SECONDS)
         heapq.heappush(events, (clock.t + wait, next(seq), "poll", i, []))
     return [inst.relay for inst in instances], handled, last_sent, sent_per_day, polls
 

@@ -13,7 +13,7 @@ import asyncio
 import random
 import time
 from dataclasses import replace
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
@@ -290,9 +290,20 @@ class TableGovernor:
         """Give back a slot whose message was definitely not delivered (a 4xx, a connection lost
         before DATA, a refusal, a lost ledger race): its place in the rolling minute and its daily
         counts. When it is unknown whether HVE accepted, callers keep the charge."""
+        await self._update(release.account, lambda state: release_slot(state, release, self.config))
+
+    async def report(self, account: str, verdict: Verdict, now: float) -> None:
+        """Throttling puts the account in cooldown; an authentication failure HVE answered marks it
+        unhealthy. A local failure (code 0) changes nothing shared."""
+        if not verdict.throttled and not (verdict.outcome is Outcome.ACCOUNT and verdict.code):
+            return
+        await self._update(account, lambda state: after_reply(state, verdict, now, self.config))
+
+    async def _update(self, account: str, change: Callable[[AccountState], AccountState]) -> None:
+        """Read one account's row, change it, write it If-Match; again on a lost race."""
         for attempt in range(MAX_CONFLICT_RETRIES):
-            state = await self._get(release.account)
-            updated = release_slot(state, release, self.config)
+            state = await self._get(account)
+            updated = change(state)
             if updated == state:
                 return
             try:
@@ -310,23 +321,6 @@ class TableGovernor:
             return account_from_row(await self._table.get_entity(PARTITION, _ACCOUNT_PREFIX + account))
         except ResourceNotFoundError:
             return AccountState(account=account)
-
-    async def report(self, account: str, verdict: Verdict, now: float) -> None:
-        """Throttling puts the account in cooldown; an authentication failure HVE answered marks it
-        unhealthy. A local failure (code 0) changes nothing shared."""
-        if not verdict.throttled and not (verdict.outcome is Outcome.ACCOUNT and verdict.code):
-            return
-        for attempt in range(MAX_CONFLICT_RETRIES):
-            state = await self._get(account)
-            updated = after_reply(state, verdict, now, self.config)
-            try:
-                (etag,), _ = await self._write([(updated, state.etag)], None, None)
-            except _Conflict:
-                await self._backoff(attempt)
-                continue
-            async with self._lock:
-                self._remember([replace(updated, etag=etag)], None)
-            return
 
     async def states(self) -> list[AccountState]:
         return (await self.read())[0]

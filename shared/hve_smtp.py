@@ -128,6 +128,15 @@ def _called_off() -> SubmitResult:
     return SubmitResult(Verdict(Outcome.DEFER, 0, "", "not sent: called off before MAIL FROM"), called_off=True)
 
 
+async def _guarded(before_mail: Callable[[], Awaitable[bool]], session: _Session) -> bool:
+    """The caller's check; if it fails (storage down), the session is closed, not leaked."""
+    try:
+        return await before_mail()
+    except BaseException:
+        session.smtp.close()
+        raise
+
+
 def _split(reply: str) -> tuple[int, str]:
     code, _, text = reply.partition(" ")
     return int(code), text
@@ -208,7 +217,7 @@ class HveSmtp:
         session = pool.idle.pop() if pool.idle else None
         if session is not None:
             self.stats.sessions_reused += 1
-            if before_mail is not None and not await before_mail():
+            if before_mail is not None and not await _guarded(before_mail, session):
                 return self._finish(pool, session, _called_off(), True)
             before_mail = None
             result, keep = await self._transaction(session, account, recipients, message)
@@ -233,7 +242,7 @@ class HveSmtp:
             return SubmitResult(Verdict(Outcome.ACCOUNT, 0, "", f"credential: {exc}"[:300]))
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
             return SubmitResult(connection_lost(f"{type(exc).__name__}: {exc}"))
-        if before_mail is not None and not await before_mail():
+        if before_mail is not None and not await _guarded(before_mail, session):
             return self._finish(pool, session, _called_off(), True)
         result, keep = await self._transaction(session, account, recipients, message)
         return self._finish(pool, session, result, keep)

@@ -417,18 +417,16 @@ def _spread(state: AccountState, shape: Shape, at: float, states: Sequence[Accou
     """The first of at, at+1, at+2 ... whose second has room for another booking tenant-wide, where
     the slot still fits this account's windows (a later slot at the end of the log always does).
 
-    Room per second follows the accounts' combined rate (at most `bookings_per_second`), so the
-    bookings of a backlog cover every second of the minute instead of bunching: a queue whose
-    messages come back every second keeps the host polling at its shortest interval."""
-    ceiling = cfg.bookings_per_second
-    if ceiling <= 0:
+    A wave of bookings all due at one second would come back as one crowd that the host takes
+    in batches of 16, the last ones late; spread at `bookings_per_second`, each second's share is
+    picked up at once."""
+    per_second = cfg.bookings_per_second
+    if per_second <= 0:
         return at
+    # Never below the accounts' combined rate, or the spread itself would slow a backlog down.
     limit = (cfg.limits.external_messages_per_minute if shape.external else None) or cfg.limits.messages_per_minute
-    rate = min(float(ceiling), limit * len(states) / cfg.window) if limit else float(ceiling)
-
-    def room(second: int) -> int:  # whole bookings in this second at `rate` per second on average
-        return max(1, math.floor((second + 1) * rate) - math.floor(second * rate)) if rate < 1 else \
-            math.floor((second + 1) * rate) - math.floor(second * rate)
+    if limit:
+        per_second = max(per_second, math.ceil(limit * len(states) / cfg.window))
 
     due: Counter[int] = Counter()
     for s in states:
@@ -437,7 +435,7 @@ def _spread(state: AccountState, shape: Shape, at: float, states: Sequence[Accou
             due[int(x)] += 1
     for k in range(SPREAD_SEARCH_SECONDS):
         t = at + k
-        if due[int(t)] < room(int(t)) and _slot_fits(state, shape, t, cfg):
+        if due[int(t)] < per_second and _slot_fits(state, shape, t, cfg):
             return t
     return at
 
@@ -449,11 +447,10 @@ def _grant(state: AccountState, tenant: TenantState | None, shape: Shape, at: fl
 
 
 def after_reply(state: AccountState, verdict: Verdict, now: float, cfg: PacingConfig) -> AccountState:
-    """What a server reply teaches about the account that sent it. Only a reply from HVE marks an
-    account: a local failure (a credential read, a refused unencrypted connection: code 0) says
-    nothing about the account and must not rest it on every instance."""
+    """What a server reply teaches about the account that sent it. (Local failures, code 0, never
+    get here: `TableGovernor.report` keeps them out of the shared state.)"""
     problem = f"{verdict.code} {verdict.enhanced}".strip()
-    if verdict.outcome is Outcome.ACCOUNT and verdict.code:
+    if verdict.outcome is Outcome.ACCOUNT:
         return replace(state, unhealthy_until=now + cfg.unhealthy_seconds, last_problem=problem)
     if verdict.throttled:
         until = cfg.day_end(cfg.day_of(now)) if verdict.daily_quota else now + cfg.cooldown_seconds

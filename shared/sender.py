@@ -189,9 +189,10 @@ class Relay:
             if handled.code:
                 span.set_attribute("hve.smtp.code", handled.code)
             self.instruments.messages.add(1, {"outcome": handled.state, "account": handled.account or "-"})
-            log.info("request %s: %s%s%s", handled.request_id, handled.state,
-                     f" via {handled.account}" if handled.account else "",
-                     f" ({mask_addresses(handled.reason)})" if handled.reason else "")
+            log.log(logging.DEBUG if handled.state == "pacer" else logging.INFO,
+                    "request %s: %s%s%s", handled.request_id, handled.state,
+                    f" via {handled.account}" if handled.account else "",
+                    f" ({mask_addresses(handled.reason)})" if handled.reason else "")
             return handled
 
     async def _handle(self, body: bytes | str, queue_message_id: str, dequeue_count: int) -> Handled:
@@ -400,6 +401,10 @@ class Relay:
             if not result.maybe_delivered:
                 # Definitely not delivered: the charge goes back. (A reply lost after DATA keeps it.)
                 await self.governor.refund(Release(account, slot_at, shape))
+            if len(refused_now) == len(envelope):
+                # Every recipient of this transaction refused for good at RCPT: the others of the
+                # request (other chunks) still go; the ledger names these by index.
+                return await self._save_progress(trying.evolve(chunks_sent=index + 1))
             return await self._not_sent(trying, stub, verdict, account, now)
         pending = [i for i in trying.pending_recipients if i not in envelope] + deferred_now
         done = trying.evolve(chunks_sent=index + 1, pending_recipients=tuple(pending),

@@ -50,7 +50,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("HVE_DAILY_RESET_UTC", "00:00", "Time of day (UTC, HH:MM) at which the daily windows (quotas, budget) start."),
     SettingSpec("HVE_PACING_MARGIN_SECONDS", "2", "Safety margin added to each rolling-minute window: HVE counts a message when it arrives, not when it was granted."),
     SettingSpec("HVE_BOOKING_HORIZON_SECONDS", "3600", "How far ahead the governor books send slots for a backlog; a request whose slot is further away waits unbooked and asks again later."),
-    SettingSpec("HVE_BOOKINGS_PER_SECOND", "8", "At most this many booked slots (tenant-wide) fall due in one second, so the queue's messages come back spread out and the Functions host keeps polling often; 0 turns spreading off."),
+    SettingSpec("HVE_BOOKINGS_PER_SECOND", "8", "At most this many booked slots (tenant-wide) fall due in one second (never fewer than the accounts' combined rate needs), so booked requests come back a few at a time rather than as one crowd the host works through late; 0 turns spreading off."),
     SettingSpec("HVE_PACER_SECONDS", "2", "While send slots are booked ahead, a tiny pacer message comes back on the queue this often, so the Functions host keeps polling often instead of backing off to maxPollingInterval (a minute on Azure) and picking booked requests up late; 0 turns it off."),
     SettingSpec("MAX_RECIPIENTS_PER_REQUEST", "500", "Recipients one request may have; above the per-message limit a request is sent as several SMTP transactions."),
     SettingSpec("HVE_POOL_SIZE", "4", "Open SMTP sessions kept per HVE account in one worker process."),

@@ -137,12 +137,10 @@ def test_preview_backlog_is_booked_back_to_back_across_accounts_and_spread_over_
         slots.append(decision.at)
     assert slots.count(START) == 30  # a full minute's worth at once
     booked = [t for t in slots if t > START]
-    # Bookings follow the accounts' combined rate (30 per 61 s: one a second), so the queue hands
-    # the host a message every second instead of 30 at once...
-    assert max(booked.count(t) for t in booked) == 1
-    assert len(set(booked)) == 60
-    # ...at the cost of at most one minute of spread, once: the third minute starts 2 windows later.
-    assert min(booked) == START + 61 and max(slots) - START <= 2 * 61 + 30
+    # No second gets more than 4 bookings, so the queue hands the host a few messages at a time...
+    assert max(booked.count(t) for t in booked) == 4
+    # ...at the cost of a few seconds once: the third minute starts 2 windows (plus margins) later.
+    assert min(booked) == START + 61 and max(slots) - START <= 2 * 61 + 30 / 4 + 1
 
 
 def test_budget_stops_sending_until_the_next_daily_window():

@@ -1,0 +1,310 @@
+"""The governor against real peers (Azurite, the HVE emulator over TLS) where timing and faults
+decide what HVE really saw: the slot is the moment of DATA, days never go backwards, a charge
+follows what HVE accepted, a local credential error stays local, RCPT refusals are per recipient,
+and a reply lost after DATA is never resent at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from bench.latency_proxy import LatencyProxy
+from bench.simulate import VirtualClock, VirtualQueue
+from shared.hve_smtp import HveSmtp, BasicAuth, tls_context
+from shared.credentials import LocalPasswords
+from shared.mime import message_id
+from shared.pacing import AccountState, PacingConfig, Shape, decide, take_slot
+from shared.limits import PROFILES
+from shared.sender import Relay
+from tests.relay_harness import ACCOUNTS, drain, enqueue, relay_settings
+
+START = 1_799_920_800.0  # 2027-01-15 10:00:00 UTC
+NEWS = "news@contoso.com"
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def mail(**extra):
+    return {"to": ["ann@contoso.com"], "subject": "Timing", "text": "Hello", **extra}
+
+
+# --- 2. the slot is the moment of DATA ----------------------------------------------------------
+
+def test_slot_is_dated_after_slow_downloads_so_hve_never_sees_eleven_in_its_minute(storage, make_emulator):
+    """Ten external requests whose attachments take 4 s to download, then an 11th: the 11th must
+    come a full window after the moment the ten reached HVE, not after the moment they started."""
+    clock = VirtualClock(START)
+    emulator = make_emulator(profile="preview-2024", clock=clock)
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS_PROFILE="preview-2024",
+                                                  HVE_ACCOUNTS=NEWS, HVE_PACER_SECONDS="0"), clock=clock)
+        relay.queue = queue = VirtualQueue(clock)   # visibility delays on the virtual clock
+        real_read = relay.payloads.read
+
+        async def slow_read(*args, **kwargs):
+            data = await real_read(*args, **kwargs)
+            clock.t = max(clock.t, START + 4.0)       # the download took 4 s
+            return data
+
+        relay.payloads.read = slow_read
+        try:
+            container = relay.storage.container(storage.container_name)
+            await container.create_container()
+            blob = await container.upload_blob("att/terms.txt", b"terms and conditions")
+            attachment = [{"name": "terms.txt", "contentType": "text/plain", "blobUrl": blob.url}]
+            bodies = [json.dumps(mail(id=f"slow-{i}", to=[f"c{i}@fabrikam.example"], attachments=attachment))
+                      for i in range(11)]
+            first = await asyncio.gather(*(relay.handle(b, f"q{i}") for i, b in enumerate(bodies)))
+            assert sorted(h.state for h in first) == ["deferred"] + ["sent"] * 10
+            # The 11th comes back when its booking is due (the queue's visibility delay).
+            [booked] = [h for h in first if h.state == "deferred"]
+            entry = await relay.ledger.get(booked.request_id)
+            clock.t = entry.booked_at
+            [again] = queue.receive(clock.t, 16)
+            return first, await relay.handle(again.body, again.message_id), entry
+        finally:
+            await relay.close()
+
+    first, last, entry = run(main())
+    # HVE saw the ten at START+4: the 11th's slot is a window (60 s + 2 s margin) after that.
+    assert entry.booked_at >= START + 4.0 + 62.0
+    assert last.state == "sent", last
+    assert emulator.stats()["replies"].get("4.5.104", 0) == 0
+
+
+def test_pool_wait_is_bounded_and_a_message_that_waits_too_long_is_deferred_unsent(emulator):
+    """One session per account, held by a slow transaction: the next message gives up waiting
+    after HVE_POOL_WAIT_SECONDS instead of waiting past its slot, and nothing is sent for it."""
+    async def main():
+        with LatencyProxy(emulator.port, rtt_ms=400) as proxy:
+            smtp = HveSmtp(host="127.0.0.1", port=proxy.port, authenticator=BasicAuth(LocalPasswords(ACCOUNTS)),
+                           context=tls_context(str(emulator.ca_file)), pool_size=1, pool_wait=0.3)
+            try:
+                slow = asyncio.ensure_future(smtp.submit(NEWS, ["a@contoso.com"], b"Subject: one\r\n\r\nbody\r\n"))
+                await asyncio.sleep(0.05)
+                started = time.monotonic()
+                waited = await smtp.submit(NEWS, ["b@contoso.com"], b"Subject: two\r\n\r\nbody\r\n")
+                return await slow, waited, time.monotonic() - started
+            finally:
+                await smtp.close()
+
+    slow, waited, seconds = run(main())
+    assert slow.verdict.code == 250
+    assert waited.verdict.code == 0 and "no SMTP session free" in waited.verdict.text
+    assert not waited.maybe_delivered
+    assert len(emulator.messages()) == 1
+
+
+def test_a_grant_that_got_old_waiting_for_a_session_is_taken_again_before_mail(storage, emulator):
+    """With a slow path to HVE, the session is ready after the grant's tolerance: the relay takes
+    the slot again at that moment (one slot in the log, dated when MAIL went), then sends."""
+    async def main():
+        with LatencyProxy(emulator.port, rtt_ms=300) as proxy:
+            relay = await Relay.create(relay_settings(storage, emulator, HVE_SMTP_PORT=str(proxy.port),
+                                                      HVE_ACCOUNTS=NEWS, HVE_PACING_MARGIN_SECONDS="0.2",
+                                                      HVE_LIMITS='{"messages_per_minute": 5}'))
+            try:
+                before = time.time()
+                await enqueue(relay, mail(id="old-grant"))
+                results = await drain(relay)
+                [state] = await relay.governor.states()
+                return before, results, state, relay.stats
+            finally:
+                await relay.close()
+
+    before, results, state, stats = run(main())
+    assert [r.state for r in results] == ["sent"]
+    # Connect + TLS + AUTH through the proxy take well over the 0.1 s tolerance: the one slot in the
+    # log was re-dated to when the session was ready, and the first one was given back.
+    assert len(state.slots) == 1 and state.slots[0] > before + 0.3
+    assert state.messages_today == 1 and stats.lapsed == 0
+
+
+def test_two_deliveries_of_one_request_waiting_for_sessions_send_it_once(storage, emulator):
+    """The ledger claim is taken when the session is ready, just before MAIL: a second delivery that
+    waited for a session just as long finds the claim and gives its slot back."""
+    async def main():
+        with LatencyProxy(emulator.port, rtt_ms=200) as proxy:
+            settings = relay_settings(storage, emulator, HVE_SMTP_PORT=str(proxy.port), HVE_POOL_SIZE="1")
+            relays = [await Relay.create(settings), await Relay.create(settings)]
+            try:
+                body = json.dumps(mail(id="twice-at-once"))
+                results = []
+                for _ in range(5):
+                    results += await asyncio.gather(*(r.handle(body, "q") for r in relays))
+                states = await relays[0].governor.states()
+                return results, states
+            finally:
+                for r in relays:
+                    await r.close()
+
+    results, states = run(main())
+    assert [r.state for r in results].count("sent") == 1
+    assert set(r.state for r in results) <= {"sent", "busy", "duplicate"}
+    ids = [m.message_id for m in emulator.accepted()]
+    assert ids == [message_id("twice-at-once", "contoso.com")]
+    # The losers' slots went back: the accounts count one message in all.
+    assert sum(s.messages_today for s in states) == 1
+
+
+# --- 3. days never go backwards ------------------------------------------------------------------
+
+def test_a_stale_decision_never_moves_an_account_back_a_day():
+    cfg = PacingConfig(limits=PROFILES["preview-2024"])
+    day = cfg.day_of(START)
+    ahead = AccountState(NEWS, day=day + 1, external_today=1990, messages_today=1990)
+    late_yesterday = cfg.day_end(day) - 1.0   # 23:59:59 of the day before the row's day
+    state, _ = take_slot(ahead, None, Shape(0, 51), late_yesterday, late_yesterday, cfg, 1)
+    assert state.day == day + 1 and state.external_today == 2041 and state.messages_today == 1991
+    # And the decision sees the row's real day: 2,000 external a day is full for it.
+    decision = decide([ahead], None, Shape(0, 11), late_yesterday, cfg)
+    assert not hasattr(decision, "account_state") or decision.at >= cfg.day_end(day + 1)
+
+
+# --- 4. counts follow what HVE accepted ------------------------------------------------------------
+
+def test_a_budget_is_not_spent_by_messages_hve_did_not_accept(storage, emulator):
+    emulator.fail_next(2, "451 4.7.0 Temporary server error. Please try again later", stage="DATA")
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_DAILY_RECIPIENT_BUDGET="2"))
+        try:
+            await enqueue(relay, mail(id="budget-1"))
+            await enqueue(relay, mail(id="budget-2"))
+            results = await drain(relay, timeout=30)
+            return results, await relay.governor.states()
+        finally:
+            await relay.close()
+
+    results, states = run(main())
+    # Two 451s, then both sent the same day: the charges of the refused attempts came back.
+    assert sorted(r.state for r in results) == ["deferred", "deferred", "sent", "sent"]
+    assert sum(s.recipients_today for s in states) == 2 and len(emulator.messages()) == 2
+
+
+def test_a_reply_lost_after_data_keeps_its_charge_and_is_not_resent_at_once(storage, emulator):
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_ACCOUNTS=NEWS))
+        try:
+            await enqueue(relay, mail(id="warm-up"))
+            await drain(relay)                       # a pooled session is ready now
+            emulator.drop_next(1, stage="DATA", after_accept=True)
+            await enqueue(relay, mail(id="lost-reply"))
+            results = await drain(relay)
+            [state] = await relay.governor.states()
+            return results, state
+        finally:
+            await relay.close()
+
+    results, state = run(main())
+    # Not resent silently on a fresh session: deferred through the ledger, then resent (same
+    # Message-ID), and both attempts are counted, because HVE may have both.
+    assert [r.state for r in results] == ["deferred", "sent"]
+    lost = [m for m in emulator.accepted() if m.message_id == message_id("lost-reply", "contoso.com")]
+    assert len(lost) == 2
+    assert state.messages_today == 3
+
+
+# --- 5. a local credential error is not an account problem -------------------------------------
+
+def test_a_credential_read_failure_rests_the_account_in_this_process_only(storage, emulator):
+    passwords = {k: v for k, v in ACCOUNTS.items() if k != NEWS}   # news's secret cannot be read
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_PASSWORDS=json.dumps(passwords)))
+        try:
+            await enqueue(relay, mail(id="cred-1", account=NEWS))
+            results = await drain(relay)
+            states = {s.account: s for s in await relay.governor.states()}
+            return results, states, await relay.ledger.get("cred-1")
+        finally:
+            await relay.close()
+
+    results, states, entry = run(main())
+    assert [r.state for r in results] == ["deferred", "sent"]
+    assert results[0].code == 0 and results[0].delay_seconds <= 3
+    # Nothing shared: the account is not marked unhealthy for every instance.
+    assert states[NEWS].unhealthy_until == 0 and states[NEWS].last_problem == ""
+    assert entry.account != NEWS
+
+
+# --- 6. partial refusals at RCPT ---------------------------------------------------------------------
+
+def test_recipients_deferred_at_rcpt_go_in_a_follow_up_with_their_own_message_id(storage, emulator):
+    emulator.fail_next(1, "451 4.7.1 <ann@contoso.com>: try again later", stage="RCPT")
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator))
+        try:
+            await enqueue(relay, mail(id="partial-4xx", to=["ann@contoso.com", "bob@contoso.com", "cy@contoso.com"]))
+            results = await drain(relay)
+            return results, await relay.ledger.get("partial-4xx")
+        finally:
+            await relay.close()
+
+    results, entry = run(main())
+    assert [r.state for r in results] == ["deferred", "sent"]
+    copies = {m.message_id: sorted(m.recipients) for m in emulator.accepted()}
+    assert copies == {message_id("partial-4xx", "contoso.com"): ["bob@contoso.com", "cy@contoso.com"],
+                      message_id("partial-4xx", "contoso.com", 1): ["ann@contoso.com"]}
+    assert entry.state == "sent" and entry.chunks_sent == 2 and entry.pending_recipients == ()
+
+
+def test_a_recipient_refused_for_good_is_named_by_index_and_the_others_get_the_message(storage, emulator):
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator))
+        try:
+            emulator.fail_next(1, "550 5.1.10 <gone@contoso.com>: recipient not found", stage="RCPT")
+            await enqueue(relay, mail(id="partial-5xx", to=["gone@contoso.com", "bob@contoso.com"]))
+            results = await drain(relay)
+            return results, await relay.ledger.get("partial-5xx")
+        finally:
+            await relay.close()
+
+    results, entry = run(main())
+    assert [r.state for r in results] == ["sent"]
+    assert entry.refused_recipients == (0,) and "1 recipient(s) refused" in entry.reason
+    assert "gone" not in entry.reason + entry.last_reply
+    assert [sorted(m.recipients) for m in emulator.accepted()] == [["bob@contoso.com"]]
+
+
+def test_a_chunk_whose_recipients_are_all_refused_does_not_stop_the_other_chunks(storage, emulator):
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS='{"recipients_per_message": 2}'))
+        try:
+            emulator.fail_next(2, "550 5.1.10 recipient not found", stage="RCPT")
+            await enqueue(relay, mail(id="chunk-5xx", to=["x1@contoso.com", "x2@contoso.com", "y1@contoso.com"]))
+            results = await drain(relay)
+            return results, await relay.ledger.get("chunk-5xx")
+        finally:
+            await relay.close()
+
+    results, entry = run(main())
+    assert [r.state for r in results] == ["sent"]
+    assert entry.refused_recipients == (0, 1) and entry.chunks_sent == 2
+    assert [(m.message_id, m.recipients) for m in emulator.accepted()] == [
+        (message_id("chunk-5xx", "contoso.com", 1), ("y1@contoso.com",))]
+
+
+def test_throttling_at_rcpt_cools_the_account_like_throttling_at_data(storage, emulator):
+    # HVE throttles one recipient at RCPT and takes the other: the message goes, the account rests.
+    emulator.fail_next(1, "450 4.5.104 Message rejected. Excessive message rate from sender", stage="RCPT")
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_ACCOUNTS=NEWS))
+        try:
+            await enqueue(relay, mail(id="rcpt-throttle", to=["ann@contoso.com", "bob@contoso.com"]))
+            first = await relay.handle((await anext(relay.queue.receive_messages())).content, "q")
+            [state] = await relay.governor.states()
+            return first, state, await relay.ledger.get("rcpt-throttle")
+        finally:
+            await relay.close()
+
+    first, state, entry = run(main())
+    assert first.state == "deferred" and entry.pending_recipients == (0,)
+    assert [sorted(m.recipients) for m in emulator.accepted()] == [["bob@contoso.com"]]
+    assert state.cooldown_until > time.time() and "4.5.104" in state.last_problem
