@@ -28,8 +28,6 @@ import io
 import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -48,12 +46,12 @@ from bench.latency_proxy import LatencyProxy
 from shared.contract import content_request_id
 from shared.ledger import FINAL_STATES, SENDING
 from shared.mime import message_id
-from shared.settings import SETTINGS, Settings
+from shared.settings import Settings
 from tools import poison as poison_tool
 from tools.azurite import connection_string
+from tools.devhost_process import HostProcess
 from tools.fault_proxy import Fault, FaultProxy
 
-ROOT = Path(__file__).resolve().parents[1]
 ACCOUNTS = {"news@contoso.com": "news-pw", "alerts@contoso.com": "alerts-pw", "billing@contoso.com": "billing-pw"}
 DOMAIN = "contoso.com"
 MESSAGE_LIMIT = 200_000          # HVE_LIMITS message_bytes of the run: oversize requests are cheap to make
@@ -139,58 +137,6 @@ def build_requests(count: int, rng: random.Random, oversize_url: str, run: str) 
         body = json.dumps(doc, separators=(",", ":"))
         out.append(Request(token, kind, body, doc.get("id") or content_request_id(body), chunks))
     return out
-
-
-# --- the local host as a separate process ----------------------------------------------------------
-
-class HostProcess:
-    """`python -m tools.devhost` with its own settings file; killed with SIGKILL, like a lost instance."""
-
-    def __init__(self, workdir: Path, settings: dict[str, str], lease_seconds: float = HOST_LEASE_SECONDS) -> None:
-        self.workdir = workdir
-        self.lease_seconds = lease_seconds
-        self.settings_file = workdir / "local.settings.json"
-        self.settings_file.write_text(json.dumps({"IsEncrypted": False, "Values": settings}))
-        self.host_json = workdir / "host.json"
-        self.host_json.write_text(json.dumps(HOST_JSON))
-        self.proc: subprocess.Popen | None = None
-        self.runs = 0
-
-    def start(self, *, once: bool = False) -> None:
-        self.runs += 1
-        # Only this run's settings: nothing from the caller's environment may override them.
-        env = {k: v for k, v in os.environ.items() if k not in {s.name for s in SETTINGS}}
-        args = [sys.executable, "-m", "tools.devhost", "--app", "function_app", "--settings", str(self.settings_file),
-                "--host-json", str(self.host_json), "--no-http", "--functions", "send_mail",
-                "--lease-seconds", str(self.lease_seconds), "--log-level", "WARNING"]
-        if once:
-            args.append("--once")
-        log = open(self.workdir / f"host-{self.runs}.log", "w")
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()  # SIGKILL: no graceful shutdown, leases and SMTP sessions left as they are
-        self.proc.wait(10)
-
-    def terminate(self) -> None:
-        """SIGTERM: the host stops taking messages and lets in-flight invocations finish."""
-        assert self.proc is not None
-        self.proc.terminate()
-        self.proc.wait(120)
-
-    def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.kill()
 
 
 # --- faults ------------------------------------------------------------------------------------------
@@ -291,7 +237,7 @@ def run(count: int, *, azurite: Any, emulator: Any, workdir: Path, names: dict[s
                                     daemon=True, name="producer")
         producer.start()
 
-        host = HostProcess(workdir, settings, lease_seconds)
+        host = HostProcess(workdir, settings, host_json=HOST_JSON, lease_seconds=lease_seconds)
         fault_thread = SmtpFaults(emulator, random.Random(seed + 2), max(5, count // 100), report.faults) if smtp_faults else None
         try:
             if fault_thread:

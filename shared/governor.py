@@ -219,7 +219,8 @@ class TableGovernor:
 
         Decisions in one process take turns (they would only race each other) and start from
         the state this process last read or wrote; the ETag on the write is what makes the
-        decision safe against every other instance. A Wait is only ever given on fresh state."""
+        decision safe against every other instance. A Wait is only ever given on fresh state, and
+        so is a booking once a lost race left a row out."""
         async with self._lock:
             fresh = False
             for attempt in range(MAX_CONFLICT_RETRIES):
@@ -230,7 +231,10 @@ class TableGovernor:
                 usable = self._usable(states, release, only)
                 decision = decide(usable, tenant, shape, now, self.config, self._rng, allow_booking=allow_booking,
                                   release=release)
-                if isinstance(decision, Wait) and not fresh:
+                if not fresh and (isinstance(decision, Wait) or (
+                        self._stale and isinstance(decision, Grant) and decision.at > now)):
+                    # A wait, or a booking made while some row is known stale (the account left
+                    # out could have an earlier slot): only ever on fresh state.
                     await self._refresh()
                     fresh = True
                     continue

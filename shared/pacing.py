@@ -53,6 +53,9 @@ MINUTE = 60.0
 ALLOWANCE_BLOCK = 500
 # How far a booking may be moved to a less crowded second before it just takes the crowded one.
 SPREAD_SEARCH_SECONDS = 120
+# Bookings pick at random among accounts whose next slot is this close to the earliest one, so
+# instances deciding from the same state rarely race for the same row.
+NEAR_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -401,8 +404,8 @@ def _decide(states: Sequence[AccountState], tenant: TenantState | None, shape: S
     if best_t - now > cfg.booking_horizon_seconds:
         # Too far ahead to hold a place in the log: come back when the slot is within the horizon.
         return Wait(until=max(now + 1.0, best_t - cfg.booking_horizon_seconds / 2), reason=best_why)
-    # Book: spread over accounts whose slot is within a second of the best one.
-    near = [(t, s) for (t, _), s in slots if t <= best_t + 1.0]
+    # Book: spread over accounts whose slot is within NEAR_SECONDS of the best one.
+    near = [(t, s) for (t, _), s in slots if t <= best_t + NEAR_SECONDS]
     pref = [(t, s) for t, s in near if s.account == shape.preferred_account]
     t, chosen = pref[0] if pref else rng.choice(near)
     # A whole number of seconds from now: the queue's visibility delay is whole seconds, so the
