@@ -130,6 +130,7 @@ def test_a_slot_fits_exactly_one_window_after_the_previous_one_and_not_a_millise
     assert _fits([62.0], 0.0, 1, W)          # before the log: the window ahead counts too
     assert not _fits([62.0], 0.001, 1, W)
     assert _fits([0.0], 0.0 + 61.9999999999, 1, W)  # float noise below a nanosecond is forgiven
+    assert _fits([0.0], W - 1e-9, 1, W)              # ...up to exactly a nanosecond
 
 
 def test_a_slot_fits_in_a_gap_only_if_it_is_a_window_from_both_neighbours():
@@ -267,6 +268,16 @@ def test_both_per_minute_logs_are_satisfied_together():
     assert earliest_slot(state, None, Shape(0, 1), NOW, c) == (NOW - 8 + W, "messages per minute")
 
 
+def test_a_slot_the_external_minute_moves_out_of_a_gap_is_checked_again_against_all_messages():
+    # All messages, 2 a minute: NOW fits between NOW-40 and the bookings at NOW+30, NOW+70.
+    # External, 1 a minute: the external message at NOW-40 moves the slot to NOW+22, where
+    # (NOW+22, NOW+30, NOW+70) spans only 48 s; so it goes after the bookings: NOW+30+62.
+    c = cfg(limits(messages_per_minute=2, external_messages_per_minute=1))
+    state = AccountState(A, slots=(NOW - 40, NOW + 30, NOW + 70), external_slots=(NOW - 40,))
+    assert earliest_slot(state, None, Shape(0, 1), NOW, c) == (NOW + 30 + W, "messages per minute")
+    assert earliest_slot(state, None, Shape(1, 0), NOW, c) == (NOW, "")
+
+
 def test_a_full_day_sends_the_slot_to_the_next_daily_window_naming_the_limit():
     c = cfg(limits(recipients_per_day_per_account=10, external_recipients_per_day=4), day_offset_seconds=600.0)
     today = c.day_of(NOW)
@@ -359,6 +370,10 @@ def test_near_the_cap_the_block_is_the_remainder_shared_over_twice_the_accounts(
     # One account: 100 // 2 = 50.
     state, tenant = take_slot(AccountState(A), TenantState(day=0, claimed=900), Shape(3, 0), NOW, NOW, c, accounts=1)
     assert (state.allowance, tenant.claimed) == (47, 950)
+    # Whole recipients only: 101 // 4 = 25.
+    state, tenant = take_slot(AccountState(A), TenantState(day=0, claimed=899), Shape(3, 0), NOW, NOW, c, accounts=2)
+    assert (state.allowance, tenant.claimed) == (22, 924)
+    assert isinstance(state.allowance, int) and isinstance(tenant.claimed, int)
     # No accounts counted is treated as one.
     state, tenant = take_slot(AccountState(A), TenantState(day=0, claimed=900), Shape(3, 0), NOW, NOW, c, accounts=0)
     assert (state.allowance, tenant.claimed) == (47, 950)
@@ -542,8 +557,9 @@ def test_a_booking_goes_to_an_account_within_a_second_of_the_best_preferring_the
     c = cfg(limits(messages_per_minute=1))
     states = [AccountState(A, slots=(NOW,)), AccountState(B, slots=(NOW + 1,)), AccountState(C, slots=(NOW + 1.001,))]
     # B is free exactly a second after A: it may take the booking, and does when preferred.
-    d = decide(states, None, Shape(1, 0, B), NOW, c, random.Random(0))
-    assert isinstance(d, Grant) and d.account == B and d.at == NOW + 1 + W
+    for seed in range(20):
+        d = decide(states, None, Shape(1, 0, B), NOW, c, random.Random(seed))
+        assert isinstance(d, Grant) and d.account == B and d.at == NOW + 1 + W
     # C is free a millisecond too late: preferring it does not make it eligible.
     chosen = {decide(states, None, Shape(1, 0, C), NOW, c, random.Random(seed)).account for seed in range(20)}
     assert chosen == {A, B}
@@ -619,6 +635,16 @@ def test_a_booking_in_a_gap_stays_in_its_crowded_second_rather_than_break_the_wi
     # Where a later second does fit the account, the booking moves there.
     b = AccountState(A, slots=(NOW - W,))
     assert _spread(b, Shape(1, 0), NOW, [b, crowd], c) == NOW + 1
+
+
+def test_an_external_booking_in_a_gap_of_the_external_minute_stays_in_its_crowded_second():
+    # Only the external log limits A (1 a minute) and NOW is its only free place for two minutes.
+    c = cfg(limits(external_messages_per_minute=1), bookings_per_second=8)
+    a = AccountState(A, external_slots=(NOW - W, NOW + W))
+    crowd = AccountState(B, slots=(NOW,) * 10)
+    assert _spread(a, Shape(0, 1), NOW, [a, crowd], c) == NOW
+    # An internal booking is not held by the external log.
+    assert _spread(a, Shape(1, 0), NOW, [a, crowd], c) == NOW + 1
 
 
 def test_the_spread_looks_at_most_120_seconds_ahead():
