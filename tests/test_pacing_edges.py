@@ -553,6 +553,15 @@ def test_a_slot_at_or_after_the_days_end_is_a_wait_not_a_booking():
     assert d == Wait(until=END - 0.5, reason="messages per minute")
 
 
+def test_a_booking_claims_tenant_allowance_like_a_grant_now():
+    c = cfg(limits(messages_per_minute=1), daily_recipient_budget=1000)
+    d = decide([AccountState(A, day=0, slots=(NOW,))], TenantState(day=0, claimed=0), Shape(3, 0), NOW, c,
+               random.Random(0))
+    assert isinstance(d, Grant) and d.is_booking(NOW)
+    assert d.tenant_state == TenantState(day=0, claimed=500)
+    assert d.account_state.allowance == 497
+
+
 def test_a_booking_goes_to_an_account_within_a_second_of_the_best_preferring_the_preferred():
     c = cfg(limits(messages_per_minute=1))
     states = [AccountState(A, slots=(NOW,)), AccountState(B, slots=(NOW + 1,)), AccountState(C, slots=(NOW + 1.001,))]
@@ -592,6 +601,14 @@ def test_the_external_log_is_what_counts_for_a_rows_bookings_when_it_has_one():
     row = AccountState(B, slots=(NOW + 5,), external_slots=(NOW,))
     assert _spread(AccountState(A), Shape(1, 0), NOW, [AccountState(A), row], c) == NOW + 1
     assert _spread(AccountState(A), Shape(1, 0), NOW + 5, [AccountState(A), row], c) == NOW + 5
+
+
+def test_spreading_off_keeps_the_crowded_second_whatever_the_accounts_rate():
+    # With per-minute limits the combined-rate floor would be ceil(30 * 2 / 62) = 1 a second;
+    # switched off, no floor applies either.
+    c = cfg(limits(messages_per_minute=30), bookings_per_second=0)
+    crowd = AccountState(B, slots=(NOW,) * 5)
+    assert _spread(AccountState(A), Shape(1, 0), NOW, [AccountState(A), crowd], c) == NOW
 
 
 def test_spreading_off_keeps_the_crowded_second():
@@ -680,6 +697,18 @@ def test_a_release_on_another_account_is_returned_for_the_same_write():
                release=Release(A, NOW - 5, Shape(1, 0)))
     assert isinstance(d, Grant) and d.account == B
     assert d.released_state == replace(old, internal_today=0, messages_today=0, slots=())
+
+
+def test_a_release_touches_only_its_own_account_even_when_another_holds_a_slot_at_that_time():
+    # Two accounts booked at the same moment: giving back A's slot must not give back B's.
+    c = cfg(limits(messages_per_minute=2))
+    a = AccountState(A, day=0, internal_today=1, messages_today=1, slots=(NOW - 5,), cooldown_until=NOW + 100)
+    b = AccountState(B, day=0, internal_today=1, messages_today=1, slots=(NOW - 5,))
+    d = decide([a, b], None, Shape(1, 0), NOW, c, random.Random(0), release=Release(A, NOW - 5, Shape(1, 0)))
+    assert isinstance(d, Grant) and d.account == B
+    assert d.account_state.slots == (NOW - 5, NOW)
+    assert (d.account_state.internal_today, d.account_state.messages_today) == (2, 2)
+    assert d.released_state is not None and d.released_state.slots == ()
 
 
 def test_a_release_is_returned_with_a_wait_and_with_a_refusal():
