@@ -17,6 +17,7 @@ import pytest
 from shared.limits import Limits
 from shared.pacing import (
     DAY,
+    NEAR_SECONDS,
     AccountState,
     Grant,
     Impossible,
@@ -562,13 +563,14 @@ def test_a_booking_claims_tenant_allowance_like_a_grant_now():
     assert d.account_state.allowance == 497
 
 
-def test_a_booking_goes_to_an_account_within_a_second_of_the_best_preferring_the_preferred():
+def test_a_booking_goes_to_an_account_within_near_seconds_of_the_best_preferring_the_preferred():
     c = cfg(limits(messages_per_minute=1))
-    states = [AccountState(A, slots=(NOW,)), AccountState(B, slots=(NOW + 1,)), AccountState(C, slots=(NOW + 1.001,))]
-    # B is free exactly a second after A: it may take the booking, and does when preferred.
+    states = [AccountState(A, slots=(NOW,)), AccountState(B, slots=(NOW + NEAR_SECONDS,)),
+              AccountState(C, slots=(NOW + NEAR_SECONDS + 0.001,))]
+    # B is free exactly NEAR_SECONDS after A: it may take the booking, and does when preferred.
     for seed in range(20):
         d = decide(states, None, Shape(1, 0, B), NOW, c, random.Random(seed))
-        assert isinstance(d, Grant) and d.account == B and d.at == NOW + 1 + W
+        assert isinstance(d, Grant) and d.account == B and d.at == NOW + NEAR_SECONDS + W
     # C is free a millisecond too late: preferring it does not make it eligible.
     chosen = {decide(states, None, Shape(1, 0, C), NOW, c, random.Random(seed)).account for seed in range(20)}
     assert chosen == {A, B}
