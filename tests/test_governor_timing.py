@@ -308,3 +308,44 @@ def test_throttling_at_rcpt_cools_the_account_like_throttling_at_data(storage, e
     assert first.state == "deferred" and entry.pending_recipients == (0,)
     assert [sorted(m.recipients) for m in emulator.accepted()] == [["bob@contoso.com"]]
     assert state.cooldown_until > time.time() and "4.5.104" in state.last_problem
+
+
+# --- issue 9, item 5: chunk progress is durable ---------------------------------------------------
+
+def test_a_failed_governor_call_between_chunks_never_sends_a_chunk_again(storage, emulator):
+    """Chunk 1 goes, then the governor call for chunk 2 fails (storage blip): the function fails and
+    the host delivers the message again after the `sending` lease. The retry resumes at chunk 2."""
+    recipients = [f"member{i}@contoso.com" for i in range(5)]
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS='{"recipients_per_message": 2}',
+                                                  SENDING_LEASE_SECONDS="0"))
+        real_acquire = relay.governor.acquire
+        calls = 0
+
+        async def failing_once(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise ConnectionError("storage unavailable")   # what the Table client raises on a blip
+            return await real_acquire(*args, **kwargs)
+
+        relay.governor.acquire = failing_once
+        try:
+            body = json.dumps(mail(id="chunks-durable", to=recipients))
+            try:
+                await relay.handle(body, "q1")
+                raise AssertionError("the governor failure should have failed the invocation")
+            except ConnectionError:
+                pass
+            between = await relay.ledger.get("chunks-durable")
+            again = await relay.handle(body, "q1", 2)          # the host's redelivery
+            return between, again, await relay.ledger.get("chunks-durable")
+        finally:
+            await relay.close()
+
+    between, again, entry = run(main())
+    assert between.chunks_sent == 1                      # recorded before the next slot was asked for
+    assert again.state == "sent" and entry.chunks_sent == 3
+    ids = [m.message_id for m in emulator.accepted()]
+    assert sorted(ids) == sorted(message_id("chunks-durable", "contoso.com", i) for i in range(3))
