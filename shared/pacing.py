@@ -53,6 +53,8 @@ MINUTE = 60.0
 ALLOWANCE_BLOCK = 500
 # How far a booking may be moved to a less crowded second before it just takes the crowded one.
 SPREAD_SEARCH_SECONDS = 120
+# How long slots stay in the log after they leave the rolling window (see take_slot).
+HISTORY_SECONDS = 300.0
 # Bookings pick at random among accounts whose next slot is this close to the earliest one, so
 # instances deciding from the same state rarely race for the same row.
 NEAR_SECONDS = 5.0
@@ -307,7 +309,9 @@ def take_slot(state: AccountState, tenant: TenantState | None, shape: Shape, at:
     day = cfg.day_of(at)
     acct = state.on_day(day)
     day = acct.day  # never backwards: a row already on a later day is charged on that day
-    keep_after = now - cfg.window
+    # Slots are kept a while past the window: an instance whose clock (or decision) lags another's
+    # by up to HISTORY_SECONDS still sees every slot it must count.
+    keep_after = now - cfg.window - HISTORY_SECONDS
 
     new_tenant = None
     allowance = acct.allowance

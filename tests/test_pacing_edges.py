@@ -17,6 +17,7 @@ import pytest
 from shared.limits import Limits
 from shared.pacing import (
     DAY,
+    HISTORY_SECONDS,
     NEAR_SECONDS,
     AccountState,
     Grant,
@@ -344,14 +345,26 @@ def test_taking_a_slot_counts_the_message_and_logs_its_time():
     assert again.external_slots == (NOW + 5,)
 
 
-def test_taking_a_slot_forgets_slots_a_window_old_and_logs_nothing_without_a_limit():
+def test_taking_a_slot_forgets_slots_a_window_and_the_history_old_and_logs_nothing_without_a_limit():
     c = cfg(limits(messages_per_minute=5, external_messages_per_minute=5))
-    old = AccountState(A, slots=(NOW - W, NOW - W + 0.001), external_slots=(NOW - W, NOW - W + 0.001))
+    edge = NOW - W - HISTORY_SECONDS
+    old = AccountState(A, slots=(edge, edge + 0.001), external_slots=(edge, edge + 0.001))
     internal, _ = take_slot(old, None, Shape(1, 0), NOW, NOW, c, accounts=1)
-    assert internal.slots == (NOW - W + 0.001, NOW)
-    assert internal.external_slots == (NOW - W + 0.001,)  # pruned, not added to
+    assert internal.slots == (edge + 0.001, NOW)
+    assert internal.external_slots == (edge + 0.001,)  # pruned, not added to
     unlimited, _ = take_slot(old, None, Shape(0, 1), NOW, NOW, cfg(), accounts=1)
-    assert unlimited.slots == () and unlimited.external_slots == (NOW - W + 0.001,)
+    assert unlimited.slots == () and unlimited.external_slots == (edge + 0.001,)
+
+
+def test_a_decision_whose_clock_lags_still_counts_the_slots_a_faster_instance_kept():
+    # An instance at NOW+200 s grants a slot; the log keeps NOW's four slots, so an instance whose
+    # clock says NOW+9 cannot squeeze a fifth into NOW's minute.
+    c = cfg(limits(external_messages_per_minute=4))
+    state = AccountState(A, external_slots=(NOW, NOW + 3, NOW + 6, NOW + 6))
+    ahead, _ = take_slot(state, None, Shape(0, 1), NOW + 200, NOW + 200, c, accounts=1)
+    assert ahead.external_slots[:4] == (NOW, NOW + 3, NOW + 6, NOW + 6)
+    lagging = decide([ahead], None, Shape(0, 1), NOW + 9, c, random.Random(1))
+    assert not (isinstance(lagging, Grant) and lagging.at < NOW + W)
 
 
 def test_an_account_takes_a_block_of_500_from_the_tenant_far_from_the_cap():
