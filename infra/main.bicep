@@ -145,6 +145,15 @@ param hveBookingsPerSecond int = 8
 @description('While slots are booked ahead, a pacer message comes back this often (seconds) so the host keeps polling; 0: off.')
 param hvePacerSeconds int = 2
 
+@description('Longest early wake (and in-process wait) of a booked request before its slot, in seconds; 0 turns it off.')
+param hveSlotWaitSeconds int = 3
+
+@description('How often a worker reads the queue length to keep bookings behind the visible backlog, in seconds; 0 turns it off.')
+param hveBacklogSampleSeconds int = 5
+
+@description('A visible backlog of at most this many messages is not treated as congestion.')
+param hveBacklogMinMessages int = 64
+
 @description('Seconds an account that failed authentication is left out of rotation.')
 param accountUnhealthySeconds int = 900
 
@@ -366,6 +375,9 @@ var appSettings = {
   HVE_BOOKING_HORIZON_SECONDS: string(hveBookingHorizonSeconds)
   HVE_BOOKINGS_PER_SECOND: string(hveBookingsPerSecond)
   HVE_PACER_SECONDS: string(hvePacerSeconds)
+  HVE_SLOT_WAIT_SECONDS: string(hveSlotWaitSeconds)
+  HVE_BACKLOG_SAMPLE_SECONDS: string(hveBacklogSampleSeconds)
+  HVE_BACKLOG_MIN_MESSAGES: string(hveBacklogMinMessages)
   ACCOUNT_UNHEALTHY_SECONDS: string(accountUnhealthySeconds)
   ACCOUNT_COOLDOWN_SECONDS: string(accountCooldownSeconds)
   SEND_MAX_ATTEMPTS: string(sendMaxAttempts)
