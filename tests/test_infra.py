@@ -515,7 +515,8 @@ def test_flex_consumption_python_app(bicep):
     props = site["properties"]
     assert props["httpsOnly"] is True
     assert props["siteConfig"]["minTlsVersion"] == "1.2"
-    assert props["siteConfig"]["ftpsState"] == "Disabled"
+    # Deprecated on Flex Consumption; the publishing-credential policies below turn FTP off.
+    assert "ftpsState" not in props["siteConfig"]
     config = props["functionAppConfig"]
     storage = config["deployment"]["storage"]
     assert storage["type"] == "blobContainer"
