@@ -396,6 +396,13 @@ var appSettings = {
   GRAPH_BASE_URL: graphBaseUrl
 }
 
+// A disabled feature costs nothing: its timer function is disabled (AzureWebJobs.<function>.Disabled),
+// so Flex Consumption does not start an instance on every tick only for the code to return.
+// One line per timer function of function_app.py that a feature flag gates ('true' = disabled).
+var timerSettings = {
+  'AzureWebJobs.welcome_new_users.Disabled': welcomeEnabled ? 'false' : 'true'
+}
+
 module functionApp 'modules/functionapp.bicep' = {
   name: 'functionapp'
   params: {
@@ -410,7 +417,7 @@ module functionApp 'modules/functionapp.bicep' = {
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
     zoneRedundant: zoneRedundant
-    appSettings: appSettings
+    appSettings: union(appSettings, timerSettings)
   }
   dependsOn: [
     rbac
