@@ -407,7 +407,13 @@ def test_what_if_says_graph_grants_are_not_previewed_and_changes_nothing(repo, t
     granted = deployer.run("--what-if", "--set", "grantGraphUserReadAll=true")
     assert granted.result.returncode == 0, granted.out
     assert "what-if does not preview Microsoft Graph resources" in granted.out
-    for run in (plain, granted):
+    params = json.loads(deployer.params.read_text(encoding="utf-8"))
+    params["parameters"]["grantExchangeMailSend"]["value"] = True
+    in_file = deployer.folder / "grant.json"
+    in_file.write_text(json.dumps(params, indent=4), encoding="utf-8")
+    from_file = deployer.run("--what-if", params=in_file)
+    assert "what-if does not preview Microsoft Graph resources" in from_file.out
+    for run in (plain, granted, from_file):
         assert any(c[:3] == ["deployment", "group", "create"] and "--what-if" in c for c in run.calls)
         changes = [c for c in run.calls if (c[:3] == ["deployment", "group", "create"] and "--what-if" not in c)
                    or c[:2] in (["group", "create"], ["keyvault", "secret"], ["rest"])
