@@ -62,7 +62,7 @@ param logRetentionInDays int = 30
 
 // ---------------------------------------------------------------- Entra ID permissions
 
-@description('Grant the app identity Microsoft Graph User.Read.All (needed by the welcome scan). The deployer needs Privileged Role Administrator or Global Administrator.')
+@description('Grant the app identity Microsoft Graph User.Read.All (needed by the welcome scan): infra/deploy.sh deploys modules/graph.bicep after this template. The deployer needs Privileged Role Administrator or Global Administrator.')
 param grantGraphUserReadAll bool = false
 
 @description('Grant the app identity the Office 365 Exchange Online application role Mail.Send for XOAUTH2 (HVE_AUTH=oauth). Same admin rights as above.')
@@ -326,14 +326,10 @@ module rbac 'modules/rbac.bicep' = {
   }
 }
 
-module graph 'modules/graph.bicep' = if (grantGraphUserReadAll || grantExchangeMailSend) {
-  name: 'graph-permissions'
-  params: {
-    principalId: identity.properties.principalId
-    grantUserReadAll: grantGraphUserReadAll
-    grantExchangeMailSend: grantExchangeMailSend
-  }
-}
+// The Entra app-role grants (grantGraphUserReadAll, grantExchangeMailSend) are not deployed here:
+// infra/deploy.sh deploys modules/graph.bicep as a second deployment once this one has created the
+// identity. In the same deployment Entra has not replicated the new service principal yet and the
+// grant fails ("Not a valid reference update", microsoftgraph/msgraph-bicep-types#193).
 
 // Every app setting the function app gets, and nothing else (shared/settings.py, scope "app").
 var appSettings = {
@@ -408,6 +404,13 @@ var appSettings = {
   GRAPH_BASE_URL: graphBaseUrl
 }
 
+// A disabled feature costs nothing: its timer function is disabled (AzureWebJobs.<function>.Disabled),
+// so Flex Consumption does not start an instance on every tick only for the code to return.
+// One line per timer function of function_app.py that a feature flag gates ('true' = disabled).
+var timerSettings = {
+  'AzureWebJobs.welcome_new_users.Disabled': welcomeEnabled ? 'false' : 'true'
+}
+
 module functionApp 'modules/functionapp.bicep' = {
   name: 'functionapp'
   params: {
@@ -422,7 +425,7 @@ module functionApp 'modules/functionapp.bicep' = {
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
     zoneRedundant: zoneRedundant
-    appSettings: appSettings
+    appSettings: union(appSettings, timerSettings)
   }
   dependsOn: [
     rbac
@@ -449,5 +452,7 @@ output HVE_ACCOUNTS string = join(hveAccounts, ',')
 output HVE_AUTH string = hveAuth
 output HVE_INTERNAL_DOMAINS string = join(hveInternalDomains, ',')
 output RECIPIENT_HASH_KEY_SECRET_NAME string = recipientHashKeySecretName
+// Grants infra/deploy.sh makes in its second deployment (modules/graph.bicep).
 output GRAPH_USER_READ_ALL_GRANTED bool = grantGraphUserReadAll
+output EXCHANGE_MAIL_SEND_GRANTED bool = grantExchangeMailSend
 output WELCOME_ENABLED bool = welcomeEnabled
