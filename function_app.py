@@ -34,3 +34,12 @@ async def purge_expired(timer: func.TimerRequest) -> None:
 async def status(req: func.HttpRequest) -> func.HttpResponse:
     """Live per-account view from the rate governor (used today, remaining, next slot, health)."""
     return func.HttpResponse(await sender.status_json(), mimetype="application/json")
+
+
+@app.route(route="dashboard", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def dashboard(req: func.HttpRequest) -> func.HttpResponse:
+    """The operations dashboard: one self-contained page that refreshes itself from /api/report."""
+    from shared.dashboard import page
+
+    built = page()
+    return func.HttpResponse(built.body, headers=built.headers, mimetype="text/html", charset="utf-8")
