@@ -2,7 +2,8 @@
 # Sets up what the demo and the tests need, once (re-runs are cheap: stamps skip finished steps).
 #   .venv/          Python 3.11+ with requirements-dev.txt (the app's runtime deps + local tools)
 #   node_modules/   Azurite from npm, installed into the repo (not globally)
-# Usage: tools/setup.sh [--tests]   (--tests also: swaks, shellcheck, the Bicep check environments)
+# Usage: tools/setup.sh [--tests]   (--tests also: swaks, shellcheck, Chromium for the browser test,
+#                                    the Bicep check environments)
 #   REQUIRE_SWAKS=1   with --tests: fail when swaks is missing and cannot be installed (CI sets it)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -49,6 +50,9 @@ if [[ "${1:-}" == "--tests" ]]; then
   missing=()
   command -v swaks >/dev/null 2>&1 || missing+=(swaks)
   command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+  # The dashboard's browser test drives Debian's headless Chromium with Playwright (no browser
+  # download: Playwright is pointed at this binary). CHROMIUM=/path overrides.
+  [[ -x "${CHROMIUM:-/usr/bin/chromium}" ]] || command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   if (( ${#missing[@]} )); then
     if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
       say "installing ${missing[*]} from Debian"
