@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import time
 import urllib.parse
@@ -264,6 +265,14 @@ def test_dashboard_loads_clean_draws_its_charts_and_shows_the_report_and_the_led
     assert int(browser.field("queue.depth")) == day["queues"]["mail"]["depth"] == 0
     assert int(browser.field("poison.depth")) == day["queues"]["poison"]["depth"]
     assert int(browser.field("budget.spentToday")) == day["budget"]["spentToday"]
+
+    # No recipient address anywhere: not on the page, not in what the page was sent.
+    requests = json.loads((ROOT / "tools/samples/demo-requests.json").read_text())
+    recipients = {a.lower() for doc in requests for field in ("to", "cc", "bcc")
+                  for a in re.findall(r"[\w.+'-]+@[\w-]+(?:\.[\w-]+)+", json.dumps(doc.get(field, [])))}
+    assert "ann@contoso.com" in recipients and not recipients & {a.lower() for a in ACCOUNTS}
+    seen = (page.content() + page.inner_text("body") + json.dumps([day, week])).lower()
+    assert [a for a in recipients if a in seen] == []
 
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
