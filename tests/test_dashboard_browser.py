@@ -325,14 +325,33 @@ def test_the_page_refreshes_itself_with_new_numbers_and_keeps_them_when_the_repo
     assert int(browser.field("w24.requests.sent")) == before + 1
     assert browser.console == [] and browser.failed == []
 
-    # The report fails: the last numbers stay, and the page says why.
-    page.route("**/report?*", lambda route: route.fulfill(status=503, content_type="application/json",
-                                                           body=json.dumps({"error": "storage unavailable"})))
+    # The 7-day report fails: the 24-hour window still refreshes, the 7-day one keeps its numbers.
+    def fail_week(route: Any) -> None:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(route.request.url).query)
+        since, until = (datetime.fromisoformat(query[k][0].replace("Z", "+00:00")) for k in ("since", "until"))
+        if until - since > timedelta(days=2):
+            route.fulfill(status=503, content_type="application/json", body=json.dumps({"error": "storage unavailable"}))
+        else:
+            route.continue_()
+
+    page.route("**/report?*", fail_week)
+    run.send([{"id": "dash-refresh-2", "to": ["ann@contoso.com"], "subject": "and another", "text": "x"}])
     page.clock.run_for(16_000)
     browser.wait_for_refreshes(3)
     assert page.evaluate("document.body.dataset.state") == "error"
-    assert "storage unavailable" in page.locator("#problem").inner_text()
-    assert int(browser.field("w24.requests.sent")) == before + 1
+    assert page.locator("#problem").inner_text() == \
+        "Could not refresh last 7 days: GET /report answered 503: storage unavailable"
+    assert int(browser.field("w24.requests.sent")) == before + 2
+    assert int(browser.field("w7d.requests.sent")) == before + 1
+
+    # Both fail: the last numbers stay, and the page says why.
+    page.unroute("**/report?*")
+    page.route("**/report?*", lambda route: route.fulfill(status=503, content_type="application/json",
+                                                           body=json.dumps({"error": "storage unavailable"})))
+    page.clock.run_for(16_000)
+    browser.wait_for_refreshes(4)
+    assert page.locator("#problem").inner_text().count("storage unavailable") == 2
+    assert int(browser.field("w24.requests.sent")) == before + 2
 
 
 def contract_report(now: datetime) -> dict[str, Any]:

@@ -322,29 +322,38 @@
     return response.json();
   }
 
+  function reason(err) { return err && err.message ? err.message : String(err); }
+
   async function refresh() {
     const now = new Date();
     const until = isoSeconds(now);
     const problem = document.getElementById('problem');
+    const problems = [];
+    // Each window on its own: a failing 7-day report leaves the 24-hour one fresh, and the reverse.
+    const [day, week] = (await Promise.allSettled([
+      fetchReport({ since: isoSeconds(new Date(now - 24 * HOUR)), until, bucket: 'hour' }),
+      fetchReport({ since: isoSeconds(new Date(now - 168 * HOUR)), until, bucket: 'hour' }),
+    ])).map((result, i) => {
+      if (result.status === 'fulfilled') return result.value;
+      problems.push((i ? 'last 7 days' : 'last 24 hours') + ': ' + reason(result.reason));
+      return null;
+    });
     try {
-      const [day, week] = await Promise.all([
-        fetchReport({ since: isoSeconds(new Date(now - 24 * HOUR)), until, bucket: 'hour' }),
-        fetchReport({ since: isoSeconds(new Date(now - 168 * HOUR)), until, bucket: 'hour' }),
-      ]);
-      renderNow(day);
-      renderWindow(document.getElementById('w24'), day);
-      renderWindow(document.getElementById('w7d'), week);
-      problem.hidden = true;
-      problem.textContent = '';
-      document.getElementById('updated').textContent = 'Updated ' + utc(day.generatedAt) + ' · refreshes every '
-        + REFRESH_MS / 1000 + ' s';
-      document.body.dataset.state = 'ready';
+      const latest = day || week;
+      if (latest) {
+        renderNow(latest);
+        document.getElementById('updated').textContent = 'Updated ' + utc(latest.generatedAt)
+          + ' · refreshes every ' + REFRESH_MS / 1000 + ' s';
+      }
+      if (day) renderWindow(document.getElementById('w24'), day);
+      if (week) renderWindow(document.getElementById('w7d'), week);
     } catch (err) {
-      // Keep the last good numbers on screen and say why they are not fresh.
-      problem.textContent = 'Could not refresh: ' + (err && err.message ? err.message : String(err));
-      problem.hidden = false;
-      document.body.dataset.state = 'error';
+      problems.push('drawing: ' + reason(err));
     }
+    // What could not be refreshed keeps its last numbers on screen; the banner says why.
+    problem.textContent = problems.length ? 'Could not refresh ' + problems.join('; ') : '';
+    problem.hidden = !problems.length;
+    document.body.dataset.state = problems.length ? 'error' : 'ready';
     document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
     setTimeout(refresh, REFRESH_MS);
   }
