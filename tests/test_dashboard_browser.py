@@ -281,7 +281,7 @@ def test_dashboard_loads_clean_draws_its_charts_and_shows_the_report_and_the_led
     accounts = browser.table("accounts")
     assert [row[0] for row in accounts] == [a["account"] for a in day["status"]["accounts"]]
     assert [int(row[4]) for row in accounts] == [a["used_today"]["messages"] for a in day["status"]["accounts"]]
-    assert int(browser.field("queue.depth")) == day["queues"]["mail"]["depth"] == 0
+    assert int(browser.field("queue.depth")) == day["queues"]["mail"]["depth"]
     assert int(browser.field("poison.depth")) == day["queues"]["poison"]["depth"]
     assert int(browser.field("budget.spentToday")) == day["budget"]["spentToday"]
 
