@@ -62,7 +62,16 @@ _REPLY = re.compile(r"^\s*(\d{3})(?:[\s-]+([245]\.\d{1,3}\.\d{1,3}))?")
 
 def reply_labels(result: Any, recipients: int) -> list[str]:
     """The replies other than 250 of one SMTP transaction (an `hve_smtp.SubmitResult`): each
-    recipient refused or deferred at RCPT, and the final reply unless it was one of those."""
+    recipient refused or deferred at RCPT, and the final reply unless it was one of those. Only
+    the codes: reply texts may name addresses."""
+    try:
+        return _reply_labels(result, recipients)
+    except Exception:  # noqa: BLE001 - counting must never fail a send
+        log.exception("aggregates: replies not counted")
+        return []
+
+
+def _reply_labels(result: Any, recipients: int) -> list[str]:
     labels = []
     for text in result.refused.values():
         m = _REPLY.match(text)
@@ -250,14 +259,21 @@ class Aggregates:
                 self._failed(len(batches))
                 self._bound_pending()
                 return
+            # Batches of one row go in order, and stop at the first that fails: a row's `Writes`
+            # holds the highest batch applied, which proves the lower ones applied only then.
+            rows: dict[tuple[str, str], list[_Batch]] = {}
+            for batch in sorted(batches, key=lambda b: b.seq):
+                rows.setdefault((batch.pk, batch.rk), []).append(batch)
             sem = asyncio.Semaphore(_CONCURRENCY)
 
-            async def one(batch: _Batch) -> None:
+            async def one_row(queue: list[_Batch]) -> None:
                 async with sem:
-                    if not await self._merge(batch):
-                        self._pending.append(batch)
+                    for i, batch in enumerate(queue):
+                        if not await self._merge(batch):
+                            self._pending.extend(queue[i:])
+                            return
 
-            await asyncio.gather(*(one(b) for b in batches))
+            await asyncio.gather(*(one_row(q) for q in rows.values()))
             self._bound_pending()
             self._prune_cache()
 
