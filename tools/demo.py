@@ -1,9 +1,10 @@
 """The local demo: Azurite + HVE emulator + the function app under the local host, a sample batch
 of mail requests, progress while they flow, and a closing summary read from the ledger.
 
-    python -m tools.demo [--requests tools/samples/demo-requests.json] [--keep-running]
+    python -m tools.demo [--requests tools/samples/demo-requests.json] [--keep] [--http-port 7071]
 
-Everything listens on 127.0.0.1 only and stops at the end (Ctrl-C stops it early).
+Everything listens on 127.0.0.1 only and stops at the end (Ctrl-C stops it early). With --keep it
+prints the dashboard's URL and stays up until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -98,6 +101,22 @@ def wait_and_report(host: DevHost, settings: Settings, started: float, limit: fl
         time.sleep(0.5)
 
 
+def free_port(preferred: int) -> int:
+    """`preferred` when nothing listens there (a stable URL for the operator), else any free port."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", preferred))
+        except OSError:
+            return 0
+    return preferred
+
+
+def dashboard_url(host: DevHost) -> str:
+    # The local host, like `func start`, checks no function key; `code=` is there so the URL has
+    # the shape it has in Azure (?code=<function key>) and the page's key handling runs.
+    return f"http://127.0.0.1:{host.http_port}/{host.route_prefix}/dashboard?code=local"
+
+
 def welcome_scan(settings: Settings, host: DevHost, graph: GraphStandIn) -> None:
     say("\n== Welcome scan (Microsoft Graph stand-in) ==")
     report = asyncio.run(run_scan(settings))
@@ -117,7 +136,7 @@ def welcome_scan(settings: Settings, host: DevHost, graph: GraphStandIn) -> None
         wait_and_report(host, settings, time.monotonic())
 
 
-def run(requests_file: Path, keep_running: bool) -> int:
+def run(requests_file: Path, keep_running: bool, http_port: int = 7071) -> int:
     requests = json.loads(requests_file.read_text())
     STATE.mkdir(exist_ok=True)
     say("== hve-relay local demo ==")
@@ -138,7 +157,7 @@ def run(requests_file: Path, keep_running: bool) -> int:
         emulator.set_password("billing@contoso.com", "rotated-in-exchange")
         say("faults      2 x 451 4.7.0, 1 dropped connection, billing@contoso.com password rotated")
 
-        with DevHost(ROOT / "function_app.py", values) as host:
+        with DevHost(ROOT / "function_app.py", values, http_port=free_port(http_port)) as host:
             say(f"local host  running {', '.join(host.functions)} (host.json: batchSize "
                 f"{host.queue_options.batch_size}, maxDequeueCount {host.queue_options.max_dequeue_count})")
             asyncio.run(_enqueue_batch(settings, requests))
@@ -163,6 +182,9 @@ def run(requests_file: Path, keep_running: bool) -> int:
             if keep_running:
                 say("\nStill running (Ctrl-C to stop). Enqueue more with: python -m tools.enqueue --to ann@contoso.com --subject Hi --text Hello")
                 say(f"  AzureWebJobsStorage={azurite.connection_string}")
+                say(f"  dashboard   {dashboard_url(host)}")
+                say(f"  status      http://127.0.0.1:{host.http_port}/{host.route_prefix}/status")
+                signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C
                 try:
                     while True:
                         time.sleep(1)
@@ -177,11 +199,13 @@ def run(requests_file: Path, keep_running: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=Path, default=ROOT / "tools/samples/demo-requests.json")
-    parser.add_argument("--keep-running", action="store_true", help="leave the stack up after the batch")
+    parser.add_argument("--keep", "--keep-running", dest="keep_running", action="store_true",
+                        help="leave the stack up after the batch, print the dashboard URL, stop on Ctrl-C")
+    parser.add_argument("--http-port", type=int, default=7071, help="HTTP port of the local host (another free one if taken)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return run(args.requests, args.keep_running)
+        return run(args.requests, args.keep_running, args.http_port)
     except KeyboardInterrupt:
         return 130
 

@@ -2,7 +2,8 @@
 # Sets up what the demo and the tests need, once (re-runs are cheap: stamps skip finished steps).
 #   .venv/          Python 3.11+ with requirements-dev.txt (the app's runtime deps + local tools)
 #   node_modules/   Azurite from npm, installed into the repo (not globally)
-# Usage: tools/setup.sh [--tests]   (--tests also: swaks, shellcheck, the Bicep check environments)
+# Usage: tools/setup.sh [--tests]   (--tests also: swaks, shellcheck, Chromium for the browser test,
+#                                    the Bicep check environments)
 #   REQUIRE_SWAKS=1   with --tests: fail when swaks is missing and cannot be installed (CI sets it)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,6 +60,17 @@ if [[ "${1:-}" == "--tests" ]]; then
       brew install "${missing[@]}" >/dev/null
     else
       say "please install: ${missing[*]} (e.g. sudo apt-get install ${missing[*]}); the tests that need them are skipped"
+    fi
+  fi
+  # The dashboard's browser test drives Debian's headless Chromium with Playwright (no browser
+  # download: Playwright is pointed at this binary; CHROMIUM=/path overrides). In CI a skip fails.
+  if [[ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]] && ! command -v chromium >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+      say "installing chromium from Debian (the dashboard's browser test)"
+      apt-get update -qq >/dev/null 2>&1 || true
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+      say "no Chromium: the dashboard's browser test is skipped (sudo apt-get install chromium, or CHROMIUM=/path/to/chromium)"
     fi
   fi
   # CI (.ci/run) sets REQUIRE_SWAKS=1: the swaks tests must run there, so no swaks is an error.
