@@ -28,8 +28,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-# Rates are measured over this much recent time.
+# Rates are measured over this much recent time, from at least this many messages handled here.
 RATE_SPAN_SECONDS = 30.0
+MIN_HANDLED_FOR_RATE = 16
+# The drain estimate errs long by this much (see `lead`).
+LEAD_SAFETY_FRACTION = 0.1
+LEAD_SAFETY_SECONDS = 2.0
 # Return latencies remembered, and the share of them a booking's early wake covers.
 LATENCY_SAMPLES = 64
 LATENCY_QUANTILE = 0.95
@@ -93,8 +97,8 @@ class BacklogEstimator:
             if t1 - t0 > 0:
                 rates.append((v0 - v1) / (t1 - t0))
         recent = [t for t in self._handled if t >= now - RATE_SPAN_SECONDS]
-        if len(recent) >= 2 and now - recent[0] > 0:
-            rates.append(len(recent) / max(now - recent[0], 1.0))
+        if len(recent) >= MIN_HANDLED_FOR_RATE:
+            rates.append(len(recent) / max(now - recent[0], 0.1))
         return max(rates)
 
     def lead(self, now: float) -> float:
@@ -108,5 +112,8 @@ class BacklogEstimator:
         rate = self.drain_rate(now)
         if rate <= 0:
             return 0.0
-        # The backlog has been draining since the sample was taken.
-        return max(0.0, min(self.max_lead_seconds, backlog / rate - (now - t)))
+        # The backlog has been draining since the sample was taken. A booking due before the end
+        # is a slot lost (its message is still behind the backlog), one due after it only leaves
+        # the accounts idle for that long: so the estimate errs long.
+        drain = backlog / rate * (1 + LEAD_SAFETY_FRACTION) + LEAD_SAFETY_SECONDS
+        return max(0.0, min(self.max_lead_seconds, drain - (now - t)))

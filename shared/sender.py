@@ -530,8 +530,8 @@ class Relay:
 
     async def _backlog_lead(self, now: float) -> float:
         """Seconds until the queue's visible backlog is drained (0 when none): one queue read per
-        HVE_BACKLOG_SAMPLE_SECONDS per process, and none at all while nothing needs booking."""
-        if self.backlog.sample_due(now) and self.governor.latest_slot() > now:
+        HVE_BACKLOG_SAMPLE_SECONDS per process while it asks the governor for slots."""
+        if self.backlog.sample_due(now):
             try:
                 queued = (await self.queue.get_queue_properties()).approximate_message_count or 0
             except Exception as exc:  # an estimate: without it, bookings are made as before

@@ -7,10 +7,14 @@ import pytest
 
 from shared.limits import PROFILES
 from shared.pacing import AccountState, Grant, PacingConfig, Shape, decide
-from shared.queue_timing import BacklogEstimator, ReturnLatency
+from shared.queue_timing import LEAD_SAFETY_FRACTION, LEAD_SAFETY_SECONDS, BacklogEstimator, ReturnLatency
 
 START = 1_799_920_800.0
 CFG = PacingConfig(limits=PROFILES["preview-2024"])
+
+
+def erring_long(drain_seconds: float) -> float:
+    return drain_seconds * (1 + LEAD_SAFETY_FRACTION) + LEAD_SAFETY_SECONDS
 
 
 def estimator() -> BacklogEstimator:
@@ -22,9 +26,9 @@ def test_a_backlog_draining_at_100_per_second_is_empty_in_its_size_over_the_rate
     e.observe(START, queued=20_000, booked_ahead=0)
     e.observe(START + 10, queued=19_500, booked_ahead=500)   # 1,000 handled: 500 sent, 500 booked
     assert e.drain_rate(START + 10) == pytest.approx(100)
-    assert e.lead(START + 10) == pytest.approx(190)
+    assert e.lead(START + 10) == pytest.approx(erring_long(190))
     # The estimate ages with the clock between samples.
-    assert e.lead(START + 40) == pytest.approx(160)
+    assert e.lead(START + 40) == pytest.approx(erring_long(190) - 30)
 
 
 def test_the_first_sample_goes_by_this_workers_own_handling_rate():
@@ -32,7 +36,15 @@ def test_the_first_sample_goes_by_this_workers_own_handling_rate():
     for i in range(300):
         e.note_handled(START + i / 100)
     e.observe(START + 3, queued=20_000, booked_ahead=100)
-    assert e.lead(START + 3) == pytest.approx(19_900 / 100, rel=0.02)
+    assert e.lead(START + 3) == pytest.approx(erring_long(19_900 / 100), rel=0.02)
+
+
+def test_a_handful_of_messages_handled_is_no_rate_to_go_by():
+    e = estimator()
+    for i in range(10):
+        e.note_handled(START + i / 1000)
+    e.observe(START + 0.01, queued=20_000, booked_ahead=0)
+    assert e.lead(START + 0.01) == 0.0
 
 
 def test_a_small_backlog_is_not_congestion():
