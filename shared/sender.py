@@ -467,7 +467,7 @@ class Relay:
                 self.return_latency.observe(now - entry.booked_wake)
             if now < entry.booked_at:
                 early = entry.booked_at - now
-                if early > self.settings.slot_wait_seconds:
+                if early > self.settings.slot_wait_seconds + 1:  # (+1: wakes are whole seconds)
                     # Far from the slot (a redelivery): sleep again on the queue, not here.
                     delay = await self._requeue(stub, early - self.return_latency.early_wake(), entry.attempts, jitter=False)
                     return Handled(entry.request_id, DEFERRED, "booked slot not reached", entry.booked_account, 0, delay)
@@ -498,8 +498,9 @@ class Relay:
             return Handled(entry.request_id, DEFERRED, decision.reason, "", 0, delay)
         if decision.at > now:
             # Back on the queue to wake as much before the slot as booked messages come back late.
-            delay = await self._requeue(stub, decision.at - now - self.return_latency.early_wake(), entry.attempts,
-                                        jitter=False)
+            # (Whole seconds, rounded down: at least that early.)
+            wake_in = max(0, math.floor(decision.at - now - self.return_latency.early_wake() + 1e-6))
+            delay = await self._requeue(stub, wake_in, entry.attempts, jitter=False)
             await self._save_quietly(entry.evolve(
                 state=DEFERRED, reason=f"booked a slot on {decision.account}", updated=_utc(now),
                 booked_account=decision.account, booked_at=decision.at, booked_chunk=index,

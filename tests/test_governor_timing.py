@@ -349,3 +349,59 @@ def test_a_failed_governor_call_between_chunks_never_sends_a_chunk_again(storage
     assert again.state == "sent" and entry.chunks_sent == 3
     ids = [m.message_id for m in emulator.accepted()]
     assert sorted(ids) == sorted(message_id("chunks-durable", "contoso.com", i) for i in range(3))
+
+
+# --- booked requests wake early by their lateness and wait for the slot ---------------------------
+
+def test_a_booked_request_wakes_before_its_slot_by_the_lateness_seen_and_waits_for_the_slot(storage, make_emulator):
+    """This worker has seen booked requests come back 1.5 s late: the 11th external request's copy
+    wakes at least 1.5 s before its slot, and when it is handled early it waits in the process
+    until the slot (never sending before it); a copy handled far too early sleeps on the queue."""
+    clock = VirtualClock(START)
+    emulator = make_emulator(profile="preview-2024", clock=clock)
+    slept: list[float] = []
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS_PROFILE="preview-2024",
+                                                  HVE_ACCOUNTS=NEWS, HVE_PACER_SECONDS="0"), clock=clock)
+        relay.queue = queue = VirtualQueue(clock)
+
+        async def virtual_sleep(seconds: float) -> None:
+            slept.append(seconds)
+            clock.t += seconds
+
+        relay.sleep = virtual_sleep
+        for _ in range(10):
+            relay.return_latency.observe(1.5)
+        sent_at: list[float] = []
+        real_submit = relay.smtp.submit
+
+        async def timed_submit(*args, **kwargs):
+            sent_at.append(clock())
+            return await real_submit(*args, **kwargs)
+
+        relay.smtp.submit = timed_submit
+        try:
+            bodies = [json.dumps(mail(id=f"early-{i}", to=[f"c{i}@fabrikam.example"])) for i in range(11)]
+            first = [await relay.handle(b, f"q{i}") for i, b in enumerate(bodies)]
+            assert [h.state for h in first] == ["sent"] * 10 + ["deferred"]
+            entry = await relay.ledger.get("early-10")
+            assert entry.booked_at - entry.booked_wake >= 1.5
+            # A copy handled 30 s before its slot (a redelivery) goes back to sleep on the queue.
+            clock.t = entry.booked_at - 30
+            [copy] = queue.receive(entry.booked_wake, 16)
+            far = await relay.handle(copy.body, copy.message_id)
+            assert far.state == "deferred" and slept == []
+            # Its next copy is handled the moment it wakes: it waits here for the slot.
+            clock.t = entry.booked_at - 1.2
+            [copy] = queue.receive(entry.booked_at, 16)
+            last = await relay.handle(copy.body, copy.message_id)
+            return last, entry, sent_at
+        finally:
+            await relay.close()
+
+    last, entry, sent_at = run(main())
+    assert last.state == "sent", last
+    assert slept and abs(slept[0] - 1.2) < 0.01
+    assert sent_at[-1] >= entry.booked_at
+    assert emulator.stats()["replies"].get("4.5.104", 0) == 0
