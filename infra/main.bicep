@@ -68,6 +68,9 @@ param grantGraphUserReadAll bool = false
 @description('Grant the app identity the Office 365 Exchange Online application role Mail.Send for XOAUTH2 (HVE_AUTH=oauth). Same admin rights as above.')
 param grantExchangeMailSend bool = false
 
+@description('Grant the app identity Microsoft Graph ExchangeMessageTrace.Read.All (delivery confirmation). Same admin rights as above; the tenant also needs the service principal of app 8bd644d1-64a1-4d4b-ae52-2e0cbf64e373 (infra/README.md).')
+param grantGraphMessageTrace bool = false
+
 // ---------------------------------------------------------------- HVE
 
 @minLength(1)
@@ -226,6 +229,22 @@ param welcomeSupportAddress string = ''
 @description('Microsoft Graph base URL.')
 param graphBaseUrl string = 'https://graph.microsoft.com'
 
+// ---------------------------------------------------------------- delivery confirmation (message trace)
+
+@description('Run the confirm_delivery timer (needs grantGraphMessageTrace, or an admin granting ExchangeMessageTrace.Read.All).')
+param deliveryTraceEnabled bool = false
+
+@description('NCRONTAB schedule of the confirm_delivery timer.')
+param deliveryTraceSchedule string = '0 */10 * * * *'
+
+@description('Recipients still pending are re-checked until final or this old (ISO 8601 duration, under 90 days).')
+param deliveryTraceMaxAge string = 'P3D'
+
+@description('Graph message-trace requests the relay spends in any 5 minutes (Graph allows 100 per tenant, shared).')
+@minValue(1)
+@maxValue(100)
+param deliveryTraceRequestsPer5Min int = 60
+
 // ---------------------------------------------------------------- names
 
 var abbrs = loadJsonContent('abbreviations.json')
@@ -244,6 +263,7 @@ var ledgerTableName = 'hveledger'
 var recipientIndexTableName = 'hverecipients'
 var governorTableName = 'hvegovernor'
 var welcomeTableName = 'hvewelcome'
+var deliveryTableName = 'hvedelivery'
 var claimCheckContainerName = 'mail-payloads'
 var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
 
@@ -285,6 +305,7 @@ module storage 'modules/storage.bicep' = {
       recipientIndexTableName
       governorTableName
       welcomeTableName
+      deliveryTableName
     ]
     containerNames: [
       deploymentContainerName
@@ -317,12 +338,13 @@ module rbac 'modules/rbac.bicep' = {
   }
 }
 
-module graph 'modules/graph.bicep' = if (grantGraphUserReadAll || grantExchangeMailSend) {
+module graph 'modules/graph.bicep' = if (grantGraphUserReadAll || grantExchangeMailSend || grantGraphMessageTrace) {
   name: 'graph-permissions'
   params: {
     principalId: identity.properties.principalId
     grantUserReadAll: grantGraphUserReadAll
     grantExchangeMailSend: grantExchangeMailSend
+    grantMessageTraceRead: grantGraphMessageTrace
   }
 }
 
@@ -394,6 +416,17 @@ var appSettings = {
   WELCOME_FAQ_URL: welcomeFaqUrl
   WELCOME_SUPPORT_ADDRESS: welcomeSupportAddress
   GRAPH_BASE_URL: graphBaseUrl
+  // Delivery confirmation (message trace).
+  DELIVERY_TRACE_ENABLED: deliveryTraceEnabled ? 'true' : 'false'
+  DELIVERY_TRACE_SCHEDULE: deliveryTraceSchedule
+  DELIVERY_TRACE_MAX_AGE: deliveryTraceMaxAge
+  DELIVERY_TRACE_REQUESTS_PER_5MIN: string(deliveryTraceRequestsPer5Min)
+  DELIVERY_TRACE_OVERLAP: 'PT30M'
+  DELIVERY_TRACE_SPAN: 'PT6H'
+  DELIVERY_TRACE_END_LAG: 'PT1M'
+  DELIVERY_TRACE_PAGE_SIZE: '5000'
+  DELIVERY_TRACE_DETAILS_PER_RUN: '10'
+  DELIVERY_TABLE: deliveryTableName
 }
 
 module functionApp 'modules/functionapp.bicep' = {
@@ -439,3 +472,5 @@ output HVE_INTERNAL_DOMAINS string = join(hveInternalDomains, ',')
 output RECIPIENT_HASH_KEY_SECRET_NAME string = recipientHashKeySecretName
 output GRAPH_USER_READ_ALL_GRANTED bool = grantGraphUserReadAll
 output WELCOME_ENABLED bool = welcomeEnabled
+output GRAPH_MESSAGE_TRACE_GRANTED bool = grantGraphMessageTrace
+output DELIVERY_TRACE_ENABLED bool = deliveryTraceEnabled

@@ -116,7 +116,9 @@ def plan_spans(cursor: AccountCursor, now: datetime, cfg: TraceConfig) -> list[t
         start = cursor.watermark - cfg.overlap
         if cursor.recheck_from is not None:
             start = min(start, cursor.recheck_from)
-    start = _whole_seconds(max(start, floor, now - MAX_LOOKBACK + timedelta(minutes=1)) + timedelta(seconds=1) - timedelta(microseconds=1))
+    # Down to the second for what must be read (an open row's exact time), up for the limits.
+    lowest = _whole_seconds(max(floor, now - MAX_LOOKBACK + timedelta(minutes=1)) + timedelta(seconds=1) - timedelta(microseconds=1))
+    start = max(_whole_seconds(start), lowest)
     spans = []
     while start < end:
         stop = min(end, start + cfg.span)

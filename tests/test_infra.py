@@ -392,7 +392,7 @@ def test_storage_names_are_the_code_defaults(bicep):
     assert sorted(queues) == sorted([defaults["MAIL_QUEUE"], defaults["MAIL_QUEUE"] + "-poison"])
     assert sorted(tables) == sorted([
         defaults["LEDGER_TABLE"], defaults["RECIPIENT_INDEX_TABLE"], defaults["GOVERNOR_TABLE"],
-        defaults["WELCOME_STATE_TABLE"],
+        defaults["WELCOME_STATE_TABLE"], defaults["DELIVERY_TABLE"],
     ])
     assert "deploymentContainerName" in containers, "the Flex deployment container must be created"
     assert evaluate("claimCheckContainerName", main) == defaults["CLAIM_CHECK_CONTAINER"]
@@ -405,6 +405,7 @@ def test_storage_names_are_the_code_defaults(bicep):
     for setting, var in [("MAIL_QUEUE", "mailQueueName"), ("LEDGER_TABLE", "ledgerTableName"),
                          ("RECIPIENT_INDEX_TABLE", "recipientIndexTableName"),
                          ("GOVERNOR_TABLE", "governorTableName"), ("WELCOME_STATE_TABLE", "welcomeTableName"),
+                         ("DELIVERY_TABLE", "deliveryTableName"),
                          ("CLAIM_CHECK_CONTAINER", "claimCheckContainerName")]:
         assert settings[setting] == var, f"{setting} must be set from {var}"
     storage_doc = bicep["modules/storage.bicep"]
@@ -614,9 +615,10 @@ def test_graph_permissions_module(bicep):
         assert body["principalId"] == "principalId"
         sp = _accessor_path(body["resourceId"])[0]
         role = json.dumps(body["appRoleId"])
-        assigned[sps[sp]] = (cond, role)
-    assert MICROSOFT_GRAPH_APP_ID in assigned and "User.Read.All" in assigned[MICROSOFT_GRAPH_APP_ID][1]
-    assert EXCHANGE_ONLINE_APP_ID in assigned and "Mail.Send" in assigned[EXCHANGE_ONLINE_APP_ID][1], \
+        assigned[sps[sp]] = assigned.get(sps[sp], "") + f" {cond}: {role}"
+    assert MICROSOFT_GRAPH_APP_ID in assigned and "User.Read.All" in assigned[MICROSOFT_GRAPH_APP_ID]
+    assert "ExchangeMessageTrace.Read.All" in assigned[MICROSOFT_GRAPH_APP_ID], "delivery confirmation (message trace)"
+    assert EXCHANGE_ONLINE_APP_ID in assigned and "Mail.Send" in assigned[EXCHANGE_ONLINE_APP_ID], \
         "optional Exchange Online Mail.Send for XOAUTH2"
 
     main = bicep["main.bicep"]
@@ -624,7 +626,7 @@ def test_graph_permissions_module(bicep):
     assert _condition(module["config"]) is not None, "the Graph module must be behind a parameter"
     params = _body(module["config"])["params"]
     assert _accessor_path(params["principalId"]) == ["identity", "properties", "principalId"]
-    for name in ("grantGraphUserReadAll", "grantExchangeMailSend"):
+    for name in ("grantGraphUserReadAll", "grantExchangeMailSend", "grantGraphMessageTrace"):
         assert main["parameters"][name]["type"] == "bool"
         assert main["parameters"][name]["default"] is False, f"{name} must be opt-in (needs Entra admin rights)"
     assert evaluate(module["config"]["condition"], main) is False
