@@ -351,3 +351,7 @@ if [[ "$(lower "$WELCOME_ENABLED")" == "true" && "$(lower "$GRAPH_GRANTED")" != 
   say "to object id $IDENTITY_PRINCIPAL_ID (infra/README.md, 'Graph permission'), or redeploy with"
   say "--set grantGraphUserReadAll=true as a Privileged Role Administrator."
 fi
+say ""
+say "delivery confirmation (optional, deliveryTraceEnabled + grantGraphMessageTrace): once per tenant, a Global"
+say "Administrator creates the message-trace service principal (infra/README.md, 'delivery confirmation'):"
+say "  New-MgServicePrincipal -AppId 8bd644d1-64a1-4d4b-ae52-2e0cbf64e373"
