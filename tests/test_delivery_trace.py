@@ -353,3 +353,48 @@ def test_reconcile_entry_point_uses_the_app_settings(storage, emulator, graph_st
     time.sleep(1.1)
     tally = run(reconcile(settings))
     assert tally.matched == 1 and tally.requests == 12 * len(settings.accounts)   # P3D in PT6H spans
+
+
+def test_status_shows_delivery_rates_of_the_last_24_hours(storage, emulator, graph_standin, clock):
+    from shared.status import render_text
+    from tools import status as status_cli
+
+    settings = settings_for(storage, emulator, graph_standin)
+    run(send(settings, mail("rated", ["r1@contoso.com", "r2@contoso.com", "r3@contoso.com", "r4@contoso.com"])))
+    graph_standin.set_outcome("r4@contoso.com", "quarantined")
+    graph_standin.feed_from(emulator)
+    before = run(status_cli.report(settings))
+    assert before["delivery_24h"]["rates"]["traced"] == 0
+    Harness(settings, graph_standin, clock).once()
+    report = run(status_cli.report(settings))
+    assert report["delivery_24h"]["counts"] == {"delivered": 3, "quarantined": 1}
+    assert report["delivery_24h"]["rates"]["delivered"] == 0.75
+    assert "delivered 75.0%" in render_text(report) and "quarantined 25.0%" in render_text(report)
+
+
+def test_retention_deletes_old_delivery_rows_and_keeps_recent_ones(storage):
+    from shared.ledger import Ledger
+    from shared.retention import purge_expired
+    from shared.settings import Settings
+
+    settings = Settings.from_env(storage.env(DELIVERY_TABLE=f"{storage.table_prefix}dlv"))
+    now = datetime.now(timezone.utc)
+
+    async def main():
+        clients = StorageClients(settings)
+        try:
+            table = await clients.table(settings.delivery_table)
+            for pk, rk, age in [("old", "summary", 100), ("old", "r-abc", 100), ("new", "summary", 1), ("new", "r-def", 1)]:
+                await table.upsert_entity({"PartitionKey": pk, "RowKey": rk, "Updated": now - timedelta(days=age)})
+            ledger_table = await clients.table(settings.ledger_table)
+            index = await clients.table(settings.recipient_index_table)
+            report = await purge_expired(ledger=Ledger(ledger_table, index, b"k"), ledger_table=ledger_table,
+                                         index_table=index, welcome_table=None, now=now, retention=timedelta(days=90),
+                                         lost_after=timedelta(hours=24), max_rows=100, delivery_table=table)
+            left = sorted([(r["PartitionKey"], r["RowKey"]) async for r in table.list_entities()])
+            return report, left
+        finally:
+            await clients.close()
+
+    report, left = run(main())
+    assert report.deleted["delivery"] == 2 and left == [("new", "r-def"), ("new", "summary")]
