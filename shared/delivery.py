@@ -30,6 +30,7 @@ from typing import Any, Awaitable, Callable, Iterable
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableTransactionError
 
 from .graph import GraphClient, GraphError, GraphThrottled
 from .ledger import recipient_hash
@@ -170,15 +171,23 @@ class DeliveryStore:
 
     async def commit(self, request_id: str, summary: dict[str, Any], etag: str | None,
                      recipients: list[dict[str, Any]]) -> None:
-        """Recipient rows first (idempotent upserts), then the summary under its ETag: the stored
-        counts move only when this run's view is the one that commits."""
-        for i in range(0, len(recipients), _BATCH):
-            await self.table.submit_transaction([("upsert", r, {"mode": "replace"}) for r in recipients[i:i + _BATCH]])
-        if etag is None:
-            await self.table.create_entity(summary)
-        else:
-            await self.table.update_entity(summary, mode="replace", etag=etag,
-                                           match_condition=MatchConditions.IfNotModified)
+        """Recipient rows and the summary (created, or replaced under its ETag) in one transaction:
+        the stored counts move only when this run's view is the one that commits. Raises
+        ResourceModifiedError when another run got there first. More rows than one transaction
+        takes: recipient rows first (idempotent upserts), the summary last."""
+        head = ("create", summary) if etag is None else \
+            ("update", summary, {"mode": "replace", "etag": etag, "match_condition": MatchConditions.IfNotModified})
+        rest = recipients
+        if len(recipients) > _BATCH:
+            for i in range(0, len(recipients), _BATCH):
+                await self.table.submit_transaction([("upsert", r, {"mode": "replace"}) for r in recipients[i:i + _BATCH]])
+            rest = []
+        try:
+            await self.table.submit_transaction([head, *(("upsert", r, {"mode": "replace"}) for r in rest)])
+        except TableTransactionError as exc:
+            if exc.status_code in (409, 412):
+                raise ResourceModifiedError(f"delivery summary of {request_id} changed") from exc
+            raise
 
     async def set_reason(self, request_id: str, hashed: str, reason: str) -> None:
         await self.table.upsert_entity({"PartitionKey": request_id, "RowKey": _RCPT + hashed,

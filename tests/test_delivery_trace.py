@@ -398,3 +398,21 @@ def test_retention_deletes_old_delivery_rows_and_keeps_recent_ones(storage):
 
     report, left = run(main())
     assert report.deleted["delivery"] == 2 and left == [("new", "r-def"), ("new", "summary")]
+
+
+def test_two_runs_at_once_never_count_a_recipient_twice(storage, emulator, graph_standin, clock):
+    settings = settings_for(storage, emulator, graph_standin, DELIVERY_TRACE_REQUESTS_PER_5MIN="1000")
+    run(send(settings, *[mail(f"c{i}", [f"c{i}a@contoso.com", f"c{i}b@contoso.com"]) for i in range(12)]))
+    graph_standin.feed_from(emulator)
+    h = Harness(settings, graph_standin, clock)
+
+    async def both():
+        # Two reconciliations (say the timer and a manual --once), each with its own clients.
+        return await asyncio.gather(asyncio.to_thread(h.once), asyncio.to_thread(h.once))
+
+    run(both())
+    summed: dict[str, Counter] = {}
+    for d in h.deltas:
+        summed.setdefault(d.request_id, Counter()).update(d.changes)
+    assert summed == {f"c{i}": {"delivered": 2} for i in range(12)}
+    assert all(h.summary(f"c{i}")["delivery"] == {"delivered": 2} for i in range(12))
