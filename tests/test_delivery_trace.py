@@ -205,8 +205,9 @@ def test_a_row_that_shows_up_late_is_matched_through_the_overlap(storage, emulat
 
 def test_a_run_stopped_by_429_resumes_on_the_next_run_without_gaps(storage, emulator, graph_standin, clock):
     # One account, one span holding every message, one row per page: Graph's limit hits mid-span.
+    # No overlap: only the cursor can bring the unfinished span back.
     settings = settings_for(storage, emulator, graph_standin, HVE_ACCOUNTS="news@contoso.com", DELIVERY_TRACE_PAGE_SIZE="1",
-                            DELIVERY_TRACE_SPAN="P1D", DELIVERY_TRACE_MAX_AGE="PT12H")
+                            DELIVERY_TRACE_SPAN="P1D", DELIVERY_TRACE_MAX_AGE="PT12H", DELIVERY_TRACE_OVERLAP="PT0S")
     run(send(settings, *[mail(f"r{i}", [f"u{i}@contoso.com"]) for i in range(7)]))
     graph_standin.feed_from(emulator)
     h = Harness(settings, graph_standin, clock)
