@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"first run: {first[0].rows / first[1]:.0f} trace rows/s; re-read run 2 took {again[1] / first[1]:.2f}x the first")
         per_message = args.messages
         print(f"Graph requests: {first[0].requests} for {args.messages} messages vs {per_message} one-per-message "
-              f"= {per_message / max(1, first[0].requests):.0f}x fewer; at 100 per 5 min per-message lookups need "
+              f"= {per_message / max(1, first[0].requests):.1f}x fewer; at 100 per 5 min per-message lookups need "
               f"{per_message / 20:.0f} min of the tenant's whole budget")
     return 0
 

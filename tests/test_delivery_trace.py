@@ -417,3 +417,89 @@ def test_two_runs_at_once_never_count_a_recipient_twice(storage, emulator, graph
         summed.setdefault(d.request_id, Counter()).update(d.changes)
     assert summed == {f"c{i}": {"delivered": 2} for i in range(12)}
     assert all(h.summary(f"c{i}")["delivery"] == {"delivered": 2} for i in range(12))
+
+
+def test_ledger_report_adds_delivery_per_day_account_and_category(storage, emulator, graph_standin, clock, capsys, monkeypatch, tmp_path):
+    settings = settings_for(storage, emulator, graph_standin)
+    run(send(settings, mail("rep-1", ["p1@contoso.com", "p2@contoso.com"], category="orders"),
+             mail("rep-2", ["p3@contoso.com"], category="alerts")))
+    graph_standin.set_outcome("p2@contoso.com", "filteredAsSpam")
+    graph_standin.set_outcome("p3@contoso.com", "failed")
+    graph_standin.feed_from(emulator)
+    Harness(settings, graph_standin, clock).once()
+    for name, value in {**storage.env(), "DELIVERY_TABLE": settings.delivery_table, "RECIPIENT_HASH_KEY": "test-hash-key",
+                        "HVE_ACCOUNTS": ",".join(settings.accounts)}.items():
+        monkeypatch.setenv(name, value)
+    assert ledger_cli.main(["report", "--settings", str(tmp_path / "none.json")]) == 0
+    groups = json.loads(capsys.readouterr().out)
+    by_category = {g["category"]: g["delivery"] for g in groups}
+    assert by_category["orders"] == {"delivered": 1, "failed": 0, "quarantined": 0, "filteredAsSpam": 1}
+    assert by_category["alerts"] == {"delivered": 0, "failed": 1, "quarantined": 0, "filteredAsSpam": 0}
+
+
+def test_the_timer_does_nothing_unless_enabled_and_reads_trace_when_enabled(storage, emulator, graph_standin, monkeypatch):
+    from shared.delivery import handle_timer
+
+    settings = settings_for(storage, emulator, graph_standin)
+    run(send(settings, mail("timed", ["t1@contoso.com"])))
+    graph_standin.feed_from(emulator)
+    env = {**storage.env(), **graph_env(graph_standin), "DELIVERY_TABLE": settings.delivery_table,
+           "HVE_ACCOUNTS": ",".join(settings.accounts), "RECIPIENT_HASH_KEY": "test-hash-key", "DELIVERY_TRACE_END_LAG": "PT0S"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert run(handle_timer()) is None and not graph_standin.trace_requests
+    monkeypatch.setenv("DELIVERY_TRACE_ENABLED", "true")
+    time.sleep(1.1)
+    tally = run(handle_timer())
+    assert tally is not None and tally.matched == 1 and graph_standin.trace_requests
+
+
+def test_function_app_declares_the_confirm_delivery_timer():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_delivery_function_app", Path(__file__).parents[1] / "function_app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    [fn] = [f for f in module.app.get_functions() if f.get_function_name() == "confirm_delivery"]
+    [trigger] = [b for b in fn.get_bindings() if b.type == "timerTrigger"]
+    assert trigger.schedule == "%DELIVERY_TRACE_SCHEDULE%"
+    assert "DELIVERY_TRACE_ENABLED" in (fn.get_user_function().__doc__ or "")
+
+
+def test_the_delivery_bench_runs_end_to_end():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-m", "bench.delivery", "--messages", "20"],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "run 2 changed 0" in done.stdout and "x fewer" in done.stdout
+
+
+def test_the_status_endpoint_adds_delivery_rates_when_trace_is_on(storage, emulator, graph_standin, clock, monkeypatch):
+    from shared.sender import close_relays, status_json
+
+    settings = settings_for(storage, emulator, graph_standin)
+    run(send(settings, mail("api", ["api1@contoso.com", "api2@contoso.com"])))
+    graph_standin.set_outcome("api2@contoso.com", "failed")
+    graph_standin.feed_from(emulator)
+    Harness(settings, graph_standin, clock).once()
+    env = {**storage.env(), "HVE_SMTP_HOST": "127.0.0.1", "HVE_SMTP_PORT": str(emulator.port),
+           "HVE_SMTP_CA_FILE": str(emulator.ca_file), "HVE_ACCOUNTS": ",".join(settings.accounts),
+           "HVE_PASSWORDS": json.dumps(dict(settings.local_passwords)), "RECIPIENT_HASH_KEY": "test-hash-key",
+           "DELIVERY_TABLE": settings.delivery_table}
+
+    async def status(enabled: str):
+        monkeypatch.setenv("DELIVERY_TRACE_ENABLED", enabled)
+        try:
+            return json.loads(await status_json())
+        finally:
+            await close_relays()
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert "delivery_24h" not in run(status("false"))
+    shown = run(status("true"))["delivery_24h"]
+    assert shown["counts"] == {"delivered": 1, "failed": 1} and shown["rates"]["failed"] == 0.5
