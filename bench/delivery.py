@@ -76,7 +76,8 @@ async def reconcile_once(settings: Settings, graph: GraphStandIn, clock: Clock, 
 
     try:
         reconciler = Reconciler(settings, client, DeliveryStore(await storage.table(settings.delivery_table)),
-                                await storage.table(settings.ledger_table), on_delta=record, clock=clock)
+                                await storage.table(settings.ledger_table),
+                                await storage.table(settings.recipient_index_table), on_delta=record, clock=clock)
         started = time.perf_counter()
         tally = await reconciler.run()
         return tally, time.perf_counter() - started

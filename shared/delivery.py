@@ -3,14 +3,16 @@
 HVE's 250 means "accepted for submission". Message trace says what happened next. Per HVE account,
 each run reads `messageTraces` filtered on the sender and a receivedDateTime window (planned and
 checked by shared.trace_policy), joins rows to ledger requests by our deterministic Message-ID
-(chunks carry a `.N` suffix) and records, in DELIVERY_TABLE:
+(chunks carry a `.N` suffix) through key look-ups only (the recipient index, then the ledger row;
+see RequestResolver), and records, in DELIVERY_TABLE:
 
 - per request (PartitionKey = request id, RowKey `summary`): the count of recipients in each trace
   status, per chunk too, with the request's account, category and send time;
 - per recipient (RowKey `r-<recipient hash>`): its status, chunk and, for failed/quarantined, the
   reason from getDetailsByRecipient with addresses masked. Never an address;
 - per account (PartitionKey `~cursor`): the watermark, where a recheck must start, and a
-  Retry-After Graph gave; and (`~budget`) the times of the requests spent in the last 5 minutes.
+  Retry-After Graph gave; and (`~budget`) the times of the requests spent in the last 5 minutes;
+- per Message-ID digest (PartitionKey `~m-<digest>`): the request it belongs to, once found.
 
 Whenever a request's counts change, the exact change (new counts minus the counts stored before)
 goes to an injectable async callback, after the new counts are committed. Reading the same rows
@@ -46,6 +48,8 @@ log = logging.getLogger("hve_relay.delivery")
 _CURSOR_PK = "~cursor"
 _BUDGET_PK = "~budget"
 _SUMMARY = "summary"
+_DIGEST_PK = "~m-"   # + the Message-ID digest: which request it belongs to
+_DIGEST = "request"
 _RCPT = "r-"
 _MAX_REASON = 300
 _BATCH = 99          # Table transactions take 100 operations; the summary goes last, alone
@@ -189,6 +193,20 @@ class DeliveryStore:
                 raise ResourceModifiedError(f"delivery summary of {request_id} changed") from exc
             raise
 
+    async def request_for_digest(self, digest: str) -> _Request | None:
+        try:
+            row = await self.table.get_entity(_DIGEST_PK + digest, _DIGEST)
+        except ResourceNotFoundError:
+            return None
+        return _Request(row["RequestId"], row.get("Account", ""), row.get("Category", ""),
+                        _utc(row.get("SentAt")) or _epoch0(), _utc(row.get("FirstReceived")) or _epoch0())
+
+    async def remember_digest(self, digest: str, request: _Request) -> None:
+        await self.table.upsert_entity({"PartitionKey": _DIGEST_PK + digest, "RowKey": _DIGEST, "RequestId": request.request_id,
+                                        "Account": request.account, "Category": request.category,
+                                        "SentAt": request.sent_at, "FirstReceived": request.first_received,
+                                        "Updated": datetime.now(timezone.utc)}, mode="replace")
+
     async def set_reason(self, request_id: str, hashed: str, reason: str) -> None:
         await self.table.upsert_entity({"PartitionKey": request_id, "RowKey": _RCPT + hashed,
                                         "Reason": mask_addresses(reason)[:_MAX_REASON]}, mode="merge")
@@ -201,19 +219,49 @@ def summary_view(row: Any) -> dict[str, Any]:
             "open": bool(row.get("Open")), "seq": int(row.get("Seq", 0)), "updated": _utc(row.get("Updated"))}
 
 
-async def ledger_requests_since(ledger_table: Any, since: datetime) -> dict[str, _Request]:
-    """Ledger requests updated since `since`, by the digest of their Message-ID. A request's row is
-    updated at (or after) each of its transactions, so every message sent since `since` is here."""
-    found: dict[str, _Request] = {}
-    fields = ["PartitionKey", "MessageId", "Account", "Category", "Updated", "FirstReceived"]
-    async for row in ledger_table.query_entities("RowKey eq @rk and Updated ge @since",
-                                                 parameters={"rk": "request", "since": since}, select=fields):
-        parsed = parse_message_id(row.get("MessageId"))
-        if parsed is None:
-            continue
-        found[parsed[0]] = _Request(row["PartitionKey"], row.get("Account") or "", row.get("Category") or "",
-                                    _utc(row.get("Updated")) or _epoch0(), _utc(row.get("FirstReceived")) or _epoch0())
-    return found
+class RequestResolver:
+    """Which ledger request a Message-ID digest belongs to, by key look-ups only (no table scan,
+    whatever the ledger's size): a digest row this module wrote before; else the recipient index
+    (PartitionKey = the recipient's hash, one row per request that reached it, with its Message-ID)
+    for a recipient of the message, then the request's ledger row. Found digests are remembered."""
+
+    _TRIES = 3   # recipients of one message tried in the index before it counts as not ours
+
+    def __init__(self, store: DeliveryStore, ledger_table: Any, index_table: Any, key: bytes) -> None:
+        self.store = store
+        self.ledger_table = ledger_table
+        self.index_table = index_table
+        self.key = key
+        self._known: dict[str, _Request | None] = {}
+
+    async def resolve(self, digest: str, addresses: list[str]) -> _Request | None:
+        if digest not in self._known:
+            found = await self.store.request_for_digest(digest)
+            if found is None:
+                found = await self._from_index(digest, addresses)
+                if found is not None:
+                    await self.store.remember_digest(digest, found)
+            self._known[digest] = found
+        return self._known[digest]
+
+    async def _from_index(self, digest: str, addresses: list[str]) -> _Request | None:
+        for address in addresses[:self._TRIES]:
+            hashed = recipient_hash(self.key, address)
+            async for row in self.index_table.query_entities("PartitionKey eq @pk", parameters={"pk": hashed},
+                                                             select=["RowKey", "MessageId"]):
+                parsed = parse_message_id(row.get("MessageId"))
+                if parsed is not None and parsed[0] == digest:
+                    return await self._ledger_request(row["RowKey"])
+        return None
+
+    async def _ledger_request(self, request_id: str) -> _Request | None:
+        try:
+            row = await self.ledger_table.get_entity(request_id, "request", select=[
+                "Account", "Category", "Updated", "FirstReceived"])
+        except ResourceNotFoundError:
+            return None
+        return _Request(request_id, row.get("Account") or "", row.get("Category") or "",
+                        _utc(row.get("Updated")) or _epoch0(), _utc(row.get("FirstReceived")) or _epoch0())
 
 
 # --- the reconciliation ---------------------------------------------------------------------------
@@ -228,19 +276,20 @@ class _Pending:
     """Rows of one span grouped by request, and the addresses needed for detail calls (memory only)."""
 
     rows: dict[str, list[TraceRow]] = field(default_factory=lambda: defaultdict(list))
+    requests: dict[str, _Request] = field(default_factory=dict)
     detail_targets: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     oldest_open: datetime | None = None
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, graph: GraphClient, store: DeliveryStore, ledger_table: Any, *,
-                 on_delta: DeltaCallback = no_delta, clock: Callable[[], float] = time.time,
+    def __init__(self, settings: Settings, graph: GraphClient, store: DeliveryStore, ledger_table: Any,
+                 index_table: Any, *, on_delta: DeltaCallback = no_delta, clock: Callable[[], float] = time.time,
                  instruments: Any = None) -> None:
         self.settings = settings
         self.cfg = trace_config(settings)
         self.graph = graph
         self.store = store
-        self.ledger_table = ledger_table
+        self.resolver = RequestResolver(store, ledger_table, index_table, settings.recipient_hash_key)
         self.on_delta = on_delta
         self.clock = clock
         self.instruments = instruments
@@ -259,8 +308,6 @@ class Reconciler:
                 for start, end in spans:
                     tally.queries.append(self.graph.message_traces_url(trace_filter(account, start, end, now), self.cfg.page_size))
             return tally
-        starts = [s for spans in plans.values() for s, _ in spans]
-        requests = await ledger_requests_since(self.ledger_table, min(starts) - self.cfg.overlap) if starts else {}
         budget = RequestBudget(self.cfg.requests_per_5min, await self.store.budget_spent())
         details: dict[tuple[str, str], tuple[str, str]] = {}
         try:
@@ -271,8 +318,8 @@ class Reconciler:
                     continue
                 oldest_open: datetime | None = None
                 for i, (start, end) in enumerate(spans):
-                    pending = await self._read_span(account, start, end, now, requests, budget, tally)
-                    await self._apply(pending, requests, tally)
+                    pending = await self._read_span(account, start, end, now, budget, tally)
+                    await self._apply(pending, tally)
                     details.update(pending.detail_targets)
                     if pending.oldest_open is not None:
                         oldest_open = min(oldest_open or pending.oldest_open, pending.oldest_open)
@@ -288,7 +335,7 @@ class Reconciler:
         return tally
 
     async def _read_span(self, account: str, start: datetime, end: datetime, now: datetime,
-                         requests: dict[str, _Request], budget: RequestBudget, tally: RunTally) -> _Pending:
+                         budget: RequestBudget, tally: RunTally) -> _Pending:
         try:
             url: str | None = self.graph.message_traces_url(trace_filter(account, start, end, now), self.cfg.page_size)
         except FilterRefused as exc:
@@ -310,16 +357,32 @@ class Reconciler:
                 raise _Stop(f"error: {mask_addresses(str(exc))}") from None
             except GraphError as exc:
                 raise _Stop(f"error: {mask_addresses(str(exc))}") from None
-            for item in page:
-                self._take_row(item, requests, pending, tally)
+            await self._take_page(page, pending, tally)
         return pending
 
-    def _take_row(self, item: dict[str, Any], requests: dict[str, _Request], pending: _Pending, tally: RunTally) -> None:
+    async def _take_page(self, page: list[dict[str, Any]], pending: _Pending, tally: RunTally) -> None:
+        """Rows of one page: each message's request found once (in parallel), then every row taken."""
+        addresses: dict[str, list[str]] = defaultdict(list)
+        for item in page:
+            parsed = parse_message_id(item.get("messageId"))
+            if parsed is not None and item.get("recipientAddress"):
+                addresses[parsed[0]].append(str(item["recipientAddress"]))
+        gate = asyncio.Semaphore(_PARALLEL)
+
+        async def resolve(digest: str) -> tuple[str, _Request | None]:
+            async with gate:
+                return digest, await self.resolver.resolve(digest, addresses[digest])
+
+        found = dict(await asyncio.gather(*(resolve(d) for d in addresses)))
+        for item in page:
+            parsed = parse_message_id(item.get("messageId"))
+            self._take_row(item, found.get(parsed[0]) if parsed else None, pending, tally)
+
+    def _take_row(self, item: dict[str, Any], request: _Request | None, pending: _Pending, tally: RunTally) -> None:
         tally.rows += 1
         parsed = parse_message_id(item.get("messageId"))
-        request = requests.get(parsed[0]) if parsed else None
         address = str(item.get("recipientAddress") or "")
-        if request is None or not address:
+        if request is None or parsed is None or not address:
             tally.unmatched += 1
             return
         tally.matched += 1
@@ -328,14 +391,15 @@ class Reconciler:
         hashed = recipient_hash(self._key, address)
         row = TraceRow(str(item.get("id") or ""), parsed[0], parsed[1], parsed[2], hashed, status, received)
         pending.rows[request.request_id].append(row)
+        pending.requests[request.request_id] = request
         tally.by_status[status] += 1
         if status in OPEN_STATUSES:
             pending.oldest_open = min(pending.oldest_open or received, received)
         elif status in DETAIL_STATUSES and row.trace_id:
             pending.detail_targets[(request.request_id, hashed)] = (row.trace_id, address)
 
-    async def _apply(self, pending: _Pending, requests: dict[str, _Request], tally: RunTally) -> None:
-        by_id = {r.request_id: r for r in requests.values()}
+    async def _apply(self, pending: _Pending, tally: RunTally) -> None:
+        by_id = pending.requests
         gate = asyncio.Semaphore(_PARALLEL)
 
         async def one(request_id: str, rows: list[TraceRow]) -> None:
@@ -448,7 +512,8 @@ async def reconcile(settings: Settings, *, on_delta: DeltaCallback = no_delta, d
     client = graph or GraphClient.from_settings(settings, max_attempts=1)
     try:
         reconciler = Reconciler(settings, client, DeliveryStore(await storage.table(settings.delivery_table)),
-                                await storage.table(settings.ledger_table), on_delta=on_delta, clock=clock,
+                                await storage.table(settings.ledger_table),
+                                await storage.table(settings.recipient_index_table), on_delta=on_delta, clock=clock,
                                 instruments=Instruments())
         return await reconciler.run(dry_run=dry_run)
     finally:

@@ -76,7 +76,8 @@ class Harness:
             graph = GraphClient(self.settings.graph_base_url, StaticToken(self.standin.token), max_attempts=1)
             try:
                 reconciler = Reconciler(self.settings, graph, DeliveryStore(await storage.table(self.settings.delivery_table)),
-                                        await storage.table(self.settings.ledger_table), on_delta=self._record,
+                                        await storage.table(self.settings.ledger_table),
+                                        await storage.table(self.settings.recipient_index_table), on_delta=self._record,
                                         clock=self.clock)
                 return await reconciler.run(**kwargs)
             finally:
