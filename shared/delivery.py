@@ -3,16 +3,16 @@
 HVE's 250 means "accepted for submission". Message trace says what happened next. Per HVE account,
 each run reads `messageTraces` filtered on the sender and a receivedDateTime window (planned and
 checked by shared.trace_policy), joins rows to ledger requests by our deterministic Message-ID
-(chunks carry a `.N` suffix) through key look-ups only (the recipient index, then the ledger row;
-see RequestResolver), and records, in DELIVERY_TABLE:
+(chunks carry a `.N` suffix) through key look-ups only (see RequestResolver), and records, in
+DELIVERY_TABLE, in one partition per request keyed by its Message-ID digest (so a trace row leads
+straight to it, and `request_digest(request id)` finds it from the ledger side):
 
-- per request (PartitionKey = request id, RowKey `summary`): the count of recipients in each trace
-  status, per chunk too, with the request's account, category and send time;
-- per recipient (RowKey `r-<recipient hash>`): its status, chunk and, for failed/quarantined, the
+- RowKey `summary`: the request id, the count of recipients in each trace status, per chunk too,
+  with the request's account, category and send time;
+- RowKey `r-<recipient hash>`: each recipient's status, chunk and, for failed/quarantined, the
   reason from getDetailsByRecipient with addresses masked. Never an address;
 - per account (PartitionKey `~cursor`): the watermark, where a recheck must start, and a
-  Retry-After Graph gave; and (`~budget`) the times of the requests spent in the last 5 minutes;
-- per Message-ID digest (PartitionKey `~m-<digest>`): the request it belongs to, once found.
+  Retry-After Graph gave; and (`~budget`) the times of the requests spent in the last 5 minutes.
 
 Whenever a request's counts change, the exact change (new counts minus the counts stored before)
 goes to an injectable async callback, after the new counts are committed. Reading the same rows
@@ -36,6 +36,7 @@ from azure.data.tables import TableTransactionError
 
 from .graph import GraphClient, GraphError, GraphThrottled
 from .ledger import recipient_hash
+from .mime import message_id
 from .replies import mask_addresses
 from .settings import Settings
 from .trace_policy import (DETAIL_STATUSES, OPEN_STATUSES, AccountCursor, FilterRefused, RecipientStatus,
@@ -48,8 +49,6 @@ log = logging.getLogger("hve_relay.delivery")
 _CURSOR_PK = "~cursor"
 _BUDGET_PK = "~budget"
 _SUMMARY = "summary"
-_DIGEST_PK = "~m-"   # + the Message-ID digest: which request it belongs to
-_DIGEST = "request"
 _RCPT = "r-"
 _MAX_REASON = 300
 _BATCH = 99          # Table transactions take 100 operations; the summary goes last, alone
@@ -107,6 +106,16 @@ class _Request:
     sent_at: datetime
     first_received: datetime
 
+    @property
+    def digest(self) -> str:
+        return request_digest(self.request_id)
+
+
+def request_digest(request_id: str) -> str:
+    """The part of a request's Message-ID that names it (the domain and chunk suffix aside): the
+    partition of its delivery rows, so trace rows lead straight to them."""
+    return parse_message_id(message_id(request_id, "relay.invalid"))[0]
+
 
 # --- Table storage ------------------------------------------------------------------------------
 
@@ -143,10 +152,11 @@ class DeliveryStore:
         await self.table.upsert_entity({"PartitionKey": _BUDGET_PK, "RowKey": "tenant", "Spent": json.dumps(recent)},
                                        mode="replace")
 
-    async def request_rows(self, request_id: str) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    async def request_rows(self, digest: str) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+        """A request's summary and recipient rows (one partition, keyed by its Message-ID digest)."""
         summary = None
         recipients: dict[str, dict[str, Any]] = {}
-        async for row in self.table.query_entities("PartitionKey eq @pk", parameters={"pk": request_id}):
+        async for row in self.table.query_entities("PartitionKey eq @pk", parameters={"pk": digest}):
             if row["RowKey"] == _SUMMARY:
                 summary = row
             elif row["RowKey"].startswith(_RCPT):
@@ -155,13 +165,13 @@ class DeliveryStore:
 
     async def summary(self, request_id: str) -> dict[str, Any] | None:
         try:
-            row = await self.table.get_entity(request_id, _SUMMARY)
+            row = await self.table.get_entity(request_digest(request_id), _SUMMARY)
         except ResourceNotFoundError:
             return None
         return summary_view(row)
 
     async def recipients(self, request_id: str) -> list[dict[str, Any]]:
-        _, rows = await self.request_rows(request_id)
+        _, rows = await self.request_rows(request_digest(request_id))
         return [{"recipient": h, "status": r.get("Status"), "chunk": int(r.get("Chunk", 0)),
                  "reason": r.get("Reason") or ""} for h, r in sorted(rows.items())]
 
@@ -173,7 +183,7 @@ class DeliveryStore:
             out.append(summary_view(row))
         return out
 
-    async def commit(self, request_id: str, summary: dict[str, Any], etag: str | None,
+    async def commit(self, digest: str, summary: dict[str, Any], etag: str | None,
                      recipients: list[dict[str, Any]]) -> None:
         """Recipient rows and the summary (created, or replaced under its ETag) in one transaction:
         the stored counts move only when this run's view is the one that commits. Raises
@@ -190,30 +200,22 @@ class DeliveryStore:
             await self.table.submit_transaction([head, *(("upsert", r, {"mode": "replace"}) for r in rest)])
         except TableTransactionError as exc:
             if exc.status_code in (409, 412):
-                raise ResourceModifiedError(f"delivery summary of {request_id} changed") from exc
+                raise ResourceModifiedError(f"delivery summary of {summary['RequestId']} changed") from exc
             raise
 
-    async def request_for_digest(self, digest: str) -> _Request | None:
+    async def recipient(self, digest: str, hashed: str) -> dict[str, Any] | None:
         try:
-            row = await self.table.get_entity(_DIGEST_PK + digest, _DIGEST)
+            return await self.table.get_entity(digest, _RCPT + hashed)
         except ResourceNotFoundError:
             return None
-        return _Request(row["RequestId"], row.get("Account", ""), row.get("Category", ""),
-                        _utc(row.get("SentAt")) or _epoch0(), _utc(row.get("FirstReceived")) or _epoch0())
 
-    async def remember_digest(self, digest: str, request: _Request) -> None:
-        await self.table.upsert_entity({"PartitionKey": _DIGEST_PK + digest, "RowKey": _DIGEST, "RequestId": request.request_id,
-                                        "Account": request.account, "Category": request.category,
-                                        "SentAt": request.sent_at, "FirstReceived": request.first_received,
-                                        "Updated": datetime.now(timezone.utc)}, mode="replace")
-
-    async def set_reason(self, request_id: str, hashed: str, reason: str) -> None:
-        await self.table.upsert_entity({"PartitionKey": request_id, "RowKey": _RCPT + hashed,
+    async def set_reason(self, digest: str, hashed: str, reason: str) -> None:
+        await self.table.upsert_entity({"PartitionKey": digest, "RowKey": _RCPT + hashed,
                                         "Reason": mask_addresses(reason)[:_MAX_REASON]}, mode="merge")
 
 
 def summary_view(row: Any) -> dict[str, Any]:
-    return {"request_id": row["PartitionKey"], "account": row.get("Account", ""), "category": row.get("Category", ""),
+    return {"request_id": row.get("RequestId", ""), "account": row.get("Account", ""), "category": row.get("Category", ""),
             "sent_at": _utc(row.get("SentAt")), "first_received": _utc(row.get("FirstReceived")),
             "delivery": json.loads(row.get("Counts") or "{}"), "chunks": json.loads(row.get("Chunks") or "{}"),
             "open": bool(row.get("Open")), "seq": int(row.get("Seq", 0)), "updated": _utc(row.get("Updated"))}
@@ -221,9 +223,10 @@ def summary_view(row: Any) -> dict[str, Any]:
 
 class RequestResolver:
     """Which ledger request a Message-ID digest belongs to, by key look-ups only (no table scan,
-    whatever the ledger's size): a digest row this module wrote before; else the recipient index
-    (PartitionKey = the recipient's hash, one row per request that reached it, with its Message-ID)
-    for a recipient of the message, then the request's ledger row. Found digests are remembered."""
+    whatever the ledger's size): the request's delivery partition (keyed by the digest) once it has
+    a summary; before that, the recipient index (PartitionKey = the recipient's hash, one row per
+    request that reached it, with its Message-ID) for a recipient of the message, then the
+    request's ledger row. The partition read is kept for the first update of the request."""
 
     _TRIES = 3   # recipients of one message tried in the index before it counts as not ours
 
@@ -233,16 +236,25 @@ class RequestResolver:
         self.index_table = index_table
         self.key = key
         self._known: dict[str, _Request | None] = {}
+        self._read: dict[str, tuple[Any, dict[str, Any]]] = {}
 
     async def resolve(self, digest: str, addresses: list[str]) -> _Request | None:
         if digest not in self._known:
-            found = await self.store.request_for_digest(digest)
-            if found is None:
+            summary, rows = await self.store.request_rows(digest)
+            if summary is not None and summary.get("RequestId"):
+                found: _Request | None = _Request(summary["RequestId"], summary.get("Account", ""),
+                                                  summary.get("Category", ""), _utc(summary.get("SentAt")) or _epoch0(),
+                                                  _utc(summary.get("FirstReceived")) or _epoch0())
+            else:
                 found = await self._from_index(digest, addresses)
-                if found is not None:
-                    await self.store.remember_digest(digest, found)
+            if found is not None:
+                self._read[digest] = (summary, rows)
             self._known[digest] = found
         return self._known[digest]
+
+    def first_read(self, digest: str) -> tuple[Any, dict[str, Any]] | None:
+        """The partition as resolve() read it, once; later updates read afresh."""
+        return self._read.pop(digest, None)
 
     async def _from_index(self, digest: str, addresses: list[str]) -> _Request | None:
         for address in addresses[:self._TRIES]:
@@ -250,7 +262,7 @@ class RequestResolver:
             async for row in self.index_table.query_entities("PartitionKey eq @pk", parameters={"pk": hashed},
                                                              select=["RowKey", "MessageId"]):
                 parsed = parse_message_id(row.get("MessageId"))
-                if parsed is not None and parsed[0] == digest:
+                if parsed is not None and parsed[0] == digest and request_digest(row["RowKey"]) == digest:
                     return await self._ledger_request(row["RowKey"])
         return None
 
@@ -410,8 +422,10 @@ class Reconciler:
         await asyncio.gather(*(one(rid, rows) for rid, rows in pending.rows.items()))
 
     async def _apply_request(self, request: _Request, rows: list[TraceRow], attempts: int = 4) -> bool:
-        for _ in range(attempts):
-            summary, stored = await self.store.request_rows(request.request_id)
+        digest = request.digest
+        for attempt in range(attempts):
+            first = self.resolver.first_read(digest) if attempt == 0 else None
+            summary, stored = first if first is not None else await self.store.request_rows(digest)
             current = {h: RecipientStatus(r.get("Status", ""), int(r.get("Chunk", 0)),
                                           _utc(r.get("Received")) or _epoch0(), r.get("Reason") or "")
                        for h, r in stored.items()}
@@ -432,19 +446,19 @@ class Reconciler:
             now = datetime.now(timezone.utc)
             open_times = [s.received for s in merged.values() if s.status in OPEN_STATUSES]
             summary_row = {
-                "PartitionKey": request.request_id, "RowKey": _SUMMARY, "Account": request.account,
+                "PartitionKey": digest, "RowKey": _SUMMARY, "RequestId": request.request_id, "Account": request.account,
                 "Category": request.category, "SentAt": request.sent_at, "FirstReceived": request.first_received,
                 "Counts": json.dumps(new_counts), "Chunks": json.dumps(chunks), "Open": bool(open_times),
                 "Seq": seq, "Updated": now,
             }
             if open_times:
                 summary_row["OldestOpen"] = min(open_times)
-            recipient_rows = [{"PartitionKey": request.request_id, "RowKey": _RCPT + h, "Status": merged[h].status,
+            recipient_rows = [{"PartitionKey": digest, "RowKey": _RCPT + h, "Status": merged[h].status,
                                "Chunk": merged[h].chunk, "Received": merged[h].received,
                                "Reason": mask_addresses(merged[h].reason)[:_MAX_REASON], "Updated": now}
                               for h in changed]
             try:
-                await self.store.commit(request.request_id, summary_row,
+                await self.store.commit(digest, summary_row,
                                         summary.metadata.get("etag") if summary is not None else None, recipient_rows)
             except (ResourceExistsError, ResourceModifiedError):
                 continue  # another run committed first: read again, the delta is against its counts
@@ -470,8 +484,8 @@ class Reconciler:
         for (request_id, hashed), (trace_id, address) in targets.items():
             if left <= 0:
                 return
-            _, stored = await self.store.request_rows(request_id)
-            row = stored.get(hashed)
+            digest = request_digest(request_id)
+            row = await self.store.recipient(digest, hashed)
             if row is None or row.get("Reason") or row.get("Status") not in DETAIL_STATUSES:
                 continue
             if not budget.take(self.clock()):
@@ -483,7 +497,7 @@ class Reconciler:
                 events = await self.graph.trace_details(trace_id, address)
             except GraphError as exc:
                 raise _Stop(f"error: {mask_addresses(str(exc))}") from None
-            await self.store.set_reason(request_id, hashed, _reason(events, row.get("Status", "")))
+            await self.store.set_reason(digest, hashed, _reason(events, row.get("Status", "")))
 
 
 def _reason(events: list[dict[str, Any]], status: str) -> str:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from shared.delivery import DeliveryDelta, DeliveryStore, Reconciler, reconcile
+from shared.delivery import DeliveryDelta, DeliveryStore, Reconciler, reconcile, request_digest
 from shared.graph import GraphClient, StaticToken
 from shared.ledger import recipient_hash
 from shared.mime import message_id
@@ -259,7 +259,8 @@ def test_unmatched_rows_are_counted_and_ignored(storage, emulator, graph_standin
     assert (tally.matched, tally.unmatched) == (1, 3)
     assert len(h.deltas) == 1
     rows = h.all_rows()
-    assert {r["PartitionKey"] for r in rows if not r["PartitionKey"].startswith("~")} == {"ours"}
+    assert {r["RequestId"] for r in rows if r["RowKey"] == "summary"} == {"ours"}
+    assert {r["PartitionKey"] for r in rows if not r["PartitionKey"].startswith("~")} == {request_digest("ours")}
 
 
 def test_a_filter_graph_would_refuse_is_never_sent(storage, emulator, graph_standin, clock):
@@ -387,6 +388,7 @@ def test_retention_deletes_old_delivery_rows_and_keeps_recent_ones(storage):
         try:
             table = await clients.table(settings.delivery_table)
             for pk, rk, age in [("old", "summary", 100), ("old", "r-abc", 100), ("new", "summary", 1), ("new", "r-def", 1)]:
+                # (partitions are Message-ID digests in real rows; retention only looks at Updated)
                 await table.upsert_entity({"PartitionKey": pk, "RowKey": rk, "Updated": now - timedelta(days=age)})
             ledger_table = await clients.table(settings.ledger_table)
             index = await clients.table(settings.recipient_index_table)
