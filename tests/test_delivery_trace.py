@@ -338,7 +338,7 @@ def test_tools_delivery_once_dry_run_and_ledger_show_json(storage, emulator, gra
     assert "messageTraces" in out and "senderAddress" in out and not graph_standin.trace_requests
     assert delivery_cli.main(["--once", "--settings", missing]) == 0
     out = capsys.readouterr().out
-    assert "2 matched" in out
+    assert "2 matched" in out and "  shown (" in out and "+1 delivered, +1 failed" in out
     assert ledger_cli.main(["show", "shown", "--json", "--settings", missing]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert {k: shown[k] for k in ("id", "state", "attempts", "last_code")} == {"id": "shown", "state": "sent", "attempts": 1, "last_code": 250}

@@ -14,9 +14,12 @@ import asyncio
 import sys
 from pathlib import Path
 
-from shared.delivery import reconcile
+from shared.delivery import DeliveryDelta, reconcile
 from shared.settings import Settings, SettingsError
 from tools.enqueue import load_local_settings
+
+
+SHOW = 50  # changed requests listed one per line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="local.settings.json")
     args = parser.parse_args(argv)
     load_local_settings(Path(args.settings))
+    changed: list[DeliveryDelta] = []
+
+    async def collect(delta: DeliveryDelta) -> None:
+        changed.append(delta)
+
     try:
-        tally = asyncio.run(reconcile(Settings.from_env(), dry_run=args.dry_run))
+        tally = asyncio.run(reconcile(Settings.from_env(), dry_run=args.dry_run, on_delta=collect))
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -37,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         for query in tally.queries:
             print(f"  {query}")
         return 0
+    for delta in changed[:SHOW]:
+        print(f"  {delta.request_id} ({delta.account}): " + ", ".join(f"{n:+d} {status}" for status, n in delta.changes.items()))
+    if len(changed) > SHOW:
+        print(f"  ... and {len(changed) - SHOW} more request(s) changed")
     print(tally.summary())
     return 1 if tally.stopped.startswith("error") else 0
 
