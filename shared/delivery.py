@@ -320,14 +320,17 @@ class Reconciler:
                 for start, end in spans:
                     tally.queries.append(self.graph.message_traces_url(trace_filter(account, start, end, now), self.cfg.page_size))
             return tally
+        # Graph's limit is the tenant's: a Retry-After given for one account holds for all of them.
+        waits = [c.not_before for c in cursors.values() if c.not_before is not None and c.not_before > now]
+        if waits:
+            tally.stopped = f"throttled: Graph asked to wait until {max(waits).isoformat()}"
+            log.info("delivery trace: %s", tally.summary())
+            return tally
         budget = RequestBudget(self.cfg.requests_per_5min, await self.store.budget_spent())
         details: dict[tuple[str, str], tuple[str, str]] = {}
         try:
             for account, spans in plans.items():
                 cursor = cursors[account]
-                if cursor.not_before is not None and cursor.not_before > now:
-                    tally.stopped = tally.stopped or f"throttled: Graph asked to wait until {cursor.not_before.isoformat()}"
-                    continue
                 oldest_open: datetime | None = None
                 for i, (start, end) in enumerate(spans):
                     pending = await self._read_span(account, start, end, now, budget, tally)

@@ -506,3 +506,15 @@ def test_the_status_endpoint_adds_delivery_rates_when_trace_is_on(storage, emula
     assert "delivery_24h" not in run(status("false"))
     shown = run(status("true"))["delivery_24h"]
     assert shown["counts"] == {"delivered": 1, "failed": 1} and shown["rates"]["failed"] == 0.5
+
+
+def test_a_retry_after_given_for_one_account_holds_for_every_account(storage, emulator, graph_standin, clock):
+    settings = settings_for(storage, emulator, graph_standin)
+    graph_standin.fail_next(429, count=1, retry_after=120, path="/v1.0/admin/exchange/tracing/messageTraces")
+    h = Harness(settings, graph_standin, clock)
+    first = h.once()
+    assert first.stopped.startswith("throttled") and first.requests == 1
+    clock.advance(seconds=60)
+    assert h.once().requests == 0          # Graph's limit is the tenant's, not one account's
+    clock.advance(seconds=61)
+    assert not h.once().stopped
