@@ -69,7 +69,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("GOVERNOR_TABLE", "hvegovernor", "Table holding the rate governor's per-account state."),
     SettingSpec("CLAIM_CHECK_CONTAINER", "mail-payloads", "Blob container for requests larger than a queue message, and for attachments."),
     SettingSpec("RECIPIENT_HASH_KEY", "", "Secret key of the recipient hashes in the ledger (HMAC-SHA256). Set it; without it a built-in key is used and a warning is logged."),
-    SettingSpec("LEDGER_RETENTION_DAYS", "90", "Days the relay keeps who was mailed: ledger rows, chunk rows, recipient-index rows and welcome user rows not updated for this long are deleted by the daily `purge_expired` timer. Longer than SEND_MAX_AGE_HOURS and WELCOME_LOOKBACK + WELCOME_OVERLAP (a request replayed after it is treated as new)."),
+    SettingSpec("LEDGER_RETENTION_DAYS", "90", "Days the relay keeps who was mailed: ledger rows, chunk rows, recipient-index rows, delivery-status rows and welcome user rows not updated for this long are deleted by the daily `purge_expired` timer. Longer than SEND_MAX_AGE_HOURS and WELCOME_LOOKBACK + WELCOME_OVERLAP (a request replayed after it is treated as new)."),
     SettingSpec("RETENTION_SCHEDULE", "0 30 2 * * *", "NCRONTAB schedule of the `purge_expired` timer (default: daily at 02:30 UTC)."),
     SettingSpec("RETENTION_MAX_ROWS_PER_RUN", "20000", "Rows `purge_expired` deletes per table in one run at most; what is left waits for the next run."),
     SettingSpec("LOST_IN_FLIGHT_HOURS", "24", "A ledger row still `sending` this long after its last update is recorded by `purge_expired` as `dead`, reason `lost-in-flight` (HVE may have accepted it: its Message-ID is in the row)."),
