@@ -59,7 +59,10 @@ _PARALLEL = 16
 class DeliveryDelta:
     """How one request's recipient counts changed, e.g. {"pending": -1, "delivered": 1}.
 
-    `seq` counts the request's changes (1, 2, ...): (request_id, seq) is an idempotency key.
+    `seq` counts the request's changes (1, 2, ...): (request_id, seq) is an idempotency key. The
+    callback runs after the new counts are committed, so a delta is never reported for counts
+    that were not stored; a process that dies between the two loses that one delta (at most
+    once), which a consumer sees as a gap in `seq` (the summary row then holds the truth).
     `sent_at` is when the ledger recorded the request's last transaction; `first_received` when the
     relay first saw it (the day `tools.ledger report` files it under)."""
 

@@ -518,3 +518,21 @@ def test_a_retry_after_given_for_one_account_holds_for_every_account(storage, em
     assert h.once().requests == 0          # Graph's limit is the tenant's, not one account's
     clock.advance(seconds=61)
     assert not h.once().stopped
+
+
+def test_recalled_is_read_because_the_client_asks_for_unknown_enum_members(storage, emulator, graph_standin, clock):
+    settings = settings_for(storage, emulator, graph_standin)
+    run(send(settings, mail("recall", ["gone@contoso.com"])))
+    graph_standin.set_outcome("gone@contoso.com", "recalled")
+    graph_standin.feed_from(emulator)
+    h = Harness(settings, graph_standin, clock)
+    h.once()
+    assert h.summary("recall")["delivery"] == {"recalled": 1}
+
+    async def without_prefer():
+        client = GraphClient(graph_standin.base_url, StaticToken(graph_standin.token), max_attempts=1)
+        try:
+            return await client.get_json(graph_standin.base_url + "/v1.0/admin/exchange/tracing/messageTraces")
+        finally:
+            await client.close()
+    assert [r["status"] for r in run(without_prefer())["value"]] == ["unknownFutureValue"]
