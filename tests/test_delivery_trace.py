@@ -70,6 +70,8 @@ class Harness:
     async def _record(self, delta: DeliveryDelta) -> None:
         self.deltas.append(delta)
 
+    instruments = None
+
     def once(self, **kwargs):
         async def main():
             storage = StorageClients(self.settings)
@@ -78,7 +80,7 @@ class Harness:
                 reconciler = Reconciler(self.settings, graph, DeliveryStore(await storage.table(self.settings.delivery_table)),
                                         await storage.table(self.settings.ledger_table),
                                         await storage.table(self.settings.recipient_index_table), on_delta=self._record,
-                                        clock=self.clock)
+                                        clock=self.clock, instruments=self.instruments)
                 return await reconciler.run(**kwargs)
             finally:
                 await graph.close()
@@ -536,3 +538,28 @@ def test_recalled_is_read_because_the_client_asks_for_unknown_enum_members(stora
         finally:
             await client.close()
     assert [r["status"] for r in run(without_prefer())["value"]] == ["unknownFutureValue"]
+
+
+def test_the_delivery_counter_counts_recipients_reaching_each_status_by_account(storage, emulator, graph_standin, clock):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from shared.telemetry import Instruments
+
+    reader = InMemoryMetricReader()
+    settings = settings_for(storage, emulator, graph_standin, HVE_ACCOUNTS="news@contoso.com")
+    run(send(settings, mail("m1", ["k1@contoso.com", "k2@contoso.com"])))
+    graph_standin.set_outcome("k2@contoso.com", [["pending", 0], ["delivered", 300]])
+    graph_standin.feed_from(emulator)
+    h = Harness(settings, graph_standin, clock)
+    h.instruments = Instruments(meter_provider=MeterProvider(metric_readers=[reader]))
+    h.once()
+    clock.advance(minutes=6)
+    h.once()
+    h.once()
+    points = {}
+    for metric in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics:
+        for point in metric.data.data_points:
+            points[(metric.name, point.attributes["status"], point.attributes["account"])] = point.value
+    assert points == {("hve_relay.delivery", "delivered", "news@contoso.com"): 2,
+                      ("hve_relay.delivery", "pending", "news@contoso.com"): 1}
