@@ -35,6 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from shared.sender import Relay
@@ -74,6 +75,10 @@ class VirtualQueue:
 
     async def send_message(self, content: Any, *, visibility_timeout: int | None = None, time_to_live: int | None = None) -> None:
         self.put(str(content), delay=int(visibility_timeout or 0))
+
+    async def get_queue_properties(self) -> Any:
+        # Like the service's approximate count: visible and invisible messages alike.
+        return SimpleNamespace(approximate_message_count=len(self._heap))
 
     def put(self, body: str, delay: float = 0.0) -> None:
         n = next(self._seq)
@@ -177,56 +182,87 @@ async def _run(connection_string: str, emulator: HveEmulator, accounts: dict[str
     handled: list = []
     last_sent = clock()
     sent_per_day: dict[int, int] = {}
-    events: list[tuple[float, int, str, int, list]] = []
+    events: list[tuple[float, int, str, int, Any]] = []
     seq = itertools.count()
     polls = 0
-    for i in range(host.instances):  # instances start at slightly different moments
-        heapq.heappush(events, (clock() + rng.uniform(0, FIRST_POLL_SECONDS), next(seq), "poll", i, []))
+    running: set[asyncio.Task] = set()
+    parked = 0  # handlers waiting on the virtual clock (a booked slot a moment away)
 
-    async def run_one(instance: _Instance, message: _Message) -> None:
+    async def virtual_sleep(seconds: float) -> None:
+        nonlocal parked
+        woken = asyncio.get_running_loop().create_future()
+        heapq.heappush(events, (clock() + max(0.0, seconds), next(seq), "wake", -1, woken))
+        parked += 1
+        await woken
+
+    for inst in instances:
+        inst.relay.sleep = virtual_sleep
+    for i in range(host.instances):  # instances start at slightly different moments
+        heapq.heappush(events, (clock() + rng.uniform(0, FIRST_POLL_SECONDS), next(seq), "poll", i, None))
+
+    async def run_one(i: int, message: _Message) -> None:
         nonlocal last_sent
-        result = await instance.relay.handle(message.body, message.message_id, message.dequeue_count)
+        inst = instances[i]
+        try:
+            result = await inst.relay.handle(message.body, message.message_id, message.dequeue_count)
+        finally:
+            inst.inflight -= 1
+            if inst.waiting_for_room and inst.inflight <= host.new_batch_threshold:
+                inst.waiting_for_room = False
+                heapq.heappush(events, (clock.t, next(seq), "poll", i, None))
         handled.append(result)
         if result.state == "sent":
             last_sent = max(last_sent, clock())
-            day = instance.relay.governor.config.day_of(clock())
+            day = inst.relay.governor.config.day_of(clock())
             sent_per_day[day] = sent_per_day.get(day, 0) + 1
+
+    async def settle() -> None:
+        """Let the handlers run (real I/O to Azurite and the emulator) until each has finished or
+        waits on the virtual clock: only then may virtual time move on."""
+        while True:
+            busy = {t for t in running if not t.done()}
+            running.intersection_update(busy)
+            if len(busy) <= parked:
+                return
+            await asyncio.wait(busy, timeout=0.005, return_when=asyncio.FIRST_COMPLETED)
 
     while events:
         # Stop once nothing is queued or in flight (only idle polls would remain).
-        if not len(queue) and all(inst.inflight == 0 for inst in instances) and all(e[2] == "poll" for e in events):
+        if not len(queue) and not running and all(e[2] == "poll" for e in events):
             break
-        at, _, kind, i, batch = heapq.heappop(events)
+        at, _, kind, i, payload = heapq.heappop(events)
         clock.t = max(clock.t, at)
-        inst = instances[i]
-        if kind == "run":
-            await asyncio.gather(*(run_one(inst, m) for m in batch))
-            inst.inflight -= len(batch)
-            if inst.waiting_for_room and inst.inflight <= host.new_batch_threshold:
-                inst.waiting_for_room = False
-                heapq.heappush(events, (clock.t, next(seq), "poll", i, []))
-            continue
-        if inst.inflight > host.new_batch_threshold:
-            inst.waiting_for_room = True  # the listener waits for a handler to finish
-            continue
-        polls += 1
-        batch = queue.receive(clock.t, host.batch_size)
-        if batch:
-            inst.empty_polls = 0
-            inst.inflight += len(batch)
-            heapq.heappush(events, (clock.t + rng.uniform(*host.handler_seconds), next(seq), "run", i, batch))
-            wait = FIRST_POLL_SECONDS
+        if kind == "wake":
+            parked -= 1
+            payload.set_result(None)
+        elif kind == "run":
+            for m in payload:
+                running.add(asyncio.ensure_future(run_one(i, m)))
         else:
-            inst.empty_polls += 1
-            wait = min(host.max_polling_interval,
-                       FIRST_POLL_SECONDS + rng.uniform(0.8, 1.2) * 2 ** min(inst.empty_polls - 1, 30) * FIRST_POLL_SECONDS)
-        heapq.heappush(events, (clock.t + wait, next(seq), "poll", i, []))
+            inst = instances[i]
+            if inst.inflight > host.new_batch_threshold:
+                inst.waiting_for_room = True  # the listener waits for a handler to finish
+            else:
+                polls += 1
+                batch = queue.receive(clock.t, host.batch_size)
+                if batch:
+                    inst.empty_polls = 0
+                    inst.inflight += len(batch)
+                    heapq.heappush(events, (clock.t + rng.uniform(*host.handler_seconds), next(seq), "run", i, batch))
+                    wait = FIRST_POLL_SECONDS
+                else:
+                    inst.empty_polls += 1
+                    wait = min(host.max_polling_interval,
+                               FIRST_POLL_SECONDS + rng.uniform(0.8, 1.2) * 2 ** min(inst.empty_polls - 1, 30) * FIRST_POLL_SECONDS)
+                heapq.heappush(events, (clock.t + wait, next(seq), "poll", i, None))
+        await settle()
     return [inst.relay for inst in instances], handled, last_sent, sent_per_day, polls
 
 
 def simulate(*, accounts: int = 20, external: int = 10_000, internal: int = 10_000, profile: str = "preview-2024",
              budget: int | None = None, start: float = START, host: HostModel | None = None,
-             margin_seconds: float | None = None, azurite: Azurite | None = None, seed: int = 1) -> SimResult:
+             margin_seconds: float | None = None, azurite: Azurite | None = None, seed: int = 1,
+             settings: dict[str, str] | None = None) -> SimResult:
     host = host or HostModel()
     account_passwords = _accounts(accounts)
     clock = VirtualClock(start)
@@ -240,6 +276,7 @@ def simulate(*, accounts: int = 20, external: int = 10_000, internal: int = 10_0
     overrides = {"LEDGER_TABLE": f"sim{run_id}ledger", "RECIPIENT_INDEX_TABLE": f"sim{run_id}rcpt",
                  "GOVERNOR_TABLE": f"sim{run_id}gov", "MAIL_QUEUE": f"sim-{run_id}",
                  "HVE_LIMITS_PROFILE": profile, "SEND_MAX_AGE_HOURS": "72", "SEND_MAX_ATTEMPTS": "20"}
+    overrides.update(settings or {})
     if margin_seconds is not None:
         overrides["HVE_PACING_MARGIN_SECONDS"] = str(margin_seconds)
     if budget is not None:

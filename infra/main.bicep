@@ -62,13 +62,13 @@ param logRetentionInDays int = 30
 
 // ---------------------------------------------------------------- Entra ID permissions
 
-@description('Grant the app identity Microsoft Graph User.Read.All (needed by the welcome scan). The deployer needs Privileged Role Administrator or Global Administrator.')
+@description('Grant the app identity Microsoft Graph User.Read.All (needed by the welcome scan): infra/deploy.sh deploys modules/graph.bicep after this template. The deployer needs Privileged Role Administrator or Global Administrator.')
 param grantGraphUserReadAll bool = false
 
 @description('Grant the app identity the Office 365 Exchange Online application role Mail.Send for XOAUTH2 (HVE_AUTH=oauth). Same admin rights as above.')
 param grantExchangeMailSend bool = false
 
-@description('Grant the app identity Microsoft Graph ExchangeMessageTrace.Read.All (delivery confirmation). Same admin rights as above; the tenant also needs the service principal of app 8bd644d1-64a1-4d4b-ae52-2e0cbf64e373 (infra/README.md).')
+@description('Grant the app identity Microsoft Graph ExchangeMessageTrace.Read.All (delivery confirmation): infra/deploy.sh deploys modules/graph.bicep after this template. Same admin rights as above; the tenant also needs the service principal of app 8bd644d1-64a1-4d4b-ae52-2e0cbf64e373 (infra/README.md).')
 param grantGraphMessageTrace bool = false
 
 // ---------------------------------------------------------------- HVE
@@ -147,6 +147,15 @@ param hveBookingsPerSecond int = 8
 
 @description('While slots are booked ahead, a pacer message comes back this often (seconds) so the host keeps polling; 0: off.')
 param hvePacerSeconds int = 2
+
+@description('Longest early wake (and in-process wait) of a booked request before its slot, in seconds; 0 turns it off.')
+param hveSlotWaitSeconds int = 3
+
+@description('How often a worker reads the queue length to keep bookings behind the visible backlog, in seconds; 0 turns it off.')
+param hveBacklogSampleSeconds int = 5
+
+@description('A visible backlog of at most this many messages is not treated as congestion.')
+param hveBacklogMinMessages int = 64
 
 @description('Seconds an account that failed authentication is left out of rotation.')
 param accountUnhealthySeconds int = 900
@@ -338,15 +347,10 @@ module rbac 'modules/rbac.bicep' = {
   }
 }
 
-module graph 'modules/graph.bicep' = if (grantGraphUserReadAll || grantExchangeMailSend || grantGraphMessageTrace) {
-  name: 'graph-permissions'
-  params: {
-    principalId: identity.properties.principalId
-    grantUserReadAll: grantGraphUserReadAll
-    grantExchangeMailSend: grantExchangeMailSend
-    grantMessageTraceRead: grantGraphMessageTrace
-  }
-}
+// The Entra app-role grants (grantGraphUserReadAll, grantExchangeMailSend, grantGraphMessageTrace) are not deployed here:
+// infra/deploy.sh deploys modules/graph.bicep as a second deployment once this one has created the
+// identity. In the same deployment Entra has not replicated the new service principal yet and the
+// grant fails ("Not a valid reference update", microsoftgraph/msgraph-bicep-types#193).
 
 // Every app setting the function app gets, and nothing else (shared/settings.py, scope "app").
 var appSettings = {
@@ -388,6 +392,9 @@ var appSettings = {
   HVE_BOOKING_HORIZON_SECONDS: string(hveBookingHorizonSeconds)
   HVE_BOOKINGS_PER_SECOND: string(hveBookingsPerSecond)
   HVE_PACER_SECONDS: string(hvePacerSeconds)
+  HVE_SLOT_WAIT_SECONDS: string(hveSlotWaitSeconds)
+  HVE_BACKLOG_SAMPLE_SECONDS: string(hveBacklogSampleSeconds)
+  HVE_BACKLOG_MIN_MESSAGES: string(hveBacklogMinMessages)
   ACCOUNT_UNHEALTHY_SECONDS: string(accountUnhealthySeconds)
   ACCOUNT_COOLDOWN_SECONDS: string(accountCooldownSeconds)
   SEND_MAX_ATTEMPTS: string(sendMaxAttempts)
@@ -429,6 +436,14 @@ var appSettings = {
   DELIVERY_TABLE: deliveryTableName
 }
 
+// A disabled feature costs nothing: its timer function is disabled (AzureWebJobs.<function>.Disabled),
+// so Flex Consumption does not start an instance on every tick only for the code to return.
+// One line per timer function of function_app.py that a feature flag gates ('true' = disabled).
+var timerSettings = {
+  'AzureWebJobs.welcome_new_users.Disabled': welcomeEnabled ? 'false' : 'true'
+  'AzureWebJobs.confirm_delivery.Disabled': deliveryTraceEnabled ? 'false' : 'true'
+}
+
 module functionApp 'modules/functionapp.bicep' = {
   name: 'functionapp'
   params: {
@@ -443,7 +458,7 @@ module functionApp 'modules/functionapp.bicep' = {
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
     zoneRedundant: zoneRedundant
-    appSettings: appSettings
+    appSettings: union(appSettings, timerSettings)
   }
   dependsOn: [
     rbac
@@ -470,7 +485,9 @@ output HVE_ACCOUNTS string = join(hveAccounts, ',')
 output HVE_AUTH string = hveAuth
 output HVE_INTERNAL_DOMAINS string = join(hveInternalDomains, ',')
 output RECIPIENT_HASH_KEY_SECRET_NAME string = recipientHashKeySecretName
+// Grants infra/deploy.sh makes in its second deployment (modules/graph.bicep).
 output GRAPH_USER_READ_ALL_GRANTED bool = grantGraphUserReadAll
-output WELCOME_ENABLED bool = welcomeEnabled
+output EXCHANGE_MAIL_SEND_GRANTED bool = grantExchangeMailSend
 output GRAPH_MESSAGE_TRACE_GRANTED bool = grantGraphMessageTrace
+output WELCOME_ENABLED bool = welcomeEnabled
 output DELIVERY_TRACE_ENABLED bool = deliveryTraceEnabled

@@ -10,6 +10,7 @@ The arithmetic is in `shared.pacing`; this module only moves state in and out of
 from __future__ import annotations
 
 import asyncio
+import bisect
 import random
 import time
 from dataclasses import replace
@@ -198,6 +199,15 @@ class TableGovernor:
             return 0.0
         return max((log[-1] for s in self._snapshot[0] for log in (s.slots, s.external_slots) if log), default=0.0)
 
+    def booked_ahead(self, now: float) -> int:
+        """Slots after `now` this process knows of (bookings whose messages wait invisible on the
+        queue), all accounts; no Table call."""
+        if self._snapshot is None:
+            return 0
+        return sum(max(len(s.slots) - bisect.bisect_right(s.slots, now),
+                       len(s.external_slots) - bisect.bisect_right(s.external_slots, now))
+                   for s in self._snapshot[0])
+
     def hold_locally(self, account: str, seconds: float) -> None:
         """Keep this process off `account` for `seconds` (other instances are not told)."""
         self._held[account] = max(self._held.get(account, 0.0), self._monotonic() + seconds)
@@ -211,7 +221,8 @@ class TableGovernor:
         self._snapshot = (states, tenant if tenant is not None else old_tenant)
 
     async def acquire(self, shape: Shape, now: float, *, allow_booking: bool = True,
-                      release: Release | None = None, only: str | None = None) -> Decision:
+                      release: Release | None = None, only: str | None = None,
+                      book_not_before: float = 0.0) -> Decision:
         """Grant (maybe a booking later today), Wait, or Impossible.
 
         `release`: the request's earlier slot, given back in the same write that takes the new one
@@ -230,7 +241,7 @@ class TableGovernor:
                 states, tenant = self._snapshot
                 usable = self._usable(states, release, only)
                 decision = decide(usable, tenant, shape, now, self.config, self._rng, allow_booking=allow_booking,
-                                  release=release)
+                                  release=release, book_not_before=book_not_before)
                 if not fresh and (isinstance(decision, Wait) or (
                         self._stale and isinstance(decision, Grant) and decision.at > now)):
                     # A wait, or a booking made while some row is known stale (the account left

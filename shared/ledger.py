@@ -51,6 +51,7 @@ class LedgerEntry:
     booked_account: str = ""
     booked_at: float = 0.0
     booked_chunk: int = -1
+    booked_wake: float = 0.0     # when the booked copy was due to become visible on the queue
     # Recipients by their index in the request's (de-duplicated) recipient list, never by address:
     # refused for now (4xx at RCPT), still to go in a follow-up transaction; refused for good (5xx).
     pending_recipients: tuple[int, ...] = ()
@@ -90,6 +91,7 @@ def _to_row(entry: LedgerEntry) -> dict[str, Any]:
         "BookedAccount": entry.booked_account,
         "BookedAt": float(entry.booked_at),
         "BookedChunk": entry.booked_chunk,
+        "BookedWake": float(entry.booked_wake),
         "PendingRecipients": _indices_to_text(entry.pending_recipients),
         "RefusedRecipients": _indices_to_text(entry.refused_recipients),
         "ClaimCheck": entry.claim_blob,
@@ -128,6 +130,7 @@ def _from_row(row: Any) -> LedgerEntry:
         booked_account=row.get("BookedAccount", ""),
         booked_at=float(row.get("BookedAt", 0.0)),
         booked_chunk=int(row.get("BookedChunk", -1)),
+        booked_wake=float(row.get("BookedWake", 0.0)),
         pending_recipients=_indices_from_text(row.get("PendingRecipients")),
         refused_recipients=_indices_from_text(row.get("RefusedRecipients")),
         claim_blob=row.get("ClaimCheck", ""),

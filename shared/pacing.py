@@ -362,11 +362,16 @@ def release_slot(state: AccountState, release: Release, cfg: PacingConfig) -> Ac
 
 def decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Shape, now: float,
            cfg: PacingConfig, rng: random.Random | None = None, *, allow_booking: bool = True,
-           release: Release | None = None) -> Decision:
+           release: Release | None = None, book_not_before: float = 0.0) -> Decision:
     """Grant now, book a slot later today, wait until a stated time, or refuse as impossible.
 
     With `release`, the request's own earlier slot is given back first (it came back late, or was
     not delivered), so the decision and the release are one write.
+
+    `book_not_before`: a booking goes no earlier than this (the moment the queue's visible backlog
+    is expected to be drained, see shared/backlog.py): a booked message becomes visible behind
+    that backlog and would come back late, leaving its slot unused, while the fresh messages of
+    the backlog could have taken it at once. A grant now is not affected.
 
     Picks the account with the earliest slot; among accounts free now, the preferred one, else
     one at random (so instances reading the same state spread out)."""
@@ -375,7 +380,7 @@ def decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Sh
     if release is not None:
         states = [release_slot(s, release, cfg) if s.account == release.account else s for s in states]
         released = next((s for s in states if s.account == release.account), None)
-    decision = _decide(states, tenant, shape, now, cfg, rng, allow_booking)
+    decision = _decide(states, tenant, shape, now, cfg, rng, allow_booking, book_not_before)
     if released is None:
         return decision
     if isinstance(decision, Grant):
@@ -384,7 +389,7 @@ def decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Sh
 
 
 def _decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Shape, now: float,
-            cfg: PacingConfig, rng: random.Random, allow_booking: bool) -> Decision:
+            cfg: PacingConfig, rng: random.Random, allow_booking: bool, book_not_before: float = 0.0) -> Decision:
     impossible = impossible_reason(shape, cfg)
     if impossible:
         return Impossible(impossible)
@@ -405,6 +410,13 @@ def _decide(states: Sequence[AccountState], tenant: TenantState | None, shape: S
     today_end = cfg.day_end(cfg.day_of(now))
     if not allow_booking or best_t >= today_end:
         return Wait(until=best_t, reason=best_why)
+    if book_not_before > best_t:
+        # Slots from the end of the backlog on; the capacity before it is left to the backlog.
+        floor = min(book_not_before, today_end)
+        slots = [(earliest_slot(s, tenant, shape, floor, cfg), s) for s in states]
+        (best_t, best_why), _ = min(slots, key=lambda item: item[0][0])
+        if best_t >= today_end:
+            return Wait(until=best_t, reason=best_why)
     if best_t - now > cfg.booking_horizon_seconds:
         # Too far ahead to hold a place in the log: come back when the slot is within the horizon.
         return Wait(until=max(now + 1.0, best_t - cfg.booking_horizon_seconds / 2), reason=best_why)

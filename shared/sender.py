@@ -42,6 +42,7 @@ from .governor import Grant, TableGovernor
 from .producer import CLAIM_CHECK_PREFIX
 from .pacing import Impossible, PacingConfig, Release, Shape, Wait, chunk_recipients
 from .hve_smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
+from .queue_timing import BacklogEstimator, ReturnLatency
 from .ledger import DEAD, DEFERRED, FINAL_STATES, REFUSED, SENDING, SENT, Ledger, LedgerConflict, LedgerEntry
 from .limits import Limits, resolve_limits
 from .mime import build_message, message_id
@@ -125,6 +126,12 @@ class Relay:
         self.instruments = Instruments()
         self.stats = RelayStats()
         self._pacer_seen = -math.inf
+        # Bookings never fall due inside the queue's visible backlog (capped at half the horizon).
+        self.backlog = BacklogEstimator(settings.backlog_sample_seconds, settings.backlog_min_messages,
+                                        settings.booking_horizon_seconds / 2)
+        self.return_latency = ReturnLatency(settings.slot_wait_seconds)
+        # Waiting for a booked slot a moment away (the simulation puts its virtual clock here).
+        self.sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
         self.closers: list[Callable[[], Awaitable[None]]] = []
         self.policy = ValidationPolicy.from_settings(settings, limits)
         self.message_id_domain = settings.accounts[0].rsplit("@", 1)[1]
@@ -181,6 +188,7 @@ class Relay:
     async def handle(self, body: bytes | str, queue_message_id: str, dequeue_count: int = 1) -> Handled:
         with self.instruments.tracer.start_as_current_span("hve_relay.send") as span:
             handled = await self._handle(body, queue_message_id, dequeue_count)
+            self.backlog.note_handled(self.clock())
             span.set_attribute("hve.request_id", handled.request_id)
             span.set_attribute("hve.outcome", handled.state)
             span.set_attribute("hve.dequeue_count", dequeue_count)
@@ -445,11 +453,19 @@ class Relay:
         refused, dead)."""
         release = None
         if entry.booked_account and entry.booked_chunk == index:
-            if now < entry.booked_at:  # woke early: sleep again on the queue, not here
-                delay = await self._requeue(stub, entry.booked_at - now, entry.attempts, jitter=False)
-                return Handled(entry.request_id, DEFERRED, "booked slot not reached", entry.booked_account, 0, delay)
+            if entry.booked_wake:
+                self.return_latency.observe(now - entry.booked_wake)
+            if now < entry.booked_at:
+                early = entry.booked_at - now
+                if early > self.settings.slot_wait_seconds:
+                    # Far from the slot (a redelivery): sleep again on the queue, not here.
+                    delay = await self._requeue(stub, early - self.return_latency.early_wake(), entry.attempts, jitter=False)
+                    return Handled(entry.request_id, DEFERRED, "booked slot not reached", entry.booked_account, 0, delay)
+                # Woke early on purpose (see shared/queue_timing.py): the slot is a moment away.
+                await self.sleep(early)
+                now = max(self.clock(), entry.booked_at)
             booked, booked_at = entry.booked_account, entry.booked_at
-            entry = entry.evolve(booked_account="", booked_at=0.0, booked_chunk=-1)
+            entry = entry.evolve(booked_account="", booked_at=0.0, booked_chunk=-1, booked_wake=0.0)
             # Late by up to half the margin is safe: the other half covers the SMTP exchange. An
             # account this process saw start resting since is not used (no extra round trip).
             if now <= booked_at + self.settings.pacing_margin_seconds / 2 and not self.governor.known_resting(booked, now):
@@ -458,7 +474,8 @@ class Relay:
             # slot, which is now if the windows allow it.
             release = Release(booked, booked_at, shape)
             self.stats.late += 1
-        decision = await self.governor.acquire(shape, now, release=release)
+        decision = await self.governor.acquire(shape, now, release=release,
+                                               book_not_before=now + await self._backlog_lead(now))
         if release is not None and not (isinstance(decision, Grant) and decision.at <= now):
             self.stats.late_rebooked += 1
         if isinstance(decision, Impossible):
@@ -470,10 +487,13 @@ class Relay:
             await self._save_quietly(entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=_utc(now)))
             return Handled(entry.request_id, DEFERRED, decision.reason, "", 0, delay)
         if decision.at > now:
-            delay = await self._requeue(stub, decision.at - now, entry.attempts, jitter=False)
+            # Back on the queue to wake as much before the slot as booked messages come back late.
+            delay = await self._requeue(stub, decision.at - now - self.return_latency.early_wake(), entry.attempts,
+                                        jitter=False)
             await self._save_quietly(entry.evolve(
                 state=DEFERRED, reason=f"booked a slot on {decision.account}", updated=_utc(now),
-                booked_account=decision.account, booked_at=decision.at, booked_chunk=index))
+                booked_account=decision.account, booked_at=decision.at, booked_chunk=index,
+                booked_wake=now + delay))
             await self._keep_host_polling(decision.at)
             return Handled(entry.request_id, DEFERRED, "booked", decision.account, 0, delay)
         return decision.account, decision.at, entry
@@ -497,6 +517,18 @@ class Relay:
         delay = await self._requeue(stub, wait, entry.attempts)
         await self._save_quietly(entry.evolve(state=DEFERRED, reason=why))
         return Handled(entry.request_id, DEFERRED, why, account, verdict.code, delay)
+
+    async def _backlog_lead(self, now: float) -> float:
+        """Seconds until the queue's visible backlog is drained (0 when none): one queue read per
+        HVE_BACKLOG_SAMPLE_SECONDS per process, and none at all while nothing needs booking."""
+        if self.backlog.sample_due(now) and self.governor.latest_slot() > now:
+            try:
+                queued = (await self.queue.get_queue_properties()).approximate_message_count or 0
+            except Exception as exc:  # an estimate: without it, bookings are made as before
+                log.debug("queue length unknown: %s", exc)
+            else:
+                self.backlog.observe(now, queued, self.governor.booked_ahead(now))
+        return self.backlog.lead(now)
 
     # --- keeping the host's polling short while bookings are ahead ------------------------------
 

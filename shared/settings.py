@@ -52,6 +52,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("HVE_BOOKING_HORIZON_SECONDS", "3600", "How far ahead the governor books send slots for a backlog; a request whose slot is further away waits unbooked and asks again later."),
     SettingSpec("HVE_BOOKINGS_PER_SECOND", "8", "At most this many booked slots (tenant-wide) fall due in one second (never fewer than the accounts' combined rate needs), so booked requests come back a few at a time rather than as one crowd the host works through late; 0 turns spreading off."),
     SettingSpec("HVE_PACER_SECONDS", "2", "While send slots are booked ahead, a tiny pacer message comes back on the queue this often, so the Functions host keeps polling often instead of backing off to maxPollingInterval (a minute on Azure) and picking booked requests up late; 0 turns it off."),
+    SettingSpec("HVE_SLOT_WAIT_SECONDS", "3", "Booked requests are put back on the queue to wake as much before their slot as this worker sees them come back late (at most this long), and one that is then a little early waits in the process for its slot, at most this long; 0 turns both off (a booked request then wakes at its slot and is handled a little after it)."),
+    SettingSpec("HVE_BACKLOG_SAMPLE_SECONDS", "5", "While booking slots, each worker reads the queue's message count this often to estimate how long its visible backlog takes to drain; no booking is made earlier than that (a booked message would come back late behind the backlog and its slot pass unused); 0 turns this off."),
+    SettingSpec("HVE_BACKLOG_MIN_MESSAGES", "64", "A visible backlog of at most this many messages is not treated as congestion (bookings may fall due at once)."),
     SettingSpec("MAX_RECIPIENTS_PER_REQUEST", "500", "Recipients one request may have; above the per-message limit a request is sent as several SMTP transactions."),
     SettingSpec("HVE_POOL_SIZE", "4", "Open SMTP sessions kept per HVE account in one worker process."),
     SettingSpec("HVE_POOL_IDLE_SECONDS", "60", "An idle SMTP session older than this is closed."),
@@ -202,6 +205,9 @@ class Settings:
     booking_horizon_seconds: float
     bookings_per_second: int
     pacer_seconds: float
+    slot_wait_seconds: float
+    backlog_sample_seconds: float
+    backlog_min_messages: int
     account_unhealthy_seconds: float
     account_cooldown_seconds: float
     max_attempts: int
@@ -335,6 +341,9 @@ class Settings:
             booking_horizon_seconds=max(60.0, number("HVE_BOOKING_HORIZON_SECONDS")),
             bookings_per_second=max(0, number("HVE_BOOKINGS_PER_SECOND", int)),
             pacer_seconds=number("HVE_PACER_SECONDS"),
+            slot_wait_seconds=max(0.0, number("HVE_SLOT_WAIT_SECONDS")),
+            backlog_sample_seconds=max(0.0, number("HVE_BACKLOG_SAMPLE_SECONDS")),
+            backlog_min_messages=max(0, number("HVE_BACKLOG_MIN_MESSAGES", int)),
             account_unhealthy_seconds=number("ACCOUNT_UNHEALTHY_SECONDS"),
             account_cooldown_seconds=number("ACCOUNT_COOLDOWN_SECONDS"),
             max_attempts=max(1, number("SEND_MAX_ATTEMPTS", int)),

@@ -84,7 +84,6 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
     siteConfig: {
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
-      ftpsState: 'Disabled'
       http20Enabled: true
       appSettings: [for setting in items(appSettings): {
         name: setting.key
@@ -115,6 +114,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
 }
 
 // No FTP or SCM basic-auth publishing credentials: deployments authenticate with Entra ID.
+// (These policies are what turns FTP off on Flex Consumption: siteConfig.ftpsState is deprecated there.)
 resource ftpCredentials 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
   parent: functionApp
   name: 'ftp'

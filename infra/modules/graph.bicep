@@ -1,8 +1,11 @@
 // Entra ID application permissions for the app's managed identity, through the Microsoft
-// Graph Bicep extension (alias in infra/bicepconfig.json). Deployed only when main.bicep's
-// grantGraphUserReadAll, grantExchangeMailSend or grantGraphMessageTrace is true; the deployer then needs an Entra
-// role that may grant application permissions (Privileged Role Administrator or Global
-// Administrator): see infra/README.md.
+// Graph Bicep extension (alias in infra/bicepconfig.json). A deployment of its own, which
+// infra/deploy.sh runs after main.bicep when grantGraphUserReadAll, grantExchangeMailSend or
+// grantGraphMessageTrace is true
+// (inside main.bicep the new identity is not yet replicated in Entra: "Not a valid reference
+// update"), with only the grants that do not exist yet. The deployer needs an Entra role that may
+// grant application permissions (Privileged Role Administrator or Global Administrator): see
+// infra/README.md.
 extension microsoftGraphV1
 
 @description('Principal (object) id of the app\'s user-assigned managed identity.')

@@ -1,0 +1,109 @@
+"""The queue's timing as a worker sees it (shared/queue_timing.py), and how the governor uses it:
+bookings stay behind the visible backlog, and booked messages wake early by what they come back late."""
+
+import random
+
+import pytest
+
+from shared.limits import PROFILES
+from shared.pacing import AccountState, Grant, PacingConfig, Shape, decide
+from shared.queue_timing import BacklogEstimator, ReturnLatency
+
+START = 1_799_920_800.0
+CFG = PacingConfig(limits=PROFILES["preview-2024"])
+
+
+def estimator() -> BacklogEstimator:
+    return BacklogEstimator(sample_seconds=5, min_messages=64, max_lead_seconds=1800)
+
+
+def test_a_backlog_draining_at_100_per_second_is_empty_in_its_size_over_the_rate():
+    e = estimator()
+    e.observe(START, queued=20_000, booked_ahead=0)
+    e.observe(START + 10, queued=19_500, booked_ahead=500)   # 1,000 handled: 500 sent, 500 booked
+    assert e.drain_rate(START + 10) == pytest.approx(100)
+    assert e.lead(START + 10) == pytest.approx(190)
+    # The estimate ages with the clock between samples.
+    assert e.lead(START + 40) == pytest.approx(160)
+
+
+def test_the_first_sample_goes_by_this_workers_own_handling_rate():
+    e = estimator()
+    for i in range(300):
+        e.note_handled(START + i / 100)
+    e.observe(START + 3, queued=20_000, booked_ahead=100)
+    assert e.lead(START + 3) == pytest.approx(19_900 / 100, rel=0.02)
+
+
+def test_a_small_backlog_is_not_congestion():
+    e = estimator()
+    e.observe(START, queued=70, booked_ahead=10)
+    e.observe(START + 5, queued=60, booked_ahead=10)
+    assert e.lead(START + 5) == 0.0
+
+
+def test_a_backlog_that_is_not_draining_and_no_handling_seen_says_nothing():
+    e = estimator()
+    e.observe(START, queued=5000, booked_ahead=0)
+    e.observe(START + 5, queued=5200, booked_ahead=0)
+    assert e.lead(START + 5) == 0.0
+
+
+def test_the_lead_never_exceeds_its_cap():
+    e = BacklogEstimator(sample_seconds=5, min_messages=0, max_lead_seconds=600)
+    e.observe(START, queued=1_000_000, booked_ahead=0)
+    e.observe(START + 10, queued=999_990, booked_ahead=0)
+    assert e.lead(START + 10) == 600
+
+
+def test_sampling_is_due_once_per_interval_and_never_when_off():
+    e = estimator()
+    assert e.sample_due(START)
+    e.observe(START, 100, 0)
+    assert not e.sample_due(START + 4.9) and e.sample_due(START + 5)
+    off = BacklogEstimator(sample_seconds=0, min_messages=0, max_lead_seconds=600)
+    assert not off.sample_due(START) and off.lead(START) == 0.0
+
+
+def test_booked_messages_wake_early_by_the_95th_percentile_of_their_lateness_capped():
+    r = ReturnLatency(max_seconds=3)
+    assert r.early_wake() == 0.0  # nothing seen: wake at the slot
+    for x in [0.2] * 90 + [1.5] * 10:
+        r.observe(x)
+    assert r.early_wake() == pytest.approx(1.5)
+    for x in [9.0] * 64:
+        r.observe(x)
+    assert r.early_wake() == 3.0
+
+
+def test_a_redelivery_minutes_late_or_a_negative_latency_does_not_move_the_wake():
+    r = ReturnLatency(max_seconds=3)
+    r.observe(0.4)
+    r.observe(600.0)
+    r.observe(-2.0)
+    assert r.early_wake() == pytest.approx(0.4)
+    assert ReturnLatency(max_seconds=0).early_wake() == 0.0
+
+
+def _full_minute(account: str, at: float) -> AccountState:
+    # Ten external messages this minute: the next external slot is a minute away.
+    slots = tuple(at + i * 0.1 for i in range(10))
+    return AccountState(account=account, slots=(), external_slots=slots, day=CFG.day_of(at), external_today=10,
+                        messages_today=10)
+
+
+def test_a_booking_is_never_earlier_than_the_end_of_the_backlog():
+    states = [_full_minute("a@contoso.com", START), _full_minute("b@contoso.com", START)]
+    plain = decide(states, None, Shape(0, 1), START + 1, CFG, random.Random(1))
+    floored = decide(states, None, Shape(0, 1), START + 1, CFG, random.Random(1), book_not_before=START + 200)
+    assert isinstance(plain, Grant) and plain.at < START + 70
+    assert isinstance(floored, Grant) and floored.at >= START + 200
+    # The capacity before the floor is left free: the minute after START is still open for the
+    # fresh messages the backlog holds.
+    assert all(s < START + 62 for s in floored.account_state.external_slots[:-1])
+
+
+def test_the_backlog_floor_never_delays_a_message_that_can_go_now():
+    states = [AccountState(account="a@contoso.com")]
+    decision = decide(states, None, Shape(0, 1), START, CFG, random.Random(1), book_not_before=START + 500)
+    assert isinstance(decision, Grant) and decision.at == START
