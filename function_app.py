@@ -30,6 +30,14 @@ async def purge_expired(timer: func.TimerRequest) -> None:
     await retention.handle_timer()
 
 
+@app.timer_trigger(arg_name="timer", schedule="%DELIVERY_TRACE_SCHEDULE%")
+async def confirm_delivery(timer: func.TimerRequest) -> None:
+    """Reconcile the ledger with Graph message trace, per recipient (only when DELIVERY_TRACE_ENABLED=true)."""
+    from shared import delivery
+
+    await delivery.handle_timer(past_due=timer.past_due)
+
+
 @app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 async def status(req: func.HttpRequest) -> func.HttpResponse:
     """Live per-account view from the rate governor (used today, remaining, next slot, health)."""

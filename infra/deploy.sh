@@ -207,6 +207,7 @@ if [[ $WHAT_IF -eq 0 ]] && grep -q 'contoso' "$PARAMETERS_FILE"; then
 fi
 GRANT_GRAPH="$(lower "$(param_value grantGraphUserReadAll)")"
 GRANT_EXCHANGE="$(lower "$(param_value grantExchangeMailSend)")"
+GRANT_TRACE="$(lower "$(param_value grantGraphMessageTrace)")"
 ENVIRONMENT_NAME="$(param_value environmentName)"
 
 # ------------------------------------------------------------------ 2. resource group, location
@@ -288,10 +289,10 @@ done
 if [[ $WHAT_IF -eq 1 ]]; then
   step "What-if of infra/main.bicep (nothing is changed)"
   az deployment group create "${deploy_args[@]}" --what-if
-  if [[ "$GRANT_GRAPH" == "true" || "$GRANT_EXCHANGE" == "true" ]]; then
+  if [[ "$GRANT_GRAPH" == "true" || "$GRANT_EXCHANGE" == "true" || "$GRANT_TRACE" == "true" ]]; then
     say ""
     say "note: what-if does not preview Microsoft Graph resources: the app-role grants of"
-    say "infra/modules/graph.bicep (grantGraphUserReadAll / grantExchangeMailSend) are not shown above."
+    say "infra/modules/graph.bicep (grantGraphUserReadAll / grantExchangeMailSend / grantGraphMessageTrace) are not shown above."
     say "They are deployed as a second deployment, after the managed identity exists."
   fi
   exit 0
@@ -314,11 +315,12 @@ outputs="$(az deployment group show --resource-group "$RESOURCE_GROUP" --name "$
   properties.outputs.RECIPIENT_HASH_KEY_SECRET_NAME.value,
   properties.outputs.GRAPH_USER_READ_ALL_GRANTED.value,
   properties.outputs.WELCOME_ENABLED.value,
-  properties.outputs.EXCHANGE_MAIL_SEND_GRANTED.value
+  properties.outputs.EXCHANGE_MAIL_SEND_GRANTED.value,
+  properties.outputs.GRAPH_MESSAGE_TRACE_GRANTED.value
 ]' -o tsv)"
 values=()
 while IFS= read -r line; do values+=("$line"); done <<<"$outputs"
-[[ ${#values[@]} -ge 14 ]] || die "unexpected deployment outputs; see: az deployment group show -g $RESOURCE_GROUP -n $DEPLOYMENT_NAME"
+[[ ${#values[@]} -ge 15 ]] || die "unexpected deployment outputs; see: az deployment group show -g $RESOURCE_GROUP -n $DEPLOYMENT_NAME"
 APP_NAME="${values[0]}"
 APP_URL="${values[1]}"
 STORAGE_ACCOUNT="${values[2]}"
@@ -333,6 +335,7 @@ HASH_KEY_SECRET="${values[10]}"
 GRAPH_GRANTED="$(lower "${values[11]}")"
 WELCOME_ENABLED="${values[12]}"
 EXCHANGE_GRANTED="$(lower "${values[13]}")"
+TRACE_GRANTED="$(lower "${values[14]}")"
 [[ -n "$APP_NAME" && -n "$KEY_VAULT" && -n "$IDENTITY_PRINCIPAL_ID" ]] ||
   die "the deployment has no outputs; see: az deployment group show -g $RESOURCE_GROUP -n $DEPLOYMENT_NAME"
 
@@ -341,7 +344,7 @@ EXCHANGE_GRANTED="$(lower "${values[13]}")"
 # replicated the new service principal and the grant fails with "Not a valid reference update"
 # (microsoftgraph/msgraph-bicep-types#193). A grant that exists is not deployed again (a
 # redeploy can conflict, #161), so a rerun changes nothing.
-if [[ "$GRAPH_GRANTED" == "true" || "$EXCHANGE_GRANTED" == "true" ]]; then
+if [[ "$GRAPH_GRANTED" == "true" || "$EXCHANGE_GRANTED" == "true" || "$TRACE_GRANTED" == "true" ]]; then
   step "Entra app-role grants for the app identity $IDENTITY_PRINCIPAL_ID (infra/modules/graph.bicep)"
   assigned="$(az rest --method get \
     --uri "https://graph.microsoft.com/v1.0/servicePrincipals/$IDENTITY_PRINCIPAL_ID/appRoleAssignments" \
@@ -359,19 +362,22 @@ if [[ "$GRAPH_GRANTED" == "true" || "$EXCHANGE_GRANTED" == "true" ]]; then
     fi
     granting="$granting $2"
   }
-  grant_user_read_all=false grant_mail_send=false granting=""
+  grant_user_read_all=false grant_mail_send=false grant_trace=false granting=""
   if [[ "$GRAPH_GRANTED" == "true" ]] && needs_grant "$MICROSOFT_GRAPH_APP_ID" User.Read.All; then
     grant_user_read_all=true
   fi
   if [[ "$EXCHANGE_GRANTED" == "true" ]] && needs_grant "$EXCHANGE_ONLINE_APP_ID" Mail.Send; then
     grant_mail_send=true
   fi
-  if [[ "$grant_user_read_all" == "true" || "$grant_mail_send" == "true" ]]; then
+  if [[ "$TRACE_GRANTED" == "true" ]] && needs_grant "$MICROSOFT_GRAPH_APP_ID" ExchangeMessageTrace.Read.All; then
+    grant_trace=true
+  fi
+  if [[ "$grant_user_read_all" == "true" || "$grant_mail_send" == "true" || "$grant_trace" == "true" ]]; then
     with_retry "grant (Entra replication of the new identity)" "$GRAPH_TRIES" "$GRAPH_WAIT" 'Not a valid reference update' \
       az deployment group create --resource-group "$RESOURCE_GROUP" --name "$DEPLOYMENT_NAME-graph" \
       --template-file "$ROOT/infra/modules/graph.bicep" \
       --parameters "principalId=$IDENTITY_PRINCIPAL_ID" "grantUserReadAll=$grant_user_read_all" \
-      "grantExchangeMailSend=$grant_mail_send" --output none ||
+      "grantExchangeMailSend=$grant_mail_send" "grantMessageTraceRead=$grant_trace" --output none ||
       die "the app-role grant failed (see above). 'Not a valid reference update' after every try: Entra has not replicated the identity yet, run this again in a few minutes. Authorization errors: the deployer needs Privileged Role Administrator (infra/README.md, 'Graph permission')"
     say "granted:$granting"
   fi
@@ -592,4 +598,10 @@ if [[ "$(lower "$WELCOME_ENABLED")" == "true" && "$GRAPH_GRANTED" != "true" ]]; 
   say "welcome scan is on but User.Read.All was not granted by this deployment: have an admin grant it"
   say "to object id $IDENTITY_PRINCIPAL_ID (infra/README.md, 'Graph permission'), or redeploy with"
   say "--set grantGraphUserReadAll=true as a Privileged Role Administrator."
+fi
+if [[ "$TRACE_GRANTED" == "true" ]]; then
+  say ""
+  say "delivery confirmation: once per tenant, a Global Administrator creates the message-trace service"
+  say "principal, or Graph refuses every trace call (infra/README.md, 'delivery confirmation'):"
+  say "  New-MgServicePrincipal -AppId 8bd644d1-64a1-4d4b-ae52-2e0cbf64e373"
 fi

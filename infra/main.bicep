@@ -68,6 +68,9 @@ param grantGraphUserReadAll bool = false
 @description('Grant the app identity the Office 365 Exchange Online application role Mail.Send for XOAUTH2 (HVE_AUTH=oauth). Same admin rights as above.')
 param grantExchangeMailSend bool = false
 
+@description('Grant the app identity Microsoft Graph ExchangeMessageTrace.Read.All (delivery confirmation): infra/deploy.sh deploys modules/graph.bicep after this template. Same admin rights as above; the tenant also needs the service principal of app 8bd644d1-64a1-4d4b-ae52-2e0cbf64e373 (infra/README.md).')
+param grantGraphMessageTrace bool = false
+
 // ---------------------------------------------------------------- HVE
 
 @minLength(1)
@@ -249,6 +252,22 @@ param welcomeSupportAddress string = ''
 @description('Microsoft Graph base URL.')
 param graphBaseUrl string = 'https://graph.microsoft.com'
 
+// ---------------------------------------------------------------- delivery confirmation (message trace)
+
+@description('Run the confirm_delivery timer (needs grantGraphMessageTrace, or an admin granting ExchangeMessageTrace.Read.All).')
+param deliveryTraceEnabled bool = false
+
+@description('NCRONTAB schedule of the confirm_delivery timer.')
+param deliveryTraceSchedule string = '0 */10 * * * *'
+
+@description('Recipients still pending are re-checked until final or this old (ISO 8601 duration, under 90 days).')
+param deliveryTraceMaxAge string = 'P3D'
+
+@description('Graph message-trace requests the relay spends in any 5 minutes (Graph allows 100 per tenant, shared).')
+@minValue(1)
+@maxValue(100)
+param deliveryTraceRequestsPer5Min int = 60
+
 // ---------------------------------------------------------------- names
 
 var abbrs = loadJsonContent('abbreviations.json')
@@ -268,6 +287,7 @@ var recipientIndexTableName = 'hverecipients'
 var governorTableName = 'hvegovernor'
 var aggregatesTableName = 'hveaggregates'
 var welcomeTableName = 'hvewelcome'
+var deliveryTableName = 'hvedelivery'
 var claimCheckContainerName = 'mail-payloads'
 var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
 
@@ -310,6 +330,7 @@ module storage 'modules/storage.bicep' = {
       governorTableName
       welcomeTableName
       aggregatesTableName
+      deliveryTableName
     ]
     containerNames: [
       deploymentContainerName
@@ -342,7 +363,7 @@ module rbac 'modules/rbac.bicep' = {
   }
 }
 
-// The Entra app-role grants (grantGraphUserReadAll, grantExchangeMailSend) are not deployed here:
+// The Entra app-role grants (grantGraphUserReadAll, grantExchangeMailSend, grantGraphMessageTrace) are not deployed here:
 // infra/deploy.sh deploys modules/graph.bicep as a second deployment once this one has created the
 // identity. In the same deployment Entra has not replicated the new service principal yet and the
 // grant fails ("Not a valid reference update", microsoftgraph/msgraph-bicep-types#193).
@@ -424,6 +445,17 @@ var appSettings = {
   WELCOME_FAQ_URL: welcomeFaqUrl
   WELCOME_SUPPORT_ADDRESS: welcomeSupportAddress
   GRAPH_BASE_URL: graphBaseUrl
+  // Delivery confirmation (message trace).
+  DELIVERY_TRACE_ENABLED: deliveryTraceEnabled ? 'true' : 'false'
+  DELIVERY_TRACE_SCHEDULE: deliveryTraceSchedule
+  DELIVERY_TRACE_MAX_AGE: deliveryTraceMaxAge
+  DELIVERY_TRACE_REQUESTS_PER_5MIN: string(deliveryTraceRequestsPer5Min)
+  DELIVERY_TRACE_OVERLAP: 'PT30M'
+  DELIVERY_TRACE_SPAN: 'PT6H'
+  DELIVERY_TRACE_END_LAG: 'PT1M'
+  DELIVERY_TRACE_PAGE_SIZE: '5000'
+  DELIVERY_TRACE_DETAILS_PER_RUN: '10'
+  DELIVERY_TABLE: deliveryTableName
 }
 
 // A disabled feature costs nothing: its timer function is disabled (AzureWebJobs.<function>.Disabled),
@@ -431,6 +463,7 @@ var appSettings = {
 // One line per timer function of function_app.py that a feature flag gates ('true' = disabled).
 var timerSettings = {
   'AzureWebJobs.welcome_new_users.Disabled': welcomeEnabled ? 'false' : 'true'
+  'AzureWebJobs.confirm_delivery.Disabled': deliveryTraceEnabled ? 'false' : 'true'
 }
 
 module functionApp 'modules/functionapp.bicep' = {
@@ -477,4 +510,6 @@ output RECIPIENT_HASH_KEY_SECRET_NAME string = recipientHashKeySecretName
 // Grants infra/deploy.sh makes in its second deployment (modules/graph.bicep).
 output GRAPH_USER_READ_ALL_GRANTED bool = grantGraphUserReadAll
 output EXCHANGE_MAIL_SEND_GRANTED bool = grantExchangeMailSend
+output GRAPH_MESSAGE_TRACE_GRANTED bool = grantGraphMessageTrace
 output WELCOME_ENABLED bool = welcomeEnabled
+output DELIVERY_TRACE_ENABLED bool = deliveryTraceEnabled

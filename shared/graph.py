@@ -51,7 +51,12 @@ class GraphError(Exception):
 
 
 class GraphThrottled(GraphError):
-    """Still throttled after the allowed retries, or asked to wait longer than the client will."""
+    """Still throttled after the allowed retries, or asked to wait longer than the client will.
+    `retry_after`: the seconds Graph asked for (None when it did not say)."""
+
+    def __init__(self, status: int, code: str, message: str, url: str = "", retry_after: float | None = None) -> None:
+        super().__init__(status, code, message, url)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -188,8 +193,9 @@ class GraphClient:
 
     # --- requests ---------------------------------------------------------------------------------
 
-    async def get_json(self, url: str) -> dict[str, Any]:
+    async def get_json(self, url: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
         """GET one Graph URL (already encoded) with retries; the JSON object it answers."""
+        extra = dict(headers or {})
         if self._origin_of(url) != self._origin:
             raise GraphError(0, "foreign-url", "refusing to send the Graph token to another origin", url)
         if self._session is None:
@@ -203,7 +209,7 @@ class GraphClient:
             except CredentialError as exc:
                 raise GraphError(0, "no-token", str(exc), url) from exc
             force_refresh = False
-            headers = {"Authorization": f"Bearer {token}", "Accept": "application/json",
+            headers = {**extra, "Authorization": f"Bearer {token}", "Accept": "application/json",
                        "client-request-id": str(uuid.uuid4())}
             self.requests += 1
             try:
@@ -225,7 +231,7 @@ class GraphClient:
                     if resp.status not in RETRY_STATUSES:
                         raise GraphError(resp.status, code, message, url)
                     wait = retry_after_seconds(resp.headers.get("Retry-After"))
-                    error: GraphError = GraphThrottled(resp.status, code, message, url)
+                    error: GraphError = GraphThrottled(resp.status, code, message, url, retry_after=wait)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 wait = None
                 error = GraphError(0, type(exc).__name__, str(exc) or "no answer", url)
@@ -235,7 +241,7 @@ class GraphClient:
                 wait = backoff_seconds(attempt, self._backoff_base, self._backoff_max, self._rng)
             elif wait > self._retry_after_max:
                 raise GraphThrottled(error.status, error.code, f"asked to retry after {wait:.0f} s, more than "
-                                     f"the {self._retry_after_max:.0f} s this client waits", url)
+                                     f"the {self._retry_after_max:.0f} s this client waits", url, retry_after=wait)
             self.retries += 1
             log.warning("Graph %s (%s); retry %d in %.1f s", error.status or "unreachable", error.code, attempt, wait)
             await self._sleep(wait)
@@ -278,3 +284,38 @@ class GraphClient:
         async for page in self.pages(path, {"$select": "id", "$top": str(PAGE_SIZE)}):
             ids.update(str(item["id"]) for item in page if isinstance(item, dict) and item.get("id"))
         return frozenset(ids)
+
+    # --- what delivery confirmation reads (message trace) -------------------------------------------
+
+    def message_traces_url(self, filter_text: str, top: int) -> str:
+        """The first page of `GET /v1.0/admin/exchange/tracing/messageTraces` for a filter that
+        shared.trace_policy.trace_filter built (and checked)."""
+        return f"{self.base_url}{TRACE_PATH}?{_query({'$filter': filter_text, '$top': str(top)})}"
+
+    async def message_trace_page(self, url: str) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of trace rows and the next page's URL (None at the end). One request, no
+        retries beyond the client's: the caller counts every request against its budget."""
+        doc = await self.get_json(url, headers=TRACE_HEADERS)
+        value = doc.get("value")
+        if not isinstance(value, list):
+            raise GraphError(200, "bad-response", "a collection answer has no 'value' list", _no_query(url))
+        next_link = doc.get("@odata.nextLink")
+        return [v for v in value if isinstance(v, dict)], next_link if isinstance(next_link, str) and next_link else None
+
+    async def trace_details(self, trace_id: str, recipient: str) -> list[dict[str, Any]]:
+        """`getDetailsByRecipient`: the events of one recipient of one trace row."""
+        literal = quote("'" + recipient.replace("'", "''") + "'", safe="'@")
+        url = f"{self.base_url}{TRACE_PATH}/{quote(trace_id, safe='')}/getDetailsByRecipient(recipientAddress={literal})"
+        doc = await self.get_json(url, headers=TRACE_HEADERS)
+        value = doc.get("value")
+        return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+TRACE_PATH = "/v1.0/admin/exchange/tracing/messageTraces"
+# `recalled` is only returned when asked for.
+TRACE_HEADERS = {"Prefer": "include-unknown-enum-members"}
+
+
+def _no_query(url: str) -> str:
+    # A trace URL names a recipient in getDetailsByRecipient: errors carry the path's start only.
+    return url.split("?", 1)[0].split("/getDetailsByRecipient", 1)[0]

@@ -164,12 +164,13 @@ async def report_response(params: Mapping[str, str]) -> tuple[int, str]:
 def render_text(report: Mapping[str, Any]) -> str:
     """The series as a terminal table (tools.ledger report)."""
     header = f"{'start':25} {'account':28} {'category':16} {'sent':>6} {'refused':>7} {'dead':>5} {'defer':>6} " \
-             f"{'int':>6} {'ext':>6}  codes"
+             f"{'int':>6} {'ext':>6} {'deliv':>6} {'failed':>6} {'quar':>5} {'spam':>5}  codes"
     lines = [f"report {report['since']} .. {report['until']} by {report['bucket']}", header, "-" * len(header)]
     for r in report["series"] + [{"start": "total", "account": "", "category": "", **report["totals"]}]:
-        req, rc = r["requests"], r["recipients"]
+        req, rc, dv = r["requests"], r["recipients"], r.get("delivery") or {}
         codes = ", ".join(f"{c} x{n}" for c, n in sorted(r["codes"].items()))
         lines.append(f"{r['start']:25} {(r['account'] or '-')[:28]:28} {(r['category'] or '-')[:16]:16} "
                      f"{req.get('sent', 0):>6} {req.get('refused', 0):>7} {req.get('dead', 0):>5} {r['deferrals']:>6} "
-                     f"{rc['internal']:>6} {rc['external']:>6}  {codes}")
+                     f"{rc['internal']:>6} {rc['external']:>6} {dv.get('delivered', 0):>6} {dv.get('failed', 0):>6} "
+                     f"{dv.get('quarantined', 0):>5} {dv.get('filteredAsSpam', 0):>5}  {codes}")
     return "\n".join(lines)

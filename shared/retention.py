@@ -5,7 +5,8 @@ What is deleted, each counted from its row's last update:
 - ledger request rows (`Updated`), except rows still `sending` (settled first, see below);
 - ledger chunk rows (`Updated`);
 - recipient-index rows (`At`): the keyed hashes that answer "was this address mailed?";
-- welcome user rows (`updated`); the scan's watermark row stays.
+- welcome user rows (`updated`); the scan's watermark row stays;
+- delivery-status rows (`Updated`): per request counts and per recipient-hash statuses.
 
 At most RETENTION_MAX_ROWS_PER_RUN rows per table per run: a backlog is worked off over several
 runs, and no run outlives the host's function timeout.
@@ -51,7 +52,7 @@ class _Target:
 
 async def purge_expired(*, ledger: Ledger, ledger_table: Any, index_table: Any, welcome_table: Any | None,
                         now: datetime, retention: timedelta, lost_after: timedelta, max_rows: int,
-                        aggregates: Any = None) -> PurgeReport:
+                        aggregates: Any = None, delivery_table: Any | None = None) -> PurgeReport:
     report = PurgeReport()
     report.lost_in_flight = await settle_lost_in_flight(ledger, now, lost_after, max_rows, aggregates)
     cutoff = now - retention
@@ -65,6 +66,9 @@ async def purge_expired(*, ledger: Ledger, ledger_table: Any, index_table: Any, 
     if welcome_table is not None:
         targets.append(_Target("welcome", welcome_table, "PartitionKey eq @pk and updated lt @cutoff",
                                {"pk": "user", "cutoff": cutoff}))
+    if delivery_table is not None:
+        # Delivery status per request and per recipient hash (shared/delivery.py), and stale cursors.
+        targets.append(_Target("delivery", delivery_table, "Updated lt @cutoff", {"cutoff": cutoff}))
     for target in targets:
         deleted, more = await _delete_matching(target, max_rows)
         report.deleted[target.what] = deleted
@@ -129,11 +133,12 @@ async def handle_timer(now: datetime | None = None) -> PurgeReport:
         index_table = await storage.table(settings.recipient_index_table)
         welcome_table = await storage.table(settings.welcome_state_table)
         aggregates = Aggregates(storage.tables.get_table_client(settings.aggregates_table), flush_seconds=0)
+        delivery_table = await storage.table(settings.delivery_table)
         report = await purge_expired(
             ledger=Ledger(ledger_table, index_table, settings.recipient_hash_key), ledger_table=ledger_table,
             index_table=index_table, welcome_table=welcome_table, now=now or datetime.now(timezone.utc),
             retention=settings.ledger_retention, lost_after=timedelta(seconds=settings.lost_in_flight_seconds),
-            max_rows=settings.retention_max_rows, aggregates=aggregates)
+            max_rows=settings.retention_max_rows, aggregates=aggregates, delivery_table=delivery_table)
         await aggregates.flush()
     finally:
         await storage.close()

@@ -726,7 +726,13 @@ async def status_json() -> str:
 
     relay = await get_relay()
     states, tenant = await relay.governor.read()
-    return to_json(status_report(states, tenant, relay.governor.config, relay.settings.limits_profile, relay.clock()))
+    delivery = None
+    if relay.settings.delivery_enabled:
+        from .delivery import rates_last_24h
+
+        delivery = await rates_last_24h(relay.settings, relay.storage)
+    return to_json(status_report(states, tenant, relay.governor.config, relay.settings.limits_profile, relay.clock(),
+                                 delivery=delivery))
 
 
 async def handle_queue_message(body: bytes, queue_message_id: str, dequeue_count: int) -> Handled:

@@ -72,7 +72,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("GOVERNOR_TABLE", "hvegovernor", "Table holding the rate governor's per-account state."),
     SettingSpec("CLAIM_CHECK_CONTAINER", "mail-payloads", "Blob container for requests larger than a queue message, and for attachments."),
     SettingSpec("RECIPIENT_HASH_KEY", "", "Secret key of the recipient hashes in the ledger (HMAC-SHA256). Set it; without it a built-in key is used and a warning is logged."),
-    SettingSpec("LEDGER_RETENTION_DAYS", "90", "Days the relay keeps who was mailed: ledger rows, chunk rows, recipient-index rows and welcome user rows not updated for this long are deleted by the daily `purge_expired` timer. Longer than SEND_MAX_AGE_HOURS and WELCOME_LOOKBACK + WELCOME_OVERLAP (a request replayed after it is treated as new)."),
+    SettingSpec("LEDGER_RETENTION_DAYS", "90", "Days the relay keeps who was mailed: ledger rows, chunk rows, recipient-index rows, delivery-status rows and welcome user rows not updated for this long are deleted by the daily `purge_expired` timer. Longer than SEND_MAX_AGE_HOURS and WELCOME_LOOKBACK + WELCOME_OVERLAP (a request replayed after it is treated as new)."),
     SettingSpec("RETENTION_SCHEDULE", "0 30 2 * * *", "NCRONTAB schedule of the `purge_expired` timer (default: daily at 02:30 UTC)."),
     SettingSpec("RETENTION_MAX_ROWS_PER_RUN", "20000", "Rows `purge_expired` deletes per table in one run at most; what is left waits for the next run."),
     SettingSpec("LOST_IN_FLIGHT_HOURS", "24", "A ledger row still `sending` this long after its last update is recorded by `purge_expired` as `dead`, reason `lost-in-flight` (HVE may have accepted it: its Message-ID is in the row)."),
@@ -98,6 +98,16 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("WELCOME_SUPPORT_ADDRESS", "", "Support address offered as a mailto link in the welcome mail (template variables `support_address`, `support_mailto`); empty: no support paragraph."),
     SettingSpec("GRAPH_BASE_URL", "https://graph.microsoft.com", "Microsoft Graph base URL (HTTPS; plain HTTP only for a loopback stand-in)."),
     SettingSpec("GRAPH_DEV_TOKEN", "", "Local only: fixed bearer token for a loopback GRAPH_BASE_URL (the Graph stand-in) instead of the app identity's token; refused for any other URL.", "local"),
+    SettingSpec("DELIVERY_TRACE_ENABLED", "false", "Run the `confirm_delivery` timer: reconcile the ledger with Microsoft Graph message trace, per recipient (needs the Graph role ExchangeMessageTrace.Read.All)."),
+    SettingSpec("DELIVERY_TRACE_SCHEDULE", "0 */10 * * * *", "NCRONTAB schedule of the `confirm_delivery` timer."),
+    SettingSpec("DELIVERY_TRACE_MAX_AGE", "P3D", "Recipients still `pending`/`gettingStatus` are re-checked until final or this old; also how far back the first run looks (ISO 8601 duration, under 90 days)."),
+    SettingSpec("DELIVERY_TRACE_REQUESTS_PER_5MIN", "60", "Graph message-trace requests (trace pages and recipient details) the relay spends in any 5 minutes; Graph allows 100 per tenant, shared with every other tool."),
+    SettingSpec("DELIVERY_TRACE_OVERLAP", "PT30M", "Each run re-reads trace rows received this long before the previous run's end: rows appear 5-10 minutes late (ISO 8601 duration)."),
+    SettingSpec("DELIVERY_TRACE_SPAN", "PT6H", "Longest receivedDateTime window of one trace query (at most P10D); a run stopped by the budget resumes at the first window it did not finish."),
+    SettingSpec("DELIVERY_TRACE_END_LAG", "PT1M", "A trace query ends this long before now, so a clock a little ahead of Exchange's never asks for the future (Graph refuses it)."),
+    SettingSpec("DELIVERY_TRACE_PAGE_SIZE", "5000", "`$top` of a trace query (1-5000)."),
+    SettingSpec("DELIVERY_TRACE_DETAILS_PER_RUN", "10", "getDetailsByRecipient calls per run at most, for the reason of `failed` and `quarantined` recipients (stored masked); 0: none."),
+    SettingSpec("DELIVERY_TABLE", "hvedelivery", "Table of delivery status: per request the count of recipients in each trace status, per recipient (by recipient hash) its status, and the reconciliation cursors."),
 )
 
 _DEFAULTS = {spec.name: spec.default for spec in SETTINGS}
@@ -139,6 +149,34 @@ def _duration(name: str, value: str) -> timedelta:
         raise SettingsError(f"{name} must be an ISO 8601 duration such as P7D or PT1H (no months or years), got {value!r}")
     parts = {k: float(v) for k, v in match.groupdict().items() if v}
     return timedelta(**parts)
+
+
+def _delivery_settings(get, number) -> dict:
+    """The DELIVERY_TRACE_* settings, checked against Graph's message-trace rules."""
+    max_age = _duration("DELIVERY_TRACE_MAX_AGE", get("DELIVERY_TRACE_MAX_AGE"))
+    if not timedelta(0) < max_age < timedelta(days=90):
+        raise SettingsError("DELIVERY_TRACE_MAX_AGE must be more than 0 and less than 90 days (message trace keeps 90)")
+    span = _duration("DELIVERY_TRACE_SPAN", get("DELIVERY_TRACE_SPAN"))
+    if not timedelta(0) < span <= timedelta(days=10):
+        raise SettingsError("DELIVERY_TRACE_SPAN must be more than 0 and at most P10D (Graph's longest trace window)")
+    page = number("DELIVERY_TRACE_PAGE_SIZE", int)
+    if not 1 <= page <= 5000:
+        raise SettingsError("DELIVERY_TRACE_PAGE_SIZE must be 1..5000")
+    per_5min = number("DELIVERY_TRACE_REQUESTS_PER_5MIN", int)
+    if per_5min < 1:
+        raise SettingsError("DELIVERY_TRACE_REQUESTS_PER_5MIN must be at least 1")
+    return dict(
+        delivery_enabled=get("DELIVERY_TRACE_ENABLED").lower() in ("1", "true", "yes"),
+        delivery_schedule=get("DELIVERY_TRACE_SCHEDULE"),
+        delivery_max_age=max_age,
+        delivery_requests_per_5min=per_5min,
+        delivery_overlap=_duration("DELIVERY_TRACE_OVERLAP", get("DELIVERY_TRACE_OVERLAP")),
+        delivery_span=span,
+        delivery_end_lag=_duration("DELIVERY_TRACE_END_LAG", get("DELIVERY_TRACE_END_LAG")),
+        delivery_page_size=page,
+        delivery_details_per_run=number("DELIVERY_TRACE_DETAILS_PER_RUN", int),
+        delivery_table=get("DELIVERY_TABLE"),
+    )
 
 
 @dataclass(frozen=True)
@@ -213,6 +251,16 @@ class Settings:
     welcome_support_address: str
     graph_base_url: str
     graph_dev_token: str = field(repr=False)
+    delivery_enabled: bool = False
+    delivery_schedule: str = "0 */10 * * * *"
+    delivery_max_age: timedelta = timedelta(days=3)
+    delivery_requests_per_5min: int = 60
+    delivery_overlap: timedelta = timedelta(minutes=30)
+    delivery_span: timedelta = timedelta(hours=6)
+    delivery_end_lag: timedelta = timedelta(minutes=1)
+    delivery_page_size: int = 5000
+    delivery_details_per_run: int = 10
+    delivery_table: str = "hvedelivery"
 
     @property
     def poison_queue(self) -> str:
@@ -344,6 +392,7 @@ class Settings:
             welcome_support_address=get("WELCOME_SUPPORT_ADDRESS"),
             graph_base_url=get("GRAPH_BASE_URL").rstrip("/"),
             graph_dev_token=get("GRAPH_DEV_TOKEN"),
+            **_delivery_settings(get, number),
         )
 
     def require_accounts(self) -> None:

@@ -53,7 +53,8 @@ def account_status(state: AccountState, tenant: TenantState | None, cfg: PacingC
 
 
 def status_report(states: list[AccountState], tenant: TenantState | None, cfg: PacingConfig, profile: str,
-                  now: float | None = None) -> dict[str, Any]:
+                  now: float | None = None, delivery: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`delivery`: message-trace rates of the last 24 hours (shared.delivery.rates_last_24h), when traced."""
     now = time.time() if now is None else now
     day = cfg.day_of(now)
     used = sum(s.on_day(day).recipients_today for s in states)
@@ -69,6 +70,7 @@ def status_report(states: list[AccountState], tenant: TenantState | None, cfg: P
             "remaining": _remaining(cfg.tenant_cap, tenant_today.claimed if tenant_today else used),
         },
         "accounts": [account_status(s, tenant, cfg, now) for s in states],
+        **({"delivery_24h": delivery} if delivery is not None else {}),
     }
 
 
@@ -85,6 +87,14 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append(f"{a['account']:32} {a['health']:12} {used['messages']:>6} {used['internal_recipients']:>6} "
                      f"{used['external_recipients']:>6} {ext_left:>8}  {nxt['internal'] or 'now'} / {(nxt.get('external') or 'now') if 'external' in nxt else '-'}"
                      + (f"  [{a['last_problem']}]" if a["last_problem"] else ""))
+    delivery = report.get("delivery_24h")
+    if delivery is not None:
+        rates = delivery["rates"]
+        if rates["traced"]:
+            lines.append(f"delivery, last 24 h ({rates['traced']} traced recipients): " + ", ".join(
+                f"{name} {rates[name]:.1%}" for name in ("delivered", "failed", "quarantined", "filteredAsSpam", "open")))
+        else:
+            lines.append("delivery, last 24 h: nothing traced yet (python -m tools.delivery --once)")
     return "\n".join(lines)
 
 

@@ -75,3 +75,5 @@ class Instruments:
                                                description="Recipients of sent messages, by kind (internal/external)")
         self.smtp_replies = meter.create_counter("hve_relay.smtp.replies", unit="{reply}",
                                                  description="SMTP replies from HVE, by code")
+        self.delivery = meter.create_counter("hve_relay.delivery", unit="{recipient}",
+                                             description="Recipients reaching a message-trace status, by status and account")

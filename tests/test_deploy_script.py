@@ -300,6 +300,20 @@ def test_a_redeploy_of_an_existing_grant_is_skipped_not_conflicted(repo, tmp_pat
     assert len(again.state["assignments"]) == 2
 
 
+def test_the_message_trace_grant_is_deployed_once_with_the_tenant_prerequisite_in_the_next_steps(repo, tmp_path):
+    """Delivery confirmation (issue 10): ExchangeMessageTrace.Read.All through graph.bicep, and the
+    service principal 8bd644d1-... named in the next steps."""
+    deployer = Deployer(repo, tmp_path / "azure", {"group": {"location": "swedencentral"}})
+    first = deployer.run("--skip-app", "--set", "grantGraphMessageTrace=true", env=PASSWORDS)
+    assert first.result.returncode == 0, first.out
+    graph = first.calls[first.index(deploys("graph.bicep"), "graph.bicep")]
+    assert parameter(graph, "grantMessageTraceRead") == "true" and parameter(graph, "grantUserReadAll") == "false"
+    assert len(first.state["assignments"]) == 1
+    assert "New-MgServicePrincipal -AppId 8bd644d1-64a1-4d4b-ae52-2e0cbf64e373" in first.out
+    again = deployer.run("--skip-app", "--skip-secrets", "--set", "grantGraphMessageTrace=true")
+    assert again.count(deploys("graph.bicep")) == 0 and "ExchangeMessageTrace.Read.All: already granted" in again.out
+
+
 # ------------------------------------------------------------------ bounded waits, clear messages
 
 

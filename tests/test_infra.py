@@ -395,6 +395,7 @@ def test_storage_names_are_the_code_defaults(bicep):
     assert sorted(tables) == sorted([
         defaults["LEDGER_TABLE"], defaults["RECIPIENT_INDEX_TABLE"], defaults["GOVERNOR_TABLE"],
         defaults["WELCOME_STATE_TABLE"], defaults["AGGREGATES_TABLE"],
+        defaults["WELCOME_STATE_TABLE"], defaults["DELIVERY_TABLE"],
     ])
     assert "deploymentContainerName" in containers, "the Flex deployment container must be created"
     assert evaluate("claimCheckContainerName", main) == defaults["CLAIM_CHECK_CONTAINER"]
@@ -408,6 +409,7 @@ def test_storage_names_are_the_code_defaults(bicep):
                          ("RECIPIENT_INDEX_TABLE", "recipientIndexTableName"),
                          ("GOVERNOR_TABLE", "governorTableName"), ("WELCOME_STATE_TABLE", "welcomeTableName"),
                          ("AGGREGATES_TABLE", "aggregatesTableName"),
+                         ("DELIVERY_TABLE", "deliveryTableName"),
                          ("CLAIM_CHECK_CONTAINER", "claimCheckContainerName")]:
         assert settings[setting] == var, f"{setting} must be set from {var}"
     storage_doc = bicep["modules/storage.bicep"]
@@ -618,9 +620,10 @@ def test_graph_permissions_module(bicep):
         assert body["principalId"] == "principalId"
         sp = _accessor_path(body["resourceId"])[0]
         role = json.dumps(body["appRoleId"])
-        assigned[sps[sp]] = (cond, role)
-    assert MICROSOFT_GRAPH_APP_ID in assigned and "User.Read.All" in assigned[MICROSOFT_GRAPH_APP_ID][1]
-    assert EXCHANGE_ONLINE_APP_ID in assigned and "Mail.Send" in assigned[EXCHANGE_ONLINE_APP_ID][1], \
+        assigned[sps[sp]] = assigned.get(sps[sp], "") + f" {cond}: {role}"
+    assert MICROSOFT_GRAPH_APP_ID in assigned and "User.Read.All" in assigned[MICROSOFT_GRAPH_APP_ID]
+    assert "ExchangeMessageTrace.Read.All" in assigned[MICROSOFT_GRAPH_APP_ID], "delivery confirmation (message trace)"
+    assert EXCHANGE_ONLINE_APP_ID in assigned and "Mail.Send" in assigned[EXCHANGE_ONLINE_APP_ID], \
         "optional Exchange Online Mail.Send for XOAUTH2"
 
     # graph.bicep is a deployment of its own (infra/deploy.sh, after the identity exists): inside
@@ -628,16 +631,19 @@ def test_graph_permissions_module(bicep):
     main = bicep["main.bicep"]
     assert not [m for m in main.get("modules", {}).values() if m["detail"]["path"] == "modules/graph.bicep"], \
         "main.bicep must not deploy modules/graph.bicep (deploy.sh deploys it second)"
-    assert set(doc["parameters"]) == {"principalId", "grantUserReadAll", "grantExchangeMailSend"}, \
+    assert set(doc["parameters"]) == {"principalId", "grantUserReadAll", "grantExchangeMailSend",
+                                       "grantMessageTraceRead"}, \
         "the parameters infra/deploy.sh passes to graph.bicep"
     for name, output in (("grantGraphUserReadAll", "GRAPH_USER_READ_ALL_GRANTED"),
-                         ("grantExchangeMailSend", "EXCHANGE_MAIL_SEND_GRANTED")):
+                         ("grantExchangeMailSend", "EXCHANGE_MAIL_SEND_GRANTED"),
+                         ("grantGraphMessageTrace", "GRAPH_MESSAGE_TRACE_GRANTED")):
         assert main["parameters"][name]["type"] == "bool"
         assert main["parameters"][name]["default"] is False, f"{name} must be opt-in (needs Entra admin rights)"
         assert main["outputs"][output]["value"] == name, f"deploy.sh reads {output} to know what to grant"
     script = (INFRA / "deploy.sh").read_text(encoding="utf-8")
     for text in ("infra/modules/graph.bicep", "GRAPH_USER_READ_ALL_GRANTED", "EXCHANGE_MAIL_SEND_GRANTED",
-                 "principalId=", "grantUserReadAll=", "grantExchangeMailSend="):
+                 "principalId=", "grantUserReadAll=", "grantExchangeMailSend=", "GRAPH_MESSAGE_TRACE_GRANTED",
+                 "grantMessageTraceRead="):
         assert text in script, text
 
 

@@ -57,6 +57,7 @@ EXCHANGE_APP_ID = "00000002-0000-0ff1-ce00-000000000000"
 SERVICE_PRINCIPALS = {
     GRAPH_APP_ID: {"id": "aaaaaaaa-0000-0000-0000-000000000003", "appRoles": [
         {"value": "User.Read.All", "id": "df021288-bdef-4463-88db-98f22de89214"},
+        {"value": "ExchangeMessageTrace.Read.All", "id": "e3b3ab26-5a4c-4b6f-9d0a-1f3a7f0c2d11"},
         {"value": "Mail.Send", "id": "b633e1c5-b582-4048-a93e-9f11b44c7e96"}]},
     EXCHANGE_APP_ID: {"id": "aaaaaaaa-0000-0000-0000-000000000002", "appRoles": [
         {"value": "Mail.Send", "id": "b633e1c5-b582-4048-a93e-9f11b44c7e96"},
@@ -391,6 +392,7 @@ class StandIn:
             "GRAPH_USER_READ_ALL_GRANTED": bool(params.get("grantGraphUserReadAll", False)),
             "WELCOME_ENABLED": bool(params.get("welcomeEnabled", False)),
             "EXCHANGE_MAIL_SEND_GRANTED": bool(params.get("grantExchangeMailSend", False)),
+            "GRAPH_MESSAGE_TRACE_GRANTED": bool(params.get("grantGraphMessageTrace", False)),
         }
         self.state["deployments"]["main"] = {
             "name": "main", "principal": principal, "vault": names["kv"], "app": names["app"],
@@ -421,6 +423,8 @@ class StandIn:
             wanted.append((GRAPH_APP_ID, "User.Read.All"))
         if params.get("grantExchangeMailSend", False):
             wanted.append((EXCHANGE_APP_ID, "Mail.Send"))
+        if params.get("grantMessageTraceRead", False):
+            wanted.append((GRAPH_APP_ID, "ExchangeMessageTrace.Read.All"))
         for app_id, role in wanted:
             sp = SERVICE_PRINCIPALS[app_id]
             role_id = next(r["id"] for r in sp["appRoles"] if r["value"] == role)

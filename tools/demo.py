@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from shared.ledger import Ledger
@@ -136,6 +137,44 @@ def welcome_scan(settings: Settings, host: DevHost, graph: GraphStandIn) -> None
         wait_and_report(host, settings, time.monotonic())
 
 
+def delivery_reconciliation(values: dict[str, str], emulator: HveEmulator, graph: GraphStandIn) -> None:
+    """Message trace (Graph stand-in) fed from what the emulator accepted, some recipients failing,
+    quarantined or still pending; one reconciliation; the per-recipient outcome, by status."""
+    from shared.delivery import DeliveryStore, reconcile
+    from tools.ledger import render_show, run as ledger_run
+
+    say("\n== Delivery confirmation (message trace, Graph stand-in) ==")
+    graph.set_outcome("hugo@contoso.com", "failed")
+    graph.set_outcome("archive@contoso.com", "quarantined")
+    graph.set_outcome("jon@contoso.com", [["pending", 0], ["delivered", 600]])
+    fed = graph.feed_from(emulator)
+    say(f"trace rows for {fed} accepted messages (hugo@ fails, archive@ is quarantined, jon@ still pending)")
+    # The rows are seconds old: read up to now (in Azure a run ends a minute back, DELIVERY_TRACE_END_LAG).
+    settings = Settings.from_env({**values, "DELIVERY_TRACE_END_LAG": "PT0S"})
+    time.sleep(1.1)
+    tally = asyncio.run(reconcile(settings))
+    say(tally.summary())
+
+    async def totals() -> dict[str, int]:
+        storage = StorageClients(settings)
+        try:
+            store = DeliveryStore(await storage.table(settings.delivery_table))
+            counts: dict[str, int] = {}
+            for summary in await store.summaries_since(datetime.now(timezone.utc) - timedelta(days=1)):
+                for status, n in summary["delivery"].items():
+                    counts[status] = counts.get(status, 0) + n
+            return counts
+        finally:
+            await storage.close()
+
+    counts = asyncio.run(totals())
+    say("recipients by delivery status:  " + "  ".join(
+        f"{status} {counts.get(status, 0)}" for status in ("delivered", "failed", "quarantined", "pending")))
+    shown = asyncio.run(ledger_run(settings, "show", "demo-007", None))   # Hugo: failed, reason masked
+    say("python -m tools.ledger show demo-007:")
+    say("  " + render_show(shown).replace("\n", "\n  "))
+
+
 def run(requests_file: Path, keep_running: bool, http_port: int = 7071) -> int:
     requests = json.loads(requests_file.read_text())
     STATE.mkdir(exist_ok=True)
@@ -179,6 +218,7 @@ def run(requests_file: Path, keep_running: bool, http_port: int = 7071) -> int:
             say(f"Stored messages: {emulator.messages_dir.relative_to(ROOT)}/")
             welcome_scan(settings, host, graph)
             say(f"welcome mails accepted by the emulator: {len(emulator.accepted()) - stats['accepted_messages']}")
+            delivery_reconciliation(values, emulator, graph)
             if keep_running:
                 say("\nStill running (Ctrl-C to stop). Enqueue more with: python -m tools.enqueue --to ann@contoso.com --subject Hi --text Hello")
                 say(f"  AzureWebJobsStorage={azurite.connection_string}")

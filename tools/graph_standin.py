@@ -16,6 +16,15 @@ It speaks the real REST shapes, so the app's Graph client runs unchanged against
 - Injected faults: the next N matching requests answer 429/503 (Graph's error body), with a
   Retry-After header when asked.
 - Every request is logged (method, path, query, status) for assertions.
+- Message trace (delivery confirmation): GET /v1.0/admin/exchange/tracing/messageTraces with
+  $filter (`eq` on senderAddress, recipientAddress, messageId, status, id; receivedDateTime needs
+  both `ge` and `le`, a span of at most 10 days, a start no more than 90 days ago and an end not
+  after now, else 400 as Graph answers; no filter: the last 48 hours), $top 1..5000 (default
+  1000), @odata.nextLink paging, newest first; and .../messageTraces/{id}/getDetailsByRecipient(
+  recipientAddress='...'). Past `trace_budget` trace requests in `trace_window` seconds (Graph:
+  100 per 5 minutes) it answers 429 with Retry-After. Rows come from the HVE emulator's accepted
+  messages (`feed_from(emulator)`), one per recipient, with outcomes set per address or domain:
+  a status, or a timeline such as [["pending", 0], ["delivered", 120]] (seconds after receipt).
 
 Python API (tests)::
 
@@ -27,11 +36,18 @@ Python API (tests)::
         graph.update_user(user_id, mail="ann@contoso.com")
         graph.fail_next(429, count=1, retry_after=1)
         graph.requests                                    # [LoggedRequest(...), ...]
+        graph.set_outcome("bad@contoso.com", "failed")    # or "@fabrikam.com", or a timeline
+        graph.feed_from(emulator)                         # trace rows for messages it accepted
+        graph.set_status(message_id, "ann@contoso.com", "delivered")
 
 CLI::
 
     python -m tools.graph_standin --port 8484 --users tools/samples/graph-users.json
                                   [--page-limit 3] [--throttle 1] [--token T]
+                                  [--traces traces.json] [--trace-budget 100]
+
+`--traces`: a JSON list of {"senderAddress", "recipientAddress", "messageId", "receivedDateTime"
+(may be relative, "-PT5M"), "status" (or a timeline)}.
 
 A createdDateTime written as a negative ISO 8601 duration ("-PT2H", "-P1D") means that long
 before the stand-in loaded it, so a sample file stays "new" whenever it is used.
@@ -130,6 +146,46 @@ class _Cursor:
     cast_users: bool = True
 
 
+TRACE_PATH = "/v1.0/admin/exchange/tracing/messageTraces"
+TRACE_STATUSES = ("gettingStatus", "pending", "failed", "delivered", "expanded", "quarantined", "filteredAsSpam",
+                  "unknownFutureValue", "recalled")
+MAX_TRACE_TOP = 5000
+DEFAULT_TRACE_TOP = 1000
+_TRACE_EQ = {"senderaddress": "senderAddress", "recipientaddress": "recipientAddress", "messageid": "messageId",
+             "status": "status", "id": "id", "fromip": "fromIP", "toip": "toIP"}
+_TRACE_CLAUSE = re.compile(r"^\s*(\w+)\s+(eq|ge|le)\s+(.+?)\s*$", re.IGNORECASE)
+Timeline = list  # [(seconds after receipt, status), ...]
+
+
+@dataclass
+class _TraceRow:
+    id: str
+    message_id: str
+    sender: str
+    recipient: str
+    received: datetime
+    subject: str
+    size: int
+    timeline: list[tuple[float, str]]   # (seconds after receipt, status), in order
+    visible_after: float = 0.0          # seconds after receipt before the row shows in trace
+
+    def status_at(self, now: datetime) -> str:
+        age = (now - self.received).total_seconds()
+        status = self.timeline[0][1]
+        for offset, value in self.timeline:
+            if age >= offset:
+                status = value
+        return status
+
+    def public(self, now: datetime, include_unknown: bool) -> dict[str, Any]:
+        status = self.status_at(now)
+        if status == "recalled" and not include_unknown:
+            status = "unknownFutureValue"
+        return {"id": self.id, "messageId": self.message_id, "senderAddress": self.sender,
+                "recipientAddress": self.recipient, "receivedDateTime": _iso(self.received), "status": status,
+                "subject": self.subject, "size": self.size, "fromIP": "127.0.0.1", "toIP": None}
+
+
 @dataclass
 class _State:
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -137,6 +193,11 @@ class _State:
     cursors: dict[str, _Cursor] = field(default_factory=dict)
     faults: list[_Fault] = field(default_factory=list)
     log: list[LoggedRequest] = field(default_factory=list)
+    traces: list[_TraceRow] = field(default_factory=list)
+    trace_cursors: dict[str, tuple[list[_TraceRow], int, int]] = field(default_factory=dict)
+    trace_spent: list[float] = field(default_factory=list)
+    outcomes: dict[str, Any] = field(default_factory=dict)
+    fed: set[tuple[str, int]] = field(default_factory=set)
 
 
 class GraphStandIn(BackgroundHttpServer):
@@ -148,6 +209,10 @@ class GraphStandIn(BackgroundHttpServer):
         super().__init__(host, port)
         # Server-driven paging, as Graph may do: never more than this per page, whatever $top says.
         self.page_limit = page_limit
+        # Message trace: Graph's tenant-wide throttle, and the clock trace rows and filters are judged by.
+        self.trace_budget = 100
+        self.trace_window = 300.0
+        self.clock = lambda: datetime.now(timezone.utc)
         self.token = token
         self.default_page_size = default_page_size
         self._lock = threading.RLock()
@@ -241,6 +306,72 @@ class GraphStandIn(BackgroundHttpServer):
             out["createdDateTime"] = _iso(out["createdDateTime"])
         return out
 
+    # -- message trace ---------------------------------------------------------------------------
+
+    def set_outcome(self, who: str, outcome: str | Timeline) -> None:
+        """What trace says for recipients fed later: `who` is an address, `@domain`, or `*`;
+        `outcome` a status, or a timeline [[status, seconds after receipt], ...]."""
+        with self._lock:
+            self._state.outcomes[who.strip().lower()] = outcome
+
+    def _timeline(self, recipient: str, outcome: str | Timeline | None) -> list[tuple[float, str]]:
+        if outcome is None:
+            key = recipient.lower()
+            outcomes = self._state.outcomes
+            outcome = outcomes.get(key, outcomes.get("@" + key.rsplit("@", 1)[-1], outcomes.get("*", "delivered")))
+        steps = [(0.0, outcome)] if isinstance(outcome, str) else [(float(at), str(st)) for st, at in outcome]
+        for _, status in steps:
+            if status not in TRACE_STATUSES:
+                raise ValueError(f"not a message-trace status: {status!r}")
+        return sorted(steps)
+
+    def add_trace(self, sender: str, recipients: Iterable[str], message_id: str, *, received: Any = None,
+                  subject: str = "", size: int = 2048, outcome: str | Timeline | None = None,
+                  visible_after: float = 0.0) -> str:
+        """Trace rows for one message (one per recipient, one trace id); returns the trace id."""
+        when = parse_time(received) if received is not None else self.clock()
+        trace_id = str(uuid.uuid4())
+        with self._lock:
+            for recipient in recipients:
+                self._state.traces.append(_TraceRow(trace_id, message_id, sender.lower(), recipient.lower(), when,
+                                                    subject, size, self._timeline(recipient, outcome), visible_after))
+        return trace_id
+
+    def feed_from(self, emulator: Any, *, visible_after: float = 0.0) -> int:
+        """Trace rows for the messages the HVE emulator accepted since the last feed; how many messages."""
+        fed = 0
+        for record in emulator.accepted():
+            key = (str(record.path), record.internal_id)
+            with self._lock:
+                if key in self._state.fed:
+                    continue
+                self._state.fed.add(key)
+            self.add_trace(record.account, record.recipients, record.message_id,
+                           received=datetime.fromtimestamp(record.received_at, timezone.utc),
+                           visible_after=visible_after)
+            fed += 1
+        return fed
+
+    def set_status(self, message_id: str, recipient: str, status: str) -> None:
+        """From now on, trace says `status` for this recipient of this message."""
+        if status not in TRACE_STATUSES:
+            raise ValueError(f"not a message-trace status: {status!r}")
+        with self._lock:
+            rows = [r for r in self._state.traces if r.message_id == message_id and r.recipient == recipient.lower()]
+            if not rows:
+                raise KeyError(f"no trace row for {message_id}")
+            for row in rows:
+                row.timeline = [(0.0, status)]
+
+    def trace_rows(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        with self._lock:
+            return [r.public(now, True) for r in self._state.traces]
+
+    @property
+    def trace_requests(self) -> list[LoggedRequest]:
+        return [r for r in self.requests if r.path.startswith(TRACE_PATH)]
+
     # -- faults and the request log ----------------------------------------------------------------
 
     def fail_next(self, status: int = 429, *, count: int = 1, retry_after: float | str | None = None,
@@ -276,6 +407,8 @@ class GraphStandIn(BackgroundHttpServer):
         app.router.add_delete("/v1.0/users/{id}", self._delete_user)
         app.router.add_get(r"/v1.0/groups/{id}/{rel:(members|transitiveMembers)}", self._members)
         app.router.add_get(r"/v1.0/groups/{id}/{rel:(members|transitiveMembers)}/microsoft.graph.user", self._members)
+        app.router.add_get(TRACE_PATH, self._message_traces)
+        app.router.add_get(TRACE_PATH + r"/{id}/{call:getDetailsByRecipient\(.*\)}", self._trace_details)
         return app
 
     # -- HTTP ------------------------------------------------------------------------------------
@@ -307,6 +440,10 @@ class GraphStandIn(BackgroundHttpServer):
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     self._state.faults.remove(fault)
+        if fault is None and request.path.startswith(TRACE_PATH):
+            throttled = self._trace_throttle()
+            if throttled is not None:
+                return throttled
         if fault is not None:
             code = {429: "TooManyRequests", 503: "ServiceUnavailable", 504: "GatewayTimeout"}.get(fault.status, "InternalServerError")
             response = _error(fault.status, code, "Injected by the Graph stand-in.")
@@ -475,6 +612,130 @@ class GraphStandIn(BackgroundHttpServer):
         return out
 
 
+    # -- message trace over HTTP -------------------------------------------------------------------
+
+    def _trace_throttle(self) -> web.Response | None:
+        """Graph's 100 trace requests per 5 minutes per tenant (trace_budget per trace_window)."""
+        now = time.monotonic()
+        with self._lock:
+            spent = self._state.trace_spent = [t for t in self._state.trace_spent if t > now - self.trace_window]
+            if len(spent) < self.trace_budget:
+                spent.append(now)
+                return None
+            wait = max(1, int(spent[0] + self.trace_window - now + 0.999))
+        response = _error(429, "TooManyRequests", "Too many requests: the message trace limit for this tenant was reached.")
+        response.headers["Retry-After"] = str(wait)
+        return response
+
+    def _trace_filter(self, raw: str | None) -> tuple[dict[str, str], datetime, datetime]:
+        now = self.clock()
+        if raw is None:
+            return {}, now - timedelta(hours=48), now
+        equals: dict[str, str] = {}
+        bounds: dict[str, datetime] = {}
+        for clause in re.split(r"\s+and\s+", raw.strip(), flags=re.IGNORECASE):
+            match = _TRACE_CLAUSE.match(clause)
+            if not match:
+                raise GraphRequestError(400, "BadRequest", f"Invalid filter clause: '{clause.strip()}'.")
+            prop, op, literal = match.group(1), match.group(2).lower(), match.group(3)
+            if prop.lower() == "receiveddatetime":
+                if op not in ("ge", "le") or not _DATETIME.match(literal):
+                    raise GraphRequestError(400, "BadRequest", f"Invalid filter clause: receivedDateTime needs ge/le "
+                                            f"and a full date-time, got '{clause.strip()}'.")
+                if op in bounds:
+                    raise GraphRequestError(400, "BadRequest", f"receivedDateTime {op} is given twice.")
+                bounds[op] = datetime.fromisoformat(literal.replace("Z", "+00:00"))
+            elif prop.lower() in _TRACE_EQ and op == "eq":
+                if not (len(literal) >= 2 and literal[0] == literal[-1] == "'"):
+                    raise GraphRequestError(400, "BadRequest", f"Invalid filter clause: '{clause.strip()}' needs a quoted string.")
+                equals[_TRACE_EQ[prop.lower()]] = literal[1:-1].replace("''", "'")
+            else:
+                raise GraphRequestError(400, "BadRequest", f"Unsupported filter clause: '{clause.strip()}'.")
+        if not bounds:
+            return equals, now - timedelta(hours=48), now
+        if set(bounds) != {"ge", "le"}:
+            raise GraphRequestError(400, "BadRequest", "Both 'ge' and 'le' operators must be specified for receivedDateTime.")
+        start, end = bounds["ge"], bounds["le"]
+        if start >= end:
+            raise GraphRequestError(400, "BadRequest", "The start of the receivedDateTime range must be before its end.")
+        if end - start > timedelta(days=10):
+            raise GraphRequestError(400, "BadRequest", "The receivedDateTime range can't be more than 10 days.")
+        if start < now - timedelta(days=90):
+            raise GraphRequestError(400, "BadRequest", "The receivedDateTime start can't be more than 90 days ago.")
+        if end > now:
+            raise GraphRequestError(400, "BadRequest", "The receivedDateTime end can't be in the future.")
+        return equals, start, end
+
+    async def _message_traces(self, request: web.Request) -> web.Response:
+        include_unknown = "include-unknown-enum-members" in request.headers.get("Prefer", "")
+        token = request.query.get("$skiptoken")
+        now = self.clock()
+        if token is not None:
+            with self._lock:
+                found = self._state.trace_cursors.pop(token, None)
+            if found is None:
+                raise GraphRequestError(400, "BadRequest", "The page token has expired.")
+            rows, offset, size = found
+        else:
+            equals, start, end = self._trace_filter(request.query.get("$filter"))
+            raw_top = request.query.get("$top")
+            try:
+                size = DEFAULT_TRACE_TOP if raw_top is None else int(raw_top)
+            except ValueError:
+                size = 0
+            if not 1 <= size <= MAX_TRACE_TOP:
+                raise GraphRequestError(400, "BadRequest", f"Invalid $top '{raw_top}': must be 1..{MAX_TRACE_TOP}.")
+            size = min(size, self.page_limit or MAX_TRACE_TOP)
+            with self._lock:
+                rows = [r for r in self._state.traces
+                        if start <= r.received <= end
+                        and (now - r.received).total_seconds() >= r.visible_after
+                        and all(_trace_value(r, k, now) == v.lower() for k, v in equals.items())]
+            rows.sort(key=lambda r: (r.received, r.id, r.recipient), reverse=True)
+            offset = 0
+        page = rows[offset:offset + size]
+        body: dict[str, Any] = {"@odata.context": f"{self._origin(request)}/v1.0/$metadata#admin/exchange/tracing/messageTraces",
+                                "value": [r.public(now, include_unknown) for r in page]}
+        if offset + size < len(rows):
+            next_token = base64.urlsafe_b64encode(secrets.token_bytes(18)).decode()
+            with self._lock:
+                self._state.trace_cursors[next_token] = (rows, offset + size, size)
+            body["@odata.nextLink"] = f"{self._origin(request)}{TRACE_PATH}?{urlencode({'$skiptoken': next_token}, quote_via=quote, safe='$,:')}"
+        return web.json_response(body)
+
+    async def _trace_details(self, request: web.Request) -> web.Response:
+        match = re.fullmatch(r"getDetailsByRecipient\(recipientAddress='(.*)'\)", request.match_info["call"])
+        if not match:
+            raise GraphRequestError(400, "BadRequest", "getDetailsByRecipient needs recipientAddress='...'.")
+        recipient = match.group(1).replace("''", "'").lower()
+        trace_id = request.match_info["id"]
+        now = self.clock()
+        with self._lock:
+            row = next((r for r in self._state.traces if r.id == trace_id and r.recipient == recipient), None)
+        if row is None:
+            raise GraphRequestError(404, "NotFound", "No message trace for this id and recipient.")
+        status = row.status_at(now)
+        events = [{"event": "Receive", "action": None,
+                   "description": f"Message received by: {row.sender}", "dateTime": _iso(row.received)}]
+        event, text = {
+            "delivered": ("Deliver", "The message was successfully delivered."),
+            "failed": ("Fail", f"Reason: [{{LED=550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient {row.recipient} not found by SMTP address lookup}}]"),
+            "quarantined": ("Quarantine", f"The message to {row.recipient} was quarantined by policy."),
+            "filteredAsSpam": ("Spam", "The message was marked as spam."),
+        }.get(status, ("Pending", "The message is waiting for delivery."))
+        events.append({"event": event, "action": event if status in ("failed", "quarantined") else None,
+                       "description": text, "dateTime": _iso(row.received + timedelta(seconds=1))})
+        for i, e in enumerate(events):
+            e["id"] = f"{trace_id}-{i}"
+            e["data"] = None
+        return web.json_response({"@odata.context": "messageTraceDetail", "value": events})
+
+
+def _trace_value(row: _TraceRow, name: str, now: datetime) -> str:
+    return {"senderAddress": row.sender, "recipientAddress": row.recipient, "messageId": row.message_id,
+            "status": row.status_at(now), "id": row.id, "fromIP": "127.0.0.1", "toIP": ""}[name].lower()
+
+
 def _matches(user: Mapping[str, Any], clauses: list[tuple[str, datetime]]) -> bool:
     created = user.get("createdDateTime")
     if clauses and created is None:
@@ -514,11 +775,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-limit", type=int, help="at most N items per page whatever $top asks (to show paging)")
     parser.add_argument("--throttle", type=int, default=0, metavar="N",
                         help="answer the first N requests with 429 and Retry-After: 1")
+    parser.add_argument("--traces", type=Path, help="JSON list of message-trace rows to serve")
+    parser.add_argument("--trace-budget", type=int, default=100, help="trace requests per 5 minutes before 429")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     standin = GraphStandIn(host=args.host, port=args.port, token=args.token, default_page_size=args.page_size,
                            page_limit=args.page_limit)
     count = standin.load(args.users) if args.users else 0
+    standin.trace_budget = args.trace_budget
+    for row in json.loads(args.traces.read_text("utf-8")) if args.traces else []:
+        standin.add_trace(row["senderAddress"], [row["recipientAddress"]], row["messageId"],
+                          received=row.get("receivedDateTime"), outcome=row.get("status", "delivered"))
     if args.throttle:
         standin.fail_next(429, count=args.throttle, retry_after=1)
     stop = threading.Event()

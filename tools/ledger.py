@@ -3,7 +3,7 @@
     python -m tools.ledger summary [--since 2026-11-28]
     python -m tools.ledger report [--since 2026-11-28] [--until ...] [--bucket day|hour] [--json]
                                                # from the aggregates: what GET /api/report answers
-    python -m tools.ledger show REQUEST_ID
+    python -m tools.ledger show REQUEST_ID [--json]   # with per-recipient delivery status (by hash)
     python -m tools.ledger lookup ADDRESS      # by keyed hash: the ledger holds no addresses
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from shared.aggregates import Aggregates
 from shared.governor import TableGovernor
+from shared.delivery import DeliveryStore
 from shared.ledger import Ledger
 from shared.limits import resolve_limits
 from shared.report import ReportRequestError, build_report, parse_window, render_text
@@ -59,10 +60,29 @@ async def run(settings: Settings, command: str, arg: str | None, since: datetime
             entry = await ledger.get(arg)
             if entry is None:
                 return {"error": f"no request {arg!r} in the ledger"}
-            return {**asdict(entry), "chunks": await ledger.chunks(arg)}
+            delivery = DeliveryStore(await storage.table(settings.delivery_table))
+            summary = await delivery.summary(arg)
+            return {"id": entry.request_id, "state": entry.state, "account": entry.account, "attempts": entry.attempts,
+                    "last_code": entry.last_code, "delivery": summary["delivery"] if summary else {},
+                    "delivery_by_chunk": summary["chunks"] if summary else {},
+                    "recipients": await delivery.recipients(arg),
+                    **{k: v for k, v in asdict(entry).items() if k not in ("request_id", "etag")},
+                    "chunks": await ledger.chunks(arg)}
         return {"address": "(hashed)", "requests": await ledger.requests_for_address(arg)}
     finally:
         await storage.close()
+
+
+def render_show(doc: dict) -> str:
+    """One request for a terminal: its outcome, then each recipient's delivery status (by hash)."""
+    if "error" in doc:
+        return doc["error"]
+    lines = [f"request {doc['id']}: {doc['state']} via {doc['account'] or '-'}, {doc['attempts']} attempt(s), "
+             f"last code {doc['last_code'] or '-'}" + (f" ({doc['reason']})" if doc.get("reason") else ""),
+             "delivery: " + (", ".join(f"{k} {v}" for k, v in doc["delivery"].items()) or "not traced yet")]
+    for r in doc["recipients"]:
+        lines.append(f"  {r['recipient'][:16]}  chunk {r['chunk']}  {r['status']:14} {r['reason']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--since", type=_utc, help="UTC date or date-time (report default: 7 days ago)")
     parser.add_argument("--until", type=_utc, help="report: UTC date or date-time (default: now)")
     parser.add_argument("--bucket", choices=["day", "hour"], default="day", help="report: bucket size (default: day)")
-    parser.add_argument("--json", action="store_true", help="report: print the JSON of GET /api/report")
+    parser.add_argument("--json", action="store_true", help="report: the JSON of GET /api/report; show: one JSON object instead of text")
     parser.add_argument("--settings", default="local.settings.json")
     args = parser.parse_args(argv)
     if args.command in ("show", "lookup") and not args.arg:
@@ -86,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
         print(json.dumps(doc, indent=2) if args.json else render_text(doc))
         return 0
-    print(json.dumps(asyncio.run(run(Settings.from_env(), args.command, args.arg, args.since)), indent=2, default=str))
-    return 0
+    result = asyncio.run(run(Settings.from_env(), args.command, args.arg, args.since))
+    if args.command == "show" and not args.json:
+        print(render_show(result))
+        return 1 if "error" in result else 0
+    print(json.dumps(result, indent=2, default=str))
+    return 1 if isinstance(result, dict) and "error" in result else 0
 
 
 def _utc(value: str) -> datetime:

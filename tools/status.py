@@ -1,5 +1,5 @@
 """Live status of the HVE accounts from the governor's table: used today by kind, remaining,
-next free slot, cooldown, health.
+next free slot, cooldown, health; and delivery rates of the last 24 hours (message trace).
 
     python -m tools.status [--json] [--settings local.settings.json]
 """
@@ -10,6 +10,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from shared.delivery import rates_last_24h
 from shared.governor import TableGovernor
 from shared.limits import resolve_limits
 from shared.sender import pacing_config
@@ -25,7 +26,8 @@ async def report(settings: Settings) -> dict:
         config = pacing_config(settings, resolve_limits(settings.limits_profile, settings.limits_overrides))
         governor = TableGovernor(await storage.table(settings.governor_table), settings.accounts, config)
         states, tenant = await governor.read()
-        return status_report(states, tenant, config, settings.limits_profile)
+        return status_report(states, tenant, config, settings.limits_profile,
+                             delivery=await rates_last_24h(settings, storage))
     finally:
         await storage.close()
 

@@ -1,6 +1,7 @@
 // Entra ID application permissions for the app's managed identity, through the Microsoft
 // Graph Bicep extension (alias in infra/bicepconfig.json). A deployment of its own, which
-// infra/deploy.sh runs after main.bicep when grantGraphUserReadAll or grantExchangeMailSend is true
+// infra/deploy.sh runs after main.bicep when grantGraphUserReadAll, grantExchangeMailSend or
+// grantGraphMessageTrace is true
 // (inside main.bicep the new identity is not yet replicated in Entra: "Not a valid reference
 // update"), with only the grants that do not exist yet. The deployer needs an Entra role that may
 // grant application permissions (Privileged Role Administrator or Global Administrator): see
@@ -15,6 +16,9 @@ param grantUserReadAll bool = true
 
 @description('Grant the Office 365 Exchange Online application role Mail.Send for XOAUTH2 (HVE_AUTH=oauth).')
 param grantExchangeMailSend bool = false
+
+@description('Grant Microsoft Graph ExchangeMessageTrace.Read.All (delivery confirmation by message trace).')
+param grantMessageTraceRead bool = false
 
 // Well-known application ids of the first-party resource applications.
 var microsoftGraphAppId = '00000003-0000-0000-c000-000000000000'
@@ -42,4 +46,12 @@ resource exchangeSend 'Microsoft.Graph/appRoleAssignedTo@v1.0' = if (grantExchan
   appRoleId: filter(exchangeOnline.appRoles, role => role.value == 'Mail.Send')[0].id
   principalId: principalId
   resourceId: exchangeOnline.id
+}
+
+// Delivery confirmation (hve-facts.md, "Message trace"): app-only GET /admin/exchange/tracing/messageTraces.
+// The tenant also needs the service principal of app 8bd644d1-64a1-4d4b-ae52-2e0cbf64e373 (infra/README.md).
+resource messageTraceRead 'Microsoft.Graph/appRoleAssignedTo@v1.0' = if (grantMessageTraceRead) {
+  appRoleId: filter(microsoftGraph.appRoles, role => role.value == 'ExchangeMessageTrace.Read.All')[0].id
+  principalId: principalId
+  resourceId: microsoftGraph.id
 }

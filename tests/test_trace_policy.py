@@ -1,0 +1,164 @@
+"""The pure part of delivery confirmation: the trace filters Graph accepts, the windows a run reads,
+the request budget, Message-ID matching, and exact status deltas."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared.mime import message_id
+from shared.trace_policy import (MAX_LOOKBACK, MAX_SPAN, AccountCursor, FilterRefused, RecipientStatus, RequestBudget,
+                                 TraceConfig, TraceRow, after_span, check_window, count_delta, counts, delivery_rates,
+                                 merge_status, normal_status, parse_message_id, parse_time, plan_spans, trace_filter)
+
+NOW = datetime(2026, 12, 2, 3, 0, 0, 500000, tzinfo=timezone.utc)
+CFG = TraceConfig()
+
+
+def test_a_trace_filter_names_the_sender_and_both_date_bounds():
+    text = trace_filter("news@contoso.com", NOW - timedelta(hours=1), NOW - timedelta(minutes=1), NOW)
+    assert text == ("senderAddress eq 'news@contoso.com' and receivedDateTime ge 2026-12-02T02:00:00Z "
+                    "and receivedDateTime le 2026-12-02T02:59:00Z")
+    # A quote in an address cannot end the OData string early.
+    assert "'o''brien@contoso.com'" in trace_filter("o'brien@contoso.com", NOW - timedelta(hours=1), NOW, NOW)
+
+
+@pytest.mark.parametrize("start,end,why", [
+    (NOW - timedelta(days=10, seconds=1), NOW, "10 days"),
+    (NOW - timedelta(days=91), NOW - timedelta(days=85), "90 days"),
+    (NOW - timedelta(hours=1), NOW + timedelta(seconds=1), "after now"),
+    (NOW, NOW, "not before"),
+    (NOW, NOW - timedelta(hours=1), "not before"),
+])
+def test_a_filter_graph_would_refuse_is_refused_before_sending(start, end, why):
+    with pytest.raises(FilterRefused, match=why):
+        trace_filter("news@contoso.com", start, end, NOW)
+
+
+def test_the_edges_graph_accepts_are_accepted():
+    check_window(NOW - MAX_SPAN, NOW, NOW)
+    check_window(NOW - MAX_LOOKBACK, NOW - MAX_LOOKBACK + MAX_SPAN, NOW)
+    with pytest.raises(FilterRefused):
+        trace_filter("not-an-address", NOW - timedelta(hours=1), NOW, NOW)
+
+
+cursors = st.builds(
+    AccountCursor, st.just("news@contoso.com"),
+    st.one_of(st.none(), st.timedeltas(timedelta(0), timedelta(days=200)).map(lambda d: NOW - d)),
+    st.one_of(st.none(), st.timedeltas(timedelta(0), timedelta(days=200)).map(lambda d: NOW - d)),
+)
+configs = st.builds(TraceConfig, overlap=st.timedeltas(timedelta(0), timedelta(days=2)),
+                    max_age=st.timedeltas(timedelta(minutes=1), timedelta(days=89, hours=23)),
+                    span=st.timedeltas(timedelta(seconds=1), MAX_SPAN).filter(lambda d: d >= timedelta(minutes=5)),
+                    end_lag=st.timedeltas(timedelta(0), timedelta(minutes=5)))
+
+
+@given(cursors, configs, st.timedeltas(timedelta(0), timedelta(days=30)))
+def test_every_planned_window_is_one_graph_accepts_and_they_tile_without_gaps(cursor, cfg, later):
+    now = NOW + later
+    spans = plan_spans(cursor, now, cfg)
+    for start, end in spans:
+        trace_filter("news@contoso.com", start, end, now)   # raises if Graph would refuse it
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start == end
+    if spans and cursor.watermark is not None:
+        wanted = cursor.watermark - cfg.overlap
+        if cursor.recheck_from is not None:
+            wanted = min(wanted, cursor.recheck_from)
+        # Never later than asked, unless the max age (or Graph's 90 days) cuts it.
+        assert spans[0][0] <= max(wanted, now - cfg.max_age) + timedelta(seconds=1)
+
+
+def test_a_first_run_looks_back_the_max_age_and_later_runs_the_overlap():
+    first = plan_spans(AccountCursor("a@x.com"), NOW, CFG)
+    assert first[0][0] >= NOW - CFG.max_age and first[0][0] - (NOW - CFG.max_age) < timedelta(seconds=1)
+    assert first[-1][1] == (NOW - CFG.end_lag).replace(microsecond=0)
+    assert all(end - start <= CFG.span for start, end in first)
+    later = plan_spans(AccountCursor("a@x.com", watermark=NOW - timedelta(minutes=10)), NOW, CFG)
+    [(start, end)] = later
+    assert start == (NOW - timedelta(minutes=40)).replace(microsecond=0)   # watermark - overlap, down to the second
+    assert end == (NOW - CFG.end_lag).replace(microsecond=0)
+
+
+def test_an_open_recipient_pulls_the_next_window_back_until_it_is_older_than_the_max_age():
+    cursor = AccountCursor("a@x.com", watermark=NOW - timedelta(minutes=10), recheck_from=NOW - timedelta(days=1))
+    assert plan_spans(cursor, NOW, CFG)[0][0] <= NOW - timedelta(days=1) + timedelta(seconds=1)
+    old = AccountCursor("a@x.com", watermark=NOW - timedelta(minutes=10), recheck_from=NOW - timedelta(days=5))
+    assert plan_spans(old, NOW, CFG)[0][0] >= NOW - CFG.max_age
+
+
+def test_a_stopped_run_keeps_everything_after_the_last_finished_span_for_the_next():
+    cursor = AccountCursor("a@x.com", watermark=NOW, recheck_from=None)
+    stopped = after_span(cursor, NOW - timedelta(days=2), None, finished=False)
+    assert stopped.watermark == NOW and stopped.recheck_from == NOW - timedelta(days=2)
+    stopped = after_span(cursor, NOW - timedelta(days=2), NOW - timedelta(days=2, hours=3), finished=False)
+    assert stopped.recheck_from == NOW - timedelta(days=2, hours=3)
+    done = after_span(cursor, NOW + timedelta(minutes=10), None, finished=True)
+    assert done.watermark == NOW + timedelta(minutes=10) and done.recheck_from is None
+
+
+def test_the_budget_allows_n_requests_in_any_five_minutes():
+    budget = RequestBudget(3, [0.0, 100.0])
+    assert budget.take(200.0) and not budget.take(250.0)
+    assert budget.free_at(250.0) == 300.0
+    assert budget.take(300.5) and not budget.take(301.0)
+    assert budget.available(401.0) == 1   # 100.0 left the window; 200 and 300.5 remain
+
+
+def test_only_our_message_ids_match_with_their_chunk():
+    base = message_id("order-1042", "contoso.com")
+    digest = base[1:41]
+    assert parse_message_id(base) == (digest, 0, "contoso.com")
+    assert parse_message_id(message_id("order-1042", "Contoso.com", 3)) == (digest, 3, "contoso.com")
+    for other in ["<CAF=abc@mail.gmail.com>", "", None, "<" + "g" * 40 + "@x.com>", base.replace("@", "@@")]:
+        assert parse_message_id(other) is None
+
+
+def test_statuses_are_graphs_values_whatever_the_case():
+    assert normal_status("FilteredAsSpam") == "filteredAsSpam"
+    assert normal_status("Delivered") == "delivered"
+    assert normal_status("somethingNew") == "unknownFutureValue"
+    assert parse_time("2026-12-02T02:59:00.1234567Z") == datetime(2026, 12, 2, 2, 59, 0, 123456, tzinfo=timezone.utc)
+
+
+def test_reading_the_same_rows_again_gives_no_delta():
+    row = TraceRow("t", "d" * 40, 0, "contoso.com", "h1", "pending", NOW)
+    first = merge_status(None, row)
+    again = merge_status(first, row)
+    assert again == first
+    before = counts([first.status])
+    assert count_delta(before, counts([again.status])) == {}
+    delivered = merge_status(again, TraceRow("t", "d" * 40, 0, "contoso.com", "h1", "delivered", NOW))
+    assert count_delta(before, counts([delivered.status])) == {"pending": -1, "delivered": 1}
+
+
+def test_a_follow_up_transaction_wins_over_an_earlier_one_for_the_same_recipient():
+    follow_up = merge_status(None, TraceRow("t2", "d" * 40, 2, "c", "h", "delivered", NOW))
+    earlier = merge_status(follow_up, TraceRow("t1", "d" * 40, 0, "c", "h", "failed", NOW - timedelta(hours=1)))
+    assert earlier.status == "delivered" and earlier.chunk == 2
+    kept = RecipientStatus("failed", 0, NOW, "Fail: mailbox unavailable")
+    assert merge_status(kept, TraceRow("t", "d" * 40, 0, "c", "h", "failed", NOW)).reason == kept.reason
+
+
+@given(st.lists(st.sampled_from(["delivered", "failed", "pending", "quarantined"]), max_size=20),
+       st.lists(st.sampled_from(["delivered", "failed", "pending", "quarantined"]), max_size=20))
+def test_deltas_add_up_to_the_new_counts(old, new):
+    before, after = counts(old), counts(new)
+    delta = count_delta(before, after)
+    assert {k: before.get(k, 0) + delta.get(k, 0) for k in set(before) | set(after) if before.get(k, 0) + delta.get(k, 0)} == after
+    assert 0 not in delta.values()
+
+
+def test_rates_are_shares_of_traced_recipients():
+    rates = delivery_rates({"delivered": 6, "expanded": 1, "failed": 1, "quarantined": 1, "pending": 1})
+    assert rates == {"traced": 10, "delivered": 0.7, "failed": 0.1, "quarantined": 0.1, "filteredAsSpam": 0.0, "open": 0.1}
+    assert delivery_rates({})["delivered"] is None
+
+
+def test_a_config_graph_could_never_serve_is_refused():
+    for bad in (dict(span=timedelta(days=11)), dict(max_age=timedelta(days=90)), dict(page_size=5001)):
+        with pytest.raises(ValueError):
+            TraceConfig(**bad)
