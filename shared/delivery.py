@@ -535,7 +535,8 @@ async def reconcile(settings: Settings, *, on_delta: DeltaCallback = no_delta, d
     # Status changes also go to the hourly aggregates (`delivery.<status>`, filed under the hour
     # the request was sent), which the report, the dashboard and `tools.ledger report` read. A
     # delta comes once, after its counts are committed, so a re-read never adds to them.
-    aggregates = Aggregates(storage.tables.get_table_client(settings.aggregates_table), flush_seconds=0)
+    aggregates = Aggregates(storage.tables.get_table_client(settings.aggregates_table), flush_seconds=0,
+                            rollup_after_seconds=settings.aggregates_rollup_after_seconds)
 
     async def counted(delta: DeliveryDelta) -> None:
         await aggregates.add_delivery(delta.sent_at, delta.account, delta.category, delta.changes)

@@ -394,8 +394,7 @@ def test_storage_names_are_the_code_defaults(bicep):
     assert sorted(queues) == sorted([defaults["MAIL_QUEUE"], defaults["MAIL_QUEUE"] + "-poison"])
     assert sorted(tables) == sorted([
         defaults["LEDGER_TABLE"], defaults["RECIPIENT_INDEX_TABLE"], defaults["GOVERNOR_TABLE"],
-        defaults["WELCOME_STATE_TABLE"], defaults["AGGREGATES_TABLE"],
-        defaults["WELCOME_STATE_TABLE"], defaults["DELIVERY_TABLE"],
+        defaults["WELCOME_STATE_TABLE"], defaults["AGGREGATES_TABLE"], defaults["DELIVERY_TABLE"],
     ])
     assert "deploymentContainerName" in containers, "the Flex deployment container must be created"
     assert evaluate("claimCheckContainerName", main) == defaults["CLAIM_CHECK_CONTAINER"]
