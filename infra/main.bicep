@@ -193,6 +193,20 @@ param sendingLeaseSeconds int = 120
 @description('Attachments one request may have; more is refused before anything is downloaded.')
 param maxAttachments int = 20
 
+@description('Seconds between two merges of a worker process\'s counts into the aggregates table (report).')
+param aggregatesFlushSeconds int = 5
+
+@description('Rows one aggregate (hour, account, category) may be spread over under contention.')
+@minValue(1)
+param aggregatesShards int = 8
+
+@description('HVE price in USD per million recipients, for the report\'s cost estimate (a decimal string).')
+param hvePricePerMillionRecipients string = '42'
+
+@description('Longest span in days GET /api/report answers.')
+@minValue(1)
+param reportMaxDays int = 31
+
 @description('OTLP/HTTP endpoint for telemetry; used only when Application Insights is not (leave empty in Azure).')
 param otelExporterOtlpEndpoint string = ''
 
@@ -252,6 +266,7 @@ var poisonQueueName = '${mailQueueName}-poison'
 var ledgerTableName = 'hveledger'
 var recipientIndexTableName = 'hverecipients'
 var governorTableName = 'hvegovernor'
+var aggregatesTableName = 'hveaggregates'
 var welcomeTableName = 'hvewelcome'
 var claimCheckContainerName = 'mail-payloads'
 var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
@@ -294,6 +309,7 @@ module storage 'modules/storage.bicep' = {
       recipientIndexTableName
       governorTableName
       welcomeTableName
+      aggregatesTableName
     ]
     containerNames: [
       deploymentContainerName
@@ -387,6 +403,12 @@ var appSettings = {
   LOST_IN_FLIGHT_HOURS: string(lostInFlightHours)
   SENDING_LEASE_SECONDS: string(sendingLeaseSeconds)
   MAX_ATTACHMENTS: string(maxAttachments)
+  // Report and aggregates.
+  AGGREGATES_TABLE: aggregatesTableName
+  AGGREGATES_FLUSH_SECONDS: string(aggregatesFlushSeconds)
+  AGGREGATES_SHARDS: string(aggregatesShards)
+  HVE_PRICE_PER_MILLION_RECIPIENTS: hvePricePerMillionRecipients
+  REPORT_MAX_DAYS: string(reportMaxDays)
   RECIPIENT_HASH_KEY: '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=${recipientHashKeySecretName})'
   // Welcome scan.
   WELCOME_ENABLED: welcomeEnabled ? 'true' : 'false'

@@ -76,6 +76,11 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("RETENTION_SCHEDULE", "0 30 2 * * *", "NCRONTAB schedule of the `purge_expired` timer (default: daily at 02:30 UTC)."),
     SettingSpec("RETENTION_MAX_ROWS_PER_RUN", "20000", "Rows `purge_expired` deletes per table in one run at most; what is left waits for the next run."),
     SettingSpec("LOST_IN_FLIGHT_HOURS", "24", "A ledger row still `sending` this long after its last update is recorded by `purge_expired` as `dead`, reason `lost-in-flight` (HVE may have accepted it: its Message-ID is in the row)."),
+    SettingSpec("AGGREGATES_TABLE", "hveaggregates", "Table of the hourly counters per account and category behind `GET /api/report` and `tools.ledger report` (no addresses)."),
+    SettingSpec("AGGREGATES_FLUSH_SECONDS", "5", "Each worker process adds its counts to the aggregates table this often (ETag merges); a process killed loses at most this long of counts, never counts twice."),
+    SettingSpec("AGGREGATES_SHARDS", "8", "Rows one aggregate (hour, account, category) may be spread over: a process that loses an ETag race on one moves to another, so no row is hot."),
+    SettingSpec("HVE_PRICE_PER_MILLION_RECIPIENTS", "42", "Price of HVE in USD per million recipients, for the cost estimate of `GET /api/report`."),
+    SettingSpec("REPORT_MAX_DAYS", "31", "Longest span `GET /api/report` answers (since to until); longer asks get a 400."),
     SettingSpec("APPLICATIONINSIGHTS_CONNECTION_STRING", "", "Export telemetry to Azure Monitor when set."),
     SettingSpec("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "", "Entra (managed identity) authentication for Application Insights, e.g. `Authorization=AAD;ClientId=...`."),
     SettingSpec("OTEL_EXPORTER_OTLP_ENDPOINT", "", "Export telemetry over OTLP/HTTP when set (and no Azure Monitor connection string)."),
@@ -186,6 +191,11 @@ class Settings:
     retention_schedule: str
     retention_max_rows: int
     lost_in_flight_seconds: float
+    aggregates_table: str
+    aggregates_flush_seconds: float
+    aggregates_shards: int
+    price_per_million_recipients: float
+    report_max_days: float
     recipient_hash_key: bytes = field(repr=False)
     appinsights_connection_string: str = field(repr=False)
     otlp_endpoint: str
@@ -312,6 +322,11 @@ class Settings:
             retention_schedule=get("RETENTION_SCHEDULE"),
             retention_max_rows=max(1, number("RETENTION_MAX_ROWS_PER_RUN", int)),
             lost_in_flight_seconds=number("LOST_IN_FLIGHT_HOURS") * 3600.0,
+            aggregates_table=get("AGGREGATES_TABLE"),
+            aggregates_flush_seconds=number("AGGREGATES_FLUSH_SECONDS"),
+            aggregates_shards=max(1, number("AGGREGATES_SHARDS", int)),
+            price_per_million_recipients=number("HVE_PRICE_PER_MILLION_RECIPIENTS"),
+            report_max_days=max(1.0, number("REPORT_MAX_DAYS")),
             recipient_hash_key=(hash_key or UNSET_HASH_KEY).encode(),
             appinsights_connection_string=get("APPLICATIONINSIGHTS_CONNECTION_STRING"),
             otlp_endpoint=get("OTEL_EXPORTER_OTLP_ENDPOINT"),

@@ -394,7 +394,7 @@ def test_storage_names_are_the_code_defaults(bicep):
     assert sorted(queues) == sorted([defaults["MAIL_QUEUE"], defaults["MAIL_QUEUE"] + "-poison"])
     assert sorted(tables) == sorted([
         defaults["LEDGER_TABLE"], defaults["RECIPIENT_INDEX_TABLE"], defaults["GOVERNOR_TABLE"],
-        defaults["WELCOME_STATE_TABLE"],
+        defaults["WELCOME_STATE_TABLE"], defaults["AGGREGATES_TABLE"],
     ])
     assert "deploymentContainerName" in containers, "the Flex deployment container must be created"
     assert evaluate("claimCheckContainerName", main) == defaults["CLAIM_CHECK_CONTAINER"]
@@ -407,6 +407,7 @@ def test_storage_names_are_the_code_defaults(bicep):
     for setting, var in [("MAIL_QUEUE", "mailQueueName"), ("LEDGER_TABLE", "ledgerTableName"),
                          ("RECIPIENT_INDEX_TABLE", "recipientIndexTableName"),
                          ("GOVERNOR_TABLE", "governorTableName"), ("WELCOME_STATE_TABLE", "welcomeTableName"),
+                         ("AGGREGATES_TABLE", "aggregatesTableName"),
                          ("CLAIM_CHECK_CONTAINER", "claimCheckContainerName")]:
         assert settings[setting] == var, f"{setting} must be set from {var}"
     storage_doc = bicep["modules/storage.bicep"]

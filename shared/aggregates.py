@@ -1,0 +1,397 @@
+"""Hourly counters per account and category, written as the ledger changes, read by the report.
+
+Counter names (as in the report contract): `requests.<outcome>`, `deferrals`, `recipients.internal`,
+`recipients.external`, `codes.<SMTP code>`, `delivery.<message-trace status>`.
+
+How they are written (README "Report API and aggregates"):
+- The send path only adds to an in-memory buffer (no I/O, never raises): a send is never failed
+  or slowed by the aggregates.
+- A background task per process flushes the buffer every AGGREGATES_FLUSH_SECONDS as ETag merges
+  (read, add, replace-if-unchanged) into rows keyed by UTC day (PartitionKey), hour, shard and
+  (account, category). A process writes shard 0 until it loses an ETag race, then moves to a
+  random shard below AGGREGATES_SHARDS: no hot row, and few rows while traffic is light.
+- Every merge records this writer's batch number in the row (`Writes`). A write whose answer was
+  lost (an SDK retry after a 500 or a cut connection) is looked up before it is tried again, so a
+  batch is added once, never twice.
+- What is only in the buffer is lost if the process is killed: counts err on the low side, never
+  twice (the ledger stays the truth).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import re
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable, Mapping
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from opentelemetry import metrics
+
+log = logging.getLogger("hve_relay.aggregates")
+
+DELIVERY_STATUSES = frozenset({"delivered", "failed", "pending", "expanded", "quarantined", "filteredAsSpam",
+                               "gettingStatus", "recalled"})
+OUTCOMES = ("sent", "refused", "dead")
+# Writers remembered per row (their last batch number): far more than can write one row between a
+# lost answer and its re-check.
+_WRITERS_KEPT = 64
+# ETag races one merge takes before its batch waits for the next flush.
+_MERGE_TRIES = 8
+# Rows merged at once by one flush.
+_CONCURRENCY = 8
+_CODE = re.compile(r"[^0-9. ]")
+HOUR = 3600
+
+
+def code_label(code: int, enhanced: str = "") -> str:
+    """`451 4.7.0`: the basic and enhanced code of a reply, nothing else of its text."""
+    return _CODE.sub("", f"{code} {enhanced}".strip())[:16]
+
+
+_REPLY = re.compile(r"^\s*(\d{3})(?:[\s-]+([245]\.\d{1,3}\.\d{1,3}))?")
+
+
+def reply_labels(result: Any, recipients: int) -> list[str]:
+    """The replies other than 250 of one SMTP transaction (an `hve_smtp.SubmitResult`): each
+    recipient refused or deferred at RCPT, and the final reply unless it was one of those."""
+    labels = []
+    for text in result.refused.values():
+        m = _REPLY.match(text)
+        if m:
+            labels.append(code_label(int(m[1]), m[2] or ""))
+    labels += [code_label(v.code, v.enhanced) for v in result.deferred.values() if v.code]
+    verdict = result.verdict
+    if verdict.code and verdict.code != 250 and len(result.refused) + len(result.deferred) < recipients:
+        labels.append(code_label(verdict.code, verdict.enhanced))
+    return labels
+
+
+def hour_of(at: float) -> int:
+    return int(at // HOUR) * HOUR
+
+
+def _day_key(hour: int) -> str:
+    return datetime.fromtimestamp(hour, timezone.utc).strftime("%Y%m%d")
+
+
+def _row_key(hour: int, shard: int, account: str, category: str) -> str:
+    # Account and category come from producers: hashed, so any text makes a valid key.
+    digest = hashlib.sha256(f"{account}\x00{category}".encode("utf-8")).hexdigest()[:20]
+    return f"{datetime.fromtimestamp(hour, timezone.utc).hour:02d}-{shard:03d}-{digest}"
+
+
+@dataclass
+class Bucket:
+    """The counts of one (hour, account, category), summed over shards."""
+
+    start: int                 # epoch seconds of the hour
+    account: str
+    category: str
+    counts: Counter = field(default_factory=Counter)
+    last_seen: dict[str, float] = field(default_factory=dict)   # code -> epoch seconds
+
+
+@dataclass
+class _Batch:
+    pk: str
+    rk: str
+    hour: int
+    account: str
+    category: str
+    seq: int
+    counts: Counter
+    last_seen: dict[str, float]
+
+
+@dataclass
+class _Cached:
+    etag: str
+    counts: dict[str, int]
+    last_seen: dict[str, float]
+    writes: dict[str, int]
+
+
+@dataclass
+class AggregateStats:
+    """Per process, for tests, the bench and telemetry."""
+
+    merges: int = 0
+    races: int = 0        # ETag races lost (another writer changed the row)
+    replayed: int = 0     # batches found already applied on a re-check (their answer had been lost)
+    failures: int = 0     # flushes of a row that failed (kept for the next flush)
+    dropped: int = 0      # counts given up (buffer over its bound)
+
+
+class Aggregates:
+    def __init__(self, table: Any, *, flush_seconds: float = 5.0, shards: int = 8, max_pending: int = 10_000,
+                 clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
+        self._table = table
+        self.flush_seconds = flush_seconds
+        self.shards = max(1, shards)
+        self.max_pending = max_pending
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self.writer = uuid.uuid4().hex[:12]
+        self.shard = 0
+        self.stats = AggregateStats()
+        self._seq = 0
+        self._buffer: dict[tuple[int, str, str], tuple[Counter, dict[str, float]]] = {}
+        self._pending: list[_Batch] = []   # batches whose write failed: retried first, same number
+        self._cache: dict[tuple[str, str], _Cached] = {}
+        self._flusher: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        self._table_ready = False
+        self._failures_counter = metrics.get_meter("hve_relay").create_counter(
+            "hve_relay.aggregates.write_failures", unit="{row}",
+            description="Aggregate rows whose merge failed (kept for the next flush)")
+
+    # --- recording (the send path: memory only, never raises) -----------------------------------
+
+    def add(self, at: float, account: str, category: str, counts: Mapping[str, int],
+            last_seen: Mapping[str, float] | None = None) -> None:
+        try:
+            key = (hour_of(at), account or "", category or "")
+            bucket, last = self._buffer.setdefault(key, (Counter(), {}))
+            bucket.update({name: int(n) for name, n in counts.items() if n})
+            for name, ts in (last_seen or {}).items():
+                last[name] = max(last.get(name, 0.0), ts)
+            self._ensure_flusher()
+        except Exception:  # noqa: BLE001 - counting must never fail a send
+            log.exception("aggregates: a count was not recorded")
+
+    def outcome(self, at: float, account: str, category: str, state: str, *, internal: int = 0,
+                external: int = 0) -> None:
+        """A request reached its final state (once per request: called when the ledger row became final)."""
+        counts = {f"requests.{state}": 1}
+        if state == "sent":
+            counts.update({"recipients.internal": internal, "recipients.external": external})
+        self.add(at, account, category, counts)
+
+    def deferral(self, at: float, account: str, category: str) -> None:
+        self.add(at, account, category, {"deferrals": 1})
+
+    def replies(self, at: float, account: str, category: str, labels: Iterable[str]) -> None:
+        """SMTP replies other than 250, by code label (`code_label`)."""
+        seen = Counter(f"codes.{label}" for label in labels if label)
+        if seen:
+            self.add(at, account, category, seen, {name[len("codes."):]: at for name in seen})
+
+    async def add_delivery(self, at: datetime | float, account: str, category: str, deltas: Mapping[str, int]) -> None:
+        """Message-trace statuses (issue 10): add `deltas` (may be negative, e.g. pending -1,
+        delivered +1) to `delivery.<status>`; written by the next flush (or `flush()`)."""
+        unknown = set(deltas) - DELIVERY_STATUSES
+        if unknown:
+            raise ValueError(f"unknown delivery status(es) {sorted(unknown)}; known: {sorted(DELIVERY_STATUSES)}")
+        ts = at.timestamp() if isinstance(at, datetime) else float(at)
+        self.add(ts, account, category, {f"delivery.{status}": n for status, n in deltas.items()})
+
+    # --- flushing ------------------------------------------------------------------------------
+
+    def _ensure_flusher(self) -> None:
+        if self.flush_seconds <= 0 or (self._flusher is not None and not self._flusher.done()):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._flusher = loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        while self._buffer or self._pending:
+            await asyncio.sleep(self.flush_seconds)
+            await self.flush()
+
+    async def close(self) -> None:
+        """Flush what is buffered and stop the background task (a host shutting down)."""
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Merge the buffer into the table. Never raises: a failed row stays pending (same batch
+        number, so a write that did happen is not added again)."""
+        async with self._lock:
+            batches = self._pending
+            self._pending = []
+            taken, self._buffer = self._buffer, {}
+            for (hour, account, category), (counts, last) in taken.items():
+                counts = Counter({k: v for k, v in counts.items() if v})  # deltas may be negative
+                if not counts and not last:
+                    continue
+                self._seq += 1
+                batches.append(_Batch(_day_key(hour), _row_key(hour, self.shard, account, category), hour, account,
+                                      category, self._seq, counts, dict(last)))
+            if not batches:
+                return
+            if not await self._ensure_table():
+                self._pending = batches
+                self._failed(len(batches))
+                self._bound_pending()
+                return
+            sem = asyncio.Semaphore(_CONCURRENCY)
+
+            async def one(batch: _Batch) -> None:
+                async with sem:
+                    if not await self._merge(batch):
+                        self._pending.append(batch)
+
+            await asyncio.gather(*(one(b) for b in batches))
+            self._bound_pending()
+            self._prune_cache()
+
+    def _bound_pending(self) -> None:
+        # Storage down for long: memory stays bounded; the oldest counts are given up (low side).
+        if len(self._pending) > self.max_pending:
+            lost = self._pending[:-self.max_pending]
+            self._pending = self._pending[-self.max_pending:]
+            self.stats.dropped += sum(sum(abs(v) for v in b.counts.values()) for b in lost)
+            log.error("aggregates: %d batch(es) dropped after repeated write failures", len(lost))
+
+    def _failed(self, rows: int) -> None:
+        self.stats.failures += rows
+        self._failures_counter.add(rows)
+
+    async def _ensure_table(self) -> bool:
+        # Created on the first flush, not when the relay starts: a relay must send even when the
+        # aggregates table cannot be reached.
+        if self._table_ready:
+            return True
+        try:
+            await self._table.create_table()
+        except ResourceExistsError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            log.warning("aggregates: table %s not ready (%s); counts kept for the next flush",
+                        getattr(self._table, "table_name", "?"), type(exc).__name__)
+            return False
+        self._table_ready = True
+        return True
+
+    async def _merge(self, batch: _Batch) -> bool:
+        key = (batch.pk, batch.rk)
+        try:
+            for _ in range(_MERGE_TRIES):
+                cached = self._cache.get(key)
+                if cached is None:
+                    cached = await self._read(batch.pk, batch.rk)
+                    if cached is None:
+                        try:
+                            meta = await self._table.create_entity(self._entity(batch, {}, {}, {}))
+                        except ResourceExistsError:
+                            continue
+                        self._remember(batch, meta, {}, {}, {})
+                        return True
+                    self._cache[key] = cached
+                if cached.writes.get(self.writer, 0) >= batch.seq:
+                    self.stats.replayed += 1   # our earlier try did land; its answer was lost
+                    return True
+                try:
+                    meta = await self._table.update_entity(
+                        self._entity(batch, cached.counts, cached.last_seen, cached.writes), mode="replace",
+                        etag=cached.etag, match_condition=MatchConditions.IfNotModified)
+                except (ResourceModifiedError, ResourceNotFoundError):
+                    self._cache.pop(key, None)
+                    self.stats.races += 1
+                    # Later batches of this process go to another shard; this one stays on its row,
+                    # where the re-check of `Writes` can see whether it already landed.
+                    self.shard = self._rng.randrange(self.shards)
+                    continue
+                self._remember(batch, meta, cached.counts, cached.last_seen, cached.writes)
+                return True
+            return False
+        except Exception as exc:  # noqa: BLE001 - storage trouble never reaches the send path
+            self._cache.pop(key, None)
+            self._failed(1)
+            log.warning("aggregates: merge into %s/%s failed (%s); kept for the next flush", batch.pk, batch.rk,
+                        type(exc).__name__)
+            return False
+
+    def _merged(self, batch: _Batch, counts: Mapping[str, int], last: Mapping[str, float],
+                writes: Mapping[str, int]) -> tuple[dict[str, int], dict[str, float], dict[str, int]]:
+        new_counts = Counter(counts)
+        new_counts.update(batch.counts)
+        new_last = dict(last)
+        for code, ts in batch.last_seen.items():
+            new_last[code] = max(new_last.get(code, 0.0), ts)
+        new_writes = {w: s for w, s in writes.items() if w != self.writer}
+        new_writes[self.writer] = batch.seq
+        if len(new_writes) > _WRITERS_KEPT:
+            new_writes = dict(list(new_writes.items())[-_WRITERS_KEPT:])
+        return {k: v for k, v in new_counts.items() if v}, new_last, new_writes
+
+    def _entity(self, batch: _Batch, counts: Mapping[str, int], last: Mapping[str, float],
+                writes: Mapping[str, int]) -> dict[str, Any]:
+        c, ls, w = self._merged(batch, counts, last, writes)
+        return {"PartitionKey": batch.pk, "RowKey": batch.rk, "HourIndex": batch.hour // HOUR, "Account": batch.account,
+                "Category": batch.category, "Counts": json.dumps(c, separators=(",", ":")),
+                "LastSeen": json.dumps(ls, separators=(",", ":")), "Writes": json.dumps(w, separators=(",", ":"))}
+
+    def _remember(self, batch: _Batch, meta: Mapping[str, Any], counts: Mapping[str, int],
+                  last: Mapping[str, float], writes: Mapping[str, int]) -> None:
+        self.stats.merges += 1
+        c, ls, w = self._merged(batch, counts, last, writes)
+        self._cache[(batch.pk, batch.rk)] = _Cached(meta.get("etag"), c, ls, w)
+
+    async def _read(self, pk: str, rk: str) -> _Cached | None:
+        try:
+            row = await self._table.get_entity(pk, rk)
+        except ResourceNotFoundError:
+            return None
+        return _Cached(row.metadata["etag"], json.loads(row.get("Counts") or "{}"),
+                       json.loads(row.get("LastSeen") or "{}"), json.loads(row.get("Writes") or "{}"))
+
+    def _prune_cache(self) -> None:
+        # Only the current and the previous hour are still written to.
+        horizon = _day_key(hour_of(self._clock()) - 2 * HOUR)
+        for key in [k for k in self._cache if k[0] < horizon]:
+            del self._cache[key]
+
+    # --- reading (the report) --------------------------------------------------------------------
+
+    async def read(self, since: datetime, until: datetime) -> list[Bucket]:
+        """Buckets with an hour start in [since, until), shards summed: one query per UTC day, all
+        at once, each within one partition."""
+        if until <= since:
+            return []
+        start, end = hour_of(since.timestamp()), hour_of(until.timestamp() - 1) + HOUR
+        if end <= start:
+            return []
+        days: list[tuple[str, int, int]] = []
+        day = start - start % 86400
+        while day < end:
+            days.append((_day_key(day), (max(start, day) - day) // HOUR, (min(end, day + 86400) - day) // HOUR))
+            day += 86400
+        buckets: dict[tuple[int, str, str], Bucket] = {}
+        for rows in await asyncio.gather(*(self._day_rows(*d) for d in days)):
+            for row in rows:
+                hour = int(row["HourIndex"]) * HOUR
+                if not start <= hour < end:
+                    continue
+                key = (hour, row.get("Account") or "", row.get("Category") or "")
+                bucket = buckets.setdefault(key, Bucket(*key))
+                bucket.counts.update(json.loads(row.get("Counts") or "{}"))
+                for code, ts in json.loads(row.get("LastSeen") or "{}").items():
+                    bucket.last_seen[code] = max(bucket.last_seen.get(code, 0.0), ts)
+        return [buckets[k] for k in sorted(buckets)]
+
+    async def _day_rows(self, pk: str, lo_hour: int, hi_hour: int) -> list[Any]:
+        query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
+        params = {"pk": pk, "lo": f"{lo_hour:02d}-", "hi": f"{hi_hour:02d}-"}
+        try:
+            return [row async for row in self._table.query_entities(
+                query, parameters=params, select=["HourIndex", "Account", "Category", "Counts", "LastSeen"])]
+        except ResourceNotFoundError:  # nothing counted yet: the table is created by the first flush
+            return []

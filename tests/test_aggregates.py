@@ -1,0 +1,165 @@
+"""The aggregates table against real Azurite: concurrent writers, lost answers, outages, windows."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from azure.data.tables.aio import TableClient
+
+from shared.aggregates import Aggregates
+from tools.azurite import connection_string
+from tools.fault_proxy import Fault, FaultProxy
+
+T0 = datetime(2026, 11, 30, 22, 0, tzinfo=timezone.utc).timestamp()
+
+
+def table(conn: str, name: str, **kwargs) -> TableClient:
+    return TableClient.from_connection_string(conn, name, **kwargs)
+
+
+def totals(buckets) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for b in buckets:
+        for k, v in b.counts.items():
+            out[k] = out.get(k, 0) + v
+    return {k: v for k, v in out.items() if v}
+
+
+async def read_all(conn: str, name: str, since: float = T0 - 86400, until: float = T0 + 3 * 86400):
+    async with table(conn, name) as t:
+        return await Aggregates(t).read(datetime.fromtimestamp(since, timezone.utc),
+                                        datetime.fromtimestamp(until, timezone.utc))
+
+
+def test_many_writers_merging_into_the_same_bucket_lose_no_count_and_spread_over_shards(storage):
+    name = f"{storage.table_prefix}agg"
+
+    async def writer(seed: int) -> Aggregates:
+        async with table(storage.connection_string, name) as t:
+            agg = Aggregates(t, flush_seconds=0, shards=4, rng=random.Random(seed))
+            for i in range(40):
+                agg.outcome(T0 + i, "news@contoso.com", "orders", "sent", internal=2, external=1)
+                agg.deferral(T0 + i, "news@contoso.com", "orders")
+                if i % 5 == 4:
+                    await agg.flush()
+                    await asyncio.sleep(0)
+            await agg.flush()
+            assert not agg._pending and not agg._buffer
+            return agg
+
+    async def main():
+        writers = await asyncio.gather(*(writer(s) for s in range(6)))
+        async with table(storage.connection_string, name) as t:
+            rows = [r async for r in t.list_entities()]
+        return writers, rows
+
+    writers, rows = asyncio.run(main())
+    assert totals(asyncio.run(read_all(storage.connection_string, name))) == {
+        "requests.sent": 240, "deferrals": 240, "recipients.internal": 480, "recipients.external": 240}
+    # The writers really raced on one row, and the losers moved to other shards.
+    assert sum(w.stats.races for w in writers) > 0
+    assert len({r["RowKey"] for r in rows}) > 1
+
+
+def test_a_merge_whose_answer_was_lost_is_not_added_again(azurite, storage):
+    """The table made the change but answered 500 (applied=True): the next flush re-reads the
+    row, finds its batch number in `Writes`, and does not add the batch a second time."""
+    name = f"{storage.table_prefix}agg"
+    faults = {"left": 0}
+
+    def rule(method: str, path: str):
+        if method in ("PUT", "MERGE") and name in path and faults["left"] > 0:
+            faults["left"] -= 1
+            return Fault(500, applied=True)
+        return None
+
+    async def main(conn: str) -> Aggregates:
+        async with table(conn, name, retry_total=0) as t:
+            agg = Aggregates(t, flush_seconds=0)
+            agg.outcome(T0, "news@contoso.com", "", "sent", internal=1)
+            await agg.flush()                    # creates the row
+            agg.outcome(T0, "news@contoso.com", "", "refused")
+            faults["left"] = 1
+            await agg.flush()                    # applied, but the answer is a 500
+            assert agg.stats.failures == 1 and len(agg._pending) == 1
+            await agg.flush()                    # re-check: already there
+            assert agg.stats.replayed == 1 and not agg._pending
+            agg.outcome(T0, "news@contoso.com", "", "dead")
+            await agg.flush()
+            return agg
+
+    with FaultProxy(azurite.table_port, rule=rule) as proxy:
+        asyncio.run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port)))
+    assert totals(asyncio.run(read_all(storage.connection_string, name))) == {
+        "requests.sent": 1, "recipients.internal": 1, "requests.refused": 1, "requests.dead": 1}
+
+
+def test_an_outage_keeps_counts_in_memory_until_storage_is_back(azurite, storage):
+    name = f"{storage.table_prefix}agg"
+
+    async def main(conn: str, proxy: FaultProxy) -> Aggregates:
+        async with table(conn, name, retry_total=0) as t:
+            agg = Aggregates(t, flush_seconds=0)
+            proxy.down()
+            agg.outcome(T0, "alerts@contoso.com", "x", "sent", internal=3)
+            await agg.flush()                    # never raises
+            assert agg.stats.failures >= 1 and agg._pending
+            agg.replies(T0 + 10, "alerts@contoso.com", "x", ["451 4.7.0"])
+            await agg.flush()
+            proxy.up()
+            await agg.flush()
+            assert not agg._pending
+            return agg
+
+    with FaultProxy(azurite.table_port) as proxy:
+        asyncio.run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port), proxy))
+    buckets = asyncio.run(read_all(storage.connection_string, name))
+    assert totals(buckets) == {"requests.sent": 1, "recipients.internal": 3, "codes.451 4.7.0": 1}
+    assert buckets[0].last_seen == {"451 4.7.0": T0 + 10}
+
+
+def test_delivery_deltas_may_be_negative_and_unknown_statuses_are_refused(storage):
+    name = f"{storage.table_prefix}agg"
+
+    async def main():
+        async with table(storage.connection_string, name) as t:
+            agg = Aggregates(t, flush_seconds=0)
+            await agg.add_delivery(datetime.fromtimestamp(T0, timezone.utc), "news@contoso.com", "c", {"pending": 2})
+            await agg.flush()
+            await agg.add_delivery(T0, "news@contoso.com", "c", {"pending": -2, "delivered": 1, "failed": 1})
+            await agg.flush()
+            with pytest.raises(ValueError, match="unknown delivery status"):
+                await agg.add_delivery(T0, "news@contoso.com", "c", {"bounced": 1})
+
+    asyncio.run(main())
+    assert totals(asyncio.run(read_all(storage.connection_string, name))) == {"delivery.delivered": 1,
+                                                                             "delivery.failed": 1}
+
+
+def test_a_window_reads_exactly_its_hours_across_a_day_boundary_and_any_label(storage):
+    name = f"{storage.table_prefix}agg"
+    odd = "<script>alert(1)</script>/\\#?\x00é"
+
+    async def main():
+        async with table(storage.connection_string, name) as t:
+            agg = Aggregates(t, flush_seconds=0)
+            for h in range(-2, 5):   # 20:00 on the 30th .. 02:00 on the 1st
+                agg.outcome(T0 + h * 3600 + 59, "news@contoso.com", odd, "sent", external=h + 3)
+            await agg.flush()
+            since = datetime.fromtimestamp(T0 + 1800, timezone.utc)        # 22:30 -> 22:00
+            until = datetime.fromtimestamp(T0 + 3 * 3600, timezone.utc)    # 01:00, exclusive
+            return await agg.read(since, until)
+
+    buckets = asyncio.run(main())
+    assert [(datetime.fromtimestamp(b.start, timezone.utc).strftime("%d %H"), b.category,
+             b.counts["recipients.external"]) for b in buckets] == [("30 22", odd, 3), ("30 23", odd, 4),
+                                                                   ("01 00", odd, 5)]
+
+
+def test_reading_before_anything_was_counted_is_empty_not_an_error(storage):
+    now = datetime.now(timezone.utc)
+    assert asyncio.run(read_all(storage.connection_string, f"{storage.table_prefix}none",
+                                (now - timedelta(days=7)).timestamp(), now.timestamp())) == []
