@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable
 
 from azure.core.exceptions import ResourceNotFoundError
 
+from .aggregates import Aggregates, reply_labels
 from .blobs import BlobReader
 from .contract import (
     MailRequest,
@@ -111,6 +112,7 @@ class Relay:
         limits: Limits,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        aggregates: Aggregates | None = None,
     ) -> None:
         settings.require_accounts()
         self.settings = settings
@@ -123,6 +125,7 @@ class Relay:
         self.limits = limits
         self.clock = clock
         self.rng = rng or random.Random()
+        self.aggregates = aggregates
         self.instruments = Instruments()
         self.stats = RelayStats()
         self._pacer_seen = -math.inf
@@ -173,11 +176,16 @@ class Relay:
         container = storage.container(settings.claim_check_container)
         relay = cls(settings, storage=storage, smtp=smtp, governor=governor, ledger=ledger,
                     queue=await storage.queue(settings.mail_queue),
-                    payloads=BlobReader(container, limits.message_bytes), limits=limits, clock=clock)
+                    payloads=BlobReader(container, limits.message_bytes), limits=limits, clock=clock,
+                    aggregates=Aggregates(storage.tables.get_table_client(settings.aggregates_table), clock=clock,
+                                          flush_seconds=settings.aggregates_flush_seconds,
+                                          shards=settings.aggregates_shards))
         relay.closers = closers
         return relay
 
     async def close(self) -> None:
+        if self.aggregates is not None:
+            await self.aggregates.close()
         await self.smtp.close()
         await self.storage.close()
         for close in self.closers:
@@ -399,6 +407,8 @@ class Relay:
         verdict = result.verdict
         now = self.clock()
         self.instruments.smtp_replies.add(1, {"code": verdict.enhanced or str(verdict.code), "account": account})
+        if self.aggregates is not None:
+            self.aggregates.replies(now, account, entry.category, reply_labels(result, len(envelope)))
         # Throttling at RCPT teaches the governor as much as at DATA.
         feedback = verdict if verdict.throttled else next((v for v in result.deferred.values() if v.throttled), verdict)
         await self.governor.report(account, feedback, now)
@@ -622,12 +632,28 @@ class Relay:
                     and entry.state not in FINAL_STATES):
                 return
             await self.ledger.put(entry)
+        # Counted only here, once our row is written: a row already final returned above, so a
+        # retry or a duplicate delivery of a finished request is never counted again.
+        self._count(entry)
+
+    def _count(self, entry: LedgerEntry) -> None:
+        if self.aggregates is None:
+            return
+        if entry.state in FINAL_STATES:
+            self.aggregates.outcome(self.clock(), entry.account, entry.category, entry.state,
+                                    internal=entry.internal_recipients, external=entry.external_recipients)
+        elif entry.state == DEFERRED:
+            self.aggregates.deferral(self.clock(), entry.account, entry.category)
 
     async def _refuse_unread(self, queue_message_id: str, refusal: RequestRefused, now: float) -> Handled:
         """A message that cannot even be read is recorded under its queue message id and set aside."""
         entry = LedgerEntry(request_id=queue_message_id, state=REFUSED, first_received=_utc(now), updated=_utc(now),
                             reason=f"{refusal.reason}: {refusal.detail}", queue_message_id=queue_message_id)
-        await self.ledger.put(entry)
+        try:
+            await self.ledger.save(entry)   # created: counted once; a second delivery finds the row
+            self._count(entry)
+        except LedgerConflict:
+            await self.ledger.put(entry)
         return Handled(queue_message_id, REFUSED, entry.reason)
 
 
