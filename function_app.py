@@ -34,3 +34,13 @@ async def purge_expired(timer: func.TimerRequest) -> None:
 async def status(req: func.HttpRequest) -> func.HttpResponse:
     """Live per-account view from the rate governor (used today, remaining, next slot, health)."""
     return func.HttpResponse(await sender.status_json(), mimetype="application/json")
+
+
+@app.route(route="report", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+async def report(req: func.HttpRequest) -> func.HttpResponse:
+    """Counts per hour or day, account and category, with the live account, queue and budget state
+    (schema: shared/schema/report.v1.json)."""
+    from shared.report import report_response
+
+    status_code, body = await report_response(dict(req.params))
+    return func.HttpResponse(body, status_code=status_code, mimetype="application/json")

@@ -1,0 +1,175 @@
+"""`GET /api/report`: the aggregates of a time window, the governor's live view of the accounts,
+the queues and the budget, as one JSON document (schema: shared/schema/report.v1.json).
+
+Reading cost does not grow with the ledger: one query per UTC day of the window on the aggregates
+table, one read of the governor, two queue properties and two peeks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterable, Mapping
+
+from .aggregates import OUTCOMES, Aggregates, Bucket
+
+SCHEMA = "hve-relay.report.v1"
+BUCKETS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
+DEFAULT_SPAN = timedelta(hours=24)
+
+
+class ReportRequestError(ValueError):
+    """A bad query string: the message says which parameter and why (answered with 400)."""
+
+
+@dataclass(frozen=True)
+class Window:
+    since: datetime
+    until: datetime
+    bucket: str
+
+
+def _iso(at: datetime | float | None) -> str | None:
+    if at is None:
+        return None
+    if not isinstance(at, datetime):
+        at = datetime.fromtimestamp(at, timezone.utc)
+    return at.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def _parse_time(name: str, raw: str) -> datetime:
+    try:
+        at = datetime.fromisoformat(raw.strip().replace("Z", "+00:00").replace(" ", "+"))
+    except ValueError:
+        raise ReportRequestError(f"{name} must be an ISO 8601 date or date-time, got {raw[:40]!r}") from None
+    return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+
+
+def _floor(at: datetime, bucket: str) -> datetime:
+    at = at.replace(minute=0, second=0, microsecond=0)
+    return at.replace(hour=0) if bucket == "day" else at
+
+
+def _ceil(at: datetime, bucket: str) -> datetime:
+    floor = _floor(at, bucket)
+    return floor if floor == at else floor + BUCKETS[bucket]
+
+
+def parse_window(params: Mapping[str, str], now: float, max_days: float = 31) -> Window:
+    """since/until/bucket from the query string: defaults until=now, since=until-24h, bucket=hour;
+    since rounded down and until up to the bucket."""
+    bucket = (params.get("bucket") or "hour").strip().lower()
+    if bucket not in BUCKETS:
+        raise ReportRequestError(f"bucket must be 'hour' or 'day', got {bucket[:20]!r}")
+    until = _parse_time("until", params["until"]) if params.get("until") else datetime.fromtimestamp(now, timezone.utc)
+    since = _parse_time("since", params["since"]) if params.get("since") else until - DEFAULT_SPAN
+    since, until = _floor(since, bucket), _ceil(until, bucket)
+    if until <= since:
+        raise ReportRequestError("since must be before until")
+    if until - since > timedelta(days=max_days):
+        raise ReportRequestError(f"the window is longer than {max_days:g} days; ask for less")
+    return Window(since, until, bucket)
+
+
+def _empty_counts() -> dict[str, Any]:
+    return {"requests": {o: 0 for o in OUTCOMES}, "deferrals": 0, "recipients": {"internal": 0, "external": 0},
+            "codes": {}, "delivery": {}}
+
+
+def _add(into: dict[str, Any], counts: Mapping[str, int]) -> None:
+    for name, n in counts.items():
+        group, _, leaf = name.partition(".")
+        if group == "deferrals" and not leaf:
+            into["deferrals"] += n
+        elif group in ("requests", "recipients", "codes", "delivery") and leaf:
+            into[group][leaf] = into[group].get(leaf, 0) + n
+
+
+def shape(buckets: Iterable[Bucket], window: Window) -> dict[str, Any]:
+    """series, totals and errors of the report from the hourly buckets (pure)."""
+    rows: dict[tuple[datetime, str, str], dict[str, Any]] = {}
+    totals = _empty_counts()
+    errors: dict[tuple[str, str], dict[str, Any]] = {}
+    for b in buckets:
+        start = _floor(datetime.fromtimestamp(b.start, timezone.utc), window.bucket)
+        row = rows.setdefault((start, b.account, b.category),
+                              {"start": _iso(start), "account": b.account, "category": b.category, **_empty_counts()})
+        _add(row, b.counts)
+        _add(totals, b.counts)
+        for name, n in b.counts.items():
+            if name.startswith("codes.") and n:
+                code = name[len("codes."):]
+                err = errors.setdefault((code, b.account), {"code": code, "account": b.account, "count": 0,
+                                                            "lastSeen": 0.0})
+                err["count"] += n
+                err["lastSeen"] = max(err["lastSeen"], b.last_seen.get(code, b.start))
+    series = [rows[k] for k in sorted(rows)]
+    ordered = sorted(errors.values(), key=lambda e: (-e["count"], e["code"], e["account"]))
+    return {"series": series, "totals": totals,
+            "errors": [{**e, "lastSeen": _iso(e["lastSeen"])} for e in ordered]}
+
+
+async def queue_state(queue: Any, now: float) -> dict[str, Any]:
+    """Approximate depth, and the age of the oldest message visible now (messages waiting out a
+    retry delay are counted in the depth, but a peek cannot see them)."""
+    props, peeked = await asyncio.gather(queue.get_queue_properties(), queue.peek_messages(max_messages=1))
+    oldest = None
+    if peeked and peeked[0].inserted_on is not None:
+        oldest = round(max(0.0, now - peeked[0].inserted_on.timestamp()), 1)
+    return {"name": queue.queue_name, "depth": props.approximate_message_count or 0, "oldestAgeSeconds": oldest}
+
+
+def budget(status: Mapping[str, Any], totals: Mapping[str, Any], daily_budget: int | None,
+           price_per_million: float) -> dict[str, Any]:
+    spent = int(status["tenant"]["recipients_today"] or 0)
+    period = totals["recipients"]["internal"] + totals["recipients"]["external"]
+    return {"dailyRecipientBudget": daily_budget, "spentToday": spent,
+            "pricePerMillionRecipients": float(price_per_million), "currency": "USD",
+            "costToday": spent * price_per_million / 1e6, "costPeriod": period * price_per_million / 1e6}
+
+
+async def build_report(*, window: Window, aggregates: Aggregates, governor: Any, mail_queue: Any,
+                       poison_queue: Any, settings: Any, now: float) -> dict[str, Any]:
+    from .status import status_report
+
+    buckets, (states, tenant), mail, poison = await asyncio.gather(
+        aggregates.read(window.since, window.until), governor.read(),
+        queue_state(mail_queue, now), queue_state(poison_queue, now))
+    status = status_report(states, tenant, governor.config, settings.limits_profile, now)
+    body = shape(buckets, window)
+    return {"schema": SCHEMA, "generatedAt": _iso(now), "since": _iso(window.since), "until": _iso(window.until),
+            "bucket": window.bucket, **body, "status": status, "queues": {"mail": mail, "poison": poison},
+            "budget": budget(status, body["totals"], settings.daily_recipient_budget,
+                             settings.price_per_million_recipients)}
+
+
+async def report_response(params: Mapping[str, str]) -> tuple[int, str]:
+    """(HTTP status, JSON body) of `GET /api/report` in this worker process."""
+    from .sender import get_relay
+
+    relay = await get_relay()
+    now = relay.clock()
+    try:
+        window = parse_window(params, now, relay.settings.report_max_days)
+    except ReportRequestError as exc:
+        return 400, json.dumps({"error": str(exc)})
+    report = await build_report(
+        window=window, aggregates=relay.aggregates, governor=relay.governor, mail_queue=relay.queue,
+        poison_queue=await relay.storage.queue(relay.settings.poison_queue), settings=relay.settings, now=now)
+    return 200, json.dumps(report)
+
+
+def render_text(report: Mapping[str, Any]) -> str:
+    """The series as a terminal table (tools.ledger report)."""
+    header = f"{'start':25} {'account':28} {'category':16} {'sent':>6} {'refused':>7} {'dead':>5} {'defer':>6} " \
+             f"{'int':>6} {'ext':>6}  codes"
+    lines = [f"report {report['since']} .. {report['until']} by {report['bucket']}", header, "-" * len(header)]
+    for r in report["series"] + [{"start": "total", "account": "", "category": "", **report["totals"]}]:
+        req, rc = r["requests"], r["recipients"]
+        codes = ", ".join(f"{c} x{n}" for c, n in sorted(r["codes"].items()))
+        lines.append(f"{r['start']:25} {(r['account'] or '-')[:28]:28} {(r['category'] or '-')[:16]:16} "
+                     f"{req.get('sent', 0):>6} {req.get('refused', 0):>7} {req.get('dead', 0):>5} {r['deferrals']:>6} "
+                     f"{rc['internal']:>6} {rc['external']:>6}  {codes}")
+    return "\n".join(lines)
