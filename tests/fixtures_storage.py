@@ -49,6 +49,7 @@ class Storage:
             "LEDGER_TABLE": f"{self.table_prefix}ledger",
             "RECIPIENT_INDEX_TABLE": f"{self.table_prefix}rcpt",
             "GOVERNOR_TABLE": f"{self.table_prefix}gov",
+            "AGGREGATES_TABLE": f"{self.table_prefix}agg",
             "CLAIM_CHECK_CONTAINER": self.container_name,
         }
         settings.update(overrides)

@@ -1,0 +1,278 @@
+"""GET /api/report and the counting behind it, on the real path: the local host, the send stage,
+Azurite and the HVE emulator. The numbers are checked against the ledger, the response against
+shared/schema/report.v1.json."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import jsonschema
+import pytest
+from azure.data.tables import TableClient
+from azure.storage.queue import QueueClient
+
+from shared.aggregates import Aggregates
+from shared.ledger import Ledger
+from shared.report import ReportRequestError, Window, parse_window, shape
+from shared.sender import Relay
+from shared.settings import Settings
+from tests.relay_harness import drain, enqueue, relay_settings
+from tests.test_function_app import FAST_HOST, app_settings, close_app_relays, run_send_mail
+from tools.devhost import DevHost
+from tools.devhost_process import HostProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = json.loads((ROOT / "shared/schema/report.v1.json").read_text())
+
+
+def mail(rid: str, to: list[str], category: str = "", **extra) -> str:
+    return json.dumps({"id": rid, "to": to, "subject": "s", "text": "t", **({"category": category} if category else {}),
+                       **extra})
+
+
+def ledger_counts(settings: Settings) -> dict[tuple[str, str], dict[str, int]]:
+    """Outcomes and recipients per (account, category), straight from the ledger rows."""
+    async def go():
+        from shared.storage import StorageClients
+
+        storage = StorageClients(settings)
+        try:
+            ledger = Ledger(await storage.table(settings.ledger_table), await storage.table(settings.recipient_index_table),
+                            settings.recipient_hash_key)
+            return await ledger.report(datetime.now(timezone.utc) - timedelta(days=1))
+        finally:
+            await storage.close()
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for g in asyncio.run(go()):
+        key = (g["account"] if g["account"] != "-" else "", g["category"] if g["category"] != "-" else "")
+        row = out.setdefault(key, {})
+        for state, n in g["outcomes"].items():
+            row[state] = row.get(state, 0) + n
+        row["internal"] = row.get("internal", 0) + g["internal_recipients"]
+        row["external"] = row.get("external", 0) + g["external_recipients"]
+    return out
+
+
+def report_counts(report: dict) -> dict[tuple[str, str], dict[str, int]]:
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for r in report["series"]:
+        row = out.setdefault((r["account"], r["category"]), {})
+        for state, n in r["requests"].items():
+            if n:
+                row[state] = row.get(state, 0) + n
+        row["internal"] = row.get("internal", 0) + r["recipients"]["internal"]
+        row["external"] = row.get("external", 0) + r["recipients"]["external"]
+    return {k: v for k, v in out.items() if any(n for s, n in v.items() if s not in ("internal", "external"))}
+
+
+def get(port: int, query: str = "") -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/report?code=local{query}") as response:
+            assert response.headers["Content-Type"].startswith("application/json")
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+# ------------------------------------------------------------------ through the local host
+
+
+def test_report_after_a_known_mix_counts_each_request_once_and_equals_the_ledger(storage, emulator):
+    settings = app_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0.2", HVE_DAILY_RECIPIENT_BUDGET="1000")
+    queue = QueueClient.from_connection_string(storage.connection_string, storage.queue_name)
+    queue.create_queue()
+    # The first DATA is answered 451: that request is deferred once, then sent.
+    emulator.fail_next(1, "451 4.7.0 Temporary server error. Please try again later", stage="DATA")
+    for body in [mail("m-defer", ["ann@contoso.com"], "orders"),
+                 mail("m-1", ["bob@contoso.com", "cy@contoso.com"], "orders"),
+                 mail("m-2", ["dee@contoso.com"], "<script>alert(1)</script>"),
+                 mail("m-1", ["bob@contoso.com", "cy@contoso.com"], "orders"),      # a duplicate delivery
+                 mail("m-bad", ["not an address"], "orders"),                       # refused by the contract
+                 "this is not json"]:                                                # refused unread
+        queue.send_message(body)
+    try:
+        with DevHost(ROOT / "function_app.py", settings, host_json=FAST_HOST, http_port=0,
+                     functions=["send_mail", "report"]) as host:
+            host.wait_until_idle(60)
+            time.sleep(1.0)   # the background flush runs every 0.2 s
+            status, report = get(host.http_port)
+            by_day = get(host.http_port, "&bucket=day")
+            bad = get(host.http_port, "&since=yesterday")
+            too_long = get(host.http_port, "&since=2026-01-01T00:00:00Z&until=2026-03-01T00:00:00Z")
+    finally:
+        close_app_relays()
+
+    assert status == 200
+    jsonschema.validate(report, SCHEMA)
+    jsonschema.validate(by_day[1], SCHEMA)
+    assert report["totals"]["requests"] == {"sent": 3, "refused": 2, "dead": 0}
+    assert report["totals"]["recipients"] == {"internal": 4, "external": 0}
+    assert report["totals"]["deferrals"] == 1 and report["totals"]["codes"] == {"451 4.7.0": 1}
+    assert report_counts(report) == ledger_counts(Settings.from_env(settings))
+    assert {r["category"] for r in report["series"]} == {"orders", "<script>alert(1)</script>", ""}
+    (err,) = report["errors"]
+    assert (err["code"], err["count"]) == ("451 4.7.0", 1) and err["account"] in settings["HVE_ACCOUNTS"]
+    # Live state beside the counts.
+    assert [a["account"] for a in report["status"]["accounts"]] == settings["HVE_ACCOUNTS"].split(",")
+    assert report["queues"]["mail"]["depth"] == 0 and report["queues"]["poison"]["name"].endswith("-poison")
+    assert report["budget"]["dailyRecipientBudget"] == 1000 and report["budget"]["spentToday"] >= 4
+    assert report["budget"]["costPeriod"] == pytest.approx(4 * 42 / 1e6)
+    # The same numbers by day; bad windows are a clear 400.
+    assert by_day[0] == 200 and by_day[1]["totals"] == report["totals"]
+    assert bad[0] == 400 and "since" in bad[1]["error"]
+    assert too_long[0] == 400 and "31 days" in too_long[1]["error"]
+
+
+def test_a_host_killed_before_its_flush_loses_those_counts_and_a_replay_never_adds_them_twice(storage, emulator,
+                                                                                              tmp_path):
+    """The side chosen: counts still in a killed process's buffer are lost (the ledger keeps the
+    truth); a replay of a request it finished is a duplicate and is not counted."""
+    slow = app_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="3600")
+    queue = QueueClient.from_connection_string(storage.connection_string, storage.queue_name)
+    queue.create_queue()
+    for rid in ("k-1", "k-2", "k-3"):
+        queue.send_message(mail(rid, ["ann@contoso.com"]))
+    host = HostProcess(tmp_path / "a", slow, host_json=FAST_HOST)
+    host.start()
+    ledger = TableClient.from_connection_string(storage.connection_string, slow["LEDGER_TABLE"])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                rows = list(ledger.query_entities("State eq 'sent'"))
+            except Exception:  # noqa: BLE001 - table not created yet
+                rows = []
+            if len(rows) == 3:
+                break
+            time.sleep(0.1)
+        assert len(rows) == 3, host.log_file.read_text()[-2000:]
+    finally:
+        host.kill()   # SIGKILL: the three outcomes are in the ledger, their counts only in memory
+
+    queue.send_message(mail("k-1", ["ann@contoso.com"]))   # a replay of a finished request
+    queue.send_message(mail("k-4", ["ann@contoso.com"]))
+    run_send_mail(app_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0.2"))
+
+    async def read():
+        from azure.data.tables.aio import TableClient as AsyncTable
+
+        async with AsyncTable.from_connection_string(storage.connection_string, slow["AGGREGATES_TABLE"]) as t:
+            now = datetime.now(timezone.utc)
+            return await Aggregates(t).read(now - timedelta(hours=2), now + timedelta(hours=1))
+
+    counted = sum(b.counts.get("requests.sent", 0) for b in asyncio.run(read()))
+    assert len(list(ledger.query_entities("State eq 'sent'"))) == 4
+    assert counted == 1   # k-4 only: k-1..k-3 lost with the process, the replay of k-1 not counted
+
+
+# ------------------------------------------------------------------ the send stage in process
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_two_deliveries_of_one_request_at_once_are_counted_once(storage, emulator):
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0"))
+        try:
+            good = mail("twice", ["ann@contoso.com"], "c")
+            bad = mail("twice-bad", ["not an address"], "c")
+            # Both deliveries of each request read the ledger row before either writes it (the
+            # race that matters); after that the real ledger decides who wins.
+            read_ledger, barriers = relay.ledger.get, {"twice": asyncio.Barrier(2), "twice-bad": asyncio.Barrier(2)}
+            reads: dict[str, int] = {}
+
+            async def get(request_id: str):
+                row = await read_ledger(request_id)
+                reads[request_id] = reads.get(request_id, 0) + 1
+                if request_id in barriers and reads[request_id] <= 2:   # the first read of each delivery
+                    await barriers[request_id].wait()
+                return row
+
+            relay.ledger.get = get
+            results = await asyncio.gather(relay.handle(good, "q1"), relay.handle(good, "q2"),
+                                           relay.handle(bad, "q3"), relay.handle(bad, "q4"))
+            await drain(relay)   # a `busy` copy comes back and finds the request finished
+            await relay.aggregates.flush()
+            now = datetime.now(timezone.utc)
+            buckets = await relay.aggregates.read(now - timedelta(hours=1), now + timedelta(hours=1))
+            return results, buckets
+        finally:
+            await relay.close()
+
+    results, buckets = run(main())
+    counts: dict[str, int] = {}
+    for b in buckets:
+        for k, v in b.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    assert [r.state for r in results[2:]] == ["refused", "refused"]   # both reached the final write
+    assert counts.get("requests.sent") == 1 and counts.get("requests.refused") == 1, (results, counts)
+
+
+def test_an_unreachable_aggregates_table_never_fails_or_holds_a_send(storage, emulator):
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, AGGREGATES_TABLE="not_a_valid_table_name!",
+                                                  AGGREGATES_FLUSH_SECONDS="0.05"))
+        try:
+            for i in range(3):
+                await enqueue(relay, mail(f"u-{i}", ["ann@contoso.com"]))
+            handled = await drain(relay)
+            await asyncio.sleep(0.2)   # the background flush fails meanwhile
+            return handled, relay.aggregates.stats.failures
+        finally:
+            await relay.close()        # never raises either
+
+    handled, failures = run(main())
+    assert sorted(h.state for h in handled) == ["sent"] * 3
+    assert failures >= 1
+    assert len(emulator.accepted()) == 3
+
+
+# ------------------------------------------------------------------ the query string and the shape (pure)
+
+NOW = datetime(2026, 12, 2, 3, 17, 5, tzinfo=timezone.utc).timestamp()
+
+
+def test_the_window_defaults_to_the_last_24_hours_rounded_out_to_whole_buckets():
+    w = parse_window({}, NOW)
+    assert (w.since.isoformat(), w.until.isoformat(), w.bucket) == (
+        "2026-12-01T03:00:00+00:00", "2026-12-02T04:00:00+00:00", "hour")
+    d = parse_window({"since": "2026-11-25", "bucket": "DAY"}, NOW)
+    assert (d.since.isoformat(), d.until.isoformat()) == ("2026-11-25T00:00:00+00:00", "2026-12-03T00:00:00+00:00")
+    z = parse_window({"since": "2026-12-01T10:30:00Z", "until": "2026-12-01T12:00:00+01:00"}, NOW)
+    assert (z.since.hour, z.until.hour) == (10, 11)
+
+
+@pytest.mark.parametrize("params, word", [
+    ({"bucket": "week"}, "bucket"), ({"since": "yesterday"}, "since"), ({"until": "1 Dec"}, "until"),
+    ({"since": "2026-12-02T05:00:00Z", "until": "2026-12-02T01:00:00Z"}, "before"),
+    ({"since": "2026-10-01"}, "longer"),
+])
+def test_a_bad_window_is_refused_with_a_clear_message(params, word):
+    with pytest.raises(ReportRequestError, match=word):
+        parse_window(params, NOW, 31)
+
+
+def test_hours_fold_into_days_and_errors_are_ranked_by_count():
+    from shared.aggregates import Bucket
+
+    h = datetime(2026, 12, 1, tzinfo=timezone.utc).timestamp()
+    buckets = [Bucket(int(h), "a@x", "c", {"requests.sent": 2, "codes.451 4.7.0": 1}, {"451 4.7.0": h + 60}),
+               Bucket(int(h + 3600), "a@x", "c", {"requests.sent": 1, "deferrals": 2, "codes.451 4.7.0": 2},
+                      {"451 4.7.0": h + 3700}),
+               Bucket(int(h + 7200), "b@x", "", {"codes.550 5.1.10": 1, "delivery.delivered": 3})]
+    window = Window(datetime.fromtimestamp(h, timezone.utc), datetime.fromtimestamp(h + 86400, timezone.utc), "day")
+    out = shape(buckets, window)
+    assert [(r["start"], r["account"], r["requests"]["sent"], r["deferrals"]) for r in out["series"]] == [
+        ("2026-12-01T00:00:00+00:00", "a@x", 3, 2), ("2026-12-01T00:00:00+00:00", "b@x", 0, 0)]
+    assert out["totals"]["codes"] == {"451 4.7.0": 3, "550 5.1.10": 1}
+    assert out["totals"]["delivery"] == {"delivered": 3}
+    assert [(e["code"], e["account"], e["count"], e["lastSeen"]) for e in out["errors"]] == [
+        ("451 4.7.0", "a@x", 3, "2026-12-01T01:01:40+00:00"), ("550 5.1.10", "b@x", 1, "2026-12-01T02:00:00+00:00")]
