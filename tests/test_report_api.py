@@ -276,3 +276,29 @@ def test_hours_fold_into_days_and_errors_are_ranked_by_count():
     assert out["totals"]["delivery"] == {"delivered": 3}
     assert [(e["code"], e["account"], e["count"], e["lastSeen"]) for e in out["errors"]] == [
         ("451 4.7.0", "a@x", 3, "2026-12-01T01:01:40+00:00"), ("550 5.1.10", "b@x", 1, "2026-12-01T02:00:00+00:00")]
+
+
+def test_the_ledger_tool_reports_from_the_aggregates_not_the_ledger_rows(storage, emulator):
+    from azure.data.tables.aio import TableClient as AsyncTable
+
+    from shared.report import render_text
+    from tools import ledger as ledger_tool
+
+    settings = relay_settings(storage, emulator)
+    now = time.time()
+
+    async def count():
+        async with AsyncTable.from_connection_string(storage.connection_string, settings.aggregates_table) as t:
+            agg = Aggregates(t, flush_seconds=0)
+            agg.outcome(now - 2 * 86400, "news@contoso.com", "orders", "sent", internal=7)
+            agg.outcome(now, "news@contoso.com", "orders", "refused")
+            agg.replies(now, "news@contoso.com", "orders", ["550 5.1.10"])
+            await agg.flush()
+
+    run(count())
+    doc = run(ledger_tool.report(settings, None, None, "day"))   # no ledger row exists at all
+    jsonschema.validate(doc, SCHEMA)
+    assert doc["totals"]["requests"] == {"sent": 1, "refused": 1, "dead": 0}
+    assert doc["totals"]["recipients"]["internal"] == 7 and len(doc["series"]) == 2
+    text = render_text(doc)
+    assert "550 5.1.10 x1" in text and text.splitlines()[-1].split()[:5] == ["total", "-", "-", "1", "1"]

@@ -1,7 +1,8 @@
 """Ask the outcome ledger: a summary, one request (with its chunks), or whether an address was mailed.
 
     python -m tools.ledger summary [--since 2026-11-28]
-    python -m tools.ledger report [--since 2026-11-28]   # per day, account, category: outcomes, recipients
+    python -m tools.ledger report [--since 2026-11-28] [--until ...] [--bucket day|hour] [--json]
+                                               # from the aggregates: what GET /api/report answers
     python -m tools.ledger show REQUEST_ID
     python -m tools.ledger lookup ADDRESS      # by keyed hash: the ledger holds no addresses
 """
@@ -12,13 +13,39 @@ import argparse
 import asyncio
 import json
 from dataclasses import asdict
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from shared.aggregates import Aggregates
+from shared.governor import TableGovernor
 from shared.ledger import Ledger
+from shared.limits import resolve_limits
+from shared.report import ReportRequestError, build_report, parse_window, render_text
+from shared.sender import pacing_config
 from shared.settings import Settings
 from shared.storage import StorageClients
 from tools.enqueue import load_local_settings
+
+
+async def report(settings: Settings, since: datetime | None, until: datetime | None, bucket: str) -> dict:
+    """The same document as `GET /api/report`, read from the aggregates table (not the ledger rows:
+    its cost does not grow with the ledger)."""
+    storage = StorageClients(settings)
+    try:
+        config = pacing_config(settings, resolve_limits(settings.limits_profile, settings.limits_overrides))
+        now = time.time()
+        since = since or datetime.fromtimestamp(now, timezone.utc) - timedelta(days=7)
+        params = {"bucket": bucket, "since": since.isoformat(),
+                  **({"until": until.isoformat()} if until else {})}
+        window = parse_window(params, now, settings.report_max_days)
+        return await build_report(
+            window=window, aggregates=Aggregates(storage.tables.get_table_client(settings.aggregates_table)),
+            governor=TableGovernor(await storage.table(settings.governor_table), settings.accounts, config),
+            mail_queue=await storage.queue(settings.mail_queue), poison_queue=await storage.queue(settings.poison_queue),
+            settings=settings, now=now)
+    finally:
+        await storage.close()
 
 
 async def run(settings: Settings, command: str, arg: str | None, since: datetime | None = None) -> object:
@@ -28,8 +55,6 @@ async def run(settings: Settings, command: str, arg: str | None, since: datetime
                         settings.recipient_hash_key)
         if command == "summary":
             return await ledger.summary(since)
-        if command == "report":
-            return await ledger.report(since or datetime.now(timezone.utc) - timedelta(days=7))
         if command == "show":
             entry = await ledger.get(arg)
             if entry is None:
@@ -44,15 +69,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.ledger", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["summary", "report", "show", "lookup"])
     parser.add_argument("arg", nargs="?", help="request id (show) or address (lookup)")
-    parser.add_argument("--since", type=lambda v: datetime.fromisoformat(v).replace(tzinfo=timezone.utc),
-                        help="UTC date or date-time (report default: 7 days ago)")
+    parser.add_argument("--since", type=_utc, help="UTC date or date-time (report default: 7 days ago)")
+    parser.add_argument("--until", type=_utc, help="report: UTC date or date-time (default: now)")
+    parser.add_argument("--bucket", choices=["day", "hour"], default="day", help="report: bucket size (default: day)")
+    parser.add_argument("--json", action="store_true", help="report: print the JSON of GET /api/report")
     parser.add_argument("--settings", default="local.settings.json")
     args = parser.parse_args(argv)
     if args.command in ("show", "lookup") and not args.arg:
         parser.error(f"{args.command} needs an argument")
     load_local_settings(Path(args.settings))
+    if args.command == "report":
+        settings = Settings.from_env()
+        try:
+            doc = asyncio.run(report(settings, args.since, args.until, args.bucket))
+        except ReportRequestError as exc:
+            parser.error(str(exc))
+        print(json.dumps(doc, indent=2) if args.json else render_text(doc))
+        return 0
     print(json.dumps(asyncio.run(run(Settings.from_env(), args.command, args.arg, args.since)), indent=2, default=str))
     return 0
+
+
+def _utc(value: str) -> datetime:
+    at = datetime.fromisoformat(value)
+    return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at
 
 
 if __name__ == "__main__":
