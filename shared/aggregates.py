@@ -89,6 +89,15 @@ def _row_key(hour: int, shard: int, account: str, category: str) -> str:
     return f"{datetime.fromtimestamp(hour, timezone.utc).hour:02d}-{shard:03d}-{digest}"
 
 
+def row_fields(hour: int, account: str, category: str, counts: Mapping[str, int],
+               last_seen: Mapping[str, float]) -> dict[str, Any]:
+    """The properties of an aggregate row besides its keys and `Writes`. The report reads `Data`
+    only: one JSON property per row parses several times faster than five typed ones. Account
+    and Category are repeated as plain properties for people browsing the table."""
+    data = {"h": hour // HOUR, "a": account, "c": category, "n": dict(counts), "l": dict(last_seen)}
+    return {"Account": account, "Category": category, "Data": json.dumps(data, separators=(",", ":"))}
+
+
 @dataclass
 class Bucket:
     """The counts of one (hour, account, category), summed over shards."""
@@ -335,9 +344,9 @@ class Aggregates:
     def _entity(self, batch: _Batch, counts: Mapping[str, int], last: Mapping[str, float],
                 writes: Mapping[str, int]) -> dict[str, Any]:
         c, ls, w = self._merged(batch, counts, last, writes)
-        return {"PartitionKey": batch.pk, "RowKey": batch.rk, "HourIndex": batch.hour // HOUR, "Account": batch.account,
-                "Category": batch.category, "Counts": json.dumps(c, separators=(",", ":")),
-                "LastSeen": json.dumps(ls, separators=(",", ":")), "Writes": json.dumps(w, separators=(",", ":"))}
+        return {"PartitionKey": batch.pk, "RowKey": batch.rk,
+                **row_fields(batch.hour, batch.account, batch.category, c, ls),
+                "Writes": json.dumps(w, separators=(",", ":"))}
 
     def _remember(self, batch: _Batch, meta: Mapping[str, Any], counts: Mapping[str, int],
                   last: Mapping[str, float], writes: Mapping[str, int]) -> None:
@@ -350,8 +359,8 @@ class Aggregates:
             row = await self._table.get_entity(pk, rk)
         except ResourceNotFoundError:
             return None
-        return _Cached(row.metadata["etag"], json.loads(row.get("Counts") or "{}"),
-                       json.loads(row.get("LastSeen") or "{}"), json.loads(row.get("Writes") or "{}"))
+        data = json.loads(row.get("Data") or "{}")
+        return _Cached(row.metadata["etag"], data.get("n", {}), data.get("l", {}), json.loads(row.get("Writes") or "{}"))
 
     def _prune_cache(self) -> None:
         # Only the current and the previous hour are still written to.
@@ -377,14 +386,18 @@ class Aggregates:
         buckets: dict[tuple[int, str, str], Bucket] = {}
         for rows in await asyncio.gather(*(self._day_rows(*d) for d in days)):
             for row in rows:
-                hour = int(row["HourIndex"]) * HOUR
+                data = json.loads(row["Data"])
+                hour = int(data["h"]) * HOUR
                 if not start <= hour < end:
                     continue
-                key = (hour, row.get("Account") or "", row.get("Category") or "")
-                bucket = buckets.setdefault(key, Bucket(*key))
-                bucket.counts.update(json.loads(row.get("Counts") or "{}"))
-                for code, ts in json.loads(row.get("LastSeen") or "{}").items():
-                    bucket.last_seen[code] = max(bucket.last_seen.get(code, 0.0), ts)
+                key = (hour, data["a"], data["c"])
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = Bucket(*key)
+                bucket.counts.update(data["n"])
+                for code, ts in data["l"].items():
+                    if ts > bucket.last_seen.get(code, 0.0):
+                        bucket.last_seen[code] = ts
         return [buckets[k] for k in sorted(buckets)]
 
     async def _day_rows(self, pk: str, lo_hour: int, hi_hour: int) -> list[Any]:
@@ -392,6 +405,6 @@ class Aggregates:
         params = {"pk": pk, "lo": f"{lo_hour:02d}-", "hi": f"{hi_hour:02d}-"}
         try:
             return [row async for row in self._table.query_entities(
-                query, parameters=params, select=["HourIndex", "Account", "Category", "Counts", "LastSeen"])]
+                query, parameters=params, select=["Data"])]
         except ResourceNotFoundError:  # nothing counted yet: the table is created by the first flush
             return []

@@ -58,3 +58,12 @@ def test_conservation_bench_prints_each_terminal_state_and_finds_nothing_lost_or
     out = run("bench.conservation", "--count", "40", "--kills", "1", "--outage-seconds", "1", "--seed", "3")
     assert "terminal states" in out and "sent " in out and "refused " in out
     assert "duplicates, other Message-ID  0" in out and "\nlost                     0" in out
+
+
+def test_report_bench_writes_a_history_and_asks_the_real_handler_for_24_hours_and_7_days():
+    out = run("bench.report", "--days", "2", "--requests-per-day", "300", "--repeat", "1")
+    rows = {m[1]: int(m[2]) for m in re.finditer(r"^(24 h|7 days)\s+[\d.]+\s+[\d.]+\s+(\d+)\s", out, re.M)}
+    assert set(rows) == {"24 h", "7 days"}, out
+    # Table requests are a count, not a timing: one query per UTC day plus one governor read.
+    assert 2 <= rows["24 h"] <= rows["7 days"] < 200, out
+    assert "hveledger" not in out and re.search(r"^ratio 7 days / 24 h: time [\d.]+x", out, re.M), out
