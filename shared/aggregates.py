@@ -250,14 +250,21 @@ class Aggregates:
                 self._failed(len(batches))
                 self._bound_pending()
                 return
+            # Batches of one row go in order, and stop at the first that fails: a row's `Writes`
+            # holds the highest batch applied, which proves the lower ones applied only then.
+            rows: dict[tuple[str, str], list[_Batch]] = {}
+            for batch in sorted(batches, key=lambda b: b.seq):
+                rows.setdefault((batch.pk, batch.rk), []).append(batch)
             sem = asyncio.Semaphore(_CONCURRENCY)
 
-            async def one(batch: _Batch) -> None:
+            async def one_row(queue: list[_Batch]) -> None:
                 async with sem:
-                    if not await self._merge(batch):
-                        self._pending.append(batch)
+                    for i, batch in enumerate(queue):
+                        if not await self._merge(batch):
+                            self._pending.extend(queue[i:])
+                            return
 
-            await asyncio.gather(*(one(b) for b in batches))
+            await asyncio.gather(*(one_row(q) for q in rows.values()))
             self._bound_pending()
             self._prune_cache()
 
