@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from .aggregates import Aggregates
 from .ledger import DEAD, SENDING, Ledger, LedgerConflict
 
 log = logging.getLogger("hve_relay.retention")
@@ -49,9 +50,10 @@ class _Target:
 
 
 async def purge_expired(*, ledger: Ledger, ledger_table: Any, index_table: Any, welcome_table: Any | None,
-                        now: datetime, retention: timedelta, lost_after: timedelta, max_rows: int) -> PurgeReport:
+                        now: datetime, retention: timedelta, lost_after: timedelta, max_rows: int,
+                        aggregates: Any = None) -> PurgeReport:
     report = PurgeReport()
-    report.lost_in_flight = await settle_lost_in_flight(ledger, now, lost_after, max_rows)
+    report.lost_in_flight = await settle_lost_in_flight(ledger, now, lost_after, max_rows, aggregates)
     cutoff = now - retention
     targets = [
         _Target("ledger", ledger_table, "RowKey eq @rk and Updated lt @cutoff and State ne @sending",
@@ -71,7 +73,8 @@ async def purge_expired(*, ledger: Ledger, ledger_table: Any, index_table: Any, 
     return report
 
 
-async def settle_lost_in_flight(ledger: Ledger, now: datetime, lost_after: timedelta, limit: int) -> int:
+async def settle_lost_in_flight(ledger: Ledger, now: datetime, lost_after: timedelta, limit: int,
+                                aggregates: Any = None) -> int:
     settled = 0
     for entry in await ledger.sending_before(now - lost_after, limit):
         hours = (now - entry.updated).total_seconds() / 3600
@@ -81,6 +84,8 @@ async def settle_lost_in_flight(ledger: Ledger, now: datetime, lost_after: timed
                 reason=f"{LOST_IN_FLIGHT}: still sending {hours:.0f} h after the last attempt; HVE may have "
                        f"accepted it (Message-ID in the row)"))
             settled += 1
+            if aggregates is not None:   # counted once: the ETag write above made the row final
+                aggregates.outcome(now.timestamp(), entry.account, entry.category, DEAD)
         except LedgerConflict:
             pass  # an instance picked it up meanwhile: its outcome stands
     return settled
@@ -123,11 +128,13 @@ async def handle_timer(now: datetime | None = None) -> PurgeReport:
         ledger_table = await storage.table(settings.ledger_table)
         index_table = await storage.table(settings.recipient_index_table)
         welcome_table = await storage.table(settings.welcome_state_table)
+        aggregates = Aggregates(storage.tables.get_table_client(settings.aggregates_table), flush_seconds=0)
         report = await purge_expired(
             ledger=Ledger(ledger_table, index_table, settings.recipient_hash_key), ledger_table=ledger_table,
             index_table=index_table, welcome_table=welcome_table, now=now or datetime.now(timezone.utc),
             retention=settings.ledger_retention, lost_after=timedelta(seconds=settings.lost_in_flight_seconds),
-            max_rows=settings.retention_max_rows)
+            max_rows=settings.retention_max_rows, aggregates=aggregates)
+        await aggregates.flush()
     finally:
         await storage.close()
     log.info("purge_expired: %d lost in flight recorded dead; deleted %s%s", report.lost_in_flight,

@@ -163,3 +163,33 @@ def test_reading_before_anything_was_counted_is_empty_not_an_error(storage):
     now = datetime.now(timezone.utc)
     assert asyncio.run(read_all(storage.connection_string, f"{storage.table_prefix}none",
                                 (now - timedelta(days=7)).timestamp(), now.timestamp())) == []
+
+
+def test_the_retention_timer_counts_a_lost_in_flight_request_dead_once(storage, monkeypatch):
+    from shared.ledger import SENDING, Ledger, LedgerEntry
+    from shared.retention import handle_timer
+    from shared.settings import Settings
+    from shared.storage import StorageClients
+
+    now = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
+    env = storage.env(RECIPIENT_HASH_KEY="k", WELCOME_STATE_TABLE=f"{storage.table_prefix}wel")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    async def seed():
+        clients = StorageClients(Settings.from_env(env))
+        try:
+            ledger = Ledger(await clients.table(env["LEDGER_TABLE"]), await clients.table(env["RECIPIENT_INDEX_TABLE"]), b"k")
+            at = now - timedelta(hours=30)
+            await ledger.put(LedgerEntry(request_id="lost", state=SENDING, first_received=at, updated=at,
+                                         account="news@contoso.com", category="orders"))
+        finally:
+            await clients.close()
+
+    asyncio.run(seed())
+    assert asyncio.run(handle_timer(now=now)).lost_in_flight == 1
+    assert asyncio.run(handle_timer(now=now)).lost_in_flight == 0   # final now: nothing to count again
+    buckets = asyncio.run(read_all(storage.connection_string, env["AGGREGATES_TABLE"], now.timestamp() - 3600,
+                                   now.timestamp() + 3600))
+    assert [(b.account, b.category, dict(b.counts)) for b in buckets] == [
+        ("news@contoso.com", "orders", {"requests.dead": 1})]
