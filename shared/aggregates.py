@@ -62,7 +62,16 @@ _REPLY = re.compile(r"^\s*(\d{3})(?:[\s-]+([245]\.\d{1,3}\.\d{1,3}))?")
 
 def reply_labels(result: Any, recipients: int) -> list[str]:
     """The replies other than 250 of one SMTP transaction (an `hve_smtp.SubmitResult`): each
-    recipient refused or deferred at RCPT, and the final reply unless it was one of those."""
+    recipient refused or deferred at RCPT, and the final reply unless it was one of those. Only
+    the codes: reply texts may name addresses."""
+    try:
+        return _reply_labels(result, recipients)
+    except Exception:  # noqa: BLE001 - counting must never fail a send
+        log.exception("aggregates: replies not counted")
+        return []
+
+
+def _reply_labels(result: Any, recipients: int) -> list[str]:
     labels = []
     for text in result.refused.values():
         m = _REPLY.match(text)
