@@ -97,6 +97,38 @@ def test_a_merge_whose_answer_was_lost_is_not_added_again(azurite, storage):
         "requests.sent": 1, "recipients.internal": 1, "requests.refused": 1, "requests.dead": 1}
 
 
+def test_a_batch_that_failed_is_not_overtaken_by_a_later_batch_of_the_same_row(azurite, storage):
+    """A row's `Writes` holds the highest batch number applied, so a later batch of this process
+    must never land before an earlier one that failed: the earlier one would then be taken for
+    applied and dropped."""
+    name = f"{storage.table_prefix}agg"
+    puts = {"n": 0}
+
+    def rule(method: str, path: str):
+        if method == "PUT" and name in path:
+            puts["n"] += 1
+            if puts["n"] <= 2:   # the first two replaces fail (not applied)
+                return Fault(503)
+        return None
+
+    async def main(conn: str) -> None:
+        async with table(conn, name, retry_total=0) as t:
+            agg = Aggregates(t, flush_seconds=0)
+            agg.outcome(T0, "news@contoso.com", "", "sent", internal=1)
+            await agg.flush()                     # created
+            agg.outcome(T0, "news@contoso.com", "", "refused")
+            await agg.flush()                     # batch 2 fails
+            agg.outcome(T0, "news@contoso.com", "", "dead")
+            await agg.flush()                     # batch 2 fails again; batch 3 (same row) must wait
+            await agg.flush()
+            assert not agg._pending
+
+    with FaultProxy(azurite.table_port, rule=rule) as proxy:
+        asyncio.run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port)))
+    assert totals(asyncio.run(read_all(storage.connection_string, name))) == {
+        "requests.sent": 1, "recipients.internal": 1, "requests.refused": 1, "requests.dead": 1}
+
+
 def test_an_outage_keeps_counts_in_memory_until_storage_is_back(azurite, storage):
     name = f"{storage.table_prefix}agg"
 
