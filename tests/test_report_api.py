@@ -307,3 +307,24 @@ def test_the_ledger_tool_reports_from_the_aggregates_not_the_ledger_rows(storage
     assert doc["totals"]["recipients"]["internal"] == 7 and len(doc["series"]) == 2
     text = render_text(doc)
     assert "550 5.1.10 x1" in text and text.splitlines()[-1].split()[:5] == ["total", "-", "-", "1", "1"]
+
+
+def test_reply_codes_count_each_rcpt_refusal_and_the_final_reply_once_and_never_their_text():
+    from shared.aggregates import reply_labels
+    from shared.hve_smtp import SubmitResult
+    from shared.replies import classify_reply
+
+    ok = classify_reply(250, "2.6.0 Queued mail for delivery")
+    later = classify_reply(452, "4.5.3 Too many recipients")
+    partly = SubmitResult(ok, refused={"x@fabrikam.com": "550 5.1.10 RESOLVER.ADR.RecipientNotFound; x@fabrikam.com"},
+                          deferred={"y@contoso.com": later})
+    assert sorted(reply_labels(partly, 3)) == ["452 4.5.3", "550 5.1.10"]
+    # Everyone refused at RCPT: the transaction's verdict is one of those replies, not another.
+    nobody = SubmitResult(later, refused={"x@fabrikam.com": "550 5.1.10 unknown"}, deferred={"y@contoso.com": later})
+    assert sorted(reply_labels(nobody, 2)) == ["452 4.5.3", "550 5.1.10"]
+    assert reply_labels(SubmitResult(classify_reply(451, "4.7.0 Temporary server error")), 1) == ["451 4.7.0"]
+    assert reply_labels(SubmitResult(classify_reply(554, "no enhanced code here")), 1) == ["554"]
+    assert reply_labels(SubmitResult(ok), 1) == []
+    lost = SubmitResult(classify_reply(0, "connection lost"))
+    assert reply_labels(lost, 1) == []
+    assert reply_labels(object(), 1) == []   # never raises into the send path
