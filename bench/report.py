@@ -7,7 +7,9 @@
    account and category, outcomes, deferrals, recipients and SMTP codes; a busy hour is spread over
    two shards (writers that lost an ETag race), a quiet one over one.
 2. Serves `report` under the local host (tools/devhost.py: the real function handler over HTTP)
-   and asks `GET /api/report` for the last 24 h and the last 7 days, `--repeat` times each.
+   and asks `GET /api/report` for the last 24 h and the last 7 days, `--repeat` times each. The
+   first ask of a window also writes the rollups of its closed days (printed apart); the median
+   is over the later asks.
 3. Counts every Table request the handler makes (a hook on the SDK's HTTP transport, in this
    process) and prints the median time, the requests, and the 7 d / 24 h ratios.
 
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--requests-per-day", type=int, default=100_000)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=6)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -156,18 +158,21 @@ def main(argv: list[str] | None = None) -> int:
                         diff.subtract(before)
                         requests.append(sum(diff.values()))
                         tables = diff
-                    results[label] = (statistics.median(times), max(times), max(requests), len(doc["series"]), size,
+                    # The first ask of a window writes the rollups of its closed days; later asks read them.
+                    results[label] = (statistics.median(times[1:] or times), times[0], requests[0],
+                                      statistics.median(requests[1:] or requests), len(doc["series"]), size,
                                       dict(+tables), sum(doc["totals"]["requests"].values()))
         finally:
             asyncio.run_coroutine_threadsafe(close_relays(), _background_loop()).result(timeout=10)
 
-    print(f"{'window':8} {'median s':>9} {'max s':>7} {'Table requests':>15} {'series rows':>12} {'bytes':>9} "
-          f"{'requests counted':>17}  Table requests by table")
-    for label, (med, worst, reqs, series, size, tables, counted) in results.items():
-        print(f"{label:8} {med:>9.3f} {worst:>7.3f} {reqs:>15} {series:>12} {size:>9} {counted:>17}  {tables}")
-    (m1, *_), (m7, *_) = results["24 h"], results["7 days"]
-    print(f"ratio 7 days / 24 h: time {m7 / m1:.2f}x, Table requests {results['7 days'][2] / results['24 h'][2]:.2f}x")
-    ok = results["7 days"][0] < 1.0 and results["7 days"][2] < 200
+    print(f"{'window':8} {'median s':>9} {'first s':>8} {'Table requests':>15} {'first':>6} {'series rows':>12} "
+          f"{'bytes':>9} {'requests counted':>17}  Table requests by table (last ask)")
+    for label, (med, first, first_reqs, reqs, series, size, tables, counted) in results.items():
+        print(f"{label:8} {med:>9.3f} {first:>8.3f} {reqs:>15g} {first_reqs:>6} {series:>12} {size:>9} {counted:>17}  "
+              f"{tables}")
+    day, week = results["24 h"], results["7 days"]
+    print(f"ratio 7 days / 24 h: time {week[0] / day[0]:.2f}x, Table requests {week[3] / day[3]:.2f}x")
+    ok = week[0] < 1.0 and max(week[2], week[3]) < 200
     print(f"target (7 days: < 1 s and < 200 Table requests): {'met' if ok else 'NOT met'}")
     return 0
 

@@ -200,6 +200,10 @@ param aggregatesFlushSeconds int = 5
 @minValue(1)
 param aggregatesShards int = 8
 
+@description('Minutes after the end of a UTC day from which the report reads it from its rollup rows.')
+@minValue(1)
+param aggregatesRollupAfterMinutes int = 120
+
 @description('HVE price in USD per million recipients, for the report\'s cost estimate (a decimal string).')
 param hvePricePerMillionRecipients string = '42'
 
@@ -407,6 +411,7 @@ var appSettings = {
   AGGREGATES_TABLE: aggregatesTableName
   AGGREGATES_FLUSH_SECONDS: string(aggregatesFlushSeconds)
   AGGREGATES_SHARDS: string(aggregatesShards)
+  AGGREGATES_ROLLUP_AFTER_MINUTES: string(aggregatesRollupAfterMinutes)
   HVE_PRICE_PER_MILLION_RECIPIENTS: hvePricePerMillionRecipients
   REPORT_MAX_DAYS: string(reportMaxDays)
   RECIPIENT_HASH_KEY: '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=${recipientHashKeySecretName})'

@@ -49,6 +49,11 @@ _MERGE_TRIES = 8
 # Rows merged at once by one flush.
 _CONCURRENCY = 8
 _CODE = re.compile(r"[^0-9. ]")
+# Day rollups: RowKeys that sort after every hour row ("00-" .. "23-"); the marker sorts last.
+_ROLLUP = "~"
+_ROLLUP_MARK = "~~rollup"
+# A string property holds at most 64 KiB (32K UTF-16 characters).
+_MAX_PROPERTY_CHARS = 30_000
 HOUR = 3600
 
 
@@ -147,12 +152,16 @@ class AggregateStats:
     replayed: int = 0     # batches found already applied on a re-check (their answer had been lost)
     failures: int = 0     # flushes of a row that failed (kept for the next flush)
     dropped: int = 0      # counts given up (buffer over its bound)
+    rollups_written: int = 0
+    rollups_used: int = 0
 
 
 class Aggregates:
     def __init__(self, table: Any, *, flush_seconds: float = 5.0, shards: int = 8, max_pending: int = 10_000,
-                 clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
+                 rollup_after_seconds: float = 7200.0, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
         self._table = table
+        self.rollup_after = max(60.0, rollup_after_seconds)
         self.flush_seconds = flush_seconds
         self.shards = max(1, shards)
         self.max_pending = max_pending
@@ -306,6 +315,22 @@ class Aggregates:
         return True
 
     async def _merge(self, batch: _Batch) -> bool:
+        if not await self._merge_row(batch):
+            return False
+        # A day that may have been rolled up (ended over half the rollup wait ago, by this clock):
+        # its rollup no longer holds every count. Until this mark is written, the batch counts as
+        # not written (a retry finds it applied and marks again).
+        if batch.hour - batch.hour % 86400 + 86400 + self.rollup_after / 2 <= self._clock():
+            try:
+                await self._table.upsert_entity({"PartitionKey": batch.pk, "RowKey": _ROLLUP_MARK, "State": "stale"},
+                                                mode="replace")
+            except Exception as exc:  # noqa: BLE001
+                self._failed(1)
+                log.warning("aggregates: rollup of %s not marked stale (%s); retried", batch.pk, type(exc).__name__)
+                return False
+        return True
+
+    async def _merge_row(self, batch: _Batch) -> bool:
         key = (batch.pk, batch.rk)
         try:
             for _ in range(_MERGE_TRIES):
@@ -387,40 +412,117 @@ class Aggregates:
     # --- reading (the report) --------------------------------------------------------------------
 
     async def read(self, since: datetime, until: datetime) -> list[Bucket]:
-        """Buckets with an hour start in [since, until), shards summed: one query per UTC day, all
-        at once, each within one partition."""
+        """Buckets with an hour start in [since, until), shards summed. A UTC day that ended more
+        than `rollup_after` ago is read from its rollup (one row per account and category); the
+        others from their hour rows. Two range queries in all (the emulator scans the whole table
+        per query), plus a one-time build per day without a valid rollup."""
         if until <= since:
             return []
         start, end = hour_of(since.timestamp()), hour_of(until.timestamp() - 1) + HOUR
         if end <= start:
             return []
-        days: list[tuple[str, int, int]] = []
-        day = start - start % 86400
-        while day < end:
-            days.append((_day_key(day), (max(start, day) - day) // HOUR, (min(end, day + 86400) - day) // HOUR))
-            day += 86400
-        buckets: dict[tuple[int, str, str], Bucket] = {}
-        for rows in await asyncio.gather(*(self._day_rows(*d) for d in days)):
-            for row in rows:
-                data = json.loads(row["Data"])
-                hour = int(data["h"]) * HOUR
-                if not start <= hour < end:
-                    continue
-                key = (hour, data["a"], data["c"])
-                bucket = buckets.get(key)
-                if bucket is None:
-                    bucket = buckets[key] = Bucket(*key)
-                bucket.counts.update(data["n"])
-                for code, ts in data["l"].items():
-                    if ts > bucket.last_seen.get(code, 0.0):
-                        bucket.last_seen[code] = ts
-        return [buckets[k] for k in sorted(buckets)]
-
-    async def _day_rows(self, pk: str, lo_hour: int, hi_hour: int) -> list[Any]:
-        query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
-        params = {"pk": pk, "lo": f"{lo_hour:02d}-", "hi": f"{hi_hour:02d}-"}
+        days = list(range(start - start % 86400, end, 86400))
+        now = self._clock()
+        closed = [_day_key(d) for d in days if d + 86400 + self.rollup_after <= now]
+        open_ = [_day_key(d) for d in days if d + 86400 + self.rollup_after > now]
         try:
-            return [row async for row in self._table.query_entities(
-                query, parameters=params, select=["Data"])]
+            rolled, hours = await asyncio.gather(self._rollups(closed), self._hour_rows(open_))
+            self.stats.rollups_used += sum(1 for r in rolled.values() if r is not None)
+            built = await asyncio.gather(*(self._build(pk) for pk, r in rolled.items() if r is None))
         except ResourceNotFoundError:  # nothing counted yet: the table is created by the first flush
             return []
+        records = hours + [rec for r in rolled.values() if r for rec in r] + [rec for b in built for rec in b]
+        buckets: dict[tuple[int, str, str], Bucket] = {}
+        for data in records:
+            hour = int(data["h"]) * HOUR
+            if not start <= hour < end:
+                continue
+            key = (hour, data["a"], data["c"])
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = Bucket(*key)
+            bucket.counts.update(data["n"])
+            for code, ts in data["l"].items():
+                if ts > bucket.last_seen.get(code, 0.0):
+                    bucket.last_seen[code] = ts
+        return [buckets[k] for k in sorted(buckets)]
+
+    async def _hour_rows(self, pks: list[str]) -> list[dict[str, Any]]:
+        """Hour records {h, a, c, n, l} of the days `pks` (consecutive), shards not yet summed."""
+        if not pks:
+            return []
+        return [json.loads(row["Data"]) async for row in self._table.query_entities(
+            "PartitionKey ge @lo and PartitionKey le @hi and RowKey lt @rollup",
+            parameters={"lo": pks[0], "hi": pks[-1], "rollup": _ROLLUP}, select=["Data"])]
+
+    async def _rollups(self, pks: list[str]) -> dict[str, list[dict[str, Any]] | None]:
+        """Per day, its rollup as hour records; None unless complete and not marked stale."""
+        if not pks:
+            return {}
+        by_day: dict[str, list[Any]] = {pk: [] for pk in pks}
+        async for row in self._table.query_entities(
+                "PartitionKey ge @lo and PartitionKey le @hi and RowKey ge @rollup",
+                parameters={"lo": pks[0], "hi": pks[-1], "rollup": _ROLLUP},
+                select=["PartitionKey", "RowKey", "Data", "State", "Rows"]):
+            by_day.setdefault(row["PartitionKey"], []).append(row)
+        out: dict[str, list[dict[str, Any]] | None] = {}
+        for pk, rows in by_day.items():
+            marker = next((r for r in rows if r["RowKey"] == _ROLLUP_MARK), None)
+            parts = [r for r in rows if r["RowKey"] != _ROLLUP_MARK]
+            if marker is None or marker.get("State") != "done" or int(marker.get("Rows") or -1) != len(parts):
+                out[pk] = None
+                continue
+            records = []
+            for row in parts:
+                data = json.loads(row["Data"])
+                records += [{"h": int(h), "a": data["a"], "c": data["c"], **hn} for h, hn in data["hours"].items()]
+            out[pk] = records
+        return out
+
+    async def _build(self, pk: str) -> list[dict[str, Any]]:
+        """Read a closed day from its hours and write its rollup. The marker says `building`
+        before the hours are read; a late writer sets it `stale`, and then `done` fails on its
+        ETag: a rollup never hides a count."""
+        etag = await self._mark(pk, "building")
+        records = await self._hour_rows([pk])
+        if etag is not None:
+            await self._write_rollup(pk, records, etag)
+        return records
+
+    async def _mark(self, pk: str, state: str) -> str | None:
+        try:
+            meta = await self._table.upsert_entity({"PartitionKey": pk, "RowKey": _ROLLUP_MARK, "State": state},
+                                                   mode="replace")
+            return meta.get("etag")
+        except Exception as exc:  # noqa: BLE001 - the report is answered from the hours anyway
+            log.warning("aggregates: rollup of %s not started (%s)", pk, type(exc).__name__)
+            return None
+
+    async def _write_rollup(self, pk: str, records: list[dict[str, Any]], etag: str) -> None:
+        """Best effort: one row per (account, category) with its hours summed over shards, then the
+        marker `done`, only if no late writer marked the day `stale` since `building`."""
+        keys: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+        for data in records:
+            hour = keys.setdefault((data["a"], data["c"]), {}).setdefault(int(data["h"]), {"n": Counter(), "l": {}})
+            hour["n"].update(data["n"])
+            for code, ts in data["l"].items():
+                hour["l"][code] = max(hour["l"].get(code, 0.0), ts)
+        entities = []
+        for (account, category), hours in keys.items():
+            text = json.dumps({"a": account, "c": category, "hours": {
+                str(h): {"n": {k: v for k, v in x["n"].items() if v}, "l": x["l"]} for h, x in sorted(hours.items())}},
+                separators=(",", ":"))
+            if len(text) > _MAX_PROPERTY_CHARS:
+                log.info("aggregates: no rollup for %s (a row would exceed the property size)", pk)
+                return
+            digest = hashlib.sha256(f"{account}\x00{category}".encode("utf-8")).hexdigest()[:20]
+            entities.append({"PartitionKey": pk, "RowKey": f"{_ROLLUP}{digest}", "Data": text})
+        try:
+            for i in range(0, len(entities), 100):
+                await self._table.submit_transaction([("upsert", e, {"mode": "replace"}) for e in entities[i:i + 100]])
+            await self._table.update_entity({"PartitionKey": pk, "RowKey": _ROLLUP_MARK, "State": "done",
+                                             "Rows": len(entities)}, mode="replace", etag=etag,
+                                            match_condition=MatchConditions.IfNotModified)
+            self.stats.rollups_written += 1
+        except Exception as exc:  # noqa: BLE001 - the report is answered from the hours anyway
+            log.warning("aggregates: rollup of %s not written (%s)", pk, type(exc).__name__)

@@ -78,31 +78,47 @@ def _empty_counts() -> dict[str, Any]:
             "codes": {}, "delivery": {}}
 
 
+_SPLIT: dict[str, tuple[str, str]] = {}
+
+
 def _add(into: dict[str, Any], counts: Mapping[str, int]) -> None:
     for name, n in counts.items():
-        group, _, leaf = name.partition(".")
+        split = _SPLIT.get(name)
+        if split is None:
+            split = name.partition(".")[::2]
+            if len(_SPLIT) < 10_000:   # counter names are few; the bound is only a guard
+                _SPLIT[name] = split
+        group, leaf = split
         if group == "deferrals" and not leaf:
             into["deferrals"] += n
-        elif group in ("requests", "recipients", "codes", "delivery") and leaf:
-            into[group][leaf] = into[group].get(leaf, 0) + n
+        elif leaf and group in ("requests", "recipients", "codes", "delivery"):
+            target = into[group]
+            target[leaf] = target.get(leaf, 0) + n
 
 
 def shape(buckets: Iterable[Bucket], window: Window) -> dict[str, Any]:
     """series, totals and errors of the report from the hourly buckets (pure)."""
-    rows: dict[tuple[datetime, str, str], dict[str, Any]] = {}
+    rows: dict[tuple[int, str, str], dict[str, Any]] = {}
+    starts: dict[int, tuple[int, str]] = {}   # hour -> (bucket start, its ISO text)
     totals = _empty_counts()
     errors: dict[tuple[str, str], dict[str, Any]] = {}
     for b in buckets:
-        start = _floor(datetime.fromtimestamp(b.start, timezone.utc), window.bucket)
-        row = rows.setdefault((start, b.account, b.category),
-                              {"start": _iso(start), "account": b.account, "category": b.category, **_empty_counts()})
+        start = starts.get(b.start)
+        if start is None:
+            at = _floor(datetime.fromtimestamp(b.start, timezone.utc), window.bucket)
+            start = starts[b.start] = (int(at.timestamp()), _iso(at))
+        key = (start[0], b.account, b.category)
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = {"start": start[1], "account": b.account, "category": b.category, **_empty_counts()}
         _add(row, b.counts)
         _add(totals, b.counts)
         for name, n in b.counts.items():
-            if name.startswith("codes.") and n:
-                code = name[len("codes."):]
-                err = errors.setdefault((code, b.account), {"code": code, "account": b.account, "count": 0,
-                                                            "lastSeen": 0.0})
+            if n and name.startswith("codes."):
+                code = name[6:]
+                err = errors.get((code, b.account))
+                if err is None:
+                    err = errors[(code, b.account)] = {"code": code, "account": b.account, "count": 0, "lastSeen": 0.0}
                 err["count"] += n
                 err["lastSeen"] = max(err["lastSeen"], b.last_seen.get(code, b.start))
     series = [rows[k] for k in sorted(rows)]
@@ -158,7 +174,7 @@ async def report_response(params: Mapping[str, str]) -> tuple[int, str]:
     report = await build_report(
         window=window, aggregates=relay.aggregates, governor=relay.governor, mail_queue=relay.queue,
         poison_queue=await relay.storage.queue(relay.settings.poison_queue), settings=relay.settings, now=now)
-    return 200, json.dumps(report)
+    return 200, json.dumps(report, separators=(",", ":"))
 
 
 def render_text(report: Mapping[str, Any]) -> str:

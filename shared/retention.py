@@ -128,7 +128,8 @@ async def handle_timer(now: datetime | None = None) -> PurgeReport:
         ledger_table = await storage.table(settings.ledger_table)
         index_table = await storage.table(settings.recipient_index_table)
         welcome_table = await storage.table(settings.welcome_state_table)
-        aggregates = Aggregates(storage.tables.get_table_client(settings.aggregates_table), flush_seconds=0)
+        aggregates = Aggregates(storage.tables.get_table_client(settings.aggregates_table), flush_seconds=0,
+                                rollup_after_seconds=settings.aggregates_rollup_after_seconds)
         report = await purge_expired(
             ledger=Ledger(ledger_table, index_table, settings.recipient_hash_key), ledger_table=ledger_table,
             index_table=index_table, welcome_table=welcome_table, now=now or datetime.now(timezone.utc),

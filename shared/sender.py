@@ -179,7 +179,8 @@ class Relay:
                     payloads=BlobReader(container, limits.message_bytes), limits=limits, clock=clock,
                     aggregates=Aggregates(storage.tables.get_table_client(settings.aggregates_table), clock=clock,
                                           flush_seconds=settings.aggregates_flush_seconds,
-                                          shards=settings.aggregates_shards))
+                                          shards=settings.aggregates_shards,
+                                          rollup_after_seconds=settings.aggregates_rollup_after_seconds))
         relay.closers = closers
         return relay
 

@@ -79,6 +79,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("AGGREGATES_TABLE", "hveaggregates", "Table of the hourly counters per account and category behind `GET /api/report` and `tools.ledger report` (no addresses)."),
     SettingSpec("AGGREGATES_FLUSH_SECONDS", "5", "Each worker process adds its counts to the aggregates table this often (ETag merges); a process killed loses at most this long of counts, never counts twice."),
     SettingSpec("AGGREGATES_SHARDS", "8", "Rows one aggregate (hour, account, category) may be spread over: a process that loses an ETag race on one moves to another, so no row is hot."),
+    SettingSpec("AGGREGATES_ROLLUP_AFTER_MINUTES", "120", "A UTC day that ended this long ago is read by the report from one rollup row per account and category (written by the first report that needs it) instead of its hour rows; a later write into that day marks the rollup stale. Longer than any clock skew between instances."),
     SettingSpec("HVE_PRICE_PER_MILLION_RECIPIENTS", "42", "Price of HVE in USD per million recipients, for the cost estimate of `GET /api/report`."),
     SettingSpec("REPORT_MAX_DAYS", "31", "Longest span `GET /api/report` answers (since to until); longer asks get a 400."),
     SettingSpec("APPLICATIONINSIGHTS_CONNECTION_STRING", "", "Export telemetry to Azure Monitor when set."),
@@ -194,6 +195,7 @@ class Settings:
     aggregates_table: str
     aggregates_flush_seconds: float
     aggregates_shards: int
+    aggregates_rollup_after_seconds: float
     price_per_million_recipients: float
     report_max_days: float
     recipient_hash_key: bytes = field(repr=False)
@@ -325,6 +327,7 @@ class Settings:
             aggregates_table=get("AGGREGATES_TABLE"),
             aggregates_flush_seconds=number("AGGREGATES_FLUSH_SECONDS"),
             aggregates_shards=max(1, number("AGGREGATES_SHARDS", int)),
+            aggregates_rollup_after_seconds=max(60.0, number("AGGREGATES_ROLLUP_AFTER_MINUTES") * 60.0),
             price_per_million_recipients=number("HVE_PRICE_PER_MILLION_RECIPIENTS"),
             report_max_days=max(1.0, number("REPORT_MAX_DAYS")),
             recipient_hash_key=(hash_key or UNSET_HASH_KEY).encode(),

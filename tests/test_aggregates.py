@@ -225,3 +225,71 @@ def test_the_retention_timer_counts_a_lost_in_flight_request_dead_once(storage, 
                                    now.timestamp() + 3600))
     assert [(b.account, b.category, dict(b.counts)) for b in buckets] == [
         ("news@contoso.com", "orders", {"requests.dead": 1})]
+
+
+def _window_day():
+    since = datetime.fromtimestamp(T0, timezone.utc).replace(hour=0)
+    return since, since + timedelta(days=1)
+
+
+def test_a_closed_day_is_read_from_its_rollup_and_a_late_write_is_never_hidden(storage):
+    name = f"{storage.table_prefix}agg"
+
+    async def main():
+        async with table(storage.connection_string, name) as t:
+            writer = Aggregates(t, flush_seconds=0)
+            for h in range(3):
+                writer.outcome(T0 - h * 3600, "news@contoso.com", "orders", "sent", internal=1)
+                writer.replies(T0 - h * 3600, "alerts@contoso.com", "", ["451 4.7.0"])
+            await writer.flush()
+            first, second = Aggregates(t), Aggregates(t)
+            built = await first.read(*_window_day())
+            used = await second.read(*_window_day())
+            assert (first.stats.rollups_written, second.stats.rollups_used) == (1, 1)
+            # A late count into that day (a flush after an outage, a delivery delta) ...
+            writer.outcome(T0, "news@contoso.com", "orders", "dead")
+            await writer.flush()
+            third = Aggregates(t)
+            after = await third.read(*_window_day())
+            assert third.stats.rollups_used == 0          # ... makes the rollup stale
+            fourth = Aggregates(t)
+            again = await fourth.read(*_window_day())
+            assert fourth.stats.rollups_used == 1          # rebuilt by the third read
+            return built, used, after, again
+
+    built, used, after, again = asyncio.run(main())
+    assert totals(built) == totals(used) == {"requests.sent": 3, "recipients.internal": 3, "codes.451 4.7.0": 3}
+    assert [(b.start, b.account, dict(b.counts), b.last_seen) for b in built] == \
+        [(b.start, b.account, dict(b.counts), b.last_seen) for b in used]
+    assert totals(after) == totals(again) == {**totals(built), "requests.dead": 1}
+
+
+def test_a_late_write_while_a_rollup_is_built_keeps_that_rollup_from_being_used(storage):
+    name = f"{storage.table_prefix}agg"
+
+    async def main():
+        async with table(storage.connection_string, name) as t:
+            writer = Aggregates(t, flush_seconds=0)
+            writer.outcome(T0, "news@contoso.com", "orders", "sent", internal=1)
+            await writer.flush()
+            reader = Aggregates(t)
+            hours = reader._hour_rows
+
+            async def hours_then_a_late_write(pks):
+                rows = await hours(pks)            # the build read its hours before the late write
+                if pks and not writer.stats.merges > 1:
+                    writer.outcome(T0, "news@contoso.com", "orders", "refused")
+                    await writer.flush()
+                return rows
+
+            reader._hour_rows = hours_then_a_late_write
+            stale = await reader.read(*_window_day())
+            later = Aggregates(t)
+            fresh = await later.read(*_window_day())
+            return stale, reader.stats, fresh, later.stats
+
+    stale, reader_stats, fresh, later_stats = asyncio.run(main())
+    assert totals(stale) == {"requests.sent": 1, "recipients.internal": 1}   # what it read, honestly
+    assert reader_stats.rollups_written == 0                                   # `done` lost to `stale`
+    assert later_stats.rollups_used == 0 and totals(fresh) == {"requests.sent": 1, "recipients.internal": 1,
+                                                               "requests.refused": 1}

@@ -40,7 +40,8 @@ async def report(settings: Settings, since: datetime | None, until: datetime | N
                   **({"until": until.isoformat()} if until else {})}
         window = parse_window(params, now, settings.report_max_days)
         return await build_report(
-            window=window, aggregates=Aggregates(storage.tables.get_table_client(settings.aggregates_table)),
+            window=window, aggregates=Aggregates(storage.tables.get_table_client(settings.aggregates_table),
+                                  rollup_after_seconds=settings.aggregates_rollup_after_seconds),
             governor=TableGovernor(await storage.table(settings.governor_table), settings.accounts, config),
             mail_queue=await storage.queue(settings.mail_queue), poison_queue=await storage.queue(settings.poison_queue),
             settings=settings, now=now)
