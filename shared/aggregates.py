@@ -469,7 +469,7 @@ class Aggregates:
         for pk, rows in by_day.items():
             marker = next((r for r in rows if r["RowKey"] == _ROLLUP_MARK), None)
             parts = [r for r in rows if r["RowKey"] != _ROLLUP_MARK]
-            if marker is None or marker.get("State") != "done" or int(marker.get("Rows") or -1) != len(parts):
+            if marker is None or marker.get("State") != "done" or marker.get("Rows") != len(parts):
                 out[pk] = None
                 continue
             records = []
