@@ -341,11 +341,16 @@ class Relay:
             addresses = [prepared.recipients[i] for i in envelope]
             internal = sum(1 for a in addresses if a.rsplit("@", 1)[1].lower() in self.policy.internal_domains)
             shape = Shape(internal, len(addresses) - internal, prepared.request.account)
+            booking = (entry.booked_account, entry.booked_at) if entry.booked_chunk == index else None
             slot = await self._slot(entry, stub, shape, index, self.clock())
             if isinstance(slot, Handled):
                 return slot
             account, slot_at, entry = slot
-            sent = await self._transaction(entry, stub, prepared, index, envelope, account, slot_at, shape)
+            # A booked slot is the request's, not this delivery's: a duplicate delivery of the
+            # request holds the same one, so losing the claim to it must not give the slot back.
+            shared = booking == (account, slot_at)
+            sent = await self._transaction(entry, stub, prepared, index, envelope, account, slot_at, shape,
+                                           shared_slot=shared)
             if isinstance(sent, Handled):
                 return sent
             deferred_here = deferred_here or len(sent.pending_recipients) > len(entry.pending_recipients)
@@ -361,10 +366,12 @@ class Relay:
         return await self._finish(entry, SENT, reason)
 
     async def _transaction(self, entry: LedgerEntry, stub: dict, prepared: "_Prepared", index: int,
-                           envelope: list[int], account: str, slot_at: float, shape: Shape) -> LedgerEntry | Handled:
+                           envelope: list[int], account: str, slot_at: float, shape: Shape, *,
+                           shared_slot: bool = False) -> LedgerEntry | Handled:
         """One SMTP transaction on a granted slot; the new entry when HVE accepted it."""
         addresses = [prepared.recipients[i] for i in envelope]
         lapse = self.settings.pacing_margin_seconds / 2
+        original_slot = slot_at
         trying = entry.evolve(account=account, attempts=entry.attempts + 1, reason="")
         called_off = ""
 
@@ -393,8 +400,10 @@ class Relay:
             message = self._message(prepared, entry.request_id, account, index, self.clock())
         result = await self.smtp.submit(account, addresses, message, before_mail=before_mail)
         if called_off == "claimed":
-            # Another delivery of the same request got there first; let it finish.
-            await self.governor.refund(Release(account, slot_at, shape))
+            # Another delivery of the same request got there first; let it finish. Its slot is
+            # given back unless it is the booking the other delivery sends on.
+            if not (shared_slot and slot_at == original_slot):
+                await self.governor.refund(Release(account, slot_at, shape))
             delay = await self._requeue(stub, BUSY_RECHECK_SECONDS, entry.attempts)
             return Handled(entry.request_id, "busy", "another instance claimed it", account, 0, delay)
         if called_off == "lapsed":

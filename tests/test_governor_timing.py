@@ -405,3 +405,34 @@ def test_a_booked_request_wakes_before_its_slot_by_the_lateness_seen_and_waits_f
     assert slept and abs(slept[0] - 1.2) < 0.01
     assert sent_at[-1] >= entry.booked_at
     assert emulator.stats()["replies"].get("4.5.104", 0) == 0
+
+
+def test_two_deliveries_of_a_booked_request_send_once_and_the_booked_slot_stays_counted(storage, make_emulator):
+    """A duplicate delivery of a booked request holds the same booking: the copy that loses the
+    ledger claim must not give the slot back, or the governor would count one message fewer than
+    HVE saw in that minute and grant an 11th."""
+    clock = VirtualClock(START)
+    emulator = make_emulator(profile="preview-2024", clock=clock)
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS_PROFILE="preview-2024",
+                                                  HVE_ACCOUNTS=NEWS, HVE_PACER_SECONDS="0"), clock=clock)
+        relay.queue = queue = VirtualQueue(clock)
+        try:
+            bodies = [json.dumps(mail(id=f"dup-{i}", to=[f"c{i}@fabrikam.example"])) for i in range(11)]
+            first = [await relay.handle(b, f"q{i}") for i, b in enumerate(bodies)]
+            assert [h.state for h in first] == ["sent"] * 10 + ["deferred"]
+            entry = await relay.ledger.get("dup-10")
+            clock.t = entry.booked_at
+            [copy] = queue.receive(clock.t, 16)
+            both = await asyncio.gather(relay.handle(copy.body, "copy-a"), relay.handle(copy.body, "copy-b"))
+            [state] = [s for s in await relay.governor.states() if s.account == NEWS]
+            return both, entry, state
+        finally:
+            await relay.close()
+
+    both, entry, state = run(main())
+    assert sorted(h.state for h in both) == ["busy", "sent"], both
+    assert len(emulator.accepted()) == 11
+    assert any(abs(s - entry.booked_at) < 1e-3 for s in state.external_slots), "the booked slot was given back"
+    assert state.external_today == 11
