@@ -548,7 +548,14 @@ class Relay:
             except Exception as exc:  # an estimate: without it, bookings are made as before
                 log.debug("queue length unknown: %s", exc)
             else:
-                self.backlog.observe(now, queued, self.governor.booked_ahead(now))
+                ahead = self.governor.booked_ahead(now)
+                if queued - ahead > self.backlog.min_messages and \
+                        self.governor.snapshot_age() > self.backlog.sample_seconds:
+                    # What looks like a backlog may be other instances' bookings this process has
+                    # not read yet: read the governor rows before taking it for one.
+                    await self.governor.refresh()
+                    ahead = self.governor.booked_ahead(now)
+                self.backlog.observe(now, queued, ahead)
         return self.backlog.lead(now)
 
     # --- keeping the host's polling short while bookings are ahead ------------------------------
