@@ -171,8 +171,11 @@ class Relay:
         )
         ledger = Ledger(await storage.table(settings.ledger_table),
                         await storage.table(settings.recipient_index_table), settings.recipient_hash_key)
+        # The governor ages its view of the rows by the same clock as everything else when one is
+        # given (the simulation's virtual clock); by the monotonic clock otherwise.
         governor = TableGovernor(await storage.table(settings.governor_table), settings.accounts,
-                                 pacing_config(settings, limits))
+                                 pacing_config(settings, limits),
+                                 clock=time.monotonic if clock is time.time else clock)
         container = storage.container(settings.claim_check_container)
         relay = cls(settings, storage=storage, smtp=smtp, governor=governor, ledger=ledger,
                     queue=await storage.queue(settings.mail_queue),
