@@ -129,7 +129,8 @@ class Relay:
         self.instruments = Instruments()
         self.stats = RelayStats()
         self._pacer_seen = -math.inf
-        # Bookings never fall due inside the queue's visible backlog (capped at half the horizon).
+        # With HVE_BACKLOG_SAMPLE_SECONDS set, bookings never fall due inside the queue's visible
+        # backlog (capped at half the horizon).
         self.backlog = BacklogEstimator(settings.backlog_sample_seconds, settings.backlog_min_messages,
                                         settings.booking_horizon_seconds / 2)
         self.return_latency = ReturnLatency(settings.slot_wait_seconds)
