@@ -674,37 +674,9 @@ def test_a_disabled_feature_disables_its_timer(bicep):
     key = "AzureWebJobs.welcome_new_users.Disabled"
     assert evaluate(switches[key], main) == "true", "the welcome scan is off by default: its timer too"
     assert evaluate(switches[key], main, {"welcomeEnabled": True}) == "false"
-    assert not set(switches) & set(_app_settings(bicep)), "the switches are not code settings"
-
-
-def _timer_functions() -> dict[str, str]:
-    """Timer functions of function_app.py: name -> the schedule's setting (%NAME%)."""
-    import ast
-    tree = ast.parse((ROOT / "function_app.py").read_text(encoding="utf-8"))
-    timers = {}
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            for deco in node.decorator_list:
-                if isinstance(deco, ast.Call) and getattr(deco.func, "attr", "") == "timer_trigger":
-                    schedule = next(k.value.value for k in deco.keywords if k.arg == "schedule")
-                    timers[node.name] = schedule
-    return timers
-
-
-def test_a_disabled_feature_disables_its_timer(bicep):
-    """With the welcome scan off, Flex must not start an instance every 15 minutes for nothing:
-    the timer function is disabled with AzureWebJobs.<function>.Disabled."""
-    main = bicep["main.bicep"]
-    switches = _unquote(main["variables"]["timerSettings"]["value"])
-    timers = _timer_functions()
-    assert "welcome_new_users" in timers
-    for key in switches:
-        m = re.fullmatch(r"AzureWebJobs\.([A-Za-z_][A-Za-z0-9_]*)\.Disabled", key)
-        assert m, f"{key} is not AzureWebJobs.<function>.Disabled"
-        assert m.group(1) in timers, f"{key}: function_app.py has no timer function {m.group(1)}"
-    key = "AzureWebJobs.welcome_new_users.Disabled"
-    assert evaluate(switches[key], main) == "true", "the welcome scan is off by default: its timer too"
-    assert evaluate(switches[key], main, {"welcomeEnabled": True}) == "false"
+    key = "AzureWebJobs.confirm_delivery.Disabled"
+    assert evaluate(switches[key], main) == "true", "message trace is off by default: its timer too"
+    assert evaluate(switches[key], main, {"deliveryTraceEnabled": True}) == "false"
     assert not set(switches) & set(_app_settings(bicep)), "the switches are not code settings"
 
 
