@@ -126,6 +126,7 @@ class SimResult:
     theoretical_seconds: float
     invocations: int
     governor_round_trips: int
+    governor_conflicts: int
     late: int
     late_rebooked: int
     polls: int
@@ -288,12 +289,12 @@ def simulate(*, accounts: int = 20, external: int = 10_000, internal: int = 10_0
         async def main():
             relays, handled, last_sent, per_day, polls = await _run(
                 az.connection_string, emulator, account_passwords, clock, requests, overrides, host, random.Random(seed))
-            figures = (sum(r.governor.round_trips for r in relays), sum(r.stats.late for r in relays),
-                       sum(r.stats.late_rebooked for r in relays))
+            figures = (sum(r.governor.round_trips for r in relays), sum(r.governor.conflicts for r in relays),
+                       sum(r.stats.late for r in relays), sum(r.stats.late_rebooked for r in relays))
             for relay in relays:
                 await relay.close()
             return handled, last_sent, per_day, polls, figures
-        handled, last_sent, per_day, polls, (round_trips, late, rebooked) = asyncio.run(main())
+        handled, last_sent, per_day, polls, (round_trips, conflicts, late, rebooked) = asyncio.run(main())
         replies = emulator.stats()["replies"]
     outcomes: dict[str, int] = {}
     for h in handled:
@@ -303,7 +304,7 @@ def simulate(*, accounts: int = 20, external: int = 10_000, internal: int = 10_0
         accounts=accounts, external=external, internal=internal, host=host, sent=outcomes.get("sent", 0),
         outcomes=outcomes, throttle_replies={code: n for code, n in replies.items() if code.startswith("4.")},
         makespan_seconds=last_sent - start, theoretical_seconds=theoretical_minimum(external, accounts, per_minute),
-        invocations=len(handled), governor_round_trips=round_trips, late=late, late_rebooked=rebooked, polls=polls,
+        invocations=len(handled), governor_round_trips=round_trips, governor_conflicts=conflicts, late=late, late_rebooked=rebooked, polls=polls,
         wall_seconds=time.perf_counter() - wall, sent_per_day={day: n for day, n in sorted(per_day.items())},
     )
 

@@ -568,7 +568,9 @@ class Relay:
         """The Functions host backs its polling off to maxPollingInterval (a minute on Azure) while
         the queue looks empty, and booked messages then come back late. While bookings are ahead, a
         tiny pacer message comes back every HVE_PACER_SECONDS, so some instance keeps polling often.
-        One chain per process at most; it ends once this process knows of no booking ahead."""
+        A chain is started when none has ticked here for two intervals (its pacers may be stuck
+        behind a backlog); chains that meet in one process merge, so a process keeps about one.
+        A chain ends once the process handling its pacer knows of no booking ahead."""
         interval = self.settings.pacer_seconds
         now = self.clock()
         if interval <= 0 or booked_at - now <= interval or now - self._pacer_seen < 2 * interval:
@@ -579,9 +581,13 @@ class Relay:
     async def _pace(self) -> Handled:
         interval = self.settings.pacer_seconds
         now = self.clock()
-        self._pacer_seen = now
+        previous, self._pacer_seen = self._pacer_seen, now
         if interval <= 0:
             return Handled("pacer", "pacer", "pacing is off")
+        if now - previous < interval / 2:
+            # Two chains ticking here together (pacers held back behind a backlog come back as a
+            # crowd, and each booking meanwhile started a chain): one is enough, this one ends.
+            return Handled("pacer", "pacer", "another chain ticked here moments ago: this one ends")
         if self.governor.snapshot_age() > PACER_STATE_MAX_AGE_SECONDS:
             await self.governor.refresh()
         if self.governor.latest_slot() <= now + interval:

@@ -436,3 +436,43 @@ def test_two_deliveries_of_a_booked_request_send_once_and_the_booked_slot_stays_
     assert len(emulator.accepted()) == 11
     assert any(abs(s - entry.booked_at) < 1e-3 for s in state.external_slots), "the booked slot was given back"
     assert state.external_today == 11
+
+
+# --- the pacer ----------------------------------------------------------------------------------
+
+def test_pacer_chains_started_while_their_pacers_were_stuck_behind_a_backlog_merge_into_one(storage, make_emulator):
+    """While a backlog holds the pacer messages back, each booking a few seconds apart starts a
+    new chain (the process has not seen a tick for two intervals). When the crowd of pacers comes
+    back, the chains must merge: one chain per process, not one per booking for ever after."""
+    clock = VirtualClock(START)
+    emulator = make_emulator(profile="preview-2024", clock=clock)
+
+    def pacers_queued(queue):
+        return sum(1 for _, _, m in queue._heap if "hveRelayPacer" in m.body)
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS_PROFILE="preview-2024",
+                                                  HVE_ACCOUNTS=NEWS, HVE_PACER_SECONDS="2"), clock=clock)
+        relay.queue = queue = VirtualQueue(clock)
+        try:
+            def external(i):
+                return json.dumps(mail(id=f"pace-{i}", to=[f"c{i}@fabrikam.example"]))
+            first = await asyncio.gather(*(relay.handle(external(i), f"q{i}") for i in range(40)))
+            assert sum(h.state == "sent" for h in first) == 10  # 30 booked minutes ahead
+            for step in range(1, 7):                  # the backlog: nothing comes back for 30 s
+                clock.t = START + 5.0 * step
+                await relay.handle(external(100 + step), f"late{step}")
+            started = pacers_queued(queue)
+            ended = 0
+            for _ in range(120):                      # then the host polls every half second
+                clock.t += 0.5
+                for message in queue.receive(clock.t, 32):
+                    handled = await relay.handle(message.body, message.message_id)
+                    ended += handled.reason.startswith("another chain")
+            return started, pacers_queued(queue), ended
+        finally:
+            await relay.close()
+
+    started, left, ended = run(main())
+    assert started >= 5, started                     # the scenario did start several chains
+    assert left == 1 and ended == started - 1, (started, left, ended)
