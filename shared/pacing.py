@@ -58,6 +58,8 @@ HISTORY_SECONDS = 300.0
 # Bookings pick at random among accounts whose next slot is this close to the earliest one, so
 # instances deciding from the same state rarely race for the same row.
 NEAR_SECONDS = 5.0
+# How soon after an account's window opens a backlog's fresh messages are taken to fill it.
+OPENING_SLACK_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -413,7 +415,7 @@ def _decide(states: Sequence[AccountState], tenant: TenantState | None, shape: S
     if book_not_before > best_t:
         # Slots from the end of the backlog on; the capacity before it is left to the backlog.
         floor = min(book_not_before, today_end)
-        slots = [(earliest_slot(s, tenant, shape, floor, cfg), s) for s in states]
+        slots = [(earliest_slot(s, tenant, shape, _after_backlog(t, floor, cfg), cfg), s) for (t, _), s in slots]
         (best_t, best_why), _ = min(slots, key=lambda item: item[0][0])
         if best_t >= today_end:
             return Wait(until=best_t, reason=best_why)
@@ -424,12 +426,26 @@ def _decide(states: Sequence[AccountState], tenant: TenantState | None, shape: S
     near = [(t, s) for (t, _), s in slots if t <= best_t + NEAR_SECONDS]
     pref = [(t, s) for t, s in near if s.account == shape.preferred_account]
     t, chosen = pref[0] if pref else rng.choice(near)
-    # A whole number of seconds from now: the queue's visibility delay is whole seconds, so the
-    # message comes back at its slot, not up to a second after it.
-    at = _spread(chosen, shape, now + math.ceil(t - now - 1e-9), states, cfg)
+    # The earliest slot itself, not rounded to a whole number of seconds from now: the queue's
+    # visibility delay is whole seconds, so the message wakes up to a second early and waits the
+    # rest in the process. (Rounding up put each window's bookings up to a second after the last
+    # window's, and an account's cadence drifted later by half a second a window on average.)
+    at = _spread(chosen, shape, t, states, cfg)
     if at >= today_end:
         return Wait(until=best_t, reason=best_why)
     return _grant(chosen, tenant, shape, at, now, cfg, len(states))
+
+
+def _after_backlog(ready: float, floor: float, cfg: PacingConfig) -> float:
+    """Where an account's bookings may start when the queue's backlog lasts until `floor`. The
+    backlog's own fresh messages take the account at once whenever its window opens (at `ready`,
+    then every window), so a booking goes after the last of those openings before the floor: one
+    put at the floor itself would close the window that opening needs, and the account would
+    idle from there to the floor. (Fresh messages take an opening within a few seconds of it,
+    hence the slack.)"""
+    if ready >= floor:
+        return ready
+    return ready + math.ceil((floor - ready) / cfg.window - 1e-9) * cfg.window + OPENING_SLACK_SECONDS
 
 
 def _spread(state: AccountState, shape: Shape, at: float, states: Sequence[AccountState], cfg: PacingConfig) -> float:
