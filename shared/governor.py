@@ -186,9 +186,12 @@ class TableGovernor:
         state = next((s for s in self._snapshot[0] if s.account == account), None)
         return state is not None and state.available_at() > now
 
-    async def refresh(self) -> None:
+    async def refresh(self, older_than: float = 0.0) -> None:
+        """Read the rows again, unless the state this process holds is at most `older_than`
+        seconds old by the time it is its turn (callers asking together read once)."""
         async with self._lock:
-            await self._refresh()
+            if older_than <= 0 or self.snapshot_age() > older_than:
+                await self._refresh()
 
     def snapshot_age(self) -> float:
         return self._monotonic() - self._snapshot_at if self._snapshot is not None else float("inf")

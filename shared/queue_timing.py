@@ -54,8 +54,12 @@ class ReturnLatency:
     def early_wake(self) -> float:
         """How long before its slot a booked message should become visible again: most returns
         (the 95th percentile of recent ones) then land before the slot and wait the rest here."""
-        if self.max_seconds <= 0 or not self._seen:
+        if self.max_seconds <= 0:
             return 0.0
+        if not self._seen:
+            # Nothing seen yet (bookings made while a first backlog drains, minutes before any
+            # comes back): assume the worst this process is prepared to wait for.
+            return self.max_seconds
         ordered = sorted(self._seen)
         return min(self.max_seconds, ordered[min(len(ordered) - 1, int(LATENCY_QUANTILE * len(ordered)))])
 
@@ -67,13 +71,19 @@ class BacklogEstimator:
     max_lead_seconds: float          # never put bookings further out than this for a backlog
     _samples: deque = field(default_factory=deque)     # (t, backlog)
     _handled: deque = field(default_factory=deque)     # t of each message this process handled
+    _asked: float = float("-inf")                      # when a reading was last asked for
 
     @property
     def enabled(self) -> bool:
         return self.sample_seconds > 0
 
     def sample_due(self, now: float) -> bool:
-        return self.enabled and (not self._samples or now - self._samples[-1][0] >= self.sample_seconds)
+        return self.enabled and now - max(self._asked, self._samples[-1][0] if self._samples else self._asked) \
+            >= self.sample_seconds
+
+    def asking(self, now: float) -> None:
+        """A reading is on its way: handlers running meanwhile do not ask again."""
+        self._asked = now
 
     def note_handled(self, now: float) -> None:
         if not self.enabled:
@@ -101,14 +111,19 @@ class BacklogEstimator:
             rates.append(len(recent) / max(now - recent[0], 0.1))
         return max(rates)
 
-    def lead(self, now: float) -> float:
+    def lead(self, now: float) -> float | None:
         """Seconds from now until the visible backlog is expected to be drained; 0 when there is
-        none to speak of, or nothing is known about the rate."""
+        none to speak of, or nothing is known about the rate; None while there is one and only a
+        single reading: how fast all instances together drain it is not known yet (this worker's
+        own rate would make the estimate as many times too long as there are instances), so
+        nothing should be booked for a moment (the next reading is a sample interval away)."""
         if not self._samples:
             return 0.0
         t, backlog = self._samples[-1]
         if backlog <= self.min_messages:
             return 0.0
+        if len(self._samples) < 2:
+            return None
         rate = self.drain_rate(now)
         if rate <= 0:
             return 0.0

@@ -39,7 +39,7 @@ from .contract import (
     validate_request,
 )
 from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential, check_secret_names
-from .governor import Grant, TableGovernor
+from .governor import SNAPSHOT_SECONDS, Grant, TableGovernor
 from .producer import CLAIM_CHECK_PREFIX
 from .pacing import Impossible, PacingConfig, Release, Shape, Wait, chunk_recipients
 from .hve_smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
@@ -200,6 +200,10 @@ class Relay:
 
     async def handle(self, body: bytes | str, queue_message_id: str, dequeue_count: int = 1) -> Handled:
         with self.instruments.tracer.start_as_current_span("hve_relay.send") as span:
+            if self.backlog.sample_due(self.clock()):
+                # From the first message on, not only once bookings start: the drain rate is the
+                # fall of the backlog between two readings, all instances together.
+                await self._sample_backlog(self.clock())
             handled = await self._handle(body, queue_message_id, dequeue_count)
             self.backlog.note_handled(self.clock())
             span.set_attribute("hve.request_id", handled.request_id)
@@ -498,8 +502,11 @@ class Relay:
             # slot, which is now if the windows allow it.
             release = Release(booked, booked_at, shape)
             self.stats.late += 1
-        decision = await self.governor.acquire(shape, now, release=release,
-                                               book_not_before=now + await self._backlog_lead(now))
+        lead = await self._backlog_lead(now)
+        # While a backlog's drain rate is not known yet (a first reading), nothing is booked: the
+        # request waits unbooked for its earliest slot (no slot held, so none can go unused).
+        decision = await self.governor.acquire(shape, now, release=release, allow_booking=lead is not None,
+                                               book_not_before=now + (lead or 0.0))
         if release is not None and not (isinstance(decision, Grant) and decision.at <= now):
             self.stats.late_rebooked += 1
         if isinstance(decision, Impossible):
@@ -543,24 +550,29 @@ class Relay:
         await self._save_quietly(entry.evolve(state=DEFERRED, reason=why))
         return Handled(entry.request_id, DEFERRED, why, account, verdict.code, delay)
 
-    async def _backlog_lead(self, now: float) -> float:
-        """Seconds until the queue's visible backlog is drained (0 when none): one queue read per
-        HVE_BACKLOG_SAMPLE_SECONDS per process while it asks the governor for slots."""
+    async def _backlog_lead(self, now: float) -> float | None:
+        """Seconds until the queue's visible backlog is drained (0 when none, None when not known
+        yet)."""
         if self.backlog.sample_due(now):
-            try:
-                queued = (await self.queue.get_queue_properties()).approximate_message_count or 0
-            except Exception as exc:  # an estimate: without it, bookings are made as before
-                log.debug("queue length unknown: %s", exc)
-            else:
-                ahead = self.governor.booked_ahead(now)
-                if queued - ahead > self.backlog.min_messages and \
-                        self.governor.snapshot_age() > self.backlog.sample_seconds:
-                    # What looks like a backlog may be other instances' bookings this process has
-                    # not read yet: read the governor rows before taking it for one.
-                    await self.governor.refresh()
-                    ahead = self.governor.booked_ahead(now)
-                self.backlog.observe(now, queued, ahead)
+            await self._sample_backlog(now)
         return self.backlog.lead(now)
+
+    async def _sample_backlog(self, now: float) -> None:
+        """One queue read per HVE_BACKLOG_SAMPLE_SECONDS per process while it handles messages."""
+        self.backlog.asking(now)
+        try:
+            queued = (await self.queue.get_queue_properties()).approximate_message_count or 0
+        except Exception as exc:  # an estimate: without it, bookings are made as before
+            log.debug("queue length unknown: %s", exc)
+            return
+        ahead = self.governor.booked_ahead(now)
+        if queued - ahead > self.backlog.min_messages and \
+                self.governor.snapshot_age() > max(self.backlog.sample_seconds, SNAPSHOT_SECONDS):
+            # What looks like a backlog may be other instances' bookings this process has not
+            # read yet: read the governor rows before taking it for one.
+            await self.governor.refresh(older_than=max(self.backlog.sample_seconds, SNAPSHOT_SECONDS))
+            ahead = self.governor.booked_ahead(now)
+        self.backlog.observe(now, queued, ahead)
 
     # --- keeping the host's polling short while bookings are ahead ------------------------------
 
@@ -589,7 +601,7 @@ class Relay:
             # crowd, and each booking meanwhile started a chain): one is enough, this one ends.
             return Handled("pacer", "pacer", "another chain ticked here moments ago: this one ends")
         if self.governor.snapshot_age() > PACER_STATE_MAX_AGE_SECONDS:
-            await self.governor.refresh()
+            await self.governor.refresh(older_than=PACER_STATE_MAX_AGE_SECONDS)
         if self.governor.latest_slot() <= now + interval:
             return Handled("pacer", "pacer", "no booking ahead: the chain ends")
         await self._send_pacer(interval)

@@ -21,6 +21,7 @@ from tests.relay_harness import ACCOUNTS, drain, enqueue, relay_settings
 
 START = 1_799_920_800.0  # 2027-01-15 10:00:00 UTC
 NEWS = "news@contoso.com"
+CFG_WINDOW = 62.0  # the rolling minute plus the default 2 s margin
 
 
 def run(coro):
@@ -476,3 +477,41 @@ def test_pacer_chains_started_while_their_pacers_were_stuck_behind_a_backlog_mer
     started, left, ended = run(main())
     assert started >= 5, started                     # the scenario did start several chains
     assert left == 1 and ended == started - 1, (started, left, ended)
+
+
+# --- the backlog floor --------------------------------------------------------------------------
+
+def test_no_slot_is_booked_until_a_second_reading_of_the_backlog_gives_its_drain_rate(storage, make_emulator):
+    """With 2,000 fresh messages on the queue and one reading of it, how fast all instances
+    together drain it is not known (this worker's own rate would put bookings as many times too
+    far out as there are instances, and the windows before them would stay empty). The request
+    that finds the minute full waits unbooked for its slot; once a second reading gives the rate,
+    the next one is booked behind the backlog."""
+    clock = VirtualClock(START)
+    emulator = make_emulator(profile="preview-2024", clock=clock)
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS_PROFILE="preview-2024",
+                                                  HVE_ACCOUNTS=NEWS, HVE_PACER_SECONDS="0",
+                                                  HVE_BACKLOG_SAMPLE_SECONDS="1"), clock=clock)
+        relay.queue = queue = VirtualQueue(clock)
+        try:
+            for i in range(2000):
+                queue.put(json.dumps(mail(id=f"bl-{i}", to=[f"c{i}@fabrikam.example"])))
+            first = [await relay.handle(m.body, m.message_id) for m in queue.receive(clock.t, 11)]
+            unknown = await relay.ledger.get(first[-1].request_id)
+            row = (await relay.governor.states())[0]
+            clock.t += 1.0                                    # the next reading: 400 fewer
+            for m in queue.receive(clock.t, 400):
+                pass
+            [later] = [await relay.handle(m.body, m.message_id) for m in queue.receive(clock.t, 1)]
+            return first, unknown, row, await relay.ledger.get(later.request_id)
+        finally:
+            await relay.close()
+
+    first, unknown, row, later = run(main())
+    assert [h.state for h in first] == ["sent"] * 10 + ["deferred"]
+    assert unknown.booked_account == "" and "waiting" in unknown.reason   # not booked
+    assert len(row.external_slots) == 10                                  # no slot held for it
+    # 1,589 left at 400/s: booked behind the backlog (about 4 s + 10%), in a window after it.
+    assert later.booked_account == NEWS and later.booked_at >= START + CFG_WINDOW

@@ -40,7 +40,8 @@ def test_bookings_that_all_come_back_seconds_late_are_still_sent_without_a_livel
                       host=HostModel(instances=1, max_polling_interval=2.0, handler_seconds=(2.0, 3.0)))
     assert result.sent == 120 and result.throttle_replies == {}
     assert result.theoretical_seconds == 120.0
-    # Only the bookings made before any booked message came back (so before the lateness was
-    # known) miss their slot, once each.
-    assert result.rebookings_per_message <= 0.6
-    assert result.makespan_seconds <= 4 * result.theoretical_seconds
+    # Bookings made before any booked message came back (so before the lateness was known) wake
+    # as early as a message may wait (HVE_SLOT_WAIT_SECONDS): none misses its slot. (When they
+    # woke at their slot, each missed it once: 0.36-0.6 re-bookings per message, 316 s.)
+    assert result.rebookings_per_message <= 0.05
+    assert result.makespan_seconds <= 1.25 * result.theoretical_seconds
