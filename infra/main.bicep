@@ -151,8 +151,8 @@ param hvePacerSeconds int = 2
 @description('Longest early wake (and in-process wait) of a booked request before its slot, in seconds; 0 turns it off.')
 param hveSlotWaitSeconds int = 3
 
-@description('How often a worker reads the queue length to keep bookings behind the visible backlog, in seconds; 0 (default) turns it off.')
-param hveBacklogSampleSeconds int = 0
+@description('How often a worker reads the queue length to keep bookings behind the visible backlog, in seconds; 0 turns it off.')
+param hveBacklogSampleSeconds int = 1
 
 @description('A visible backlog of at most this many messages is not treated as congestion.')
 param hveBacklogMinMessages int = 64
