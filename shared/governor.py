@@ -225,7 +225,7 @@ class TableGovernor:
 
     async def acquire(self, shape: Shape, now: float, *, allow_booking: bool = True,
                       release: Release | None = None, only: str | None = None,
-                      book_not_before: float = 0.0) -> Decision:
+                      book_not_before: float = 0.0, backlog_until: float | None = None) -> Decision:
         """Grant (maybe a booking later today), Wait, or Impossible.
 
         `release`: the request's earlier slot, given back in the same write that takes the new one
@@ -244,7 +244,8 @@ class TableGovernor:
                 states, tenant = self._snapshot
                 usable = self._usable(states, release, only)
                 decision = decide(usable, tenant, shape, now, self.config, self._rng, allow_booking=allow_booking,
-                                  release=release, book_not_before=book_not_before)
+                                  release=release, book_not_before=book_not_before,
+                                  backlog_until=backlog_until)
                 if not fresh and (isinstance(decision, Wait) or (
                         self._stale and isinstance(decision, Grant) and decision.at > now)):
                     # A wait, or a booking made while some row is known stale (the account left

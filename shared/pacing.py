@@ -364,7 +364,8 @@ def release_slot(state: AccountState, release: Release, cfg: PacingConfig) -> Ac
 
 def decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Shape, now: float,
            cfg: PacingConfig, rng: random.Random | None = None, *, allow_booking: bool = True,
-           release: Release | None = None, book_not_before: float = 0.0) -> Decision:
+           release: Release | None = None, book_not_before: float = 0.0,
+           backlog_until: float | None = None) -> Decision:
     """Grant now, book a slot later today, wait until a stated time, or refuse as impossible.
 
     With `release`, the request's own earlier slot is given back first (it came back late, or was
@@ -382,7 +383,7 @@ def decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Sh
     if release is not None:
         states = [release_slot(s, release, cfg) if s.account == release.account else s for s in states]
         released = next((s for s in states if s.account == release.account), None)
-    decision = _decide(states, tenant, shape, now, cfg, rng, allow_booking, book_not_before)
+    decision = _decide(states, tenant, shape, now, cfg, rng, allow_booking, book_not_before, backlog_until)
     if released is None:
         return decision
     if isinstance(decision, Grant):
@@ -391,7 +392,8 @@ def decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Sh
 
 
 def _decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Shape, now: float,
-            cfg: PacingConfig, rng: random.Random, allow_booking: bool, book_not_before: float = 0.0) -> Decision:
+            cfg: PacingConfig, rng: random.Random, allow_booking: bool, book_not_before: float = 0.0,
+            backlog_until: float | None = None) -> Decision:
     impossible = impossible_reason(shape, cfg)
     if impossible:
         return Impossible(impossible)
@@ -415,7 +417,8 @@ def _decide(states: Sequence[AccountState], tenant: TenantState | None, shape: S
     if book_not_before > best_t:
         # Slots from the end of the backlog on; the capacity before it is left to the backlog.
         floor = min(book_not_before, today_end)
-        slots = [(earliest_slot(s, tenant, shape, _after_backlog(t, floor, cfg), cfg), s) for (t, _), s in slots]
+        until = floor if backlog_until is None else min(backlog_until, floor)
+        slots = [(earliest_slot(s, tenant, shape, _after_backlog(t, floor, until, cfg), cfg), s) for (t, _), s in slots]
         (best_t, best_why), _ = min(slots, key=lambda item: item[0][0])
         if best_t >= today_end:
             return Wait(until=best_t, reason=best_why)
@@ -436,16 +439,19 @@ def _decide(states: Sequence[AccountState], tenant: TenantState | None, shape: S
     return _grant(chosen, tenant, shape, at, now, cfg, len(states))
 
 
-def _after_backlog(ready: float, floor: float, cfg: PacingConfig) -> float:
-    """Where an account's bookings may start when the queue's backlog lasts until `floor`. The
-    backlog's own fresh messages take the account at once whenever its window opens (at `ready`,
-    then every window), so a booking goes after the last of those openings before the floor: one
-    put at the floor itself would close the window that opening needs, and the account would
-    idle from there to the floor. (Fresh messages take an opening within a few seconds of it,
-    hence the slack.)"""
+def _after_backlog(ready: float, floor: float, until: float, cfg: PacingConfig) -> float:
+    """Where an account's bookings may start when the queue's backlog is expected to last until
+    `until` (the floor errs long). The backlog's own fresh messages take the account at once
+    whenever its window opens (at `ready`, then every window), so a booking goes after the last
+    opening before `until`: one put at the floor itself would close the window that opening needs,
+    and the account would idle from there to the floor. An opening between `until` and the floor
+    is not skipped (the backlog is probably gone by then: skipping it would leave a whole window
+    empty); the booking then only waits for the floor. (Fresh messages take an opening within a
+    few seconds of it, hence the slack.)"""
     if ready >= floor:
         return ready
-    return ready + math.ceil((floor - ready) / cfg.window - 1e-9) * cfg.window + OPENING_SLACK_SECONDS
+    skipped = math.ceil((until - ready) / cfg.window - 1e-9) if until > ready else 0
+    return max(floor, ready + skipped * cfg.window + (OPENING_SLACK_SECONDS if skipped else 0.0))
 
 
 def _spread(state: AccountState, shape: Shape, at: float, states: Sequence[AccountState], cfg: PacingConfig) -> float:

@@ -111,12 +111,13 @@ class BacklogEstimator:
             rates.append(len(recent) / max(now - recent[0], 0.1))
         return max(rates)
 
-    def lead(self, now: float) -> float | None:
+    def lead(self, now: float, *, padded: bool = True) -> float | None:
         """Seconds from now until the visible backlog is expected to be drained; 0 when there is
         none to speak of, or nothing is known about the rate; None while there is one and only a
         single reading: how fast all instances together drain it is not known yet (this worker's
         own rate would make the estimate as many times too long as there are instances), so
-        nothing should be booked for a moment (the next reading is a sample interval away)."""
+        nothing should be booked for a moment (the next reading is a sample interval away).
+        `padded=False`: the plain estimate, without the safety that makes it err long."""
         if not self._samples:
             return 0.0
         t, backlog = self._samples[-1]
@@ -130,5 +131,7 @@ class BacklogEstimator:
         # The backlog has been draining since the sample was taken. A booking due before the end
         # is a slot lost (its message is still behind the backlog), one due after it only leaves
         # the accounts idle for that long: so the estimate errs long.
-        drain = backlog / rate * (1 + LEAD_SAFETY_FRACTION) + LEAD_SAFETY_SECONDS
+        drain = backlog / rate
+        if padded:
+            drain = drain * (1 + LEAD_SAFETY_FRACTION) + LEAD_SAFETY_SECONDS
         return max(0.0, min(self.max_lead_seconds, drain - (now - t)))

@@ -39,7 +39,7 @@ from .contract import (
     validate_request,
 )
 from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential, check_secret_names
-from .governor import SNAPSHOT_SECONDS, Grant, TableGovernor
+from .governor import Grant, TableGovernor
 from .producer import CLAIM_CHECK_PREFIX
 from .pacing import Impossible, PacingConfig, Release, Shape, Wait, chunk_recipients
 from .hve_smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
@@ -506,7 +506,8 @@ class Relay:
         # While a backlog's drain rate is not known yet (a first reading), nothing is booked: the
         # request waits unbooked for its earliest slot (no slot held, so none can go unused).
         decision = await self.governor.acquire(shape, now, release=release, allow_booking=lead is not None,
-                                               book_not_before=now + (lead or 0.0))
+                                               book_not_before=now + (lead or 0.0),
+                                               backlog_until=now + (self.backlog.lead(now, padded=False) or 0.0))
         if release is not None and not (isinstance(decision, Grant) and decision.at <= now):
             self.stats.late_rebooked += 1
         if isinstance(decision, Impossible):
@@ -566,11 +567,13 @@ class Relay:
             log.debug("queue length unknown: %s", exc)
             return
         ahead = self.governor.booked_ahead(now)
-        if queued - ahead > self.backlog.min_messages and \
-                self.governor.snapshot_age() > max(self.backlog.sample_seconds, SNAPSHOT_SECONDS):
-            # What looks like a backlog may be other instances' bookings this process has not
-            # read yet: read the governor rows before taking it for one.
-            await self.governor.refresh(older_than=max(self.backlog.sample_seconds, SNAPSHOT_SECONDS))
+        fresh_enough = self.backlog.sample_seconds / 2
+        if queued - ahead > self.backlog.min_messages and self.governor.snapshot_age() > fresh_enough:
+            # While there is a backlog, the bookings are read with each reading: other instances'
+            # bookings this process has not read yet look like backlog (four instances book
+            # hundreds a second while they drain one), and a view up to the governor's snapshot
+            # age would skew both the backlog and its fall.
+            await self.governor.refresh(older_than=fresh_enough)
             ahead = self.governor.booked_ahead(now)
         self.backlog.observe(now, queued, ahead)
 
