@@ -78,8 +78,7 @@ class BacklogEstimator:
         return self.sample_seconds > 0
 
     def sample_due(self, now: float) -> bool:
-        return self.enabled and now - max(self._asked, self._samples[-1][0] if self._samples else self._asked) \
-            >= self.sample_seconds
+        return self.enabled and now - self._asked >= self.sample_seconds
 
     def asking(self, now: float) -> None:
         """A reading is on its way: handlers running meanwhile do not ask again."""
@@ -95,6 +94,7 @@ class BacklogEstimator:
     def observe(self, now: float, queued: int, booked_ahead: int) -> None:
         """A reading of the queue: `queued` messages in all (visible or not), of which about
         `booked_ahead` are bookings still invisible."""
+        self._asked = max(self._asked, now)
         self._samples.append((now, max(0, queued - booked_ahead)))
         while len(self._samples) > 2 and self._samples[0][0] < now - RATE_SPAN_SECONDS:
             self._samples.popleft()
