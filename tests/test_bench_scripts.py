@@ -62,9 +62,14 @@ def test_conservation_bench_prints_each_terminal_state_and_finds_nothing_lost_or
 
 def test_report_bench_writes_a_history_and_asks_the_real_handler_for_24_hours_and_7_days():
     out = run("bench.report", "--days", "3", "--requests-per-day", "300", "--repeat", "2")
-    rows = {m[1]: int(m[2]) for m in re.finditer(r"^(24 h|7 days)\s+[\d.]+\s+[\d.]+\s+(\d+)\s", out, re.M)}
+    rows = {m[1]: (float(m[2]), int(m[3]), int(m[4]), int(m[5])) for m in re.finditer(
+        r"^(24 h|7 days)\s+[\d.]+\s+[\d.]+\s+([\d.]+)\s+\d+\s+\d+\s+\d+\s+\d+\s+(\d+)\s+(\d+)\s+(-?\d+)\s", out, re.M)}
     assert set(rows) == {"24 h", "7 days"}, out
-    # Table requests are a count, not a timing: once the closed days have their rollups, a report
-    # is two range queries (rollups, open days' hours) and one governor read, whatever the window.
-    assert rows["24 h"] <= 3 and rows["7 days"] <= 3, out
+    # Table requests are a count, not a timing, but the open days' hour rows grow through the day
+    # (past 1,000 a query takes a second page), so the promise is a function of the rows read:
+    # once the closed days have their rollups, one governor read plus one request per 1,000 rows
+    # of each of the two range queries, at whatever hour this runs.
+    for label, (requests, rows_read, due, over) in rows.items():
+        assert rows_read > 0 and requests <= due and over <= 0, (label, out)
+        assert due <= 1 + 2 + rows_read // 1000, (label, out)
     assert "hveledger" not in out and re.search(r"^ratio 7 days / 24 h: time [\d.]+x", out, re.M), out
