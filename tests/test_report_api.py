@@ -399,3 +399,65 @@ def test_dates_at_the_ends_of_the_calendar_are_a_400_not_an_overflow(params):
     with pytest.raises(ReportRequestError, match="since|until") as caught:
         parse_window(params, NOW, 31)
     assert "0001-01-01" not in str(caught.value) and "9999-12-31" not in str(caught.value)
+
+
+def test_the_status_delivery_rates_come_from_the_aggregates_whatever_the_delivery_tables_size(
+        azurite, storage, emulator, monkeypatch):
+    from bench.report import TableRequests
+    from shared.sender import close_relays, status_json
+
+    settings = app_settings(storage, emulator, DELIVERY_TRACE_ENABLED="true", GRAPH_DEV_TOKEN="t",
+                            DELIVERY_TABLE=f"{storage.table_prefix}delivery")
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    account = settings["HVE_ACCOUNTS"].split(",")[0]
+    now = time.time()
+
+    async def status() -> tuple[dict, dict[str, int]]:
+        try:
+            await status_json()                     # the relay and its clients are made once
+            with TableRequests(azurite.table_port) as counter:
+                shown = json.loads(await status_json())
+            return shown, dict(counter.by_table)
+        finally:
+            await close_relays()
+
+    async def fill(rows: int) -> None:
+        from azure.data.tables.aio import TableClient as AsyncTable
+
+        sent = datetime.fromtimestamp(now - 600, timezone.utc)
+        async with AsyncTable.from_connection_string(storage.connection_string, settings["DELIVERY_TABLE"]) as t:
+            try:
+                await t.create_table()
+            except Exception:  # noqa: BLE001 - made already
+                pass
+            sem = asyncio.Semaphore(32)
+
+            async def one(i: int) -> None:
+                async with sem:
+                    await t.create_entity({"PartitionKey": f"d{i:06d}", "RowKey": "summary", "RequestId": f"r{i}",
+                                           "Account": account, "SentAt": sent, "Counts": json.dumps({"delivered": 1})})
+            await asyncio.gather(*(one(i) for i in range(rows)))
+
+    async def count() -> None:
+        from azure.data.tables.aio import TableClient as AsyncTable
+
+        async with AsyncTable.from_connection_string(storage.connection_string, settings["AGGREGATES_TABLE"]) as t:
+            agg = Aggregates(t, flush_seconds=0)
+            await agg.add_delivery(now - 600, account, "orders", {"delivered": 3, "quarantined": 1})
+            await agg.flush()
+
+    asyncio.run(count())
+    asyncio.run(fill(0))
+    small, small_requests = asyncio.run(status())
+    asyncio.run(fill(2_500))
+    large, large_requests = asyncio.run(status())
+    assert small["delivery_24h"]["counts"] == large["delivery_24h"]["counts"] == {"delivered": 3, "quarantined": 1}
+    assert large["delivery_24h"]["rates"]["delivered"] == 0.75
+    assert large["delivery_24h"]["accounts"][account]["counts"] == {"delivered": 3, "quarantined": 1}
+    # With 0 or 2,500 delivery summaries: no request to the delivery table; one governor read; the
+    # aggregates' range queries (hours of the open days; rollups of a closed day, and whether it has
+    # rows, when the 24 hours reach into a day that ended over AGGREGATES_ROLLUP_AFTER_MINUTES ago).
+    for requests in (small_requests, large_requests):
+        assert settings["DELIVERY_TABLE"] not in requests, requests
+        assert requests[settings["GOVERNOR_TABLE"]] == 1 and 1 <= requests[settings["AGGREGATES_TABLE"]] <= 3, requests
