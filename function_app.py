@@ -6,6 +6,9 @@ from shared import sender
 
 app = func.FunctionApp()
 
+# The JSON routes: live numbers (never from a cache) and never sniffed as another type.
+JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
 
 @app.queue_trigger(arg_name="msg", queue_name="%MAIL_QUEUE%", connection="AzureWebJobsStorage")
 async def send_mail(msg: func.QueueMessage) -> None:
@@ -41,7 +44,7 @@ async def confirm_delivery(timer: func.TimerRequest) -> None:
 @app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 async def status(req: func.HttpRequest) -> func.HttpResponse:
     """Live per-account view from the rate governor (used today, remaining, next slot, health)."""
-    return func.HttpResponse(await sender.status_json(), mimetype="application/json")
+    return func.HttpResponse(await sender.status_json(), headers=JSON_HEADERS, mimetype="application/json")
 
 
 @app.route(route="report", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
@@ -51,7 +54,7 @@ async def report(req: func.HttpRequest) -> func.HttpResponse:
     from shared.report import report_response
 
     status_code, body = await report_response(dict(req.params))
-    return func.HttpResponse(body, status_code=status_code, mimetype="application/json")
+    return func.HttpResponse(body, status_code=status_code, headers=JSON_HEADERS, mimetype="application/json")
 
 
 @app.route(route="dashboard", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)

@@ -427,7 +427,8 @@ class Aggregates:
         than `rollup_after` ago is read from its rollup (one row per account and category); the
         others from their hour rows (one per hour, account, category and shard). Two range queries
         in all, each one Table request per 1,000 rows it returns (`stats.rows_read`,
-        `stats.pages_read`), plus a one-time build per day without a valid rollup."""
+        `stats.pages_read`); when a closed day has no valid rollup, one more range query finds
+        which of those days hold rows, and each that does gets a one-time build."""
         if until <= since:
             return []
         start, end = hour_of(since.timestamp()), hour_of(until.timestamp() - 1) + HOUR
@@ -437,7 +438,8 @@ class Aggregates:
         try:
             rolled, hours = await asyncio.gather(self._rollups(closed), self._hour_rows(open_))
             self.stats.rollups_used += sum(1 for r in rolled.values() if r is not None)
-            built = await asyncio.gather(*(self._build(pk) for pk, r in rolled.items() if r is None))
+            unrolled = await self._days_with_rows([pk for pk, r in rolled.items() if r is None])
+            built = await asyncio.gather(*(self._build(pk) for pk in unrolled))
         except ResourceNotFoundError:  # nothing counted yet: the table is created by the first flush
             return []
         records = hours + [rec for r in rolled.values() if r for rec in r] + [rec for b in built for rec in b]
@@ -469,6 +471,22 @@ class Aggregates:
             records += [json.loads(row["Data"]) async for row in page]
         self.stats.rows_read += len(records)
         return records
+
+    async def _days_with_rows(self, pks: list[str]) -> list[str]:
+        """Those of the days `pks` that hold any hour row (one range query over them): a day
+        without rows gets no rollup, so a window over empty days writes nothing."""
+        if not pks:
+            return []
+        pages = self._table.query_entities(
+            "PartitionKey ge @lo and PartitionKey le @hi and RowKey lt @rollup",
+            parameters={"lo": min(pks), "hi": max(pks), "rollup": _ROLLUP}, select=["PartitionKey"]).by_page()
+        found: set[str] = set()
+        async for page in pages:
+            self.stats.pages_read += 1
+            async for row in page:
+                self.stats.rows_read += 1
+                found.add(row["PartitionKey"])
+        return [pk for pk in pks if pk in found]
 
     async def _rollups(self, pks: list[str]) -> dict[str, list[dict[str, Any]] | None]:
         """Per day, its rollup as hour records; None unless complete and not marked stale."""

@@ -39,12 +39,23 @@ def _iso(at: datetime | float | None) -> str | None:
     return at.astimezone(timezone.utc).isoformat(timespec="seconds")
 
 
+# Times the window may name: a few days inside datetime's range, so rounding out to whole days and
+# converting from any UTC offset cannot overflow.
+_EARLIEST = datetime(1, 1, 3, tzinfo=timezone.utc)
+_LATEST = datetime(9999, 12, 29, tzinfo=timezone.utc)
+
+
 def _parse_time(name: str, raw: str) -> datetime:
+    """The parameter's text is never echoed back: the message names the parameter and what it takes."""
+    expected = f"{name} must be an ISO 8601 date or date-time between 0001-01-03 and 9999-12-28"
     try:
         at = datetime.fromisoformat(raw.strip().replace("Z", "+00:00").replace(" ", "+"))
-    except ValueError:
-        raise ReportRequestError(f"{name} must be an ISO 8601 date or date-time, got {raw[:40]!r}") from None
-    return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+        at = at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise ReportRequestError(expected) from None
+    if not _EARLIEST <= at <= _LATEST:
+        raise ReportRequestError(expected)
+    return at
 
 
 def _floor(at: datetime, bucket: str) -> datetime:
@@ -57,12 +68,15 @@ def _ceil(at: datetime, bucket: str) -> datetime:
     return floor if floor == at else floor + BUCKETS[bucket]
 
 
-def parse_window(params: Mapping[str, str], now: float, max_days: float = 31) -> Window:
+def parse_window(params: Mapping[str, str], now: float, max_days: float = 31,
+                 retention: timedelta | None = None) -> Window:
     """since/until/bucket from the query string: defaults until=now, since=until-24h, bucket=hour;
-    since rounded down and until up to the bucket."""
+    since rounded down and until up to the bucket. With `retention`, a window reaching further back
+    than that before `now` starts at `now - retention` (rounded down): nothing older is kept, so
+    nothing older is read; a window wholly before it is empty (since == until)."""
     bucket = (params.get("bucket") or "hour").strip().lower()
     if bucket not in BUCKETS:
-        raise ReportRequestError(f"bucket must be 'hour' or 'day', got {bucket[:20]!r}")
+        raise ReportRequestError("bucket must be 'hour' or 'day'")
     until = _parse_time("until", params["until"]) if params.get("until") else datetime.fromtimestamp(now, timezone.utc)
     since = _parse_time("since", params["since"]) if params.get("since") else until - DEFAULT_SPAN
     since, until = _floor(since, bucket), _ceil(until, bucket)
@@ -70,6 +84,10 @@ def parse_window(params: Mapping[str, str], now: float, max_days: float = 31) ->
         raise ReportRequestError("since must be before until")
     if until - since > timedelta(days=max_days):
         raise ReportRequestError(f"the window is longer than {max_days:g} days; ask for less")
+    if retention is not None:
+        kept = _floor(datetime.fromtimestamp(now, timezone.utc) - retention, bucket)
+        since = max(since, kept)
+        until = max(until, since)
     return Window(since, until, bucket)
 
 
@@ -168,7 +186,7 @@ async def report_response(params: Mapping[str, str]) -> tuple[int, str]:
     relay = await get_relay()
     now = relay.clock()
     try:
-        window = parse_window(params, now, relay.settings.report_max_days)
+        window = parse_window(params, now, relay.settings.report_max_days, relay.settings.ledger_retention)
     except ReportRequestError as exc:
         return 400, json.dumps({"error": str(exc)})
     report = await build_report(

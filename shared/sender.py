@@ -775,10 +775,10 @@ async def status_json() -> str:
     relay = await get_relay()
     states, tenant = await relay.governor.read()
     delivery = None
-    if relay.settings.delivery_enabled:
-        from .delivery import rates_last_24h
+    if relay.settings.delivery_enabled and relay.aggregates is not None:
+        from .status import delivery_last_24h
 
-        delivery = await rates_last_24h(relay.settings, relay.storage)
+        delivery = await delivery_last_24h(relay.aggregates, relay.clock())
     return to_json(status_report(states, tenant, relay.governor.config, relay.settings.limits_profile, relay.clock(),
                                  delivery=delivery))
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .pacing import AccountState, PacingConfig, Shape, TenantState, earliest_slot
@@ -52,9 +53,33 @@ def account_status(state: AccountState, tenant: TenantState | None, cfg: PacingC
     }
 
 
+async def delivery_last_24h(aggregates: Any, now: float) -> dict[str, Any]:
+    """Message-trace rates of the requests sent in the last 24 hours (whole hours: from the start
+    of the hour 24 h ago), overall and per account, from the hourly aggregates' `delivery.<status>`
+    counts. Its cost is the aggregates' two range queries, whatever the size of the delivery table."""
+    from .trace_policy import delivery_rates
+
+    since = datetime.fromtimestamp(now, timezone.utc) - timedelta(hours=24)
+    totals: Counter = Counter()
+    per_account: dict[str, Counter] = defaultdict(Counter)
+    for bucket in await aggregates.read(since, datetime.fromtimestamp(now, timezone.utc)):
+        for name, n in bucket.counts.items():
+            if name.startswith("delivery.") and n:
+                totals[name[len("delivery."):]] += n
+                per_account[bucket.account][name[len("delivery."):]] += n
+
+    def counts(c: Counter) -> dict[str, int]:
+        return {k: v for k, v in sorted(c.items()) if v}
+
+    return {"since": since.replace(minute=0, second=0, microsecond=0).isoformat(timespec="seconds"),
+            "counts": counts(totals), "rates": delivery_rates(counts(totals)),
+            "accounts": {a: {"counts": counts(c), "rates": delivery_rates(counts(c))}
+                         for a, c in sorted(per_account.items()) if counts(c)}}
+
+
 def status_report(states: list[AccountState], tenant: TenantState | None, cfg: PacingConfig, profile: str,
                   now: float | None = None, delivery: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`delivery`: message-trace rates of the last 24 hours (shared.delivery.rates_last_24h), when traced."""
+    """`delivery`: message-trace rates of the last 24 hours (`delivery_last_24h`), when traced."""
     now = time.time() if now is None else now
     day = cfg.day_of(now)
     used = sum(s.on_day(day).recipients_today for s in states)

@@ -293,3 +293,29 @@ def test_a_late_write_while_a_rollup_is_built_keeps_that_rollup_from_being_used(
     assert reader_stats.rollups_written == 0                                   # `done` lost to `stale`
     assert later_stats.rollups_used == 0 and totals(fresh) == {"requests.sent": 1, "recipients.internal": 1,
                                                                "requests.refused": 1}
+
+
+def test_a_window_over_closed_days_without_rows_builds_and_writes_nothing_for_them(storage):
+    name = f"{storage.table_prefix}agg"
+    day = datetime.fromtimestamp(T0, timezone.utc).replace(hour=0)
+    now = (day + timedelta(days=40)).timestamp()
+
+    async def main():
+        async with table(storage.connection_string, name) as t:
+            writer = Aggregates(t, flush_seconds=0, clock=lambda: T0)
+            writer.outcome(T0, "news@contoso.com", "orders", "sent", internal=1)
+            await writer.flush()
+            reader = Aggregates(t, clock=lambda: now)
+            got = await reader.read(day - timedelta(days=15), day + timedelta(days=16))
+            again = Aggregates(t, clock=lambda: now)
+            await again.read(day - timedelta(days=15), day + timedelta(days=16))
+            markers = [e["PartitionKey"] async for e in t.query_entities("RowKey eq '~~rollup'")]
+            return got, reader.stats, again.stats, markers
+
+    got, first, second, markers = asyncio.run(main())
+    assert totals(got) == {"requests.sent": 1, "recipients.internal": 1}
+    assert markers == [day.strftime("%Y%m%d")]             # one rollup: the one day with rows
+    assert (first.rollups_written, second.rollups_used) == (1, 1)
+    # The rollups query, which of the days without one hold rows (one query for all 30 of them) and
+    # the build's read of its day; then the rollups and that one query again.
+    assert (first.pages_read, second.pages_read) == (3, 2)

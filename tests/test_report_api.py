@@ -328,3 +328,136 @@ def test_reply_codes_count_each_rcpt_refusal_and_the_final_reply_once_and_never_
     lost = SubmitResult(classify_reply(0, "connection lost"))
     assert reply_labels(lost, 1) == []
     assert reply_labels(object(), 1) == []   # never raises into the send path
+
+
+def get_raw(port: int, route: str, query: str = "") -> tuple[int, dict, dict]:
+    """(status, headers, JSON body) of a GET on the local host."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/{route}?code=local{query}") as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+def test_out_of_range_and_ancient_windows_are_clear_400s_or_cheap_empty_answers(azurite, storage, emulator):
+    from bench.report import TableRequests
+
+    settings = app_settings(storage, emulator)
+    aggregates = TableClient.from_connection_string(storage.connection_string, settings["AGGREGATES_TABLE"])
+    with DevHost(ROOT / "function_app.py", settings, http_port=0, functions=["report", "status"]) as host, \
+            TableRequests(azurite.table_port) as counter:
+        port = host.http_port
+        get_raw(port, "report")                  # cold start: the relay, its tables
+        answers = {q: get_raw(port, "report", q) for q in (
+            "&until=9999-12-31T23:30", "&since=0001-01-01T00:30%2B01:00", "&since=%3Cscript%3Ex",
+            "&bucket=%3Cscript%3E", "&since=0001-01-01T00:00Z&until=0001-02-01T00:00Z&bucket=day")}
+        before = counter.total()
+        ancient = get_raw(port, "report", "&since=0001-01-03T00:00Z&until=0001-02-03T00:00Z&bucket=day")
+        ancient_requests = counter.total() - before
+        status = get_raw(port, "status")
+    close_app_relays()
+
+    for query, word in [("&until=9999-12-31T23:30", "until"), ("&since=0001-01-01T00:30%2B01:00", "since"),
+                        ("&since=%3Cscript%3Ex", "since"), ("&bucket=%3Cscript%3E", "bucket"),
+                        ("&since=0001-01-01T00:00Z&until=0001-02-01T00:00Z&bucket=day", "since")]:
+        code, headers, body = answers[query]
+        assert code == 400 and word in body["error"], (query, code, body)
+        assert "script" not in body["error"] and "9999-12-31" not in body["error"] and "T00:30" not in body["error"]
+        assert headers["Cache-Control"] == "no-store" and headers["X-Content-Type-Options"] == "nosniff"
+    # A window wholly before the retention period is empty: nothing read, nothing written.
+    code, headers, body = ancient
+    assert code == 200 and body["series"] == [] and body["since"] == body["until"], body
+    jsonschema.validate(body, SCHEMA)
+    assert ancient_requests == 1, counter.by_table      # the governor read only
+    assert list(aggregates.list_entities()) == [] if _exists(aggregates) else True
+    assert headers["Cache-Control"] == "no-store" and headers["X-Content-Type-Options"] == "nosniff"
+    assert status[0] == 200 and status[1]["Cache-Control"] == "no-store"
+    assert status[1]["X-Content-Type-Options"] == "nosniff"
+
+
+def _exists(table: TableClient) -> bool:
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        next(iter(table.list_entities(results_per_page=1)), None)
+        return True
+    except ResourceNotFoundError:
+        return False
+
+
+def test_a_window_reaching_past_the_retention_period_starts_at_it():
+    w = parse_window({"since": "2026-11-01", "until": "2026-11-20", "bucket": "day"}, NOW, 31, timedelta(days=10))
+    assert (w.since.isoformat(), w.until.isoformat()) == ("2026-11-22T00:00:00+00:00", "2026-11-22T00:00:00+00:00")
+    h = parse_window({"since": "2026-11-25T00:00Z"}, NOW, 31, timedelta(days=3))
+    assert h.since.isoformat() == "2026-11-29T03:00:00+00:00"
+
+
+@pytest.mark.parametrize("params", [
+    {"until": "9999-12-31T23:30"}, {"since": "0001-01-01T00:30+01:00", "until": "0001-01-01T12:00Z"},
+    {"since": "9999-12-30", "until": "9999-12-31", "bucket": "day"}])
+def test_dates_at_the_ends_of_the_calendar_are_a_400_not_an_overflow(params):
+    with pytest.raises(ReportRequestError, match="since|until") as caught:
+        parse_window(params, NOW, 31)
+    assert "0001-01-01" not in str(caught.value) and "9999-12-31" not in str(caught.value)
+
+
+def test_the_status_delivery_rates_come_from_the_aggregates_whatever_the_delivery_tables_size(
+        azurite, storage, emulator, monkeypatch):
+    from bench.report import TableRequests
+    from shared.sender import close_relays, status_json
+
+    settings = app_settings(storage, emulator, DELIVERY_TRACE_ENABLED="true", GRAPH_DEV_TOKEN="t",
+                            DELIVERY_TABLE=f"{storage.table_prefix}delivery")
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    account = settings["HVE_ACCOUNTS"].split(",")[0]
+    now = time.time()
+
+    async def status() -> tuple[dict, dict[str, int]]:
+        try:
+            await status_json()                     # the relay and its clients are made once
+            with TableRequests(azurite.table_port) as counter:
+                shown = json.loads(await status_json())
+            return shown, dict(counter.by_table)
+        finally:
+            await close_relays()
+
+    async def fill(rows: int) -> None:
+        from azure.data.tables.aio import TableClient as AsyncTable
+
+        sent = datetime.fromtimestamp(now - 600, timezone.utc)
+        async with AsyncTable.from_connection_string(storage.connection_string, settings["DELIVERY_TABLE"]) as t:
+            try:
+                await t.create_table()
+            except Exception:  # noqa: BLE001 - made already
+                pass
+            sem = asyncio.Semaphore(32)
+
+            async def one(i: int) -> None:
+                async with sem:
+                    await t.create_entity({"PartitionKey": f"d{i:06d}", "RowKey": "summary", "RequestId": f"r{i}",
+                                           "Account": account, "SentAt": sent, "Counts": json.dumps({"delivered": 1})})
+            await asyncio.gather(*(one(i) for i in range(rows)))
+
+    async def count() -> None:
+        from azure.data.tables.aio import TableClient as AsyncTable
+
+        async with AsyncTable.from_connection_string(storage.connection_string, settings["AGGREGATES_TABLE"]) as t:
+            agg = Aggregates(t, flush_seconds=0)
+            await agg.add_delivery(now - 600, account, "orders", {"delivered": 3, "quarantined": 1})
+            await agg.flush()
+
+    asyncio.run(count())
+    asyncio.run(fill(0))
+    small, small_requests = asyncio.run(status())
+    asyncio.run(fill(2_500))
+    large, large_requests = asyncio.run(status())
+    assert small["delivery_24h"]["counts"] == large["delivery_24h"]["counts"] == {"delivered": 3, "quarantined": 1}
+    assert large["delivery_24h"]["rates"]["delivered"] == 0.75
+    assert large["delivery_24h"]["accounts"][account]["counts"] == {"delivered": 3, "quarantined": 1}
+    # With 0 or 2,500 delivery summaries: no request to the delivery table; one governor read; the
+    # aggregates' range queries (hours of the open days; rollups of a closed day, and whether it has
+    # rows, when the 24 hours reach into a day that ended over AGGREGATES_ROLLUP_AFTER_MINUTES ago).
+    for requests in (small_requests, large_requests):
+        assert settings["DELIVERY_TABLE"] not in requests, requests
+        assert requests[settings["GOVERNOR_TABLE"]] == 1 and 1 <= requests[settings["AGGREGATES_TABLE"]] <= 3, requests

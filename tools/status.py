@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from pathlib import Path
 
-from shared.delivery import rates_last_24h
+from shared.aggregates import Aggregates
 from shared.governor import TableGovernor
 from shared.limits import resolve_limits
 from shared.sender import pacing_config
 from shared.settings import Settings
-from shared.status import render_text, status_report, to_json
+from shared.status import delivery_last_24h, render_text, status_report, to_json
 from shared.storage import StorageClients
 from tools.enqueue import load_local_settings
 
@@ -26,8 +27,10 @@ async def report(settings: Settings) -> dict:
         config = pacing_config(settings, resolve_limits(settings.limits_profile, settings.limits_overrides))
         governor = TableGovernor(await storage.table(settings.governor_table), settings.accounts, config)
         states, tenant = await governor.read()
+        aggregates = Aggregates(storage.tables.get_table_client(settings.aggregates_table), flush_seconds=0,
+                                rollup_after_seconds=settings.aggregates_rollup_after_seconds)
         return status_report(states, tenant, config, settings.limits_profile,
-                             delivery=await rates_last_24h(settings, storage))
+                             delivery=await delivery_last_24h(aggregates, time.time()))
     finally:
         await storage.close()
 
