@@ -68,8 +68,9 @@ def test_report_bench_writes_a_history_and_asks_the_real_handler_for_24_hours_an
     # Table requests are a count, not a timing, but the open days' hour rows grow through the day
     # (past 1,000 a query takes a second page), so the promise is a function of the rows read:
     # once the closed days have their rollups, one governor read plus one request per 1,000 rows
-    # of each of the two range queries, at whatever hour this runs.
+    # of each range query (two, and a third while closed days without rows are in the window),
+    # at whatever hour this runs.
     for label, (requests, rows_read, due, over) in rows.items():
         assert rows_read > 0 and requests <= due and over <= 0, (label, out)
-        assert due <= 1 + 2 + rows_read // 1000, (label, out)
+        assert due <= 1 + 3 + rows_read // 1000, (label, out)
     assert "hveledger" not in out and re.search(r"^ratio 7 days / 24 h: time [\d.]+x", out, re.M), out
