@@ -41,8 +41,8 @@ from .replies import mask_addresses
 from .settings import Settings
 from .trace_policy import (DETAIL_STATUSES, OPEN_STATUSES, AccountCursor, FilterRefused, RecipientStatus,
                            RequestBudget, RunTally, TraceConfig, TraceRow, after_span, count_delta, counts,
-                           delivery_rates, merge_status, normal_status, parse_message_id, parse_time, plan_spans,
-                           retry_at, trace_filter)
+                           delivery_rates, merge_status, normal_status, only_sent, parse_message_id, parse_time,
+                           plan_spans, retry_at, row_problem, sent_ranges, trace_filter, visit_order)
 
 log = logging.getLogger("hve_relay.delivery")
 
@@ -86,7 +86,8 @@ def trace_config(settings: Settings) -> TraceConfig:
     return TraceConfig(overlap=settings.delivery_overlap, max_age=settings.delivery_max_age,
                        span=settings.delivery_span, end_lag=settings.delivery_end_lag,
                        requests_per_5min=settings.delivery_requests_per_5min, page_size=settings.delivery_page_size,
-                       details_per_run=settings.delivery_details_per_run)
+                       details_per_run=settings.delivery_details_per_run,
+                       retry_after_max=settings.delivery_retry_after_max)
 
 
 def _utc(value: Any) -> datetime | None:
@@ -131,13 +132,14 @@ class DeliveryStore:
             row = await self.table.get_entity(_CURSOR_PK, account)
         except ResourceNotFoundError:
             return AccountCursor(account)
-        return AccountCursor(account, _utc(row.get("Watermark")), _utc(row.get("RecheckFrom")), _utc(row.get("NotBefore")))
+        return AccountCursor(account, _utc(row.get("Watermark")), _utc(row.get("RecheckFrom")), _utc(row.get("NotBefore")),
+                             _utc(row.get("Finished")))
 
     async def save_cursor(self, cursor: AccountCursor) -> None:
         # One timer run at a time (the Functions host holds a singleton lock for timers): last writer wins.
         row: dict[str, Any] = {"PartitionKey": _CURSOR_PK, "RowKey": cursor.account, "Updated": datetime.now(timezone.utc)}
         for name, value in (("Watermark", cursor.watermark), ("RecheckFrom", cursor.recheck_from),
-                            ("NotBefore", cursor.not_before)):
+                            ("NotBefore", cursor.not_before), ("Finished", cursor.finished)):
             if value is not None:
                 row[name] = value
         await self.table.upsert_entity(row, mode="replace")
@@ -279,6 +281,28 @@ class RequestResolver:
                         _utc(row.get("Updated")) or _epoch0(), _utc(row.get("FirstReceived")) or _epoch0())
 
 
+class SentHours:
+    """The UTC hours in which each account sent mail, from the hourly aggregates (a request is
+    counted under the hour its last transaction finished, with the account that sent it; replies
+    other than 250 and deferrals under the hour they came). A run reads trace only around those
+    hours, so its cost follows the mail sent, not the number of accounts times the windows.
+
+    The aggregates err on the low side (a process killed before its flush loses its buffer): an
+    hour whose every count was lost is not read for that account."""
+
+    def __init__(self, table: Any, clock: Callable[[], float] = time.time, rollup_after_seconds: float = 7200.0) -> None:
+        from .aggregates import Aggregates
+
+        self.aggregates = Aggregates(table, flush_seconds=0, clock=clock, rollup_after_seconds=rollup_after_seconds)
+
+    async def hours(self, since: datetime, until: datetime) -> dict[str, set[int]]:
+        out: dict[str, set[int]] = defaultdict(set)
+        for bucket in await self.aggregates.read(since, until):
+            if any(n > 0 for name, n in bucket.counts.items() if not name.startswith("delivery.")):
+                out[bucket.account].add(bucket.start)
+        return out
+
+
 # --- the reconciliation ---------------------------------------------------------------------------
 
 @dataclass
@@ -299,7 +323,8 @@ class _Pending:
 class Reconciler:
     def __init__(self, settings: Settings, graph: GraphClient, store: DeliveryStore, ledger_table: Any,
                  index_table: Any, *, on_delta: DeltaCallback = no_delta, clock: Callable[[], float] = time.time,
-                 instruments: Any = None) -> None:
+                 instruments: Any = None, sent_hours: SentHours | None = None,
+                 on_window: Callable[[], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.cfg = trace_config(settings)
         self.graph = graph
@@ -309,13 +334,21 @@ class Reconciler:
         self.clock = clock
         self.instruments = instruments
         self._key = settings.recipient_hash_key
+        # Where mail was sent (None: every window of every account is read).
+        self.sent_hours = sent_hours
+        # Called after a window's rows are committed and before its cursor is saved: whatever the
+        # deltas feed (the aggregates) is written before the run moves past the rows they describe.
+        self.on_window = on_window
 
     async def run(self, *, dry_run: bool = False) -> RunTally:
         tally = RunTally()
         now_ts = self.clock()
         now = datetime.fromtimestamp(now_ts, timezone.utc)
         cursors = {a: await self.store.cursor(a) for a in self.settings.accounts}
-        plans = {a: plan_spans(c, now, self.cfg) for a, c in cursors.items()}
+        order = visit_order(self.settings.accounts, cursors)
+        full = {a: plan_spans(cursors[a], now, self.cfg) for a in order}
+        plan_end = {a: spans[-1][1] for a, spans in full.items() if spans}
+        plans = await self._where_sent(full, now)
         if dry_run:
             for account, spans in plans.items():
                 if cursors[account].not_before and cursors[account].not_before > now:
@@ -341,9 +374,17 @@ class Reconciler:
                     details.update(pending.detail_targets)
                     if pending.oldest_open is not None:
                         oldest_open = min(oldest_open or pending.oldest_open, pending.oldest_open)
-                    cursor = after_span(cursor, end, oldest_open, finished=i == len(spans) - 1)
-                    cursor = AccountCursor(account, cursor.watermark, cursor.recheck_from, None)
+                    last = i == len(spans) - 1
+                    # The last window read, the plan is read to its end (windows without mail included).
+                    cursor = after_span(cursor, plan_end.get(account, end) if last else end, oldest_open, finished=last)
+                    cursor = AccountCursor(account, cursor.watermark, cursor.recheck_from, None, now if last else cursor.finished)
+                    if self.on_window is not None:
+                        await self.on_window()
                     await self.store.save_cursor(cursor)
+                if not spans and account in plan_end:
+                    # Nothing sent in the plan: read to its end without a request.
+                    cursor = after_span(cursor, plan_end[account], None, finished=True)
+                    await self.store.save_cursor(AccountCursor(account, cursor.watermark, cursor.recheck_from, None, now))
             await self._details(details, budget, tally)
         except _Stop as stop:
             tally.stopped = stop.why
@@ -351,6 +392,16 @@ class Reconciler:
             await self.store.save_budget(budget.spent, self.clock())
         log.info("delivery trace: %s", tally.summary())
         return tally
+
+    async def _where_sent(self, plans: dict[str, list[tuple[datetime, datetime]]], now: datetime
+                          ) -> dict[str, list[tuple[datetime, datetime]]]:
+        """The planned windows cut down to where each account sent mail (all of them without a
+        SentHours): a first run then starts at the oldest send, not at now minus the max age."""
+        starts = [spans[0][0] for spans in plans.values() if spans]
+        if self.sent_hours is None or not starts:
+            return plans
+        sent = await self.sent_hours.hours(min(starts) - self.cfg.send_margin - timedelta(hours=1), now)
+        return {a: only_sent(spans, sent_ranges(sent.get(a, ()), self.cfg.send_margin)) for a, spans in plans.items()}
 
     async def _read_span(self, account: str, start: datetime, end: datetime, now: datetime,
                          budget: RequestBudget, tally: RunTally) -> _Pending:
@@ -369,8 +420,10 @@ class Reconciler:
             except GraphThrottled as exc:
                 if exc.status == 429:
                     cursor = await self.store.cursor(account)
-                    until = retry_at(datetime.fromtimestamp(self.clock(), timezone.utc), exc.retry_after)
-                    await self.store.save_cursor(AccountCursor(account, cursor.watermark, cursor.recheck_from, until))
+                    until = retry_at(datetime.fromtimestamp(self.clock(), timezone.utc), exc.retry_after,
+                                     cap=self.cfg.retry_after_max)
+                    await self.store.save_cursor(AccountCursor(account, cursor.watermark, cursor.recheck_from, until,
+                                                               cursor.finished))
                     raise _Stop(f"throttled: Graph answered 429, retry after {until.isoformat()}") from None
                 raise _Stop(f"error: {mask_addresses(str(exc))}") from None
             except GraphError as exc:
@@ -381,6 +434,18 @@ class Reconciler:
     async def _take_page(self, page: list[dict[str, Any]], pending: _Pending, tally: RunTally) -> None:
         """Rows of one page: each message's request found once (in parallel), then every row taken."""
         addresses: dict[str, list[str]] = defaultdict(list)
+        readable = []
+        for item in page:
+            problem = row_problem(item)
+            if problem is not None:
+                # A row Graph (or something in between) got wrong: counted with its reason, never a
+                # reason to stop, so the windows after it are still read.
+                tally.rows += 1
+                tally.unmatched += 1
+                tally.unreadable[problem] += 1
+                continue
+            readable.append(item)
+        page = readable
         for item in page:
             parsed = parse_message_id(item.get("messageId"))
             if parsed is not None and item.get("recipientAddress"):
@@ -534,8 +599,11 @@ async def reconcile(settings: Settings, *, on_delta: DeltaCallback = no_delta, d
 
     # Status changes also go to the hourly aggregates (`delivery.<status>`, filed under the hour
     # the request was sent), which the report, the dashboard and `tools.ledger report` read. A
-    # delta comes once, after its counts are committed, so a re-read never adds to them.
-    aggregates = Aggregates(storage.tables.get_table_client(settings.aggregates_table), flush_seconds=0,
+    # delta comes once, after its counts are committed, so a re-read never adds to them. They are
+    # written after each window, before its cursor is saved: a run killed (or timed out) later
+    # has already written the deltas of every window it moved past.
+    aggregates_table = storage.tables.get_table_client(settings.aggregates_table)
+    aggregates = Aggregates(aggregates_table, flush_seconds=0, clock=clock,
                             rollup_after_seconds=settings.aggregates_rollup_after_seconds)
 
     async def counted(delta: DeliveryDelta) -> None:
@@ -546,7 +614,9 @@ async def reconcile(settings: Settings, *, on_delta: DeltaCallback = no_delta, d
         reconciler = Reconciler(settings, client, DeliveryStore(await storage.table(settings.delivery_table)),
                                 await storage.table(settings.ledger_table),
                                 await storage.table(settings.recipient_index_table),
-                                on_delta=on_delta if dry_run else counted, clock=clock, instruments=Instruments())
+                                on_delta=on_delta if dry_run else counted, clock=clock, instruments=Instruments(),
+                                sent_hours=SentHours(aggregates_table, clock, settings.aggregates_rollup_after_seconds),
+                                on_window=None if dry_run else aggregates.flush)
         try:
             return await reconciler.run(dry_run=dry_run)
         finally:

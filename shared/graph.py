@@ -19,6 +19,7 @@ import asyncio
 import email.utils
 import ipaddress
 import logging
+import math
 import random
 import time
 import uuid
@@ -121,9 +122,12 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        # "nan" is no wait at all; "inf" or 1e15 is kept as given (callers cap what they wait).
+        return None if math.isnan(seconds) else max(0.0, seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

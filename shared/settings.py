@@ -106,6 +106,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("DELIVERY_TRACE_OVERLAP", "PT30M", "Each run re-reads trace rows received this long before the previous run's end: rows appear 5-10 minutes late (ISO 8601 duration)."),
     SettingSpec("DELIVERY_TRACE_SPAN", "PT6H", "Longest receivedDateTime window of one trace query (at most P10D); a run stopped by the budget resumes at the first window it did not finish."),
     SettingSpec("DELIVERY_TRACE_END_LAG", "PT1M", "A trace query ends this long before now, so a clock a little ahead of Exchange's never asks for the future (Graph refuses it)."),
+    SettingSpec("DELIVERY_TRACE_RETRY_AFTER_MAX", "PT1H", "Longest wait a Graph `Retry-After` can impose on the trace (ISO 8601 duration): a longer value (e.g. 1e11 or 1e15 s) waits this long, then the next run tries again."),
     SettingSpec("DELIVERY_TRACE_PAGE_SIZE", "5000", "`$top` of a trace query (1-5000)."),
     SettingSpec("DELIVERY_TRACE_DETAILS_PER_RUN", "10", "getDetailsByRecipient calls per run at most, for the reason of `failed` and `quarantined` recipients (stored masked); 0: none."),
     SettingSpec("DELIVERY_TABLE", "hvedelivery", "Table of delivery status: per request the count of recipients in each trace status, per recipient (by recipient hash) its status, and the reconciliation cursors."),
@@ -166,6 +167,9 @@ def _delivery_settings(get, number) -> dict:
     per_5min = number("DELIVERY_TRACE_REQUESTS_PER_5MIN", int)
     if per_5min < 1:
         raise SettingsError("DELIVERY_TRACE_REQUESTS_PER_5MIN must be at least 1")
+    retry_max = _duration("DELIVERY_TRACE_RETRY_AFTER_MAX", get("DELIVERY_TRACE_RETRY_AFTER_MAX"))
+    if retry_max < timedelta(seconds=1):
+        raise SettingsError("DELIVERY_TRACE_RETRY_AFTER_MAX must be at least PT1S")
     return dict(
         delivery_enabled=get("DELIVERY_TRACE_ENABLED").lower() in ("1", "true", "yes"),
         delivery_schedule=get("DELIVERY_TRACE_SCHEDULE"),
@@ -175,6 +179,7 @@ def _delivery_settings(get, number) -> dict:
         delivery_span=span,
         delivery_end_lag=_duration("DELIVERY_TRACE_END_LAG", get("DELIVERY_TRACE_END_LAG")),
         delivery_page_size=page,
+        delivery_retry_after_max=retry_max,
         delivery_details_per_run=number("DELIVERY_TRACE_DETAILS_PER_RUN", int),
         delivery_table=get("DELIVERY_TABLE"),
     )
@@ -263,6 +268,7 @@ class Settings:
     delivery_page_size: int = 5000
     delivery_details_per_run: int = 10
     delivery_table: str = "hvedelivery"
+    delivery_retry_after_max: timedelta = timedelta(hours=1)
 
     @property
     def poison_queue(self) -> str:

@@ -77,6 +77,10 @@ class TraceConfig:
     requests_per_5min: int = 60
     page_size: int = MAX_PAGE_SIZE
     details_per_run: int = 10
+    retry_after_max: timedelta = timedelta(hours=1)
+    # Around each hour in which an account sent mail: the relay's clock and Exchange's differ a
+    # little, and a send is counted under the hour it finished in, a moment after Exchange took it.
+    send_margin: timedelta = timedelta(minutes=10)
 
     def __post_init__(self) -> None:
         if not timedelta(0) < self.span <= MAX_SPAN:
@@ -99,6 +103,54 @@ class AccountCursor:
     watermark: datetime | None = None
     recheck_from: datetime | None = None
     not_before: datetime | None = None
+    finished: datetime | None = None   # when a run last read this account's whole plan
+
+
+def visit_order(accounts: Iterable[str], cursors: Mapping[str, AccountCursor]) -> list[str]:
+    """The accounts in the order a run reads them: the one whose plan was read to the end longest
+    ago first (never: before any), configuration order among equals. An account the budget cut
+    short keeps its old time and goes first next run; one that finished goes to the back. So
+    whatever the number of accounts, each is reached within a bounded number of runs (as long as
+    one account's window fits in one run's budget)."""
+    order = list(dict.fromkeys(accounts))
+    oldest = datetime.min.replace(tzinfo=timezone.utc)
+    return sorted(order, key=lambda a: (cursors[a].finished or oldest if a in cursors else oldest, order.index(a)))
+
+
+def sent_ranges(hours: Iterable[int], margin: timedelta) -> list[tuple[datetime, datetime]]:
+    """The time ranges in which an account sent mail, from the UTC hours (epoch seconds) in which
+    it did, each widened by `margin`, overlapping ones merged."""
+    ranges: list[tuple[datetime, datetime]] = []
+    for hour in sorted(set(hours)):
+        start = datetime.fromtimestamp(hour, timezone.utc) - margin
+        end = datetime.fromtimestamp(hour + 3600, timezone.utc) + margin
+        if ranges and start <= ranges[-1][1]:
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], end))
+        else:
+            ranges.append((start, end))
+    return ranges
+
+
+def only_sent(spans: list[tuple[datetime, datetime]], ranges: list[tuple[datetime, datetime]]
+              ) -> list[tuple[datetime, datetime]]:
+    """The parts of planned windows in which the account sent mail (whole seconds, as the filter
+    writes them), oldest first: a window without mail of the relay's is not asked for."""
+    out: list[tuple[datetime, datetime]] = []
+    for start, end in spans:
+        for lo, hi in ranges:
+            a = max(start, _whole_seconds(lo))
+            b = min(end, _ceil_seconds(hi))
+            if a < b:
+                if out and out[-1][1] >= a:
+                    out[-1] = (out[-1][0], max(out[-1][1], b))
+                else:
+                    out.append((a, b))
+    return out
+
+
+def _ceil_seconds(when: datetime) -> datetime:
+    whole = when.replace(microsecond=0)
+    return whole if whole == when else whole + timedelta(seconds=1)
 
 
 def plan_spans(cursor: AccountCursor, now: datetime, cfg: TraceConfig) -> list[tuple[datetime, datetime]]:
@@ -216,7 +268,10 @@ def parse_time(value: object) -> datetime | None:
         match = re.match(r"^(.*T\d{2}:\d{2}:\d{2})(\.\d+)?(Z|[+-]\d{2}:\d{2})?$", value)
         if not match:
             return None
-        parsed = datetime.fromisoformat(match.group(1) + ((match.group(2) or "")[:7]) + (match.group(3) or "+00:00").replace("Z", "+00:00"))
+        try:
+            parsed = datetime.fromisoformat(match.group(1) + ((match.group(2) or "")[:7]) + (match.group(3) or "+00:00").replace("Z", "+00:00"))
+        except ValueError:
+            return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
@@ -264,9 +319,30 @@ def delivery_rates(totals: Mapping[str, int]) -> dict[str, float | int | None]:
             "open": share(*OPEN_STATUSES)}
 
 
-def retry_at(now: datetime, retry_after: float | None, fallback: float = 60.0) -> datetime:
-    wait = fallback if retry_after is None or not math.isfinite(retry_after) else max(1.0, retry_after)
-    return now + timedelta(seconds=wait)
+def retry_at(now: datetime, retry_after: float | None, fallback: float = 60.0,
+             cap: timedelta = timedelta(hours=1)) -> datetime:
+    """When to ask Graph again after a 429: its Retry-After, at least 1 s and at most `cap` (an
+    absurd value such as 1e11 or 1e15 seconds waits `cap`); `fallback` when it gave none."""
+    limit = max(1.0, cap.total_seconds())
+    if retry_after is None or math.isnan(retry_after):
+        wait = fallback
+    else:
+        wait = max(1.0, retry_after)
+    return now + timedelta(seconds=min(wait, limit))
+
+
+def row_problem(item: Mapping[str, object]) -> str | None:
+    """Why a trace row cannot be read (a field of the wrong type), or None. Such a row is counted
+    as unmatched with this reason; the run goes on."""
+    for name in ("messageId", "recipientAddress", "receivedDateTime"):
+        if not isinstance(item.get(name), str):
+            return f"{name} is not a string"
+    for name in ("status", "id", "senderAddress"):
+        if item.get(name) is not None and not isinstance(item.get(name), str):
+            return f"{name} is not a string"
+    if parse_time(item.get("receivedDateTime")) is None:
+        return "receivedDateTime is not a date-time"
+    return None
 
 
 @dataclass
@@ -276,7 +352,8 @@ class RunTally:
     requests: int = 0           # Graph HTTP requests
     rows: int = 0               # trace rows read
     matched: int = 0            # rows joined to a ledger request
-    unmatched: int = 0          # rows of mail the relay did not send (or no longer knows)
+    unmatched: int = 0          # rows of mail the relay did not send (or no longer knows), and unreadable rows
+    unreadable: Counter = field(default_factory=Counter)  # unreadable rows (part of unmatched), by reason
     changed_requests: int = 0   # requests whose counts changed
     details: int = 0            # getDetailsByRecipient calls
     stopped: str = ""           # why the run ended early: "budget", "throttled", "error: ..."
@@ -286,6 +363,8 @@ class RunTally:
     def summary(self) -> str:
         text = (f"{self.requests} Graph request(s), {self.rows} trace row(s): {self.matched} matched, "
                 f"{self.unmatched} unmatched (ignored); {self.changed_requests} request(s) changed")
+        if self.unreadable:
+            text += " (unreadable: " + ", ".join(f"{v} {k}" for k, v in sorted(self.unreadable.items())) + ")"
         if self.by_status:
             text += "; " + ", ".join(f"{k} {v}" for k, v in sorted(self.by_status.items()))
         return text + (f"; stopped: {self.stopped}" if self.stopped else "")

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from shared.mime import message_id
 from shared.trace_policy import (MAX_LOOKBACK, MAX_SPAN, AccountCursor, FilterRefused, RecipientStatus, RequestBudget,
                                  TraceConfig, TraceRow, after_span, check_window, count_delta, counts, delivery_rates,
-                                 merge_status, normal_status, parse_message_id, parse_time, plan_spans, trace_filter)
+                                 merge_status, normal_status, only_sent, parse_message_id, parse_time, plan_spans, retry_at,
+                                 row_problem, sent_ranges, trace_filter, visit_order)
 
 NOW = datetime(2026, 12, 2, 3, 0, 0, 500000, tzinfo=timezone.utc)
 CFG = TraceConfig()
@@ -162,3 +163,38 @@ def test_a_config_graph_could_never_serve_is_refused():
     for bad in (dict(span=timedelta(days=11)), dict(max_age=timedelta(days=90)), dict(page_size=5001)):
         with pytest.raises(ValueError):
             TraceConfig(**bad)
+
+
+def test_retry_after_is_capped_and_never_overflows():
+    assert retry_at(NOW, 1e11) == NOW + timedelta(hours=1)
+    assert retry_at(NOW, 1e15) == NOW + timedelta(hours=1)
+    assert retry_at(NOW, float("inf"), cap=timedelta(minutes=5)) == NOW + timedelta(minutes=5)
+    assert retry_at(NOW, 30) == NOW + timedelta(seconds=30) and retry_at(NOW, None) == NOW + timedelta(seconds=60)
+
+
+def test_a_row_with_a_field_of_the_wrong_type_is_named_not_raised():
+    good = {"id": "t", "messageId": "<a@b>", "recipientAddress": "x@contoso.com", "status": "delivered",
+            "receivedDateTime": "2026-12-02T02:59:00Z", "senderAddress": "news@contoso.com"}
+    assert row_problem(good) is None
+    assert row_problem({**good, "messageId": 12345}) == "messageId is not a string"
+    assert row_problem({**good, "recipientAddress": None}) == "recipientAddress is not a string"
+    assert row_problem({**good, "status": ["delivered"]}) == "status is not a string"
+    assert row_problem({**good, "receivedDateTime": "2026-13-45T99:00:00Z"}) == "receivedDateTime is not a date-time"
+
+
+def test_accounts_least_recently_finished_go_first():
+    accounts = [f"a{i}@x.com" for i in range(4)]
+    cursors = {a: AccountCursor(a) for a in accounts}
+    assert visit_order(accounts, cursors) == accounts
+    cursors["a0@x.com"] = AccountCursor("a0@x.com", finished=NOW)
+    cursors["a1@x.com"] = AccountCursor("a1@x.com", finished=NOW - timedelta(minutes=10))
+    assert visit_order(accounts, cursors) == ["a2@x.com", "a3@x.com", "a1@x.com", "a0@x.com"]
+
+
+def test_only_windows_around_hours_with_mail_are_read():
+    hour = int(datetime(2026, 12, 2, 1, tzinfo=timezone.utc).timestamp())
+    first = plan_spans(AccountCursor("a@x.com"), NOW, CFG)      # 12 windows back to now - P3D
+    assert len(first) == 12
+    spans = only_sent(first, sent_ranges([hour], CFG.send_margin))
+    assert spans == [(datetime(2026, 12, 2, 0, 50, tzinfo=timezone.utc), datetime(2026, 12, 2, 2, 10, tzinfo=timezone.utc))]
+    assert only_sent(first, []) == []
