@@ -10,7 +10,7 @@ Real parts: the send stage (`Relay.handle`, one Relay per host instance, as each
 own process), the governor and ledger tables in Azurite, pooled SMTP over verified TLS to the HVE
 emulator, which judges every message by the same virtual clock.
 
-Modelled from ../shared/docs/functions-host-facts.md (the Storage Queues extension's listener):
+Modelled from docs/functions-host-facts.md (the Storage Queues extension's listener):
 - each instance polls on its own: 100 ms after a poll that found messages; after k empty polls
   it waits 100 ms + U(0.8, 1.2) x 2^(k-1) x 100 ms, up to `maxPollingInterval`;
 - a poll takes up to `batchSize` visible messages, and an instance fetches a new batch only while

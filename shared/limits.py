@@ -1,6 +1,6 @@
 """HVE limits by era, as configuration: a named profile plus JSON overrides.
 
-Values come from ../shared/docs/hve-facts.md. `None` means "no limit enforced".
+Values come from docs/hve-facts.md. `None` means "no limit enforced".
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Governor arithmetic: given the shared state of the HVE accounts and a message's shape, grant a
 send slot now, book one later today, or say when to come back. Pure: no I/O, no clock.
 
-Windows (from ../shared/docs/hve-facts.md, values from `Limits`):
+Windows (from docs/hve-facts.md, values from `Limits`):
 - rolling minute per account: messages with external recipients; messages of any kind;
 - daily per account: external recipients; all recipients;
 - daily per tenant: all recipients, and the cost guard (daily recipient budget).

@@ -1,6 +1,6 @@
 """Classifying SMTP replies from HVE into what the relay does next. Pure and table-driven.
 
-Codes and texts: ../shared/docs/hve-facts.md.
+Codes and texts: docs/hve-facts.md.
 """
 
 from __future__ import annotations

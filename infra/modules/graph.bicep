@@ -32,14 +32,14 @@ resource exchangeOnline 'Microsoft.Graph/servicePrincipals@v1.0' existing = {
   appId: exchangeOnlineAppId
 }
 
-// Least privilege for the app-only GET /users scan (hve-facts.md, "Microsoft Graph for the welcome scan").
+// Least privilege for the app-only GET /users scan (docs/hve-facts.md, "Graph for the welcome scan").
 resource userReadAll 'Microsoft.Graph/appRoleAssignedTo@v1.0' = if (grantUserReadAll) {
   appRoleId: filter(microsoftGraph.appRoles, role => role.value == 'User.Read.All')[0].id
   principalId: principalId
   resourceId: microsoftGraph.id
 }
 
-// Secretless XOAUTH2 (hve-facts.md, "Secretless option"): Office 365 Exchange Online Mail.Send,
+// Secretless XOAUTH2 (docs/hve-facts.md, "Without any secret"): Office 365 Exchange Online Mail.Send,
 // the application permission Microsoft documents for OAuth with HVE. The HVE account must also
 // allow the identity: Add-HVEAppAccess (infra/README.md).
 resource exchangeSend 'Microsoft.Graph/appRoleAssignedTo@v1.0' = if (grantExchangeMailSend) {
@@ -48,7 +48,7 @@ resource exchangeSend 'Microsoft.Graph/appRoleAssignedTo@v1.0' = if (grantExchan
   resourceId: exchangeOnline.id
 }
 
-// Delivery confirmation (hve-facts.md, "Message trace"): app-only GET /admin/exchange/tracing/messageTraces.
+// Delivery confirmation (docs/hve-facts.md, "Message trace in Graph"): app-only GET /admin/exchange/tracing/messageTraces.
 // The tenant also needs the service principal of app 8bd644d1-64a1-4d4b-ae52-2e0cbf64e373 (infra/README.md).
 resource messageTraceRead 'Microsoft.Graph/appRoleAssignedTo@v1.0' = if (grantMessageTraceRead) {
   appRoleId: filter(microsoftGraph.appRoles, role => role.value == 'ExchangeMessageTrace.Read.All')[0].id
