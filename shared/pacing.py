@@ -372,7 +372,7 @@ def decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Sh
     not delivered), so the decision and the release are one write.
 
     `book_not_before`: a booking goes no earlier than this (the moment the queue's visible backlog
-    is expected to be drained, see shared/backlog.py): a booked message becomes visible behind
+    is expected to be drained, see `BacklogEstimator` in shared/queue_timing.py): a booked message becomes visible behind
     that backlog and would come back late, leaving its slot unused, while the fresh messages of
     the backlog could have taken it at once. A grant now is not affected.
 

@@ -2,7 +2,8 @@
 
 It trusts nothing from the producer: the body is decoded and validated here, the ledger is the
 truth about attempts and duplicates, and the queue is the only way to try again later (a copy is
-re-enqueued with a visibility delay; the function never sleeps).
+re-enqueued with a visibility delay). The function holds a message only for a booked slot a few
+seconds away (the 2024 preview's per-minute windows); every longer wait is a visibility delay.
 """
 
 from __future__ import annotations
