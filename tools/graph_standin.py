@@ -168,6 +168,7 @@ class _TraceRow:
     size: int
     timeline: list[tuple[float, str]]   # (seconds after receipt, status), in order
     visible_after: float = 0.0          # seconds after receipt before the row shows in trace
+    fields: dict[str, Any] = field(default_factory=dict)   # served as given, over the real fields (a buggy Graph)
 
     def status_at(self, now: datetime) -> str:
         age = (now - self.received).total_seconds()
@@ -183,7 +184,7 @@ class _TraceRow:
             status = "unknownFutureValue"
         return {"id": self.id, "messageId": self.message_id, "senderAddress": self.sender,
                 "recipientAddress": self.recipient, "receivedDateTime": _iso(self.received), "status": status,
-                "subject": self.subject, "size": self.size, "fromIP": "127.0.0.1", "toIP": None}
+                "subject": self.subject, "size": self.size, "fromIP": "127.0.0.1", "toIP": None, **self.fields}
 
 
 @dataclass
@@ -327,14 +328,16 @@ class GraphStandIn(BackgroundHttpServer):
 
     def add_trace(self, sender: str, recipients: Iterable[str], message_id: str, *, received: Any = None,
                   subject: str = "", size: int = 2048, outcome: str | Timeline | None = None,
-                  visible_after: float = 0.0) -> str:
-        """Trace rows for one message (one per recipient, one trace id); returns the trace id."""
+                  visible_after: float = 0.0, fields: Mapping[str, Any] | None = None) -> str:
+        """Trace rows for one message (one per recipient, one trace id); returns the trace id.
+        `fields` are served as given over the real ones (a hostile or buggy row, e.g. `messageId: 12345`)."""
         when = parse_time(received) if received is not None else self.clock()
         trace_id = str(uuid.uuid4())
         with self._lock:
             for recipient in recipients:
                 self._state.traces.append(_TraceRow(trace_id, message_id, sender.lower(), recipient.lower(), when,
-                                                    subject, size, self._timeline(recipient, outcome), visible_after))
+                                                    subject, size, self._timeline(recipient, outcome), visible_after,
+                                                    dict(fields or {})))
         return trace_id
 
     def feed_from(self, emulator: Any, *, visible_after: float = 0.0) -> int:
