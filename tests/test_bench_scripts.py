@@ -74,3 +74,15 @@ def test_report_bench_writes_a_history_and_asks_the_real_handler_for_24_hours_an
         assert rows_read > 0 and requests <= due and over <= 0, (label, out)
         assert due <= 1 + 3 + rows_read // 1000, (label, out)
     assert "hveledger" not in out and re.search(r"^ratio 7 days / 24 h: time [\d.]+x", out, re.M), out
+
+
+def test_storage_requests_bench_counts_the_relays_requests_from_azurites_log():
+    out = run("bench.storage_requests", "--messages", "6")
+    rows = {line.split(None, 1)[1].split("  (")[0]: float(line.split()[0]) for line in out.splitlines()
+            if re.match(r"^\s+\d+\.\d\d\s", line)}
+    # Every message is read, claimed and settled in the ledger, indexed, and deleted from the queue.
+    assert rows["queue delete"] == 1.0 and rows["recipient index PATCH"] == 1.0
+    assert rows["ledger POST"] == 1.0 and "host receive" in rows
+    charged = sum(v for k, v in rows.items() if k not in ("TOTAL caused by the relay per message", "host receive",
+                                                          "table create", "queue create"))
+    assert abs(charged - rows["TOTAL caused by the relay per message"]) < 0.02

@@ -141,7 +141,10 @@ class Azurite:
         startup_timeout: float = 30.0,
         node: str | None = None,
         entry: Path | str | None = None,
+        debug_log: Path | str | None = None,
     ) -> None:
+        # Azurite's own log of every request it serves (`--debug FILE`): what the benches count.
+        self.debug_log = Path(debug_log) if debug_log is not None else None
         self.location = Path(location) if location is not None else None
         self.host = host
         self.startup_timeout = startup_timeout
@@ -214,6 +217,8 @@ class Azurite:
             lower = service.lower()
             args += [f"--{lower}Host", self.host, f"--{lower}Port", str(port)]
         args += ["--skipApiVersionCheck", "--loose", "--silent", "--disableTelemetry"]
+        if self.debug_log is not None:
+            args += ["--debug", str(self.debug_log)]
         if self.location is None:
             args.append("--inMemoryPersistence")
         else:
