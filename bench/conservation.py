@@ -74,7 +74,7 @@ class Request:
 
     @property
     def expected_message_ids(self) -> set[str]:
-        return {message_id(self.request_id, DOMAIN, chunk) for chunk in range(self.chunks)}
+        return {message_id(self.request_id, DOMAIN, chunk, key=b"conservation") for chunk in range(self.chunks)}
 
     @property
     def should_send(self) -> bool:

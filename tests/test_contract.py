@@ -204,7 +204,7 @@ def test_no_input_can_add_a_header(subject, name, tag, category):
     except RequestRefused:
         return
     raw = build_message(request, request_id="p-1", account="news@contoso.com", sender_name="News",
-                        message_id_domain="contoso.com", attachments=[])
+                        message_id_domain="contoso.com", message_id_key=b"k", attachments=[])
     msg = message_from_bytes(raw, policy=email_policy.default)
     assert sorted(k.lower() for k in msg.keys()) == sorted(
         ["from", "to", "subject", "date", "message-id", "mime-version", "x-tag", "content-type",

@@ -77,7 +77,7 @@ class Harness:
             storage = StorageClients(self.settings)
             graph = GraphClient(self.settings.graph_base_url, StaticToken(self.standin.token), max_attempts=1)
             try:
-                reconciler = Reconciler(self.settings, graph, DeliveryStore(await storage.table(self.settings.delivery_table)),
+                reconciler = Reconciler(self.settings, graph, DeliveryStore(await storage.table(self.settings.delivery_table), self.settings.recipient_hash_key),
                                         await storage.table(self.settings.ledger_table),
                                         await storage.table(self.settings.recipient_index_table), on_delta=self._record,
                                         clock=self.clock, instruments=self.instruments)
@@ -101,7 +101,7 @@ class Harness:
     async def _store(self, fn):
         storage = StorageClients(self.settings)
         try:
-            return await fn(DeliveryStore(await storage.table(self.settings.delivery_table)))
+            return await fn(DeliveryStore(await storage.table(self.settings.delivery_table), self.settings.recipient_hash_key))
         finally:
             await storage.close()
 
