@@ -161,7 +161,9 @@ def test_claim_check_stub_is_recognised():
 AGREE_VALID = [good(), good(html="<p>x</p>", text=None) | {"text": "t"}, good(attachments=[{"name": "a.pdf", "contentType": "application/pdf", "contentBase64": "aGk="}]),
                {"id": "x1", "claimCheck": {"blobUrl": "https://acct.blob.core.windows.net/mail-payloads/x1.json"}}]
 AGREE_INVALID = [good(subjct="typo"), {"to": ["a@contoso.com"], "subject": "no body"}, good(headers={"Reply-To": "x@contoso.com"}),
-                 good(id="has space"), {"claimCheck": {"blobUrl": "x"}, "to": "a@contoso.com"}]
+                 good(id="has space"), {"claimCheck": {"blobUrl": "x"}, "to": "a@contoso.com"},
+                 good(id="invoice-ann.smith@contoso.com"), good(category="bob.jones@contoso.com"),
+                 {"claimCheck": {"blobUrl": "https://acct.blob.core.windows.net/mail-payloads/requests/p/x/y.json"}}]
 
 
 @pytest.mark.parametrize("doc", AGREE_VALID)

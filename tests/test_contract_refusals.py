@@ -97,6 +97,16 @@ def test_a_bad_request_id_is_refused_with_the_rule(value):
     assert refusal(validate_request, good(id=value), POLICY) == ("schema", ID_RULE)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("id", "invoice-ann.smith@contoso.com"), ("id", "a@b"), ("id", "x:ann@contoso"),
+    ("category", "bob.jones@contoso.com"), ("category", "for bob@contoso.com today"),
+])
+def test_an_id_or_category_holding_a_mail_address_is_refused_without_repeating_it(field, value):
+    reason, detail = refusal(validate_request, good(**{field: value}), POLICY)
+    assert reason == "address-shaped" and detail.startswith(f"{field} looks like it holds a mail address")
+    assert "@" not in detail and value not in detail
+
+
 def test_request_ids_at_the_edges_are_accepted():
     for value in ("a", "A" + "b" * 199, "0._:=+-@", "a@", "a@.b"):
         assert validate_request(good(id=value), POLICY).id == value
