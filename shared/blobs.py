@@ -33,18 +33,11 @@ REQUESTS_PREFIX = "requests/"
 RELAY_PRODUCER = "hve-relay"
 # Prefix of the relay's own copies in RELAY_STATE_CONTAINER.
 DEFERRED_PREFIX = "deferred/"
-_PRODUCER_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 def producer_prefix(producer: str, request_id: str) -> str:
     """Where a producer puts the blobs of one request: `requests/<producer>/<request id>/`."""
     return f"{REQUESTS_PREFIX}{producer}/{request_id}/"
-
-
-def check_producer_name(name: str) -> str:
-    if not _PRODUCER_NAME.match(name):
-        raise ValueError(f"producer name {name!r}: lower-case letters, digits and '-' (1-63, no leading/trailing '-')")
-    return name
 
 
 class BlobReader:

@@ -213,11 +213,13 @@ def _safe_path(path: str) -> str:
 
 
 CONTENT_ID_PREFIX = "c-"
-# Ids the relay gives requests itself: derived from content (`c-`), the welcome scan's
-# (`welcome-<user object id>`). A producer may not send one: a request carrying such an id is
-# refused (`reserved-id`) unless it carries the relay's proof (`idProof`, see `id_proof`), which
-# only the relay's own copies and producers (welcome scan) can compute.
+# Ids the relay gives requests itself: derived from content (`c-` and 32 hex digits, exactly what
+# `content_request_id` makes), the welcome scan's (`welcome-` and anything). A producer may not send
+# one: a request carrying such an id is refused (`reserved-id`) unless it carries the relay's proof
+# (`idProof`, see `id_proof`), which only the relay's own copies and producers (welcome scan) can
+# compute. (Compared case-insensitively; a producer's `c-1042` is not the relay's form.)
 RELAY_ID_PREFIXES = (CONTENT_ID_PREFIX, "welcome-")
+_RELAY_ID = re.compile(r"^(?:c-[0-9a-f]{32}|welcome-.*)$", re.IGNORECASE | re.DOTALL)
 
 
 def content_request_id(body: bytes | str) -> str:
@@ -234,7 +236,7 @@ def content_request_id(body: bytes | str) -> str:
 
 
 def is_relay_id(request_id: str) -> bool:
-    return request_id.lower().startswith(RELAY_ID_PREFIXES)
+    return bool(_RELAY_ID.match(request_id))
 
 
 def id_proof(key: bytes, request_id: str) -> str:
@@ -251,7 +253,7 @@ def check_id_claim(doc: Mapping[str, Any], request_id: str, key: bytes) -> None:
     if not isinstance(proof, str) or not hmac.compare_digest(proof, id_proof(key, request_id)):
         raise RequestRefused(
             "reserved-id",
-            f"ids starting with {' or '.join(repr(p) for p in RELAY_ID_PREFIXES)} are given by the relay itself; "
+            "ids of the form 'c-' + 32 hex digits or 'welcome-...' are given by the relay itself; "
             "a producer chooses another id (or none)")
 
 
