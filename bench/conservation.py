@@ -35,7 +35,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableClient
@@ -46,6 +46,7 @@ from bench.latency_proxy import LatencyProxy
 from shared.contract import content_request_id
 from shared.ledger import FINAL_STATES, SENDING
 from shared.mime import message_id
+from shared.producer import attachment_blob_name
 from shared.settings import Settings
 from tools import poison as poison_tool
 from tools.azurite import connection_string
@@ -74,7 +75,7 @@ class Request:
 
     @property
     def expected_message_ids(self) -> set[str]:
-        return {message_id(self.request_id, DOMAIN, chunk) for chunk in range(self.chunks)}
+        return {message_id(self.request_id, DOMAIN, chunk, key=b"conservation") for chunk in range(self.chunks)}
 
     @property
     def should_send(self) -> bool:
@@ -116,7 +117,9 @@ class Report:
 
 # --- the requests ---------------------------------------------------------------------------------
 
-def build_requests(count: int, rng: random.Random, oversize_url: str, run: str) -> list[Request]:
+def build_requests(count: int, rng: random.Random, oversize_url: Callable[[str], str], run: str) -> list[Request]:
+    """`oversize_url(request id)`: the URL of a blob too big for the message limit, written for that
+    request (a blob a request names must be under requests/<producer>/<its id>/)."""
     out = []
     for i in range(count):
         token = f"cons-{run}-{i:05d}"
@@ -128,11 +131,13 @@ def build_requests(count: int, rng: random.Random, oversize_url: str, run: str) 
             doc["to"] = [f"user{i}..bad@{DOMAIN}"]
         elif roll < 0.15:
             kind = "oversize"
-            doc["attachments"] = [{"name": "big.bin", "contentType": "application/octet-stream", "blobUrl": oversize_url}]
+            doc["id"] = f"id-{token}"   # blob attachments need an id
+            doc["attachments"] = [{"name": "big.bin", "contentType": "application/octet-stream",
+                                   "blobUrl": oversize_url(doc["id"])}]
         elif roll < 0.25:
             kind, chunks = "multi-chunk", 2
             doc["bcc"] = [f"list{i}-{n}@{DOMAIN}" for n in range(RECIPIENTS_PER_MESSAGE + 1)]
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 and "id" not in doc:
             doc["id"] = f"id-{token}"
         body = json.dumps(doc, separators=(",", ":"))
         out.append(Request(token, kind, body, doc.get("id") or content_request_id(body), chunks))
@@ -214,7 +219,11 @@ def run(count: int, *, azurite: Any, emulator: Any, workdir: Path, names: dict[s
     container = ContainerClient.from_connection_string(conn, names["CLAIM_CHECK_CONTAINER"])
     if not container.exists():
         container.create_container()
-    oversize_url = container.upload_blob(f"att/{uuid.uuid4().hex}.bin", os.urandom(OVERSIZE_BLOB)).url
+    oversize = os.urandom(OVERSIZE_BLOB)
+
+    def oversize_url(request_id: str) -> str:
+        return container.upload_blob(attachment_blob_name(request_id, "big.bin"), oversize).url
+
     requests = build_requests(count, rng, oversize_url, uuid.uuid4().hex[:6])
 
     proxies = [FaultProxy(azurite.blob_port), FaultProxy(azurite.queue_port),

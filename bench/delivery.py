@@ -75,7 +75,7 @@ async def reconcile_once(settings: Settings, graph: GraphStandIn, clock: Clock, 
         deltas.append(delta)
 
     try:
-        reconciler = Reconciler(settings, client, DeliveryStore(await storage.table(settings.delivery_table)),
+        reconciler = Reconciler(settings, client, DeliveryStore(await storage.table(settings.delivery_table), settings.recipient_hash_key),
                                 await storage.table(settings.ledger_table),
                                 await storage.table(settings.recipient_index_table), on_delta=record, clock=clock)
         started = time.perf_counter()

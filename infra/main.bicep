@@ -196,6 +196,9 @@ param sendingLeaseSeconds int = 120
 @description('Attachments one request may have; more is refused before anything is downloaded.')
 param maxAttachments int = 20
 
+@description('Producers that may hand the relay blobs (claim checks, blob attachments), by name: each writes only under `requests/<name>/` of the claim-check container. Their role assignments (queue send; Storage Blob Data Contributor with an ABAC condition on that prefix) are made outside this template: see the README, Security.')
+param blobProducers array = []
+
 @description('Seconds between two merges of a worker process\'s counts into the aggregates table (report).')
 param aggregatesFlushSeconds int = 5
 
@@ -293,6 +296,9 @@ var aggregatesTableName = 'hveaggregates'
 var welcomeTableName = 'hvewelcome'
 var deliveryTableName = 'hvedelivery'
 var claimCheckContainerName = 'mail-payloads'
+// The relay's own copies (deferred requests too big for a queue message): only the app's identity
+// has a role on it; never grant a producer anything here.
+var relayStateContainerName = 'hve-relay-state'
 var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
 
 // Secret written by infra/deploy.sh (never by this template), read through a Key Vault reference.
@@ -339,8 +345,10 @@ module storage 'modules/storage.bicep' = {
     containerNames: [
       deploymentContainerName
       claimCheckContainerName
+      relayStateContainerName
     ]
     claimCheckContainerName: claimCheckContainerName
+    relayStateContainerName: relayStateContainerName
   }
 }
 
@@ -389,6 +397,8 @@ var appSettings = {
   RECIPIENT_INDEX_TABLE: recipientIndexTableName
   GOVERNOR_TABLE: governorTableName
   CLAIM_CHECK_CONTAINER: claimCheckContainerName
+  RELAY_STATE_CONTAINER: relayStateContainerName
+  BLOB_PRODUCERS: join(blobProducers, ',')
   // HVE.
   HVE_ACCOUNTS: join(hveAccounts, ',')
   HVE_AUTH: hveAuth

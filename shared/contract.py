@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import re
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ MAX_CUSTOM_HEADERS = 20
 MAX_JSON_DEPTH = 8
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@=+-]{0,199}$")
+# Something that reads as `local@domain` (an '@' between two characters other than spaces): ids and
+# categories are stored, logged and aggregated in clear, so they must never carry a mail address.
+_ADDRESS_SHAPED = re.compile(r"[^\s@]@[^\s@.]")
 # RFC 5322 dot-atom local part; domain of LDH labels with at least one dot.
 _LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
 _LABEL = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
@@ -53,7 +57,11 @@ _FIELDS = {
     "from", "sender",
     # Written by the relay on re-enqueued copies; informational (the ledger counts attempts).
     "attempt",
+    # Written by the relay on requests whose id is in its own namespaces (see `RELAY_ID_PREFIXES`).
+    "idProof",
 }
+# Fields that are not the request's content: its identity, the relay's bookkeeping.
+_NOT_CONTENT = {"id", "attempt", "idProof"}
 # Headers a caller may never set through `headers`, even under an X- name, because the relay owns them.
 _RESERVED_HEADERS = {"x-hve-relay-request-id"}
 
@@ -205,6 +213,13 @@ def _safe_path(path: str) -> str:
 
 
 CONTENT_ID_PREFIX = "c-"
+# Ids the relay gives requests itself: derived from content (`c-` and 32 hex digits, exactly what
+# `content_request_id` makes), the welcome scan's (`welcome-` and anything). A producer may not send
+# one: a request carrying such an id is refused (`reserved-id`) unless it carries the relay's proof
+# (`idProof`, see `id_proof`), which only the relay's own copies and producers (welcome scan) can
+# compute. (Compared case-insensitively; a producer's `c-1042` is not the relay's form.)
+RELAY_ID_PREFIXES = (CONTENT_ID_PREFIX, "welcome-")
+_RELAY_ID = re.compile(r"^(?:c-[0-9a-f]{32}|welcome-.*)$", re.IGNORECASE | re.DOTALL)
 
 
 def content_request_id(body: bytes | str) -> str:
@@ -218,6 +233,43 @@ def content_request_id(body: bytes | str) -> str:
         except (binascii.Error, ValueError):
             pass
     return CONTENT_ID_PREFIX + hashlib.sha256(raw).hexdigest()[:32]
+
+
+def is_relay_id(request_id: str) -> bool:
+    return bool(_RELAY_ID.match(request_id))
+
+
+def id_proof(key: bytes, request_id: str) -> str:
+    """What a request in the relay's own id namespaces carries to show the relay gave it that id:
+    32 hex digits of HMAC-SHA256 under RECIPIENT_HASH_KEY (producers never hold the key)."""
+    return hmac.new(key, b"hve-relay request id\x00" + request_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+
+def check_id_claim(doc: Mapping[str, Any], request_id: str, key: bytes) -> None:
+    """Refuse a producer's request whose id is in the relay's namespaces (`RELAY_ID_PREFIXES`)."""
+    if not is_relay_id(request_id):
+        return
+    proof = doc.get("idProof")
+    if not isinstance(proof, str) or not hmac.compare_digest(proof, id_proof(key, request_id)):
+        raise RequestRefused(
+            "reserved-id",
+            "ids of the form 'c-' + 32 hex digits or 'welcome-...' are given by the relay itself; "
+            "a producer chooses another id (or none)")
+
+
+def content_digest(key: bytes, doc: Mapping[str, Any]) -> str:
+    """A keyed digest of a request's content, kept in its ledger row so a different request sent
+    under the same id is told apart (`id-conflict`) from a copy of the same one (`duplicate`).
+
+    The content is the decoded JSON object (so raw and base64 copies agree) without its identity and
+    the relay's bookkeeping (`id`, `attempt`, `idProof`: the relay adds them to the copies it
+    re-enqueues), in a canonical text (keys sorted, compact, UTF-8). For a claim check it is the
+    object in the blob, never the stub. HMAC-SHA256 under RECIPIENT_HASH_KEY: the ledger holds no
+    content and no digest anyone could compute from a guessed request."""
+    content = {k: v for k, v in doc.items() if k not in _NOT_CONTENT}
+    text = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    data = text.encode("utf-8", "surrogatepass")
+    return hmac.new(key, b"hve-relay request content\x00" + data, hashlib.sha256).hexdigest()[:32]
 
 
 def queue_text(doc: Mapping[str, Any]) -> str:
@@ -249,14 +301,18 @@ def claim_check_of(doc: Mapping[str, Any]) -> ClaimCheck | None:
     """A claim-check stub (`{"claimCheck": {"blobUrl": ...}, "id": ...}`), or None for a full request."""
     if "claimCheck" not in doc:
         return None
-    extra = set(doc) - {"claimCheck", "id", "attempt"}
+    extra = set(doc) - {"claimCheck", "id", "attempt", "idProof"}
     if extra:
         raise RequestRefused("schema", f"a claim-check message carries only 'claimCheck', 'id' and 'attempt', not {sorted(extra)}")
     ref = doc["claimCheck"]
     if not isinstance(ref, dict) or not isinstance(ref.get("blobUrl"), str) or set(ref) != {"blobUrl"}:
         raise RequestRefused("schema", "claimCheck must be an object with a single string field 'blobUrl'")
     check_blob_url("claimCheck.blobUrl", ref["blobUrl"], "claim-check")
-    return ClaimCheck(blob_url=ref["blobUrl"], id=parse_request_id(doc.get("id")))
+    request_id = parse_request_id(doc.get("id"))
+    if request_id is None:
+        # The blob lives under its request's id (`requests/<producer>/<id>/`): no id, no blob.
+        raise RequestRefused("schema", "a claim-check message needs the request's id (its blob is under requests/<producer>/<id>/)")
+    return ClaimCheck(blob_url=ref["blobUrl"], id=request_id)
 
 
 def check_blob_url(field: str, url: str, reason: str) -> None:
@@ -276,6 +332,9 @@ def parse_request_id(value: Any) -> str | None:
             "schema",
             "id must be 1-200 characters of letters, digits and . _ : @ = + - (starting with a letter or digit)",
         )
+    if _ADDRESS_SHAPED.search(value):
+        raise RequestRefused("address-shaped", "id looks like it holds a mail address; ids are stored and logged in "
+                                               "clear, so they must not")
     return value
 
 
@@ -452,6 +511,14 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
     check_header_value("category", category)
     if len(category) > MAX_CATEGORY_LENGTH:
         raise RequestRefused("schema", f"category is longer than {MAX_CATEGORY_LENGTH} characters")
+    if _ADDRESS_SHAPED.search(category):
+        raise RequestRefused("address-shaped", "category looks like it holds a mail address; categories are stored, "
+                                               "logged and aggregated in clear, so they must not")
+
+    attachments = _attachments(doc)
+    if request_id is None and any(a.blob_url for a in attachments):
+        raise RequestRefused("bad-attachment", "a request with blobUrl attachments needs an id (its blobs are under "
+                                               "requests/<producer>/<id>/)")
 
     return MailRequest(
         id=request_id,
@@ -461,7 +528,7 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
         subject=subject,
         text=text,
         html=html,
-        attachments=_attachments(doc),
+        attachments=attachments,
         account=account,
         category=category,
         headers=_custom_headers(doc),

@@ -5,7 +5,7 @@ each run reads `messageTraces` filtered on the sender and a receivedDateTime win
 checked by shared.trace_policy), joins rows to ledger requests by our deterministic Message-ID
 (chunks carry a `.N` suffix) through key look-ups only (see RequestResolver), and records, in
 DELIVERY_TABLE, in one partition per request keyed by its Message-ID digest (so a trace row leads
-straight to it, and `request_digest(request id)` finds it from the ledger side):
+straight to it, and `request_digest(request id, key)` finds it from the ledger side):
 
 - RowKey `summary`: the request id, the count of recipients in each trace status, per chunk too,
   with the request's account, category and send time;
@@ -110,22 +110,20 @@ class _Request:
     sent_at: datetime
     first_received: datetime
 
-    @property
-    def digest(self) -> str:
-        return request_digest(self.request_id)
 
-
-def request_digest(request_id: str) -> str:
+def request_digest(request_id: str, key: bytes) -> str:
     """The part of a request's Message-ID that names it (the domain and chunk suffix aside): the
-    partition of its delivery rows, so trace rows lead straight to them."""
-    return parse_message_id(message_id(request_id, "relay.invalid"))[0]
+    partition of its delivery rows, so trace rows lead straight to them. Keyed like the Message-ID
+    (RECIPIENT_HASH_KEY)."""
+    return parse_message_id(message_id(request_id, "relay.invalid", key=key))[0]
 
 
 # --- Table storage ------------------------------------------------------------------------------
 
 class DeliveryStore:
-    def __init__(self, table: Any) -> None:
+    def __init__(self, table: Any, key: bytes) -> None:
         self.table = table
+        self.key = key   # RECIPIENT_HASH_KEY: the Message-ID digests are keyed with it
 
     async def cursor(self, account: str) -> AccountCursor:
         try:
@@ -170,13 +168,13 @@ class DeliveryStore:
 
     async def summary(self, request_id: str) -> dict[str, Any] | None:
         try:
-            row = await self.table.get_entity(request_digest(request_id), _SUMMARY)
+            row = await self.table.get_entity(request_digest(request_id, self.key), _SUMMARY)
         except ResourceNotFoundError:
             return None
         return summary_view(row)
 
     async def recipients(self, request_id: str) -> list[dict[str, Any]]:
-        _, rows = await self.request_rows(request_digest(request_id))
+        _, rows = await self.request_rows(request_digest(request_id, self.key))
         return [{"recipient": h, "status": r.get("Status"), "chunk": int(r.get("Chunk", 0)),
                  "reason": r.get("Reason") or ""} for h, r in sorted(rows.items())]
 
@@ -267,7 +265,7 @@ class RequestResolver:
             async for row in self.index_table.query_entities("PartitionKey eq @pk", parameters={"pk": hashed},
                                                              select=["RowKey", "MessageId"]):
                 parsed = parse_message_id(row.get("MessageId"))
-                if parsed is not None and parsed[0] == digest and request_digest(row["RowKey"]) == digest:
+                if parsed is not None and parsed[0] == digest and request_digest(row["RowKey"], self.key) == digest:
                     return await self._ledger_request(row["RowKey"])
         return None
 
@@ -493,7 +491,7 @@ class Reconciler:
         await asyncio.gather(*(one(rid, rows) for rid, rows in pending.rows.items()))
 
     async def _apply_request(self, request: _Request, rows: list[TraceRow], attempts: int = 4) -> bool:
-        digest = request.digest
+        digest = request_digest(request.request_id, self._key)
         for attempt in range(attempts):
             first = self.resolver.first_read(digest) if attempt == 0 else None
             summary, stored = first if first is not None else await self.store.request_rows(digest)
@@ -555,7 +553,7 @@ class Reconciler:
         for (request_id, hashed), (trace_id, address) in targets.items():
             if left <= 0:
                 return
-            digest = request_digest(request_id)
+            digest = request_digest(request_id, self._key)
             row = await self.store.recipient(digest, hashed)
             if row is None or row.get("Reason") or row.get("Status") not in DETAIL_STATUSES:
                 continue
@@ -611,7 +609,7 @@ async def reconcile(settings: Settings, *, on_delta: DeltaCallback = no_delta, d
         await on_delta(delta)
 
     try:
-        reconciler = Reconciler(settings, client, DeliveryStore(await storage.table(settings.delivery_table)),
+        reconciler = Reconciler(settings, client, DeliveryStore(await storage.table(settings.delivery_table), settings.recipient_hash_key),
                                 await storage.table(settings.ledger_table),
                                 await storage.table(settings.recipient_index_table),
                                 on_delta=on_delta if dry_run else counted, clock=clock, instruments=Instruments(),
@@ -641,7 +639,7 @@ async def handle_timer(past_due: bool = False) -> RunTally | None:
 async def rates_last_24h(settings: Settings, storage: Any, now: datetime | None = None) -> dict[str, Any]:
     """Delivery rates of requests sent in the last 24 hours, overall and per account."""
     now = now or datetime.now(timezone.utc)
-    store = DeliveryStore(await storage.table(settings.delivery_table))
+    store = DeliveryStore(await storage.table(settings.delivery_table), settings.recipient_hash_key)
     totals: dict[str, int] = defaultdict(int)
     per_account: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for summary in await store.summaries_since(now - timedelta(hours=24)):

@@ -58,6 +58,9 @@ class LedgerEntry:
     refused_recipients: tuple[int, ...] = ()
     # The request's claim-check blob (URL), deleted once the request is final.
     claim_blob: str = ""
+    # Keyed digest of the request's content (contract.content_digest; never the content): another
+    # request under the same id is an `id-conflict`, the same content again a duplicate.
+    content_digest: str = ""
     etag: str | None = field(default=None, compare=False)
 
     def evolve(self, **changes: Any) -> "LedgerEntry":
@@ -95,6 +98,7 @@ def _to_row(entry: LedgerEntry) -> dict[str, Any]:
         "PendingRecipients": _indices_to_text(entry.pending_recipients),
         "RefusedRecipients": _indices_to_text(entry.refused_recipients),
         "ClaimCheck": entry.claim_blob,
+        "ContentDigest": entry.content_digest,
     }
 
 
@@ -134,6 +138,7 @@ def _from_row(row: Any) -> LedgerEntry:
         pending_recipients=_indices_from_text(row.get("PendingRecipients")),
         refused_recipients=_indices_from_text(row.get("RefusedRecipients")),
         claim_blob=row.get("ClaimCheck", ""),
+        content_digest=row.get("ContentDigest", ""),
         etag=row.metadata.get("etag") if hasattr(row, "metadata") else None,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -12,10 +13,12 @@ from datetime import datetime, timezone
 from .contract import Address, MailRequest
 
 
-def message_id(request_id: str, domain: str, chunk: int = 0) -> str:
+def message_id(request_id: str, domain: str, chunk: int = 0, *, key: bytes) -> str:
     """Deterministic per request (and chunk), so a duplicate delivery carries the same Message-ID
-    and Exchange discards it; the request id itself is not exposed."""
-    digest = hashlib.sha256(request_id.encode("utf-8")).hexdigest()[:40]
+    and Exchange discards it. Keyed (HMAC-SHA256 under RECIPIENT_HASH_KEY): nobody can compute the
+    Message-ID of a request from its id (or, for a derived id, from a guessed text) and send a mail
+    under it first, and the request id itself is not exposed."""
+    digest = hmac.new(key, b"hve-relay message id\x00" + request_id.encode("utf-8"), hashlib.sha256).hexdigest()[:40]
     suffix = f".{chunk}" if chunk else ""
     return f"<{digest}{suffix}@{domain.lower()}>"
 
@@ -32,6 +35,7 @@ def build_message(
     account: str,
     sender_name: str,
     message_id_domain: str,
+    message_id_key: bytes,
     attachments: list[tuple[str, str, bytes]],
     now: datetime | None = None,
     chunk: int = 0,
@@ -53,7 +57,7 @@ def build_message(
         msg["To"] = "undisclosed-recipients:;"
     msg["Subject"] = request.subject
     msg["Date"] = format_datetime(now or datetime.now(timezone.utc))
-    msg["Message-ID"] = message_id(request_id, message_id_domain, chunk)
+    msg["Message-ID"] = message_id(request_id, message_id_domain, chunk, key=message_id_key)
     for name, value in request.headers:
         msg[name] = value
 

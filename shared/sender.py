@@ -29,8 +29,12 @@ from .contract import (
     MailRequest,
     RequestRefused,
     ValidationPolicy,
+    check_id_claim,
     claim_check_of,
+    content_digest,
     content_request_id,
+    id_proof,
+    is_relay_id,
     decode_queue_body,
     fits_on_queue,
     parse_request_id,
@@ -178,10 +182,12 @@ class Relay:
         governor = TableGovernor(await storage.table(settings.governor_table), settings.accounts,
                                  pacing_config(settings, limits),
                                  clock=time.monotonic if clock is time.time else clock)
-        container = storage.container(settings.claim_check_container)
+        payloads = BlobReader(storage.container(settings.claim_check_container), limits.message_bytes,
+                              state_container=storage.container(settings.relay_state_container),
+                              producers=settings.blob_producers)
         relay = cls(settings, storage=storage, smtp=smtp, governor=governor, ledger=ledger,
                     queue=await storage.queue(settings.mail_queue),
-                    payloads=BlobReader(container, limits.message_bytes), limits=limits, clock=clock,
+                    payloads=payloads, limits=limits, clock=clock,
                     aggregates=Aggregates(storage.tables.get_table_client(settings.aggregates_table), clock=clock,
                                           flush_seconds=settings.aggregates_flush_seconds,
                                           shards=settings.aggregates_shards,
@@ -223,6 +229,7 @@ class Relay:
 
     async def _handle(self, body: bytes | str, queue_message_id: str, dequeue_count: int) -> Handled:
         received = self.clock()
+        key = self.settings.recipient_hash_key
         try:
             doc = decode_queue_body(body)
             if PACER_KEY in doc and len(doc) == 1:
@@ -231,12 +238,30 @@ class Relay:
             # Without an id the request is its content, never the queue message id: the host's poison
             # copy and a replay are new queue messages, yet must map to the same row and Message-ID.
             request_id = (claim.id if claim else parse_request_id(doc.get("id"))) or content_request_id(body)
+            if doc.get("id") is not None:
+                # A producer's claim on an id of the relay's own namespaces (`c-`, `welcome-`) is set
+                # aside under its queue message id: it never takes (or touches) the row of that id.
+                check_id_claim(doc, request_id, key)
         except RequestRefused as refusal:
             return await self._refuse_unread(queue_message_id, refusal, received)
-        # What goes back on the queue: the caller's message, now carrying its id.
+        # What goes back on the queue: the caller's message, now carrying its id (and, for an id of
+        # the relay's own, the proof that the relay gave it).
         stub = {**doc, "id": request_id}
+        if is_relay_id(request_id):
+            stub["idProof"] = id_proof(key, request_id)
 
         entry = await self.ledger.get(request_id)
+        full = None  # the request's full JSON object, once read
+        if entry is not None:
+            # The id is taken: by this request (a copy, a retry, a replay) or by another one.
+            try:
+                same, full = await self._same_request(entry, doc, claim, request_id)
+            except RequestRefused as refusal:
+                return await self._refuse_unread(queue_message_id, refusal, received)
+            if not same:
+                return await self._refuse_unread(queue_message_id, RequestRefused(
+                    "id-conflict", "another request with different content was already received under this id; "
+                                   "give each request its own id"), received)
         if entry is not None and entry.state in FINAL_STATES:
             return Handled(request_id, "duplicate", f"already {entry.state}", entry.account, entry.last_code)
         if entry is not None and entry.state == SENDING:
@@ -248,19 +273,25 @@ class Relay:
             entry = LedgerEntry(request_id=request_id, state="received", first_received=_utc(received),
                                 updated=_utc(received), queue_message_id=queue_message_id, chunks_total=0)
         try:
-            prepared = await self._prepare(doc, claim, request_id)
+            prepared = await self._prepare(doc, claim, request_id, full)
         except RequestRefused as refusal:
             # A claim-check blob that is missing, elsewhere or another request's is not ours to delete.
-            if claim is not None and refusal.reason != "claim-check":
+            if claim is not None and refusal.reason not in ("claim-check", "blob-not-owned"):
                 entry = entry.evolve(claim_blob=claim.blob_url)
+            if not entry.content_digest:
+                # What is known of it (the stub, when its blob could not be read): a different
+                # request under this id is still told apart.
+                entry = entry.evolve(content_digest=content_digest(key, doc))
             return await self._finish(entry, REFUSED, f"{refusal.reason}: {refusal.detail}")
         if claim is not None:
             entry = entry.evolve(claim_blob=claim.blob_url)
+        if not entry.content_digest:
+            entry = entry.evolve(content_digest=content_digest(key, prepared.full))
         request = prepared.request
         internal = sum(1 for r in request.recipients if is_internal(r, self.policy.internal_domains))
         entry = entry.evolve(category=request.category, internal_recipients=internal,
                              external_recipients=len(request.recipients) - internal,
-                             message_id=message_id(request_id, self.message_id_domain),
+                             message_id=message_id(request_id, self.message_id_domain, key=key),
                              chunks_total=max(entry.chunks_total, len(prepared.chunks)))
         # The clock is read after the downloads: a slot is the moment the message goes, not the
         # moment the handler started.
@@ -269,19 +300,41 @@ class Relay:
             return await self._finish(entry, DEAD, expired)
         return await self._send_chunks(entry, stub, prepared)
 
-    async def _prepare(self, doc: dict, claim: Any, request_id: str) -> "_Prepared":
+    async def _full_request(self, doc: dict, claim: Any, request_id: str) -> dict:
+        """The request's JSON object: the message itself, or what its claim check points at (a blob
+        of this request's own; see shared/blobs.py)."""
+        if claim is None:
+            return doc
+        full = decode_queue_body(await self.payloads.read(claim.blob_url, "claim check", request_id, claim_check=True))
+        if full.get("id") not in (None, request_id):
+            raise RequestRefused("claim-check", "the id in the blob differs from the id on the queue")
+        return {**full, "id": request_id}
+
+    async def _same_request(self, entry: LedgerEntry, doc: dict, claim: Any,
+                            request_id: str) -> tuple[bool, dict | None]:
+        """Whether this message is the request the row was made for (by the keyed digest of its
+        content, contract.content_digest), and its full object if it had to be read."""
+        key = self.settings.recipient_hash_key
+        if not entry.content_digest:
+            return True, None    # a row written before digests were kept: it cannot tell
+        if claim is not None and claim.blob_url == entry.claim_blob:
+            return True, None    # the very blob the row was made from (it may be deleted by now)
+        if content_digest(key, doc) == entry.content_digest:
+            return True, None
+        if claim is None:
+            return False, None
+        full = await self._full_request(doc, claim, request_id)
+        return content_digest(key, full) == entry.content_digest, full
+
+    async def _prepare(self, doc: dict, claim: Any, request_id: str, full: dict | None = None) -> "_Prepared":
         """Read the full request (claim check, blob attachments), validate it, check its size."""
-        full = doc
-        if claim is not None:
-            full = decode_queue_body(await self.payloads.read(claim.blob_url, "claim check"))
-            if full.get("id") not in (None, request_id):
-                raise RequestRefused("claim-check", "the id in the blob differs from the id on the queue")
-            full = {**full, "id": request_id}
+        if full is None:
+            full = await self._full_request(doc, claim, request_id)
         request = validate_request(full, self.policy)
-        attachments = await self._attachments(request)
+        attachments = await self._attachments(request, request_id)
         recipients = list(dict.fromkeys(r.addr for r in request.recipients))
         prepared = _Prepared(request, attachments, recipients,
-                             chunk_recipients(range(len(recipients)), self.limits.recipients_per_message))
+                             chunk_recipients(range(len(recipients)), self.limits.recipients_per_message), full=full)
         # Built once here for the size check, and reused if the first chunk goes out as this account.
         prepared.first = self._message(prepared, request_id, self.settings.accounts[0], 0, self.clock())
         size = len(prepared.first)
@@ -289,7 +342,7 @@ class Relay:
             raise RequestRefused("too-large", f"the encoded message is {size} bytes; the limit is {self.limits.message_bytes}")
         return prepared
 
-    async def _attachments(self, request: MailRequest) -> list[tuple[str, str, bytes]]:
+    async def _attachments(self, request: MailRequest, request_id: str) -> list[tuple[str, str, bytes]]:
         """The attachments' bytes, bounded before anything is read: their number, then the sum of
         their sizes (blob properties, base64 overhead included) against the message size limit. A
         few hundred bytes naming one big blob many times are refused without a download."""
@@ -297,7 +350,12 @@ class Relay:
             raise RequestRefused("too-many-attachments", f"{len(request.attachments)} attachments; the limit is "
                                                          f"{self.settings.max_attachments}")
         limit = self.limits.message_bytes
-        sizes = [len(a.content) if a.content is not None else await self.payloads.size(a.blob_url, f"attachment {a.name!r}")
+        # Every blob is checked to be this request's (shared/blobs.py) before anything of any is read.
+        for i, a in enumerate(request.attachments):
+            if a.blob_url is not None:
+                self.payloads.locate(a.blob_url, request_id, f"attachments[{i}].blobUrl")
+        sizes = [len(a.content) if a.content is not None
+                 else await self.payloads.size(a.blob_url, f"attachment {a.name!r}", request_id)
                  for a in request.attachments]
         estimate = sum(mime_base64_size(size) for size in sizes)
         if limit is not None and estimate > limit:
@@ -309,7 +367,7 @@ class Relay:
         out: list[tuple[str, str, bytes]] = []
         for a, size in zip(request.attachments, sizes):
             if a.content is None:
-                data = await self.payloads.read(a.blob_url, f"attachment {a.name!r}",
+                data = await self.payloads.read(a.blob_url, f"attachment {a.name!r}", request_id,
                                                 size + slack if slack is not None else None)
                 if slack is not None:
                     slack -= max(0, len(data) - size)
@@ -322,6 +380,7 @@ class Relay:
         # Transaction `index` > 0 (another chunk, or a follow-up for recipients HVE deferred) has
         # its own Message-ID suffix, or Exchange would drop it as a duplicate of the first.
         return build_message(prepared.request, request_id=request_id, account=account,
+                             message_id_key=self.settings.recipient_hash_key,
                              sender_name=self.settings.sender_name, message_id_domain=self.message_id_domain,
                              attachments=prepared.attachments, now=_utc(now), chunk=index)
 
@@ -453,7 +512,8 @@ class Relay:
         accepted = [a for i, a in zip(envelope, addresses) if i not in refused_now and i not in deferred_now]
         if done.chunks_total > 1:
             await self.ledger.record_chunk(done, index, account=account, recipients=len(accepted), code=verdict.code,
-                                           message_id=message_id(done.request_id, self.message_id_domain, index))
+                                           message_id=message_id(done.request_id, self.message_id_domain, index,
+                                                                 key=self.settings.recipient_hash_key))
         await self.ledger.index_recipients(done.evolve(state=SENT), accepted)
         return done
 
@@ -640,8 +700,12 @@ class Relay:
         if not fits_on_queue(text):
             # The caller's message fitted, but not with its id and attempts added: the copy travels by
             # claim check (once: later copies re-enqueue the small stub).
-            url = await self.payloads.store(f"deferred/{stub['id']}", text.encode("utf-8"))
-            text = queue_text({"id": stub["id"], "claimCheck": {"blobUrl": url}, "attempt": attempts})
+            # (In RELAY_STATE_CONTAINER, which no producer can write.)
+            url = await self.payloads.store(stub["id"], text.encode("utf-8"))
+            copy = {"id": stub["id"], "claimCheck": {"blobUrl": url}, "attempt": attempts}
+            if "idProof" in stub:
+                copy["idProof"] = stub["idProof"]
+            text = queue_text(copy)
         # time_to_live=-1: a deferred request must never expire silently on the queue.
         await self.queue.send_message(text, visibility_timeout=delay, time_to_live=-1)
         return delay
@@ -658,7 +722,10 @@ class Relay:
         (infra/) to delete, never a reason to fail or retry the request. Only `requests/` blobs:
         what else is in the container (attachments) belongs to the producer."""
         try:
-            name = self.payloads.blob_name(entry.claim_blob)
+            try:
+                name = self.payloads.blob_name(entry.claim_blob)
+            except RequestRefused:
+                return  # not in the producers' container (the relay's own copy in RELAY_STATE_CONTAINER)
             if not name.startswith(CLAIM_CHECK_PREFIX):
                 return
             await self.storage.container(self.settings.claim_check_container).delete_blob(name)
@@ -692,6 +759,9 @@ class Relay:
         if entry.state in FINAL_STATES:
             self.aggregates.outcome(self.clock(), entry.account, entry.category, entry.state,
                                     internal=entry.internal_recipients, external=entry.external_recipients)
+            if entry.state == REFUSED and entry.reason.startswith("id-conflict:"):
+                # Of the refused, those that came under an id another request had taken.
+                self.aggregates.add(self.clock(), entry.account, entry.category, {"requests.id-conflict": 1})
         elif entry.state == DEFERRED:
             self.aggregates.deferral(self.clock(), entry.account, entry.category)
 
@@ -714,6 +784,7 @@ class _Prepared:
     recipients: list[str]         # envelope addresses, de-duplicated; the ledger names them by index
     chunks: list[list[int]]       # recipient indices of each planned SMTP transaction
     first: bytes | None = None    # the message of chunk 0 as the first account
+    full: dict = None             # the request's JSON object (for its content digest)  # type: ignore[assignment]
 
 
 @dataclass

@@ -70,7 +70,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("LEDGER_TABLE", "hveledger", "Table with one row per request (outcome ledger)."),
     SettingSpec("RECIPIENT_INDEX_TABLE", "hverecipients", "Table keyed by recipient hash, answering 'was this address mailed?'."),
     SettingSpec("GOVERNOR_TABLE", "hvegovernor", "Table holding the rate governor's per-account state."),
-    SettingSpec("CLAIM_CHECK_CONTAINER", "mail-payloads", "Blob container for requests larger than a queue message, and for attachments."),
+    SettingSpec("CLAIM_CHECK_CONTAINER", "mail-payloads", "Blob container where producers put claim-check requests and blob attachments, each under `requests/<producer>/<request id>/` (a producer of BLOB_PRODUCERS, the id of the request that names the blob); the relay reads nothing else there."),
+    SettingSpec("BLOB_PRODUCERS", "", "Comma-separated names of the producers that may hand the relay blobs (claim checks, attachments), each writing only under `requests/<name>/` of CLAIM_CHECK_CONTAINER (an ABAC condition on its role); the relay's own producers use `hve-relay`. Empty: only the relay's own."),
+    SettingSpec("RELAY_STATE_CONTAINER", "hve-relay-state", "Blob container of the relay's own copies (deferred requests too big for a queue message); only the relay's identity may write it, no producer is ever granted it."),
     SettingSpec("RECIPIENT_HASH_KEY", "", "Secret key of the recipient hashes in the ledger (HMAC-SHA256). Set it; without it a built-in key is used and a warning is logged."),
     SettingSpec("LEDGER_RETENTION_DAYS", "90", "Days the relay keeps who was mailed: ledger rows, chunk rows, recipient-index rows, delivery-status rows and welcome user rows not updated for this long are deleted by the daily `purge_expired` timer. Longer than SEND_MAX_AGE_HOURS and WELCOME_LOOKBACK + WELCOME_OVERLAP (a request replayed after it is treated as new)."),
     SettingSpec("RETENTION_SCHEDULE", "0 30 2 * * *", "NCRONTAB schedule of the `purge_expired` timer (default: daily at 02:30 UTC)."),
@@ -125,6 +127,14 @@ UNSET_HASH_KEY = "hve-relay-unset-key"
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the setting."""
+
+
+def _producers(value: str) -> frozenset[str]:
+    names = frozenset(p.lower() for p in _csv(value))
+    for name in names:
+        if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", name):
+            raise SettingsError(f"BLOB_PRODUCERS: {name!r} is not a producer name (lower-case letters, digits and '-')")
+    return names
 
 
 def _time_of_day(name: str, value: str) -> float:
@@ -231,6 +241,8 @@ class Settings:
     recipient_index_table: str
     governor_table: str
     claim_check_container: str
+    blob_producers: frozenset[str]
+    relay_state_container: str
     ledger_retention: timedelta
     retention_schedule: str
     retention_max_rows: int
@@ -329,6 +341,10 @@ class Settings:
             raise SettingsError(f"LEDGER_RETENTION_DAYS ({retention_days:g}) must be longer than SEND_MAX_AGE_HOURS "
                                 "and WELCOME_LOOKBACK + WELCOME_OVERLAP")
 
+        if get("RELAY_STATE_CONTAINER") == get("CLAIM_CHECK_CONTAINER"):
+            raise SettingsError("RELAY_STATE_CONTAINER must differ from CLAIM_CHECK_CONTAINER: producers write the "
+                                "one, only the relay the other")
+
         return cls(
             storage_connection_string=get("AzureWebJobsStorage"),
             storage_account_name=get("AzureWebJobsStorage__accountName"),
@@ -374,6 +390,8 @@ class Settings:
             recipient_index_table=get("RECIPIENT_INDEX_TABLE"),
             governor_table=get("GOVERNOR_TABLE"),
             claim_check_container=get("CLAIM_CHECK_CONTAINER"),
+            blob_producers=_producers(get("BLOB_PRODUCERS")),
+            relay_state_container=get("RELAY_STATE_CONTAINER"),
             ledger_retention=timedelta(days=retention_days),
             retention_schedule=get("RETENTION_SCHEDULE"),
             retention_max_rows=max(1, number("RETENTION_MAX_ROWS_PER_RUN", int)),

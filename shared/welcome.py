@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from .contract import RequestRefused, ValidationPolicy, parse_address, validate_request
+from .contract import RequestRefused, ValidationPolicy, id_proof, parse_address, validate_request
 from .settings import Settings, SettingsError
 from .welcome_policy import (
     DONE_STATES,
@@ -251,6 +251,9 @@ class WelcomeScan:
             from .producer import enqueue_requests
 
             assert request is not None
+            # `welcome-` ids are the relay's own namespace: the request carries the relay's proof, a
+            # producer's request under such an id is refused (shared/contract.check_id_claim).
+            request = {**request, "idProof": id_proof(self.settings.recipient_hash_key, request["id"])}
             await enqueue_requests(self.storage, self.settings.mail_queue, self.settings.claim_check_container, [request])
             self.checkpoint("enqueued", user.id)
             await self.state.save(UserRow(user_id=user.id, state=STATE_ENQUEUED, first_seen=first_seen, updated=now,

@@ -41,6 +41,10 @@ class Storage:
     def container_name(self) -> str:
         return f"{self.table_prefix}-payloads"
 
+    @property
+    def state_container_name(self) -> str:
+        return f"{self.table_prefix}-state"
+
     def env(self, **overrides: str) -> dict[str, str]:
         """App settings pointing the app at this test's storage names; overrides win."""
         settings = {
@@ -51,6 +55,7 @@ class Storage:
             "GOVERNOR_TABLE": f"{self.table_prefix}gov",
             "AGGREGATES_TABLE": f"{self.table_prefix}agg",
             "CLAIM_CHECK_CONTAINER": self.container_name,
+            "RELAY_STATE_CONTAINER": self.state_container_name,
         }
         settings.update(overrides)
         return settings

@@ -26,6 +26,8 @@ def relay_settings(storage, emulator, **overrides: str) -> Settings:
         RETRY_BASE_SECONDS="1",
         RETRY_MAX_SECONDS="1",
         RECIPIENT_HASH_KEY="test-hash-key",
+        # Producers that may hand the relay blobs, each under requests/<name>/<request id>/.
+        BLOB_PRODUCERS="producer-a,producer-b",
     )
     env.update(overrides)
     return Settings.from_env(env)

@@ -59,7 +59,7 @@ def with_relay(storage, emulator, scenario, **overrides):
 
 def test_a_small_message_naming_one_big_blob_twelve_times_is_refused_before_it_is_read(storage, emulator):
     async def scenario(relay):
-        url = await upload(relay, "att/big.bin", b"\0" * BLOB)
+        url = await upload(relay, "requests/producer-a/bomb-1/big.bin", b"\0" * BLOB)
         doc = {"id": "bomb-1", "to": ["ann@contoso.com"], "subject": "s", "text": "t",
                "attachments": [{"name": f"a{i}.bin", "blobUrl": url} for i in range(12)]}
         assert len(json.dumps(doc)) < 2000
@@ -75,7 +75,7 @@ def test_an_attachment_within_the_limit_is_sent_intact(storage, emulator):
     data = bytes(range(256)) * (700 * 1024 // 256)   # 700 KiB: about 950 KB once base64-encoded
 
     async def scenario(relay):
-        url = await upload(relay, "att/ok.bin", data)
+        url = await upload(relay, "requests/producer-a/ok-1/ok.bin", data)
         return await handle_measured(relay, {"id": "ok-1", "to": ["ann@contoso.com"], "subject": "s", "text": "t",
                                              "attachments": [{"name": "ok.bin", "blobUrl": url}]})
 
@@ -102,14 +102,14 @@ def test_a_blob_read_stops_at_its_cap_even_if_it_grew_after_its_size_was_checked
     cap = 100 * 1024
 
     async def scenario(relay):
-        url = await upload(relay, "att/grows.bin", b"\0" * 10)
+        url = await upload(relay, "requests/producer-a/g-1/grows.bin", b"\0" * 10)
         reader: BlobReader = relay.payloads
-        assert await reader.size(url, "attachment") == 10
-        await upload(relay, "att/grows.bin", b"\0" * (8 * 1024 * 1024))  # the producer rewrites it, bigger
+        assert await reader.size(url, "attachment", "g-1") == 10
+        await upload(relay, "requests/producer-a/g-1/grows.bin", b"\0" * (8 * 1024 * 1024))  # the producer rewrites it, bigger
         tracemalloc.start()
         try:
             try:
-                await reader.read(url, "attachment", cap)
+                await reader.read(url, "attachment", "g-1", cap)
             except RequestRefused as refusal:
                 outcome = refusal.reason
             else:
@@ -117,7 +117,7 @@ def test_a_blob_read_stops_at_its_cap_even_if_it_grew_after_its_size_was_checked
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-        assert await reader.read(await upload(relay, "att/empty.bin", b""), "attachment", cap) == b""
+        assert await reader.read(await upload(relay, "requests/producer-a/g-1/empty.bin", b""), "attachment", "g-1", cap) == b""
         return outcome, peak
 
     outcome, peak = with_relay(storage, emulator, scenario)

@@ -48,8 +48,9 @@ def test_producer_names_are_unguessable_and_never_overwrite(storage, emulator):
     names = run(main())
     assert len(names) == 2 and names[0] != names[1]
     for name in names:
-        assert re.fullmatch(r"requests/[0-9a-f-]{36}-[A-Za-z0-9_-]{22}\.json", name) and "same-id" not in name
-    assert len({claim_check_blob_name() for _ in range(1000)}) == 1000
+        # Under the request's own prefix (the relay reads no other blob for it), then 250 random bits.
+        assert re.fullmatch(r"requests/hve-relay/same-id/[0-9a-f-]{36}-[A-Za-z0-9_-]{22}\.json", name)
+    assert len({claim_check_blob_name("same-id") for _ in range(1000)}) == 1000
 
 
 def test_claim_check_blob_is_deleted_once_the_request_is_final_and_attachments_stay(storage, emulator):
@@ -60,7 +61,7 @@ def test_claim_check_blob_is_deleted_once_the_request_is_final_and_attachments_s
         try:
             container = relay.storage.container(storage.container_name)
             await container.create_container()
-            attachment = await container.upload_blob("att/terms.pdf", b"%PDF terms")
+            attachment = await container.upload_blob("requests/hve-relay/cc-sent/terms.pdf", b"%PDF terms")
             attach = [{"name": "terms.pdf", "contentType": "application/pdf", "blobUrl": attachment.url}]
             await enqueue_requests(relay.storage, storage.queue_name, storage.container_name, [
                 big("cc-sent", attachments=attach),          # deferred once (451), then sent
@@ -81,9 +82,9 @@ def test_claim_check_blob_is_deleted_once_the_request_is_final_and_attachments_s
 
     handled, during, after, sent, refused = run(main())
     assert sorted(h.state for h in handled) == ["deferred", "refused", "sent"]
-    assert len([n for n in during if n.startswith("requests/")]) == 2, (handled, during)
+    assert len([n for n in during if n.endswith(".json")]) == 2, (handled, during)
     assert sent.state == "sent" and refused.state == "refused" and sent.claim_blob and refused.claim_blob
-    assert after == ["att/terms.pdf"]
+    assert after == ["requests/hve-relay/cc-sent/terms.pdf"]
 
 
 def test_a_claim_check_naming_another_requests_blob_does_not_delete_it(storage, emulator):
@@ -92,7 +93,7 @@ def test_a_claim_check_naming_another_requests_blob_does_not_delete_it(storage, 
         try:
             container = relay.storage.container(storage.container_name)
             await container.create_container()
-            victim = await container.upload_blob(claim_check_blob_name(), json.dumps(big("victim-1")))
+            victim = await container.upload_blob(claim_check_blob_name("victim-1"), json.dumps(big("victim-1")))
             await enqueue(relay, {"id": "thief-1", "claimCheck": {"blobUrl": victim.url}})
             [handled] = await drain(relay)
             return handled, await blob_names(relay, storage.container_name)
@@ -100,7 +101,7 @@ def test_a_claim_check_naming_another_requests_blob_does_not_delete_it(storage, 
             await relay.close()
 
     handled, names = run(main())
-    assert handled.state == "refused" and handled.reason.startswith("claim-check")
+    assert handled.state == "refused" and handled.reason.startswith("blob-not-owned")
     assert len(names) == 1
 
 

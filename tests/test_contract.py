@@ -161,7 +161,9 @@ def test_claim_check_stub_is_recognised():
 AGREE_VALID = [good(), good(html="<p>x</p>", text=None) | {"text": "t"}, good(attachments=[{"name": "a.pdf", "contentType": "application/pdf", "contentBase64": "aGk="}]),
                {"id": "x1", "claimCheck": {"blobUrl": "https://acct.blob.core.windows.net/mail-payloads/x1.json"}}]
 AGREE_INVALID = [good(subjct="typo"), {"to": ["a@contoso.com"], "subject": "no body"}, good(headers={"Reply-To": "x@contoso.com"}),
-                 good(id="has space"), {"claimCheck": {"blobUrl": "x"}, "to": "a@contoso.com"}]
+                 good(id="has space"), {"claimCheck": {"blobUrl": "x"}, "to": "a@contoso.com"},
+                 good(id="invoice-ann.smith@contoso.com"), good(category="bob.jones@contoso.com"),
+                 {"claimCheck": {"blobUrl": "https://acct.blob.core.windows.net/mail-payloads/requests/p/x/y.json"}}]
 
 
 @pytest.mark.parametrize("doc", AGREE_VALID)
@@ -204,7 +206,7 @@ def test_no_input_can_add_a_header(subject, name, tag, category):
     except RequestRefused:
         return
     raw = build_message(request, request_id="p-1", account="news@contoso.com", sender_name="News",
-                        message_id_domain="contoso.com", attachments=[])
+                        message_id_domain="contoso.com", message_id_key=b"k", attachments=[])
     msg = message_from_bytes(raw, policy=email_policy.default)
     assert sorted(k.lower() for k in msg.keys()) == sorted(
         ["from", "to", "subject", "date", "message-id", "mime-version", "x-tag", "content-type",

@@ -79,7 +79,8 @@ def test_a_claim_check_stub_carries_only_its_url_id_and_attempt():
     stub = {"claimCheck": {"blobUrl": "https://x/y.json"}, "id": "r-1", "attempt": 3}
     claim = claim_check_of(stub)
     assert (claim.blob_url, claim.id) == ("https://x/y.json", "r-1")
-    assert claim_check_of({"claimCheck": {"blobUrl": "https://x/y.json"}}).id is None
+    assert refusal(claim_check_of, {"claimCheck": {"blobUrl": "https://x/y.json"}}) == (
+        "schema", "a claim-check message needs the request's id (its blob is under requests/<producer>/<id>/)")
     assert claim_check_of(good()) is None
     assert refusal(claim_check_of, {**stub, "to": "a@contoso.com", "subject": "s"}) == (
         "schema", "a claim-check message carries only 'claimCheck', 'id' and 'attempt', not ['subject', 'to']")
@@ -96,8 +97,18 @@ def test_a_bad_request_id_is_refused_with_the_rule(value):
     assert refusal(validate_request, good(id=value), POLICY) == ("schema", ID_RULE)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("id", "invoice-ann.smith@contoso.com"), ("id", "a@b"), ("id", "x:ann@contoso"),
+    ("category", "bob.jones@contoso.com"), ("category", "for bob@contoso.com today"),
+])
+def test_an_id_or_category_holding_a_mail_address_is_refused_without_repeating_it(field, value):
+    reason, detail = refusal(validate_request, good(**{field: value}), POLICY)
+    assert reason == "address-shaped" and detail.startswith(f"{field} looks like it holds a mail address")
+    assert "@" not in detail and value not in detail
+
+
 def test_request_ids_at_the_edges_are_accepted():
-    for value in ("a", "A" + "b" * 199, "0._:@=+-"):
+    for value in ("a", "A" + "b" * 199, "0._:=+-@", "a@", "a@.b"):
         assert validate_request(good(id=value), POLICY).id == value
     assert validate_request(good(), POLICY).id is None
 
@@ -247,7 +258,7 @@ def test_each_attachment_rule_refuses_with_its_reason_and_detail(attachments, re
 
 
 def test_attachments_at_the_edges_are_accepted():
-    request = validate_request(good(attachments=[
+    request = validate_request(good(id="r-1", attachments=[
         {"name": "n" * 255, "contentBase64": ""},
         {"name": "a", "blobUrl": "http://127.0.0.1:10000/c/a"},
         {"name": "b", "contentType": "Application/PDF", "blobUrl": "https://x/b"},

@@ -77,7 +77,7 @@ class Harness:
             storage = StorageClients(self.settings)
             graph = GraphClient(self.settings.graph_base_url, StaticToken(self.standin.token), max_attempts=1)
             try:
-                reconciler = Reconciler(self.settings, graph, DeliveryStore(await storage.table(self.settings.delivery_table)),
+                reconciler = Reconciler(self.settings, graph, DeliveryStore(await storage.table(self.settings.delivery_table), self.settings.recipient_hash_key),
                                         await storage.table(self.settings.ledger_table),
                                         await storage.table(self.settings.recipient_index_table), on_delta=self._record,
                                         clock=self.clock, instruments=self.instruments)
@@ -101,7 +101,7 @@ class Harness:
     async def _store(self, fn):
         storage = StorageClients(self.settings)
         try:
-            return await fn(DeliveryStore(await storage.table(self.settings.delivery_table)))
+            return await fn(DeliveryStore(await storage.table(self.settings.delivery_table), self.settings.recipient_hash_key))
         finally:
             await storage.close()
 
@@ -255,14 +255,14 @@ def test_unmatched_rows_are_counted_and_ignored(storage, emulator, graph_standin
     sender = settings.accounts[0]
     graph_standin.add_trace(sender, ["x@contoso.com", "y@contoso.com"], "<not-ours-123@contoso.com>")
     # Our Message-ID shape, but no request of ours has that id.
-    graph_standin.add_trace(sender, ["z@contoso.com"], message_id("never-sent", "contoso.com"))
+    graph_standin.add_trace(sender, ["z@contoso.com"], message_id("never-sent", "contoso.com", key=b"test-hash-key"))
     h = Harness(settings, graph_standin, clock)
     tally = h.once()
     assert (tally.matched, tally.unmatched) == (1, 3)
     assert len(h.deltas) == 1
     rows = h.all_rows()
     assert {r["RequestId"] for r in rows if r["RowKey"] == "summary"} == {"ours"}
-    assert {r["PartitionKey"] for r in rows if not r["PartitionKey"].startswith("~")} == {request_digest("ours")}
+    assert {r["PartitionKey"] for r in rows if not r["PartitionKey"].startswith("~")} == {request_digest("ours", b"test-hash-key")}
 
 
 def test_a_filter_graph_would_refuse_is_never_sent(storage, emulator, graph_standin, clock):

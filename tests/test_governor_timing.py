@@ -55,10 +55,11 @@ def test_slot_is_dated_after_slow_downloads_so_hve_never_sees_eleven_in_its_minu
         try:
             container = relay.storage.container(storage.container_name)
             await container.create_container()
-            blob = await container.upload_blob("att/terms.txt", b"terms and conditions")
-            attachment = [{"name": "terms.txt", "contentType": "text/plain", "blobUrl": blob.url}]
-            bodies = [json.dumps(mail(id=f"slow-{i}", to=[f"c{i}@fabrikam.example"], attachments=attachment))
-                      for i in range(11)]
+            bodies = []
+            for i in range(11):   # each request names its own copy (requests/<producer>/<id>/)
+                blob = await container.upload_blob(f"requests/producer-a/slow-{i}/terms.txt", b"terms and conditions")
+                attachment = [{"name": "terms.txt", "contentType": "text/plain", "blobUrl": blob.url}]
+                bodies.append(json.dumps(mail(id=f"slow-{i}", to=[f"c{i}@fabrikam.example"], attachments=attachment)))
             first = await asyncio.gather(*(relay.handle(b, f"q{i}") for i, b in enumerate(bodies)))
             assert sorted(h.state for h in first) == ["deferred"] + ["sent"] * 10
             # The 11th comes back when its booking is due (the queue's visibility delay).
@@ -147,7 +148,7 @@ def test_two_deliveries_of_one_request_waiting_for_sessions_send_it_once(storage
     assert [r.state for r in results].count("sent") == 1
     assert set(r.state for r in results) <= {"sent", "busy", "duplicate"}
     ids = [m.message_id for m in emulator.accepted()]
-    assert ids == [message_id("twice-at-once", "contoso.com")]
+    assert ids == [message_id("twice-at-once", "contoso.com", key=b"test-hash-key")]
     # The losers' slots went back: the accounts count one message in all.
     assert sum(s.messages_today for s in states) == 1
 
@@ -205,7 +206,7 @@ def test_a_reply_lost_after_data_keeps_its_charge_and_is_not_resent_at_once(stor
     # Not resent silently on a fresh session: deferred through the ledger, then resent (same
     # Message-ID), and both attempts are counted, because HVE may have both.
     assert [r.state for r in results] == ["deferred", "sent"]
-    lost = [m for m in emulator.accepted() if m.message_id == message_id("lost-reply", "contoso.com")]
+    lost = [m for m in emulator.accepted() if m.message_id == message_id("lost-reply", "contoso.com", key=b"test-hash-key")]
     assert len(lost) == 2
     assert state.messages_today == 3
 
@@ -250,8 +251,8 @@ def test_recipients_deferred_at_rcpt_go_in_a_follow_up_with_their_own_message_id
     results, entry = run(main())
     assert [r.state for r in results] == ["deferred", "sent"]
     copies = {m.message_id: sorted(m.recipients) for m in emulator.accepted()}
-    assert copies == {message_id("partial-4xx", "contoso.com"): ["bob@contoso.com", "cy@contoso.com"],
-                      message_id("partial-4xx", "contoso.com", 1): ["ann@contoso.com"]}
+    assert copies == {message_id("partial-4xx", "contoso.com", key=b"test-hash-key"): ["bob@contoso.com", "cy@contoso.com"],
+                      message_id("partial-4xx", "contoso.com", 1, key=b"test-hash-key"): ["ann@contoso.com"]}
     assert entry.state == "sent" and entry.chunks_sent == 2 and entry.pending_recipients == ()
 
 
@@ -288,7 +289,7 @@ def test_a_chunk_whose_recipients_are_all_refused_does_not_stop_the_other_chunks
     assert [r.state for r in results] == ["sent"]
     assert entry.refused_recipients == (0, 1) and entry.chunks_sent == 2
     assert [(m.message_id, m.recipients) for m in emulator.accepted()] == [
-        (message_id("chunk-5xx", "contoso.com", 1), ("y1@contoso.com",))]
+        (message_id("chunk-5xx", "contoso.com", 1, key=b"test-hash-key"), ("y1@contoso.com",))]
 
 
 def test_throttling_at_rcpt_cools_the_account_like_throttling_at_data(storage, emulator):
@@ -349,7 +350,7 @@ def test_a_failed_governor_call_between_chunks_never_sends_a_chunk_again(storage
     assert between.chunks_sent == 1                      # recorded before the next slot was asked for
     assert again.state == "sent" and entry.chunks_sent == 3
     ids = [m.message_id for m in emulator.accepted()]
-    assert sorted(ids) == sorted(message_id("chunks-durable", "contoso.com", i) for i in range(3))
+    assert sorted(ids) == sorted(message_id("chunks-durable", "contoso.com", i, key=b"test-hash-key") for i in range(3))
 
 
 # --- booked requests wake early by their lateness and wait for the slot ---------------------------

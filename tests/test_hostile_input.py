@@ -56,7 +56,7 @@ def policy_outcome(body: bytes | str) -> str:
             return "claim-check"
         request = validate_request(doc, POLICY)
         build_message(request, request_id="p-1", account="news@contoso.com", sender_name="News",
-                      message_id_domain="contoso.com",
+                      message_id_domain="contoso.com", message_id_key=b"k",
                       attachments=[(a.name, a.content_type, a.content or b"") for a in request.attachments])
         return "built"
     except RequestRefused as refusal:

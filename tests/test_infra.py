@@ -399,6 +399,10 @@ def test_storage_names_are_the_code_defaults(bicep):
     assert "deploymentContainerName" in containers, "the Flex deployment container must be created"
     assert evaluate("claimCheckContainerName", main) == defaults["CLAIM_CHECK_CONTAINER"]
     assert "claimCheckContainerName" in containers
+    # The relay's own container is created too, and is not the producers'.
+    assert evaluate("relayStateContainerName", main) == defaults["RELAY_STATE_CONTAINER"]
+    assert "relayStateContainerName" in containers
+    assert defaults["RELAY_STATE_CONTAINER"] != defaults["CLAIM_CHECK_CONTAINER"]
     # The deployment container the storage module creates is the one the app deploys from.
     fa = _body(_module_for(bicep, "modules/functionapp.bicep")["config"])["params"]
     assert fa["deploymentContainerName"] == "deploymentContainerName"
@@ -409,7 +413,8 @@ def test_storage_names_are_the_code_defaults(bicep):
                          ("GOVERNOR_TABLE", "governorTableName"), ("WELCOME_STATE_TABLE", "welcomeTableName"),
                          ("AGGREGATES_TABLE", "aggregatesTableName"),
                          ("DELIVERY_TABLE", "deliveryTableName"),
-                         ("CLAIM_CHECK_CONTAINER", "claimCheckContainerName")]:
+                         ("CLAIM_CHECK_CONTAINER", "claimCheckContainerName"),
+                         ("RELAY_STATE_CONTAINER", "relayStateContainerName")]:
         assert settings[setting] == var, f"{setting} must be set from {var}"
     storage_doc = bicep["modules/storage.bicep"]
     for rtype, param in [("Microsoft.Storage/storageAccounts/queueServices/queues", "queueNames"),
@@ -436,19 +441,23 @@ def test_storage_account_security(bicep):
 
 def test_claim_check_requests_have_a_lifecycle_backstop(bicep):
     """The relay deletes a request's claim-check blob when the request is final; a management
-    policy deletes what is left under `requests/` of the claim-check container, after the relay
-    has given up on any request (SEND_MAX_AGE_HOURS)."""
+    policy deletes what is left under `requests/` of the claim-check container, and the relay's own
+    deferred copies (`deferred/` of the relay's container), after the relay has given up on any
+    request (SEND_MAX_AGE_HOURS)."""
     _, policy = _the(bicep, "Microsoft.Storage/storageAccounts/managementPolicies")
     [rule] = policy["properties"]["policy"]["rules"]
     assert rule["enabled"] is True and rule["type"] == "Lifecycle"
     storage_doc = bicep["modules/storage.bicep"]
-    [prefix] = rule["definition"]["filters"]["prefixMatch"]
+    prefixes = rule["definition"]["filters"]["prefixMatch"]
     main = bicep["main.bicep"]
-    container = evaluate(_storage_module_params(bicep)["claimCheckContainerName"], main)
-    assert evaluate(prefix, storage_doc, {"claimCheckContainerName": container}) == \
-        f"{container}/requests/"
+    params = _storage_module_params(bicep)
+    names = {"claimCheckContainerName": evaluate(params["claimCheckContainerName"], main),
+             "relayStateContainerName": evaluate(params["relayStateContainerName"], main)}
+    assert sorted(evaluate(p, storage_doc, names) for p in prefixes) == sorted([
+        f"{names['claimCheckContainerName']}/requests/", f"{names['relayStateContainerName']}/deferred/"])
+    from shared.blobs import DEFERRED_PREFIX
     from shared.producer import CLAIM_CHECK_PREFIX
-    assert CLAIM_CHECK_PREFIX == "requests/"
+    assert CLAIM_CHECK_PREFIX == "requests/" and DEFERRED_PREFIX == "deferred/"
     days = evaluate(rule["definition"]["actions"]["baseBlob"]["delete"]["daysAfterModificationGreaterThan"], storage_doc)
     max_age_hours = float(next(s.default for s in SETTINGS if s.name == "SEND_MAX_AGE_HOURS"))
     assert days * 24 > max_age_hours

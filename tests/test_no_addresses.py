@@ -122,3 +122,53 @@ def test_a_demo_run_leaves_no_address_in_ledger_index_logs_or_spans(storage, emu
     assert [line for line in handler.lines if leaks(line)] == []
     assert leaks(json.dumps(spans, default=str)) == []
     assert [s.attributes for s in test_telemetry.SPANS.get_finished_spans() for e in s.events if leaks(str(e.attributes))] == []
+
+
+# Addresses a producer put where the relay keeps text in clear: the request id and the category.
+IN_ID = "ann.smith@contoso.com"
+IN_CATEGORY = "bob.jones@contoso.com"
+
+
+def test_an_address_shaped_id_or_category_is_refused_and_kept_out_of_ledger_keys_logs_and_aggregates(storage, emulator):
+    handler = Everything()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0"))
+        try:
+            await enqueue(relay, mail(f"invoice-{IN_ID}", ["ann@contoso.com"]))
+            await enqueue(relay, mail("invoice-1042", ["ann@contoso.com"], category=IN_CATEGORY))
+            await enqueue(relay, {"to": ["ann@contoso.com"], "text": "no id", "category": f"for {IN_CATEGORY}"},
+                          encoding="base64")
+            await enqueue(relay, {"id": f"big-{IN_ID}", "claimCheck": {"blobUrl": f"{relay.payloads._prefix}x.json"}})
+            handled = await drain(relay)
+            await relay.aggregates.flush()
+            tables = {}
+            for name in ("LEDGER_TABLE", "RECIPIENT_INDEX_TABLE", "AGGREGATES_TABLE"):
+                table = await relay.storage.table(storage.env()[name])
+                tables[name] = [dict(r) async for r in table.list_entities()]
+            return handled, tables
+        finally:
+            await relay.close()
+
+    try:
+        handled, tables = asyncio.run(main())
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+    assert sorted(h.state for h in handled) == ["refused"] * 4, handled
+    reasons = sorted(h.reason.split(":")[0] for h in handled)
+    assert reasons == ["address-shaped"] * 4, handled
+    rows = [r for r in tables["LEDGER_TABLE"] if r["RowKey"] == "request"]
+    assert sorted(r["Reason"].split(":")[0] for r in rows) == ["address-shaped"] * 4
+    assert {r["State"] for r in rows} == {"refused"} and emulator.accepted() == []
+    assert tables["AGGREGATES_TABLE"], "the refusals are counted"
+    needles = [IN_ID, IN_CATEGORY, "ann.smith", "bob.jones"]
+    for name, stored in tables.items():
+        text = json.dumps(stored, default=str).lower()
+        assert [n for n in needles if n in text] == [], name
+    assert handler.lines and [line for line in handler.lines if any(n in line.lower() for n in needles)] == []

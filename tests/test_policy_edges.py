@@ -4,6 +4,7 @@ pinned to the ends of its range, the override rules with their messages, and the
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from datetime import datetime, timezone
 from email import message_from_bytes, policy
@@ -111,18 +112,26 @@ def request(**fields) -> MailRequest:
 
 def build(req: MailRequest, **kwargs) -> bytes:
     args = dict(request_id="r-1", account="news@contoso.com", sender_name="Contoso Relay",
-                message_id_domain="Contoso.com", attachments=[], now=NOW)
+                message_id_domain="Contoso.com", message_id_key=b"k", attachments=[], now=NOW)
     args.update(kwargs)
     return build_message(req, **args)
 
 
-def test_message_ids_are_a_digest_of_the_request_id_per_chunk_at_the_lowercased_domain():
-    plain = message_id("r-1", "Contoso.COM")
+def test_message_ids_are_a_keyed_digest_of_the_request_id_per_chunk_at_the_lowercased_domain():
+    plain = message_id("r-1", "Contoso.COM", key=b"k")
     assert re.fullmatch(r"<[0-9a-f]{40}@contoso\.com>", plain)
-    assert message_id("r-1", "contoso.com", 0) == plain
-    assert message_id("r-1", "contoso.com", 2) == plain.replace("@", ".2@")
-    digest = hashlib.sha256("r-é".encode("utf-8")).hexdigest()
-    assert message_id("r-é", "contoso.com") == f"<{digest[:40]}@contoso.com>"
+    assert message_id("r-1", "contoso.com", 0, key=b"k") == plain
+    assert message_id("r-1", "contoso.com", 2, key=b"k") == plain.replace("@", ".2@")
+    digest = hmac.new(b"k", "hve-relay message id\x00r-é".encode("utf-8"), hashlib.sha256).hexdigest()
+    assert message_id("r-é", "contoso.com", key=b"k") == f"<{digest[:40]}@contoso.com>"
+
+
+def test_a_message_id_cannot_be_computed_from_the_request_id_alone():
+    # Unkeyed, anyone knowing an id (or the text behind a derived one) could mail under its
+    # Message-ID first and have Exchange drop the real one as a duplicate.
+    assert message_id("r-1", "contoso.com", key=b"k") != message_id("r-1", "contoso.com", key=b"other")
+    unkeyed = hashlib.sha256(b"r-1").hexdigest()[:40]
+    assert message_id("r-1", "contoso.com", key=b"k") != f"<{unkeyed}@contoso.com>"
 
 
 def test_a_text_message_is_exactly_this_on_the_wire():
@@ -133,7 +142,7 @@ def test_a_text_message_is_exactly_this_on_the_wire():
         b"Cc: bob@contoso.com\r\n"
         b"Subject: Quarterly update\r\n"
         b"Date: Tue, 10 Mar 2026 12:30:05 +0000\r\n"
-        b"Message-ID: " + message_id("r-1", "contoso.com").encode() + b"\r\n"
+        b"Message-ID: " + message_id("r-1", "contoso.com", key=b"k").encode() + b"\r\n"
         b"X-Campaign: q3\r\n"
         b"Content-Type: text/plain; charset=\"utf-8\"\r\n"
         b"Content-Transfer-Encoding: 7bit\r\n"
@@ -147,7 +156,7 @@ def test_a_text_message_is_exactly_this_on_the_wire():
 
 def test_a_chunk_gets_its_own_message_id():
     wire = build(request(), chunk=3)
-    assert b"Message-ID: " + message_id("r-1", "contoso.com", 3).encode() + b"\r\n" in wire
+    assert b"Message-ID: " + message_id("r-1", "contoso.com", 3, key=b"k").encode() + b"\r\n" in wire
 
 
 def test_only_bcc_recipients_show_undisclosed_recipients():

@@ -39,9 +39,9 @@ def test_backoff_grows_and_is_capped_with_jitter():
 
 
 def test_message_id_is_deterministic_per_request_and_distinct_per_chunk():
-    assert message_id("r-1", "contoso.com") == message_id("r-1", "Contoso.com")
-    assert message_id("r-1", "contoso.com") != message_id("r-2", "contoso.com")
-    assert message_id("r-1", "contoso.com", chunk=2) != message_id("r-1", "contoso.com")
+    assert message_id("r-1", "contoso.com", key=b"k") == message_id("r-1", "Contoso.com", key=b"k")
+    assert message_id("r-1", "contoso.com", key=b"k") != message_id("r-2", "contoso.com", key=b"k")
+    assert message_id("r-1", "contoso.com", chunk=2, key=b"k") != message_id("r-1", "contoso.com", key=b"k")
 
 
 def test_mime_has_account_as_from_and_no_bcc_header():
@@ -49,12 +49,12 @@ def test_mime_has_account_as_from_and_no_bcc_header():
     req = validate_request({"to": ["Zoë <z@contoso.com>"], "bcc": ["hidden@contoso.com"], "subject": "Grüße",
                             "text": "plain", "html": "<b>rich</b>", "headers": {"X-Campaign": "c1"}}, pol)
     raw = build_message(req, request_id="r-1", account="news@contoso.com", sender_name="Contoso News",
-                        message_id_domain="contoso.com", attachments=[("r.pdf", "application/pdf", b"%PDF")])
+                        message_id_domain="contoso.com", message_id_key=b"k", attachments=[("r.pdf", "application/pdf", b"%PDF")])
     msg = message_from_bytes(raw, policy=policy.default)
     assert msg["From"] == "Contoso News <news@contoso.com>"
     assert "hidden@contoso.com" not in raw.decode() and msg["Bcc"] is None
     assert msg["Subject"] == "Grüße" and msg["X-Campaign"] == "c1"
-    assert msg["Message-ID"] == message_id("r-1", "contoso.com")
+    assert msg["Message-ID"] == message_id("r-1", "contoso.com", key=b"k")
     assert b"\r\n" in raw and [p.get_content_type() for p in msg.walk()][:4] == ["multipart/mixed", "multipart/alternative", "text/plain", "text/html"]
     assert [a.get_filename() for a in msg.iter_attachments()] == ["r.pdf"]
 

@@ -77,8 +77,11 @@ def test_a_request_at_the_64_kib_limit_travels_by_claim_check_when_its_copy_does
     assert deferred.state == "deferred"
     [copy] = copies
     stub = json.loads(copy)
-    assert set(stub) == {"id", "claimCheck", "attempt"} and stub["id"] == deferred.request_id
-    assert stub["claimCheck"]["blobUrl"].startswith(f"{storage.connection_string.split('BlobEndpoint=')[1].split(';')[0]}/")
+    # The derived id is the relay's: the copy carries the relay's proof of it.
+    assert set(stub) == {"id", "claimCheck", "attempt", "idProof"} and stub["id"] == deferred.request_id
+    # The relay's own copy is in its own container, which no producer can write.
+    blob_endpoint = storage.connection_string.split('BlobEndpoint=')[1].split(';')[0]
+    assert stub["claimCheck"]["blobUrl"].startswith(f"{blob_endpoint}/{storage.state_container_name}/deferred/{stub['id']}-")
     assert [r.state for r in results] == ["sent"] and entry.state == "sent" and entry.attempts == 2
     assert delivered_text(emulator).rstrip("\r\n") == json.loads(body)["text"]
 

@@ -108,7 +108,7 @@ def test_a_claim_check_blob_with_another_id_is_refused_and_nothing_is_sent(stora
         try:
             container = relay.storage.container(storage.container_name)
             await container.create_container()
-            blob = await container.upload_blob("requests/cc-1.json", json.dumps(mail(id="someone-elses-request")))
+            blob = await container.upload_blob("requests/producer-a/cc-1/request.json", json.dumps(mail(id="someone-elses-request")))
             await enqueue(relay, {"id": "cc-1", "claimCheck": {"blobUrl": blob.url}})
             return await drain(relay), await relay.ledger.get("cc-1"), await queued(relay)
         finally:
@@ -126,9 +126,9 @@ def test_a_missing_or_oversized_blob_is_refused_naming_it_and_nothing_is_sent(st
         try:
             container = relay.storage.container(storage.container_name)
             await container.create_container()
-            big = await container.upload_blob("att/big.bin", b"x" * 5000)
-            await enqueue(relay, {"id": "gone-1", "claimCheck": {"blobUrl": f"{container.url}/requests/gone-1.json"}})
-            await enqueue(relay, mail(id="gone-2", attachments=[{"name": "a.pdf", "blobUrl": f"{container.url}/att/a.pdf"}]))
+            big = await container.upload_blob("requests/producer-a/big-3/big.bin", b"x" * 5000)
+            await enqueue(relay, {"id": "gone-1", "claimCheck": {"blobUrl": f"{container.url}/requests/producer-a/gone-1/request.json"}})
+            await enqueue(relay, mail(id="gone-2", attachments=[{"name": "a.pdf", "blobUrl": f"{container.url}/requests/producer-a/gone-2/a.pdf"}]))
             await enqueue(relay, mail(id="big-3", attachments=[{"name": "big.bin", "blobUrl": big.url}]))
             await drain(relay)
             return [await relay.ledger.get(i) for i in ("gone-1", "gone-2", "big-3")], await queued(relay)
@@ -137,8 +137,8 @@ def test_a_missing_or_oversized_blob_is_refused_naming_it_and_nothing_is_sent(st
 
     entries, left = run(main())
     assert [(e.state, e.attempts) for e in entries] == [("refused", 0)] * 3
-    assert entries[0].reason == "claim-check: claim check: blob 'requests/gone-1.json' does not exist"
-    assert entries[1].reason == "claim-check: attachment 'a.pdf': blob 'att/a.pdf' does not exist"
+    assert entries[0].reason == "claim-check: claim check: blob 'requests/producer-a/gone-1/request.json' does not exist"
+    assert entries[1].reason == "claim-check: attachment 'a.pdf': blob 'requests/producer-a/gone-2/a.pdf' does not exist"
     # Refused from the blob's size before any download (base64 overhead included).
     assert entries[2].reason == "too-large: the attachments take about 6844 bytes encoded; the message limit is 4000"
     assert left == 0 and emulator.connections_opened == 0

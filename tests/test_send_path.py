@@ -52,7 +52,7 @@ def test_request_is_sent_and_recorded(storage, emulator, encoding):
     assert (entry.category, entry.internal_recipients, entry.external_recipients) == ("newsletter", 2, 0)
     msg = stored(emulator)
     assert msg["From"].addresses[0].addr_spec == entry.account
-    assert msg["Message-ID"] == message_id(f"req-{encoding}", "contoso.com") == entry.message_id
+    assert msg["Message-ID"] == message_id(f"req-{encoding}", "contoso.com", key=b"test-hash-key") == entry.message_id
     assert msg["Subject"] == "Quarterly update"
 
 
@@ -78,7 +78,7 @@ def test_claim_check_request_is_read_from_blob(storage, emulator):
             container = relay.storage.container(storage.container_name)
             await container.create_container()
             big = mail(id="big-1", html="<p>" + "x" * 80_000 + "</p>")
-            blob = await container.upload_blob("requests/big-1.json", json.dumps(big))
+            blob = await container.upload_blob("requests/producer-a/big-1/request.json", json.dumps(big))
             await enqueue(relay, {"id": "big-1", "claimCheck": {"blobUrl": blob.url}})
             return await drain(relay)
         finally:
@@ -109,7 +109,7 @@ def test_attachments_inline_and_from_blob_arrive(storage, emulator):
         try:
             container = relay.storage.container(storage.container_name)
             await container.create_container()
-            blob = await container.upload_blob("att/report.pdf", b"%PDF-1.7 report")
+            blob = await container.upload_blob("requests/producer-a/att-1/report.pdf", b"%PDF-1.7 report")
             await enqueue(relay, mail(id="att-1", attachments=[
                 {"name": "notes.txt", "contentType": "text/plain", "contentBase64": base64.b64encode(b"inline notes").decode()},
                 {"name": "report.pdf", "contentType": "application/pdf", "blobUrl": blob.url},
@@ -244,7 +244,7 @@ def test_dropped_after_accept_resend_carries_the_same_message_id(storage, emulat
     results = run(main())
     assert [r.state for r in results] == ["deferred", "sent"]
     ids = {m["Message-ID"] for m in (message_from_bytes(p.read_bytes(), policy=policy.default) for p in emulator.messages())}
-    assert len(emulator.messages()) == 2 and ids == {message_id("lost-250", "contoso.com")}
+    assert len(emulator.messages()) == 2 and ids == {message_id("lost-250", "contoso.com", key=b"test-hash-key")}
 
 
 def test_gives_up_after_max_attempts_as_dead(storage, emulator):

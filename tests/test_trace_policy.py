@@ -110,10 +110,10 @@ def test_the_budget_allows_n_requests_in_any_five_minutes():
 
 
 def test_only_our_message_ids_match_with_their_chunk():
-    base = message_id("order-1042", "contoso.com")
+    base = message_id("order-1042", "contoso.com", key=b"k")
     digest = base[1:41]
     assert parse_message_id(base) == (digest, 0, "contoso.com")
-    assert parse_message_id(message_id("order-1042", "Contoso.com", 3)) == (digest, 3, "contoso.com")
+    assert parse_message_id(message_id("order-1042", "Contoso.com", 3, key=b"k")) == (digest, 3, "contoso.com")
     for other in ["<CAF=abc@mail.gmail.com>", "", None, "<" + "g" * 40 + "@x.com>", base.replace("@", "@@")]:
         assert parse_message_id(other) is None
 

@@ -158,7 +158,7 @@ def delivery_reconciliation(values: dict[str, str], emulator: HveEmulator, graph
     async def totals() -> dict[str, int]:
         storage = StorageClients(settings)
         try:
-            store = DeliveryStore(await storage.table(settings.delivery_table))
+            store = DeliveryStore(await storage.table(settings.delivery_table), settings.recipient_hash_key)
             counts: dict[str, int] = {}
             for summary in await store.summaries_since(datetime.now(timezone.utc) - timedelta(days=1)):
                 for status, n in summary["delivery"].items():

@@ -61,7 +61,7 @@ async def run(settings: Settings, command: str, arg: str | None, since: datetime
             entry = await ledger.get(arg)
             if entry is None:
                 return {"error": f"no request {arg!r} in the ledger"}
-            delivery = DeliveryStore(await storage.table(settings.delivery_table))
+            delivery = DeliveryStore(await storage.table(settings.delivery_table), settings.recipient_hash_key)
             summary = await delivery.summary(arg)
             return {"id": entry.request_id, "state": entry.state, "account": entry.account, "attempts": entry.attempts,
                     "last_code": entry.last_code, "delivery": summary["delivery"] if summary else {},

@@ -37,8 +37,11 @@ param containerNames array
 @maxValue(365)
 param deleteRetentionDays int = 7
 
-@description('Container of the claim-check request blobs (its `requests/` prefix is the relay\'s).')
+@description('Container where producers put claim-check requests and blob attachments, under `requests/<producer>/<request id>/`.')
 param claimCheckContainerName string
+
+@description('Container of the relay\'s own copies (`deferred/`): only the app\'s identity writes it.')
+param relayStateContainerName string
 
 @description('Days after which a claim-check request blob is deleted whatever became of it: the backstop for blobs the relay could not delete when their request became final. Longer than SEND_MAX_AGE_HOURS.')
 @minValue(1)
@@ -106,7 +109,8 @@ resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01'
 }
 
 // Claim-check requests do not pile up: the relay deletes each once its request is final; this
-// rule deletes what is left (a failed delete, a request that never reached the relay).
+// rule deletes what is left (a failed delete, a request that never reached the relay, the
+// producers' per-request attachment copies) and the relay's own deferred copies.
 resource lifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
   parent: storage
   name: 'default'
@@ -124,6 +128,7 @@ resource lifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05
               ]
               prefixMatch: [
                 '${claimCheckContainerName}/requests/'
+                '${relayStateContainerName}/deferred/'
               ]
             }
             actions: {
