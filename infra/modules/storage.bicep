@@ -37,10 +37,10 @@ param containerNames array
 @maxValue(365)
 param deleteRetentionDays int = 7
 
-@description('Container of the claim-check request blobs (its `requests/` prefix is the relay\'s).')
+@description('Container of the claim-check request blobs (its `requests/` and `deferred/` prefixes are the relay\'s).')
 param claimCheckContainerName string
 
-@description('Days after which a claim-check request blob is deleted whatever became of it: the backstop for blobs the relay could not delete when their request became final. Longer than SEND_MAX_AGE_HOURS.')
+@description('Days after which a blob under the relay\'s prefixes (claim-check requests, deferred copies) is deleted whatever became of it: the backstop for blobs the relay could not delete when their request became final. Longer than SEND_MAX_AGE_HOURS.')
 @minValue(1)
 param claimCheckRetentionDays int = 7
 
@@ -105,8 +105,10 @@ resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01'
   }
 }
 
-// Claim-check requests do not pile up: the relay deletes each once its request is final; this
-// rule deletes what is left (a failed delete, a request that never reached the relay).
+// Full copies of requests do not pile up: the relay deletes a request's blobs once it is final;
+// this rule deletes what is left (a failed delete, a request that never reached the relay). Every
+// prefix the relay keeps copies under (shared/relay_blobs.py, relay_blob_areas): claim-check
+// requests (`requests/`) and the relay's own deferred copies (`deferred/`).
 resource lifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
   parent: storage
   name: 'default'
@@ -124,6 +126,7 @@ resource lifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05
               ]
               prefixMatch: [
                 '${claimCheckContainerName}/requests/'
+                '${claimCheckContainerName}/deferred/'
               ]
             }
             actions: {
