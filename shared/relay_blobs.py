@@ -97,7 +97,8 @@ class RelayBlobs:
         names: set[tuple[BlobArea, str]] = set()
         try:
             owned = self.owned(claim_blob)
-            if owned is not None:
+            # (A blob named for a request is deleted only for that request.)
+            if owned is not None and (not owned[0].named_by_request or owned[0].request_blob(owned[1], request_id)):
                 names.add(owned)
             for area in self.areas:
                 if not area.named_by_request:
@@ -121,12 +122,12 @@ class RelayBlobs:
     async def delete_copy(self, request_id: str, url: str, *, logger: logging.Logger = log) -> bool:
         """Delete `url` if it is one of `request_id`'s blobs by its name (a copy of a request
         that is final already, delivered again); best effort."""
-        owned = self.owned(url)
-        if owned is None or not owned[0].request_blob(owned[1], request_id):
-            return False
         try:
+            owned = self.owned(url)
+            if owned is None or not owned[0].request_blob(owned[1], request_id):
+                return False
             return await self._delete(*owned)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any storage failure is only logged
             logger.warning("request %s: claim-check blob not deleted (%s); the lifecycle rule and purge_expired will",
                            request_id, type(exc).__name__)
             return False
