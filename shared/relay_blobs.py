@@ -7,8 +7,9 @@ Two kinds, both full copies of a request (recipients and body):
   going back on the queue no longer fits a queue message (Relay._requeue): found by their name.
 
 Every blob of a request is deleted when the request becomes final (sent, refused, dead; by the
-send stage or by the `purge_expired` sweep); a copy coming back after that (a duplicate) is
-deleted then. The `purge_expired` timer deletes whatever is left under these prefixes after the
+send stage or by the `purge_expired` sweep): the one it came by, and, for a request that came by
+one of its copies (or one the sweep records dead), every copy named for it. A copy coming back
+after that (a duplicate) is deleted then. The `purge_expired` timer deletes whatever is left under these prefixes after the
 retention period, and a lifecycle rule (infra/modules/storage.bicep) after a few days. Nothing
 else in a container is touched: attachments belong to their producer.
 
@@ -90,18 +91,24 @@ class RelayBlobs:
                 return area, name
         return None
 
-    async def delete_for_request(self, request_id: str, claim_blob: str = "", *,
+    async def delete_for_request(self, request_id: str, claim_blob: str = "", *, find_copies: bool | None = None,
                                  logger: logging.Logger = log) -> int:
         """Best effort, never raises: delete the request's claim-check blob (if it is under one of
-        the relay's prefixes) and every blob named for it. How many were deleted."""
+        the relay's prefixes) and, with `find_copies`, every blob named for it (one listing per
+        area). By default (None) they are looked for only when the claim-check blob is one of
+        them: only a request near the queue limit ever had a copy written, and the listing is
+        spared on every other request. A copy of another delivery still on the queue is deleted
+        when it comes back (`delete_copy`). How many were deleted."""
         names: set[tuple[BlobArea, str]] = set()
         try:
             owned = self.owned(claim_blob)
             # (A blob named for a request is deleted only for that request.)
             if owned is not None and (not owned[0].named_by_request or owned[0].request_blob(owned[1], request_id)):
                 names.add(owned)
+            if find_copies is None:
+                find_copies = owned is not None and owned[0].named_by_request
             for area in self.areas:
-                if not area.named_by_request:
+                if not area.named_by_request or not find_copies:
                     continue
                 try:
                     async for blob in self._container(area).list_blobs(

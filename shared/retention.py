@@ -148,7 +148,7 @@ async def _settle(ledger: Ledger, entry: LedgerEntry, now: datetime, aggregates:
     if aggregates is not None:   # counted once: the ETag write above made the row final
         aggregates.outcome(now.timestamp(), entry.account, entry.category, DEAD)
     if blobs is not None:
-        await blobs.delete_for_request(entry.request_id, entry.claim_blob, logger=log)
+        await blobs.delete_for_request(entry.request_id, entry.claim_blob, find_copies=True, logger=log)
     return 1
 
 

@@ -171,6 +171,9 @@ def test_a_deferred_copy_the_relay_wrote_is_deleted_once_the_request_is_sent(sto
             await producer_sends(storage, near_limit_request())
             first = await handle_one(relay)
             during = await blob_names(relay, storage.container_name)
+            # Another delivery's copy (the host's retry of the same message) whose queue message
+            # was lost: found by its name when the request is final.
+            await relay.payloads.store(f"deferred/{first.request_id}", b'{"id": "lost copy"}')
             rest = await drain(relay)
             return first, during, rest, await blob_names(relay, storage.container_name), \
                 await relay.ledger.get(first.request_id)
