@@ -22,9 +22,10 @@ recorded as final `dead`, reason `lost-in-flight`; its Message-ID stays in the r
 did reach HVE can be traced.
 
 A row still `deferred` (or `received`) SEND_MAX_AGE_HOURS plus POISON_TTL after its last update
-has no copy left anywhere: every copy on the queue comes back by the age limit and is then
-recorded dead, and one the host moved to the poison queue expires there after POISON_TTL. It is
-recorded as `dead`, reason `lost-in-queue`.
+belongs to a request whose copies are gone: it is past its age limit, so a copy still on the
+queue could only be recorded dead, and one the host moved to the poison queue has expired there
+(POISON_TTL). It is recorded as `dead`, reason `lost-in-queue`; a copy delivered afterwards is a
+duplicate.
 
 Both are written with the row's ETag: a row some instance changed since the sweep read it keeps
 that instance's outcome. Each is counted once in the aggregates, and the request's blobs go.
