@@ -26,8 +26,10 @@ async def welcome_new_users(timer: func.TimerRequest) -> None:
 
 @app.timer_trigger(arg_name="timer", schedule="%RETENTION_SCHEDULE%")
 async def purge_expired(timer: func.TimerRequest) -> None:
-    """Delete ledger, recipient-index and welcome rows older than LEDGER_RETENTION_DAYS (bounded per
-    run); record requests left `sending` for LOST_IN_FLIGHT_HOURS as dead (lost-in-flight)."""
+    """Delete ledger, recipient-index, welcome, delivery and aggregate rows and the relay's blobs
+    older than LEDGER_RETENTION_DAYS (bounded per run); record requests left `sending` for
+    LOST_IN_FLIGHT_HOURS as dead (lost-in-flight), and those left `deferred` past the age limit and
+    the poison queue's time to live as dead (lost-in-queue)."""
     from shared import retention
 
     await retention.handle_timer()

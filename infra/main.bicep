@@ -175,7 +175,7 @@ param retryBaseSeconds int = 30
 @description('Cap of the retry delay, in seconds.')
 param retryMaxSeconds int = 3600
 
-@description('Days the relay keeps who was mailed (ledger, chunk, recipient-index and welcome rows); longer than sendMaxAgeHours.')
+@description('Days the relay keeps who was mailed (ledger, chunk, recipient-index, delivery, welcome and aggregate rows; blobs left under the relay\'s prefixes); longer than sendMaxAgeHours.')
 @minValue(4)
 param ledgerRetentionDays int = 90
 

@@ -97,6 +97,11 @@ def _day_key(hour: int) -> str:
     return datetime.fromtimestamp(hour, timezone.utc).strftime("%Y%m%d")
 
 
+def day_key(at: float) -> str:
+    """The PartitionKey of the rows counting time `at`: its UTC day (`20261129`)."""
+    return _day_key(int(at))
+
+
 def split_days(start: int, end: int, now: float, rollup_after: float) -> tuple[list[str], list[str]]:
     """The UTC days (partition keys) of the hours [start, end): those that ended more than
     `rollup_after` before `now` (read from their rollups) and the others (read hour by hour)."""

@@ -181,6 +181,19 @@ class Ledger:
                 break
         return found
 
+    async def unsettled_before(self, cutoff: datetime, limit: int) -> list[LedgerEntry]:
+        """Up to `limit` request rows neither final nor `sending` (deferred, received) whose last
+        update is older than `cutoff`."""
+        found: list[LedgerEntry] = []
+        query = ("RowKey eq @rk and Updated lt @cutoff and State ne @sending and State ne @sent "
+                 "and State ne @refused and State ne @dead")
+        async for row in self._table.query_entities(query, parameters={
+                "rk": _ROW, "cutoff": cutoff, "sending": SENDING, "sent": SENT, "refused": REFUSED, "dead": DEAD}):
+            found.append(_from_row(row))
+            if len(found) >= limit:
+                break
+        return found
+
     async def put(self, entry: LedgerEntry) -> LedgerEntry:
         """Write unconditionally (for rows only this invocation can own, e.g. unparseable messages)."""
         meta = await self._table.upsert_entity(_to_row(entry), mode="replace")

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
-from azure.core.exceptions import ResourceNotFoundError
-
 from .aggregates import Aggregates, reply_labels
 from .blobs import BlobReader
 from .contract import (
@@ -45,10 +43,10 @@ from .contract import (
 )
 from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential, check_secret_names
 from .governor import Grant, TableGovernor
-from .producer import CLAIM_CHECK_PREFIX
 from .pacing import Impossible, PacingConfig, Release, Shape, Wait, chunk_recipients
 from .hve_smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
 from .queue_timing import BacklogEstimator, ReturnLatency
+from .relay_blobs import RelayBlobs
 from .ledger import DEAD, DEFERRED, FINAL_STATES, REFUSED, SENDING, SENT, Ledger, LedgerConflict, LedgerEntry
 from .limits import Limits, resolve_limits
 from .mime import build_message, message_id
@@ -263,6 +261,8 @@ class Relay:
                     "id-conflict", "another request with different content was already received under this id; "
                                    "give each request its own id"), received)
         if entry is not None and entry.state in FINAL_STATES:
+            if claim is not None:   # a copy of ours that came back after the clean-up
+                await RelayBlobs.of(self.storage, self.settings).delete_copy(request_id, claim.blob_url, logger=log)
             return Handled(request_id, "duplicate", f"already {entry.state}", entry.account, entry.last_code)
         if entry is not None and entry.state == SENDING:
             lease_left = entry.updated.timestamp() + self.settings.sending_lease_seconds - received
@@ -713,27 +713,18 @@ class Relay:
     async def _finish(self, entry: LedgerEntry, state: str, reason: str) -> Handled:
         entry = entry.evolve(state=state, reason=reason, updated=_utc(self.clock()))
         await self._save_quietly(entry)
-        if state in FINAL_STATES and entry.claim_blob:
+        if state in FINAL_STATES:
             await self._delete_claim_check(entry)
         return Handled(entry.request_id, state, reason, entry.account, entry.last_code)
 
     async def _delete_claim_check(self, entry: LedgerEntry) -> None:
-        """Best effort, after the outcome is recorded: a blob left behind is the lifecycle rule's
-        (infra/) to delete, never a reason to fail or retry the request. Only `requests/` blobs:
-        what else is in the container (attachments) belongs to the producer."""
-        try:
-            try:
-                name = self.payloads.blob_name(entry.claim_blob)
-            except RequestRefused:
-                return  # not in the producers' container (the relay's own copy in RELAY_STATE_CONTAINER)
-            if not name.startswith(CLAIM_CHECK_PREFIX):
-                return
-            await self.storage.container(self.settings.claim_check_container).delete_blob(name)
-        except ResourceNotFoundError:
-            pass  # deleted by an earlier delivery of the same request
-        except Exception as exc:  # noqa: BLE001 - any storage failure is only logged
-            log.warning("request %s: claim-check blob not deleted (%s); the lifecycle rule will",
-                        entry.request_id, type(exc).__name__)
+        """Best effort, after the outcome is recorded: the request's claim-check blob and the
+        copies the relay wrote for it (shared/relay_blobs.py). A blob left behind is for the
+        lifecycle rule (infra/) and `purge_expired` to delete, never a reason to fail or retry the
+        request. Only the relay's prefixes: what else is in the container (attachments) belongs to
+        the producer."""
+        await RelayBlobs.of(self.storage, self.settings).delete_for_request(entry.request_id, entry.claim_blob,
+                                                                            logger=log)
 
     async def _save_quietly(self, entry: LedgerEntry) -> None:
         """Record an outcome. On a lost ETag race our row still wins, unless the other one is final

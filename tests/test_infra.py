@@ -439,25 +439,26 @@ def test_storage_account_security(bicep):
         assert _body(res["config"]).get("properties", {}).get("publicAccess") == "None", name
 
 
-def test_claim_check_requests_have_a_lifecycle_backstop(bicep):
-    """The relay deletes a request's claim-check blob when the request is final; a management
-    policy deletes what is left under `requests/` of the claim-check container, and the relay's own
-    deferred copies (`deferred/` of the relay's container), after the relay has given up on any
-    request (SEND_MAX_AGE_HOURS)."""
+def test_every_prefix_the_relay_keeps_request_copies_under_has_a_lifecycle_backstop(bicep):
+    """The relay deletes a request's blobs when the request is final; a management policy deletes
+    what is left under each of the relay's prefixes (shared/relay_blobs.py: claim-check requests,
+    deferred copies in the relay's own container), after the relay has given up on any request
+    (SEND_MAX_AGE_HOURS)."""
+    from shared.relay_blobs import relay_blob_areas
+    from shared.settings import Settings
+
     _, policy = _the(bicep, "Microsoft.Storage/storageAccounts/managementPolicies")
     [rule] = policy["properties"]["policy"]["rules"]
     assert rule["enabled"] is True and rule["type"] == "Lifecycle"
     storage_doc = bicep["modules/storage.bicep"]
-    prefixes = rule["definition"]["filters"]["prefixMatch"]
     main = bicep["main.bicep"]
     params = _storage_module_params(bicep)
     names = {"claimCheckContainerName": evaluate(params["claimCheckContainerName"], main),
              "relayStateContainerName": evaluate(params["relayStateContainerName"], main)}
-    assert sorted(evaluate(p, storage_doc, names) for p in prefixes) == sorted([
-        f"{names['claimCheckContainerName']}/requests/", f"{names['relayStateContainerName']}/deferred/"])
-    from shared.blobs import DEFERRED_PREFIX
-    from shared.producer import CLAIM_CHECK_PREFIX
-    assert CLAIM_CHECK_PREFIX == "requests/" and DEFERRED_PREFIX == "deferred/"
+    prefixes = {evaluate(p, storage_doc, names) for p in rule["definition"]["filters"]["prefixMatch"]}
+    areas = relay_blob_areas(Settings.from_env({}))
+    assert prefixes == {f"{area.container}/{area.prefix}" for area in areas}
+    assert {area.prefix for area in areas} >= {"requests/", "deferred/"}
     days = evaluate(rule["definition"]["actions"]["baseBlob"]["delete"]["daysAfterModificationGreaterThan"], storage_doc)
     max_age_hours = float(next(s.default for s in SETTINGS if s.name == "SEND_MAX_AGE_HOURS"))
     assert days * 24 > max_age_hours
