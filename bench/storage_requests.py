@@ -31,10 +31,11 @@ from shared.sender import close_relays
 from shared.settings import Settings
 from shared.storage import StorageClients
 from tools.azurite import Azurite
-from tools.devhost import DevHost, _background_loop
+from tools.devhost import HOST_USER_AGENT, DevHost, _background_loop
 
 ROOT = Path(__file__).resolve().parents[1]
-_LINE = re.compile(r"^(\S+) \S+ info: (Table|Queue|Blob)StorageContextMiddleware: RequestMethod=(\w+) RequestURL=(\S+)")
+_LINE = re.compile(r"^(\S+) \S+ info: (Table|Queue|Blob)StorageContextMiddleware: RequestMethod=(\w+) RequestURL=(\S+)"
+                   r".*?\"user-agent\":\"([^\"]*)\"")
 
 
 def request(i: int) -> dict:
@@ -42,8 +43,10 @@ def request(i: int) -> dict:
             "text": f"Hello number {i}\n" * 20, "category": "bench"}
 
 
-def classify(service: str, method: str, url: str, names: dict[str, str]) -> str:
-    """A short name for one logged request, e.g. `ledger GET`, `queue delete`, `host receive`."""
+def classify(service: str, method: str, url: str, names: dict[str, str], agent: str = "") -> str:
+    """A short name for one logged request, e.g. `ledger GET`, `queue delete`, `host receive`.
+    The local host's own queue calls carry its user agent (tools.devhost.HOST_USER_AGENT): its
+    polls and idle checks are `host …`; its delete after a success is charged to the message."""
     path = unquote(urlsplit(url).path).split("/", 2)[-1]     # after /devstoreaccount1/
     query = urlsplit(url).query
     if service == "Table":
@@ -55,12 +58,14 @@ def classify(service: str, method: str, url: str, names: dict[str, str]) -> str:
         return f"{names.get(table, table)} {method}"
     if service == "Queue":
         parts = path.split("/")
+        host = agent.startswith(HOST_USER_AGENT)
         if len(parts) == 1:
             if method == "PUT":
                 return "queue create"
-            return "queue length read" if "comp=metadata" in query else f"queue {method}"
+            what = "queue length read" if "comp=metadata" in query else f"queue {method}"
+            return f"host {what}" if host else what
         if method == "GET" and "peekonly" not in query:
-            return "host receive"
+            return "host receive" if host else "queue receive"
         if method == "DELETE":
             return "queue delete"
         if method == "POST":
@@ -128,7 +133,7 @@ def run(n: int, profile: str, budget: int) -> tuple[Counter, float]:
     for line in lines:
         match = _LINE.match(line)
         if match:
-            counts[classify(match.group(2), match.group(3), match.group(4), names)] += 1
+            counts[classify(match.group(2), match.group(3), match.group(4), names, match.group(5))] += 1
     return counts, elapsed
 
 
@@ -140,7 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     counts, elapsed = run(args.messages, args.profile, args.budget)
     n = args.messages
-    host_only = {"host receive", "queue length read (host)"}
+    host_only = {"host receive", "host queue length read"}
     relay_total = sum(v for k, v in counts.items() if k not in host_only and k not in ("table create", "queue create"))
     print(f"storage requests per message, from Azurite's request log: {n} single-recipient internal messages, "
           f"profile {args.profile}, budget {args.budget or 'none'}, {elapsed:.1f} s under the local host")

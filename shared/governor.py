@@ -211,6 +211,15 @@ class TableGovernor:
                        len(s.external_slots) - bisect.bisect_right(s.external_slots, now))
                    for s in self._snapshot[0])
 
+    def known_states(self) -> list[AccountState]:
+        """The account rows as this process last read or wrote them (no Table call)."""
+        return list(self._snapshot[0]) if self._snapshot is not None else []
+
+    def held(self) -> set[str]:
+        """Accounts this process keeps off after a local failure, right now."""
+        now = self._monotonic()
+        return {account for account, until in self._held.items() if until > now}
+
     def hold_locally(self, account: str, seconds: float) -> None:
         """Keep this process off `account` for `seconds` (other instances are not told)."""
         self._held[account] = max(self._held.get(account, 0.0), self._monotonic() + seconds)

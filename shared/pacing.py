@@ -85,6 +85,15 @@ class PacingConfig:
         caps = [c for c in (self.limits.recipients_per_day_per_tenant, self.daily_recipient_budget) if c is not None]
         return min(caps) if caps else None
 
+    @property
+    def plain(self) -> bool:
+        """No per-minute window and nothing counted per day (`ga-2026` without a budget): only
+        account health decides, and nothing needs writing per message (shared/scheduler.py)."""
+        lim = self.limits
+        return self.tenant_cap is None and all(v is None for v in (
+            lim.external_messages_per_minute, lim.messages_per_minute, lim.external_recipients_per_day,
+            lim.recipients_per_day_per_account))
+
     def day_of(self, t: float) -> int:
         return math.floor((t - self.day_offset_seconds) / DAY)
 

@@ -166,11 +166,19 @@ def budget(status: Mapping[str, Any], totals: Mapping[str, Any], daily_budget: i
 
 async def build_report(*, window: Window, aggregates: Aggregates, governor: Any, mail_queue: Any,
                        poison_queue: Any, settings: Any, now: float) -> dict[str, Any]:
-    from .status import status_report
+    from .status import status_report, usage_from_aggregates, usage_from_buckets
 
     buckets, (states, tenant), mail, poison = await asyncio.gather(
         aggregates.read(window.since, window.until), governor.read(),
         queue_state(mail_queue, now), queue_state(poison_queue, now))
+    if governor.config.plain:
+        # The governor counts nothing per message on the plain path: today's use is in the aggregates
+        # (from the window's buckets when it covers the day so far, else one more read).
+        day_start = governor.config.day_end(governor.config.day_of(now) - 1)
+        if window.since.timestamp() <= day_start and window.until.timestamp() >= now:
+            states = usage_from_buckets(states, buckets, governor.config, now)
+        else:
+            states = await usage_from_aggregates(states, aggregates, governor.config, now)
     status = status_report(states, tenant, governor.config, settings.limits_profile, now)
     body = shape(buckets, window)
     return {"schema": SCHEMA, "generatedAt": _iso(now), "since": _iso(window.since), "until": _iso(window.until),

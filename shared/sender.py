@@ -43,6 +43,7 @@ from .contract import (
 )
 from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential, check_secret_names
 from .governor import Grant, TableGovernor
+from .scheduler import Later, PlainScheduler
 from .pacing import Impossible, PacingConfig, Release, Shape, Wait, chunk_recipients
 from .hve_smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
 from .queue_timing import BacklogEstimator, ReturnLatency
@@ -141,6 +142,12 @@ class Relay:
         self.sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
         self.closers: list[Callable[[], Awaitable[None]]] = []
         self.policy = ValidationPolicy.from_settings(settings, limits)
+        # No per-minute window and nothing counted per day (ga-2026 without a budget): only account
+        # health decides, from the governor's rows read now and then; nothing is written per
+        # message, no slot is booked, no queue length is read (shared/scheduler.py). Otherwise the
+        # governor's `acquire` paces every transaction (bookings, pacer, backlog readings).
+        self.scheduler: PlainScheduler | None = (PlainScheduler(governor, self.rng)
+                                                 if governor.config.plain else None)
         self.message_id_domain = settings.accounts[0].rsplit("@", 1)[1]
 
     @classmethod
@@ -205,7 +212,7 @@ class Relay:
 
     async def handle(self, body: bytes | str, queue_message_id: str, dequeue_count: int = 1) -> Handled:
         with self.instruments.tracer.start_as_current_span("hve_relay.send") as span:
-            if self.backlog.sample_due(self.clock()):
+            if self.scheduler is None and self.backlog.sample_due(self.clock()):
                 # From the first message on, not only once bookings start: the drain rate is the
                 # fall of the backlog between two readings, all instances together.
                 await self._sample_backlog(self.clock())
@@ -248,9 +255,21 @@ class Relay:
         if is_relay_id(request_id):
             stub["idProof"] = id_proof(key, request_id)
 
-        entry = await self.ledger.get(request_id)
+        claimed = False
+        if self.scheduler is not None and claim is None:
+            # Nothing to wait for before sending: the claim is the row's creation (one write,
+            # no read). A row that exists already (a copy, a retry, another request) is read.
+            try:
+                entry = await self.ledger.save(LedgerEntry(
+                    request_id=request_id, state=SENDING, first_received=_utc(received), updated=_utc(received),
+                    queue_message_id=queue_message_id, chunks_total=0, content_digest=content_digest(key, doc)))
+                claimed = True
+            except LedgerConflict:
+                entry = await self.ledger.get(request_id)
+        else:
+            entry = await self.ledger.get(request_id)
         full = None  # the request's full JSON object, once read
-        if entry is not None:
+        if entry is not None and not claimed:
             # The id is taken: by this request (a copy, a retry, a replay) or by another one.
             try:
                 same, full = await self._same_request(entry, doc, claim, request_id)
@@ -264,7 +283,7 @@ class Relay:
             if claim is not None:   # a copy of ours that came back after the clean-up
                 await RelayBlobs.of(self.storage, self.settings).delete_copy(request_id, claim.blob_url, logger=log)
             return Handled(request_id, "duplicate", f"already {entry.state}", entry.account, entry.last_code)
-        if entry is not None and entry.state == SENDING:
+        if entry is not None and entry.state == SENDING and not claimed:
             lease_left = entry.updated.timestamp() + self.settings.sending_lease_seconds - received
             if lease_left > 0:
                 delay = await self._requeue(stub, min(lease_left, BUSY_RECHECK_SECONDS), entry.attempts)
@@ -298,7 +317,7 @@ class Relay:
         expired = self._expired(entry, self.clock())
         if expired:
             return await self._finish(entry, DEAD, expired)
-        return await self._send_chunks(entry, stub, prepared)
+        return await self._send_chunks(entry, stub, prepared, claimed=claimed)
 
     async def _full_request(self, doc: dict, claim: Any, request_id: str) -> dict:
         """The request's JSON object: the message itself, or what its claim check points at (a blob
@@ -393,9 +412,11 @@ class Relay:
         pending = [i for i in entry.pending_recipients if i not in refused]
         return pending[:self.limits.recipients_per_message or len(pending)] or None
 
-    async def _send_chunks(self, entry: LedgerEntry, stub: dict, prepared: "_Prepared") -> Handled:
+    async def _send_chunks(self, entry: LedgerEntry, stub: dict, prepared: "_Prepared", *,
+                           claimed: bool = False) -> Handled:
         """Each transaction (a chunk, or a follow-up) gets its own slot; progress is saved in the
-        ledger after every accepted transaction, so a retry resumes at the first one not sent."""
+        ledger after every accepted transaction, so a retry resumes at the first one not sent.
+        `claimed`: this delivery created the row as `sending` a moment ago (the plain path)."""
         index = entry.chunks_sent
         deferred_here = False
         while (envelope := self._envelope(entry, prepared, index)) is not None:
@@ -410,7 +431,10 @@ class Relay:
             internal = sum(1 for a in addresses if a.rsplit("@", 1)[1].lower() in self.policy.internal_domains)
             shape = Shape(internal, len(addresses) - internal, prepared.request.account)
             booking = (entry.booked_account, entry.booked_at) if entry.booked_chunk == index else None
-            slot = await self._slot(entry, stub, shape, index, self.clock())
+            if self.scheduler is not None:
+                slot = await self._plain_slot(entry, stub, shape)
+            else:
+                slot = await self._slot(entry, stub, shape, index, self.clock())
             if isinstance(slot, Handled):
                 return slot
             account, slot_at, entry = slot
@@ -418,24 +442,46 @@ class Relay:
             # request holds the same one, so losing the claim to it must not give the slot back.
             shared = booking == (account, slot_at)
             sent = await self._transaction(entry, stub, prepared, index, envelope, account, slot_at, shape,
-                                           shared_slot=shared)
+                                           shared_slot=shared, claimed=claimed)
+            claimed = False   # from here on each transaction renews the claim with its own write
             if isinstance(sent, Handled):
                 return sent
             deferred_here = deferred_here or len(sent.pending_recipients) > len(entry.pending_recipients)
             entry = sent
             index += 1
-        everyone = len(prepared.recipients)
         self.instruments.recipients.add(entry.internal_recipients, {"kind": "internal"})
         self.instruments.recipients.add(entry.external_recipients, {"kind": "external"})
+        state, reason = self._outcome_of(entry, prepared)
+        if entry.state == state and entry.reason == reason:
+            # Written with the last transaction's progress (the plain path): one write, not two.
+            return await self._finished(entry)
+        return await self._finish(entry, state, reason)
+
+    @staticmethod
+    def _outcome_of(entry: LedgerEntry, prepared: "_Prepared") -> tuple[str, str]:
+        """The final state and reason of a request whose transactions are all done."""
+        everyone = len(prepared.recipients)
         if len(entry.refused_recipients) >= everyone:
-            return await self._finish(entry, REFUSED, f"refused by HVE: all {everyone} recipient(s); last reply "
-                                                      f"{entry.last_code} {entry.last_reply}"[:300])
-        reason = f"{len(entry.refused_recipients)} recipient(s) refused by HVE" if entry.refused_recipients else ""
-        return await self._finish(entry, SENT, reason)
+            return REFUSED, (f"refused by HVE: all {everyone} recipient(s); last reply "
+                             f"{entry.last_code} {entry.last_reply}")[:300]
+        return SENT, f"{len(entry.refused_recipients)} recipient(s) refused by HVE" if entry.refused_recipients else ""
+
+    async def _plain_slot(self, entry: LedgerEntry, stub: dict, shape: Shape) -> tuple[str, float, LedgerEntry] | Handled:
+        """The account to send on now, or the request back on the queue while every account rests."""
+        now = self.clock()
+        decision = await self.scheduler.decide(shape, now) if self.scheduler is not None else None
+        if isinstance(decision, Later):
+            if now + decision.delay - entry.first_received.timestamp() > self.settings.max_age_seconds:
+                return await self._finish(entry, DEAD, f"no account free before the age limit ({decision.reason})")
+            delay = await self._requeue(stub, decision.delay, entry.attempts)
+            await self._save_quietly(entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=_utc(now)))
+            return Handled(entry.request_id, DEFERRED, decision.reason, "", 0, delay)
+        assert decision is not None
+        return decision.account, decision.at, entry
 
     async def _transaction(self, entry: LedgerEntry, stub: dict, prepared: "_Prepared", index: int,
                            envelope: list[int], account: str, slot_at: float, shape: Shape, *,
-                           shared_slot: bool = False) -> LedgerEntry | Handled:
+                           shared_slot: bool = False, claimed: bool = False) -> LedgerEntry | Handled:
         """One SMTP transaction on a granted slot; the new entry when HVE accepted it."""
         addresses = [prepared.recipients[i] for i in envelope]
         lapse = self.settings.pacing_margin_seconds / 2
@@ -449,7 +495,9 @@ class Relay:
             # claim's lease never runs out while the message still waits for a session.
             nonlocal slot_at, trying, called_off
             now = self.clock()
-            if now - slot_at > lapse:
+            if claimed and now - trying.updated.timestamp() < self.settings.sending_lease_seconds / 2:
+                return True   # the row was created as `sending` by this delivery a moment ago
+            if self.scheduler is None and now - slot_at > lapse:
                 new_at = await self.governor.recheck(account, slot_at, shape, now)
                 if new_at is None:
                     called_off = "lapsed"
@@ -470,7 +518,7 @@ class Relay:
         if called_off == "claimed":
             # Another delivery of the same request got there first; let it finish. Its slot is
             # given back unless it is the booking the other delivery sends on.
-            if not (shared_slot and slot_at == original_slot):
+            if self.scheduler is None and not (shared_slot and slot_at == original_slot):
                 await self.governor.refund(Release(account, slot_at, shape))
             delay = await self._requeue(stub, BUSY_RECHECK_SECONDS, entry.attempts)
             return Handled(entry.request_id, "busy", "another instance claimed it", account, 0, delay)
@@ -495,8 +543,9 @@ class Relay:
         trying = trying.evolve(last_code=verdict.code, last_reply=verdict.text[:300], updated=_utc(now),
                                refused_recipients=tuple(sorted(set(trying.refused_recipients) | set(refused_now))))
         if verdict.outcome is not Outcome.SENT:
-            if not result.maybe_delivered:
+            if not result.maybe_delivered and self.scheduler is None:
                 # Definitely not delivered: the charge goes back. (A reply lost after DATA keeps it.)
+                # (The plain path charges nothing.)
                 await self.governor.refund(Release(account, slot_at, shape))
             if len(refused_now) == len(envelope):
                 # Every recipient of this transaction refused for good at RCPT: the others of the
@@ -506,6 +555,11 @@ class Relay:
         pending = [i for i in trying.pending_recipients if i not in envelope] + deferred_now
         done = trying.evolve(chunks_sent=index + 1, pending_recipients=tuple(pending),
                              chunks_total=max(trying.chunks_total, index + (2 if pending else 1)))
+        if self.scheduler is not None and self._envelope(done, prepared, index + 1) is None:
+            # Nothing left to send: the progress write is the final one (and the recipient index
+            # below comes after it, as it does after progress).
+            state, reason = self._outcome_of(done, prepared)
+            done = done.evolve(state=state, reason=reason)
         # Progress is durable before the next slot is asked for: a crash or a failed governor call
         # from here on never sends this transaction again.
         done = await self._save_progress(done)
@@ -717,6 +771,12 @@ class Relay:
             await self._delete_claim_check(entry)
         return Handled(entry.request_id, state, reason, entry.account, entry.last_code)
 
+    async def _finished(self, entry: LedgerEntry) -> Handled:
+        """A request whose final row is written already: counted, its blobs deleted."""
+        self._count(entry)
+        await self._delete_claim_check(entry)
+        return Handled(entry.request_id, entry.state, entry.reason, entry.account, entry.last_code)
+
     async def _delete_claim_check(self, entry: LedgerEntry) -> None:
         """Best effort, after the outcome is recorded: the request's claim-check blob and the
         copies the relay wrote for it (shared/relay_blobs.py). A blob left behind is for the
@@ -837,6 +897,10 @@ async def status_json() -> str:
 
     relay = await get_relay()
     states, tenant = await relay.governor.read()
+    if relay.governor.config.plain and relay.aggregates is not None:
+        from .status import usage_from_aggregates
+
+        states = await usage_from_aggregates(states, relay.aggregates, relay.governor.config, relay.clock())
     delivery = None
     if relay.settings.delivery_enabled and relay.aggregates is not None:
         from .status import delivery_last_24h

@@ -53,6 +53,33 @@ def account_status(state: AccountState, tenant: TenantState | None, cfg: PacingC
     }
 
 
+def usage_from_buckets(states: list[AccountState], buckets: list[Any], cfg: PacingConfig,
+                       now: float) -> list[AccountState]:
+    """On the plain path (no per-minute window, nothing counted per day) the governor's rows count
+    nothing: what each account used today comes from the hourly aggregates instead (requests sent,
+    recipients by kind, of the hours since the daily window began; a few seconds behind, as the
+    aggregates are flushed). `buckets` must cover that window."""
+    from dataclasses import replace
+
+    day = cfg.day_of(now)
+    day_start = cfg.day_end(day - 1)
+    used: dict[str, Counter] = defaultdict(Counter)
+    for bucket in buckets:
+        if bucket.start + 3600 > day_start and bucket.start <= now:
+            used[bucket.account].update(bucket.counts)
+    return [replace(s, day=day, messages_today=used[s.account]["requests.sent"],
+                    internal_today=used[s.account]["recipients.internal"],
+                    external_today=used[s.account]["recipients.external"]) for s in states]
+
+
+async def usage_from_aggregates(states: list[AccountState], aggregates: Any, cfg: PacingConfig,
+                                now: float) -> list[AccountState]:
+    """`usage_from_buckets`, reading the aggregates of the daily window so far."""
+    since = datetime.fromtimestamp(cfg.day_end(cfg.day_of(now) - 1), timezone.utc)
+    buckets = await aggregates.read(since, datetime.fromtimestamp(now, timezone.utc) + timedelta(seconds=1))
+    return usage_from_buckets(states, buckets, cfg, now)
+
+
 async def delivery_last_24h(aggregates: Any, now: float) -> dict[str, Any]:
     """Message-trace rates of the requests sent in the last 24 hours (whole hours: from the start
     of the hour 24 h ago), overall and per account, from the hourly aggregates' `delivery.<status>`

@@ -143,6 +143,10 @@ MIN_POLL_SECONDS = 0.1
 SUCCEEDED, FAILED, CANCELLED = "Succeeded", "Failed", "Cancelled"
 
 
+# The user agent prefix of the local host's own queue calls.
+HOST_USER_AGENT = "hve-relay-devhost"
+
+
 class DevHostError(RuntimeError):
     """The app cannot be hosted: bad setting, unsupported binding, bad host.json."""
 
@@ -924,7 +928,10 @@ class DevHost:
 
         key = (connection_string, queue_name)
         if key not in self._clients:
-            self._clients[key] = QueueClient.from_connection_string(connection_string, queue_name)
+            # Tagged, so a storage log tells the host's own calls (polls, idle checks, deletes) apart
+            # from the app's (bench.storage_requests).
+            self._clients[key] = QueueClient.from_connection_string(connection_string, queue_name,
+                                                                    user_agent=HOST_USER_AGENT)
         return self._clients[key]
 
     async def _is_idle(self) -> bool:

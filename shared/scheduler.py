@@ -1,0 +1,80 @@
+"""Which account sends a message, when there are no per-minute windows to pace against.
+
+Under HVE's 2026 limits (`ga-2026`, or any profile whose per-minute limits are null) and with
+nothing counted per day (no daily budget, no daily cap), pacing has nothing to enforce. What is
+left is account health: an account resting after a throttling reply (cooldown) or an
+authentication failure HVE answered (unhealthy) is not used, and this process keeps off an
+account for a moment after a local failure. The state comes from the governor's rows, read at
+most every `refresh_seconds` per process; nothing is written per message. (The 2024 preview's
+machinery — bookings, the pacer, backlog readings — is the governor's `acquire`, used only when
+the limits have per-minute windows or something is counted per day.)
+
+`plain_decision` is the pure policy; `PlainScheduler` feeds it the rows.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from .pacing import AccountState, Shape
+
+# How old this process's view of the accounts' health may get before it reads the rows again.
+HEALTH_REFRESH_SECONDS = 10.0
+# When every account rests, requests come back spread over this many seconds after the first
+# account is free again, not all at the same instant (they would crowd it, and the account
+# would be throttled again).
+RELEASE_SPREAD_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Go:
+    """Send now, on this account."""
+
+    account: str
+    at: float
+
+
+@dataclass(frozen=True)
+class Later:
+    """Nothing can go now: try again after `delay` seconds."""
+
+    delay: float
+    reason: str
+
+
+def plain_decision(states: Iterable[AccountState], held: Iterable[str], shape: Shape, now: float,
+                   rng: random.Random, spread_seconds: float = RELEASE_SPREAD_SECONDS) -> Go | Later:
+    """The preferred account when it is usable, else one usable account at random (instances
+    reading the same rows spread out); when none is usable, a delay to the first one free again
+    plus a random share of `spread_seconds`."""
+    states = list(states)
+    held = set(held)
+    usable = [s.account for s in states if s.available_at() <= now and s.account not in held]
+    if shape.preferred_account and shape.preferred_account in usable:
+        return Go(shape.preferred_account, now)
+    if usable:
+        return Go(rng.choice(usable), now)
+    resting = [s.available_at() for s in states if s.available_at() > now]
+    first_free = min(resting) if resting else now
+    delay = max(first_free - now, 0.0) + rng.uniform(0.0, spread_seconds)
+    why = "every account is resting (throttled or unhealthy)" if resting else "every account is held after a local failure"
+    return Later(max(delay, 1.0), why)
+
+
+class PlainScheduler:
+    """`plain_decision` on the governor's rows, read at most every `refresh_seconds`."""
+
+    def __init__(self, governor: Any, rng: random.Random | None = None, *,
+                 refresh_seconds: float = HEALTH_REFRESH_SECONDS,
+                 spread_seconds: float = RELEASE_SPREAD_SECONDS) -> None:
+        self.governor = governor
+        self.rng = rng or random.Random()
+        self.refresh_seconds = refresh_seconds
+        self.spread_seconds = spread_seconds
+
+    async def decide(self, shape: Shape, now: float) -> Go | Later:
+        await self.governor.refresh(older_than=self.refresh_seconds)
+        return plain_decision(self.governor.known_states(), self.governor.held(), shape, now, self.rng,
+                              self.spread_seconds)

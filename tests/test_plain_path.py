@@ -1,0 +1,132 @@
+"""The plain path: no per-minute window and nothing counted per day (`ga-2026` without a budget).
+Only account health decides which account sends; nothing is written to the governor per message,
+the ledger claim is the row's creation, and today's use is read from the aggregates."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import datetime, timezone
+
+from shared.pacing import AccountState, Shape
+from shared.scheduler import RELEASE_SPREAD_SECONDS, Go, Later, plain_decision
+from shared.sender import Relay
+from shared.status import usage_from_aggregates
+from tests.relay_harness import ACCOUNTS, drain, enqueue, relay_settings
+
+NOW = 1_796_000_000.0
+A, B, C = list(ACCOUNTS)
+
+
+def test_the_preferred_account_goes_when_it_is_usable_and_otherwise_one_at_random():
+    rng = random.Random(7)
+    states = [AccountState(a) for a in ACCOUNTS]
+    assert plain_decision(states, (), Shape(1, 0, B), NOW, rng) == Go(B, NOW)
+    picked = {plain_decision(states, (), Shape(1, 0), NOW, rng).account for _ in range(60)}
+    assert picked == set(ACCOUNTS)
+    resting = [AccountState(A, cooldown_until=NOW + 60), AccountState(B, unhealthy_until=NOW + 900), AccountState(C)]
+    assert {plain_decision(resting, (), Shape(1, 0, A), NOW, rng).account for _ in range(30)} == {C}
+    assert {type(plain_decision(resting, {C}, Shape(1, 0), NOW, rng)) for _ in range(5)} == {Later}
+
+
+def test_requests_released_after_a_cooldown_are_spread_not_crowded_on_one_instant():
+    # Two accounts cooling down until +40 s and +45 s: 20 requests come back over the spread after
+    # the first one is free again, never before it, never all at once.
+    rng = random.Random(3)
+    states = [AccountState(A, cooldown_until=NOW + 40), AccountState(B, cooldown_until=NOW + 45)]
+    delays = [plain_decision(states, (), Shape(1, 0), NOW, rng).delay for _ in range(20)]
+    assert all(40 <= d <= 40 + RELEASE_SPREAD_SECONDS for d in delays)
+    assert len({round(d, 3) for d in delays}) == 20
+    assert max(delays) - min(delays) > RELEASE_SPREAD_SECONDS / 2
+    # Never half of them within the same 5 seconds (the crowd was all 20 at one instant).
+    assert max(sum(1 for d in delays if t <= d < t + 5) for t in delays) < 10
+
+
+def _governor_rows(relay: Relay):
+    async def rows():
+        return {r["RowKey"]: r.metadata["etag"] async for r in relay.governor._table.query_entities(
+            "PartitionKey eq 'governor'")}
+    return rows()
+
+
+def test_the_plain_path_writes_nothing_to_the_governor_per_message_and_claims_by_creating_the_row(storage, emulator):
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator))
+        try:
+            assert relay.scheduler is not None
+            before = await _governor_rows(relay)
+            for i in range(20):
+                await enqueue(relay, {"id": f"plain-{i}", "to": [f"u{i}@contoso.com"], "subject": "Hi", "text": "Hello"})
+            handled = await drain(relay)
+            after = await _governor_rows(relay)
+            rows = [await relay.ledger.get(f"plain-{i}") for i in range(20)]
+            return handled, before, after, rows
+        finally:
+            await relay.close()
+
+    handled, before, after, rows = asyncio.run(main())
+    assert sorted(h.state for h in handled) == ["sent"] * 20
+    assert before == after          # not one governor row created or changed
+    assert all(r.state == "sent" and r.attempts == 1 for r in rows)
+    assert {h.account for h in handled} == set(ACCOUNTS)   # spread over the accounts
+    assert len(emulator.accepted()) == 20
+
+
+def test_a_throttled_account_rests_and_the_others_take_the_mail(storage, emulator):
+    emulator.fail_next(1, f"450 4.5.104 Message rejected. Excessive message rate from sender {A}", stage="DATA")
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator))
+        try:
+            await enqueue(relay, {"id": "first", "to": ["x@contoso.com"], "subject": "Hi", "text": "Hello", "account": A})
+            first = await drain(relay, timeout=60)
+            for i in range(10):
+                await enqueue(relay, {"id": f"next-{i}", "to": ["y@contoso.com"], "subject": "Hi", "text": "Hello",
+                                      "account": A})
+            rest = await drain(relay, timeout=60)
+            states, _ = await relay.governor.read()
+            return first, rest, {s.account: s for s in states}
+        finally:
+            await relay.close()
+
+    first, rest, states = asyncio.run(main())
+    assert [h.state for h in first] == ["deferred", "sent"] and first[-1].account != A
+    assert states[A].cooldown_until > 0 and "4.5.104" in states[A].last_problem
+    # While A rests, its requests go on the others (the preferred account is only a preference).
+    assert all(h.state == "sent" and h.account != A for h in rest)
+
+
+def test_todays_use_comes_from_the_aggregates_when_the_governor_counts_nothing(storage, emulator):
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0"))
+        try:
+            for i in range(6):
+                await enqueue(relay, {"id": f"use-{i}", "to": [f"a{i}@contoso.com", f"b{i}@contoso.com"],
+                                      "subject": "Hi", "text": "Hello", "account": B})
+            handled = await drain(relay)
+            await relay.aggregates.flush()
+            states, _ = await relay.governor.read()
+            now = datetime.now(timezone.utc).timestamp()
+            used = await usage_from_aggregates(states, relay.aggregates, relay.governor.config, now)
+            return handled, {s.account: s for s in used}
+        finally:
+            await relay.close()
+
+    handled, used = asyncio.run(main())
+    assert [h.account for h in handled] == [B] * 6
+    assert (used[B].messages_today, used[B].internal_today, used[B].external_today) == (6, 12, 0)
+    assert used[A].messages_today == 0 and used[C].messages_today == 0
+
+
+def test_the_paced_path_is_used_whenever_something_is_counted_or_windowed(storage, emulator):
+    async def scheduler(**env):
+        relay = await Relay.create(relay_settings(storage, emulator, **env))
+        try:
+            return relay.scheduler
+        finally:
+            await relay.close()
+
+    assert asyncio.run(scheduler()) is not None
+    assert asyncio.run(scheduler(HVE_DAILY_RECIPIENT_BUDGET="1000")) is None
+    assert asyncio.run(scheduler(HVE_LIMITS_PROFILE="preview-2024")) is None
+    assert asyncio.run(scheduler(HVE_LIMITS='{"messages_per_minute": 30}')) is None
