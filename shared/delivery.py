@@ -604,7 +604,9 @@ async def reconcile(settings: Settings, *, on_delta: DeltaCallback = no_delta, d
     # has already written the deltas of every window it moved past.
     aggregates_table = storage.tables.get_table_client(settings.aggregates_table)
     aggregates = Aggregates(aggregates_table, flush_seconds=0, clock=clock,
-                            rollup_after_seconds=settings.aggregates_rollup_after_seconds)
+                            rollup_after_seconds=settings.aggregates_rollup_after_seconds,
+                            max_buffer_seconds=settings.aggregates_max_buffer_seconds,
+                            max_categories=settings.aggregates_max_categories)
 
     async def counted(delta: DeliveryDelta) -> None:
         await aggregates.add_delivery(delta.sent_at, delta.account, delta.category, delta.changes)

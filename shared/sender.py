@@ -184,7 +184,9 @@ class Relay:
                     aggregates=Aggregates(storage.tables.get_table_client(settings.aggregates_table), clock=clock,
                                           flush_seconds=settings.aggregates_flush_seconds,
                                           shards=settings.aggregates_shards,
-                                          rollup_after_seconds=settings.aggregates_rollup_after_seconds))
+                                          rollup_after_seconds=settings.aggregates_rollup_after_seconds,
+                                          max_buffer_seconds=settings.aggregates_max_buffer_seconds,
+                                          max_categories=settings.aggregates_max_categories))
         relay.closers = closers
         return relay
 
