@@ -176,6 +176,62 @@ def test_a_host_killed_before_its_flush_loses_those_counts_and_a_replay_never_ad
     assert counted == 1   # k-4 only: k-1..k-3 lost with the process, the replay of k-1 not counted
 
 
+def test_a_host_killed_while_its_final_ledger_write_hangs_is_counted_once_when_a_redelivery_finishes_it(
+        azurite, storage, emulator, tmp_path):
+    """HVE accepted the message and its progress is in the ledger; the write of the final state
+    never gets an answer (storage hangs) and the host is SIGKILLed meanwhile, its buffer flushed
+    every 0.1 s. The queue delivers the message again, another host finds the row `sending`
+    past its lease and finishes it. Counted once: by the write that made the row final, not by
+    the one that hung (counting before that write would count it twice)."""
+    from tools.azurite import connection_string
+    from tools.fault_proxy import Fault, FaultProxy
+
+    settings = app_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0.1", SENDING_LEASE_SECONDS="2")
+    row = f"{settings['LEDGER_TABLE']}(PartitionKey='hang-1',RowKey='request')"
+    writes = {"row": 0, "stalled": 0}
+
+    def rule(method: str, path: str):
+        if method == "PUT" and row in path.replace("%27", "'"):
+            writes["row"] += 1
+            if writes["row"] >= 2:       # 1: the progress after HVE's 250; 2: the final state
+                writes["stalled"] += 1
+                return Fault(stall=True)
+        return None
+
+    queue = QueueClient.from_connection_string(storage.connection_string, storage.queue_name)
+    queue.create_queue()
+    queue.send_message(mail("hang-1", ["ann@contoso.com"], "orders"))
+    with FaultProxy(azurite.table_port, rule=rule) as proxy:
+        host = HostProcess(tmp_path / "a", {**settings, "AzureWebJobsStorage": connection_string(
+            azurite.blob_port, azurite.queue_port, proxy.port)}, host_json=FAST_HOST, lease_seconds=3)
+        host.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not writes["stalled"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert writes["stalled"], host.log_file.read_text()[-2000:]
+            time.sleep(1.0)              # ten flushes of the buffer while the write hangs
+        finally:
+            host.kill()
+    assert len(emulator.accepted()) == 1
+    time.sleep(3)                        # the killed host's lease on the queue message runs out
+    run_send_mail(app_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0.1", SENDING_LEASE_SECONDS="2"))
+
+    ledger = TableClient.from_connection_string(storage.connection_string, settings["LEDGER_TABLE"])
+    assert ledger.get_entity("hang-1", "request")["State"] == "sent"
+    assert len(emulator.accepted()) == 1                 # the redelivery only recorded the outcome
+
+    async def read():
+        from azure.data.tables.aio import TableClient as AsyncTable
+
+        async with AsyncTable.from_connection_string(storage.connection_string, settings["AGGREGATES_TABLE"]) as t:
+            now = datetime.now(timezone.utc)
+            return await Aggregates(t).read(now - timedelta(hours=2), now + timedelta(hours=1))
+
+    counted = sum(b.counts.get("requests.sent", 0) for b in asyncio.run(read()))
+    assert counted == 1
+
+
 # ------------------------------------------------------------------ the send stage in process
 
 
@@ -461,3 +517,47 @@ def test_the_status_delivery_rates_come_from_the_aggregates_whatever_the_deliver
     for requests in (small_requests, large_requests):
         assert settings["DELIVERY_TABLE"] not in requests, requests
         assert requests[settings["GOVERNOR_TABLE"]] == 1 and 1 <= requests[settings["AGGREGATES_TABLE"]] <= 3, requests
+
+
+def test_a_flush_whose_answer_is_lost_on_the_send_path_is_not_added_twice(azurite, storage, emulator):
+    """The relay's own flushes, through a storage proxy: the merge of the second request's counts
+    (same account and category: the same row) is applied but answered 500 (the SDK retries it: 412). The counts equal the ledger's: the
+    re-read finds the batch's number in the row and does not add it again."""
+    from tools.azurite import connection_string
+    from tools.fault_proxy import Fault, FaultProxy
+
+    name = storage.env()["AGGREGATES_TABLE"]
+    lost = {"left": 0, "lost": 0}
+
+    def rule(method: str, path: str):
+        if method in ("PUT", "MERGE", "PATCH") and f"/{name}(" in path and lost["left"] > 0:
+            lost["left"] -= 1
+            lost["lost"] += 1
+            return Fault(500, applied=True)
+        return None
+
+    async def main(conn: str):
+        relay = await Relay.create(relay_settings(storage, emulator, AzureWebJobsStorage=conn, AGGREGATES_FLUSH_SECONDS="0"))
+        try:
+            await enqueue(relay, mail("lost-1", ["ann@contoso.com", "bob@contoso.com"], "orders", account="news@contoso.com"))
+            await drain(relay)
+            await relay.aggregates.flush()          # creates the row
+            await enqueue(relay, mail("lost-2", ["cy@contoso.com"], "orders", account="news@contoso.com"))
+            await drain(relay)
+            lost["left"] = 1
+            await relay.aggregates.flush()          # applied, answered 500
+            await relay.aggregates.flush()
+            assert not relay.aggregates._pending
+            now = datetime.now(timezone.utc)
+            return await relay.aggregates.read(now - timedelta(hours=2), now + timedelta(hours=1))
+        finally:
+            await relay.close()
+
+    with FaultProxy(azurite.table_port, rule=rule) as proxy:
+        buckets = run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port)))
+    assert lost["lost"] == 1
+    counts: dict[str, int] = {}
+    for b in buckets:
+        for k, v in b.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    assert counts == {"requests.sent": 2, "recipients.internal": 3}

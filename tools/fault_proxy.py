@@ -6,7 +6,8 @@ Bytes pass through unchanged, except that:
   the service's answer, and the connection is closed. With `applied=False` the request never reaches
   the service; with `applied=True` it is forwarded, the proxy waits until the service starts answering
   (so the change is made), then answers the fault instead: the client cannot tell whether its write
-  happened, as with a real 500 or a connection lost mid-response.
+  happened, as with a real 500 or a connection lost mid-response. With `stall=True` the request
+  never reaches the service and is never answered (the client waits until it gives up or dies).
 * `down()` makes the service unavailable until `up()`: open connections are cut and new ones are
   closed at once (the storage SDKs see connection errors and retry).
 * `stall()` makes it a black hole until `up()`: connections are accepted and read, never answered
@@ -33,6 +34,7 @@ _REASONS = {400: "Bad Request", 403: "Forbidden", 500: "Internal Server Error", 
 class Fault:
     status: int = 503
     applied: bool = False  # forward the request first: the service makes the change, the client sees the fault
+    stall: bool = False    # neither forward nor answer it: the connection hangs until the client closes it
 
 
 Rule = Callable[[str, str], "Fault | None"]
@@ -182,6 +184,10 @@ class FaultProxy:
                 await upstream.drain()
                 continue
             self.injected += 1
+            if fault.stall:
+                while await reader.read(65536):
+                    pass
+                return
             if fault.applied:
                 muted[0] = True
                 answered.clear()
