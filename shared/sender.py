@@ -674,9 +674,11 @@ class Relay:
         or another instance is sending right now (its outcome will follow)."""
         try:
             await self.ledger.save(entry)
-        except LedgerConflict:
+        except LedgerConflict as conflict:
             current = await self.ledger.get(entry.request_id)
             if current is not None and current.state in FINAL_STATES:
+                if self.ledger.landed(conflict, current):
+                    self._count(entry)   # our write made it final; only its answer was lost
                 return
             if (current is not None and current.state == SENDING and entry.state != SENDING
                     and current.updated.timestamp() + self.settings.sending_lease_seconds > self.clock()

@@ -561,3 +561,39 @@ def test_a_flush_whose_answer_is_lost_on_the_send_path_is_not_added_twice(azurit
         for k, v in b.counts.items():
             counts[k] = counts.get(k, 0) + v
     assert counts == {"requests.sent": 2, "recipients.internal": 3}
+
+
+def test_a_final_ledger_write_whose_answer_is_lost_is_counted_once(azurite, storage, emulator):
+    """Storage makes the request final but answers 500; the SDK's retry then meets the row's new
+    ETag (412). The row holds this write's mark, so the relay knows its own write made the row
+    final and counts it, once (before, such a request was never counted)."""
+    from tools.azurite import connection_string
+    from tools.fault_proxy import Fault, FaultProxy
+
+    row = f"{storage.env()['LEDGER_TABLE']}(PartitionKey='lost-final',RowKey='request')"
+    writes = {"row": 0, "lost": 0}
+
+    def rule(method: str, path: str):
+        if method == "PUT" and row in path.replace("%27", "'"):
+            writes["row"] += 1
+            if writes["row"] == 2:       # 1: the progress after HVE's 250; 2: the final state
+                writes["lost"] += 1
+                return Fault(500, applied=True)
+        return None
+
+    async def main(conn: str):
+        relay = await Relay.create(relay_settings(storage, emulator, AzureWebJobsStorage=conn, AGGREGATES_FLUSH_SECONDS="0"))
+        try:
+            await enqueue(relay, mail("lost-final", ["ann@contoso.com"], "orders"))
+            handled = await drain(relay)
+            await relay.aggregates.flush()
+            now = datetime.now(timezone.utc)
+            return handled, await relay.ledger.get("lost-final"), \
+                await relay.aggregates.read(now - timedelta(hours=2), now + timedelta(hours=1))
+        finally:
+            await relay.close()
+
+    with FaultProxy(azurite.table_port, rule=rule) as proxy:
+        handled, entry, buckets = run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port)))
+    assert writes["lost"] == 1 and [h.state for h in handled] == ["sent"] and entry.state == "sent"
+    assert sum(b.counts.get("requests.sent", 0) for b in buckets) == 1
