@@ -463,7 +463,12 @@ class Relay:
             return await self.ledger.save(entry)
         except LedgerConflict:
             # The row changed under us (a duplicate delivery waiting out our lease looked at it):
-            # what HVE accepted is the truth, so our progress wins.
+            # what HVE accepted is the truth, so our progress wins, unless that delivery finished
+            # the request meanwhile: a final row stays final (our next write then finds it so, and
+            # counts nothing), never `sending` again.
+            current = await self.ledger.get(entry.request_id)
+            if current is not None and current.state in FINAL_STATES:
+                return entry
             return await self.ledger.put(entry)
 
     async def _retry_later(self, entry: LedgerEntry, stub: dict, why: str) -> Handled:

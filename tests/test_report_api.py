@@ -597,3 +597,55 @@ def test_a_final_ledger_write_whose_answer_is_lost_is_counted_once(azurite, stor
         handled, entry, buckets = run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port)))
     assert writes["lost"] == 1 and [h.state for h in handled] == ["sent"] and entry.state == "sent"
     assert sum(b.counts.get("requests.sent", 0) for b in buckets) == 1
+
+
+def test_a_delivery_whose_progress_write_comes_back_after_another_finished_the_request_counts_nothing(
+        azurite, storage, emulator):
+    """Instance A's message is accepted by HVE, then A's write of that progress hangs past the
+    `sending` lease. Instance B takes the request over (same Message-ID: Exchange drops the repeat),
+    finishes it and counts it. When A's write comes back (412: the row changed), A must not put its
+    progress over B's final row (that made A's own final write succeed and count the request a
+    second time, the ledger row going final -> sending -> final)."""
+    import threading
+
+    from tools.azurite import connection_string
+    from tools.fault_proxy import FaultProxy
+
+    row = f"{storage.env()['LEDGER_TABLE']}(PartitionKey='slow-a',RowKey='request')"
+    held, release = threading.Event(), threading.Event()
+
+    def rule(method: str, path: str):
+        if method == "PUT" and row in path.replace("%27", "'") and not held.is_set():
+            held.set()                   # A's progress write after HVE's 250: held until B is done
+            release.wait(30)
+        return None
+
+    body = mail("slow-a", ["ann@contoso.com"], "orders", account="news@contoso.com")
+
+    async def main(conn: str):
+        a = await Relay.create(relay_settings(storage, emulator, AzureWebJobsStorage=conn, AGGREGATES_FLUSH_SECONDS="0",
+                                              SENDING_LEASE_SECONDS="1"))
+        b = await Relay.create(relay_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0", SENDING_LEASE_SECONDS="1"))
+        try:
+            first = asyncio.create_task(a.handle(body, "q-a"))
+            while not held.is_set():
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(1.2)     # A's `sending` lease runs out
+            second = await b.handle(body, "q-b")
+            release.set()
+            results = [await first, second]
+            final = await b.ledger.get("slow-a")
+            await a.aggregates.flush()
+            await b.aggregates.flush()
+            now = datetime.now(timezone.utc)
+            return results, final, await b.aggregates.read(now - timedelta(hours=2), now + timedelta(hours=1))
+        finally:
+            release.set()
+            await a.close()
+            await b.close()
+
+    with FaultProxy(azurite.table_port, rule=rule) as proxy:
+        results, final, buckets = run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port)))
+    assert results[1].state == "sent" and final.state == "sent", results
+    assert len(emulator.accepted()) == 2          # B's repeat under the same Message-ID
+    assert sum(b.counts.get("requests.sent", 0) for b in buckets) == 1, results
