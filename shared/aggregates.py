@@ -315,6 +315,11 @@ class Aggregates:
         ts = at.timestamp() if isinstance(at, datetime) else float(at)
         self.add(ts, account, category, {f"delivery.{status}": n for status, n in deltas.items()})
 
+    def unwritten(self) -> int:
+        """Counts this process holds that are not in the table yet (buffered or pending)."""
+        return (sum(sum(abs(n) for n in entry[0].values()) for entry in self._buffer.values())
+                + sum(sum(abs(n) for n in b.counts.values()) for b in self._pending))
+
     # --- flushing ------------------------------------------------------------------------------
 
     def _ensure_flusher(self) -> None:

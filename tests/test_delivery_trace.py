@@ -679,3 +679,57 @@ def test_a_trace_run_killed_after_a_window_has_written_that_windows_deltas_to_th
     assert tally.changed_requests < 3                              # the killed run had committed some
     delivered = sum(b.counts.get("delivery.delivered", 0) for b in buckets)
     assert delivered == 6, [(b.category, dict(b.counts)) for b in buckets]
+
+
+def test_a_trace_run_that_cannot_write_the_aggregates_stops_before_moving_past_more_windows(
+        azurite, storage, emulator, graph_standin, clock):
+    """Writes to the aggregates table fail (503) during a run: its first window's deltas cannot be
+    written, and it stops there instead of reading (and losing the deltas of) the other windows,
+    which the next run counts."""
+    from shared.aggregates import Aggregates
+    from tools.azurite import connection_string
+    from tools.fault_proxy import Fault, FaultProxy
+
+    settings = settings_for(storage, emulator, graph_standin, HVE_ACCOUNTS="news@contoso.com,alerts@contoso.com",
+                            DELIVERY_TRACE_REQUESTS_PER_5MIN="1000")
+    run(send(settings, *[mail(f"agg-{i}", [f"g{i}a@contoso.com", f"g{i}b@contoso.com"], category="orders",
+                              account=("news@contoso.com", "alerts@contoso.com")[i % 2]) for i in range(4)]))
+    graph_standin.feed_from(emulator)
+    Harness(settings, graph_standin, clock)
+    agg_table = settings.aggregates_table
+
+    def rule(method: str, path: str):
+        if method in ("POST", "PUT", "MERGE", "PATCH") and f"/{agg_table}" in path:
+            return Fault(503)
+        return None
+
+    def reconcile_with(conn: str):
+        import dataclasses
+
+        async def main():
+            graph = GraphClient(settings.graph_base_url, StaticToken(graph_standin.token), max_attempts=1)
+            try:
+                return await reconcile(dataclasses.replace(settings, storage_connection_string=conn), graph=graph,
+                                       clock=clock)
+            finally:
+                await graph.close()
+        return run(main())
+
+    with FaultProxy(azurite.table_port, rule=rule) as proxy:
+        first = reconcile_with(connection_string(azurite.blob_port, azurite.queue_port, proxy.port))
+    assert first.stopped.startswith("error: the aggregates table could not be written"), first
+    assert first.changed_requests == 2                 # one account's window: its deltas are lost
+    second = reconcile_with(storage.connection_string)
+    assert second.changed_requests == 2                # the other account's, read by the next run
+
+    async def delivered():
+        clients = StorageClients(settings)
+        try:
+            now = datetime.fromtimestamp(clock(), timezone.utc)
+            buckets = await Aggregates(clients.tables.get_table_client(agg_table)).read(
+                now - timedelta(hours=3), now + timedelta(hours=1))
+            return sum(b.counts.get("delivery.delivered", 0) for b in buckets)
+        finally:
+            await clients.close()
+
+    assert run(delivered()) == 4                       # 8 delivered, the 4 of the stopped window lost
