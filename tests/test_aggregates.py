@@ -385,9 +385,11 @@ def test_a_flush_against_unreachable_storage_ends_at_its_deadline_and_keeps_its_
 
     async def main(conn: str, proxy: FaultProxy) -> tuple[Aggregates, float]:
         async with table(conn, name) as t:               # default retry policy
-            agg = Aggregates(t, flush_seconds=0, flush_deadline=1.0)
+            agg = Aggregates(t, flush_seconds=0, flush_deadline=30)
             agg.outcome(T0, "news@contoso.com", "orders", "sent", internal=1)
-            await agg.flush()
+            await agg.flush()                            # creates the table and the row
+            assert not agg._pending and agg.stats.timeouts == 0
+            agg.flush_deadline = 1.0
             proxy.stall()                                # requests read, never answered
             agg.outcome(T0, "news@contoso.com", "orders", "refused")
             agg.outcome(T0, "news@contoso.com", "other-cat", "dead")
@@ -396,6 +398,7 @@ def test_a_flush_against_unreachable_storage_ends_at_its_deadline_and_keeps_its_
             took = time.monotonic() - started
             assert agg.stats.timeouts == 1 and len(agg._pending) == 2
             proxy.up()
+            agg.flush_deadline = 30
             await agg.flush()
             assert not agg._pending
             return agg, took
