@@ -210,6 +210,14 @@ param aggregatesShards int = 8
 @minValue(1)
 param aggregatesRollupAfterMinutes int = 120
 
+@description('Seconds of counts a worker process keeps in memory while the aggregates table cannot be written; older ones are given up (the most a killed process loses).')
+@minValue(1)
+param aggregatesMaxBufferSeconds int = 60
+
+@description('Distinct categories per worker process and UTC hour counted apart in the aggregates (later ones under `other`); the report shows this many, the rest under `other`. 0: no cap.')
+@minValue(0)
+param aggregatesMaxCategories int = 50
+
 @description('HVE price in USD per million recipients, for the report\'s cost estimate (a decimal string).')
 param hvePricePerMillionRecipients string = '42'
 
@@ -443,6 +451,8 @@ var appSettings = {
   AGGREGATES_FLUSH_SECONDS: string(aggregatesFlushSeconds)
   AGGREGATES_SHARDS: string(aggregatesShards)
   AGGREGATES_ROLLUP_AFTER_MINUTES: string(aggregatesRollupAfterMinutes)
+  AGGREGATES_MAX_BUFFER_SECONDS: string(aggregatesMaxBufferSeconds)
+  AGGREGATES_MAX_CATEGORIES: string(aggregatesMaxCategories)
   HVE_PRICE_PER_MILLION_RECIPIENTS: hvePricePerMillionRecipients
   REPORT_MAX_DAYS: string(reportMaxDays)
   RECIPIENT_HASH_KEY: '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=${recipientHashKeySecretName})'

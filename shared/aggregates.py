@@ -13,8 +13,15 @@ How they are written (README "Report API and aggregates"):
 - Every merge records this writer's batch number in the row (`Writes`). A write whose answer was
   lost (an SDK retry after a 500 or a cut connection) is looked up before it is tried again, so a
   batch is added once, never twice.
-- What is only in the buffer is lost if the process is killed: counts err on the low side, never
-  twice (the ledger stays the truth).
+- What is only in memory is lost if the process is killed: counts err on the low side, never
+  twice (the ledger stays the truth). How much is bounded: a flush gives up after its deadline
+  (what it did not write stays pending), and counts not written within AGGREGATES_MAX_BUFFER_SECONDS
+  of being recorded are given up (`stats.dropped`, `hve_relay.aggregates.dropped`), so memory never
+  holds more than that span of counts, whatever the outage.
+- Categories come from producers: each process keeps at most AGGREGATES_MAX_CATEGORIES distinct
+  categories per UTC hour (the first ones it sees); later ones are counted under `other`
+  (OTHER_CATEGORY). The report folds the categories past its top N into `other` too
+  (`fold_categories`), so what several processes kept apart still makes a bounded answer.
 """
 
 from __future__ import annotations
@@ -41,6 +48,11 @@ log = logging.getLogger("hve_relay.aggregates")
 DELIVERY_STATUSES = frozenset({"delivered", "failed", "pending", "expanded", "quarantined", "filteredAsSpam",
                                "gettingStatus", "recalled"})
 OUTCOMES = ("sent", "refused", "dead")
+# Where categories past the cap are counted (the writers' per-hour cap, the report's top N).
+OTHER_CATEGORY = "other"
+# Hours whose admitted categories a process remembers (the send path writes the current hour; the
+# trace files deltas under the hour each request was sent, up to its max age back).
+_HOURS_REMEMBERED = 96
 # Writers remembered per row (their last batch number): far more than can write one row between a
 # lost answer and its re-check.
 _WRITERS_KEPT = 64
@@ -137,6 +149,36 @@ class Bucket:
     last_seen: dict[str, float] = field(default_factory=dict)   # code -> epoch seconds
 
 
+def fold_categories(buckets: Iterable[Bucket], keep: int) -> list[Bucket]:
+    """The buckets with every category but the `keep` busiest of the window (by requests, then by
+    all counts, then by name) counted under `other`; '' (no category) and `other` are always kept.
+    Writers cap categories per process and hour; this bounds what several of them add up to."""
+    buckets = list(buckets)
+    if keep <= 0:
+        return buckets
+    volume: dict[str, tuple[int, int]] = {}
+    for b in buckets:
+        if b.category in ("", OTHER_CATEGORY):
+            continue
+        requests, everything = volume.get(b.category, (0, 0))
+        volume[b.category] = (requests + sum(n for k, n in b.counts.items() if k.startswith("requests.")),
+                              everything + sum(abs(n) for n in b.counts.values()))
+    if len(volume) <= keep:
+        return buckets
+    kept = set(sorted(volume, key=lambda c: (-volume[c][0], -volume[c][1], c))[:keep])
+    out: dict[tuple[int, str, str], Bucket] = {}
+    for b in buckets:
+        category = b.category if b.category in kept or b.category in ("", OTHER_CATEGORY) else OTHER_CATEGORY
+        key = (b.start, b.account, category)
+        into = out.get(key)
+        if into is None:
+            into = out[key] = Bucket(b.start, b.account, category)
+        into.counts.update(b.counts)
+        for code, ts in b.last_seen.items():
+            into.last_seen[code] = max(into.last_seen.get(code, 0.0), ts)
+    return [out[k] for k in sorted(out)]
+
+
 @dataclass
 class _Batch:
     pk: str
@@ -147,6 +189,8 @@ class _Batch:
     seq: int
     counts: Counter
     last_seen: dict[str, float]
+    since: float = 0.0         # monotonic time of its oldest count
+    done: bool = False         # merged (its write answered, or found applied on a re-check)
 
 
 @dataclass
@@ -165,7 +209,9 @@ class AggregateStats:
     races: int = 0        # ETag races lost (another writer changed the row)
     replayed: int = 0     # batches found already applied on a re-check (their answer had been lost)
     failures: int = 0     # flushes of a row that failed (kept for the next flush)
-    dropped: int = 0      # counts given up (buffer over its bound)
+    dropped: int = 0      # counts given up (not written within the buffer's age bound, or over its size)
+    folded: int = 0       # counts recorded under `other` (their category was past the per-hour cap)
+    timeouts: int = 0     # flushes cut at their deadline (what they did not write stays pending)
     rollups_written: int = 0
     rollups_used: int = 0
     rows_read: int = 0    # rows the report's two range queries returned
@@ -175,19 +221,31 @@ class AggregateStats:
 class Aggregates:
     def __init__(self, table: Any, *, flush_seconds: float = 5.0, shards: int = 8, max_pending: int = 10_000,
                  rollup_after_seconds: float = 7200.0, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, max_buffer_seconds: float = 60.0, max_categories: int = 50,
+                 flush_deadline: float | None = 10.0, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._table = table
         self.rollup_after = max(60.0, rollup_after_seconds)
         self.flush_seconds = flush_seconds
         self.shards = max(1, shards)
         self.max_pending = max_pending
+        # A flush takes at most this long (None: no limit): storage that does not answer (the SDK
+        # retrying a dead connection for minutes) cannot hold the buffer back.
+        self.flush_deadline = flush_deadline if flush_deadline and flush_deadline > 0 else None
+        # The oldest count memory may hold: at least two flush periods, so a failed batch is tried
+        # again at least once.
+        self.max_buffer_seconds = max(float(max_buffer_seconds),
+                                      2 * (max(0.0, flush_seconds) + (self.flush_deadline or 0.0)))
+        self.max_categories = max(0, int(max_categories or 0))   # 0: no cap
+        self._admitted: dict[int, set[str]] = {}
+        self._monotonic = monotonic
         self._clock = clock
         self._rng = rng or random.Random()
         self.writer = uuid.uuid4().hex[:12]
         self.shard = 0
         self.stats = AggregateStats()
         self._seq = 0
-        self._buffer: dict[tuple[int, str, str], tuple[Counter, dict[str, float]]] = {}
+        # (hour, account, category) -> [counts, last seen per code, monotonic time of the first count]
+        self._buffer: dict[tuple[int, str, str], list[Any]] = {}
         self._pending: list[_Batch] = []   # batches whose write failed: retried first, same number
         self._cache: dict[tuple[str, str], _Cached] = {}
         self._flusher: asyncio.Task | None = None
@@ -196,20 +254,45 @@ class Aggregates:
         self._failures_counter = metrics.get_meter("hve_relay").create_counter(
             "hve_relay.aggregates.write_failures", unit="{row}",
             description="Aggregate rows whose merge failed (kept for the next flush)")
+        self._dropped_counter = metrics.get_meter("hve_relay").create_counter(
+            "hve_relay.aggregates.dropped", unit="{count}",
+            description="Counts given up: not written within AGGREGATES_MAX_BUFFER_SECONDS (storage unreachable)")
 
     # --- recording (the send path: memory only, never raises) -----------------------------------
 
     def add(self, at: float, account: str, category: str, counts: Mapping[str, int],
             last_seen: Mapping[str, float] | None = None) -> None:
         try:
-            key = (hour_of(at), account or "", category or "")
-            bucket, last = self._buffer.setdefault(key, (Counter(), {}))
+            hour = hour_of(at)
+            key = (hour, account or "", self._category(hour, category or "", counts))
+            entry = self._buffer.get(key)
+            if entry is None:
+                entry = self._buffer[key] = [Counter(), {}, self._monotonic()]
+            bucket, last = entry[0], entry[1]
             bucket.update({name: int(n) for name, n in counts.items() if n})
             for name, ts in (last_seen or {}).items():
                 last[name] = max(last.get(name, 0.0), ts)
             self._ensure_flusher()
         except Exception:  # noqa: BLE001 - counting must never fail a send
             log.exception("aggregates: a count was not recorded")
+
+    def _category(self, hour: int, category: str, counts: Mapping[str, int]) -> str:
+        """`category`, or `other` once this process has kept AGGREGATES_MAX_CATEGORIES others in
+        that hour: the rows one flush writes stay bounded whatever producers send."""
+        if not self.max_categories or category in ("", OTHER_CATEGORY):
+            return category
+        kept = self._admitted.get(hour)
+        if kept is None:
+            if len(self._admitted) >= _HOURS_REMEMBERED:
+                del self._admitted[min(self._admitted)]
+            kept = self._admitted[hour] = set()
+        if category in kept:
+            return category
+        if len(kept) < self.max_categories:
+            kept.add(category)
+            return category
+        self.stats.folded += sum(abs(int(n)) for n in counts.values())
+        return OTHER_CATEGORY
 
     def outcome(self, at: float, account: str, category: str, state: str, *, internal: int = 0,
                 external: int = 0) -> None:
@@ -236,6 +319,11 @@ class Aggregates:
             raise ValueError(f"unknown delivery status(es) {sorted(unknown)}; known: {sorted(DELIVERY_STATUSES)}")
         ts = at.timestamp() if isinstance(at, datetime) else float(at)
         self.add(ts, account, category, {f"delivery.{status}": n for status, n in deltas.items()})
+
+    def unwritten(self) -> int:
+        """Counts this process holds that are not in the table yet (buffered or pending)."""
+        return (sum(sum(abs(n) for n in entry[0].values()) for entry in self._buffer.values())
+                + sum(sum(abs(n) for n in b.counts.values()) for b in self._pending))
 
     # --- flushing ------------------------------------------------------------------------------
 
@@ -267,47 +355,86 @@ class Aggregates:
         """Merge the buffer into the table. Never raises: a failed row stays pending (same batch
         number, so a write that did happen is not added again)."""
         async with self._lock:
+            # Batches tried before and kept past the bound (flushes called rarely, by hand): given up
+            # before anything is tried.
+            self._give_up(self._monotonic() - self.max_buffer_seconds)
             batches = self._pending
             self._pending = []
             taken, self._buffer = self._buffer, {}
-            for (hour, account, category), (counts, last) in taken.items():
+            for (hour, account, category), (counts, last, since) in taken.items():
                 counts = Counter({k: v for k, v in counts.items() if v})  # deltas may be negative
                 if not counts and not last:
                     continue
                 self._seq += 1
                 batches.append(_Batch(_day_key(hour), _row_key(hour, self.shard, account, category), hour, account,
-                                      category, self._seq, counts, dict(last)))
+                                      category, self._seq, counts, dict(last), since))
             if not batches:
                 return
-            if not await self._ensure_table():
-                self._pending = batches
-                self._failed(len(batches))
-                self._bound_pending()
-                return
-            # Batches of one row go in order, and stop at the first that fails: a row's `Writes`
-            # holds the highest batch applied, which proves the lower ones applied only then.
-            rows: dict[tuple[str, str], list[_Batch]] = {}
-            for batch in sorted(batches, key=lambda b: b.seq):
-                rows.setdefault((batch.pk, batch.rk), []).append(batch)
-            sem = asyncio.Semaphore(_CONCURRENCY)
-
-            async def one_row(queue: list[_Batch]) -> None:
-                async with sem:
-                    for i, batch in enumerate(queue):
-                        if not await self._merge(batch):
-                            self._pending.extend(queue[i:])
-                            return
-
-            await asyncio.gather(*(one_row(q) for q in rows.values()))
+            try:
+                if self.flush_deadline is None:
+                    await self._write(batches)
+                else:
+                    async with asyncio.timeout(self.flush_deadline):
+                        await self._write(batches)
+            except TimeoutError:
+                self.stats.timeouts += 1
+                log.warning("aggregates: a flush was cut after %g s (storage slow or unreachable); what it did "
+                            "not write is kept for the next flush", self.flush_deadline)
+            finally:
+                # Whatever was not written (failed, not tried, or cut while in flight: it may have
+                # landed, so its row is read again and its number in `Writes` tells) stays pending
+                # with its number, also when the flush itself is cancelled (a host shutting down).
+                self._pending = [b for b in batches if not b.done]
+                for b in self._pending:
+                    self._cache.pop((b.pk, b.rk), None)
             self._bound_pending()
+            # What would be older than the bound before the next flush ends is given up now: memory
+            # never holds more than AGGREGATES_MAX_BUFFER_SECONDS of counts (what a kill can lose).
+            self._give_up(self._monotonic() + max(0.0, self.flush_seconds) + (self.flush_deadline or 0.0)
+                          - self.max_buffer_seconds)
             self._prune_cache()
+
+    async def _write(self, batches: list[_Batch]) -> None:
+        """Merge `batches`, marking each one written `done`."""
+        if not await self._ensure_table():
+            self._failed(len(batches))
+            return
+        # Batches of one row go in order, and stop at the first that fails: a row's `Writes`
+        # holds the highest batch applied, which proves the lower ones applied only then.
+        rows: dict[tuple[str, str], list[_Batch]] = {}
+        for batch in sorted(batches, key=lambda b: b.seq):
+            rows.setdefault((batch.pk, batch.rk), []).append(batch)
+        sem = asyncio.Semaphore(_CONCURRENCY)
+
+        async def one_row(queue: list[_Batch]) -> None:
+            async with sem:
+                for batch in queue:
+                    if not await self._merge(batch):
+                        return
+                    batch.done = True
+
+        await asyncio.gather(*(one_row(q) for q in rows.values()))
+
+    def _give_up(self, older_than: float) -> None:
+        """Drop pending batches whose oldest count was recorded before `older_than` (monotonic)."""
+        lost = [b for b in self._pending if b.since < older_than]
+        if not lost:
+            return
+        self._pending = [b for b in self._pending if b.since >= older_than]
+        n = sum(sum(abs(v) for v in b.counts.values()) for b in lost)
+        self.stats.dropped += n
+        self._dropped_counter.add(n)
+        log.error("aggregates: %d count(s) in %d batch(es) given up: not written within %g s (storage "
+                  "unreachable); the ledger keeps the truth", n, len(lost), self.max_buffer_seconds)
 
     def _bound_pending(self) -> None:
         # Storage down for long: memory stays bounded; the oldest counts are given up (low side).
         if len(self._pending) > self.max_pending:
             lost = self._pending[:-self.max_pending]
             self._pending = self._pending[-self.max_pending:]
-            self.stats.dropped += sum(sum(abs(v) for v in b.counts.values()) for b in lost)
+            n = sum(sum(abs(v) for v in b.counts.values()) for b in lost)
+            self.stats.dropped += n
+            self._dropped_counter.add(n)
             log.error("aggregates: %d batch(es) dropped after repeated write failures", len(lost))
 
     def _failed(self, rows: int) -> None:

@@ -602,11 +602,21 @@ async def reconcile(settings: Settings, *, on_delta: DeltaCallback = no_delta, d
     # has already written the deltas of every window it moved past.
     aggregates_table = storage.tables.get_table_client(settings.aggregates_table)
     aggregates = Aggregates(aggregates_table, flush_seconds=0, clock=clock,
-                            rollup_after_seconds=settings.aggregates_rollup_after_seconds)
+                            rollup_after_seconds=settings.aggregates_rollup_after_seconds,
+                            max_buffer_seconds=settings.aggregates_max_buffer_seconds,
+                            max_categories=settings.aggregates_max_categories)
 
     async def counted(delta: DeliveryDelta) -> None:
         await aggregates.add_delivery(delta.sent_at, delta.account, delta.category, delta.changes)
         await on_delta(delta)
+
+    async def window_written() -> None:
+        # A window's deltas that cannot be written (the aggregates table unreachable) are lost
+        # with this run: it stops here, before the cursor moves on, so the windows after it are
+        # read by a later run instead of being lost too.
+        await aggregates.flush()
+        if aggregates.unwritten():
+            raise _Stop("error: the aggregates table could not be written; the next run goes on from this window")
 
     try:
         reconciler = Reconciler(settings, client, DeliveryStore(await storage.table(settings.delivery_table), settings.recipient_hash_key),
@@ -614,7 +624,7 @@ async def reconcile(settings: Settings, *, on_delta: DeltaCallback = no_delta, d
                                 await storage.table(settings.recipient_index_table),
                                 on_delta=on_delta if dry_run else counted, clock=clock, instruments=Instruments(),
                                 sent_hours=SentHours(aggregates_table, clock, settings.aggregates_rollup_after_seconds),
-                                on_window=None if dry_run else aggregates.flush)
+                                on_window=None if dry_run else window_written)
         try:
             return await reconciler.run(dry_run=dry_run)
         finally:

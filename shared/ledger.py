@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Iterable
@@ -26,7 +27,13 @@ _MAX_TEXT = 500
 
 
 class LedgerConflict(Exception):
-    """Another instance changed the row since it was read (ETag mismatch) or created it first."""
+    """Another instance changed the row since it was read (ETag mismatch) or created it first;
+    or our own write did land and only its answer was lost (the SDK's retry then met our ETag):
+    `write` is that write's mark, which the row holds in that case only (`Ledger.landed`)."""
+
+    def __init__(self, request_id: str, write: str = "") -> None:
+        super().__init__(request_id)
+        self.write = write
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class LedgerEntry:
     # request under the same id is an `id-conflict`, the same content again a duplicate.
     content_digest: str = ""
     etag: str | None = field(default=None, compare=False)
+    write: str = field(default="", compare=False)   # a random mark of the write that stored this row
 
     def evolve(self, **changes: Any) -> "LedgerEntry":
         return replace(self, **changes)
@@ -99,6 +107,7 @@ def _to_row(entry: LedgerEntry) -> dict[str, Any]:
         "RefusedRecipients": _indices_to_text(entry.refused_recipients),
         "ClaimCheck": entry.claim_blob,
         "ContentDigest": entry.content_digest,
+        "Write": entry.write,
     }
 
 
@@ -140,6 +149,7 @@ def _from_row(row: Any) -> LedgerEntry:
         claim_blob=row.get("ClaimCheck", ""),
         content_digest=row.get("ContentDigest", ""),
         etag=row.metadata.get("etag") if hasattr(row, "metadata") else None,
+        write=row.get("Write", "") or "",
     )
 
 
@@ -157,6 +167,7 @@ class Ledger:
 
     async def save(self, entry: LedgerEntry) -> LedgerEntry:
         """Create the row (entry.etag None) or replace it if unchanged since read; else LedgerConflict."""
+        entry = entry.evolve(write=uuid.uuid4().hex)
         row = _to_row(entry)
         try:
             if entry.etag is None:
@@ -166,10 +177,16 @@ class Ledger:
                     row, mode="replace", etag=entry.etag, match_condition=MatchConditions.IfNotModified
                 )
         except (ResourceExistsError, ResourceModifiedError) as exc:
-            raise LedgerConflict(entry.request_id) from exc
+            raise LedgerConflict(entry.request_id, entry.write) from exc
         except ResourceNotFoundError as exc:
-            raise LedgerConflict(entry.request_id) from exc
+            raise LedgerConflict(entry.request_id, entry.write) from exc
         return entry.evolve(etag=meta.get("etag"))
+
+    @staticmethod
+    def landed(conflict: LedgerConflict, current: LedgerEntry | None) -> bool:
+        """Whether the write that raised `conflict` is the one `current` (the row read after it)
+        holds: it landed, only its answer was lost."""
+        return bool(conflict.write) and current is not None and current.write == conflict.write
 
     async def sending_before(self, cutoff: datetime, limit: int) -> list[LedgerEntry]:
         """Up to `limit` request rows still `sending` whose last update is older than `cutoff`."""
@@ -196,6 +213,7 @@ class Ledger:
 
     async def put(self, entry: LedgerEntry) -> LedgerEntry:
         """Write unconditionally (for rows only this invocation can own, e.g. unparseable messages)."""
+        entry = entry.evolve(write=uuid.uuid4().hex)
         meta = await self._table.upsert_entity(_to_row(entry), mode="replace")
         return entry.evolve(etag=meta.get("etag"))
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 
-from .aggregates import OUTCOMES, Aggregates, Bucket
+from .aggregates import OUTCOMES, Aggregates, Bucket, fold_categories
 
 SCHEMA = "hve-relay.report.v1"
 BUCKETS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
@@ -180,7 +180,9 @@ async def build_report(*, window: Window, aggregates: Aggregates, governor: Any,
         else:
             states = await usage_from_aggregates(states, aggregates, governor.config, now)
     status = status_report(states, tenant, governor.config, settings.limits_profile, now)
-    body = shape(buckets, window)
+    # Categories come from producers: the busiest AGGREGATES_MAX_CATEGORIES of the window are shown,
+    # the rest under `other` (totals unchanged), so the series stay bounded.
+    body = shape(fold_categories(buckets, settings.aggregates_max_categories), window)
     return {"schema": SCHEMA, "generatedAt": _iso(now), "since": _iso(window.since), "until": _iso(window.until),
             "bucket": window.bucket, **body, "status": status, "queues": {"mail": mail, "poison": poison},
             "budget": budget(status, body["totals"], settings.daily_recipient_budget,

@@ -196,7 +196,9 @@ class Relay:
                     aggregates=Aggregates(storage.tables.get_table_client(settings.aggregates_table), clock=clock,
                                           flush_seconds=settings.aggregates_flush_seconds,
                                           shards=settings.aggregates_shards,
-                                          rollup_after_seconds=settings.aggregates_rollup_after_seconds))
+                                          rollup_after_seconds=settings.aggregates_rollup_after_seconds,
+                                          max_buffer_seconds=settings.aggregates_max_buffer_seconds,
+                                          max_categories=settings.aggregates_max_categories))
         relay.closers = closers
         return relay
 
@@ -555,20 +557,26 @@ class Relay:
         pending = [i for i in trying.pending_recipients if i not in envelope] + deferred_now
         done = trying.evolve(chunks_sent=index + 1, pending_recipients=tuple(pending),
                              chunks_total=max(trying.chunks_total, index + (2 if pending else 1)))
+        finished_by_other = False
         if self.scheduler is not None and self._envelope(done, prepared, index + 1) is None:
             # Nothing left to send: the progress write is the final one (and the recipient index
-            # below comes after it, as it does after progress).
+            # below comes after it, as it does after progress). Counted by `_finished` only when
+            # this write made the row final.
             state, reason = self._outcome_of(done, prepared)
-            done = done.evolve(state=state, reason=reason)
-        # Progress is durable before the next slot is asked for: a crash or a failed governor call
-        # from here on never sends this transaction again.
-        done = await self._save_progress(done)
+            done, finished_by_other = await self._save_final(done.evolve(state=state, reason=reason))
+        else:
+            # Progress is durable before the next slot is asked for: a crash or a failed governor
+            # call from here on never sends this transaction again.
+            done = await self._save_progress(done)
         accepted = [a for i, a in zip(envelope, addresses) if i not in refused_now and i not in deferred_now]
         if done.chunks_total > 1:
             await self.ledger.record_chunk(done, index, account=account, recipients=len(accepted), code=verdict.code,
                                            message_id=message_id(done.request_id, self.message_id_domain, index,
                                                                  key=self.settings.recipient_hash_key))
         await self.ledger.index_recipients(done.evolve(state=SENT), accepted)
+        if finished_by_other:
+            return Handled(done.request_id, "duplicate", f"already {done.state} by another delivery", account,
+                           verdict.code)
         return done
 
     async def _save_progress(self, entry: LedgerEntry) -> LedgerEntry:
@@ -576,8 +584,24 @@ class Relay:
             return await self.ledger.save(entry)
         except LedgerConflict:
             # The row changed under us (a duplicate delivery waiting out our lease looked at it):
-            # what HVE accepted is the truth, so our progress wins.
+            # what HVE accepted is the truth, so our progress wins, unless that delivery finished
+            # the request meanwhile: a final row stays final (our next write then finds it so, and
+            # counts nothing), never `sending` again.
+            current = await self.ledger.get(entry.request_id)
+            if current is not None and current.state in FINAL_STATES:
+                return entry
             return await self.ledger.put(entry)
+
+    async def _save_final(self, entry: LedgerEntry) -> tuple[LedgerEntry, bool]:
+        """Write the final row; (the row, whether another delivery had made it final already, so
+        this one counts nothing). A write whose answer was lost is recognised as ours."""
+        try:
+            return await self.ledger.save(entry), False
+        except LedgerConflict as conflict:
+            current = await self.ledger.get(entry.request_id)
+            if current is not None and current.state in FINAL_STATES:
+                return current, not self.ledger.landed(conflict, current)
+            return await self.ledger.put(entry), False
 
     async def _retry_later(self, entry: LedgerEntry, stub: dict, why: str) -> Handled:
         now = self.clock()
@@ -791,9 +815,11 @@ class Relay:
         or another instance is sending right now (its outcome will follow)."""
         try:
             await self.ledger.save(entry)
-        except LedgerConflict:
+        except LedgerConflict as conflict:
             current = await self.ledger.get(entry.request_id)
             if current is not None and current.state in FINAL_STATES:
+                if self.ledger.landed(conflict, current):
+                    self._count(entry)   # our write made it final; only its answer was lost
                 return
             if (current is not None and current.state == SENDING and entry.state != SENDING
                     and current.updated.timestamp() + self.settings.sending_lease_seconds > self.clock()
@@ -895,18 +921,23 @@ async def status_json() -> str:
     """The governor's live view of the accounts, as JSON (the `status` HTTP function)."""
     from .status import status_report, to_json
 
+    from .status import delivery_last_24h, last_24h_since, usage_from_buckets
+
     relay = await get_relay()
+    now = relay.clock()
     states, tenant = await relay.governor.read()
-    if relay.governor.config.plain and relay.aggregates is not None:
-        from .status import usage_from_aggregates
-
-        states = await usage_from_aggregates(states, relay.aggregates, relay.governor.config, relay.clock())
     delivery = None
-    if relay.settings.delivery_enabled and relay.aggregates is not None:
-        from .status import delivery_last_24h
-
-        delivery = await delivery_last_24h(relay.aggregates, relay.clock())
-    return to_json(status_report(states, tenant, relay.governor.config, relay.settings.limits_profile, relay.clock(),
+    usage = relay.governor.config.plain and relay.aggregates is not None
+    traced = relay.settings.delivery_enabled and relay.aggregates is not None
+    if usage or traced:
+        # One read of the aggregates serves both: the last 24 hours hold the daily window so far.
+        buckets = await relay.aggregates.read(last_24h_since(now), datetime.fromtimestamp(now + 1, timezone.utc))
+        if usage:
+            # The governor counts nothing on the plain path: today's use is in the aggregates.
+            states = usage_from_buckets(states, buckets, relay.governor.config, now)
+        if traced:
+            delivery = await delivery_last_24h(relay.aggregates, now, buckets)
+    return to_json(status_report(states, tenant, relay.governor.config, relay.settings.limits_profile, now,
                                  delivery=delivery))
 
 

@@ -79,7 +79,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("RETENTION_MAX_ROWS_PER_RUN", "20000", "Rows `purge_expired` deletes per table in one run at most; what is left waits for the next run."),
     SettingSpec("LOST_IN_FLIGHT_HOURS", "24", "A ledger row still `sending` this long after its last update is recorded by `purge_expired` as `dead`, reason `lost-in-flight` (HVE may have accepted it: its Message-ID is in the row)."),
     SettingSpec("AGGREGATES_TABLE", "hveaggregates", "Table of the hourly counters per account and category behind `GET /api/report` and `tools.ledger report` (no addresses)."),
-    SettingSpec("AGGREGATES_FLUSH_SECONDS", "5", "Each worker process adds its counts to the aggregates table this often (ETag merges); a process killed loses at most this long of counts, never counts twice."),
+    SettingSpec("AGGREGATES_FLUSH_SECONDS", "5", "Each worker process adds its counts to the aggregates table this often (ETag merges); a process killed loses the counts it has not written yet (at most this long of them while storage answers; see AGGREGATES_MAX_BUFFER_SECONDS), never counts twice."),
+    SettingSpec("AGGREGATES_MAX_BUFFER_SECONDS", "60", "Counts a worker process could not write to the aggregates table within this many seconds (storage unreachable) are given up (logged, `hve_relay.aggregates.dropped`): memory never holds more than this long of counts, which is the most a killed process loses. At least twice AGGREGATES_FLUSH_SECONDS plus 10 s (a flush's deadline)."),
+    SettingSpec("AGGREGATES_MAX_CATEGORIES", "50", "Distinct categories each worker process counts apart per UTC hour (the first it sees); later ones are counted under `other`. The report shows the busiest this many of its window and folds the rest into `other`. 0: no cap."),
     SettingSpec("AGGREGATES_SHARDS", "8", "Rows one aggregate (hour, account, category) may be spread over: a process that loses an ETag race on one moves to another, so no row is hot."),
     SettingSpec("AGGREGATES_ROLLUP_AFTER_MINUTES", "120", "A UTC day that ended this long ago is read by the report from one rollup row per account and category (written by the first report that needs it) instead of its hour rows; a later write into that day marks the rollup stale. Longer than any clock skew between instances."),
     SettingSpec("HVE_PRICE_PER_MILLION_RECIPIENTS", "42", "Price of HVE in USD per million recipients, for the cost estimate of `GET /api/report`."),
@@ -251,6 +253,8 @@ class Settings:
     aggregates_flush_seconds: float
     aggregates_shards: int
     aggregates_rollup_after_seconds: float
+    aggregates_max_buffer_seconds: float
+    aggregates_max_categories: int
     price_per_million_recipients: float
     report_max_days: float
     recipient_hash_key: bytes = field(repr=False)
@@ -400,6 +404,8 @@ class Settings:
             aggregates_flush_seconds=number("AGGREGATES_FLUSH_SECONDS"),
             aggregates_shards=max(1, number("AGGREGATES_SHARDS", int)),
             aggregates_rollup_after_seconds=max(60.0, number("AGGREGATES_ROLLUP_AFTER_MINUTES") * 60.0),
+            aggregates_max_buffer_seconds=number("AGGREGATES_MAX_BUFFER_SECONDS"),
+            aggregates_max_categories=number("AGGREGATES_MAX_CATEGORIES", int),
             price_per_million_recipients=number("HVE_PRICE_PER_MILLION_RECIPIENTS"),
             report_max_days=max(1.0, number("REPORT_MAX_DAYS")),
             recipient_hash_key=(hash_key or UNSET_HASH_KEY).encode(),

@@ -80,16 +80,26 @@ async def usage_from_aggregates(states: list[AccountState], aggregates: Any, cfg
     return usage_from_buckets(states, buckets, cfg, now)
 
 
-async def delivery_last_24h(aggregates: Any, now: float) -> dict[str, Any]:
+def last_24h_since(now: float) -> datetime:
+    """The start of the hour 24 hours ago: the window of `delivery_last_24h`."""
+    return (datetime.fromtimestamp(now, timezone.utc) - timedelta(hours=24)).replace(minute=0, second=0, microsecond=0)
+
+
+async def delivery_last_24h(aggregates: Any, now: float, buckets: list[Any] | None = None) -> dict[str, Any]:
     """Message-trace rates of the requests sent in the last 24 hours (whole hours: from the start
     of the hour 24 h ago), overall and per account, from the hourly aggregates' `delivery.<status>`
-    counts. Its cost is the aggregates' two range queries, whatever the size of the delivery table."""
+    counts. Its cost is the aggregates' two range queries, whatever the size of the delivery table
+    (none when `buckets` of that window are given)."""
     from .trace_policy import delivery_rates
 
-    since = datetime.fromtimestamp(now, timezone.utc) - timedelta(hours=24)
+    since = last_24h_since(now)
+    if buckets is None:
+        buckets = await aggregates.read(since, datetime.fromtimestamp(now, timezone.utc))
     totals: Counter = Counter()
     per_account: dict[str, Counter] = defaultdict(Counter)
-    for bucket in await aggregates.read(since, datetime.fromtimestamp(now, timezone.utc)):
+    for bucket in buckets:
+        if bucket.start < since.timestamp():
+            continue
         for name, n in bucket.counts.items():
             if name.startswith("delivery.") and n:
                 totals[name[len("delivery."):]] += n
@@ -98,7 +108,7 @@ async def delivery_last_24h(aggregates: Any, now: float) -> dict[str, Any]:
     def counts(c: Counter) -> dict[str, int]:
         return {k: v for k, v in sorted(c.items()) if v}
 
-    return {"since": since.replace(minute=0, second=0, microsecond=0).isoformat(timespec="seconds"),
+    return {"since": since.isoformat(timespec="seconds"),
             "counts": counts(totals), "rates": delivery_rates(counts(totals)),
             "accounts": {a: {"counts": counts(c), "rates": delivery_rates(counts(c))}
                          for a, c in sorted(per_account.items()) if counts(c)}}

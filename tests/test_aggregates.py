@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -319,3 +321,155 @@ def test_a_window_over_closed_days_without_rows_builds_and_writes_nothing_for_th
     # The rollups query, which of the days without one hold rows (one query for all 30 of them) and
     # the build's read of its day; then the rollups and that one query again.
     assert (first.pages_read, second.pages_read) == (3, 2)
+
+
+# ------------------------------------------------------------------ what a kill can lose (bounded)
+
+
+class Ticks:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def held(agg: Aggregates) -> int:
+    """Counts only in this process's memory: what a kill now would lose."""
+    return sum(sum(c.values()) for c, _, _ in agg._buffer.values()) + sum(sum(b.counts.values()) for b in agg._pending)
+
+
+def test_a_long_outage_keeps_only_the_last_buffer_seconds_of_counts_and_loses_or_writes_each_once(azurite, storage):
+    """Storage unreachable for 3 minutes while one count a second comes in, a flush every 5 s:
+    memory never holds more than AGGREGATES_MAX_BUFFER_SECONDS (60) of counts, which is all a
+    kill could lose; older ones are given up (counted), and once storage is back exactly the held
+    ones are written: given up + written = recorded."""
+    name = f"{storage.table_prefix}agg"
+    ticks = Ticks()
+
+    async def main(conn: str, proxy: FaultProxy) -> tuple[Aggregates, int, int]:
+        async with table(conn, name, retry_total=0) as t:
+            agg = Aggregates(t, flush_seconds=0, flush_deadline=10, max_buffer_seconds=60, monotonic=ticks)
+            agg.outcome(T0, "news@contoso.com", "orders", "sent", internal=0)
+            await agg.flush()                            # the table exists: the outage is all that fails
+            proxy.down()
+            most = 0
+            for second in range(1, 181):
+                ticks.now += 1
+                agg.outcome(T0 + second, "news@contoso.com", "orders", "sent")
+                if second % 5 == 0:
+                    await agg.flush()                    # never raises
+                most = max(most, held(agg))
+                oldest = min([s for _, _, s in agg._buffer.values()] + [b.since for b in agg._pending])
+                assert ticks.now - oldest <= 60, second
+            at_kill = held(agg)
+            proxy.up()
+            await agg.flush()
+            assert not agg._pending and not agg._buffer
+            return agg, most, at_kill
+
+    with FaultProxy(azurite.table_port) as proxy:
+        agg, most, at_kill = asyncio.run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port), proxy))
+    assert most <= 60 and at_kill >= 45            # the bound, and a failed count is retried a while first
+    written = totals(asyncio.run(read_all(storage.connection_string, name)))["requests.sent"] - 1
+    assert written == at_kill and agg.stats.dropped + written == 180
+
+
+def test_a_flush_against_unreachable_storage_ends_at_its_deadline_and_keeps_its_counts(azurite, storage):
+    """Storage that takes requests and never answers (the SDK waits out its timeouts and retries:
+    minutes): a flush still ends at its deadline, so the buffer keeps being flushed, and nothing it
+    held is lost or added twice once storage answers again."""
+    name = f"{storage.table_prefix}agg"
+
+    async def main(conn: str, proxy: FaultProxy) -> tuple[Aggregates, float]:
+        async with table(conn, name) as t:               # default retry policy
+            agg = Aggregates(t, flush_seconds=0, flush_deadline=30)
+            agg.outcome(T0, "news@contoso.com", "orders", "sent", internal=1)
+            await agg.flush()                            # creates the table and the row
+            assert not agg._pending and agg.stats.timeouts == 0
+            agg.flush_deadline = 1.0
+            proxy.stall()                                # requests read, never answered
+            agg.outcome(T0, "news@contoso.com", "orders", "refused")
+            agg.outcome(T0, "news@contoso.com", "other-cat", "dead")
+            started = time.monotonic()
+            await asyncio.wait_for(agg.flush(), 20)
+            took = time.monotonic() - started
+            assert agg.stats.timeouts == 1 and len(agg._pending) == 2
+            proxy.up()
+            agg.flush_deadline = 30
+            await agg.flush()
+            assert not agg._pending
+            return agg, took
+
+    with FaultProxy(azurite.table_port) as proxy:
+        _, took = asyncio.run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port), proxy))
+    assert took < 5
+    assert totals(asyncio.run(read_all(storage.connection_string, name))) == {
+        "requests.sent": 1, "recipients.internal": 1, "requests.refused": 1, "requests.dead": 1}
+
+
+# ------------------------------------------------------------------ producers' categories (bounded)
+
+
+def test_thousands_of_distinct_categories_cost_a_bounded_flush_and_report_with_exact_totals(azurite, storage):
+    """Two processes count 2,000 requests each, every one with its own category: each flush writes
+    at most AGGREGATES_MAX_CATEGORIES + 1 rows (the rest under `other`), and the report (the real
+    builder, as `tools.ledger report` and GET /api/report run it) shows at most that many series
+    per hour and account, with every request in its totals."""
+    from shared.settings import Settings
+    from tools.ledger import report
+
+    name = f"{storage.table_prefix}agg"
+    now = time.time()
+    at = now - 3600
+
+    async def one_process(conn: str, proxy: FaultProxy, prefix: str) -> tuple[Aggregates, int]:
+        async with table(conn, name, retry_total=0) as t:
+            agg = Aggregates(t, flush_seconds=0, max_categories=50, flush_deadline=None)   # any machine load
+            for i in range(2000):
+                agg.outcome(at, "news@contoso.com", f"{prefix}-{i:04d}", "sent", external=1)
+            agg.deferral(at, "news@contoso.com", "")
+            before = proxy.requests
+            await agg.flush()
+            assert not agg._pending
+            return agg, proxy.requests - before
+
+    with FaultProxy(azurite.table_port) as proxy:
+        conn = connection_string(azurite.blob_port, azurite.queue_port, proxy.port)
+        first, first_requests = asyncio.run(one_process(conn, proxy, "a"))
+        second, second_requests = asyncio.run(one_process(conn, proxy, "b"))
+    # 52 rows (50 categories, `other`, none): a read and a write each, and the table's creation.
+    assert first_requests <= 2 * 52 + 1 and second_requests <= 2 * 52 + 1, (first_requests, second_requests)
+    assert first.stats.folded == second.stats.folded == 1950 * 2      # requests.sent + recipients.external
+
+    settings = Settings.from_env(storage.env(HVE_ACCOUNTS="news@contoso.com", AGGREGATES_TABLE=name,
+                                             RECIPIENT_HASH_KEY="k"))
+    doc = asyncio.run(report(settings, datetime.fromtimestamp(at - 3600, timezone.utc),
+                             datetime.fromtimestamp(now + 3600, timezone.utc), "hour"))
+    assert len(doc["series"]) == 52, len(doc["series"])               # 50 busiest, `other`, none
+    assert sum(1 for r in doc["series"] if r["category"] == "other") == 1
+    assert doc["totals"]["requests"]["sent"] == 4000 and doc["totals"]["recipients"]["external"] == 4000
+    assert doc["totals"]["deferrals"] == 2
+    # In the table: each process's 50 and its `other` (100 + 1 + none), not 4,000 rows.
+    stored = {b.category for b in asyncio.run(read_all(storage.connection_string, name, at - 3600, now + 3600))}
+    assert len(stored) == 102 and "other" in stored
+
+
+def test_the_report_folds_all_but_the_busiest_categories_into_other_and_keeps_the_totals():
+    from shared.aggregates import Bucket, fold_categories
+
+    buckets = [Bucket(3600, "a", f"c{i}", Counter({"requests.sent": i, "codes.451 4.7.0": 1}), {"451 4.7.0": 3600.0 + i})
+               for i in range(1, 6)]
+    buckets += [Bucket(3600, "a", "", Counter({"requests.dead": 1})),
+                Bucket(3600, "a", "other", Counter({"requests.sent": 1})),
+                Bucket(7200, "b", "c1", Counter({"deferrals": 2}))]
+    folded = fold_categories(buckets, 2)
+    assert [(b.start, b.account, b.category) for b in folded] == [
+        (3600, "a", ""), (3600, "a", "c4"), (3600, "a", "c5"), (3600, "a", "other"), (7200, "b", "other")]
+    other = folded[3]
+    assert other.counts == Counter({"requests.sent": 1 + 1 + 2 + 3, "codes.451 4.7.0": 3})
+    assert other.last_seen == {"451 4.7.0": 3603.0}
+    assert totals(folded) == totals(buckets)
+    assert fold_categories(buckets, 0) == buckets

@@ -594,3 +594,142 @@ def test_the_delivery_counter_counts_recipients_reaching_each_status_by_account(
             points[(metric.name, point.attributes["status"], point.attributes["account"])] = point.value
     assert points == {("hve_relay.delivery", "delivered", "news@contoso.com"): 2,
                       ("hve_relay.delivery", "pending", "news@contoso.com"): 1}
+
+
+_KILLED_AFTER_FIRST_WINDOW = r"""
+import asyncio, json, os, sys
+from shared import delivery
+from shared.graph import GraphClient, StaticToken
+from shared.settings import Settings
+
+env, token, now = json.loads(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+apply, read = delivery.Reconciler._apply, delivery.Reconciler._read_span
+
+async def _apply(self, pending, tally):
+    await apply(self, pending, tally)
+    self.moved = getattr(self, "moved", False) or tally.changed_requests > 0
+
+async def _read_span(self, *args, **kwargs):
+    if getattr(self, "moved", False):   # the window with the rows is done (its cursor saved): SIGKILL-like
+        print("killed", flush=True)
+        os._exit(9)
+    return await read(self, *args, **kwargs)
+
+delivery.Reconciler._apply, delivery.Reconciler._read_span = _apply, _read_span
+settings = Settings.from_env(env)
+
+async def main():
+    graph = GraphClient(settings.graph_base_url, StaticToken(token), max_attempts=1)
+    try:
+        await delivery.reconcile(settings, graph=graph, clock=lambda: now)
+    finally:
+        await graph.close()
+
+asyncio.run(main())
+print("finished", flush=True)
+"""
+
+
+def test_a_trace_run_killed_after_a_window_has_written_that_windows_deltas_to_the_aggregates(
+        storage, emulator, graph_standin, clock):
+    """The timer's run dies (SIGKILL, a host recycled) right after the window holding the rows:
+    its cursor moved past them, so the next run re-reads them as already counted (no delta). Only
+    deltas written before the cursor moved survive: the aggregates must hold every delivered
+    recipient once."""
+    import subprocess
+    import sys
+
+    from shared.aggregates import Aggregates
+    from tests.fixtures_graph import graph_env
+    from tests.relay_harness import ACCOUNTS
+
+    env = storage.env(HVE_SMTP_HOST="127.0.0.1", HVE_SMTP_PORT=str(emulator.port), HVE_SMTP_CA_FILE=str(emulator.ca_file),
+                      HVE_ACCOUNTS="news@contoso.com,alerts@contoso.com", HVE_PASSWORDS=json.dumps(ACCOUNTS),
+                      HVE_INTERNAL_DOMAINS="contoso.com", RECIPIENT_HASH_KEY="test-hash-key",
+                      DELIVERY_TABLE=f"{storage.table_prefix}dlv", DELIVERY_TRACE_END_LAG="PT0S",
+                      DELIVERY_TRACE_SPAN="PT5M", DELIVERY_TRACE_REQUESTS_PER_5MIN="1000", **graph_env(graph_standin))
+    settings = relay_settings(storage, emulator, **{k: v for k, v in env.items()
+                                                    if k.startswith(("DELIVERY", "GRAPH", "HVE_ACCOUNTS"))})
+    # One account's window, then the other's: the run is killed between the two.
+    run(send(settings, *[mail(f"kill-{i}", [f"k{i}a@contoso.com", f"k{i}b@contoso.com"], category="orders",
+                              account=("news@contoso.com", "alerts@contoso.com")[i % 2]) for i in range(3)]))
+    graph_standin.feed_from(emulator)
+    Harness(settings, graph_standin, clock)
+    clock.advance(minutes=30)          # windows after the one with the rows are still to read
+
+    first = subprocess.run([sys.executable, "-c", _KILLED_AFTER_FIRST_WINDOW, json.dumps(env), graph_standin.token,
+                            str(clock())], capture_output=True, text=True, timeout=120)
+    assert first.stdout.strip() == "killed", (first.stdout, first.stderr[-3000:])
+
+    async def again_then_read():
+        graph = GraphClient(settings.graph_base_url, StaticToken(graph_standin.token), max_attempts=1)
+        try:
+            tally = await reconcile(settings, graph=graph, clock=clock)
+        finally:
+            await graph.close()
+        storage_clients = StorageClients(settings)
+        try:
+            agg = Aggregates(storage_clients.tables.get_table_client(settings.aggregates_table))
+            now = datetime.fromtimestamp(clock(), timezone.utc)
+            return tally, await agg.read(now - timedelta(hours=3), now + timedelta(hours=1))
+        finally:
+            await storage_clients.close()
+
+    tally, buckets = run(again_then_read())
+    assert tally.changed_requests < 3                              # the killed run had committed some
+    delivered = sum(b.counts.get("delivery.delivered", 0) for b in buckets)
+    assert delivered == 6, [(b.category, dict(b.counts)) for b in buckets]
+
+
+def test_a_trace_run_that_cannot_write_the_aggregates_stops_before_moving_past_more_windows(
+        azurite, storage, emulator, graph_standin, clock):
+    """Writes to the aggregates table fail (503) during a run: its first window's deltas cannot be
+    written, and it stops there instead of reading (and losing the deltas of) the other windows,
+    which the next run counts."""
+    from shared.aggregates import Aggregates
+    from tools.azurite import connection_string
+    from tools.fault_proxy import Fault, FaultProxy
+
+    settings = settings_for(storage, emulator, graph_standin, HVE_ACCOUNTS="news@contoso.com,alerts@contoso.com",
+                            DELIVERY_TRACE_REQUESTS_PER_5MIN="1000")
+    run(send(settings, *[mail(f"agg-{i}", [f"g{i}a@contoso.com", f"g{i}b@contoso.com"], category="orders",
+                              account=("news@contoso.com", "alerts@contoso.com")[i % 2]) for i in range(4)]))
+    graph_standin.feed_from(emulator)
+    Harness(settings, graph_standin, clock)
+    agg_table = settings.aggregates_table
+
+    def rule(method: str, path: str):
+        if method in ("POST", "PUT", "MERGE", "PATCH") and f"/{agg_table}" in path:
+            return Fault(503)
+        return None
+
+    def reconcile_with(conn: str):
+        import dataclasses
+
+        async def main():
+            graph = GraphClient(settings.graph_base_url, StaticToken(graph_standin.token), max_attempts=1)
+            try:
+                return await reconcile(dataclasses.replace(settings, storage_connection_string=conn), graph=graph,
+                                       clock=clock)
+            finally:
+                await graph.close()
+        return run(main())
+
+    with FaultProxy(azurite.table_port, rule=rule) as proxy:
+        first = reconcile_with(connection_string(azurite.blob_port, azurite.queue_port, proxy.port))
+    assert first.stopped.startswith("error: the aggregates table could not be written"), first
+    assert first.changed_requests == 2                 # one account's window: its deltas are lost
+    second = reconcile_with(storage.connection_string)
+    assert second.changed_requests == 2                # the other account's, read by the next run
+
+    async def delivered():
+        clients = StorageClients(settings)
+        try:
+            now = datetime.fromtimestamp(clock(), timezone.utc)
+            buckets = await Aggregates(clients.tables.get_table_client(agg_table)).read(
+                now - timedelta(hours=3), now + timedelta(hours=1))
+            return sum(b.counts.get("delivery.delivered", 0) for b in buckets)
+        finally:
+            await clients.close()
+
+    assert run(delivered()) == 4                       # 8 delivered, the 4 of the stopped window lost

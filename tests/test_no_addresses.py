@@ -124,6 +124,87 @@ def test_a_demo_run_leaves_no_address_in_ledger_index_logs_or_spans(storage, emu
     assert [s.attributes for s in test_telemetry.SPANS.get_finished_spans() for e in s.events if leaks(str(e.attributes))] == []
 
 
+def test_mask_addresses_hides_local_parts_whatever_their_case_or_their_domains_case():
+    assert mask_addresses("550 5.1.1 <Carol.Private@Contoso.COM>: User unknown") == \
+        "550 5.1.1 <***@Contoso.COM>: User unknown"
+    assert mask_addresses("RCPT TO:<CAROL.PRIVATE@CONTOSO.COM> refused; cc Dana.Retry@Sub.Contoso.Com.") == \
+        "RCPT TO:<***@CONTOSO.COM> refused; cc ***@Sub.Contoso.Com."
+    assert mask_addresses('"Carol Private"@Contoso.COM, O\'Brien@Example.CO.UK') == "***@Contoso.COM, ***@Example.CO.UK"
+    assert mask_addresses("Carol.Private@[10.0.0.1] and Carol.Private@Müller.COM") == "***@[10.0.0.1] and ***@Müller.COM"
+
+
+# Mixed-case addresses: HVE quotes recipients as the client wrote them, producers write them any way.
+MIXED_REFUSED = "Carol.Mixedcase@Contoso.COM"
+MIXED_DEFERRED = "Dana.Uppercase@CONTOSO.COM"
+MIXED_RCPT = "Erin.Camelcase@Contoso.Com"
+MIXED_BAD = "Bob..Badcase@Contoso.COM"
+MIXED_EXTERNAL = "Ext.Titlecase@Gmail-Like.EXAMPLE"
+MIXED_SEND_AS = "Fred.Spoofcase@Contoso.COM"
+MIXED_OK = "Gina.Fine@Fabrikam-Internal.COM"
+MIXED = [MIXED_REFUSED, MIXED_DEFERRED, MIXED_RCPT, MIXED_BAD, MIXED_EXTERNAL, MIXED_SEND_AS, MIXED_OK]
+MIXED_NEEDLES = sorted({a.lower() for a in MIXED} | {a.split("@")[0].lower() for a in MIXED})
+
+
+def test_mixed_case_addresses_quoted_by_hve_or_a_refusal_leave_no_trace_in_ledger_logs_aggregates_or_spans(storage, emulator):
+    test_telemetry.SPANS.clear()
+    handler = Everything()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    env = storage.env()
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0"))
+        relay.instruments = Instruments(test_telemetry.TRACER_PROVIDER, test_telemetry.METER_PROVIDER)
+        try:
+            emulator.fail_next(1, f"550 5.1.1 <{MIXED_REFUSED}>: Recipient address rejected: User unknown", stage="DATA")
+            await enqueue(relay, mail("mixed-refused", [MIXED_REFUSED]))
+            await drain(relay)
+            emulator.fail_next(1, f"451 4.7.0 <{MIXED_DEFERRED}> mailbox busy, try again later", stage="DATA")
+            await enqueue(relay, mail("mixed-deferred", [MIXED_DEFERRED]))
+            await drain(relay)
+            emulator.fail_next(1, f"550 5.1.1 <{MIXED_RCPT}>: Recipient address rejected", stage="RCPT")
+            await enqueue(relay, mail("mixed-rcpt", [MIXED_RCPT, MIXED_OK]))
+            await drain(relay)
+            for doc in [mail("mixed-bad", [MIXED_OK, MIXED_BAD]), mail("mixed-external", [MIXED_EXTERNAL]),
+                        mail("mixed-send-as", [MIXED_OK], **{"from": MIXED_SEND_AS}),
+                        mail("mixed-account", [MIXED_OK], account=MIXED_SEND_AS)]:
+                await enqueue(relay, doc)
+            await drain(relay)
+            await relay.aggregates.flush()
+            tables = {}
+            for name in ("LEDGER_TABLE", "RECIPIENT_INDEX_TABLE", "AGGREGATES_TABLE"):
+                tables[name] = [dict(r) async for r in (await relay.storage.table(env[name])).list_entities()]
+            return tables
+        finally:
+            await relay.close()
+
+    try:
+        tables = asyncio.run(main())
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+    def mixed_leaks(text: str) -> list[str]:
+        lowered = text.lower()
+        return [needle for needle in MIXED_NEEDLES if needle in lowered]
+
+    rows = {r["PartitionKey"]: r for r in tables["LEDGER_TABLE"] if r["RowKey"] == "request"}
+    # The run did what it should: HVE's replies and the refusals quoting the addresses happened.
+    assert rows["mixed-refused"]["State"] == "refused" and "***@Contoso.COM" in rows["mixed-refused"]["Reason"]
+    assert rows["mixed-deferred"]["State"] == "sent" and rows["mixed-deferred"]["Attempts"] == 2
+    assert rows["mixed-rcpt"]["State"] == "sent" and rows["mixed-rcpt"]["RefusedRecipients"] == "0"
+    assert rows["mixed-bad"]["State"] == rows["mixed-external"]["State"] == "refused"
+    assert rows["mixed-send-as"]["State"] == rows["mixed-account"]["State"] == "refused"
+    assert tables["AGGREGATES_TABLE"] and handler.lines
+    spans = [dict(s.attributes) for s in test_telemetry.SPANS.get_finished_spans()]
+    for name, found in tables.items():
+        assert mixed_leaks(json.dumps(found, default=str)) == [], name
+    assert [line for line in handler.lines if mixed_leaks(line)] == []
+    assert mixed_leaks(json.dumps(spans, default=str)) == []
+
+
 # Addresses a producer put where the relay keeps text in clear: the request id and the category.
 IN_ID = "ann.smith@contoso.com"
 IN_CATEGORY = "bob.jones@contoso.com"

@@ -176,6 +176,72 @@ def test_a_host_killed_before_its_flush_loses_those_counts_and_a_replay_never_ad
     assert counted == 1   # k-4 only: k-1..k-3 lost with the process, the replay of k-1 not counted
 
 
+@pytest.mark.parametrize("path", ["paced", "plain"])
+def test_a_host_killed_while_its_final_ledger_write_hangs_is_counted_once_when_a_redelivery_finishes_it(
+        azurite, storage, emulator, tmp_path, path):
+    """HVE accepted the message; the write of the final state never gets an answer (storage
+    hangs) and the host is SIGKILLed meanwhile, its buffer flushed every 0.1 s. The queue delivers
+    the message again, another host finds the row `sending` past its lease and finishes it.
+    Counted once: by the write that made the row final, not by the one that hung (counting before
+    that write would count it twice).
+
+    Paced: the progress after HVE's 250 is in the ledger (write 1), so the redelivery only records
+    the outcome. Plain: the first write after the 250 is the final one, so, as when a paced
+    progress write is lost, the redelivery sends again under the same Message-ID (Exchange drops
+    the repeat)."""
+    from tools.azurite import connection_string
+    from tools.fault_proxy import Fault, FaultProxy
+
+    env = {"HVE_DAILY_RECIPIENT_BUDGET": "100000"} if path == "paced" else {}
+    final_put = 2 if path == "paced" else 1
+    settings = app_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0.1", SENDING_LEASE_SECONDS="2", **env)
+    row = f"{settings['LEDGER_TABLE']}(PartitionKey='hang-1',RowKey='request')"
+    writes = {"row": 0, "stalled": 0}
+
+    def rule(method: str, url_path: str):
+        if method == "PUT" and row in url_path.replace("%27", "'"):
+            writes["row"] += 1
+            if writes["row"] >= final_put:
+                writes["stalled"] += 1
+                return Fault(stall=True)
+        return None
+
+    queue = QueueClient.from_connection_string(storage.connection_string, storage.queue_name)
+    queue.create_queue()
+    queue.send_message(mail("hang-1", ["ann@contoso.com"], "orders"))
+    with FaultProxy(azurite.table_port, rule=rule) as proxy:
+        host = HostProcess(tmp_path / "a", {**settings, "AzureWebJobsStorage": connection_string(
+            azurite.blob_port, azurite.queue_port, proxy.port)}, host_json=FAST_HOST, lease_seconds=3)
+        host.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not writes["stalled"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert writes["stalled"], host.log_file.read_text()[-2000:]
+            time.sleep(1.0)              # ten flushes of the buffer while the write hangs
+        finally:
+            host.kill()
+    assert len(emulator.accepted()) == 1
+    time.sleep(3)                        # the killed host's lease on the queue message runs out
+    run_send_mail(app_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0.1", SENDING_LEASE_SECONDS="2", **env))
+
+    ledger = TableClient.from_connection_string(storage.connection_string, settings["LEDGER_TABLE"])
+    assert ledger.get_entity("hang-1", "request")["State"] == "sent"
+    accepted = emulator.accepted()
+    assert len(accepted) == (1 if path == "paced" else 2)   # paced: the redelivery only recorded the outcome
+    assert len({a.message_id for a in accepted}) == 1
+
+    async def read():
+        from azure.data.tables.aio import TableClient as AsyncTable
+
+        async with AsyncTable.from_connection_string(storage.connection_string, settings["AGGREGATES_TABLE"]) as t:
+            now = datetime.now(timezone.utc)
+            return await Aggregates(t).read(now - timedelta(hours=2), now + timedelta(hours=1))
+
+    counted = sum(b.counts.get("requests.sent", 0) for b in asyncio.run(read()))
+    assert counted == 1
+
+
 # ------------------------------------------------------------------ the send stage in process
 
 
@@ -183,25 +249,46 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_two_deliveries_of_one_request_at_once_are_counted_once(storage, emulator):
+@pytest.mark.parametrize("path", ["paced", "plain"])
+def test_two_deliveries_of_one_request_at_once_are_counted_once(storage, emulator, path):
+    # Paced (something counted per day): the ledger row is read first. Plain (ga-2026, no budget):
+    # the claim is the row's creation, and both deliveries try to create it.
+    env = {"HVE_DAILY_RECIPIENT_BUDGET": "100000"} if path == "paced" else {}
+
     async def main():
-        relay = await Relay.create(relay_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0"))
+        relay = await Relay.create(relay_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0", **env))
+        assert (relay.scheduler is None) == (path == "paced")
         try:
             good = mail("twice", ["ann@contoso.com"], "c")
             bad = mail("twice-bad", ["not an address"], "c")
-            # Both deliveries of each request read the ledger row before either writes it (the
-            # race that matters); after that the real ledger decides who wins.
-            read_ledger, barriers = relay.ledger.get, {"twice": asyncio.Barrier(2), "twice-bad": asyncio.Barrier(2)}
-            reads: dict[str, int] = {}
+            # Both deliveries of each request reach the ledger row before either writes it (the
+            # race that matters: both read it, or both try to create it); after that the real
+            # ledger decides who wins.
+            barriers = {"twice": asyncio.Barrier(2), "twice-bad": asyncio.Barrier(2)}
+            seen: dict[str, int] = {}
 
-            async def get(request_id: str):
-                row = await read_ledger(request_id)
-                reads[request_id] = reads.get(request_id, 0) + 1
-                if request_id in barriers and reads[request_id] <= 2:   # the first read of each delivery
+            async def first_touch(request_id: str) -> None:
+                seen[request_id] = seen.get(request_id, 0) + 1
+                if request_id in barriers and seen[request_id] <= 2:   # the first touch of each delivery
                     await barriers[request_id].wait()
-                return row
 
-            relay.ledger.get = get
+            if path == "paced":
+                read_ledger = relay.ledger.get
+
+                async def get(request_id: str):
+                    row = await read_ledger(request_id)
+                    await first_touch(request_id)
+                    return row
+
+                relay.ledger.get = get
+            else:
+                save_ledger = relay.ledger.save
+
+                async def save(entry):
+                    await first_touch(entry.request_id)
+                    return await save_ledger(entry)
+
+                relay.ledger.save = save
             results = await asyncio.gather(relay.handle(good, "q1"), relay.handle(good, "q2"),
                                            relay.handle(bad, "q3"), relay.handle(bad, "q4"))
             await drain(relay)   # a `busy` copy comes back and finds the request finished
@@ -217,7 +304,10 @@ def test_two_deliveries_of_one_request_at_once_are_counted_once(storage, emulato
     for b in buckets:
         for k, v in b.counts.items():
             counts[k] = counts.get(k, 0) + v
-    assert [r.state for r in results[2:]] == ["refused", "refused"]   # both reached the final write
+    if path == "paced":
+        assert [r.state for r in results[2:]] == ["refused", "refused"]   # both reached the final write
+    else:   # one created the row; the other found it claimed and came back later (then a duplicate)
+        assert sorted(r.state for r in results[2:]) == ["busy", "refused"]
     assert counts.get("requests.sent") == 1 and counts.get("requests.refused") == 1, (results, counts)
 
 
@@ -368,7 +458,10 @@ def test_out_of_range_and_ancient_windows_are_clear_400s_or_cheap_empty_answers(
     code, headers, body = ancient
     assert code == 200 and body["series"] == [] and body["since"] == body["until"], body
     jsonschema.validate(body, SCHEMA)
-    assert ancient_requests == 1, counter.by_table      # the governor read only
+    # The governor read only (and, on the plain path, where the governor counts nothing, today's use
+    # from the aggregates).
+    assert ancient_requests == 2, counter.by_table
+    assert counter.by_table.get(settings["GOVERNOR_TABLE"], 0) >= 1
     assert list(aggregates.list_entities()) == [] if _exists(aggregates) else True
     assert headers["Cache-Control"] == "no-store" and headers["X-Content-Type-Options"] == "nosniff"
     assert status[0] == 200 and status[1]["Cache-Control"] == "no-store"
@@ -461,3 +554,143 @@ def test_the_status_delivery_rates_come_from_the_aggregates_whatever_the_deliver
     for requests in (small_requests, large_requests):
         assert settings["DELIVERY_TABLE"] not in requests, requests
         assert requests[settings["GOVERNOR_TABLE"]] == 1 and 1 <= requests[settings["AGGREGATES_TABLE"]] <= 3, requests
+
+
+def test_a_flush_whose_answer_is_lost_on_the_send_path_is_not_added_twice(azurite, storage, emulator):
+    """The relay's own flushes, through a storage proxy: the merge of the second request's counts
+    (same account and category: the same row) is applied but answered 500 (the SDK retries it: 412). The counts equal the ledger's: the
+    re-read finds the batch's number in the row and does not add it again."""
+    from tools.azurite import connection_string
+    from tools.fault_proxy import Fault, FaultProxy
+
+    name = storage.env()["AGGREGATES_TABLE"]
+    lost = {"left": 0, "lost": 0}
+
+    def rule(method: str, path: str):
+        if method in ("PUT", "MERGE", "PATCH") and f"/{name}(" in path and lost["left"] > 0:
+            lost["left"] -= 1
+            lost["lost"] += 1
+            return Fault(500, applied=True)
+        return None
+
+    async def main(conn: str):
+        relay = await Relay.create(relay_settings(storage, emulator, AzureWebJobsStorage=conn, AGGREGATES_FLUSH_SECONDS="0"))
+        try:
+            await enqueue(relay, mail("lost-1", ["ann@contoso.com", "bob@contoso.com"], "orders", account="news@contoso.com"))
+            await drain(relay)
+            await relay.aggregates.flush()          # creates the row
+            await enqueue(relay, mail("lost-2", ["cy@contoso.com"], "orders", account="news@contoso.com"))
+            await drain(relay)
+            lost["left"] = 1
+            await relay.aggregates.flush()          # applied, answered 500
+            await relay.aggregates.flush()
+            assert not relay.aggregates._pending
+            now = datetime.now(timezone.utc)
+            return await relay.aggregates.read(now - timedelta(hours=2), now + timedelta(hours=1))
+        finally:
+            await relay.close()
+
+    with FaultProxy(azurite.table_port, rule=rule) as proxy:
+        buckets = run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port)))
+    assert lost["lost"] == 1
+    counts: dict[str, int] = {}
+    for b in buckets:
+        for k, v in b.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    assert counts == {"requests.sent": 2, "recipients.internal": 3}
+
+
+@pytest.mark.parametrize("path,final_put", [("paced", 2), ("plain", 1)])
+def test_a_final_ledger_write_whose_answer_is_lost_is_counted_once(azurite, storage, emulator, path, final_put):
+    """Storage makes the request final but answers 500; the SDK's retry then meets the row's new
+    ETag (412). The row holds this write's mark, so the relay knows its own write made the row
+    final and counts it, once (before, such a request was never counted)."""
+    from tools.azurite import connection_string
+    from tools.fault_proxy import Fault, FaultProxy
+
+    row = f"{storage.env()['LEDGER_TABLE']}(PartitionKey='lost-final',RowKey='request')"
+    writes = {"row": 0, "lost": 0}
+
+    def rule(method: str, path: str):
+        if method == "PUT" and row in path.replace("%27", "'"):
+            writes["row"] += 1
+            # Paced: 1 the progress after HVE's 250, 2 the final state. Plain: the claim is the
+            # row's creation (a POST) and the progress write after the 250 is the final one.
+            if writes["row"] == final_put:
+                writes["lost"] += 1
+                return Fault(500, applied=True)
+        return None
+
+    async def main(conn: str):
+        relay = await Relay.create(relay_settings(storage, emulator, AzureWebJobsStorage=conn, AGGREGATES_FLUSH_SECONDS="0",
+                                                  **({"HVE_DAILY_RECIPIENT_BUDGET": "100000"} if path == "paced" else {})))
+        try:
+            await enqueue(relay, mail("lost-final", ["ann@contoso.com"], "orders"))
+            handled = await drain(relay)
+            await relay.aggregates.flush()
+            now = datetime.now(timezone.utc)
+            return handled, await relay.ledger.get("lost-final"), \
+                await relay.aggregates.read(now - timedelta(hours=2), now + timedelta(hours=1))
+        finally:
+            await relay.close()
+
+    with FaultProxy(azurite.table_port, rule=rule) as proxy:
+        handled, entry, buckets = run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port)))
+    assert writes["lost"] == 1 and [h.state for h in handled] == ["sent"] and entry.state == "sent"
+    assert sum(b.counts.get("requests.sent", 0) for b in buckets) == 1
+
+
+@pytest.mark.parametrize("path", ["paced", "plain"])
+def test_a_delivery_whose_progress_write_comes_back_after_another_finished_the_request_counts_nothing(
+        azurite, storage, emulator, path):
+    """Instance A's message is accepted by HVE, then A's write of that progress hangs past the
+    `sending` lease. Instance B takes the request over (same Message-ID: Exchange drops the repeat),
+    finishes it and counts it. When A's write comes back (412: the row changed), A must not put its
+    progress over B's final row (that made A's own final write succeed and count the request a
+    second time, the ledger row going final -> sending -> final)."""
+    import threading
+
+    from tools.azurite import connection_string
+    from tools.fault_proxy import FaultProxy
+
+    row = f"{storage.env()['LEDGER_TABLE']}(PartitionKey='slow-a',RowKey='request')"
+    held, release = threading.Event(), threading.Event()
+
+    def rule(method: str, path: str):
+        if method == "PUT" and row in path.replace("%27", "'") and not held.is_set():
+            held.set()                   # A's progress write after HVE's 250: held until B is done
+            release.wait(30)
+        return None
+
+    body = mail("slow-a", ["ann@contoso.com"], "orders", account="news@contoso.com")
+
+    env = {"HVE_DAILY_RECIPIENT_BUDGET": "100000"} if path == "paced" else {}
+
+    async def main(conn: str):
+        a = await Relay.create(relay_settings(storage, emulator, AzureWebJobsStorage=conn, AGGREGATES_FLUSH_SECONDS="0",
+                                              SENDING_LEASE_SECONDS="1", **env))
+        b = await Relay.create(relay_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0", SENDING_LEASE_SECONDS="1",
+                                              **env))
+        try:
+            first = asyncio.create_task(a.handle(body, "q-a"))
+            while not held.is_set():
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(1.2)     # A's `sending` lease runs out
+            second = await b.handle(body, "q-b")
+            release.set()
+            results = [await first, second]
+            final = await b.ledger.get("slow-a")
+            await a.aggregates.flush()
+            await b.aggregates.flush()
+            now = datetime.now(timezone.utc)
+            return results, final, await b.aggregates.read(now - timedelta(hours=2), now + timedelta(hours=1))
+        finally:
+            release.set()
+            await a.close()
+            await b.close()
+
+    with FaultProxy(azurite.table_port, rule=rule) as proxy:
+        results, final, buckets = run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port)))
+    assert results[1].state == "sent" and final.state == "sent", results
+    assert len(emulator.accepted()) == 2          # B's repeat under the same Message-ID
+    assert sum(b.counts.get("requests.sent", 0) for b in buckets) == 1, results

@@ -6,9 +6,12 @@ Bytes pass through unchanged, except that:
   the service's answer, and the connection is closed. With `applied=False` the request never reaches
   the service; with `applied=True` it is forwarded, the proxy waits until the service starts answering
   (so the change is made), then answers the fault instead: the client cannot tell whether its write
-  happened, as with a real 500 or a connection lost mid-response.
+  happened, as with a real 500 or a connection lost mid-response. With `stall=True` the request
+  never reaches the service and is never answered (the client waits until it gives up or dies).
 * `down()` makes the service unavailable until `up()`: open connections are cut and new ones are
   closed at once (the storage SDKs see connection errors and retry).
+* `stall()` makes it a black hole until `up()`: connections are accepted and read, never answered
+  (a network path that drops packets: the SDKs wait out their timeouts, then retry).
 
     proxy = FaultProxy(azurite.table_port, rule=lambda method, path: Fault(503) if ... else None)
     with proxy:
@@ -31,6 +34,7 @@ _REASONS = {400: "Bad Request", 403: "Forbidden", 500: "Internal Server Error", 
 class Fault:
     status: int = 503
     applied: bool = False  # forward the request first: the service makes the change, the client sees the fault
+    stall: bool = False    # neither forward nor answer it: the connection hangs until the client closes it
 
 
 Rule = Callable[[str, str], "Fault | None"]
@@ -44,6 +48,7 @@ class FaultProxy:
         self.injected = 0        # faults answered
         self.requests = 0        # requests seen (parsed)
         self._down = False
+        self._stalled = False
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="fault-proxy")
@@ -84,8 +89,21 @@ class FaultProxy:
 
         self._loop.call_soon_threadsafe(go)
 
+    def stall(self) -> None:
+        """Requests are read and never answered from now on (open connections are cut)."""
+        def go() -> None:
+            self._stalled = True
+            self._cut_all()
+
+        self._loop.call_soon_threadsafe(go)
+
     def up(self) -> None:
-        self._loop.call_soon_threadsafe(setattr, self, "_down", False)
+        def go() -> None:
+            if self._stalled:
+                self._cut_all()   # the stalled ones: their clients retry on fresh connections
+            self._down = self._stalled = False
+
+        self._loop.call_soon_threadsafe(go)
 
     # -- the proxy ---------------------------------------------------------------------------
 
@@ -97,6 +115,17 @@ class FaultProxy:
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         if self._down:
             client_writer.close()
+            return
+        if self._stalled:
+            self._writers.add(client_writer)
+            try:
+                while await client_reader.read(65536):
+                    pass
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                self._writers.discard(client_writer)
+                client_writer.close()
             return
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
@@ -155,6 +184,10 @@ class FaultProxy:
                 await upstream.drain()
                 continue
             self.injected += 1
+            if fault.stall:
+                while await reader.read(65536):
+                    pass
+                return
             if fault.applied:
                 muted[0] = True
                 answered.clear()
