@@ -134,14 +134,17 @@ def sent_ranges(hours: Iterable[int], margin: timedelta) -> list[tuple[datetime,
 def only_sent(spans: list[tuple[datetime, datetime]], ranges: list[tuple[datetime, datetime]]
               ) -> list[tuple[datetime, datetime]]:
     """The parts of planned windows in which the account sent mail (whole seconds, as the filter
-    writes them), oldest first: a window without mail of the relay's is not asked for."""
+    writes them), oldest first: a window without mail of the relay's is not asked for. Adjacent
+    parts are joined only up to the longest planned window (DELIVERY_TRACE_SPAN): a run saves its
+    progress after each window, and Graph takes no window longer than 10 days."""
     out: list[tuple[datetime, datetime]] = []
+    longest = max((end - start for start, end in spans), default=timedelta(0))
     for start, end in spans:
         for lo, hi in ranges:
             a = max(start, _whole_seconds(lo))
             b = min(end, _ceil_seconds(hi))
             if a < b:
-                if out and out[-1][1] >= a:
+                if out and out[-1][1] >= a and max(out[-1][1], b) - out[-1][0] <= longest:
                     out[-1] = (out[-1][0], max(out[-1][1], b))
                 else:
                     out.append((a, b))

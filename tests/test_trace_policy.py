@@ -198,3 +198,22 @@ def test_only_windows_around_hours_with_mail_are_read():
     spans = only_sent(first, sent_ranges([hour], CFG.send_margin))
     assert spans == [(datetime(2026, 12, 2, 0, 50, tzinfo=timezone.utc), datetime(2026, 12, 2, 2, 10, tzinfo=timezone.utc))]
     assert only_sent(first, []) == []
+
+
+def test_windows_cut_to_hours_with_mail_stay_within_the_span():
+    # An account that sent every hour of the last 3 days: its first run still reads PT6H windows
+    # (progress saved after each), never one 3-day window; with a max age of 30 days, never a
+    # window longer than Graph's 10 days (which would be refused, and the run stop there each time).
+    for cfg in (CFG, TraceConfig(max_age=timedelta(days=30), span=MAX_SPAN)):
+        spans = plan_spans(AccountCursor("a@x.com"), NOW, cfg)
+        hours = [int((NOW - timedelta(hours=h)).timestamp()) // 3600 * 3600 for h in range(0, 24 * 31)]
+        windows = only_sent(spans, sent_ranges(hours, cfg.send_margin))
+        assert windows == spans
+        for start, end in windows:
+            check_window(start, end, NOW)
+            assert end - start <= cfg.span
+    # Pieces of neighbouring windows are still joined while the result is no longer than the span.
+    hour = int(datetime(2026, 12, 2, 1, tzinfo=timezone.utc).timestamp())
+    spans = [(NOW - timedelta(hours=3), NOW - timedelta(hours=2)), (NOW - timedelta(hours=2), NOW - timedelta(minutes=1))]
+    assert only_sent(spans, sent_ranges([hour], CFG.send_margin)) == [
+        (datetime(2026, 12, 2, 0, 50, tzinfo=timezone.utc), datetime(2026, 12, 2, 2, 10, tzinfo=timezone.utc))]
