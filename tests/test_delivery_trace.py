@@ -248,6 +248,29 @@ def test_the_budget_stops_a_run_cleanly_and_the_next_continues(storage, emulator
     assert graph_standin.trace_requests and all(r.status == 200 for r in graph_standin.trace_requests)
 
 
+def test_the_budget_cannot_keep_the_last_configured_account_from_ever_finishing(storage, emulator, graph_standin, clock):
+    # The settings of the test above, with all five messages sent by the last configured account:
+    # 3 pages of its window, and each other account's window costs 1 of the 4 requests a run. Read
+    # in configuration order, that account was cut short every run, from the same window start
+    # (so the messages never left its window): 41 runs all stopped by the budget, then a 429 when
+    # the stand-in counted real time. Cut short, an account goes first next run, and finishes.
+    settings = settings_for(storage, emulator, graph_standin, DELIVERY_TRACE_PAGE_SIZE="2",
+                            DELIVERY_TRACE_REQUESTS_PER_5MIN="4", DELIVERY_TRACE_SPAN="P1D")
+    last = settings.accounts[-1]
+    run(send(settings_for(storage, emulator, graph_standin, HVE_ACCOUNTS=last),
+             *[mail(f"w{i}", [f"w{i}@contoso.com"]) for i in range(5)]))
+    graph_standin.feed_from(emulator)
+    assert {r["senderAddress"] for r in graph_standin.trace_rows()} == {last}
+    h = Harness(settings, graph_standin, clock)
+    runs = []
+    while not runs or runs[-1].stopped and len(runs) <= 40:
+        runs.append(h.once())
+        assert runs[-1].requests <= 4
+        clock.advance(minutes=5, seconds=1)
+    assert not runs[-1].stopped and len(runs) <= 10, [t.stopped for t in runs]
+    assert all(h.summary(f"w{i}")["delivery"] == {"delivered": 1} for i in range(5))
+
+
 def test_unmatched_rows_are_counted_and_ignored(storage, emulator, graph_standin, clock):
     settings = settings_for(storage, emulator, graph_standin)
     run(send(settings, mail("ours", ["ours@contoso.com"])))
