@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         end = start + timedelta(hours=args.hours)
         step = timedelta(minutes=args.timer_minutes)
         stopped = defaultdict(int)
+        details = 0
         while clock.now + step <= end:
             clock.now += step
             due = []
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(flush_sends(settings, clock, due))
             first = len(graph.trace_requests)
             tally = asyncio.run(one_run(settings, graph, clock, on_delta))
+            details += tally.details
             if tally.stopped:
                 stopped[tally.stopped.split(":")[0]] += 1
             runs.append((clock.now, first, len(graph.trace_requests)))
@@ -257,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.mean(counts):>6.1f} {throttled:>4} {waits[-1] / 60:>18.1f} "
               f"{statistics.median(waits) / 60:>11.1f} {never:>10} {within / max(1, total):>17.1%} {latest / 60:>11.1f}")
         print(f"\naccounts read: {len(reads)} of {len(accounts)}; runs stopped: {dict(stopped) or 'none'}; "
-              f"recipients measured: {total}; wall time {time.perf_counter() - wall:.0f} s")
+              f"getDetailsByRecipient calls: {details}; recipients measured: {total}; "
+              f"wall time {time.perf_counter() - wall:.0f} s")
     return 0
 
 
