@@ -643,7 +643,7 @@ def _traced(settings, standin, clock, *sends):
                 aggregates.outcome(when.timestamp(), account, "", "sent", internal=n)
                 for k in range(n):
                     standin.add_trace(account, [f"to{k}-{account}"], message_id(f"{account}-{when.isoformat()}-{k}",
-                                                                                 "contoso.com"), received=when)
+                                                                                 "contoso.com", key=KEY), received=when)
             await aggregates.flush()
         finally:
             await storage.close()
@@ -793,7 +793,7 @@ def test_a_heavy_account_does_not_starve_the_others(storage, emulator, graph_sta
     async def heavy_cursor():
         clients = StorageClients(settings)
         try:
-            return await DeliveryStore(await clients.table(settings.delivery_table)).cursor(heavy)
+            return await DeliveryStore(await clients.table(settings.delivery_table), settings.recipient_hash_key).cursor(heavy)
         finally:
             await clients.close()
     cursor = run(heavy_cursor())
