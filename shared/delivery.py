@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -41,8 +41,8 @@ from .replies import mask_addresses
 from .settings import Settings
 from .trace_policy import (DETAIL_STATUSES, OPEN_STATUSES, AccountCursor, FilterRefused, RecipientStatus,
                            RequestBudget, RunTally, TraceConfig, TraceRow, after_span, count_delta, counts,
-                           delivery_rates, merge_status, normal_status, only_sent, parse_message_id, parse_time,
-                           plan_spans, retry_at, row_problem, sent_ranges, trace_filter, visit_order)
+                           delivery_rates, merge_status, narrower, normal_status, only_sent, parse_message_id,
+                           parse_time, plan_spans, retry_at, row_problem, sent_ranges, trace_filter, visit_order, wider)
 
 log = logging.getLogger("hve_relay.delivery")
 
@@ -130,8 +130,10 @@ class DeliveryStore:
             row = await self.table.get_entity(_CURSOR_PK, account)
         except ResourceNotFoundError:
             return AccountCursor(account)
+        span = row.get("Span")
         return AccountCursor(account, _utc(row.get("Watermark")), _utc(row.get("RecheckFrom")), _utc(row.get("NotBefore")),
-                             _utc(row.get("Finished")))
+                             _utc(row.get("Finished")),
+                             timedelta(seconds=float(span)) if isinstance(span, (int, float)) and span > 0 else None)
 
     async def save_cursor(self, cursor: AccountCursor) -> None:
         # One timer run at a time (the Functions host holds a singleton lock for timers): last writer wins.
@@ -140,6 +142,8 @@ class DeliveryStore:
                             ("NotBefore", cursor.not_before), ("Finished", cursor.finished)):
             if value is not None:
                 row[name] = value
+        if cursor.span is not None:
+            row["Span"] = cursor.span.total_seconds()
         await self.table.upsert_entity(row, mode="replace")
 
     async def budget_spent(self) -> list[float]:
@@ -366,8 +370,18 @@ class Reconciler:
             for account, spans in plans.items():
                 cursor = cursors[account]
                 oldest_open: datetime | None = None
+                fullest = 0
                 for i, (start, end) in enumerate(spans):
-                    pending = await self._read_span(account, start, end, now, budget, tally)
+                    whole_budget = budget.available(self.clock()) >= self.cfg.requests_per_5min
+                    before = tally.requests
+                    try:
+                        pending = await self._read_span(account, start, end, now, budget, tally)
+                    except _Stop as stop:
+                        if whole_budget and stop.why.startswith("budget"):
+                            # A whole run's budget did not read this window: narrower ones from now on.
+                            await self.store.save_cursor(narrower(cursor, start, end))
+                        raise
+                    fullest = max(fullest, tally.requests - before)
                     await self._apply(pending, tally)
                     details.update(pending.detail_targets)
                     if pending.oldest_open is not None:
@@ -375,14 +389,17 @@ class Reconciler:
                     last = i == len(spans) - 1
                     # The last window read, the plan is read to its end (windows without mail included).
                     cursor = after_span(cursor, plan_end.get(account, end) if last else end, oldest_open, finished=last)
-                    cursor = AccountCursor(account, cursor.watermark, cursor.recheck_from, None, now if last else cursor.finished)
+                    # Moved on: behind the accounts not reached since (see visit_order).
+                    cursor = replace(cursor, not_before=None, finished=now)
+                    if last:
+                        cursor = wider(cursor, fullest, self.cfg)
                     if self.on_window is not None:
                         await self.on_window()
                     await self.store.save_cursor(cursor)
                 if not spans and account in plan_end:
                     # Nothing sent in the plan: read to its end without a request.
                     cursor = after_span(cursor, plan_end[account], None, finished=True)
-                    await self.store.save_cursor(AccountCursor(account, cursor.watermark, cursor.recheck_from, None, now))
+                    await self.store.save_cursor(replace(cursor, not_before=None, finished=now))
             await self._details(details, budget, tally)
         except _Stop as stop:
             tally.stopped = stop.why
@@ -420,8 +437,7 @@ class Reconciler:
                     cursor = await self.store.cursor(account)
                     until = retry_at(datetime.fromtimestamp(self.clock(), timezone.utc), exc.retry_after,
                                      cap=self.cfg.retry_after_max)
-                    await self.store.save_cursor(AccountCursor(account, cursor.watermark, cursor.recheck_from, until,
-                                                               cursor.finished))
+                    await self.store.save_cursor(replace(cursor, not_before=until))
                     raise _Stop(f"throttled: Graph answered 429, retry after {until.isoformat()}") from None
                 raise _Stop(f"error: {mask_addresses(str(exc))}") from None
             except GraphError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Iterable, Mapping
 
@@ -103,15 +103,42 @@ class AccountCursor:
     watermark: datetime | None = None
     recheck_from: datetime | None = None
     not_before: datetime | None = None
-    finished: datetime | None = None   # when a run last read this account's whole plan
+    # When a run last read one of this account's windows through (or found nothing to read up to
+    # its plan's end): when the watermark was read.
+    finished: datetime | None = None
+    # Narrower windows than DELIVERY_TRACE_SPAN: one needed more pages than a run may spend.
+    span: timedelta | None = None
+
+
+# Narrowest window a too-full one is cut to (whole seconds, as the filter writes them).
+MIN_SPAN = timedelta(minutes=1)
+
+
+def narrower(cursor: AccountCursor, start: datetime, end: datetime) -> AccountCursor:
+    """The cursor once the window start..end took a whole run's budget without being read
+    through: from now on its windows are half as long (at least MIN_SPAN), so each fits in a run
+    and progress is saved after each. Without this the account stayed first in line, spent every
+    run's budget on the same window and never moved on, and no other account was read."""
+    half = timedelta(seconds=max(MIN_SPAN.total_seconds(), (end - start).total_seconds() // 2))
+    return replace(cursor, span=half if cursor.span is None else min(cursor.span, half))
+
+
+def wider(cursor: AccountCursor, pages: int, cfg: TraceConfig) -> AccountCursor:
+    """After a run read the account's plan to its end, its fullest window taking `pages` requests:
+    narrowed windows double again while twice as many pages would still fit in half a budget."""
+    if cursor.span is None or 4 * pages > cfg.requests_per_5min:
+        return cursor
+    doubled = cursor.span * 2
+    return replace(cursor, span=None if doubled >= cfg.span else doubled)
 
 
 def visit_order(accounts: Iterable[str], cursors: Mapping[str, AccountCursor]) -> list[str]:
-    """The accounts in the order a run reads them: the one whose plan was read to the end longest
-    ago first (never: before any), configuration order among equals. An account the budget cut
-    short keeps its old time and goes first next run; one that finished goes to the back. So
-    whatever the number of accounts, each is reached within a bounded number of runs (as long as
-    one account's window fits in one run's budget)."""
+    """The accounts in the order a run reads them: the one that last had a window read through
+    longest ago first (never: before any), configuration order among equals. An account the
+    budget cut short before any window keeps its old time and goes first next run; one that moved
+    on goes to the back, even with windows left (a long backlog does not hold the others up). So
+    whatever the number of accounts, each is reached within a bounded number of runs (a window
+    that a whole run's budget cannot read is narrowed, see `narrower`)."""
     order = list(dict.fromkeys(accounts))
     oldest = datetime.min.replace(tzinfo=timezone.utc)
     return sorted(order, key=lambda a: (cursors[a].finished or oldest if a in cursors else oldest, order.index(a)))
@@ -134,14 +161,17 @@ def sent_ranges(hours: Iterable[int], margin: timedelta) -> list[tuple[datetime,
 def only_sent(spans: list[tuple[datetime, datetime]], ranges: list[tuple[datetime, datetime]]
               ) -> list[tuple[datetime, datetime]]:
     """The parts of planned windows in which the account sent mail (whole seconds, as the filter
-    writes them), oldest first: a window without mail of the relay's is not asked for."""
+    writes them), oldest first: a window without mail of the relay's is not asked for. Adjacent
+    parts are joined only up to the longest planned window (DELIVERY_TRACE_SPAN): a run saves its
+    progress after each window, and Graph takes no window longer than 10 days."""
     out: list[tuple[datetime, datetime]] = []
+    longest = max((end - start for start, end in spans), default=timedelta(0))
     for start, end in spans:
         for lo, hi in ranges:
             a = max(start, _whole_seconds(lo))
             b = min(end, _ceil_seconds(hi))
             if a < b:
-                if out and out[-1][1] >= a:
+                if out and out[-1][1] >= a and max(out[-1][1], b) - out[-1][0] <= longest:
                     out[-1] = (out[-1][0], max(out[-1][1], b))
                 else:
                     out.append((a, b))
@@ -158,14 +188,22 @@ def plan_spans(cursor: AccountCursor, now: datetime, cfg: TraceConfig) -> list[t
 
     Start: the watermark minus the overlap (rows appear 5-10 minutes late), or earlier when
     recipients are still open; never before now - max age (nor 90 days). End: now - a small lag,
-    so a clock a little ahead of Exchange's never asks for the future."""
+    so a clock a little ahead of Exchange's never asks for the future.
+
+    The overlap is re-read only for rows that could have been missing when the watermark was read
+    (`finished`): received less than the overlap before that. A backlog read one window a run (the
+    budget) then moves on by whole windows; re-reading the overlap before each put a window no
+    longer than the overlap back where it started, run after run."""
     # Whole seconds, as the filter writes them: the cursor then means exactly what was asked.
     end = _whole_seconds(now - cfg.end_lag)
+    step = cfg.span if cursor.span is None else min(cfg.span, max(MIN_SPAN, cursor.span))
     floor = now - cfg.max_age
     if cursor.watermark is None:
         start = floor
     else:
         start = cursor.watermark - cfg.overlap
+        if cursor.finished is not None:
+            start = max(start, min(cursor.watermark, cursor.finished - cfg.overlap))
         if cursor.recheck_from is not None:
             start = min(start, cursor.recheck_from)
     # Down to the second for what must be read (an open row's exact time), up for the limits.
@@ -173,7 +211,7 @@ def plan_spans(cursor: AccountCursor, now: datetime, cfg: TraceConfig) -> list[t
     start = max(_whole_seconds(start), lowest)
     spans = []
     while start < end:
-        stop = min(end, start + cfg.span)
+        stop = min(end, start + step)
         spans.append((start, stop))
         start = stop
     return spans
@@ -195,7 +233,7 @@ def after_span(cursor: AccountCursor, span_end: datetime, oldest_open: datetime 
         recheck = oldest_open
     else:
         recheck = span_end if oldest_open is None else min(oldest_open, span_end)
-    return AccountCursor(cursor.account, watermark, recheck, cursor.not_before)
+    return replace(cursor, watermark=watermark, recheck_from=recheck)
 
 
 class RequestBudget:

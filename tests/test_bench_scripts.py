@@ -88,3 +88,13 @@ def test_storage_requests_bench_counts_the_relays_requests_from_azurites_log():
     assert abs(charged - rows["TOTAL caused by the relay per message"]) < 0.02
     # The plain path (ga-2026, no budget): no governor write, no ledger read, one ledger update.
     assert "governor PUT" not in rows and "ledger GET" not in rows and rows["ledger PUT"] == 1.0
+
+
+def test_trace_fairness_bench_reads_every_account_without_a_429():
+    out = run("bench.trace_fairness", "--accounts", "5", "--per-day", "4000", "--hours", "1", "--ledger-every", "10")
+    m = re.search(r"^\s+5\s+4000\s+1\s+6\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)%\s+([\d.]+)$",
+                  out, re.M)
+    assert m, out
+    max_per_5min, throttled, never = int(m[1]), int(m[3]), int(m[6])
+    assert 0 < max_per_5min <= 60 and throttled == 0 and never == 0, out
+    assert "accounts read: 5 of 5" in out, out

@@ -248,6 +248,29 @@ def test_the_budget_stops_a_run_cleanly_and_the_next_continues(storage, emulator
     assert graph_standin.trace_requests and all(r.status == 200 for r in graph_standin.trace_requests)
 
 
+def test_the_budget_cannot_keep_the_last_configured_account_from_ever_finishing(storage, emulator, graph_standin, clock):
+    # The settings of the test above, with all five messages sent by the last configured account:
+    # 3 pages of its window, and each other account's window costs 1 of the 4 requests a run. Read
+    # in configuration order, that account was cut short every run, from the same window start
+    # (so the messages never left its window): 41 runs all stopped by the budget, then a 429 when
+    # the stand-in counted real time. Cut short, an account goes first next run, and finishes.
+    settings = settings_for(storage, emulator, graph_standin, DELIVERY_TRACE_PAGE_SIZE="2",
+                            DELIVERY_TRACE_REQUESTS_PER_5MIN="4", DELIVERY_TRACE_SPAN="P1D")
+    last = settings.accounts[-1]
+    run(send(settings_for(storage, emulator, graph_standin, HVE_ACCOUNTS=last),
+             *[mail(f"w{i}", [f"w{i}@contoso.com"]) for i in range(5)]))
+    graph_standin.feed_from(emulator)
+    assert {r["senderAddress"] for r in graph_standin.trace_rows()} == {last}
+    h = Harness(settings, graph_standin, clock)
+    runs = []
+    while not runs or runs[-1].stopped and len(runs) <= 40:
+        runs.append(h.once())
+        assert runs[-1].requests <= 4
+        clock.advance(minutes=5, seconds=1)
+    assert not runs[-1].stopped and len(runs) <= 10, [t.stopped for t in runs]
+    assert all(h.summary(f"w{i}")["delivery"] == {"delivered": 1} for i in range(5))
+
+
 def test_unmatched_rows_are_counted_and_ignored(storage, emulator, graph_standin, clock):
     settings = settings_for(storage, emulator, graph_standin)
     run(send(settings, mail("ours", ["ours@contoso.com"])))
@@ -733,3 +756,185 @@ def test_a_trace_run_that_cannot_write_the_aggregates_stops_before_moving_past_m
             await clients.close()
 
     assert run(delivered()) == 4                       # 8 delivered, the 4 of the stopped window lost
+
+
+# --- cost follows the mail sent; every account is reached -------------------------------------------
+# Through the app's entry point (reconcile), which reads the hourly aggregates for where mail was
+# sent. Mail is written as the send stage leaves it for the trace: a `requests.sent` count in the
+# aggregates under the hour it went, and its trace rows at the stand-in. Virtual time only: a fixed
+# minute of a day, whatever the hour the suite runs at.
+
+def _start() -> datetime:
+    day = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+    return day + timedelta(hours=9, minutes=20)
+
+
+def _traced(settings, standin, clock, *sends):
+    """Aggregates and trace rows for `sends`: (account, when, how many messages)."""
+    from shared.aggregates import Aggregates
+
+    async def main():
+        storage = StorageClients(settings)
+        try:
+            aggregates = Aggregates(storage.tables.get_table_client(settings.aggregates_table), flush_seconds=0,
+                                    clock=clock, rollup_after_seconds=settings.aggregates_rollup_after_seconds)
+            for account, when, n in sends:
+                aggregates.outcome(when.timestamp(), account, "", "sent", internal=n)
+                for k in range(n):
+                    standin.add_trace(account, [f"to{k}-{account}"], message_id(f"{account}-{when.isoformat()}-{k}",
+                                                                                 "contoso.com", key=KEY), received=when)
+            await aggregates.flush()
+        finally:
+            await storage.close()
+    run(main())
+
+
+def _reconcile(settings, standin, clock):
+    async def main():
+        graph = GraphClient(settings.graph_base_url, StaticToken(standin.token), max_attempts=1)
+        try:
+            return await reconcile(settings, graph=graph, clock=clock)
+        finally:
+            await graph.close()
+    return run(main())
+
+
+def _windows(standin, since: int = 0) -> list[tuple[str, datetime, datetime]]:
+    """(sender, ge, le) of each first-page trace request from the `since`-th on."""
+    out = []
+    for request in standin.trace_requests[since:]:
+        text = request.query.get("$filter")
+        if text is None:
+            continue
+        sender = text.split("senderAddress eq '")[1].split("'")[0]
+        ge = datetime.fromisoformat(text.split("ge ")[1].split(" ")[0].replace("Z", "+00:00"))
+        le = datetime.fromisoformat(text.split("le ")[1].split(" ")[0].replace("Z", "+00:00"))
+        out.append((sender, ge, le))
+    return out
+
+
+def _on_virtual_clock(standin, clock, start: datetime) -> None:
+    clock.now = start
+    standin.clock = lambda: clock.now
+
+
+def test_a_first_run_starts_at_the_oldest_send_not_at_the_max_age(storage, emulator, graph_standin, clock):
+    settings = settings_for(storage, emulator, graph_standin)
+    start = _start()
+    _on_virtual_clock(graph_standin, clock, start)
+    news, alerts, billing = settings.accounts
+    # news's mail went a minute ago, alerts's a day and a half ago (the max age is P3D), billing's
+    # never: the first run reads one window for each account that sent, starting at its send.
+    old = start - timedelta(days=1, hours=12)
+    _traced(settings, graph_standin, clock, (news, start - timedelta(minutes=1), 3), (alerts, old, 2))
+    tally = _reconcile(settings, graph_standin, clock)
+    assert tally.requests == 2 and tally.rows == 5 and not tally.stopped
+    windows = {w[0]: w[1:] for w in _windows(graph_standin)}
+    assert set(windows) == {news, alerts}
+    hour = (start - timedelta(minutes=1)).replace(minute=0, second=0, microsecond=0)
+    assert windows[news] == (hour - timedelta(minutes=10), start)
+    old_hour = old.replace(minute=0, second=0, microsecond=0)
+    assert windows[alerts] == (old_hour - timedelta(minutes=10), old_hour + timedelta(hours=1, minutes=10))
+
+
+def test_accounts_and_hours_without_mail_cost_no_request(storage, emulator, graph_standin, clock):
+    settings = settings_for(storage, emulator, graph_standin)
+    start = _start()
+    _on_virtual_clock(graph_standin, clock, start)
+    news, alerts, billing = settings.accounts
+    # news sent 5 hours ago and 3 hours ago, alerts half an hour ago, billing nothing at all.
+    _traced(settings, graph_standin, clock, (news, start - timedelta(hours=5), 1), (news, start - timedelta(hours=3), 1),
+            (alerts, start - timedelta(minutes=30), 1))
+    tally = _reconcile(settings, graph_standin, clock)
+    windows = _windows(graph_standin)
+    assert tally.requests == 3 and tally.rows == 3
+    assert sorted(w[0] for w in windows) == [alerts, news, news]
+    # The hour between news's two hours with mail is not read, nor anything before them.
+    for sender, ge, le in windows:
+        if sender == news:
+            assert le - ge == timedelta(hours=1, minutes=20)
+    # Ten minutes later: only alerts's mail is still inside a window; news's hours are behind it.
+    clock.advance(minutes=10)
+    seen = len(graph_standin.trace_requests)
+    tally = _reconcile(settings, graph_standin, clock)
+    assert [w[0] for w in _windows(graph_standin, seen)] == [alerts] and tally.requests == 1
+    # Later, nobody having sent anything since: once the previous end's overlap (rows may show up
+    # to 30 minutes late) is read again, no request at all.
+    clock.advance(hours=2)
+    assert _reconcile(settings, graph_standin, clock).requests <= 1
+    clock.advance(minutes=10)
+    seen = len(graph_standin.trace_requests)
+    tally = _reconcile(settings, graph_standin, clock)
+    assert tally.requests == 0 and not tally.stopped and len(graph_standin.trace_requests) == seen
+
+
+@pytest.mark.parametrize("order", ["configured", "reversed"])
+def test_every_account_with_mail_is_traced_within_a_bounded_number_of_runs(storage, emulator, graph_standin, clock, order):
+    # 100 accounts, each with mail every hour; a budget of 10 requests per 5 minutes and a run every
+    # 10 minutes: 10 accounts a run, so each is read within 10 runs, whatever the configuration order.
+    accounts = [f"acct{i:03d}@contoso.com" for i in range(100)]
+    if order == "reversed":
+        accounts.reverse()
+    settings = settings_for(storage, emulator, graph_standin, HVE_ACCOUNTS=",".join(accounts),
+                            DELIVERY_TRACE_REQUESTS_PER_5MIN="10")
+    start = _start()
+    _on_virtual_clock(graph_standin, clock, start)
+    last_read: dict[str, int] = {}
+    gaps: list[int] = []
+    for n in range(25):
+        if n % 6 == 0:      # every hour, every account sends
+            _traced(settings, graph_standin, clock, *[(a, clock.now - timedelta(minutes=1), 1) for a in accounts])
+        seen = len(graph_standin.trace_requests)
+        tally = _reconcile(settings, graph_standin, clock)
+        assert tally.requests <= 10
+        for sender in {w[0] for w in _windows(graph_standin, seen)}:
+            gaps.append(n - last_read.get(sender, -1))
+            last_read[sender] = n
+        clock.advance(minutes=10)
+    assert set(last_read) == set(accounts)
+    assert max(gaps) <= 10, Counter(gaps)
+    assert all(r.status == 200 for r in graph_standin.trace_requests)
+
+
+@pytest.mark.parametrize("load", ["steady", "burst"])
+def test_a_heavy_account_does_not_starve_the_others(storage, emulator, graph_standin, clock, load):
+    # 20 accounts with mail every hour, a budget of 10 requests per 5 minutes, 5 rows a page. One
+    # account also sends 5 messages every 10 minutes (its window takes about 4 pages a run:
+    # "steady"), or 80 in the half hour before the first run (16 pages in one window, more than a
+    # run may spend: "burst"). Every other account is still read within a bounded number of runs,
+    # and the heavy account's rows are all read too.
+    accounts = [f"acct{i:02d}@contoso.com" for i in range(20)]
+    heavy = accounts[0]
+    settings = settings_for(storage, emulator, graph_standin, HVE_ACCOUNTS=",".join(accounts),
+                            DELIVERY_TRACE_REQUESTS_PER_5MIN="10", DELIVERY_TRACE_PAGE_SIZE="5")
+    start = _start()
+    _on_virtual_clock(graph_standin, clock, start)
+    if load == "burst":
+        _traced(settings, graph_standin, clock, *[(heavy, start - timedelta(seconds=20 * k + 1), 1) for k in range(80)])
+    last_read: dict[str, int] = {}
+    gaps: list[int] = []
+    for n in range(30):
+        sends = [(a, clock.now - timedelta(minutes=1), 1) for a in accounts[1:]] if n % 6 == 0 else []
+        if load == "steady":
+            sends += [(heavy, clock.now - timedelta(minutes=2 * k + 1), 1) for k in range(5)]
+        _traced(settings, graph_standin, clock, *sends)
+        seen = len(graph_standin.trace_requests)
+        tally = _reconcile(settings, graph_standin, clock)
+        assert tally.requests <= 10
+        for sender in {w[0] for w in _windows(graph_standin, seen)} - {heavy}:
+            gaps.append(n - last_read.get(sender, -1))
+            last_read[sender] = n
+        clock.advance(minutes=10)
+    assert set(last_read) == set(accounts[1:])
+    assert max(gaps) <= 6, Counter(gaps)
+
+    # The heavy account's cursor moved past all it sent up to the last run (less the overlap).
+    async def heavy_cursor():
+        clients = StorageClients(settings)
+        try:
+            return await DeliveryStore(await clients.table(settings.delivery_table), settings.recipient_hash_key).cursor(heavy)
+        finally:
+            await clients.close()
+    cursor = run(heavy_cursor())
+    assert cursor.watermark is not None and cursor.watermark >= clock.now - timedelta(minutes=40)
+    assert cursor.recheck_from is None or cursor.recheck_from >= clock.now - timedelta(minutes=40)

@@ -13,7 +13,7 @@ from shared.mime import message_id
 from shared.trace_policy import (MAX_LOOKBACK, MAX_SPAN, AccountCursor, FilterRefused, RecipientStatus, RequestBudget,
                                  TraceConfig, TraceRow, after_span, check_window, count_delta, counts, delivery_rates,
                                  merge_status, normal_status, only_sent, parse_message_id, parse_time, plan_spans, retry_at,
-                                 row_problem, sent_ranges, trace_filter, visit_order)
+                                 row_problem, sent_ranges, trace_filter, visit_order, narrower, wider, MIN_SPAN)
 
 NOW = datetime(2026, 12, 2, 3, 0, 0, 500000, tzinfo=timezone.utc)
 CFG = TraceConfig()
@@ -198,3 +198,57 @@ def test_only_windows_around_hours_with_mail_are_read():
     spans = only_sent(first, sent_ranges([hour], CFG.send_margin))
     assert spans == [(datetime(2026, 12, 2, 0, 50, tzinfo=timezone.utc), datetime(2026, 12, 2, 2, 10, tzinfo=timezone.utc))]
     assert only_sent(first, []) == []
+
+
+def test_windows_cut_to_hours_with_mail_stay_within_the_span():
+    # An account that sent every hour of the last 3 days: its first run still reads PT6H windows
+    # (progress saved after each), never one 3-day window; with a max age of 30 days, never a
+    # window longer than Graph's 10 days (which would be refused, and the run stop there each time).
+    for cfg in (CFG, TraceConfig(max_age=timedelta(days=30), span=MAX_SPAN)):
+        spans = plan_spans(AccountCursor("a@x.com"), NOW, cfg)
+        hours = [int((NOW - timedelta(hours=h)).timestamp()) // 3600 * 3600 for h in range(0, 24 * 31)]
+        windows = only_sent(spans, sent_ranges(hours, cfg.send_margin))
+        assert windows == spans
+        for start, end in windows:
+            check_window(start, end, NOW)
+            assert end - start <= cfg.span
+    # Pieces of neighbouring windows are still joined while the result is no longer than the span.
+    hour = int(datetime(2026, 12, 2, 1, tzinfo=timezone.utc).timestamp())
+    spans = [(NOW - timedelta(hours=3), NOW - timedelta(hours=2)), (NOW - timedelta(hours=2), NOW - timedelta(minutes=1))]
+    assert only_sent(spans, sent_ranges([hour], CFG.send_margin)) == [
+        (datetime(2026, 12, 2, 0, 50, tzinfo=timezone.utc), datetime(2026, 12, 2, 2, 10, tzinfo=timezone.utc))]
+
+
+def test_the_overlap_is_re_read_only_where_rows_could_have_been_missing_when_read():
+    from dataclasses import replace
+
+    # Read a minute after its end (a run every 10 minutes): the overlap before it is read again.
+    steady = AccountCursor("a@x.com", watermark=NOW - timedelta(minutes=10), finished=NOW - timedelta(minutes=9))
+    assert plan_spans(steady, NOW, CFG)[0][0] == (NOW - timedelta(minutes=39)).replace(microsecond=0)
+    # A window of a backlog read hours after its end: every row in it was there; go on from its end.
+    backlog = AccountCursor("a@x.com", watermark=NOW - timedelta(hours=5), finished=NOW - timedelta(minutes=10))
+    assert plan_spans(backlog, NOW, CFG)[0][0] == (NOW - timedelta(hours=5)).replace(microsecond=0)
+    # A backlog read one 20-minute window a run (what the budget leaves): each run moves on by a
+    # whole window. Re-reading the 30-minute overlap before each window, it moved back 10 minutes a run.
+    cfg = TraceConfig(span=timedelta(minutes=20))
+    cursor = AccountCursor("a@x.com", watermark=NOW - timedelta(days=1), finished=NOW - timedelta(days=1))
+    now = NOW
+    for _ in range(10):
+        start, end = plan_spans(cursor, now, cfg)[0]
+        cursor = replace(after_span(cursor, end, None, finished=False), finished=now)
+        now += timedelta(minutes=10)
+    # (The first window re-reads the overlap: that watermark was read right at its end.)
+    assert cursor.watermark == (NOW - timedelta(days=1, minutes=30) + timedelta(minutes=20 * 10)).replace(microsecond=0)
+
+
+def test_a_window_a_whole_budget_could_not_read_is_halved_and_widens_again_when_light():
+    cursor = AccountCursor("a@x.com", watermark=NOW)
+    narrow = narrower(cursor, NOW - timedelta(hours=6), NOW)
+    assert narrow.span == timedelta(hours=3) and narrow.watermark == NOW
+    assert narrower(narrow, NOW - timedelta(hours=1), NOW).span == timedelta(minutes=30)
+    assert narrower(narrow, NOW - timedelta(seconds=30), NOW).span == MIN_SPAN
+    spans = plan_spans(AccountCursor("a@x.com", watermark=NOW - timedelta(hours=2), span=timedelta(minutes=30)), NOW, CFG)
+    assert len(spans) == 5 and all(end - start <= timedelta(minutes=30) for start, end in spans)
+    assert wider(narrow, 40, CFG).span == timedelta(hours=3)          # 40 of 60 pages: kept
+    assert wider(narrow, 15, CFG).span is None                         # back to DELIVERY_TRACE_SPAN
+    assert wider(AccountCursor("a@x.com", span=timedelta(hours=1)), 15, CFG).span == timedelta(hours=2)
