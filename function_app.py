@@ -2,7 +2,7 @@
 
 import azure.functions as func
 
-from shared import sender
+from shared.send import stage as sender
 
 app = func.FunctionApp()
 
@@ -19,7 +19,7 @@ async def send_mail(msg: func.QueueMessage) -> None:
 @app.timer_trigger(arg_name="timer", schedule="%WELCOME_SCHEDULE%")
 async def welcome_new_users(timer: func.TimerRequest) -> None:
     """Welcome users created since the last scan, once each (only when WELCOME_ENABLED=true)."""
-    from shared import welcome
+    from shared.welcome import scan as welcome
 
     await welcome.handle_timer(past_due=timer.past_due)
 
@@ -38,7 +38,7 @@ async def purge_expired(timer: func.TimerRequest) -> None:
 @app.timer_trigger(arg_name="timer", schedule="%DELIVERY_TRACE_SCHEDULE%")
 async def confirm_delivery(timer: func.TimerRequest) -> None:
     """Reconcile the ledger with Graph message trace, per recipient (only when DELIVERY_TRACE_ENABLED=true)."""
-    from shared import delivery
+    from shared.delivery import trace as delivery
 
     await delivery.handle_timer(past_due=timer.past_due)
 
@@ -53,7 +53,7 @@ async def status(req: func.HttpRequest) -> func.HttpResponse:
 async def report(req: func.HttpRequest) -> func.HttpResponse:
     """Counts per hour or day, account and category, with the live account, queue and budget state
     (schema: shared/schema/report.v1.json)."""
-    from shared.report import report_response
+    from shared.reporting.report import report_response
 
     status_code, body = await report_response(dict(req.params))
     return func.HttpResponse(body, status_code=status_code, headers=JSON_HEADERS, mimetype="application/json")
@@ -62,7 +62,7 @@ async def report(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="dashboard", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 def dashboard(req: func.HttpRequest) -> func.HttpResponse:
     """The operations dashboard: one self-contained page that refreshes itself from /api/report."""
-    from shared.dashboard import page
+    from shared.reporting.dashboard import page
 
     built = page()
     return func.HttpResponse(built.body, headers=built.headers, mimetype="text/html", charset="utf-8")

@@ -24,8 +24,8 @@ import uuid
 from collections import defaultdict
 from typing import Iterable, Sequence
 
-from shared.limits import PROFILES, Limits
-from shared.pacing import Grant, PacingConfig, Shape, Wait
+from shared.hve.limits import PROFILES, Limits
+from shared.governor.pacing import Grant, PacingConfig, Shape, Wait
 from tools.azurite import Azurite
 
 START = 1_799_920_800.0
@@ -85,7 +85,7 @@ def _worker(connection_string: str, table_name: str, accounts: list[str], profil
     async def run() -> tuple[list[Slot], int, int, int, float]:
         from azure.data.tables.aio import TableClient
 
-        from shared.governor import TableGovernor
+        from shared.governor.table import TableGovernor
 
         config = PacingConfig(limits=PROFILES[profile], margin_seconds=1.0)
         rng = random.Random(seed)

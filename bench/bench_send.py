@@ -28,10 +28,10 @@ from pathlib import Path
 
 import aiosmtplib
 
-from shared.hve_smtp import tls_context
+from shared.hve.smtp import tls_context
 from shared.ledger import Ledger
-from shared.producer import enqueue_requests
-from shared.sender import close_relays, get_relay
+from shared.send.producer import enqueue_requests
+from shared.send.stage import close_relays, get_relay
 from shared.settings import Settings
 from shared.storage import StorageClients
 from bench.latency_proxy import LatencyProxy

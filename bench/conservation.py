@@ -46,10 +46,10 @@ from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
 from bench.latency_proxy import LatencyProxy
-from shared.contract import content_request_id
+from shared.send.contract import content_request_id
 from shared.ledger import FINAL_STATES, SENDING
-from shared.mime import message_id
-from shared.producer import attachment_blob_name
+from shared.send.mime import message_id
+from shared.send.producer import attachment_blob_name
 from shared.settings import SETTINGS, Settings
 from tools import poison as poison_tool
 from tools.azurite import connection_string
@@ -386,7 +386,7 @@ def _counted(conn: str, table_name: str, since: float) -> Counter:
 
     from azure.data.tables.aio import TableClient as AsyncTableClient
 
-    from shared.aggregates import Aggregates
+    from shared.reporting.aggregates import Aggregates
 
     async def read() -> Counter:
         async with AsyncTableClient.from_connection_string(conn, table_name) as table:

@@ -21,9 +21,9 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from shared.delivery import DeliveryDelta, DeliveryStore, Reconciler
+from shared.delivery.trace import DeliveryDelta, DeliveryStore, Reconciler
 from shared.graph import GraphClient, StaticToken
-from shared.sender import Relay
+from shared.send.stage import Relay
 from shared.settings import Settings
 from shared.storage import StorageClients
 from tools.azurite import Azurite

@@ -38,7 +38,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from shared.sender import Relay
+from shared.send.stage import Relay
 from shared.settings import Settings
 from tools.azurite import Azurite
 from tools.hve_emulator import EmulatorConfig, HveEmulator

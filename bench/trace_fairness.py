@@ -10,7 +10,7 @@
    it went) and its trace rows at the Graph stand-in (over HTTP), which shows a row 3-10 minutes
    after sending (uniform). Outcomes: 2% failed, 1% quarantined, 3% pending for 20 minutes, the
    rest delivered.
-2. Every `--timer-minutes` the app's entry point (`shared.delivery.reconcile`: its settings, its
+2. Every `--timer-minutes` the app's entry point (`shared.delivery.trace.reconcile`: its settings, its
    budget of DELIVERY_TRACE_REQUESTS_PER_5MIN = 60, the aggregates telling where mail went) runs
    once against the stand-in, whose own limit is Graph's: 100 trace requests per 5 minutes,
    judged on the same virtual clock (a 429 would show in the figures).
@@ -41,14 +41,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from shared.aggregates import Aggregates
-from shared.delivery import DeliveryDelta, reconcile
+from shared.reporting.aggregates import Aggregates
+from shared.delivery.trace import DeliveryDelta, reconcile
 from shared.graph import GraphClient, StaticToken
 from shared.ledger import Ledger, LedgerEntry
-from shared.mime import message_id
+from shared.send.mime import message_id
 from shared.settings import Settings
 from shared.storage import StorageClients
-from shared.trace_policy import OPEN_STATUSES
+from shared.delivery.policy import OPEN_STATUSES
 from tools.azurite import Azurite
 from tools.graph_standin import GraphStandIn
 

@@ -13,7 +13,7 @@
 #     (hve-notify@contoso.com -> HVE_PASSWORD_HVE_NOTIFY_CONTOSO_COM), else a hidden prompt.
 #     Key Vault secret name: "hve-" + the address lower-cased with every character other than
 #     a-z and 0-9 replaced by "-" (cut to 100 characters) + "-" + the first 10 hex digits of the
-#     SHA-256 of the lower-cased address (the rule of shared/credentials.py secret_name_for, which
+#     SHA-256 of the lower-cased address (the rule of shared/hve/credentials.py secret_name_for, which
 #     tests/test_infra.py checks this script against).
 #   Recipient hash key: generated once into the secret "recipient-hash-key" if absent (an
 #     existing one is never replaced: ledger hashes depend on it); RECIPIENT_HASH_KEY in the

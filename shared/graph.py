@@ -4,7 +4,7 @@ aiohttp (already loaded by the async Azure SDKs) instead of the Graph SDK, which
 seconds to every cold start for two GET requests.
 
 - The token comes from any object with `async get_token(scope)` (azure-identity credentials;
-  `StaticToken` for the local stand-in), cached by `shared.credentials.TokenSource`.
+  `StaticToken` for the local stand-in), cached by `shared.hve.credentials.TokenSource`.
 - `@odata.nextLink` is followed as given, but only on the origin of the base URL: the bearer
   token is never sent anywhere else.
 - 429 and 503 (and 502/504, and network errors) are retried: `Retry-After` is honoured when
@@ -31,9 +31,9 @@ from urllib.parse import quote, urlencode, urlsplit
 import aiohttp
 from yarl import URL
 
-from .credentials import CredentialError, TokenSource, azure_credential
-from .settings import Settings, SettingsError
-from .welcome_policy import graph_time
+from shared.hve.credentials import CredentialError, TokenSource, azure_credential
+from shared.settings import Settings, SettingsError
+from shared.welcome.policy import graph_time
 
 log = logging.getLogger("hve_relay.graph")
 
@@ -293,7 +293,7 @@ class GraphClient:
 
     def message_traces_url(self, filter_text: str, top: int) -> str:
         """The first page of `GET /v1.0/admin/exchange/tracing/messageTraces` for a filter that
-        shared.trace_policy.trace_filter built (and checked)."""
+        shared.delivery.policy.trace_filter built (and checked)."""
         return f"{self.base_url}{TRACE_PATH}?{_query({'$filter': filter_text, '$top': str(top)})}"
 
     async def message_trace_page(self, url: str) -> tuple[list[dict[str, Any]], str | None]:

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 
-from .replies import mask_addresses
+from shared.send.replies import mask_addresses
 
 RECEIVED, SENDING, SENT, DEFERRED, REFUSED, DEAD = "received", "sending", "sent", "deferred", "refused", "dead"
 FINAL_STATES = frozenset({SENT, REFUSED, DEAD})

@@ -10,7 +10,7 @@ What is deleted, each counted from its row's last update:
 - delivery-status rows (`Updated`): per request counts and per recipient-hash statuses;
 - aggregate rows (the report's hourly counters and daily rollups) of UTC days that ended before
   the retention period began;
-- blobs under the relay's own prefixes (shared/relay_blobs.py: claim-check requests, deferred
+- blobs under the relay's own prefixes (shared/send/relay_blobs.py: claim-check requests, deferred
   copies) last modified before it; never anything else in the container (attachments).
 
 At most RETENTION_MAX_ROWS_PER_RUN rows per table (and blobs) per run: a backlog is worked off
@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .aggregates import Aggregates, day_key
-from .ledger import DEAD, REFUSED, SENT, Ledger, LedgerConflict, LedgerEntry
-from .relay_blobs import RelayBlobs
+from shared.reporting.aggregates import Aggregates, day_key
+from shared.ledger import DEAD, REFUSED, SENT, Ledger, LedgerConflict, LedgerEntry
+from shared.send.relay_blobs import RelayBlobs
 
 log = logging.getLogger("hve_relay.retention")
 
@@ -98,7 +98,7 @@ async def purge_expired(*, ledger: Ledger, ledger_table: Any, index_table: Any, 
         targets.append(_Target("welcome", welcome_table, "PartitionKey eq @pk and updated lt @cutoff",
                                {"pk": "user", "cutoff": cutoff}))
     if delivery_table is not None:
-        # Delivery status per request and per recipient hash (shared/delivery.py), and stale cursors.
+        # Delivery status per request and per recipient hash (shared/delivery/trace.py), and stale cursors.
         targets.append(_Target("delivery", delivery_table, "Updated lt @cutoff", {"cutoff": cutoff}))
     if aggregates_table is not None:
         # PartitionKey is the UTC day: the days that ended before the cutoff's day began (a row's
@@ -184,8 +184,8 @@ async def _delete_matching(target: _Target, max_rows: int) -> tuple[int, bool]:
 
 async def handle_timer(now: datetime | None = None) -> PurgeReport:
     """The `purge_expired` timer: one bounded pass over the app's tables and the relay's blobs."""
-    from .settings import Settings
-    from .storage import StorageClients
+    from shared.settings import Settings
+    from shared.storage import StorageClients
 
     settings = Settings.from_env()
     storage = StorageClients(settings)

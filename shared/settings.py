@@ -38,7 +38,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("HVE_SMTP_TIMEOUT_SECONDS", "30", "Timeout of one SMTP command."),
     SettingSpec("HVE_ACCOUNTS", "", "Comma-separated HVE account addresses the relay may send as."),
     SettingSpec("HVE_AUTH", "basic", "`basic` (password from Key Vault) or `oauth` (XOAUTH2 with an app-only token)."),
-    SettingSpec("KEY_VAULT_URL", "", "Key Vault holding the HVE passwords (basic auth). Secret name: `hve-` + the account address lower-cased with every character other than a-z and 0-9 replaced by `-` (at most 100 characters) + `-` + the first 10 hex digits of the SHA-256 of the lower-cased address, e.g. `hve-news-contoso-com-<10 hex>` (`python -m shared.credentials ADDRESS` prints it)."),
+    SettingSpec("KEY_VAULT_URL", "", "Key Vault holding the HVE passwords (basic auth). Secret name: `hve-` + the account address lower-cased with every character other than a-z and 0-9 replaced by `-` (at most 100 characters) + `-` + the first 10 hex digits of the SHA-256 of the lower-cased address, e.g. `hve-news-contoso-com-<10 hex>` (`python -m shared.hve.credentials ADDRESS` prints it)."),
     SettingSpec("HVE_PASSWORDS", "", "Local only: JSON object account -> password, used when KEY_VAULT_URL is empty.", "local"),
     SettingSpec("HVE_SECRET_CACHE_SECONDS", "300", "How long a password read from Key Vault is cached."),
     SettingSpec("HVE_OAUTH_SCOPE", "https://outlook.office365.com/.default", "Token scope for XOAUTH2."),

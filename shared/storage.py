@@ -11,7 +11,7 @@ from typing import Any
 
 from azure.core.exceptions import ResourceExistsError
 
-from .settings import Settings, SettingsError
+from shared.settings import Settings, SettingsError
 
 
 class StorageClients:

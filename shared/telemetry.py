@@ -12,7 +12,7 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 
-from .settings import Settings
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 _configured = False

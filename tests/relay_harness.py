@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from shared.sender import Handled, Relay
+from shared.send.stage import Handled, Relay
 from shared.settings import Settings
 
 ACCOUNTS = {"news@contoso.com": "news-pw", "alerts@contoso.com": "alerts-pw", "billing@contoso.com": "billing-pw"}

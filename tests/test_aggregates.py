@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from azure.data.tables.aio import TableClient
 
-from shared.aggregates import Aggregates
+from shared.reporting.aggregates import Aggregates
 from tools.azurite import connection_string
 from tools.fault_proxy import Fault, FaultProxy
 
@@ -458,7 +458,7 @@ def test_thousands_of_distinct_categories_cost_a_bounded_flush_and_report_with_e
 
 
 def test_the_report_folds_all_but_the_busiest_categories_into_other_and_keeps_the_totals():
-    from shared.aggregates import Bucket, fold_categories
+    from shared.reporting.aggregates import Bucket, fold_categories
 
     buckets = [Bucket(3600, "a", f"c{i}", Counter({"requests.sent": i, "codes.451 4.7.0": 1}), {"451 4.7.0": 3600.0 + i})
                for i in range(1, 6)]

@@ -9,9 +9,9 @@ import json
 import tracemalloc
 from email import message_from_bytes, policy
 
-from shared.blobs import BlobReader
-from shared.contract import RequestRefused
-from shared.sender import Relay
+from shared.send.blobs import BlobReader
+from shared.send.contract import RequestRefused
+from shared.send.stage import Relay
 from tests.relay_harness import relay_settings
 
 LIMIT = 1024 * 1024            # HVE_LIMITS message_bytes for these tests: small keeps them fast

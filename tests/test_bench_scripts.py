@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.bench_governor import START, over_grants, window_over_grants
-from shared.limits import PROFILES
+from shared.hve.limits import PROFILES
 
 ROOT = Path(__file__).resolve().parents[1]
 

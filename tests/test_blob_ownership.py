@@ -12,9 +12,9 @@ import json
 
 from email import message_from_bytes, policy
 
-from shared.blobs import BlobReader
-from shared.producer import attachment_blob_name, claim_check_blob_name
-from shared.sender import Relay
+from shared.send.blobs import BlobReader
+from shared.send.producer import attachment_blob_name, claim_check_blob_name
+from shared.send.stage import Relay
 from tests.relay_harness import drain, enqueue, relay_settings
 
 PDF = b"%PDF-1.7 invoice 1042 of producer A"

@@ -10,9 +10,9 @@ import re
 import pytest
 from azure.core.exceptions import ResourceExistsError
 
-from shared.contract import RequestRefused, claim_check_of, validate_request
-from shared.producer import attachment_blob_name, claim_check_blob_name, enqueue_requests
-from shared.sender import Relay
+from shared.send.contract import RequestRefused, claim_check_of, validate_request
+from shared.send.producer import attachment_blob_name, claim_check_blob_name, enqueue_requests
+from shared.send.stage import Relay
 from tests.relay_harness import drain, enqueue, relay_settings
 from tests.test_contract import POLICY, good
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from shared.contract import (
+from shared.send.contract import (
     RequestRefused,
     ValidationPolicy,
     claim_check_of,
@@ -192,7 +192,7 @@ from email import message_from_bytes, policy as email_policy  # noqa: E402
 
 from hypothesis import given, strategies as st  # noqa: E402
 
-from shared.mime import build_message  # noqa: E402
+from shared.send.mime import build_message  # noqa: E402
 
 ANY_TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=80)
 

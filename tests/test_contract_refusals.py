@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from shared.contract import (
+from shared.send.contract import (
     Address,
     Attachment,
     MailRequest,
@@ -19,7 +19,7 @@ from shared.contract import (
     parse_address,
     validate_request,
 )
-from shared.limits import PROFILES
+from shared.hve.limits import PROFILES
 from shared.settings import Settings
 
 POLICY = ValidationPolicy(

@@ -26,8 +26,8 @@ from typing import Any, Iterator
 import jsonschema
 import pytest
 
-from shared.producer import enqueue_requests
-from shared.sender import close_relays
+from shared.send.producer import enqueue_requests
+from shared.send.stage import close_relays
 from shared.settings import Settings
 from shared.storage import StorageClients
 from tests.fixtures_emulator import ACCOUNTS
@@ -391,7 +391,7 @@ def contract_report(now: datetime) -> dict[str, Any]:
 
 
 def test_delivery_rates_show_when_traced_and_every_label_from_outside_stays_text(browser: Browser):
-    from shared.dashboard import page as dashboard_page
+    from shared.reporting.dashboard import page as dashboard_page
 
     report = contract_report(datetime.now(timezone.utc))
     schema = json.loads((ROOT / "shared/schema/report.v1.json").read_text())

@@ -11,12 +11,12 @@ import re
 import urllib.request
 from pathlib import Path
 
-from shared.dashboard import content_security_policy, page
-from shared.sender import close_relays
+from shared.reporting.dashboard import content_security_policy, page
+from shared.send.stage import close_relays
 from tools.devhost import DevHost, _background_loop
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ROOT / "shared" / "dashboard"
+SOURCES = ROOT / "shared" / "reporting" / "dashboard"
 
 
 def directives(csp: str) -> dict[str, list[str]]:
@@ -64,7 +64,7 @@ def test_the_script_has_no_way_to_turn_text_into_markup_or_code():
 
 
 def test_a_script_that_would_close_its_own_element_is_refused(tmp_path, monkeypatch):
-    import shared.dashboard as dashboard
+    import shared.reporting.dashboard as dashboard
 
     for name in ("page.html", "page.css"):
         (tmp_path / name).write_text((SOURCES / name).read_text())

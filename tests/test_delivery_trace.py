@@ -14,11 +14,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from shared.delivery import DeliveryDelta, DeliveryStore, Reconciler, reconcile, request_digest
+from shared.delivery.trace import DeliveryDelta, DeliveryStore, Reconciler, reconcile, request_digest
 from shared.graph import GraphClient, StaticToken
 from shared.ledger import recipient_hash
-from shared.mime import message_id
-from shared.sender import Relay
+from shared.send.mime import message_id
+from shared.send.stage import Relay
 from shared.storage import StorageClients
 from tests.fixtures_graph import graph_env, graph_standin  # noqa: F401  (fixture)
 from tests.relay_harness import drain, enqueue, relay_settings
@@ -385,7 +385,7 @@ def test_reconcile_entry_point_uses_the_app_settings(storage, emulator, graph_st
 
 
 def test_status_shows_delivery_rates_of_the_last_24_hours(storage, emulator, graph_standin, clock):
-    from shared.status import render_text
+    from shared.reporting.status import render_text
     from tools import status as status_cli
 
     settings = settings_for(storage, emulator, graph_standin)
@@ -496,7 +496,7 @@ def test_status_changes_reach_the_aggregates_once_and_the_ledger_report_shows_th
 
 
 def test_the_timer_does_nothing_unless_enabled_and_reads_trace_when_enabled(storage, emulator, graph_standin, monkeypatch):
-    from shared.delivery import handle_timer
+    from shared.delivery.trace import handle_timer
 
     settings = settings_for(storage, emulator, graph_standin)
     run(send(settings, mail("timed", ["t1@contoso.com"])))
@@ -537,7 +537,7 @@ def test_the_delivery_bench_runs_end_to_end():
 
 
 def test_the_status_endpoint_adds_delivery_rates_when_trace_is_on(storage, emulator, graph_standin, clock, monkeypatch):
-    from shared.sender import close_relays, status_json
+    from shared.send.stage import close_relays, status_json
 
     settings = settings_for(storage, emulator, graph_standin)
     run(send(settings, mail("api", ["api1@contoso.com", "api2@contoso.com"])))
@@ -621,7 +621,7 @@ def test_the_delivery_counter_counts_recipients_reaching_each_status_by_account(
 
 _KILLED_AFTER_FIRST_WINDOW = r"""
 import asyncio, json, os, sys
-from shared import delivery
+from shared.delivery import trace as delivery
 from shared.graph import GraphClient, StaticToken
 from shared.settings import Settings
 
@@ -662,7 +662,7 @@ def test_a_trace_run_killed_after_a_window_has_written_that_windows_deltas_to_th
     import subprocess
     import sys
 
-    from shared.aggregates import Aggregates
+    from shared.reporting.aggregates import Aggregates
     from tests.fixtures_graph import graph_env
     from tests.relay_harness import ACCOUNTS
 
@@ -709,7 +709,7 @@ def test_a_trace_run_that_cannot_write_the_aggregates_stops_before_moving_past_m
     """Writes to the aggregates table fail (503) during a run: its first window's deltas cannot be
     written, and it stops there instead of reading (and losing the deltas of) the other windows,
     which the next run counts."""
-    from shared.aggregates import Aggregates
+    from shared.reporting.aggregates import Aggregates
     from tools.azurite import connection_string
     from tools.fault_proxy import Fault, FaultProxy
 
@@ -771,7 +771,7 @@ def _start() -> datetime:
 
 def _traced(settings, standin, clock, *sends):
     """Aggregates and trace rows for `sends`: (account, when, how many messages)."""
-    from shared.aggregates import Aggregates
+    from shared.reporting.aggregates import Aggregates
 
     async def main():
         storage = StorageClients(settings)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import pytest
 
-from shared.credentials import secret_name_for
+from shared.hve.credentials import secret_name_for
 from tools.az_standin import AzStandInServer, fake_jwt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,7 +243,7 @@ def test_first_deployment_from_an_empty_group_gets_through_every_first_run_failu
     names = run.package()
     assert names == tracked_app_files(repo)
     assert {"function_app.py", "host.json", "requirements.txt", "shared/settings.py",
-            "shared/templates/welcome.html", "shared/schema/mail-request.v1.json"} <= names
+            "shared/welcome/templates/welcome.html", "shared/schema/mail-request.v1.json"} <= names
     assert "shared/stray_notes.py" not in names and not [n for n in names if "__pycache__" in n]
     assert not [n for n in names if n.startswith(("tests/", "infra/", "tools/", "bench/")) or "local.settings" in n]
     assert "left out (not tracked by git): shared/stray_notes.py" in run.out

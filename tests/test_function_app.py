@@ -10,8 +10,8 @@ from pathlib import Path
 
 from azure.storage.queue import QueueClient
 
-from shared.mime import message_id
-from shared.sender import close_relays
+from shared.send.mime import message_id
+from shared.send.stage import close_relays
 from tests.relay_harness import ACCOUNTS
 from shared.settings import Settings
 from tools import poison as poison_tool

@@ -7,8 +7,8 @@ import asyncio
 import multiprocessing
 import random
 
-from shared.limits import Limits
-from shared.pacing import Grant, Impossible, PacingConfig, Shape, Wait
+from shared.hve.limits import Limits
+from shared.governor.pacing import Grant, Impossible, PacingConfig, Shape, Wait
 from tests.test_pacing import check_windows
 
 ACCOUNTS = ["a@contoso.com", "b@contoso.com", "c@contoso.com"]
@@ -29,7 +29,7 @@ def worker(connection_string: str, table_name: str, seed: int, barrier) -> tuple
     async def run() -> tuple[list, int]:
         from azure.data.tables.aio import TableClient
 
-        from shared.governor import TableGovernor
+        from shared.governor.table import TableGovernor
 
         rng = random.Random(seed)
         async with TableClient.from_connection_string(connection_string, table_name) as table:

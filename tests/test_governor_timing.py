@@ -11,12 +11,12 @@ import time
 
 from bench.latency_proxy import LatencyProxy
 from bench.simulate import VirtualClock, VirtualQueue
-from shared.hve_smtp import HveSmtp, BasicAuth, tls_context
-from shared.credentials import LocalPasswords
-from shared.mime import message_id
-from shared.pacing import AccountState, PacingConfig, Shape, decide, take_slot
-from shared.limits import PROFILES
-from shared.sender import Relay
+from shared.hve.smtp import HveSmtp, BasicAuth, tls_context
+from shared.hve.credentials import LocalPasswords
+from shared.send.mime import message_id
+from shared.governor.pacing import AccountState, PacingConfig, Shape, decide, take_slot
+from shared.hve.limits import PROFILES
+from shared.send.stage import Relay
 from tests.relay_harness import ACCOUNTS, drain, enqueue, relay_settings
 
 START = 1_799_920_800.0  # 2027-01-15 10:00:00 UTC

@@ -19,7 +19,7 @@ from shared.graph import (
     retry_after_seconds,
 )
 from shared.settings import Settings, SettingsError
-from shared.welcome_policy import USER_SELECT
+from shared.welcome.policy import USER_SELECT
 from tests.fixtures_graph import graph_standin  # noqa: F401  (fixture)
 from tools.graph_standin import GraphStandIn
 

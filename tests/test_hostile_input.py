@@ -9,9 +9,9 @@ import uuid
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from shared.contract import RequestRefused, ValidationPolicy, claim_check_of, decode_queue_body, validate_request
-from shared.mime import build_message
-from shared.sender import Relay
+from shared.send.contract import RequestRefused, ValidationPolicy, claim_check_of, decode_queue_body, validate_request
+from shared.send.mime import build_message
+from shared.send.stage import Relay
 from tests.hostile import QUEUE_BODIES
 from tests.relay_harness import relay_settings
 

@@ -11,9 +11,9 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import MISSING, AuthResult
 
-from shared.credentials import LocalPasswords
-from shared.hve_smtp import BasicAuth, HveSmtp, tls_context
-from shared.replies import Outcome
+from shared.hve.credentials import LocalPasswords
+from shared.hve.smtp import BasicAuth, HveSmtp, tls_context
+from shared.send.replies import Outcome
 
 MESSAGE = b"From: news@contoso.com\r\nTo: ann@contoso.com\r\nSubject: t\r\n\r\nhi\r\n"
 

@@ -17,10 +17,10 @@ import time
 import pytest
 from azure.keyvault.secrets._shared import http_challenge_cache
 
-import shared.sender as sender
-from shared.credentials import (CredentialError, KeyVaultPasswords, TokenSource, azure_credential, check_secret_names,
+import shared.send.stage as sender
+from shared.hve.credentials import (CredentialError, KeyVaultPasswords, TokenSource, azure_credential, check_secret_names,
                                 secret_name_for)
-from shared.sender import Relay
+from shared.send.stage import Relay
 from shared.settings import Settings, SettingsError
 from tests.relay_harness import drain, enqueue, relay_settings
 from tools.keyvault_standin import VAULT_RESOURCE, KeyVaultStandIn
@@ -278,7 +278,7 @@ def test_force_refresh_still_works_with_a_credential_that_refuses_claims():
 # --- the send path end to end -------------------------------------------------------------------
 
 class Made(list):
-    """What Relay.create made through shared.sender's names that Relay.close leaves open (in Azure
+    """What Relay.create made through shared.send.stage's names that Relay.close leaves open (in Azure
     the identity objects live as long as the process); closed on the test's own event loop."""
 
     async def aclose(self) -> None:

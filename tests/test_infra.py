@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from shared.credentials import check_secret_names, secret_name_for
+from shared.hve.credentials import check_secret_names, secret_name_for
 from shared.settings import SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -441,10 +441,10 @@ def test_storage_account_security(bicep):
 
 def test_every_prefix_the_relay_keeps_request_copies_under_has_a_lifecycle_backstop(bicep):
     """The relay deletes a request's blobs when the request is final; a management policy deletes
-    what is left under each of the relay's prefixes (shared/relay_blobs.py: claim-check requests,
+    what is left under each of the relay's prefixes (shared/send/relay_blobs.py: claim-check requests,
     deferred copies in the relay's own container), after the relay has given up on any request
     (SEND_MAX_AGE_HOURS)."""
-    from shared.relay_blobs import relay_blob_areas
+    from shared.send.relay_blobs import relay_blob_areas
     from shared.settings import Settings
 
     _, policy = _the(bicep, "Microsoft.Storage/storageAccounts/managementPolicies")
@@ -766,7 +766,7 @@ def test_deploy_script_secret_names_are_the_apps(address):
         ["bash", "-c", f'{helpers}\nsecret_name_for "$1"; echo; env_name_for "$1"', "_", address],
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout.splitlines()
-    # One rule, shared/credentials.py; the script reimplements it in bash and must agree.
+    # One rule, shared/hve/credentials.py; the script reimplements it in bash and must agree.
     assert out[0] == secret_name_for(address)
     assert re.fullmatch(r"[A-Za-z0-9-]{1,127}", out[0]), "a valid Key Vault secret name"
     assert out[1] == "HVE_PASSWORD_" + re.sub(r"[^A-Z0-9]", "_", address.upper())

@@ -8,8 +8,8 @@ import json
 import logging
 
 
-from shared.replies import mask_addresses
-from shared.sender import Relay
+from shared.send.replies import mask_addresses
+from shared.send.stage import Relay
 from shared.telemetry import Instruments
 from tests import test_telemetry
 from tests.relay_harness import drain, enqueue, relay_settings

@@ -8,8 +8,8 @@ from collections import defaultdict
 
 from hypothesis import given, strategies as st
 
-from shared.limits import PROFILES, Limits
-from shared.pacing import (
+from shared.hve.limits import PROFILES, Limits
+from shared.governor.pacing import (
     DAY,
     AccountState,
     Grant,
@@ -22,7 +22,7 @@ from shared.pacing import (
     chunk_recipients,
     decide,
 )
-from shared.replies import classify_reply
+from shared.send.replies import classify_reply
 
 ACCOUNTS = ["a@contoso.com", "b@contoso.com", "c@contoso.com"]
 START = 1_800_000_000.0  # a fixed epoch, mid-day UTC

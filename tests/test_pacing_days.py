@@ -1,6 +1,6 @@
 """Daily windows across day changes and non-midnight resets, checked by an oracle written here.
 
-Only the public surface of shared/pacing.py is used (decide, take_slot, earliest_slot and the
+Only the public surface of shared/governor/pacing.py is used (decide, take_slot, earliest_slot and the
 state types). Which daily window a time falls in, and when the next one starts, are computed in
 this file from the reset time alone, never with the code under test; the recipients granted in
 each window are re-counted from the raw log of granted slots.
@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from shared.limits import PROFILES
-from shared.pacing import AccountState, Grant, PacingConfig, Shape, TenantState, decide, earliest_slot, take_slot
+from shared.hve.limits import PROFILES
+from shared.governor.pacing import AccountState, Grant, PacingConfig, Shape, TenantState, decide, earliest_slot, take_slot
 
 DAY_SECONDS = 86_400
 ACCOUNTS = ("news@contoso.com", "alerts@contoso.com", "billing@contoso.com")

@@ -14,8 +14,8 @@ from dataclasses import replace
 
 import pytest
 
-from shared.limits import Limits
-from shared.pacing import (
+from shared.hve.limits import Limits
+from shared.governor.pacing import (
     DAY,
     HISTORY_SECONDS,
     NEAR_SECONDS,
@@ -41,7 +41,7 @@ from shared.pacing import (
     release_slot,
     take_slot,
 )
-from shared.replies import Outcome, Verdict
+from shared.send.replies import Outcome, Verdict
 
 A, B, C = "a@contoso.com", "b@contoso.com", "c@contoso.com"
 NOW = 1000.0          # day 0, far from both ends of the day

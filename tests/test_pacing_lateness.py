@@ -1,7 +1,7 @@
 """The governor under real queue timing (pure, property-based): requests come back seconds to
 minutes after their booked slot, some sends fail and give their slot back, days roll over at
 non-midnight reset times. Checked against an oracle written here that re-counts the raw send log
-and uses nothing from shared/pacing.py but its public decisions:
+and uses nothing from shared/governor/pacing.py but its public decisions:
 
 - the windows hold as HVE counts them (actual send moments), and daily caps hold per day;
 - a slot is never counted twice and never leaks: at the end each account's daily counts equal
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from hypothesis import given, settings, strategies as st
 
-from shared.limits import Limits
-from shared.pacing import AccountState, Grant, Impossible, PacingConfig, Release, Shape, TenantState, Wait, decide, release_slot
+from shared.hve.limits import Limits
+from shared.governor.pacing import AccountState, Grant, Impossible, PacingConfig, Release, Shape, TenantState, Wait, decide, release_slot
 
 ACCOUNTS = ["a@contoso.com", "b@contoso.com", "c@contoso.com"]
 DAY_SECONDS = 86400

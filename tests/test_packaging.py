@@ -72,7 +72,7 @@ def test_funcignore_leaves_out_what_a_working_tree_holds_besides_the_app():
     # What a developer's tree has that git does not track: environments, caches, local settings.
     present = {"local.settings.json", ".venv/bin/python", ".venv-iac/pycep/bin/python", "node_modules/azurite/package.json",
                ".local/test-hours.log", ".pytest_cache/v/cache/nodeids", "shared/__pycache__/sender.cpython-311.pyc",
-               "mutants/shared/pacing.py", ".python_packages/lib/site-packages/x.py", ".azure/dev/.env"}
+               "mutants/shared/governor/pacing.py", ".python_packages/lib/site-packages/x.py", ".azure/dev/.env"}
     for root, dirs, names in os.walk(ROOT):
         dirs[:] = [d for d in dirs if d not in {".git", ".venv", ".venv-iac", "node_modules"}]
         present |= {str(Path(root, n).relative_to(ROOT)) for n in names}

@@ -8,10 +8,10 @@ import asyncio
 import random
 from datetime import datetime, timezone
 
-from shared.pacing import AccountState, Shape
-from shared.scheduler import RELEASE_SPREAD_SECONDS, Go, Later, plain_decision
-from shared.sender import Relay
-from shared.status import usage_from_aggregates
+from shared.governor.pacing import AccountState, Shape
+from shared.governor.scheduler import RELEASE_SPREAD_SECONDS, Go, Later, plain_decision
+from shared.send.stage import Relay
+from shared.reporting.status import usage_from_aggregates
 from tests.relay_harness import ACCOUNTS, drain, enqueue, relay_settings
 
 NOW = 1_796_000_000.0

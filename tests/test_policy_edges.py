@@ -11,10 +11,10 @@ from email import message_from_bytes, policy
 
 import pytest
 
-from shared.contract import Address, MailRequest
-from shared.limits import PROFILES, resolve_limits
-from shared.mime import build_message, message_id
-from shared.retry import MAX_JITTER_SECONDS, MAX_VISIBILITY_SECONDS, retry_delay, visibility_for
+from shared.send.contract import Address, MailRequest
+from shared.hve.limits import PROFILES, resolve_limits
+from shared.send.mime import build_message, message_id
+from shared.send.retry import MAX_JITTER_SECONDS, MAX_VISIBILITY_SECONDS, retry_delay, visibility_for
 
 
 class Low:

@@ -9,7 +9,7 @@ from email import message_from_bytes, policy
 
 from azure.storage.queue import QueueClient
 
-from shared.sender import Relay
+from shared.send.stage import Relay
 from tests.relay_harness import drain, relay_settings
 
 CYRILLIC = "Съешь же ещё этих мягких французских булок, да выпей чаю. "  # 2 bytes a letter in UTF-8

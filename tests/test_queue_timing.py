@@ -1,13 +1,13 @@
-"""The queue's timing as a worker sees it (shared/queue_timing.py), and how the governor uses it:
+"""The queue's timing as a worker sees it (shared/governor/preview/queue_timing.py), and how the governor uses it:
 bookings stay behind the visible backlog, and booked messages wake early by what they come back late."""
 
 import random
 
 import pytest
 
-from shared.limits import PROFILES
-from shared.pacing import AccountState, Grant, PacingConfig, Shape, decide
-from shared.queue_timing import LEAD_SAFETY_FRACTION, LEAD_SAFETY_SECONDS, BacklogEstimator, ReturnLatency
+from shared.hve.limits import PROFILES
+from shared.governor.pacing import AccountState, Grant, PacingConfig, Shape, decide
+from shared.governor.preview.queue_timing import LEAD_SAFETY_FRACTION, LEAD_SAFETY_SECONDS, BacklogEstimator, ReturnLatency
 
 START = 1_799_920_800.0
 CFG = PacingConfig(limits=PROFILES["preview-2024"])

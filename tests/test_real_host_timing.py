@@ -116,7 +116,7 @@ def test_two_hosts_with_slow_polling_send_an_over_the_limit_backlog_at_the_limit
     # Allowance over the minimum and one polling interval:
     # - the relay counts a minute as 60 s + HVE_PACING_MARGIN_SECONDS, once per window waited;
     # - bookings are spread over seconds, at most HVE_BOOKINGS_PER_SECOND (8, never fewer than the
-    #   accounts' combined rate needs) falling due in one second (shared/pacing.py, `_spread`): the
+    #   accounts' combined rate needs) falling due in one second (shared/governor/pacing.py, `_spread`): the
     #   second wave's last slot is up to ceil(second wave / 8) - 1 seconds after its first.
     # How late the host picks a booking up (the pacer keeps that to about a second) and how long
     # the first wave takes to go out are inside the polling interval.

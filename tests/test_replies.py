@@ -2,7 +2,7 @@
 
 import pytest
 
-from shared.replies import Outcome, Verdict, classify_reply, connection_lost
+from shared.send.replies import Outcome, Verdict, classify_reply, connection_lost
 
 CASES = [
     # code, text, outcome, throttled, token_expired, daily

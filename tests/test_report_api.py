@@ -17,10 +17,10 @@ import pytest
 from azure.data.tables import TableClient
 from azure.storage.queue import QueueClient
 
-from shared.aggregates import Aggregates
+from shared.reporting.aggregates import Aggregates
 from shared.ledger import Ledger
-from shared.report import ReportRequestError, Window, parse_window, shape
-from shared.sender import Relay
+from shared.reporting.report import ReportRequestError, Window, parse_window, shape
+from shared.send.stage import Relay
 from shared.settings import Settings
 from tests.relay_harness import drain, enqueue, relay_settings
 from tests.test_function_app import FAST_HOST, app_settings, close_app_relays, run_send_mail
@@ -356,7 +356,7 @@ def test_a_bad_window_is_refused_with_a_clear_message(params, word):
 
 
 def test_hours_fold_into_days_and_errors_are_ranked_by_count():
-    from shared.aggregates import Bucket
+    from shared.reporting.aggregates import Bucket
 
     h = datetime(2026, 12, 1, tzinfo=timezone.utc).timestamp()
     buckets = [Bucket(int(h), "a@x", "c", {"requests.sent": 2, "codes.451 4.7.0": 1}, {"451 4.7.0": h + 60}),
@@ -376,7 +376,7 @@ def test_hours_fold_into_days_and_errors_are_ranked_by_count():
 def test_the_ledger_tool_reports_from_the_aggregates_not_the_ledger_rows(storage, emulator):
     from azure.data.tables.aio import TableClient as AsyncTable
 
-    from shared.report import render_text
+    from shared.reporting.report import render_text
     from tools import ledger as ledger_tool
 
     settings = relay_settings(storage, emulator)
@@ -400,9 +400,9 @@ def test_the_ledger_tool_reports_from_the_aggregates_not_the_ledger_rows(storage
 
 
 def test_reply_codes_count_each_rcpt_refusal_and_the_final_reply_once_and_never_their_text():
-    from shared.aggregates import reply_labels
-    from shared.hve_smtp import SubmitResult
-    from shared.replies import classify_reply
+    from shared.reporting.aggregates import reply_labels
+    from shared.hve.smtp import SubmitResult
+    from shared.send.replies import classify_reply
 
     ok = classify_reply(250, "2.6.0 Queued mail for delivery")
     later = classify_reply(452, "4.5.3 Too many recipients")
@@ -497,7 +497,7 @@ def test_dates_at_the_ends_of_the_calendar_are_a_400_not_an_overflow(params):
 def test_the_status_delivery_rates_come_from_the_aggregates_whatever_the_delivery_tables_size(
         azurite, storage, emulator, monkeypatch):
     from bench.report import TableRequests
-    from shared.sender import close_relays, status_json
+    from shared.send.stage import close_relays, status_json
 
     settings = app_settings(storage, emulator, DELIVERY_TRACE_ENABLED="true", GRAPH_DEV_TOKEN="t",
                             DELIVERY_TABLE=f"{storage.table_prefix}delivery")

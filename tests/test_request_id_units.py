@@ -9,10 +9,10 @@ import re
 
 import pytest
 
-from shared.contract import (CONTENT_ID_PREFIX, QUEUE_MESSAGE_BUDGET, RELAY_ID_PREFIXES, RequestRefused, check_id_claim,
+from shared.send.contract import (CONTENT_ID_PREFIX, QUEUE_MESSAGE_BUDGET, RELAY_ID_PREFIXES, RequestRefused, check_id_claim,
                              content_digest, content_request_id, decode_queue_body, fits_on_queue, id_proof, is_relay_id,
                              mime_base64_size, parse_request_id, queue_text)
-from shared.welcome_policy import REQUEST_ID_PREFIX as WELCOME_PREFIX
+from shared.welcome.policy import REQUEST_ID_PREFIX as WELCOME_PREFIX
 
 
 def test_a_derived_id_is_the_same_for_raw_and_base64_copies_and_a_valid_request_id():

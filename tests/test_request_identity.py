@@ -96,9 +96,9 @@ def test_the_same_bytes_enqueued_twice_are_one_request(storage, emulator):
 
 # --- who may use an id --------------------------------------------------------------------------
 
-from shared.contract import content_request_id, id_proof  # noqa: E402
-from shared.producer import enqueue_requests  # noqa: E402
-from shared.sender import Relay  # noqa: E402
+from shared.send.contract import content_request_id, id_proof  # noqa: E402
+from shared.send.producer import enqueue_requests  # noqa: E402
+from shared.send.stage import Relay  # noqa: E402
 from tests.relay_harness import drain, enqueue, relay_settings  # noqa: E402
 
 KEY = b"test-hash-key"   # RECIPIENT_HASH_KEY of relay_settings

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from shared.aggregates import Aggregates
-from shared.blobs import BlobReader
+from shared.reporting.aggregates import Aggregates
+from shared.send.blobs import BlobReader
 from shared.ledger import DEAD, DEFERRED, RECEIVED, SENDING, SENT, Ledger, LedgerEntry
-from shared.producer import claim_check_blob_name
+from shared.send.producer import claim_check_blob_name
 from shared.retention import handle_timer, purge_expired
-from shared.sender import Relay
+from shared.send.stage import Relay
 from shared.settings import Settings, SettingsError
 from shared.storage import StorageClients
-from shared.welcome_state import UserRow, WelcomeState
+from shared.welcome.state import UserRow, WelcomeState
 from tests.relay_harness import drain, enqueue, relay_settings
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)

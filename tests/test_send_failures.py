@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from shared.sender import Handled, Relay
+from shared.send.stage import Handled, Relay
 from tests.relay_harness import drain, enqueue, relay_settings
 
 # Noon UTC on a fixed day: branches that depend on the daily window must not depend on the hour

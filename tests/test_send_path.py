@@ -11,10 +11,10 @@ from email import message_from_bytes, policy
 
 import pytest
 
-from shared.contract import content_request_id
+from shared.send.contract import content_request_id
 from shared.ledger import recipient_hash
-from shared.mime import message_id
-from shared.sender import Relay
+from shared.send.mime import message_id
+from shared.send.stage import Relay
 from tests.relay_harness import drain, enqueue, relay_settings
 
 

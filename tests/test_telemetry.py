@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared.sender import Relay
+from shared.send.stage import Relay
 from shared.settings import Settings
 from shared.telemetry import Instruments, exporter_for
 from tests.relay_harness import drain, enqueue, relay_settings

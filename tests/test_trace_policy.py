@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.mime import message_id
-from shared.trace_policy import (MAX_LOOKBACK, MAX_SPAN, AccountCursor, FilterRefused, RecipientStatus, RequestBudget,
+from shared.send.mime import message_id
+from shared.delivery.policy import (MAX_LOOKBACK, MAX_SPAN, AccountCursor, FilterRefused, RecipientStatus, RequestBudget,
                                  TraceConfig, TraceRow, after_span, check_window, count_delta, counts, delivery_rates,
                                  merge_status, normal_status, only_sent, parse_message_id, parse_time, plan_spans, retry_at,
                                  row_problem, sent_ranges, trace_filter, visit_order, narrower, wider, MIN_SPAN)

@@ -8,10 +8,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from shared.contract import ValidationPolicy, validate_request
+from shared.send.contract import ValidationPolicy, validate_request
 from shared.settings import Settings, SettingsError
-from shared.welcome import builtin_templates
-from shared.welcome_policy import (
+from shared.welcome.scan import builtin_templates
+from shared.welcome.policy import (
     PENDING,
     SKIP,
     WELCOME,

@@ -13,10 +13,10 @@ from email import message_from_bytes, policy
 import pytest
 
 from shared.graph import GraphClient, StaticToken
-from shared.sender import Relay
-from shared.welcome import handle_timer, run_scan
-from shared.welcome_policy import PENDING, SKIP, WELCOME, TemplateError
-from shared.welcome_state import WelcomeState
+from shared.send.stage import Relay
+from shared.welcome.scan import handle_timer, run_scan
+from shared.welcome.policy import PENDING, SKIP, WELCOME, TemplateError
+from shared.welcome.state import WelcomeState
 from shared.settings import SettingsError
 from shared.storage import StorageClients
 from tests.fixtures_graph import graph_env, graph_standin  # noqa: F401  (fixture)

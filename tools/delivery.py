@@ -14,7 +14,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from shared.delivery import DeliveryDelta, reconcile
+from shared.delivery.trace import DeliveryDelta, reconcile
 from shared.settings import Settings, SettingsError
 from tools.enqueue import load_local_settings
 

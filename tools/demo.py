@@ -21,11 +21,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from shared.ledger import Ledger
-from shared.producer import enqueue_requests
-from shared.sender import close_relays
+from shared.send.producer import enqueue_requests
+from shared.send.stage import close_relays
 from shared.settings import Settings
 from shared.storage import StorageClients
-from shared.welcome import run_scan
+from shared.welcome.scan import run_scan
 from tools.azurite import Azurite
 from tools.devhost import DevHost, _background_loop
 from tools.graph_standin import GraphStandIn
@@ -140,7 +140,7 @@ def welcome_scan(settings: Settings, host: DevHost, graph: GraphStandIn) -> None
 def delivery_reconciliation(values: dict[str, str], emulator: HveEmulator, graph: GraphStandIn) -> None:
     """Message trace (Graph stand-in) fed from what the emulator accepted, some recipients failing,
     quarantined or still pending; one reconciliation; the per-recipient outcome, by status."""
-    from shared.delivery import DeliveryStore, reconcile
+    from shared.delivery.trace import DeliveryStore, reconcile
     from tools.ledger import render_show, run as ledger_run
 
     say("\n== Delivery confirmation (message trace, Graph stand-in) ==")

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from shared.producer import enqueue_requests
+from shared.send.producer import enqueue_requests
 from shared.settings import Settings
 from shared.storage import StorageClients
 

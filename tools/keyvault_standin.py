@@ -27,7 +27,7 @@ challenge names vault.azure.net while the vault is 127.0.0.1 (`client_options()`
 Python API (tests)::
 
     with MsiStandIn() as msi, KeyVaultStandIn(issuer=msi) as kv:
-        kv.set_secret(secret_name_for("news@contoso.com"), "news-pw")   # shared.credentials
+        kv.set_secret(secret_name_for("news@contoso.com"), "news-pw")   # shared.hve.credentials
         SecretClient(kv.vault_url, credential, **kv.client_options())
         kv.requests            # [LoggedRequest(method, path, query, identity, status, at), ...]
         kv.forbid(client_id)   # that identity's tokens get 403

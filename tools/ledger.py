@@ -17,13 +17,13 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from shared.aggregates import Aggregates
-from shared.governor import TableGovernor
-from shared.delivery import DeliveryStore
+from shared.reporting.aggregates import Aggregates
+from shared.governor.table import TableGovernor
+from shared.delivery.trace import DeliveryStore
 from shared.ledger import Ledger
-from shared.limits import resolve_limits
-from shared.report import ReportRequestError, build_report, parse_window, render_text
-from shared.sender import pacing_config
+from shared.hve.limits import resolve_limits
+from shared.reporting.report import ReportRequestError, build_report, parse_window, render_text
+from shared.send.stage import pacing_config
 from shared.settings import Settings
 from shared.storage import StorageClients
 from tools.enqueue import load_local_settings

@@ -19,7 +19,8 @@ done
 
 [[ "${KEEP:-0}" == "1" ]] || rm -rf mutants
 patterns=()
-for m in "${modules[@]}"; do patterns+=("shared.$m.*"); done
+declare -A DOTTED=([pacing]=governor.pacing [replies]=send.replies [contract]=send.contract [mime]=send.mime [limits]=hve.limits [retry]=send.retry)  # module -> its place under shared/
+for m in "${modules[@]}"; do patterns+=("shared.${DOTTED[$m]}.*"); done
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 echo "mutmut: mutating ${modules[*]} (log: mutants/run.log)"

@@ -18,13 +18,14 @@ def tally(lines: Iterable[str], modules: list[str]) -> tuple[dict[str, Counter],
     counts: dict[str, Counter] = defaultdict(Counter)
     survivors: dict[str, list[str]] = defaultdict(list)
     for line in lines:
-        m = re.match(r"\s*shared\.(\w+)\.(\S+): (.+)$", line)
-        if not m or m[1] not in modules:
+        # shared.<stage>.<module>.x_<function>__mutmut_<n>: <status>; modules are named by their last part
+        m = re.match(r"\s*shared\.((?:\w+\.)*?)(\w+)\.(x\S+): (.+)$", line)
+        if not m or m[2] not in modules:
             continue
-        status = m[3].strip()
-        counts[m[1]][status] += 1
+        status = m[4].strip()
+        counts[m[2]][status] += 1
         if status not in KILLED:
-            survivors[m[1]].append(f"shared.{m[1]}.{m[2]} ({status})")
+            survivors[m[2]].append(f"shared.{m[1]}{m[2]}.{m[3]} ({status})")
     return counts, survivors
 
 

@@ -11,7 +11,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from shared.contract import RequestRefused, claim_check_of, content_request_id, decode_queue_body
+from shared.send.contract import RequestRefused, claim_check_of, content_request_id, decode_queue_body
 from shared.settings import Settings
 from shared.storage import StorageClients
 from tools.enqueue import load_local_settings

@@ -11,12 +11,12 @@ import asyncio
 import time
 from pathlib import Path
 
-from shared.aggregates import Aggregates
-from shared.governor import TableGovernor
-from shared.limits import resolve_limits
-from shared.sender import pacing_config
+from shared.reporting.aggregates import Aggregates
+from shared.governor.table import TableGovernor
+from shared.hve.limits import resolve_limits
+from shared.send.stage import pacing_config
 from shared.settings import Settings
-from shared.status import delivery_last_24h, render_text, status_report, to_json
+from shared.reporting.status import delivery_last_24h, render_text, status_report, to_json
 from shared.storage import StorageClients
 from tools.enqueue import load_local_settings
 

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from shared.settings import Settings, SettingsError
-from shared.welcome import ScanReport, run_scan
-from shared.welcome_policy import PENDING, SKIP, WELCOME, Decision, graph_time
+from shared.welcome.scan import ScanReport, run_scan
+from shared.welcome.policy import PENDING, SKIP, WELCOME, Decision, graph_time
 from tools.enqueue import load_local_settings
 
 

@@ -111,7 +111,7 @@ resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01'
 // Full copies of requests do not pile up: the relay deletes a request's blobs once it is final;
 // this rule deletes what is left (a failed delete, a request that never reached the relay, the
 // producers' per-request attachment copies). Every prefix the relay keeps copies under
-// (shared/relay_blobs.py, relay_blob_areas): claim-check requests (`requests/` of the claim-check
+// (shared/send/relay_blobs.py, relay_blob_areas): claim-check requests (`requests/` of the claim-check
 // container) and the relay's own deferred copies (`deferred/` of the relay's state container).
 resource lifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
   parent: storage

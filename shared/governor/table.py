@@ -4,7 +4,7 @@ chosen account's row with If-Match on its ETag (one write; the tenant row joins 
 group transaction only when the account takes a new block of tenant allowance). A lost race
 re-reads and decides again, a bounded number of times with jitter. No in-process state counts.
 
-The arithmetic is in `shared.pacing`; this module only moves state in and out of the table.
+The arithmetic is in `shared.governor.pacing`; this module only moves state in and out of the table.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterable
 from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 
-from .pacing import (AccountState, Decision, Grant, Impossible, PacingConfig, Release, Shape, TenantState, Wait,
+from shared.governor.pacing import (AccountState, Decision, Grant, Impossible, PacingConfig, Release, Shape, TenantState, Wait,
                      after_reply, decide, release_slot)
-from .replies import Outcome, Verdict
+from shared.send.replies import Outcome, Verdict
 
 PARTITION = "governor"
 TENANT_ROW = "tenant"

@@ -2,7 +2,7 @@
 
 HVE's 250 means "accepted for submission". Message trace says what happened next. Per HVE account,
 each run reads `messageTraces` filtered on the sender and a receivedDateTime window (planned and
-checked by shared.trace_policy), joins rows to ledger requests by our deterministic Message-ID
+checked by shared.delivery.policy), joins rows to ledger requests by our deterministic Message-ID
 (chunks carry a `.N` suffix) through key look-ups only (see RequestResolver), and records, in
 DELIVERY_TABLE, in one partition per request keyed by its Message-ID digest (so a trace row leads
 straight to it, and `request_digest(request id, key)` finds it from the ledger side):
@@ -34,12 +34,12 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError
 
-from .graph import GraphClient, GraphError, GraphThrottled
-from .ledger import recipient_hash
-from .mime import message_id
-from .replies import mask_addresses
-from .settings import Settings
-from .trace_policy import (DETAIL_STATUSES, OPEN_STATUSES, AccountCursor, FilterRefused, RecipientStatus,
+from shared.graph import GraphClient, GraphError, GraphThrottled
+from shared.ledger import recipient_hash
+from shared.send.mime import message_id
+from shared.send.replies import mask_addresses
+from shared.settings import Settings
+from shared.delivery.policy import (DETAIL_STATUSES, OPEN_STATUSES, AccountCursor, FilterRefused, RecipientStatus,
                            RequestBudget, RunTally, TraceConfig, TraceRow, after_span, count_delta, counts,
                            delivery_rates, merge_status, narrower, normal_status, only_sent, parse_message_id,
                            parse_time, plan_spans, retry_at, row_problem, sent_ranges, trace_filter, visit_order, wider)
@@ -293,7 +293,7 @@ class SentHours:
     hour whose every count was lost is not read for that account."""
 
     def __init__(self, table: Any, clock: Callable[[], float] = time.time, rollup_after_seconds: float = 7200.0) -> None:
-        from .aggregates import Aggregates
+        from shared.reporting.aggregates import Aggregates
 
         self.aggregates = Aggregates(table, flush_seconds=0, clock=clock, rollup_after_seconds=rollup_after_seconds)
 
@@ -600,8 +600,8 @@ def _reason(events: list[dict[str, Any]], status: str) -> str:
 async def reconcile(settings: Settings, *, on_delta: DeltaCallback = no_delta, dry_run: bool = False,
                     clock: Callable[[], float] = time.time, graph: GraphClient | None = None) -> RunTally:
     """One reconciliation with the app's storage and Graph identity."""
-    from .storage import StorageClients
-    from .telemetry import Instruments
+    from shared.storage import StorageClients
+    from shared.telemetry import Instruments
 
     settings.require_accounts()
     storage = StorageClients(settings)
@@ -609,7 +609,7 @@ async def reconcile(settings: Settings, *, on_delta: DeltaCallback = no_delta, d
     # a 429 ends the run (its Retry-After kept for the next).
     own_graph = graph is None
     client = graph or GraphClient.from_settings(settings, max_attempts=1)
-    from .aggregates import Aggregates
+    from shared.reporting.aggregates import Aggregates
 
     # Status changes also go to the hourly aggregates (`delivery.<status>`, filed under the hour
     # the request was sent), which the report, the dashboard and `tools.ledger report` read. A
@@ -653,7 +653,7 @@ async def reconcile(settings: Settings, *, on_delta: DeltaCallback = no_delta, d
 
 async def handle_timer(past_due: bool = False) -> RunTally | None:
     """The `confirm_delivery` timer: one reconciliation when DELIVERY_TRACE_ENABLED=true."""
-    from .telemetry import configure
+    from shared.telemetry import configure
 
     settings = Settings.from_env()
     if not settings.delivery_enabled:

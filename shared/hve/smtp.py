@@ -16,8 +16,8 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 import aiosmtplib
 
-from .credentials import CredentialError, PasswordSource, TokenSource
-from .replies import Outcome, Verdict, classify_reply, connection_lost
+from shared.hve.credentials import CredentialError, PasswordSource, TokenSource
+from shared.send.replies import Outcome, Verdict, classify_reply, connection_lost
 
 log = logging.getLogger(__name__)
 

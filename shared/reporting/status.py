@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .pacing import AccountState, PacingConfig, Shape, TenantState, earliest_slot
+from shared.governor.pacing import AccountState, PacingConfig, Shape, TenantState, earliest_slot
 
 
 def _iso(ts: float) -> str | None:
@@ -90,7 +90,7 @@ async def delivery_last_24h(aggregates: Any, now: float, buckets: list[Any] | No
     of the hour 24 h ago), overall and per account, from the hourly aggregates' `delivery.<status>`
     counts. Its cost is the aggregates' two range queries, whatever the size of the delivery table
     (none when `buckets` of that window are given)."""
-    from .trace_policy import delivery_rates
+    from shared.delivery.policy import delivery_rates
 
     since = last_24h_since(now)
     if buckets is None:

@@ -2,7 +2,7 @@
 accept them, how many requests may be spent, how trace rows match our Message-IDs, and how a
 request's per-recipient statuses turn into counts and exact deltas.
 
-No I/O here: the adapter (shared/delivery.py) reads Graph and Table storage.
+No I/O here: the adapter (shared/delivery/trace.py) reads Graph and Table storage.
 """
 
 from __future__ import annotations

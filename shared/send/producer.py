@@ -3,7 +3,7 @@ and the tools use. Requests too big for a queue message go to the claim-check co
 queue gets a stub pointing at them.
 
 Every blob a request names lives under `requests/<producer>/<request id>/` of CLAIM_CHECK_CONTAINER
-(shared/blobs.py): the relay reads no other blob for that request. The relay's own producers use
+(shared/send/blobs.py): the relay reads no other blob for that request. The relay's own producers use
 the producer name `hve-relay`.
 """
 
@@ -15,8 +15,8 @@ import secrets
 import uuid
 from typing import Any, Iterable
 
-from .blobs import RELAY_PRODUCER, producer_prefix
-from .storage import StorageClients
+from shared.send.blobs import RELAY_PRODUCER, producer_prefix
+from shared.storage import StorageClients
 
 # 64 KiB per queue message, less room for base64 and the envelope.
 QUEUE_MESSAGE_BUDGET = 48 * 1024

@@ -1,6 +1,6 @@
 """The welcome scan's policy: who is welcomed, which window a scan reads, what the mail says.
 
-Pure: no I/O, no clock. The scan (`shared.welcome`) feeds it Graph users, state rows and "now",
+Pure: no I/O, no clock. The scan (`shared.welcome.scan`) feeds it Graph users, state rows and "now",
 and carries out what it decides.
 """
 
@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 from urllib.parse import quote
 
-from .contract import MAX_SUBJECT_LENGTH
+from shared.send.contract import MAX_SUBJECT_LENGTH
 
 # What a scan asks Graph for (createdDateTime, accountEnabled and userType are not in the default set).
 USER_SELECT = ("id", "displayName", "givenName", "userPrincipalName", "mail", "createdDateTime",

@@ -44,8 +44,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
-from .limits import Limits
-from .replies import Outcome, Verdict
+from shared.hve.limits import Limits
+from shared.send.replies import Outcome, Verdict
 
 DAY = 86400.0
 MINUTE = 60.0
@@ -88,7 +88,7 @@ class PacingConfig:
     @property
     def plain(self) -> bool:
         """No per-minute window and nothing counted per day (`ga-2026` without a budget): only
-        account health decides, and nothing needs writing per message (shared/scheduler.py)."""
+        account health decides, and nothing needs writing per message (shared/governor/scheduler.py)."""
         lim = self.limits
         return self.tenant_cap is None and all(v is None for v in (
             lim.external_messages_per_minute, lim.messages_per_minute, lim.external_recipients_per_day,
@@ -381,7 +381,7 @@ def decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Sh
     not delivered), so the decision and the release are one write.
 
     `book_not_before`: a booking goes no earlier than this (the moment the queue's visible backlog
-    is expected to be drained, see `BacklogEstimator` in shared/queue_timing.py): a booked message becomes visible behind
+    is expected to be drained, see `BacklogEstimator` in shared/governor/preview/queue_timing.py): a booked message becomes visible behind
     that backlog and would come back late, leaving its slot unused, while the fresh messages of
     the backlog could have taken it at once. A grant now is not affected.
 

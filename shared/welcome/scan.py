@@ -27,9 +27,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from .contract import RequestRefused, ValidationPolicy, id_proof, parse_address, validate_request
-from .settings import Settings, SettingsError
-from .welcome_policy import (
+from shared.send.contract import RequestRefused, ValidationPolicy, id_proof, parse_address, validate_request
+from shared.settings import Settings, SettingsError
+from shared.welcome.policy import (
     DONE_STATES,
     PENDING,
     SKIP,
@@ -53,7 +53,7 @@ from .welcome_policy import (
     request_id_for,
     scan_window,
 )
-from .welcome_state import UserRow, WelcomeState
+from shared.welcome.state import UserRow, WelcomeState
 
 log = logging.getLogger("hve_relay.welcome")
 
@@ -97,7 +97,7 @@ class ScanReport:
 def validation_policy(settings: Settings) -> ValidationPolicy:
     """The same contract policy the send stage applies, so the scan never enqueues a request the
     relay would refuse."""
-    from .limits import resolve_limits
+    from shared.hve.limits import resolve_limits
 
     settings.require_accounts()
     return ValidationPolicy.from_settings(settings, resolve_limits(settings.limits_profile, settings.limits_overrides))
@@ -248,11 +248,11 @@ class WelcomeScan:
         user = decision.user
         first_seen = row.first_seen if row else now
         if decision.outcome == WELCOME:
-            from .producer import enqueue_requests
+            from shared.send.producer import enqueue_requests
 
             assert request is not None
             # `welcome-` ids are the relay's own namespace: the request carries the relay's proof, a
-            # producer's request under such an id is refused (shared/contract.check_id_claim).
+            # producer's request under such an id is refused (shared/send/contract.check_id_claim).
             request = {**request, "idProof": id_proof(self.settings.recipient_hash_key, request["id"])}
             await enqueue_requests(self.storage, self.settings.mail_queue, self.settings.claim_check_container, [request])
             self.checkpoint("enqueued", user.id)
@@ -279,8 +279,8 @@ async def run_scan(settings: Settings, *, dry_run: bool = False, clock: Callable
     """One welcome scan. Builds (and closes) the Graph client and storage clients it is not given:
     `credential` is any object with `async get_token(scope)` (default: the app identity, or
     GRAPH_DEV_TOKEN for a loopback stand-in)."""
-    from .graph import GraphClient
-    from .storage import StorageClients
+    from shared.graph import GraphClient
+    from shared.storage import StorageClients
 
     own_storage = storage is None
     own_graph = graph is None
@@ -310,7 +310,7 @@ async def handle_timer(past_due: bool = False) -> ScanReport | None:
         return None
     from opentelemetry import trace
 
-    from .telemetry import configure
+    from shared.telemetry import configure
 
     configure(settings)
     with trace.get_tracer("hve_relay").start_as_current_span("hve_relay.welcome_scan") as span:

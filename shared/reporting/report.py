@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 
-from .aggregates import OUTCOMES, Aggregates, Bucket, fold_categories
+from shared.reporting.aggregates import OUTCOMES, Aggregates, Bucket, fold_categories
 
 SCHEMA = "hve-relay.report.v1"
 BUCKETS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
@@ -166,7 +166,7 @@ def budget(status: Mapping[str, Any], totals: Mapping[str, Any], daily_budget: i
 
 async def build_report(*, window: Window, aggregates: Aggregates, governor: Any, mail_queue: Any,
                        poison_queue: Any, settings: Any, now: float) -> dict[str, Any]:
-    from .status import status_report, usage_from_aggregates, usage_from_buckets
+    from shared.reporting.status import status_report, usage_from_aggregates, usage_from_buckets
 
     buckets, (states, tenant), mail, poison = await asyncio.gather(
         aggregates.read(window.since, window.until), governor.read(),
@@ -191,7 +191,7 @@ async def build_report(*, window: Window, aggregates: Aggregates, governor: Any,
 
 async def report_response(params: Mapping[str, str]) -> tuple[int, str]:
     """(HTTP status, JSON body) of `GET /api/report` in this worker process."""
-    from .sender import get_relay
+    from shared.send.stage import get_relay
 
     relay = await get_relay()
     now = relay.clock()

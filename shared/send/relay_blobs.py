@@ -2,7 +2,7 @@
 
 Two kinds, both full copies of a request (recipients and body):
 - claim-check requests a producer uploads under `requests/<producer>/<request id>/` of the
-  claim-check container (shared/producer.py, shared/blobs.py): the ledger row keeps the URL the
+  claim-check container (shared/send/producer.py, shared/send/blobs.py): the ledger row keeps the URL the
   request came by (`ClaimCheck`);
 - the relay's own deferred copies in its state container, `deferred/<request id>-<32 hex>.json`,
   written when a copy going back on the queue no longer fits a queue message (Relay._requeue):
@@ -30,8 +30,8 @@ from urllib.parse import unquote, urlsplit
 
 from azure.core.exceptions import ResourceNotFoundError
 
-from .blobs import DEFERRED_PREFIX
-from .producer import CLAIM_CHECK_PREFIX
+from shared.send.blobs import DEFERRED_PREFIX
+from shared.send.producer import CLAIM_CHECK_PREFIX
 
 log = logging.getLogger("hve_relay.blobs")
 

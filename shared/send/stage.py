@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
-from .aggregates import Aggregates, reply_labels
-from .blobs import BlobReader
-from .contract import (
+from shared.reporting.aggregates import Aggregates, reply_labels
+from shared.send.blobs import BlobReader
+from shared.send.contract import (
     MailRequest,
     RequestRefused,
     ValidationPolicy,
@@ -41,21 +41,21 @@ from .contract import (
     mime_base64_size,
     validate_request,
 )
-from .credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential, check_secret_names
-from .governor import Grant, TableGovernor
-from .scheduler import Later, PlainScheduler
-from .pacing import Impossible, PacingConfig, Release, Shape, Wait, chunk_recipients
-from .hve_smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
-from .queue_timing import BacklogEstimator, ReturnLatency
-from .relay_blobs import RelayBlobs
-from .ledger import DEAD, DEFERRED, FINAL_STATES, REFUSED, SENDING, SENT, Ledger, LedgerConflict, LedgerEntry
-from .limits import Limits, resolve_limits
-from .mime import build_message, message_id
-from .replies import Outcome, Verdict, mask_addresses
-from .retry import retry_delay, visibility_for
-from .settings import SETTINGS, UNSET_HASH_KEY, Settings
-from .storage import StorageClients
-from .telemetry import Instruments
+from shared.hve.credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential, check_secret_names
+from shared.governor.table import Grant, TableGovernor
+from shared.governor.scheduler import Later, PlainScheduler
+from shared.governor.pacing import Impossible, PacingConfig, Release, Shape, Wait, chunk_recipients
+from shared.hve.smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
+from shared.governor.preview.queue_timing import BacklogEstimator, ReturnLatency
+from shared.send.relay_blobs import RelayBlobs
+from shared.ledger import DEAD, DEFERRED, FINAL_STATES, REFUSED, SENDING, SENT, Ledger, LedgerConflict, LedgerEntry
+from shared.hve.limits import Limits, resolve_limits
+from shared.send.mime import build_message, message_id
+from shared.send.replies import Outcome, Verdict, mask_addresses
+from shared.send.retry import retry_delay, visibility_for
+from shared.settings import SETTINGS, UNSET_HASH_KEY, Settings
+from shared.storage import StorageClients
+from shared.telemetry import Instruments
 
 log = logging.getLogger("hve_relay.sender")
 
@@ -144,7 +144,7 @@ class Relay:
         self.policy = ValidationPolicy.from_settings(settings, limits)
         # No per-minute window and nothing counted per day (ga-2026 without a budget): only account
         # health decides, from the governor's rows read now and then; nothing is written per
-        # message, no slot is booked, no queue length is read (shared/scheduler.py). Otherwise the
+        # message, no slot is booked, no queue length is read (shared/governor/scheduler.py). Otherwise the
         # governor's `acquire` paces every transaction (bookings, pacer, backlog readings).
         self.scheduler: PlainScheduler | None = (PlainScheduler(governor, self.rng)
                                                  if governor.config.plain else None)
@@ -323,7 +323,7 @@ class Relay:
 
     async def _full_request(self, doc: dict, claim: Any, request_id: str) -> dict:
         """The request's JSON object: the message itself, or what its claim check points at (a blob
-        of this request's own; see shared/blobs.py)."""
+        of this request's own; see shared/send/blobs.py)."""
         if claim is None:
             return doc
         full = decode_queue_body(await self.payloads.read(claim.blob_url, "claim check", request_id, claim_check=True))
@@ -371,7 +371,7 @@ class Relay:
             raise RequestRefused("too-many-attachments", f"{len(request.attachments)} attachments; the limit is "
                                                          f"{self.settings.max_attachments}")
         limit = self.limits.message_bytes
-        # Every blob is checked to be this request's (shared/blobs.py) before anything of any is read.
+        # Every blob is checked to be this request's (shared/send/blobs.py) before anything of any is read.
         for i, a in enumerate(request.attachments):
             if a.blob_url is not None:
                 self.payloads.locate(a.blob_url, request_id, f"attachments[{i}].blobUrl")
@@ -628,7 +628,7 @@ class Relay:
                     # Far from the slot (a redelivery): sleep again on the queue, not here.
                     delay = await self._requeue(stub, early - self.return_latency.early_wake(), entry.attempts, jitter=False)
                     return Handled(entry.request_id, DEFERRED, "booked slot not reached", entry.booked_account, 0, delay)
-                # Woke early on purpose (see shared/queue_timing.py): the slot is a moment away.
+                # Woke early on purpose (see shared/governor/preview/queue_timing.py): the slot is a moment away.
                 await self.sleep(early)
                 now = max(self.clock(), entry.booked_at)
             booked, booked_at = entry.booked_account, entry.booked_at
@@ -803,7 +803,7 @@ class Relay:
 
     async def _delete_claim_check(self, entry: LedgerEntry) -> None:
         """Best effort, after the outcome is recorded: the request's claim-check blob and the
-        copies the relay wrote for it (shared/relay_blobs.py). A blob left behind is for the
+        copies the relay wrote for it (shared/send/relay_blobs.py). A blob left behind is for the
         lifecycle rule (infra/) and `purge_expired` to delete, never a reason to fail or retry the
         request. Only the relay's prefixes: what else is in the container (attachments) belongs to
         the producer."""
@@ -891,7 +891,7 @@ async def get_relay() -> Relay:
     task = per_loop.get(key)
     if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
         settings = Settings.from_env()
-        from .telemetry import configure
+        from shared.telemetry import configure
 
         configure(settings)
         task = per_loop[key] = loop.create_task(Relay.create(settings))
@@ -919,9 +919,9 @@ def _close_at_exit() -> None:
 
 async def status_json() -> str:
     """The governor's live view of the accounts, as JSON (the `status` HTTP function)."""
-    from .status import status_report, to_json
+    from shared.reporting.status import status_report, to_json
 
-    from .status import delivery_last_24h, last_24h_since, usage_from_buckets
+    from shared.reporting.status import delivery_last_24h, last_24h_since, usage_from_buckets
 
     relay = await get_relay()
     now = relay.clock()

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
-from .settings import SettingsError
+from shared.settings import SettingsError
 
 
 # Key Vault secret names are 1-127 letters, digits and dashes: a readable part and a hash.
@@ -173,7 +173,7 @@ def azure_credential(client_id: str) -> Any:
 
 
 
-if __name__ == "__main__":  # python -m shared.credentials ADDRESS...: the secret name of each account
+if __name__ == "__main__":  # python -m shared.hve.credentials ADDRESS...: the secret name of each account
     import sys
 
     for account, name in check_secret_names(sys.argv[1:]).items():

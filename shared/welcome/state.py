@@ -16,7 +16,7 @@ from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
 
-from .welcome_policy import STATE_PENDING, utc
+from shared.welcome.policy import STATE_PENDING, utc
 
 _SCAN, _WATERMARK, _USER = "scan", "watermark", "user"
 _MAX_TEXT = 500

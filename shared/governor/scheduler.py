@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .pacing import AccountState, Shape
+from shared.governor.pacing import AccountState, Shape
 
 # How old this process's view of the accounts' health may get before it reads the rows again.
 HEALTH_REFRESH_SECONDS = 10.0

@@ -10,7 +10,7 @@ from email.policy import SMTP
 from email.utils import format_datetime
 from datetime import datetime, timezone
 
-from .contract import Address, MailRequest
+from shared.send.contract import Address, MailRequest
 
 
 def message_id(request_id: str, domain: str, chunk: int = 0, *, key: bytes) -> str:

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from urllib.parse import unquote
 
 if TYPE_CHECKING:
-    from .limits import Limits
-    from .settings import Settings
+    from shared.hve.limits import Limits
+    from shared.settings import Settings
 
 # An Azure queue message holds at most 64 KiB of text, counted in UTF-8 (Azurite enforces the same);
 # bigger requests travel by claim check. The host reads what the relay writes as is (host.json

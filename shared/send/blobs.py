@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 
-from .contract import RequestRefused
+from shared.send.contract import RequestRefused
 
 # Prefix of everything producers put in CLAIM_CHECK_CONTAINER: requests/<producer>/<request id>/...
 REQUESTS_PREFIX = "requests/"

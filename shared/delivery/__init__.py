@@ -1,0 +1,1 @@
+"""The delivery stage: reconciles the ledger with Graph message trace, per recipient."""

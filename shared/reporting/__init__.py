@@ -1,0 +1,1 @@
+"""The reporting stage: hourly and daily aggregates, /report, /status and the dashboard."""
