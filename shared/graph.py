@@ -33,9 +33,15 @@ from yarl import URL
 
 from shared.hve.credentials import CredentialError, TokenSource, azure_credential
 from shared.settings import Settings, SettingsError
-from shared.welcome.policy import graph_time
 
 log = logging.getLogger("hve_relay.graph")
+
+
+def graph_time(value: datetime) -> str:
+    """The date-time literal Graph's $filter takes: full, UTC, no quotes (2026-08-14T09:30:00Z)."""
+    utc = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 PAGE_SIZE = 999  # Graph's maximum $top for users and group members

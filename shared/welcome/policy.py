@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 from urllib.parse import quote
 
+from shared.graph import graph_time  # the literal is the Graph adapter's (tools.welcome imports it from here too)
 from shared.send.contract import MAX_SUBJECT_LENGTH
 
 # What a scan asks Graph for (createdDateTime, accountEnabled and userType are not in the default set).
@@ -30,11 +31,6 @@ DONE_STATES = frozenset({STATE_ENQUEUED, STATE_SKIPPED})
 
 def utc(value: datetime) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
-
-
-def graph_time(value: datetime) -> str:
-    """The date-time literal Graph's $filter takes: full, UTC, no quotes (2026-08-14T09:30:00Z)."""
-    return utc(value).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_graph_time(value: str) -> datetime:
