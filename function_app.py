@@ -2,7 +2,7 @@
 
 import azure.functions as func
 
-from shared.send import stage as sender
+from shared import wiring
 
 app = func.FunctionApp()
 
@@ -13,15 +13,13 @@ JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"
 @app.queue_trigger(arg_name="msg", queue_name="%MAIL_QUEUE%", connection="AzureWebJobsStorage")
 async def send_mail(msg: func.QueueMessage) -> None:
     """One mail request from the queue: validate, get a send slot, submit to HVE, record."""
-    await sender.handle_queue_message(msg.get_body(), msg.id, msg.dequeue_count)
+    await wiring.handle_queue_message(msg.get_body(), msg.id, msg.dequeue_count)
 
 
 @app.timer_trigger(arg_name="timer", schedule="%WELCOME_SCHEDULE%")
 async def welcome_new_users(timer: func.TimerRequest) -> None:
     """Welcome users created since the last scan, once each (only when WELCOME_ENABLED=true)."""
-    from shared.welcome import scan as welcome
-
-    await welcome.handle_timer(past_due=timer.past_due)
+    await wiring.welcome_timer(past_due=timer.past_due)
 
 
 @app.timer_trigger(arg_name="timer", schedule="%RETENTION_SCHEDULE%")
@@ -30,39 +28,31 @@ async def purge_expired(timer: func.TimerRequest) -> None:
     older than LEDGER_RETENTION_DAYS (bounded per run); record requests left `sending` for
     LOST_IN_FLIGHT_HOURS as dead (lost-in-flight), and those left `deferred` past the age limit and
     the poison queue's time to live as dead (lost-in-queue)."""
-    from shared import retention
-
-    await retention.handle_timer()
+    await wiring.retention_timer()
 
 
 @app.timer_trigger(arg_name="timer", schedule="%DELIVERY_TRACE_SCHEDULE%")
 async def confirm_delivery(timer: func.TimerRequest) -> None:
     """Reconcile the ledger with Graph message trace, per recipient (only when DELIVERY_TRACE_ENABLED=true)."""
-    from shared.delivery import trace as delivery
-
-    await delivery.handle_timer(past_due=timer.past_due)
+    await wiring.delivery_timer(past_due=timer.past_due)
 
 
 @app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 async def status(req: func.HttpRequest) -> func.HttpResponse:
     """Live per-account view from the rate governor (used today, remaining, next slot, health)."""
-    return func.HttpResponse(await sender.status_json(), headers=JSON_HEADERS, mimetype="application/json")
+    return func.HttpResponse(await wiring.status_json(), headers=JSON_HEADERS, mimetype="application/json")
 
 
 @app.route(route="report", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 async def report(req: func.HttpRequest) -> func.HttpResponse:
     """Counts per hour or day, account and category, with the live account, queue and budget state
     (schema: shared/schema/report.v1.json)."""
-    from shared.reporting.report import report_response
-
-    status_code, body = await report_response(dict(req.params))
+    status_code, body = await wiring.report_response(dict(req.params))
     return func.HttpResponse(body, status_code=status_code, headers=JSON_HEADERS, mimetype="application/json")
 
 
 @app.route(route="dashboard", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 def dashboard(req: func.HttpRequest) -> func.HttpResponse:
     """The operations dashboard: one self-contained page that refreshes itself from /api/report."""
-    from shared.reporting.dashboard import page
-
-    built = page()
+    built = wiring.dashboard_page()
     return func.HttpResponse(built.body, headers=built.headers, mimetype="text/html", charset="utf-8")

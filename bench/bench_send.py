@@ -31,7 +31,7 @@ import aiosmtplib
 from shared.hve.smtp import tls_context
 from shared.ledger import Ledger
 from shared.send.producer import enqueue_requests
-from shared.send.stage import close_relays, get_relay
+from shared.wiring import close_relays, get_relay
 from shared.settings import Settings
 from shared.storage import StorageClients
 from bench.latency_proxy import LatencyProxy

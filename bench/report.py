@@ -36,7 +36,7 @@ from azure.core.pipeline.transport import AioHttpTransport
 from azure.data.tables.aio import TableClient
 
 from shared.reporting.aggregates import HOUR, _day_key, _row_key, hour_of, row_fields, split_days
-from shared.send.stage import close_relays
+from shared.wiring import close_relays
 from tools.azurite import Azurite
 from tools.devhost import DevHost, _background_loop
 

@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 from bench.bench_send import ACCOUNTS, EmulatorProcess
 from shared.ledger import Ledger
 from shared.send.producer import enqueue_requests
-from shared.send.stage import close_relays
+from shared.wiring import close_relays
 from shared.settings import Settings
 from shared.storage import StorageClients
 from tools.azurite import Azurite

@@ -27,7 +27,7 @@ import jsonschema
 import pytest
 
 from shared.send.producer import enqueue_requests
-from shared.send.stage import close_relays
+from shared.wiring import close_relays
 from shared.settings import Settings
 from shared.storage import StorageClients
 from tests.fixtures_emulator import ACCOUNTS

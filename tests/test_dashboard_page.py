@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from shared.reporting.dashboard import content_security_policy, page
-from shared.send.stage import close_relays
+from shared.wiring import close_relays
 from tools.devhost import DevHost, _background_loop
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -537,7 +537,7 @@ def test_the_delivery_bench_runs_end_to_end():
 
 
 def test_the_status_endpoint_adds_delivery_rates_when_trace_is_on(storage, emulator, graph_standin, clock, monkeypatch):
-    from shared.send.stage import close_relays, status_json
+    from shared.wiring import close_relays, status_json
 
     settings = settings_for(storage, emulator, graph_standin)
     run(send(settings, mail("api", ["api1@contoso.com", "api2@contoso.com"])))

@@ -11,7 +11,7 @@ from pathlib import Path
 from azure.storage.queue import QueueClient
 
 from shared.send.mime import message_id
-from shared.send.stage import close_relays
+from shared.wiring import close_relays
 from tests.relay_harness import ACCOUNTS
 from shared.settings import Settings
 from tools import poison as poison_tool

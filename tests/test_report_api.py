@@ -497,7 +497,7 @@ def test_dates_at_the_ends_of_the_calendar_are_a_400_not_an_overflow(params):
 def test_the_status_delivery_rates_come_from_the_aggregates_whatever_the_delivery_tables_size(
         azurite, storage, emulator, monkeypatch):
     from bench.report import TableRequests
-    from shared.send.stage import close_relays, status_json
+    from shared.wiring import close_relays, status_json
 
     settings = app_settings(storage, emulator, DELIVERY_TRACE_ENABLED="true", GRAPH_DEV_TOKEN="t",
                             DELIVERY_TABLE=f"{storage.table_prefix}delivery")

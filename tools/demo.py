@@ -22,7 +22,7 @@ from pathlib import Path
 
 from shared.ledger import Ledger
 from shared.send.producer import enqueue_requests
-from shared.send.stage import close_relays
+from shared.wiring import close_relays
 from shared.settings import Settings
 from shared.storage import StorageClients
 from shared.welcome.scan import run_scan

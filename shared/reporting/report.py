@@ -8,7 +8,6 @@ table, one read of the governor, two queue properties and two peeks.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
@@ -187,22 +186,6 @@ async def build_report(*, window: Window, aggregates: Aggregates, governor: Any,
             "bucket": window.bucket, **body, "status": status, "queues": {"mail": mail, "poison": poison},
             "budget": budget(status, body["totals"], settings.daily_recipient_budget,
                              settings.price_per_million_recipients)}
-
-
-async def report_response(params: Mapping[str, str]) -> tuple[int, str]:
-    """(HTTP status, JSON body) of `GET /api/report` in this worker process."""
-    from shared.send.stage import get_relay
-
-    relay = await get_relay()
-    now = relay.clock()
-    try:
-        window = parse_window(params, now, relay.settings.report_max_days, relay.settings.ledger_retention)
-    except ReportRequestError as exc:
-        return 400, json.dumps({"error": str(exc)})
-    report = await build_report(
-        window=window, aggregates=relay.aggregates, governor=relay.governor, mail_queue=relay.queue,
-        poison_queue=await relay.storage.queue(relay.settings.poison_queue), settings=relay.settings, now=now)
-    return 200, json.dumps(report, separators=(",", ":"))
 
 
 def render_text(report: Mapping[str, Any]) -> str:

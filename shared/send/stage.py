@@ -9,14 +9,11 @@ seconds away (the 2024 preview's per-minute windows); every longer wait is a vis
 from __future__ import annotations
 
 import asyncio
-import atexit
 import json
 import logging
 import math
-import os
 import random
 import time
-import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
@@ -53,7 +50,7 @@ from shared.hve.limits import Limits, resolve_limits
 from shared.send.mime import build_message, message_id
 from shared.send.replies import Outcome, Verdict, mask_addresses
 from shared.send.retry import retry_delay, visibility_for
-from shared.settings import SETTINGS, UNSET_HASH_KEY, Settings
+from shared.settings import UNSET_HASH_KEY, Settings
 from shared.storage import StorageClients
 from shared.telemetry import Instruments
 
@@ -871,76 +868,3 @@ class RelayStats:
     late: int = 0            # requests that came back after their booked slot plus the tolerance
     late_rebooked: int = 0   # ...of which could not go at once and were booked again (or wait)
     lapsed: int = 0          # grants that got old waiting for an SMTP session and were not taken again
-
-
-# --- one Relay per event loop (the Python worker keeps one loop for the process) -----------------
-
-_exit_hook = None
-_relays: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, asyncio.Task]]" = weakref.WeakKeyDictionary()
-
-
-async def get_relay() -> Relay:
-    """The process's Relay, built on first use (cold start pays for it once). A different set of
-    app settings (a local host restarted with new ones) gets its own Relay."""
-    loop = asyncio.get_running_loop()
-    key = tuple(os.environ.get(spec.name) for spec in SETTINGS)
-    global _exit_hook
-    if not _exit_hook:
-        _exit_hook = atexit.register(_close_at_exit)
-    per_loop = _relays.setdefault(loop, {})
-    task = per_loop.get(key)
-    if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
-        settings = Settings.from_env()
-        from shared.telemetry import configure
-
-        configure(settings)
-        task = per_loop[key] = loop.create_task(Relay.create(settings))
-    return await task
-
-
-async def close_relays() -> None:
-    """Close the Relays of the running loop (a local host shutting down; Azure just ends the process)."""
-    per_loop = _relays.pop(asyncio.get_running_loop(), {})
-    for task in per_loop.values():
-        if task.done() and not task.cancelled() and task.exception() is None:
-            await task.result().close()
-
-
-def _close_at_exit() -> None:
-    """A local host exiting with its loop still running (a daemon thread): close the sessions
-    cleanly instead of leaving them to the garbage collector. In Azure the process just ends."""
-    for loop in list(_relays.keys()):
-        if loop.is_running() and not loop.is_closed():
-            try:
-                asyncio.run_coroutine_threadsafe(close_relays(), loop).result(timeout=5)
-            except Exception:  # best effort at interpreter exit
-                pass
-
-
-async def status_json() -> str:
-    """The governor's live view of the accounts, as JSON (the `status` HTTP function)."""
-    from shared.reporting.status import status_report, to_json
-
-    from shared.reporting.status import delivery_last_24h, last_24h_since, usage_from_buckets
-
-    relay = await get_relay()
-    now = relay.clock()
-    states, tenant = await relay.governor.read()
-    delivery = None
-    usage = relay.governor.config.plain and relay.aggregates is not None
-    traced = relay.settings.delivery_enabled and relay.aggregates is not None
-    if usage or traced:
-        # One read of the aggregates serves both: the last 24 hours hold the daily window so far.
-        buckets = await relay.aggregates.read(last_24h_since(now), datetime.fromtimestamp(now + 1, timezone.utc))
-        if usage:
-            # The governor counts nothing on the plain path: today's use is in the aggregates.
-            states = usage_from_buckets(states, buckets, relay.governor.config, now)
-        if traced:
-            delivery = await delivery_last_24h(relay.aggregates, now, buckets)
-    return to_json(status_report(states, tenant, relay.governor.config, relay.settings.limits_profile, now,
-                                 delivery=delivery))
-
-
-async def handle_queue_message(body: bytes, queue_message_id: str, dequeue_count: int) -> Handled:
-    relay = await get_relay()
-    return await relay.handle(body, queue_message_id, dequeue_count)

@@ -1,0 +1,135 @@
+"""Wiring: the one place that builds settings -> clients -> stages, once per process, and the entry
+points the triggers in function_app.py call. Stages never import this module (tests/test_architecture.py).
+
+Stages other than send are imported when their trigger first runs, to keep cold start short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import os
+import weakref
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from shared.send.stage import Handled, Relay
+from shared.settings import SETTINGS, Settings
+
+# --- one Relay per event loop (the Python worker keeps one loop for the process) -----------------
+
+_exit_hook = None
+_relays: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, asyncio.Task]]" = weakref.WeakKeyDictionary()
+
+
+async def get_relay() -> Relay:
+    """The process's Relay, built on first use (cold start pays for it once). A different set of
+    app settings (a local host restarted with new ones) gets its own Relay."""
+    loop = asyncio.get_running_loop()
+    key = tuple(os.environ.get(spec.name) for spec in SETTINGS)
+    global _exit_hook
+    if not _exit_hook:
+        _exit_hook = atexit.register(_close_at_exit)
+    per_loop = _relays.setdefault(loop, {})
+    task = per_loop.get(key)
+    if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+        settings = Settings.from_env()
+        from shared.telemetry import configure
+
+        configure(settings)
+        task = per_loop[key] = loop.create_task(Relay.create(settings))
+    return await task
+
+
+async def close_relays() -> None:
+    """Close the Relays of the running loop (a local host shutting down; Azure just ends the process)."""
+    per_loop = _relays.pop(asyncio.get_running_loop(), {})
+    for task in per_loop.values():
+        if task.done() and not task.cancelled() and task.exception() is None:
+            await task.result().close()
+
+
+def _close_at_exit() -> None:
+    """A local host exiting with its loop still running (a daemon thread): close the sessions
+    cleanly instead of leaving them to the garbage collector. In Azure the process just ends."""
+    for loop in list(_relays.keys()):
+        if loop.is_running() and not loop.is_closed():
+            try:
+                asyncio.run_coroutine_threadsafe(close_relays(), loop).result(timeout=5)
+            except Exception:  # best effort at interpreter exit
+                pass
+
+
+# --- entry points of the triggers ------------------------------------------------------------------
+
+async def handle_queue_message(body: bytes, queue_message_id: str, dequeue_count: int) -> Handled:
+    """`send_mail`: one mail request from the queue."""
+    relay = await get_relay()
+    return await relay.handle(body, queue_message_id, dequeue_count)
+
+
+async def status_json() -> str:
+    """The governor's live view of the accounts, as JSON (the `status` HTTP function)."""
+    from shared.reporting.status import delivery_last_24h, last_24h_since, status_report, to_json, usage_from_buckets
+
+    relay = await get_relay()
+    now = relay.clock()
+    states, tenant = await relay.governor.read()
+    delivery = None
+    usage = relay.governor.config.plain and relay.aggregates is not None
+    traced = relay.settings.delivery_enabled and relay.aggregates is not None
+    if usage or traced:
+        # One read of the aggregates serves both: the last 24 hours hold the daily window so far.
+        buckets = await relay.aggregates.read(last_24h_since(now), datetime.fromtimestamp(now + 1, timezone.utc))
+        if usage:
+            # The governor counts nothing on the plain path: today's use is in the aggregates.
+            states = usage_from_buckets(states, buckets, relay.governor.config, now)
+        if traced:
+            delivery = await delivery_last_24h(relay.aggregates, now, buckets)
+    return to_json(status_report(states, tenant, relay.governor.config, relay.settings.limits_profile, now,
+                                 delivery=delivery))
+
+
+async def report_response(params: Mapping[str, str]) -> tuple[int, str]:
+    """(HTTP status, JSON body) of `GET /api/report` in this worker process."""
+    from shared.reporting.report import ReportRequestError, build_report, parse_window
+
+    relay = await get_relay()
+    now = relay.clock()
+    try:
+        window = parse_window(params, now, relay.settings.report_max_days, relay.settings.ledger_retention)
+    except ReportRequestError as exc:
+        return 400, json.dumps({"error": str(exc)})
+    report = await build_report(
+        window=window, aggregates=relay.aggregates, governor=relay.governor, mail_queue=relay.queue,
+        poison_queue=await relay.storage.queue(relay.settings.poison_queue), settings=relay.settings, now=now)
+    return 200, json.dumps(report, separators=(",", ":"))
+
+
+def dashboard_page() -> Any:
+    """The operations dashboard page (body and headers)."""
+    from shared.reporting.dashboard import page
+
+    return page()
+
+
+async def welcome_timer(past_due: bool = False) -> Any:
+    """`welcome_new_users`: one scan when WELCOME_ENABLED is true."""
+    from shared.welcome.scan import handle_timer
+
+    return await handle_timer(past_due=past_due)
+
+
+async def retention_timer() -> Any:
+    """`purge_expired`: one bounded pass over the app's tables."""
+    from shared.retention import handle_timer
+
+    return await handle_timer()
+
+
+async def delivery_timer(past_due: bool = False) -> Any:
+    """`confirm_delivery`: one reconciliation when DELIVERY_TRACE_ENABLED is true."""
+    from shared.delivery.trace import handle_timer
+
+    return await handle_timer(past_due=past_due)
