@@ -30,7 +30,7 @@ STAGE_ARROWS = {
     "delivery": {"send", "reporting"},              # Message-ID, masking; the hourly counts
     "welcome": {"send", "hve"},                     # contract and producer; limits
     "reporting": {"governor", "delivery"},          # pacing arithmetic for /status; delivery rates
-    "retention": {"reporting"},                     # aggregates
+    "retention": {"reporting", "send"},             # aggregates; the relay's blobs (send.relay_blobs)
 }
 # Adapter -> stage imports the code still has (docs/architecture.md, "Known exceptions"). Fixing one
 # means deleting it here; a new one fails the test.
