@@ -13,7 +13,7 @@ JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"
 @app.queue_trigger(arg_name="msg", queue_name="%MAIL_QUEUE%", connection="AzureWebJobsStorage")
 async def send_mail(msg: func.QueueMessage) -> None:
     """One mail request from the queue: validate, get a send slot, submit to HVE, record."""
-    await wiring.handle_queue_message(msg.get_body(), msg.id, msg.dequeue_count)
+    await wiring.handle_queue_message(msg.get_body(), msg.id or "", msg.dequeue_count or 1)
 
 
 @app.timer_trigger(arg_name="timer", schedule="%WELCOME_SCHEDULE%")

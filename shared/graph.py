@@ -23,9 +23,10 @@ import math
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
@@ -39,7 +40,7 @@ log = logging.getLogger("hve_relay.graph")
 
 def graph_time(value: datetime) -> str:
     """The date-time literal Graph's $filter takes: full, UTC, no quotes (2026-08-14T09:30:00Z)."""
-    utc = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     return utc.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -101,7 +102,9 @@ def check_base_url(base_url: str) -> str:
         return base_url.rstrip("/")
     if parts.scheme == "http" and is_loopback_url(base_url):
         return base_url.rstrip("/")
-    raise SettingsError(f"GRAPH_BASE_URL must be an https:// URL (plain http only on a loopback address), got {base_url!r}")
+    raise SettingsError(
+        f"GRAPH_BASE_URL must be an https:// URL (plain http only on a loopback address), got {base_url!r}"
+    )
 
 
 def graph_scope(base_url: str) -> str:
@@ -116,8 +119,10 @@ def graph_credential(settings: Settings) -> Any:
     other URL, so it can never reach the real Graph."""
     if settings.graph_dev_token:
         if not is_loopback_url(settings.graph_base_url):
-            raise SettingsError("GRAPH_DEV_TOKEN is only for a loopback GRAPH_BASE_URL (a local stand-in); "
-                                f"unset it to use the app identity with {settings.graph_base_url}")
+            raise SettingsError(
+                "GRAPH_DEV_TOKEN is only for a loopback GRAPH_BASE_URL (a local stand-in); "
+                f"unset it to use the app identity with {settings.graph_base_url}"
+            )
         return StaticToken(settings.graph_dev_token)
     return azure_credential(settings.managed_identity_client_id)
 
@@ -139,7 +144,7 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
@@ -155,11 +160,20 @@ def _query(params: dict[str, str]) -> str:
 
 
 class GraphClient:
-    def __init__(self, base_url: str, credential: Any, *, owns_credential: bool = False,
-                 max_attempts: int = 6, backoff_base: float = 1.0, backoff_max: float = 30.0,
-                 retry_after_max: float = 120.0, timeout_seconds: float = 60.0,
-                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-                 rng: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        credential: Any,
+        *,
+        owns_credential: bool = False,
+        max_attempts: int = 6,
+        backoff_base: float = 1.0,
+        backoff_max: float = 30.0,
+        retry_after_max: float = 120.0,
+        timeout_seconds: float = 60.0,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
         self.base_url = check_base_url(base_url)
         self._origin = self._origin_of(self.base_url)
         self._credential = credential
@@ -177,10 +191,14 @@ class GraphClient:
         self.retries = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings, credential: Any = None, **kwargs: Any) -> "GraphClient":
+    def from_settings(cls, settings: Settings, credential: Any = None, **kwargs: Any) -> GraphClient:
         owns = credential is None
-        return cls(settings.graph_base_url, credential if credential is not None else graph_credential(settings),
-                   owns_credential=owns, **kwargs)
+        return cls(
+            settings.graph_base_url,
+            credential if credential is not None else graph_credential(settings),
+            owns_credential=owns,
+            **kwargs,
+        )
 
     @staticmethod
     def _origin_of(url: str) -> tuple[str, str, int | None]:
@@ -195,7 +213,7 @@ class GraphClient:
         if self._owns_credential and hasattr(self._credential, "close"):
             await self._credential.close()
 
-    async def __aenter__(self) -> "GraphClient":
+    async def __aenter__(self) -> GraphClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -219,8 +237,12 @@ class GraphClient:
             except CredentialError as exc:
                 raise GraphError(0, "no-token", str(exc), url) from exc
             force_refresh = False
-            headers = {**extra, "Authorization": f"Bearer {token}", "Accept": "application/json",
-                       "client-request-id": str(uuid.uuid4())}
+            headers = {
+                **extra,
+                "Authorization": f"Bearer {token}",
+                "Accept": "application/json",
+                "client-request-id": str(uuid.uuid4()),
+            }
             self.requests += 1
             try:
                 async with self._session.get(URL(url, encoded=True), headers=headers, allow_redirects=False) as resp:
@@ -242,7 +264,7 @@ class GraphClient:
                         raise GraphError(resp.status, code, message, url)
                     wait = retry_after_seconds(resp.headers.get("Retry-After"))
                     error: GraphError = GraphThrottled(resp.status, code, message, url, retry_after=wait)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 wait = None
                 error = GraphError(0, type(exc).__name__, str(exc) or "no answer", url)
             if attempt >= self._max_attempts:
@@ -250,8 +272,13 @@ class GraphClient:
             if wait is None:
                 wait = backoff_seconds(attempt, self._backoff_base, self._backoff_max, self._rng)
             elif wait > self._retry_after_max:
-                raise GraphThrottled(error.status, error.code, f"asked to retry after {wait:.0f} s, more than "
-                                     f"the {self._retry_after_max:.0f} s this client waits", url, retry_after=wait)
+                raise GraphThrottled(
+                    error.status,
+                    error.code,
+                    f"asked to retry after {wait:.0f} s, more than the {self._retry_after_max:.0f} s this client waits",
+                    url,
+                    retry_after=wait,
+                )
             self.retries += 1
             log.warning("Graph %s (%s); retry %d in %.1f s", error.status or "unreachable", error.code, attempt, wait)
             await self._sleep(wait)
@@ -280,8 +307,11 @@ class GraphClient:
 
     async def users_created_since(self, since: datetime, select: Iterable[str]) -> AsyncIterator[dict[str, Any]]:
         """Users with createdDateTime >= since (any order; a user may repeat across pages)."""
-        params = {"$filter": f"createdDateTime ge {graph_time(since)}", "$select": ",".join(select),
-                  "$top": str(PAGE_SIZE)}
+        params = {
+            "$filter": f"createdDateTime ge {graph_time(since)}",
+            "$select": ",".join(select),
+            "$top": str(PAGE_SIZE),
+        }
         async for page in self.pages("/v1.0/users", params):
             for item in page:
                 if isinstance(item, dict) and item.get("id"):
@@ -310,12 +340,16 @@ class GraphClient:
         if not isinstance(value, list):
             raise GraphError(200, "bad-response", "a collection answer has no 'value' list", _no_query(url))
         next_link = doc.get("@odata.nextLink")
-        return [v for v in value if isinstance(v, dict)], next_link if isinstance(next_link, str) and next_link else None
+        return [v for v in value if isinstance(v, dict)], next_link if isinstance(
+            next_link, str
+        ) and next_link else None
 
     async def trace_details(self, trace_id: str, recipient: str) -> list[dict[str, Any]]:
         """`getDetailsByRecipient`: the events of one recipient of one trace row."""
         literal = quote("'" + recipient.replace("'", "''") + "'", safe="'@")
-        url = f"{self.base_url}{TRACE_PATH}/{quote(trace_id, safe='')}/getDetailsByRecipient(recipientAddress={literal})"
+        url = (
+            f"{self.base_url}{TRACE_PATH}/{quote(trace_id, safe='')}/getDetailsByRecipient(recipientAddress={literal})"
+        )
         doc = await self.get_json(url, headers=TRACE_HEADERS)
         value = doc.get("value")
         return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []

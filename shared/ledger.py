@@ -11,9 +11,10 @@ import asyncio
 import hashlib
 import hmac
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
@@ -58,7 +59,7 @@ class LedgerEntry:
     booked_account: str = ""
     booked_at: float = 0.0
     booked_chunk: int = -1
-    booked_wake: float = 0.0     # when the booked copy was due to become visible on the queue
+    booked_wake: float = 0.0  # when the booked copy was due to become visible on the queue
     # Recipients by their index in the request's (de-duplicated) recipient list, never by address:
     # refused for now (4xx at RCPT), still to go in a follow-up transaction; refused for good (5xx).
     pending_recipients: tuple[int, ...] = ()
@@ -69,9 +70,9 @@ class LedgerEntry:
     # request under the same id is an `id-conflict`, the same content again a duplicate.
     content_digest: str = ""
     etag: str | None = field(default=None, compare=False)
-    write: str = field(default="", compare=False)   # a random mark of the write that stored this row
+    write: str = field(default="", compare=False)  # a random mark of the write that stored this row
 
-    def evolve(self, **changes: Any) -> "LedgerEntry":
+    def evolve(self, **changes: Any) -> LedgerEntry:
         return replace(self, **changes)
 
 
@@ -191,8 +192,10 @@ class Ledger:
     async def sending_before(self, cutoff: datetime, limit: int) -> list[LedgerEntry]:
         """Up to `limit` request rows still `sending` whose last update is older than `cutoff`."""
         found: list[LedgerEntry] = []
-        async for row in self._table.query_entities("RowKey eq @rk and State eq @state and Updated lt @cutoff",
-                                                    parameters={"rk": _ROW, "state": SENDING, "cutoff": cutoff}):
+        async for row in self._table.query_entities(
+            "RowKey eq @rk and State eq @state and Updated lt @cutoff",
+            parameters={"rk": _ROW, "state": SENDING, "cutoff": cutoff},
+        ):
             found.append(_from_row(row))
             if len(found) >= limit:
                 break
@@ -202,10 +205,21 @@ class Ledger:
         """Up to `limit` request rows neither final nor `sending` (deferred, received) whose last
         update is older than `cutoff`."""
         found: list[LedgerEntry] = []
-        query = ("RowKey eq @rk and Updated lt @cutoff and State ne @sending and State ne @sent "
-                 "and State ne @refused and State ne @dead")
-        async for row in self._table.query_entities(query, parameters={
-                "rk": _ROW, "cutoff": cutoff, "sending": SENDING, "sent": SENT, "refused": REFUSED, "dead": DEAD}):
+        query = (
+            "RowKey eq @rk and Updated lt @cutoff and State ne @sending and State ne @sent "
+            "and State ne @refused and State ne @dead"
+        )
+        async for row in self._table.query_entities(
+            query,
+            parameters={
+                "rk": _ROW,
+                "cutoff": cutoff,
+                "sending": SENDING,
+                "sent": SENT,
+                "refused": REFUSED,
+                "dead": DEAD,
+            },
+        ):
             found.append(_from_row(row))
             if len(found) >= limit:
                 break
@@ -217,23 +231,29 @@ class Ledger:
         meta = await self._table.upsert_entity(_to_row(entry), mode="replace")
         return entry.evolve(etag=meta.get("etag"))
 
-    async def record_chunk(self, entry: LedgerEntry, index: int, *, account: str, recipients: int,
-                           code: int, message_id: str) -> None:
+    async def record_chunk(
+        self, entry: LedgerEntry, index: int, *, account: str, recipients: int, code: int, message_id: str
+    ) -> None:
         """One row per SMTP transaction of a chunked request, beside the request's row."""
-        await self._table.upsert_entity({
-            "PartitionKey": entry.request_id,
-            "RowKey": f"chunk-{index + 1:04d}",
-            "State": SENT,
-            "Account": account,
-            "Recipients": recipients,
-            "LastCode": code,
-            "MessageId": message_id,
-            "Updated": entry.updated,
-        }, mode="replace")
+        await self._table.upsert_entity(
+            {
+                "PartitionKey": entry.request_id,
+                "RowKey": f"chunk-{index + 1:04d}",
+                "State": SENT,
+                "Account": account,
+                "Recipients": recipients,
+                "LastCode": code,
+                "MessageId": message_id,
+                "Updated": entry.updated,
+            },
+            mode="replace",
+        )
 
     async def chunks(self, request_id: str) -> list[dict[str, Any]]:
         rows = []
-        async for row in self._table.query_entities("PartitionKey eq @pk and RowKey ge 'chunk-' and RowKey lt 'chunk.'", parameters={"pk": request_id}):
+        async for row in self._table.query_entities(
+            "PartitionKey eq @pk and RowKey ge 'chunk-' and RowKey lt 'chunk.'", parameters={"pk": request_id}
+        ):
             rows.append(dict(row))
         return sorted(rows, key=lambda r: r["RowKey"])
 
@@ -256,8 +276,15 @@ class Ledger:
         key = recipient_hash(self._key, address)
         found = []
         async for row in self._index.query_entities("PartitionKey eq @pk", parameters={"pk": key}):
-            found.append({"request_id": row["RowKey"], "state": row.get("State"), "account": row.get("Account"),
-                          "message_id": row.get("MessageId"), "at": row.get("At")})
+            found.append(
+                {
+                    "request_id": row["RowKey"],
+                    "state": row.get("State"),
+                    "account": row.get("Account"),
+                    "message_id": row.get("MessageId"),
+                    "at": row.get("At"),
+                }
+            )
         return found
 
     async def summary(self, since: datetime | None = None) -> dict[str, Any]:
@@ -283,8 +310,18 @@ class Ledger:
         async for row in self._rows(since, fields):
             day = _from_row_time(row.get("FirstReceived")).date().isoformat()
             key = (day, row.get("Account") or "-", row.get("Category") or "-")
-            group = groups.setdefault(key, {"day": key[0], "account": key[1], "category": key[2], "requests": 0,
-                                            "outcomes": {}, "internal_recipients": 0, "external_recipients": 0})
+            group = groups.setdefault(
+                key,
+                {
+                    "day": key[0],
+                    "account": key[1],
+                    "category": key[2],
+                    "requests": 0,
+                    "outcomes": {},
+                    "internal_recipients": 0,
+                    "external_recipients": 0,
+                },
+            )
             state = row.get("State", "?")
             group["requests"] += 1
             group["outcomes"][state] = group["outcomes"].get(state, 0) + 1
@@ -296,11 +333,12 @@ class Ledger:
     def _rows(self, since: datetime | None, fields: list[str]):
         if since is None:
             return self._table.query_entities("RowKey eq @rk", parameters={"rk": _ROW}, select=fields)
-        return self._table.query_entities("RowKey eq @rk and FirstReceived ge @since",
-                                          parameters={"rk": _ROW, "since": since}, select=fields)
+        return self._table.query_entities(
+            "RowKey eq @rk and FirstReceived ge @since", parameters={"rk": _ROW, "since": since}, select=fields
+        )
 
 
 def _from_row_time(value: Any) -> datetime:
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return datetime.fromtimestamp(0, timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.fromtimestamp(0, UTC)

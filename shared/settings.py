@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -26,94 +26,339 @@ class SettingSpec:
 
 
 SETTINGS: tuple[SettingSpec, ...] = (
-    SettingSpec("AzureWebJobsStorage", "", "Storage for queues, tables and blobs: a connection string, or the identity-based `AzureWebJobsStorage__*` form in Azure.", "local"),
-    SettingSpec("AzureWebJobsStorage__accountName", "", "Storage account name for identity-based access (Azure).", "app"),
-    SettingSpec("AzureWebJobsStorage__credential", "", "`managedidentity` for identity-based storage access (Azure).", "app"),
-    SettingSpec("AzureWebJobsStorage__clientId", "", "Client id of the user-assigned managed identity used for storage (Azure).", "app"),
-    SettingSpec("AZURE_CLIENT_ID", "", "Client id of the user-assigned managed identity used for Key Vault, Graph and XOAUTH2 tokens.", "app"),
-    SettingSpec("MAIL_QUEUE", "outbound-mail", "Queue that carries mail requests; its poison queue is `<name>-poison`."),
+    SettingSpec(
+        "AzureWebJobsStorage",
+        "",
+        "Storage for queues, tables and blobs: a connection string, or the identity-based `AzureWebJobsStorage__*` form in Azure.",
+        "local",
+    ),
+    SettingSpec(
+        "AzureWebJobsStorage__accountName", "", "Storage account name for identity-based access (Azure).", "app"
+    ),
+    SettingSpec(
+        "AzureWebJobsStorage__credential", "", "`managedidentity` for identity-based storage access (Azure).", "app"
+    ),
+    SettingSpec(
+        "AzureWebJobsStorage__clientId",
+        "",
+        "Client id of the user-assigned managed identity used for storage (Azure).",
+        "app",
+    ),
+    SettingSpec(
+        "AZURE_CLIENT_ID",
+        "",
+        "Client id of the user-assigned managed identity used for Key Vault, Graph and XOAUTH2 tokens.",
+        "app",
+    ),
+    SettingSpec(
+        "MAIL_QUEUE", "outbound-mail", "Queue that carries mail requests; its poison queue is `<name>-poison`."
+    ),
     SettingSpec("HVE_SMTP_HOST", "smtp.hve.mx.microsoft", "HVE SMTP endpoint."),
     SettingSpec("HVE_SMTP_PORT", "587", "HVE SMTP port (STARTTLS)."),
-    SettingSpec("HVE_SMTP_CA_FILE", "", "Extra CA bundle (PEM) trusted for the SMTP endpoint, for a local emulator. Public CAs stay trusted.", "local"),
+    SettingSpec(
+        "HVE_SMTP_CA_FILE",
+        "",
+        "Extra CA bundle (PEM) trusted for the SMTP endpoint, for a local emulator. Public CAs stay trusted.",
+        "local",
+    ),
     SettingSpec("HVE_SMTP_TIMEOUT_SECONDS", "30", "Timeout of one SMTP command."),
     SettingSpec("HVE_ACCOUNTS", "", "Comma-separated HVE account addresses the relay may send as."),
     SettingSpec("HVE_AUTH", "basic", "`basic` (password from Key Vault) or `oauth` (XOAUTH2 with an app-only token)."),
-    SettingSpec("KEY_VAULT_URL", "", "Key Vault holding the HVE passwords (basic auth). Secret name: `hve-` + the account address lower-cased with every character other than a-z and 0-9 replaced by `-` (at most 100 characters) + `-` + the first 10 hex digits of the SHA-256 of the lower-cased address, e.g. `hve-news-contoso-com-<10 hex>` (`python -m shared.hve.credentials ADDRESS` prints it)."),
-    SettingSpec("HVE_PASSWORDS", "", "Local only: JSON object account -> password, used when KEY_VAULT_URL is empty.", "local"),
+    SettingSpec(
+        "KEY_VAULT_URL",
+        "",
+        "Key Vault holding the HVE passwords (basic auth). Secret name: `hve-` + the account address lower-cased with every character other than a-z and 0-9 replaced by `-` (at most 100 characters) + `-` + the first 10 hex digits of the SHA-256 of the lower-cased address, e.g. `hve-news-contoso-com-<10 hex>` (`python -m shared.hve.credentials ADDRESS` prints it).",
+    ),
+    SettingSpec(
+        "HVE_PASSWORDS", "", "Local only: JSON object account -> password, used when KEY_VAULT_URL is empty.", "local"
+    ),
     SettingSpec("HVE_SECRET_CACHE_SECONDS", "300", "How long a password read from Key Vault is cached."),
     SettingSpec("HVE_OAUTH_SCOPE", "https://outlook.office365.com/.default", "Token scope for XOAUTH2."),
-    SettingSpec("HVE_INTERNAL_DOMAINS", "", "Comma-separated accepted domains of the tenant; any other recipient domain is external."),
+    SettingSpec(
+        "HVE_INTERNAL_DOMAINS",
+        "",
+        "Comma-separated accepted domains of the tenant; any other recipient domain is external.",
+    ),
     SettingSpec("HVE_SENDER_NAME", "", "Display name on the From header (the address is always the HVE account)."),
-    SettingSpec("HVE_LIMITS_PROFILE", "ga-2026", "`ga-2026` (external recipients refused) or `preview-2024` (external allowed, rate limited)."),
-    SettingSpec("HVE_LIMITS", "", "JSON object overriding single limits of the profile, e.g. {\"recipients_per_message\": 20}."),
-    SettingSpec("HVE_DAILY_RECIPIENT_BUDGET", "", "Cost guard: at most this many recipients per daily window across all accounts (empty: no guard)."),
-    SettingSpec("HVE_DAILY_RESET_UTC", "00:00", "Time of day (UTC, HH:MM) at which the daily windows (quotas, budget) start."),
-    SettingSpec("HVE_PACING_MARGIN_SECONDS", "2", "Safety margin added to each rolling-minute window: HVE counts a message when it arrives, not when it was granted."),
-    SettingSpec("HVE_BOOKING_HORIZON_SECONDS", "3600", "How far ahead the governor books send slots for a backlog; a request whose slot is further away waits unbooked and asks again later."),
-    SettingSpec("HVE_BOOKINGS_PER_SECOND", "8", "At most this many booked slots (tenant-wide) fall due in one second (never fewer than the accounts' combined rate needs), so booked requests come back a few at a time rather than as one crowd the host works through late; 0 turns spreading off."),
-    SettingSpec("HVE_PACER_SECONDS", "2", "While send slots are booked ahead, a tiny pacer message comes back on the queue this often, so the Functions host keeps polling often instead of backing off to maxPollingInterval (a minute on Azure) and picking booked requests up late; 0 turns it off."),
-    SettingSpec("HVE_SLOT_WAIT_SECONDS", "3", "Booked requests are put back on the queue to wake as much before their slot as this worker sees them come back late (at most this long), and one that is then a little early waits in the process for its slot, at most this long; 0 turns both off (a booked request then wakes at its slot and is handled a little after it)."),
-    SettingSpec("HVE_BACKLOG_SAMPLE_SECONDS", "1", "Each worker reads the queue's message count this often while it handles messages, to estimate how long the visible backlog takes to drain (its fall between readings: all instances together); no booking falls due before that (a booked message would come back late behind the backlog and its slot pass unused), and bookings leave each account's window openings before it to the backlog's own messages; 0 turns this off."),
-    SettingSpec("HVE_BACKLOG_MIN_MESSAGES", "64", "A visible backlog of at most this many messages is not treated as congestion (bookings may fall due at once)."),
-    SettingSpec("MAX_RECIPIENTS_PER_REQUEST", "500", "Recipients one request may have; above the per-message limit a request is sent as several SMTP transactions."),
+    SettingSpec(
+        "HVE_LIMITS_PROFILE",
+        "ga-2026",
+        "`ga-2026` (external recipients refused) or `preview-2024` (external allowed, rate limited).",
+    ),
+    SettingSpec(
+        "HVE_LIMITS", "", 'JSON object overriding single limits of the profile, e.g. {"recipients_per_message": 20}.'
+    ),
+    SettingSpec(
+        "HVE_DAILY_RECIPIENT_BUDGET",
+        "",
+        "Cost guard: at most this many recipients per daily window across all accounts (empty: no guard).",
+    ),
+    SettingSpec(
+        "HVE_DAILY_RESET_UTC", "00:00", "Time of day (UTC, HH:MM) at which the daily windows (quotas, budget) start."
+    ),
+    SettingSpec(
+        "HVE_PACING_MARGIN_SECONDS",
+        "2",
+        "Safety margin added to each rolling-minute window: HVE counts a message when it arrives, not when it was granted.",
+    ),
+    SettingSpec(
+        "HVE_BOOKING_HORIZON_SECONDS",
+        "3600",
+        "How far ahead the governor books send slots for a backlog; a request whose slot is further away waits unbooked and asks again later.",
+    ),
+    SettingSpec(
+        "HVE_BOOKINGS_PER_SECOND",
+        "8",
+        "At most this many booked slots (tenant-wide) fall due in one second (never fewer than the accounts' combined rate needs), so booked requests come back a few at a time rather than as one crowd the host works through late; 0 turns spreading off.",
+    ),
+    SettingSpec(
+        "HVE_PACER_SECONDS",
+        "2",
+        "While send slots are booked ahead, a tiny pacer message comes back on the queue this often, so the Functions host keeps polling often instead of backing off to maxPollingInterval (a minute on Azure) and picking booked requests up late; 0 turns it off.",
+    ),
+    SettingSpec(
+        "HVE_SLOT_WAIT_SECONDS",
+        "3",
+        "Booked requests are put back on the queue to wake as much before their slot as this worker sees them come back late (at most this long), and one that is then a little early waits in the process for its slot, at most this long; 0 turns both off (a booked request then wakes at its slot and is handled a little after it).",
+    ),
+    SettingSpec(
+        "HVE_BACKLOG_SAMPLE_SECONDS",
+        "1",
+        "Each worker reads the queue's message count this often while it handles messages, to estimate how long the visible backlog takes to drain (its fall between readings: all instances together); no booking falls due before that (a booked message would come back late behind the backlog and its slot pass unused), and bookings leave each account's window openings before it to the backlog's own messages; 0 turns this off.",
+    ),
+    SettingSpec(
+        "HVE_BACKLOG_MIN_MESSAGES",
+        "64",
+        "A visible backlog of at most this many messages is not treated as congestion (bookings may fall due at once).",
+    ),
+    SettingSpec(
+        "MAX_RECIPIENTS_PER_REQUEST",
+        "500",
+        "Recipients one request may have; above the per-message limit a request is sent as several SMTP transactions.",
+    ),
     SettingSpec("HVE_POOL_SIZE", "4", "Open SMTP sessions kept per HVE account in one worker process."),
     SettingSpec("HVE_POOL_IDLE_SECONDS", "60", "An idle SMTP session older than this is closed."),
-    SettingSpec("HVE_POOL_WAIT_SECONDS", "10", "Longest wait for a free SMTP session of an account; past it the request is deferred (its slot given back)."),
-    SettingSpec("ACCOUNT_UNHEALTHY_SECONDS", "900", "How long an account that failed authentication is left out of rotation."),
-    SettingSpec("ACCOUNT_COOLDOWN_SECONDS", "60", "How long an account is rested after HVE throttles it (4.5.104, 421); a daily-quota reply (4.5.102) rests it until its daily window resets."),
+    SettingSpec(
+        "HVE_POOL_WAIT_SECONDS",
+        "10",
+        "Longest wait for a free SMTP session of an account; past it the request is deferred (its slot given back).",
+    ),
+    SettingSpec(
+        "ACCOUNT_UNHEALTHY_SECONDS", "900", "How long an account that failed authentication is left out of rotation."
+    ),
+    SettingSpec(
+        "ACCOUNT_COOLDOWN_SECONDS",
+        "60",
+        "How long an account is rested after HVE throttles it (4.5.104, 421); a daily-quota reply (4.5.102) rests it until its daily window resets.",
+    ),
     SettingSpec("SEND_MAX_ATTEMPTS", "12", "Attempts before a request is recorded as dead."),
-    SettingSpec("SEND_MAX_AGE_HOURS", "72", "Age after which a still-undelivered request is recorded as dead. A row still `deferred` this long plus 7 days (the poison queue's time to live) after its last update is recorded by `purge_expired` as `dead`, reason `lost-in-queue`."),
+    SettingSpec(
+        "SEND_MAX_AGE_HOURS",
+        "72",
+        "Age after which a still-undelivered request is recorded as dead. A row still `deferred` this long plus 7 days (the poison queue's time to live) after its last update is recorded by `purge_expired` as `dead`, reason `lost-in-queue`.",
+    ),
     SettingSpec("RETRY_BASE_SECONDS", "30", "First retry delay; doubles per attempt, with jitter."),
     SettingSpec("RETRY_MAX_SECONDS", "3600", "Cap of the retry delay."),
-    SettingSpec("SENDING_LEASE_SECONDS", "120", "A request whose ledger row says `sending` (an instance is submitting it, or died doing so) is left alone this long, then sent again under the same Message-ID. Longer than one SMTP transaction can take."),
-    SettingSpec("MAX_ATTACHMENTS", "20", "Attachments one request may have (inline and blob together); more is refused as `too-many-attachments` before anything is downloaded."),
+    SettingSpec(
+        "SENDING_LEASE_SECONDS",
+        "120",
+        "A request whose ledger row says `sending` (an instance is submitting it, or died doing so) is left alone this long, then sent again under the same Message-ID. Longer than one SMTP transaction can take.",
+    ),
+    SettingSpec(
+        "MAX_ATTACHMENTS",
+        "20",
+        "Attachments one request may have (inline and blob together); more is refused as `too-many-attachments` before anything is downloaded.",
+    ),
     SettingSpec("LEDGER_TABLE", "hveledger", "Table with one row per request (outcome ledger)."),
-    SettingSpec("RECIPIENT_INDEX_TABLE", "hverecipients", "Table keyed by recipient hash, answering 'was this address mailed?'."),
+    SettingSpec(
+        "RECIPIENT_INDEX_TABLE", "hverecipients", "Table keyed by recipient hash, answering 'was this address mailed?'."
+    ),
     SettingSpec("GOVERNOR_TABLE", "hvegovernor", "Table holding the rate governor's per-account state."),
-    SettingSpec("CLAIM_CHECK_CONTAINER", "mail-payloads", "Blob container where producers put claim-check requests and blob attachments, each under `requests/<producer>/<request id>/` (a producer of BLOB_PRODUCERS, the id of the request that names the blob); the relay reads nothing else there."),
-    SettingSpec("BLOB_PRODUCERS", "", "Comma-separated names of the producers that may hand the relay blobs (claim checks, attachments), each writing only under `requests/<name>/` of CLAIM_CHECK_CONTAINER (an ABAC condition on its role); the relay's own producers use `hve-relay`. Empty: only the relay's own."),
-    SettingSpec("RELAY_STATE_CONTAINER", "hve-relay-state", "Blob container of the relay's own copies (deferred requests too big for a queue message); only the relay's identity may write it, no producer is ever granted it."),
-    SettingSpec("RECIPIENT_HASH_KEY", "", "Secret key of the recipient hashes in the ledger (HMAC-SHA256). Set it; without it a built-in key is used and a warning is logged."),
-    SettingSpec("LEDGER_RETENTION_DAYS", "90", "Days the relay keeps who was mailed: ledger rows of final requests, chunk rows, recipient-index rows, delivery-status rows, welcome user rows and aggregate rows not updated for this long, and blobs left under the relay's `requests/` and `deferred/` prefixes, are deleted by the daily `purge_expired` timer. Longer than SEND_MAX_AGE_HOURS and WELCOME_LOOKBACK + WELCOME_OVERLAP (a request replayed after it is treated as new)."),
-    SettingSpec("RETENTION_SCHEDULE", "0 30 2 * * *", "NCRONTAB schedule of the `purge_expired` timer (default: daily at 02:30 UTC)."),
-    SettingSpec("RETENTION_MAX_ROWS_PER_RUN", "20000", "Rows `purge_expired` deletes per table in one run at most; what is left waits for the next run."),
-    SettingSpec("LOST_IN_FLIGHT_HOURS", "24", "A ledger row still `sending` this long after its last update is recorded by `purge_expired` as `dead`, reason `lost-in-flight` (HVE may have accepted it: its Message-ID is in the row)."),
-    SettingSpec("AGGREGATES_TABLE", "hveaggregates", "Table of the hourly counters per account and category behind `GET /api/report` and `tools.ledger report` (no addresses)."),
-    SettingSpec("AGGREGATES_FLUSH_SECONDS", "5", "Each worker process adds its counts to the aggregates table this often (ETag merges); a process killed loses the counts it has not written yet (at most this long of them while storage answers; see AGGREGATES_MAX_BUFFER_SECONDS), never counts twice."),
-    SettingSpec("AGGREGATES_MAX_BUFFER_SECONDS", "60", "Counts a worker process could not write to the aggregates table within this many seconds (storage unreachable) are given up (logged, `hve_relay.aggregates.dropped`): memory never holds more than this long of counts, which is the most a killed process loses. At least twice AGGREGATES_FLUSH_SECONDS plus 10 s (a flush's deadline)."),
-    SettingSpec("AGGREGATES_MAX_CATEGORIES", "50", "Distinct categories each worker process counts apart per UTC hour (the first it sees); later ones are counted under `other`. The report shows the busiest this many of its window and folds the rest into `other`. 0: no cap."),
-    SettingSpec("AGGREGATES_SHARDS", "8", "Rows one aggregate (hour, account, category) may be spread over: a process that loses an ETag race on one moves to another, so no row is hot."),
-    SettingSpec("AGGREGATES_ROLLUP_AFTER_MINUTES", "120", "A UTC day that ended this long ago is read by the report from one rollup row per account and category (written by the first report that needs it) instead of its hour rows; a later write into that day marks the rollup stale. Longer than any clock skew between instances."),
-    SettingSpec("HVE_PRICE_PER_MILLION_RECIPIENTS", "42", "Price of HVE in USD per million recipients, for the cost estimate of `GET /api/report`."),
-    SettingSpec("REPORT_MAX_DAYS", "31", "Longest span `GET /api/report` answers (since to until); longer asks get a 400."),
+    SettingSpec(
+        "CLAIM_CHECK_CONTAINER",
+        "mail-payloads",
+        "Blob container where producers put claim-check requests and blob attachments, each under `requests/<producer>/<request id>/` (a producer of BLOB_PRODUCERS, the id of the request that names the blob); the relay reads nothing else there.",
+    ),
+    SettingSpec(
+        "BLOB_PRODUCERS",
+        "",
+        "Comma-separated names of the producers that may hand the relay blobs (claim checks, attachments), each writing only under `requests/<name>/` of CLAIM_CHECK_CONTAINER (an ABAC condition on its role); the relay's own producers use `hve-relay`. Empty: only the relay's own.",
+    ),
+    SettingSpec(
+        "RELAY_STATE_CONTAINER",
+        "hve-relay-state",
+        "Blob container of the relay's own copies (deferred requests too big for a queue message); only the relay's identity may write it, no producer is ever granted it.",
+    ),
+    SettingSpec(
+        "RECIPIENT_HASH_KEY",
+        "",
+        "Secret key of the recipient hashes in the ledger (HMAC-SHA256). Set it; without it a built-in key is used and a warning is logged.",
+    ),
+    SettingSpec(
+        "LEDGER_RETENTION_DAYS",
+        "90",
+        "Days the relay keeps who was mailed: ledger rows of final requests, chunk rows, recipient-index rows, delivery-status rows, welcome user rows and aggregate rows not updated for this long, and blobs left under the relay's `requests/` and `deferred/` prefixes, are deleted by the daily `purge_expired` timer. Longer than SEND_MAX_AGE_HOURS and WELCOME_LOOKBACK + WELCOME_OVERLAP (a request replayed after it is treated as new).",
+    ),
+    SettingSpec(
+        "RETENTION_SCHEDULE",
+        "0 30 2 * * *",
+        "NCRONTAB schedule of the `purge_expired` timer (default: daily at 02:30 UTC).",
+    ),
+    SettingSpec(
+        "RETENTION_MAX_ROWS_PER_RUN",
+        "20000",
+        "Rows `purge_expired` deletes per table in one run at most; what is left waits for the next run.",
+    ),
+    SettingSpec(
+        "LOST_IN_FLIGHT_HOURS",
+        "24",
+        "A ledger row still `sending` this long after its last update is recorded by `purge_expired` as `dead`, reason `lost-in-flight` (HVE may have accepted it: its Message-ID is in the row).",
+    ),
+    SettingSpec(
+        "AGGREGATES_TABLE",
+        "hveaggregates",
+        "Table of the hourly counters per account and category behind `GET /api/report` and `tools.ledger report` (no addresses).",
+    ),
+    SettingSpec(
+        "AGGREGATES_FLUSH_SECONDS",
+        "5",
+        "Each worker process adds its counts to the aggregates table this often (ETag merges); a process killed loses the counts it has not written yet (at most this long of them while storage answers; see AGGREGATES_MAX_BUFFER_SECONDS), never counts twice.",
+    ),
+    SettingSpec(
+        "AGGREGATES_MAX_BUFFER_SECONDS",
+        "60",
+        "Counts a worker process could not write to the aggregates table within this many seconds (storage unreachable) are given up (logged, `hve_relay.aggregates.dropped`): memory never holds more than this long of counts, which is the most a killed process loses. At least twice AGGREGATES_FLUSH_SECONDS plus 10 s (a flush's deadline).",
+    ),
+    SettingSpec(
+        "AGGREGATES_MAX_CATEGORIES",
+        "50",
+        "Distinct categories each worker process counts apart per UTC hour (the first it sees); later ones are counted under `other`. The report shows the busiest this many of its window and folds the rest into `other`. 0: no cap.",
+    ),
+    SettingSpec(
+        "AGGREGATES_SHARDS",
+        "8",
+        "Rows one aggregate (hour, account, category) may be spread over: a process that loses an ETag race on one moves to another, so no row is hot.",
+    ),
+    SettingSpec(
+        "AGGREGATES_ROLLUP_AFTER_MINUTES",
+        "120",
+        "A UTC day that ended this long ago is read by the report from one rollup row per account and category (written by the first report that needs it) instead of its hour rows; a later write into that day marks the rollup stale. Longer than any clock skew between instances.",
+    ),
+    SettingSpec(
+        "HVE_PRICE_PER_MILLION_RECIPIENTS",
+        "42",
+        "Price of HVE in USD per million recipients, for the cost estimate of `GET /api/report`.",
+    ),
+    SettingSpec(
+        "REPORT_MAX_DAYS", "31", "Longest span `GET /api/report` answers (since to until); longer asks get a 400."
+    ),
     SettingSpec("APPLICATIONINSIGHTS_CONNECTION_STRING", "", "Export telemetry to Azure Monitor when set."),
-    SettingSpec("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "", "Entra (managed identity) authentication for Application Insights, e.g. `Authorization=AAD;ClientId=...`."),
-    SettingSpec("OTEL_EXPORTER_OTLP_ENDPOINT", "", "Export telemetry over OTLP/HTTP when set (and no Azure Monitor connection string)."),
+    SettingSpec(
+        "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+        "",
+        "Entra (managed identity) authentication for Application Insights, e.g. `Authorization=AAD;ClientId=...`.",
+    ),
+    SettingSpec(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "",
+        "Export telemetry over OTLP/HTTP when set (and no Azure Monitor connection string).",
+    ),
     SettingSpec("WELCOME_ENABLED", "false", "Run the welcome scan timer."),
     SettingSpec("WELCOME_SCHEDULE", "0 */15 * * * *", "NCRONTAB schedule of the welcome scan."),
     SettingSpec("WELCOME_LOOKBACK", "P7D", "How far back the first welcome scan looks (ISO 8601 duration)."),
     SettingSpec("WELCOME_GROUP_ID", "", "Only welcome members of this group (object id); empty: all members."),
-    SettingSpec("WELCOME_OVERLAP", "PT1H", "Each welcome scan re-reads users created this long before the previous scan (Graph replication lag, clock skew); ISO 8601 duration."),
-    SettingSpec("WELCOME_PENDING_DAYS", "3", "A new user not yet eligible (no mailbox yet, account disabled, not yet in WELCOME_GROUP_ID) is re-checked on every scan for this many days after creation, then recorded as skipped with the reason."),
-    SettingSpec("WELCOME_STATE_TABLE", "hvewelcome", "Table holding the welcome scan's watermark and one row per new user seen (pending, enqueued or skipped)."),
+    SettingSpec(
+        "WELCOME_OVERLAP",
+        "PT1H",
+        "Each welcome scan re-reads users created this long before the previous scan (Graph replication lag, clock skew); ISO 8601 duration.",
+    ),
+    SettingSpec(
+        "WELCOME_PENDING_DAYS",
+        "3",
+        "A new user not yet eligible (no mailbox yet, account disabled, not yet in WELCOME_GROUP_ID) is re-checked on every scan for this many days after creation, then recorded as skipped with the reason.",
+    ),
+    SettingSpec(
+        "WELCOME_STATE_TABLE",
+        "hvewelcome",
+        "Table holding the welcome scan's watermark and one row per new user seen (pending, enqueued or skipped).",
+    ),
     SettingSpec("WELCOME_BCC", "", "Address Bcc'd on every welcome mail (e.g. customer services)."),
-    SettingSpec("WELCOME_TEMPLATES", "", "Welcome templates (`welcome.subject.txt`, `welcome.txt`, `welcome.html`) instead of the built-in ones: a folder path, or `blob:<container>/<prefix>` in the app's storage account."),
-    SettingSpec("WELCOME_OUTLOOK_URL", "https://outlook.office.com/mail/", "Outlook on the web link in the welcome mail (template variable `outlook_url`)."),
-    SettingSpec("WELCOME_FAQ_URL", "", "FAQ link in the welcome mail (template variable `faq_url`); empty: no FAQ paragraph."),
-    SettingSpec("WELCOME_SUPPORT_ADDRESS", "", "Support address offered as a mailto link in the welcome mail (template variables `support_address`, `support_mailto`); empty: no support paragraph."),
-    SettingSpec("GRAPH_BASE_URL", "https://graph.microsoft.com", "Microsoft Graph base URL (HTTPS; plain HTTP only for a loopback stand-in)."),
-    SettingSpec("GRAPH_DEV_TOKEN", "", "Local only: fixed bearer token for a loopback GRAPH_BASE_URL (the Graph stand-in) instead of the app identity's token; refused for any other URL.", "local"),
-    SettingSpec("DELIVERY_TRACE_ENABLED", "false", "Run the `confirm_delivery` timer: reconcile the ledger with Microsoft Graph message trace, per recipient (needs the Graph role ExchangeMessageTrace.Read.All)."),
+    SettingSpec(
+        "WELCOME_TEMPLATES",
+        "",
+        "Welcome templates (`welcome.subject.txt`, `welcome.txt`, `welcome.html`) instead of the built-in ones: a folder path, or `blob:<container>/<prefix>` in the app's storage account.",
+    ),
+    SettingSpec(
+        "WELCOME_OUTLOOK_URL",
+        "https://outlook.office.com/mail/",
+        "Outlook on the web link in the welcome mail (template variable `outlook_url`).",
+    ),
+    SettingSpec(
+        "WELCOME_FAQ_URL", "", "FAQ link in the welcome mail (template variable `faq_url`); empty: no FAQ paragraph."
+    ),
+    SettingSpec(
+        "WELCOME_SUPPORT_ADDRESS",
+        "",
+        "Support address offered as a mailto link in the welcome mail (template variables `support_address`, `support_mailto`); empty: no support paragraph.",
+    ),
+    SettingSpec(
+        "GRAPH_BASE_URL",
+        "https://graph.microsoft.com",
+        "Microsoft Graph base URL (HTTPS; plain HTTP only for a loopback stand-in).",
+    ),
+    SettingSpec(
+        "GRAPH_DEV_TOKEN",
+        "",
+        "Local only: fixed bearer token for a loopback GRAPH_BASE_URL (the Graph stand-in) instead of the app identity's token; refused for any other URL.",
+        "local",
+    ),
+    SettingSpec(
+        "DELIVERY_TRACE_ENABLED",
+        "false",
+        "Run the `confirm_delivery` timer: reconcile the ledger with Microsoft Graph message trace, per recipient (needs the Graph role ExchangeMessageTrace.Read.All).",
+    ),
     SettingSpec("DELIVERY_TRACE_SCHEDULE", "0 */10 * * * *", "NCRONTAB schedule of the `confirm_delivery` timer."),
-    SettingSpec("DELIVERY_TRACE_MAX_AGE", "P3D", "Recipients still `pending`/`gettingStatus` are re-checked until final or this old; also how far back the first run looks (ISO 8601 duration, under 90 days)."),
-    SettingSpec("DELIVERY_TRACE_REQUESTS_PER_5MIN", "60", "Graph message-trace requests (trace pages and recipient details) the relay spends in any 5 minutes; Graph allows 100 per tenant, shared with every other tool."),
-    SettingSpec("DELIVERY_TRACE_OVERLAP", "PT30M", "Each run re-reads trace rows received this long before the previous run's end: rows appear 5-10 minutes late (ISO 8601 duration)."),
-    SettingSpec("DELIVERY_TRACE_SPAN", "PT6H", "Longest receivedDateTime window of one trace query (at most P10D); a run stopped by the budget resumes at the first window it did not finish."),
-    SettingSpec("DELIVERY_TRACE_END_LAG", "PT1M", "A trace query ends this long before now, so a clock a little ahead of Exchange's never asks for the future (Graph refuses it)."),
-    SettingSpec("DELIVERY_TRACE_RETRY_AFTER_MAX", "PT1H", "Longest wait a Graph `Retry-After` can impose on the trace (ISO 8601 duration): a longer value (e.g. 1e11 or 1e15 s) waits this long, then the next run tries again."),
+    SettingSpec(
+        "DELIVERY_TRACE_MAX_AGE",
+        "P3D",
+        "Recipients still `pending`/`gettingStatus` are re-checked until final or this old; also how far back the first run looks (ISO 8601 duration, under 90 days).",
+    ),
+    SettingSpec(
+        "DELIVERY_TRACE_REQUESTS_PER_5MIN",
+        "60",
+        "Graph message-trace requests (trace pages and recipient details) the relay spends in any 5 minutes; Graph allows 100 per tenant, shared with every other tool.",
+    ),
+    SettingSpec(
+        "DELIVERY_TRACE_OVERLAP",
+        "PT30M",
+        "Each run re-reads trace rows received this long before the previous run's end: rows appear 5-10 minutes late (ISO 8601 duration).",
+    ),
+    SettingSpec(
+        "DELIVERY_TRACE_SPAN",
+        "PT6H",
+        "Longest receivedDateTime window of one trace query (at most P10D); a run stopped by the budget resumes at the first window it did not finish.",
+    ),
+    SettingSpec(
+        "DELIVERY_TRACE_END_LAG",
+        "PT1M",
+        "A trace query ends this long before now, so a clock a little ahead of Exchange's never asks for the future (Graph refuses it).",
+    ),
+    SettingSpec(
+        "DELIVERY_TRACE_RETRY_AFTER_MAX",
+        "PT1H",
+        "Longest wait a Graph `Retry-After` can impose on the trace (ISO 8601 duration): a longer value (e.g. 1e11 or 1e15 s) waits this long, then the next run tries again.",
+    ),
     SettingSpec("DELIVERY_TRACE_PAGE_SIZE", "5000", "`$top` of a trace query (1-5000)."),
-    SettingSpec("DELIVERY_TRACE_DETAILS_PER_RUN", "10", "getDetailsByRecipient calls per run at most, for the reason of `failed` and `quarantined` recipients (stored masked); 0: none."),
-    SettingSpec("DELIVERY_TABLE", "hvedelivery", "Table of delivery status: per request the count of recipients in each trace status, per recipient (by recipient hash) its status, and the reconciliation cursors."),
+    SettingSpec(
+        "DELIVERY_TRACE_DETAILS_PER_RUN",
+        "10",
+        "getDetailsByRecipient calls per run at most, for the reason of `failed` and `quarantined` recipients (stored masked); 0: none.",
+    ),
+    SettingSpec(
+        "DELIVERY_TABLE",
+        "hvedelivery",
+        "Table of delivery status: per request the count of recipients in each trace status, per recipient (by recipient hash) its status, and the reconciliation cursors.",
+    ),
 )
 
 _DEFAULTS = {spec.name: spec.default for spec in SETTINGS}
@@ -160,7 +405,9 @@ def _duration(name: str, value: str) -> timedelta:
     Months and years are refused: their length is not fixed."""
     match = _DURATION.match(value.strip().upper())
     if not match or not any(match.groupdict().values()) or value.strip().upper().endswith("T"):
-        raise SettingsError(f"{name} must be an ISO 8601 duration such as P7D or PT1H (no months or years), got {value!r}")
+        raise SettingsError(
+            f"{name} must be an ISO 8601 duration such as P7D or PT1H (no months or years), got {value!r}"
+        )
     parts = {k: float(v) for k, v in match.groupdict().items() if v}
     return timedelta(**parts)
 
@@ -291,7 +538,7 @@ class Settings:
         return f"{self.mail_queue}-poison"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
 
         def get(name: str) -> str:
@@ -331,23 +578,33 @@ class Settings:
         budget_raw = get("HVE_DAILY_RECIPIENT_BUDGET")
         hash_key = get("RECIPIENT_HASH_KEY")
         if hash_key.startswith("@Microsoft.KeyVault("):
-            raise SettingsError("RECIPIENT_HASH_KEY is an unresolved Key Vault reference: check the secret exists "
-                                "and the app's identity may read it")
+            raise SettingsError(
+                "RECIPIENT_HASH_KEY is an unresolved Key Vault reference: check the secret exists "
+                "and the app's identity may read it"
+            )
         if not hash_key and get("AzureWebJobsStorage__accountName"):
-            raise SettingsError("RECIPIENT_HASH_KEY is empty: in Azure it must come from Key Vault (infra/deploy.sh sets it)")
+            raise SettingsError(
+                "RECIPIENT_HASH_KEY is empty: in Azure it must come from Key Vault (infra/deploy.sh sets it)"
+            )
 
         retention_days = number("LEDGER_RETENTION_DAYS")
         # Purging a row that a live request still needs would let a replay send it again.
-        must_outlive = max(timedelta(hours=number("SEND_MAX_AGE_HOURS")),
-                           _duration("WELCOME_LOOKBACK", get("WELCOME_LOOKBACK"))
-                           + _duration("WELCOME_OVERLAP", get("WELCOME_OVERLAP")))
+        must_outlive = max(
+            timedelta(hours=number("SEND_MAX_AGE_HOURS")),
+            _duration("WELCOME_LOOKBACK", get("WELCOME_LOOKBACK"))
+            + _duration("WELCOME_OVERLAP", get("WELCOME_OVERLAP")),
+        )
         if timedelta(days=retention_days) <= must_outlive:
-            raise SettingsError(f"LEDGER_RETENTION_DAYS ({retention_days:g}) must be longer than SEND_MAX_AGE_HOURS "
-                                "and WELCOME_LOOKBACK + WELCOME_OVERLAP")
+            raise SettingsError(
+                f"LEDGER_RETENTION_DAYS ({retention_days:g}) must be longer than SEND_MAX_AGE_HOURS "
+                "and WELCOME_LOOKBACK + WELCOME_OVERLAP"
+            )
 
         if get("RELAY_STATE_CONTAINER") == get("CLAIM_CHECK_CONTAINER"):
-            raise SettingsError("RELAY_STATE_CONTAINER must differ from CLAIM_CHECK_CONTAINER: producers write the "
-                                "one, only the relay the other")
+            raise SettingsError(
+                "RELAY_STATE_CONTAINER must differ from CLAIM_CHECK_CONTAINER: producers write the "
+                "one, only the relay the other"
+            )
 
         return cls(
             storage_connection_string=get("AzureWebJobsStorage"),

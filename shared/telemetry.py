@@ -57,8 +57,9 @@ def configure(settings: Settings) -> str:
         tracer_provider = TracerProvider(resource=resource)
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         trace.set_tracer_provider(tracer_provider)
-        metrics.set_meter_provider(MeterProvider(resource=resource,
-                                                 metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]))
+        metrics.set_meter_provider(
+            MeterProvider(resource=resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])
+        )
     return exporter
 
 
@@ -69,11 +70,19 @@ class Instruments:
         # Providers default to the process's global ones (set once by `configure`).
         self.tracer = trace.get_tracer("hve_relay", tracer_provider=tracer_provider)
         meter = metrics.get_meter("hve_relay", meter_provider=meter_provider)
-        self.messages = meter.create_counter("hve_relay.messages", unit="{message}",
-                                             description="Requests handled, by outcome and account")
-        self.recipients = meter.create_counter("hve_relay.recipients", unit="{recipient}",
-                                               description="Recipients of sent messages, by kind (internal/external)")
-        self.smtp_replies = meter.create_counter("hve_relay.smtp.replies", unit="{reply}",
-                                                 description="SMTP replies from HVE, by code")
-        self.delivery = meter.create_counter("hve_relay.delivery", unit="{recipient}",
-                                             description="Recipients reaching a message-trace status, by status and account")
+        self.messages = meter.create_counter(
+            "hve_relay.messages", unit="{message}", description="Requests handled, by outcome and account"
+        )
+        self.recipients = meter.create_counter(
+            "hve_relay.recipients",
+            unit="{recipient}",
+            description="Recipients of sent messages, by kind (internal/external)",
+        )
+        self.smtp_replies = meter.create_counter(
+            "hve_relay.smtp.replies", unit="{reply}", description="SMTP replies from HVE, by code"
+        )
+        self.delivery = meter.create_counter(
+            "hve_relay.delivery",
+            unit="{recipient}",
+            description="Recipients reaching a message-trace status, by status and account",
+        )

@@ -11,8 +11,9 @@ import atexit
 import json
 import os
 import weakref
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from shared.send.stage import Handled, Relay
 from shared.settings import SETTINGS, Settings
@@ -20,7 +21,7 @@ from shared.settings import SETTINGS, Settings
 # --- one Relay per event loop (the Python worker keeps one loop for the process) -----------------
 
 _exit_hook = None
-_relays: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, asyncio.Task]]" = weakref.WeakKeyDictionary()
+_relays: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, asyncio.Task]] = weakref.WeakKeyDictionary()
 
 
 async def get_relay() -> Relay:
@@ -63,6 +64,7 @@ def _close_at_exit() -> None:
 
 # --- entry points of the triggers ------------------------------------------------------------------
 
+
 async def handle_queue_message(body: bytes, queue_message_id: str, dequeue_count: int) -> Handled:
     """`send_mail`: one mail request from the queue."""
     relay = await get_relay()
@@ -77,18 +79,20 @@ async def status_json() -> str:
     now = relay.clock()
     states, tenant = await relay.governor.read()
     delivery = None
-    usage = relay.governor.config.plain and relay.aggregates is not None
-    traced = relay.settings.delivery_enabled and relay.aggregates is not None
-    if usage or traced:
+    aggregates = relay.aggregates
+    usage = relay.governor.config.plain and aggregates is not None
+    traced = relay.settings.delivery_enabled and aggregates is not None
+    if aggregates is not None and (usage or traced):
         # One read of the aggregates serves both: the last 24 hours hold the daily window so far.
-        buckets = await relay.aggregates.read(last_24h_since(now), datetime.fromtimestamp(now + 1, timezone.utc))
+        buckets = await aggregates.read(last_24h_since(now), datetime.fromtimestamp(now + 1, UTC))
         if usage:
             # The governor counts nothing on the plain path: today's use is in the aggregates.
             states = usage_from_buckets(states, buckets, relay.governor.config, now)
         if traced:
-            delivery = await delivery_last_24h(relay.aggregates, now, buckets)
-    return to_json(status_report(states, tenant, relay.governor.config, relay.settings.limits_profile, now,
-                                 delivery=delivery))
+            delivery = await delivery_last_24h(aggregates, now, buckets)
+    return to_json(
+        status_report(states, tenant, relay.governor.config, relay.settings.limits_profile, now, delivery=delivery)
+    )
 
 
 async def report_response(params: Mapping[str, str]) -> tuple[int, str]:
@@ -101,9 +105,16 @@ async def report_response(params: Mapping[str, str]) -> tuple[int, str]:
         window = parse_window(params, now, relay.settings.report_max_days, relay.settings.ledger_retention)
     except ReportRequestError as exc:
         return 400, json.dumps({"error": str(exc)})
+    assert relay.aggregates is not None  # Relay.create always builds them
     report = await build_report(
-        window=window, aggregates=relay.aggregates, governor=relay.governor, mail_queue=relay.queue,
-        poison_queue=await relay.storage.queue(relay.settings.poison_queue), settings=relay.settings, now=now)
+        window=window,
+        aggregates=relay.aggregates,
+        governor=relay.governor,
+        mail_queue=relay.queue,
+        poison_queue=await relay.storage.queue(relay.settings.poison_queue),
+        settings=relay.settings,
+        now=now,
+    )
     return 200, json.dumps(report, separators=(",", ":"))
 
 

@@ -19,5 +19,9 @@ if ((unit_only)); then
 fi
 "$ROOT/tools/setup.sh" --tests
 cd "$ROOT"
+# The deployed code: lint, format and types (ruff.toml, mypy.ini).
+.venv/bin/ruff check shared function_app.py
+.venv/bin/ruff format --check shared function_app.py
+.venv/bin/mypy
 tools/iac_check.sh
 exec .venv/bin/python -m pytest "$@"

@@ -10,19 +10,28 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
-from typing import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 
 # Graph's exchangeMessageTraceStatus values (`recalled` only with Prefer: include-unknown-enum-members).
-STATUSES = ("delivered", "failed", "pending", "expanded", "quarantined", "filteredAsSpam", "gettingStatus",
-            "recalled", "unknownFutureValue")
+STATUSES = (
+    "delivered",
+    "failed",
+    "pending",
+    "expanded",
+    "quarantined",
+    "filteredAsSpam",
+    "gettingStatus",
+    "recalled",
+    "unknownFutureValue",
+)
 # Still moving: re-read until final or older than DELIVERY_TRACE_MAX_AGE.
 OPEN_STATUSES = frozenset({"pending", "gettingStatus"})
 # Worth a getDetailsByRecipient call for the reason.
 DETAIL_STATUSES = frozenset({"failed", "quarantined"})
 
-MAX_SPAN = timedelta(days=10)      # receivedDateTime le - ge, at most
+MAX_SPAN = timedelta(days=10)  # receivedDateTime le - ge, at most
 MAX_LOOKBACK = timedelta(days=90)  # receivedDateTime ge, no earlier than now minus this
 MAX_PAGE_SIZE = 5000
 THROTTLE_WINDOW_SECONDS = 300.0
@@ -38,7 +47,7 @@ def graph_time(when: datetime) -> str:
     """A full UTC date-time literal, unquoted, as Graph's `$filter` wants it."""
     if when.tzinfo is None:
         raise ValueError("a trace bound must be timezone-aware")
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _odata_string(value: str) -> str:
@@ -64,8 +73,10 @@ def trace_filter(sender: str, start: datetime, end: datetime, now: datetime) -> 
     if not sender or "@" not in sender:
         raise FilterRefused(f"not a sender address: {sender!r}")
     check_window(start, end, now)
-    return (f"senderAddress eq {_odata_string(sender)} and receivedDateTime ge {graph_time(start)} "
-            f"and receivedDateTime le {graph_time(end)}")
+    return (
+        f"senderAddress eq {_odata_string(sender)} and receivedDateTime ge {graph_time(start)} "
+        f"and receivedDateTime le {graph_time(end)}"
+    )
 
 
 @dataclass(frozen=True)
@@ -140,7 +151,7 @@ def visit_order(accounts: Iterable[str], cursors: Mapping[str, AccountCursor]) -
     whatever the number of accounts, each is reached within a bounded number of runs (a window
     that a whole run's budget cannot read is narrowed, see `narrower`)."""
     order = list(dict.fromkeys(accounts))
-    oldest = datetime.min.replace(tzinfo=timezone.utc)
+    oldest = datetime.min.replace(tzinfo=UTC)
     return sorted(order, key=lambda a: (cursors[a].finished or oldest if a in cursors else oldest, order.index(a)))
 
 
@@ -149,8 +160,8 @@ def sent_ranges(hours: Iterable[int], margin: timedelta) -> list[tuple[datetime,
     it did, each widened by `margin`, overlapping ones merged."""
     ranges: list[tuple[datetime, datetime]] = []
     for hour in sorted(set(hours)):
-        start = datetime.fromtimestamp(hour, timezone.utc) - margin
-        end = datetime.fromtimestamp(hour + 3600, timezone.utc) + margin
+        start = datetime.fromtimestamp(hour, UTC) - margin
+        end = datetime.fromtimestamp(hour + 3600, UTC) + margin
         if ranges and start <= ranges[-1][1]:
             ranges[-1] = (ranges[-1][0], max(ranges[-1][1], end))
         else:
@@ -158,8 +169,9 @@ def sent_ranges(hours: Iterable[int], margin: timedelta) -> list[tuple[datetime,
     return ranges
 
 
-def only_sent(spans: list[tuple[datetime, datetime]], ranges: list[tuple[datetime, datetime]]
-              ) -> list[tuple[datetime, datetime]]:
+def only_sent(
+    spans: list[tuple[datetime, datetime]], ranges: list[tuple[datetime, datetime]]
+) -> list[tuple[datetime, datetime]]:
     """The parts of planned windows in which the account sent mail (whole seconds, as the filter
     writes them), oldest first: a window without mail of the relay's is not asked for. Adjacent
     parts are joined only up to the longest planned window (DELIVERY_TRACE_SPAN): a run saves its
@@ -207,7 +219,9 @@ def plan_spans(cursor: AccountCursor, now: datetime, cfg: TraceConfig) -> list[t
         if cursor.recheck_from is not None:
             start = min(start, cursor.recheck_from)
     # Down to the second for what must be read (an open row's exact time), up for the limits.
-    lowest = _whole_seconds(max(floor, now - MAX_LOOKBACK + timedelta(minutes=1)) + timedelta(seconds=1) - timedelta(microseconds=1))
+    lowest = _whole_seconds(
+        max(floor, now - MAX_LOOKBACK + timedelta(minutes=1)) + timedelta(seconds=1) - timedelta(microseconds=1)
+    )
     start = max(_whole_seconds(start), lowest)
     spans = []
     while start < end:
@@ -221,8 +235,9 @@ def _whole_seconds(when: datetime) -> datetime:
     return when.replace(microsecond=0)
 
 
-def after_span(cursor: AccountCursor, span_end: datetime, oldest_open: datetime | None, *,
-               finished: bool) -> AccountCursor:
+def after_span(
+    cursor: AccountCursor, span_end: datetime, oldest_open: datetime | None, *, finished: bool
+) -> AccountCursor:
     """The cursor once the spans up to `span_end` are read completely.
 
     `oldest_open`: the earliest send time of a request still open among the rows read in this run.
@@ -307,10 +322,12 @@ def parse_time(value: object) -> datetime | None:
         if not match:
             return None
         try:
-            parsed = datetime.fromisoformat(match.group(1) + ((match.group(2) or "")[:7]) + (match.group(3) or "+00:00").replace("Z", "+00:00"))
+            parsed = datetime.fromisoformat(
+                match.group(1) + ((match.group(2) or "")[:7]) + (match.group(3) or "+00:00").replace("Z", "+00:00")
+            )
         except ValueError:
             return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -352,13 +369,19 @@ def delivery_rates(totals: Mapping[str, int]) -> dict[str, float | int | None]:
     def share(*names: str) -> float | None:
         return None if total == 0 else round(sum(totals.get(n, 0) for n in names) / total, 4)
 
-    return {"traced": total, "delivered": share("delivered", "expanded"), "failed": share("failed"),
-            "quarantined": share("quarantined"), "filteredAsSpam": share("filteredAsSpam"),
-            "open": share(*OPEN_STATUSES)}
+    return {
+        "traced": total,
+        "delivered": share("delivered", "expanded"),
+        "failed": share("failed"),
+        "quarantined": share("quarantined"),
+        "filteredAsSpam": share("filteredAsSpam"),
+        "open": share(*OPEN_STATUSES),
+    }
 
 
-def retry_at(now: datetime, retry_after: float | None, fallback: float = 60.0,
-             cap: timedelta = timedelta(hours=1)) -> datetime:
+def retry_at(
+    now: datetime, retry_after: float | None, fallback: float = 60.0, cap: timedelta = timedelta(hours=1)
+) -> datetime:
     """When to ask Graph again after a 429: its Retry-After, at least 1 s and at most `cap` (an
     absurd value such as 1e11 or 1e15 seconds waits `cap`); `fallback` when it gave none."""
     limit = max(1.0, cap.total_seconds())
@@ -387,20 +410,22 @@ def row_problem(item: Mapping[str, object]) -> str | None:
 class RunTally:
     """What one reconciliation did, for the CLI, logs and tests."""
 
-    requests: int = 0           # Graph HTTP requests
-    rows: int = 0               # trace rows read
-    matched: int = 0            # rows joined to a ledger request
-    unmatched: int = 0          # rows of mail the relay did not send (or no longer knows), and unreadable rows
+    requests: int = 0  # Graph HTTP requests
+    rows: int = 0  # trace rows read
+    matched: int = 0  # rows joined to a ledger request
+    unmatched: int = 0  # rows of mail the relay did not send (or no longer knows), and unreadable rows
     unreadable: Counter = field(default_factory=Counter)  # unreadable rows (part of unmatched), by reason
-    changed_requests: int = 0   # requests whose counts changed
-    details: int = 0            # getDetailsByRecipient calls
-    stopped: str = ""           # why the run ended early: "budget", "throttled", "error: ..."
+    changed_requests: int = 0  # requests whose counts changed
+    details: int = 0  # getDetailsByRecipient calls
+    stopped: str = ""  # why the run ended early: "budget", "throttled", "error: ..."
     queries: list[str] = field(default_factory=list)
-    by_status: Counter = field(default_factory=Counter)   # statuses of matched rows read
+    by_status: Counter = field(default_factory=Counter)  # statuses of matched rows read
 
     def summary(self) -> str:
-        text = (f"{self.requests} Graph request(s), {self.rows} trace row(s): {self.matched} matched, "
-                f"{self.unmatched} unmatched (ignored); {self.changed_requests} request(s) changed")
+        text = (
+            f"{self.requests} Graph request(s), {self.rows} trace row(s): {self.matched} matched, "
+            f"{self.unmatched} unmatched (ignored); {self.changed_requests} request(s) changed"
+        )
         if self.unreadable:
             text += " (unreadable: " + ", ".join(f"{v} {k}" for k, v in sorted(self.unreadable.items())) + ")"
         if self.by_status:

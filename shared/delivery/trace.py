@@ -26,23 +26,48 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
-from typing import Any, Awaitable, Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError
 
+from shared.delivery.policy import (
+    DETAIL_STATUSES,
+    OPEN_STATUSES,
+    AccountCursor,
+    FilterRefused,
+    RecipientStatus,
+    RequestBudget,
+    RunTally,
+    TraceConfig,
+    TraceRow,
+    after_span,
+    count_delta,
+    counts,
+    delivery_rates,
+    merge_status,
+    narrower,
+    normal_status,
+    only_sent,
+    parse_message_id,
+    parse_time,
+    plan_spans,
+    retry_at,
+    row_problem,
+    sent_ranges,
+    trace_filter,
+    visit_order,
+    wider,
+)
 from shared.graph import GraphClient, GraphError, GraphThrottled
 from shared.ledger import recipient_hash
 from shared.send.mime import message_id
 from shared.send.replies import mask_addresses
 from shared.settings import Settings
-from shared.delivery.policy import (DETAIL_STATUSES, OPEN_STATUSES, AccountCursor, FilterRefused, RecipientStatus,
-                           RequestBudget, RunTally, TraceConfig, TraceRow, after_span, count_delta, counts,
-                           delivery_rates, merge_status, narrower, normal_status, only_sent, parse_message_id,
-                           parse_time, plan_spans, retry_at, row_problem, sent_ranges, trace_filter, visit_order, wider)
 
 log = logging.getLogger("hve_relay.delivery")
 
@@ -51,7 +76,7 @@ _BUDGET_PK = "~budget"
 _SUMMARY = "summary"
 _RCPT = "r-"
 _MAX_REASON = 300
-_BATCH = 99          # Table transactions take 100 operations; the summary goes last, alone
+_BATCH = 99  # Table transactions take 100 operations; the summary goes last, alone
 _PARALLEL = 16
 
 
@@ -83,21 +108,26 @@ async def no_delta(delta: DeliveryDelta) -> None:
 
 
 def trace_config(settings: Settings) -> TraceConfig:
-    return TraceConfig(overlap=settings.delivery_overlap, max_age=settings.delivery_max_age,
-                       span=settings.delivery_span, end_lag=settings.delivery_end_lag,
-                       requests_per_5min=settings.delivery_requests_per_5min, page_size=settings.delivery_page_size,
-                       details_per_run=settings.delivery_details_per_run,
-                       retry_after_max=settings.delivery_retry_after_max)
+    return TraceConfig(
+        overlap=settings.delivery_overlap,
+        max_age=settings.delivery_max_age,
+        span=settings.delivery_span,
+        end_lag=settings.delivery_end_lag,
+        requests_per_5min=settings.delivery_requests_per_5min,
+        page_size=settings.delivery_page_size,
+        details_per_run=settings.delivery_details_per_run,
+        retry_after_max=settings.delivery_retry_after_max,
+    )
 
 
 def _utc(value: Any) -> datetime | None:
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
     return None
 
 
 def _epoch0() -> datetime:
-    return datetime.fromtimestamp(0, timezone.utc)
+    return datetime.fromtimestamp(0, UTC)
 
 
 @dataclass
@@ -115,15 +145,18 @@ def request_digest(request_id: str, key: bytes) -> str:
     """The part of a request's Message-ID that names it (the domain and chunk suffix aside): the
     partition of its delivery rows, so trace rows lead straight to them. Keyed like the Message-ID
     (RECIPIENT_HASH_KEY)."""
-    return parse_message_id(message_id(request_id, "relay.invalid", key=key))[0]
+    parsed = parse_message_id(message_id(request_id, "relay.invalid", key=key))
+    assert parsed is not None  # the relay's own Message-IDs always parse
+    return parsed[0]
 
 
 # --- Table storage ------------------------------------------------------------------------------
 
+
 class DeliveryStore:
     def __init__(self, table: Any, key: bytes) -> None:
         self.table = table
-        self.key = key   # RECIPIENT_HASH_KEY: the Message-ID digests are keyed with it
+        self.key = key  # RECIPIENT_HASH_KEY: the Message-ID digests are keyed with it
 
     async def cursor(self, account: str) -> AccountCursor:
         try:
@@ -131,15 +164,28 @@ class DeliveryStore:
         except ResourceNotFoundError:
             return AccountCursor(account)
         span = row.get("Span")
-        return AccountCursor(account, _utc(row.get("Watermark")), _utc(row.get("RecheckFrom")), _utc(row.get("NotBefore")),
-                             _utc(row.get("Finished")),
-                             timedelta(seconds=float(span)) if isinstance(span, (int, float)) and span > 0 else None)
+        return AccountCursor(
+            account,
+            _utc(row.get("Watermark")),
+            _utc(row.get("RecheckFrom")),
+            _utc(row.get("NotBefore")),
+            _utc(row.get("Finished")),
+            timedelta(seconds=float(span)) if isinstance(span, (int, float)) and span > 0 else None,
+        )
 
     async def save_cursor(self, cursor: AccountCursor) -> None:
         # One timer run at a time (the Functions host holds a singleton lock for timers): last writer wins.
-        row: dict[str, Any] = {"PartitionKey": _CURSOR_PK, "RowKey": cursor.account, "Updated": datetime.now(timezone.utc)}
-        for name, value in (("Watermark", cursor.watermark), ("RecheckFrom", cursor.recheck_from),
-                            ("NotBefore", cursor.not_before), ("Finished", cursor.finished)):
+        row: dict[str, Any] = {
+            "PartitionKey": _CURSOR_PK,
+            "RowKey": cursor.account,
+            "Updated": datetime.now(UTC),
+        }
+        for name, value in (
+            ("Watermark", cursor.watermark),
+            ("RecheckFrom", cursor.recheck_from),
+            ("NotBefore", cursor.not_before),
+            ("Finished", cursor.finished),
+        ):
             if value is not None:
                 row[name] = value
         if cursor.span is not None:
@@ -156,8 +202,9 @@ class DeliveryStore:
     async def save_budget(self, spent: Iterable[float], now: float) -> None:
         # Merge with what another process (a manual `tools.delivery --once`) spent meanwhile.
         recent = sorted({round(t, 6) for t in [*spent, *await self.budget_spent()] if t > now - 300})
-        await self.table.upsert_entity({"PartitionKey": _BUDGET_PK, "RowKey": "tenant", "Spent": json.dumps(recent)},
-                                       mode="replace")
+        await self.table.upsert_entity(
+            {"PartitionKey": _BUDGET_PK, "RowKey": "tenant", "Spent": json.dumps(recent)}, mode="replace"
+        )
 
     async def request_rows(self, digest: str) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
         """A request's summary and recipient rows (one partition, keyed by its Message-ID digest)."""
@@ -167,7 +214,7 @@ class DeliveryStore:
             if row["RowKey"] == _SUMMARY:
                 summary = row
             elif row["RowKey"].startswith(_RCPT):
-                recipients[row["RowKey"][len(_RCPT):]] = row
+                recipients[row["RowKey"][len(_RCPT) :]] = row
         return summary, recipients
 
     async def summary(self, request_id: str) -> dict[str, Any] | None:
@@ -179,29 +226,47 @@ class DeliveryStore:
 
     async def recipients(self, request_id: str) -> list[dict[str, Any]]:
         _, rows = await self.request_rows(request_digest(request_id, self.key))
-        return [{"recipient": h, "status": r.get("Status"), "chunk": int(r.get("Chunk", 0)),
-                 "reason": r.get("Reason") or ""} for h, r in sorted(rows.items())]
+        return [
+            {
+                "recipient": h,
+                "status": r.get("Status"),
+                "chunk": int(r.get("Chunk", 0)),
+                "reason": r.get("Reason") or "",
+            }
+            for h, r in sorted(rows.items())
+        ]
 
     async def summaries_since(self, since: datetime) -> list[dict[str, Any]]:
         """Summary rows of requests sent since `since` (the 24-hour rates, the report)."""
         out = []
-        async for row in self.table.query_entities("RowKey eq @rk and SentAt ge @since",
-                                                   parameters={"rk": _SUMMARY, "since": since}):
+        async for row in self.table.query_entities(
+            "RowKey eq @rk and SentAt ge @since", parameters={"rk": _SUMMARY, "since": since}
+        ):
             out.append(summary_view(row))
         return out
 
-    async def commit(self, digest: str, summary: dict[str, Any], etag: str | None,
-                     recipients: list[dict[str, Any]]) -> None:
+    async def commit(
+        self, digest: str, summary: dict[str, Any], etag: str | None, recipients: list[dict[str, Any]]
+    ) -> None:
         """Recipient rows and the summary (created, or replaced under its ETag) in one transaction:
         the stored counts move only when this run's view is the one that commits. Raises
         ResourceModifiedError when another run got there first. More rows than one transaction
         takes: recipient rows first (idempotent upserts), the summary last."""
-        head = ("create", summary) if etag is None else \
-            ("update", summary, {"mode": "replace", "etag": etag, "match_condition": MatchConditions.IfNotModified})
+        head = (
+            ("create", summary)
+            if etag is None
+            else (
+                "update",
+                summary,
+                {"mode": "replace", "etag": etag, "match_condition": MatchConditions.IfNotModified},
+            )
+        )
         rest = recipients
         if len(recipients) > _BATCH:
             for i in range(0, len(recipients), _BATCH):
-                await self.table.submit_transaction([("upsert", r, {"mode": "replace"}) for r in recipients[i:i + _BATCH]])
+                await self.table.submit_transaction(
+                    [("upsert", r, {"mode": "replace"}) for r in recipients[i : i + _BATCH]]
+                )
             rest = []
         try:
             await self.table.submit_transaction([head, *(("upsert", r, {"mode": "replace"}) for r in rest)])
@@ -217,15 +282,25 @@ class DeliveryStore:
             return None
 
     async def set_reason(self, digest: str, hashed: str, reason: str) -> None:
-        await self.table.upsert_entity({"PartitionKey": digest, "RowKey": _RCPT + hashed,
-                                        "Reason": mask_addresses(reason)[:_MAX_REASON]}, mode="merge")
+        await self.table.upsert_entity(
+            {"PartitionKey": digest, "RowKey": _RCPT + hashed, "Reason": mask_addresses(reason)[:_MAX_REASON]},
+            mode="merge",
+        )
 
 
 def summary_view(row: Any) -> dict[str, Any]:
-    return {"request_id": row.get("RequestId", ""), "account": row.get("Account", ""), "category": row.get("Category", ""),
-            "sent_at": _utc(row.get("SentAt")), "first_received": _utc(row.get("FirstReceived")),
-            "delivery": json.loads(row.get("Counts") or "{}"), "chunks": json.loads(row.get("Chunks") or "{}"),
-            "open": bool(row.get("Open")), "seq": int(row.get("Seq", 0)), "updated": _utc(row.get("Updated"))}
+    return {
+        "request_id": row.get("RequestId", ""),
+        "account": row.get("Account", ""),
+        "category": row.get("Category", ""),
+        "sent_at": _utc(row.get("SentAt")),
+        "first_received": _utc(row.get("FirstReceived")),
+        "delivery": json.loads(row.get("Counts") or "{}"),
+        "chunks": json.loads(row.get("Chunks") or "{}"),
+        "open": bool(row.get("Open")),
+        "seq": int(row.get("Seq", 0)),
+        "updated": _utc(row.get("Updated")),
+    }
 
 
 class RequestResolver:
@@ -235,7 +310,7 @@ class RequestResolver:
     request that reached it, with its Message-ID) for a recipient of the message, then the
     request's ledger row. The partition read is kept for the first update of the request."""
 
-    _TRIES = 3   # recipients of one message tried in the index before it counts as not ours
+    _TRIES = 3  # recipients of one message tried in the index before it counts as not ours
 
     def __init__(self, store: DeliveryStore, ledger_table: Any, index_table: Any, key: bytes) -> None:
         self.store = store
@@ -249,9 +324,13 @@ class RequestResolver:
         if digest not in self._known:
             summary, rows = await self.store.request_rows(digest)
             if summary is not None and summary.get("RequestId"):
-                found: _Request | None = _Request(summary["RequestId"], summary.get("Account", ""),
-                                                  summary.get("Category", ""), _utc(summary.get("SentAt")) or _epoch0(),
-                                                  _utc(summary.get("FirstReceived")) or _epoch0())
+                found: _Request | None = _Request(
+                    summary["RequestId"],
+                    summary.get("Account", ""),
+                    summary.get("Category", ""),
+                    _utc(summary.get("SentAt")) or _epoch0(),
+                    _utc(summary.get("FirstReceived")) or _epoch0(),
+                )
             else:
                 found = await self._from_index(digest, addresses)
             if found is not None:
@@ -264,10 +343,11 @@ class RequestResolver:
         return self._read.pop(digest, None)
 
     async def _from_index(self, digest: str, addresses: list[str]) -> _Request | None:
-        for address in addresses[:self._TRIES]:
+        for address in addresses[: self._TRIES]:
             hashed = recipient_hash(self.key, address)
-            async for row in self.index_table.query_entities("PartitionKey eq @pk", parameters={"pk": hashed},
-                                                             select=["RowKey", "MessageId"]):
+            async for row in self.index_table.query_entities(
+                "PartitionKey eq @pk", parameters={"pk": hashed}, select=["RowKey", "MessageId"]
+            ):
                 parsed = parse_message_id(row.get("MessageId"))
                 if parsed is not None and parsed[0] == digest and request_digest(row["RowKey"], self.key) == digest:
                     return await self._ledger_request(row["RowKey"])
@@ -275,12 +355,18 @@ class RequestResolver:
 
     async def _ledger_request(self, request_id: str) -> _Request | None:
         try:
-            row = await self.ledger_table.get_entity(request_id, "request", select=[
-                "Account", "Category", "Updated", "FirstReceived"])
+            row = await self.ledger_table.get_entity(
+                request_id, "request", select=["Account", "Category", "Updated", "FirstReceived"]
+            )
         except ResourceNotFoundError:
             return None
-        return _Request(request_id, row.get("Account") or "", row.get("Category") or "",
-                        _utc(row.get("Updated")) or _epoch0(), _utc(row.get("FirstReceived")) or _epoch0())
+        return _Request(
+            request_id,
+            row.get("Account") or "",
+            row.get("Category") or "",
+            _utc(row.get("Updated")) or _epoch0(),
+            _utc(row.get("FirstReceived")) or _epoch0(),
+        )
 
 
 class SentHours:
@@ -292,7 +378,9 @@ class SentHours:
     The aggregates err on the low side (a process killed before its flush loses its buffer): an
     hour whose every count was lost is not read for that account."""
 
-    def __init__(self, table: Any, clock: Callable[[], float] = time.time, rollup_after_seconds: float = 7200.0) -> None:
+    def __init__(
+        self, table: Any, clock: Callable[[], float] = time.time, rollup_after_seconds: float = 7200.0
+    ) -> None:
         from shared.reporting.aggregates import Aggregates
 
         self.aggregates = Aggregates(table, flush_seconds=0, clock=clock, rollup_after_seconds=rollup_after_seconds)
@@ -306,6 +394,7 @@ class SentHours:
 
 
 # --- the reconciliation ---------------------------------------------------------------------------
+
 
 @dataclass
 class _Stop(Exception):
@@ -323,10 +412,20 @@ class _Pending:
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, graph: GraphClient, store: DeliveryStore, ledger_table: Any,
-                 index_table: Any, *, on_delta: DeltaCallback = no_delta, clock: Callable[[], float] = time.time,
-                 instruments: Any = None, sent_hours: SentHours | None = None,
-                 on_window: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        graph: GraphClient,
+        store: DeliveryStore,
+        ledger_table: Any,
+        index_table: Any,
+        *,
+        on_delta: DeltaCallback = no_delta,
+        clock: Callable[[], float] = time.time,
+        instruments: Any = None,
+        sent_hours: SentHours | None = None,
+        on_window: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.settings = settings
         self.cfg = trace_config(settings)
         self.graph = graph
@@ -345,7 +444,7 @@ class Reconciler:
     async def run(self, *, dry_run: bool = False) -> RunTally:
         tally = RunTally()
         now_ts = self.clock()
-        now = datetime.fromtimestamp(now_ts, timezone.utc)
+        now = datetime.fromtimestamp(now_ts, UTC)
         cursors = {a: await self.store.cursor(a) for a in self.settings.accounts}
         order = visit_order(self.settings.accounts, cursors)
         full = {a: plan_spans(cursors[a], now, self.cfg) for a in order}
@@ -353,10 +452,13 @@ class Reconciler:
         plans = await self._where_sent(full, now)
         if dry_run:
             for account, spans in plans.items():
-                if cursors[account].not_before and cursors[account].not_before > now:
-                    tally.queries.append(f"# {account}: Graph asked to wait until {cursors[account].not_before.isoformat()}")
+                not_before = cursors[account].not_before
+                if not_before is not None and not_before > now:
+                    tally.queries.append(f"# {account}: Graph asked to wait until {not_before.isoformat()}")
                 for start, end in spans:
-                    tally.queries.append(self.graph.message_traces_url(trace_filter(account, start, end, now), self.cfg.page_size))
+                    tally.queries.append(
+                        self.graph.message_traces_url(trace_filter(account, start, end, now), self.cfg.page_size)
+                    )
             return tally
         # Graph's limit is the tenant's: a Retry-After given for one account holds for all of them.
         waits = [c.not_before for c in cursors.values() if c.not_before is not None and c.not_before > now]
@@ -408,8 +510,9 @@ class Reconciler:
         log.info("delivery trace: %s", tally.summary())
         return tally
 
-    async def _where_sent(self, plans: dict[str, list[tuple[datetime, datetime]]], now: datetime
-                          ) -> dict[str, list[tuple[datetime, datetime]]]:
+    async def _where_sent(
+        self, plans: dict[str, list[tuple[datetime, datetime]]], now: datetime
+    ) -> dict[str, list[tuple[datetime, datetime]]]:
         """The planned windows cut down to where each account sent mail (all of them without a
         SentHours): a first run then starts at the oldest send, not at now minus the max age."""
         starts = [spans[0][0] for spans in plans.values() if spans]
@@ -418,8 +521,9 @@ class Reconciler:
         sent = await self.sent_hours.hours(min(starts) - self.cfg.send_margin - timedelta(hours=1), now)
         return {a: only_sent(spans, sent_ranges(sent.get(a, ()), self.cfg.send_margin)) for a, spans in plans.items()}
 
-    async def _read_span(self, account: str, start: datetime, end: datetime, now: datetime,
-                         budget: RequestBudget, tally: RunTally) -> _Pending:
+    async def _read_span(
+        self, account: str, start: datetime, end: datetime, now: datetime, budget: RequestBudget, tally: RunTally
+    ) -> _Pending:
         try:
             url: str | None = self.graph.message_traces_url(trace_filter(account, start, end, now), self.cfg.page_size)
         except FilterRefused as exc:
@@ -435,8 +539,11 @@ class Reconciler:
             except GraphThrottled as exc:
                 if exc.status == 429:
                     cursor = await self.store.cursor(account)
-                    until = retry_at(datetime.fromtimestamp(self.clock(), timezone.utc), exc.retry_after,
-                                     cap=self.cfg.retry_after_max)
+                    until = retry_at(
+                        datetime.fromtimestamp(self.clock(), UTC),
+                        exc.retry_after,
+                        cap=self.cfg.retry_after_max,
+                    )
                     await self.store.save_cursor(replace(cursor, not_before=until))
                     raise _Stop(f"throttled: Graph answered 429, retry after {until.isoformat()}") from None
                 raise _Stop(f"error: {mask_addresses(str(exc))}") from None
@@ -511,9 +618,15 @@ class Reconciler:
         for attempt in range(attempts):
             first = self.resolver.first_read(digest) if attempt == 0 else None
             summary, stored = first if first is not None else await self.store.request_rows(digest)
-            current = {h: RecipientStatus(r.get("Status", ""), int(r.get("Chunk", 0)),
-                                          _utc(r.get("Received")) or _epoch0(), r.get("Reason") or "")
-                       for h, r in stored.items()}
+            current = {
+                h: RecipientStatus(
+                    r.get("Status", ""),
+                    int(r.get("Chunk", 0)),
+                    _utc(r.get("Received")) or _epoch0(),
+                    r.get("Reason") or "",
+                )
+                for h, r in stored.items()
+            }
             merged = dict(current)
             for row in sorted(rows, key=lambda r: (r.chunk, r.received)):
                 merged[row.recipient_hash] = merge_status(merged.get(row.recipient_hash), row)
@@ -528,29 +641,58 @@ class Reconciler:
             if not changed and summary is not None and not delta:
                 return False
             seq = int(summary.get("Seq", 0)) + (1 if delta else 0) if summary else 1
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             open_times = [s.received for s in merged.values() if s.status in OPEN_STATUSES]
             summary_row = {
-                "PartitionKey": digest, "RowKey": _SUMMARY, "RequestId": request.request_id, "Account": request.account,
-                "Category": request.category, "SentAt": request.sent_at, "FirstReceived": request.first_received,
-                "Counts": json.dumps(new_counts), "Chunks": json.dumps(chunks), "Open": bool(open_times),
-                "Seq": seq, "Updated": now,
+                "PartitionKey": digest,
+                "RowKey": _SUMMARY,
+                "RequestId": request.request_id,
+                "Account": request.account,
+                "Category": request.category,
+                "SentAt": request.sent_at,
+                "FirstReceived": request.first_received,
+                "Counts": json.dumps(new_counts),
+                "Chunks": json.dumps(chunks),
+                "Open": bool(open_times),
+                "Seq": seq,
+                "Updated": now,
             }
             if open_times:
                 summary_row["OldestOpen"] = min(open_times)
-            recipient_rows = [{"PartitionKey": digest, "RowKey": _RCPT + h, "Status": merged[h].status,
-                               "Chunk": merged[h].chunk, "Received": merged[h].received,
-                               "Reason": mask_addresses(merged[h].reason)[:_MAX_REASON], "Updated": now}
-                              for h in changed]
+            recipient_rows = [
+                {
+                    "PartitionKey": digest,
+                    "RowKey": _RCPT + h,
+                    "Status": merged[h].status,
+                    "Chunk": merged[h].chunk,
+                    "Received": merged[h].received,
+                    "Reason": mask_addresses(merged[h].reason)[:_MAX_REASON],
+                    "Updated": now,
+                }
+                for h in changed
+            ]
             try:
-                await self.store.commit(digest, summary_row,
-                                        summary.metadata.get("etag") if summary is not None else None, recipient_rows)
+                await self.store.commit(
+                    digest,
+                    summary_row,
+                    getattr(summary, "metadata", {}).get("etag") if summary is not None else None,
+                    recipient_rows,
+                )
             except (ResourceExistsError, ResourceModifiedError):
                 continue  # another run committed first: read again, the delta is against its counts
             if delta:
                 self._count(request.account, delta)
-                await self.on_delta(DeliveryDelta(request.request_id, request.account, request.category,
-                                                  request.sent_at, request.first_received, delta, seq))
+                await self.on_delta(
+                    DeliveryDelta(
+                        request.request_id,
+                        request.account,
+                        request.category,
+                        request.sent_at,
+                        request.first_received,
+                        delta,
+                        seq,
+                    )
+                )
             return bool(delta)
         log.warning("delivery trace: request %s kept changing under this run; left for the next", request.request_id)
         return False
@@ -562,8 +704,9 @@ class Reconciler:
             if n > 0:  # a counter only grows: recipients that reached this status
                 self.instruments.delivery.add(n, {"status": status, "account": account})
 
-    async def _details(self, targets: dict[tuple[str, str], tuple[str, str]], budget: RequestBudget,
-                       tally: RunTally) -> None:
+    async def _details(
+        self, targets: dict[tuple[str, str], tuple[str, str]], budget: RequestBudget, tally: RunTally
+    ) -> None:
         """The reason of failed/quarantined recipients that have none yet, within the budget."""
         left = self.cfg.details_per_run
         for (request_id, hashed), (trace_id, address) in targets.items():
@@ -587,8 +730,12 @@ class Reconciler:
 
 def _reason(events: list[dict[str, Any]], status: str) -> str:
     """The telling event (a Fail/Quarantine/Drop, else the last), as `event: description`."""
-    telling = [e for e in events if str(e.get("action") or e.get("event") or "").lower() in
-               ("fail", "failed", "quarantine", "quarantined", "drop", "dropped")] or events
+    telling = [
+        e
+        for e in events
+        if str(e.get("action") or e.get("event") or "").lower()
+        in ("fail", "failed", "quarantine", "quarantined", "drop", "dropped")
+    ] or events
     if not telling:
         return status
     event = telling[-1]
@@ -597,8 +744,15 @@ def _reason(events: list[dict[str, Any]], status: str) -> str:
 
 # --- entry points -----------------------------------------------------------------------------------
 
-async def reconcile(settings: Settings, *, on_delta: DeltaCallback = no_delta, dry_run: bool = False,
-                    clock: Callable[[], float] = time.time, graph: GraphClient | None = None) -> RunTally:
+
+async def reconcile(
+    settings: Settings,
+    *,
+    on_delta: DeltaCallback = no_delta,
+    dry_run: bool = False,
+    clock: Callable[[], float] = time.time,
+    graph: GraphClient | None = None,
+) -> RunTally:
     """One reconciliation with the app's storage and Graph identity."""
     from shared.storage import StorageClients
     from shared.telemetry import Instruments
@@ -617,10 +771,14 @@ async def reconcile(settings: Settings, *, on_delta: DeltaCallback = no_delta, d
     # written after each window, before its cursor is saved: a run killed (or timed out) later
     # has already written the deltas of every window it moved past.
     aggregates_table = storage.tables.get_table_client(settings.aggregates_table)
-    aggregates = Aggregates(aggregates_table, flush_seconds=0, clock=clock,
-                            rollup_after_seconds=settings.aggregates_rollup_after_seconds,
-                            max_buffer_seconds=settings.aggregates_max_buffer_seconds,
-                            max_categories=settings.aggregates_max_categories)
+    aggregates = Aggregates(
+        aggregates_table,
+        flush_seconds=0,
+        clock=clock,
+        rollup_after_seconds=settings.aggregates_rollup_after_seconds,
+        max_buffer_seconds=settings.aggregates_max_buffer_seconds,
+        max_categories=settings.aggregates_max_categories,
+    )
 
     async def counted(delta: DeliveryDelta) -> None:
         await aggregates.add_delivery(delta.sent_at, delta.account, delta.category, delta.changes)
@@ -635,12 +793,18 @@ async def reconcile(settings: Settings, *, on_delta: DeltaCallback = no_delta, d
             raise _Stop("error: the aggregates table could not be written; the next run goes on from this window")
 
     try:
-        reconciler = Reconciler(settings, client, DeliveryStore(await storage.table(settings.delivery_table), settings.recipient_hash_key),
-                                await storage.table(settings.ledger_table),
-                                await storage.table(settings.recipient_index_table),
-                                on_delta=on_delta if dry_run else counted, clock=clock, instruments=Instruments(),
-                                sent_hours=SentHours(aggregates_table, clock, settings.aggregates_rollup_after_seconds),
-                                on_window=None if dry_run else window_written)
+        reconciler = Reconciler(
+            settings,
+            client,
+            DeliveryStore(await storage.table(settings.delivery_table), settings.recipient_hash_key),
+            await storage.table(settings.ledger_table),
+            await storage.table(settings.recipient_index_table),
+            on_delta=on_delta if dry_run else counted,
+            clock=clock,
+            instruments=Instruments(),
+            sent_hours=SentHours(aggregates_table, clock, settings.aggregates_rollup_after_seconds),
+            on_window=None if dry_run else window_written,
+        )
         try:
             return await reconciler.run(dry_run=dry_run)
         finally:
@@ -664,7 +828,7 @@ async def handle_timer(past_due: bool = False) -> RunTally | None:
 
 async def rates_last_24h(settings: Settings, storage: Any, now: datetime | None = None) -> dict[str, Any]:
     """Delivery rates of requests sent in the last 24 hours, overall and per account."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     store = DeliveryStore(await storage.table(settings.delivery_table), settings.recipient_hash_key)
     totals: dict[str, int] = defaultdict(int)
     per_account: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -672,7 +836,11 @@ async def rates_last_24h(settings: Settings, storage: Any, now: datetime | None 
         for status, n in summary["delivery"].items():
             totals[status] += n
             per_account[summary["account"]][status] += n
-    return {"since": (now - timedelta(hours=24)).isoformat(timespec="seconds"), "counts": dict(sorted(totals.items())),
-            "rates": delivery_rates(totals),
-            "accounts": {a: {"counts": dict(sorted(c.items())), "rates": delivery_rates(c)}
-                         for a, c in sorted(per_account.items())}}
+    return {
+        "since": (now - timedelta(hours=24)).isoformat(timespec="seconds"),
+        "counts": dict(sorted(totals.items())),
+        "rates": delivery_rates(totals),
+        "accounts": {
+            a: {"counts": dict(sorted(c.items())), "rates": delivery_rates(c)} for a, c in sorted(per_account.items())
+        },
+    }

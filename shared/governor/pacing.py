@@ -41,8 +41,9 @@ import bisect
 import math
 import random
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence
+from typing import TypeVar
 
 from shared.hve.limits import Limits
 from shared.send.replies import Outcome, Verdict
@@ -62,11 +63,14 @@ NEAR_SECONDS = 5.0
 OPENING_SLACK_SECONDS = 5.0
 
 
+_T = TypeVar("_T")
+
+
 @dataclass(frozen=True)
 class PacingConfig:
     limits: Limits
     margin_seconds: float = 2.0
-    day_offset_seconds: float = 0.0      # daily windows start this long after 00:00 UTC
+    day_offset_seconds: float = 0.0  # daily windows start this long after 00:00 UTC
     daily_recipient_budget: int | None = None
     cooldown_seconds: float = 60.0
     unhealthy_seconds: float = 900.0
@@ -90,9 +94,15 @@ class PacingConfig:
         """No per-minute window and nothing counted per day (`ga-2026` without a budget): only
         account health decides, and nothing needs writing per message (shared/governor/scheduler.py)."""
         lim = self.limits
-        return self.tenant_cap is None and all(v is None for v in (
-            lim.external_messages_per_minute, lim.messages_per_minute, lim.external_recipients_per_day,
-            lim.recipients_per_day_per_account))
+        return self.tenant_cap is None and all(
+            v is None
+            for v in (
+                lim.external_messages_per_minute,
+                lim.messages_per_minute,
+                lim.external_recipients_per_day,
+                lim.recipients_per_day_per_account,
+            )
+        )
 
     def day_of(self, t: float) -> int:
         return math.floor((t - self.day_offset_seconds) / DAY)
@@ -119,16 +129,16 @@ class AccountState:
     internal_today: int = 0
     external_today: int = 0
     messages_today: int = 0
-    allowance: int = 0                       # tenant allowance held for `day`
-    slots: tuple[float, ...] = ()            # slot times of recent and booked messages (rolling minute)
-    external_slots: tuple[float, ...] = ()   # the same, for messages with external recipients
+    allowance: int = 0  # tenant allowance held for `day`
+    slots: tuple[float, ...] = ()  # slot times of recent and booked messages (rolling minute)
+    external_slots: tuple[float, ...] = ()  # the same, for messages with external recipients
     last_granted: float = 0.0
     cooldown_until: float = 0.0
     unhealthy_until: float = 0.0
     last_problem: str = ""
     etag: str | None = field(default=None, compare=False)
 
-    def on_day(self, day: int) -> "AccountState":
+    def on_day(self, day: int) -> AccountState:
         """The counts of daily window `day`. Never backwards: a row already on a later day keeps
         its counts (a stale decision is charged to the row's day, which is the safe side)."""
         if self.day >= day:
@@ -147,10 +157,10 @@ class AccountState:
 @dataclass(frozen=True)
 class TenantState:
     day: int = -1
-    claimed: int = 0                         # allowance handed to accounts on `day`
+    claimed: int = 0  # allowance handed to accounts on `day`
     etag: str | None = field(default=None, compare=False)
 
-    def on_day(self, day: int) -> "TenantState":
+    def on_day(self, day: int) -> TenantState:
         return self if self.day >= day else replace(self, day=day, claimed=0)
 
 
@@ -167,9 +177,9 @@ class Release:
 @dataclass(frozen=True)
 class Grant:
     account: str
-    at: float                 # slot time: now for a grant, later today for a booking
+    at: float  # slot time: now for a grant, later today for a booking
     account_state: AccountState
-    tenant_state: TenantState | None   # None: the tenant row is not written
+    tenant_state: TenantState | None  # None: the tenant row is not written
     # The state of the account a Release gave a slot back to, when that is another account
     # (written in the same transaction); None when there was no release or it is `account`.
     released_state: AccountState | None = None
@@ -197,6 +207,7 @@ Decision = Grant | Wait | Impossible
 
 # --- rolling windows ----------------------------------------------------------------------------
 
+
 def _ms_up(t: float) -> float:
     """A slot time as stored (milliseconds), never earlier than the real one: rounding down would
     let the next slot in the window come a fraction too soon."""
@@ -211,7 +222,7 @@ def _fits(log: Sequence[float], t: float, limit: int | None, window: float) -> b
     if limit == 0:
         return False
     p = bisect.bisect_right(log, t)
-    around = list(log[max(0, p - limit):p]) + [t] + list(log[p:p + limit])
+    around = list(log[max(0, p - limit) : p]) + [t] + list(log[p : p + limit])
     q = min(p, limit)  # where t stands in `around`
     for i in range(max(0, q - limit), q + 1):
         j = i + limit
@@ -240,7 +251,7 @@ def _remove(log: tuple[float, ...], at: float) -> tuple[float, ...]:
     stored = _ms_up(at)
     for i, s in enumerate(log):
         if abs(s - stored) < 5e-4:
-            return log[:i] + log[i + 1:]
+            return log[:i] + log[i + 1 :]
     return log
 
 
@@ -264,12 +275,14 @@ def impossible_reason(shape: Shape, cfg: PacingConfig) -> str | None:
 
 def _slot_fits(state: AccountState, shape: Shape, t: float, cfg: PacingConfig) -> bool:
     lim, at = cfg.limits, _ms_up(t)
-    return (_fits(state.slots, at, lim.messages_per_minute, cfg.window)
-            and (not shape.external or _fits(state.external_slots, at, lim.external_messages_per_minute, cfg.window)))
+    return _fits(state.slots, at, lim.messages_per_minute, cfg.window) and (
+        not shape.external or _fits(state.external_slots, at, lim.external_messages_per_minute, cfg.window)
+    )
 
 
-def earliest_slot(state: AccountState, tenant: TenantState | None, shape: Shape, now: float,
-                  cfg: PacingConfig) -> tuple[float, str]:
+def earliest_slot(
+    state: AccountState, tenant: TenantState | None, shape: Shape, now: float, cfg: PacingConfig
+) -> tuple[float, str]:
     """Earliest time this account can take the message if nothing else arrives, and what binds."""
     lim = cfg.limits
     t, why = now, ""
@@ -281,9 +294,14 @@ def earliest_slot(state: AccountState, tenant: TenantState | None, shape: Shape,
             t, why = candidate, reason
     for _ in range(4):
         moved = False
-        for log, limit, reason in ((state.slots, lim.messages_per_minute, "messages per minute"),
-                                   (state.external_slots, lim.external_messages_per_minute if shape.external else None,
-                                    "external messages per minute")):
+        for log, limit, reason in (
+            (state.slots, lim.messages_per_minute, "messages per minute"),
+            (
+                state.external_slots,
+                lim.external_messages_per_minute if shape.external else None,
+                "external messages per minute",
+            ),
+        ):
             ready = _rolling_ready(log, t, limit, cfg.window)
             if ready > t:
                 t, why, moved = ready, reason, True
@@ -302,20 +320,35 @@ def earliest_slot(state: AccountState, tenant: TenantState | None, shape: Shape,
 
 def _daily_full(acct: AccountState, tenant: TenantState | None, shape: Shape, cfg: PacingConfig) -> str:
     lim = cfg.limits
-    if lim.external_recipients_per_day is not None and acct.external_today + shape.external > lim.external_recipients_per_day:
+    if (
+        lim.external_recipients_per_day is not None
+        and acct.external_today + shape.external > lim.external_recipients_per_day
+    ):
         return "external recipients per day"
-    if lim.recipients_per_day_per_account is not None and acct.recipients_today + shape.recipients > lim.recipients_per_day_per_account:
+    if (
+        lim.recipients_per_day_per_account is not None
+        and acct.recipients_today + shape.recipients > lim.recipients_per_day_per_account
+    ):
         return "recipients per day per account"
     cap = cfg.tenant_cap
     if cap is not None and tenant is not None:
         need = shape.recipients - acct.allowance
         if need > 0 and tenant.claimed + need > cap:
-            return "daily recipient budget" if cfg.daily_recipient_budget == cap else "recipients per day for the tenant"
+            return (
+                "daily recipient budget" if cfg.daily_recipient_budget == cap else "recipients per day for the tenant"
+            )
     return ""
 
 
-def take_slot(state: AccountState, tenant: TenantState | None, shape: Shape, at: float, now: float,
-              cfg: PacingConfig, accounts: int) -> tuple[AccountState, TenantState | None]:
+def take_slot(
+    state: AccountState,
+    tenant: TenantState | None,
+    shape: Shape,
+    at: float,
+    now: float,
+    cfg: PacingConfig,
+    accounts: int,
+) -> tuple[AccountState, TenantState | None]:
     """The states after the message takes the slot at `at` (>= now, on the same day)."""
     day = cfg.day_of(at)
     acct = state.on_day(day)
@@ -344,9 +377,11 @@ def take_slot(state: AccountState, tenant: TenantState | None, shape: Shape, at:
         messages_today=acct.messages_today + 1,
         allowance=allowance,
         slots=_add(acct.slots, at, keep_after) if lim.messages_per_minute is not None else (),
-        external_slots=(_add(acct.external_slots, at, keep_after)
-                        if shape.external and lim.external_messages_per_minute is not None
-                        else tuple(s for s in acct.external_slots if s > keep_after)),
+        external_slots=(
+            _add(acct.external_slots, at, keep_after)
+            if shape.external and lim.external_messages_per_minute is not None
+            else tuple(s for s in acct.external_slots if s > keep_after)
+        ),
         last_granted=max(acct.last_granted, at),
     )
     return new_state, new_tenant
@@ -356,8 +391,11 @@ def release_slot(state: AccountState, release: Release, cfg: PacingConfig) -> Ac
     """Give a charged slot back: its place in the rolling logs and, if the row is still on the day
     it was charged to, its daily counts and recipients (as allowance the account keeps)."""
     shape = release.shape
-    state = replace(state, slots=_remove(state.slots, release.at),
-                    external_slots=_remove(state.external_slots, release.at) if shape.external else state.external_slots)
+    state = replace(
+        state,
+        slots=_remove(state.slots, release.at),
+        external_slots=_remove(state.external_slots, release.at) if shape.external else state.external_slots,
+    )
     if state.day != cfg.day_of(release.at) or state.messages_today == 0:
         return state
     return replace(
@@ -371,10 +409,20 @@ def release_slot(state: AccountState, release: Release, cfg: PacingConfig) -> Ac
 
 # --- the decision -------------------------------------------------------------------------------
 
-def decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Shape, now: float,
-           cfg: PacingConfig, rng: random.Random | None = None, *, allow_booking: bool = True,
-           release: Release | None = None, book_not_before: float = 0.0,
-           backlog_until: float | None = None) -> Decision:
+
+def decide(
+    states: Sequence[AccountState],
+    tenant: TenantState | None,
+    shape: Shape,
+    now: float,
+    cfg: PacingConfig,
+    rng: random.Random | None = None,
+    *,
+    allow_booking: bool = True,
+    release: Release | None = None,
+    book_not_before: float = 0.0,
+    backlog_until: float | None = None,
+) -> Decision:
     """Grant now, book a slot later today, wait until a stated time, or refuse as impossible.
 
     With `release`, the request's own earlier slot is given back first (it came back late, or was
@@ -400,9 +448,17 @@ def decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Sh
     return replace(decision, released_state=released)
 
 
-def _decide(states: Sequence[AccountState], tenant: TenantState | None, shape: Shape, now: float,
-            cfg: PacingConfig, rng: random.Random, allow_booking: bool, book_not_before: float = 0.0,
-            backlog_until: float | None = None) -> Decision:
+def _decide(
+    states: Sequence[AccountState],
+    tenant: TenantState | None,
+    shape: Shape,
+    now: float,
+    cfg: PacingConfig,
+    rng: random.Random,
+    allow_booking: bool,
+    book_not_before: float = 0.0,
+    backlog_until: float | None = None,
+) -> Decision:
     impossible = impossible_reason(shape, cfg)
     if impossible:
         return Impossible(impossible)
@@ -481,7 +537,7 @@ def _spread(state: AccountState, shape: Shape, at: float, states: Sequence[Accou
     due: Counter[int] = Counter()
     for s in states:
         log = s.external_slots or s.slots
-        for x in log[bisect.bisect_left(log, at - 1):bisect.bisect_left(log, at + SPREAD_SEARCH_SECONDS + 1)]:
+        for x in log[bisect.bisect_left(log, at - 1) : bisect.bisect_left(log, at + SPREAD_SEARCH_SECONDS + 1)]:
             due[int(x)] += 1
     for k in range(SPREAD_SEARCH_SECONDS):
         t = at + k
@@ -490,8 +546,15 @@ def _spread(state: AccountState, shape: Shape, at: float, states: Sequence[Accou
     return at
 
 
-def _grant(state: AccountState, tenant: TenantState | None, shape: Shape, at: float, now: float,
-           cfg: PacingConfig, accounts: int) -> Grant:
+def _grant(
+    state: AccountState,
+    tenant: TenantState | None,
+    shape: Shape,
+    at: float,
+    now: float,
+    cfg: PacingConfig,
+    accounts: int,
+) -> Grant:
     new_state, new_tenant = take_slot(state, tenant, shape, at, now, cfg, accounts)
     return Grant(state.account, at, new_state, new_tenant)
 
@@ -508,9 +571,9 @@ def after_reply(state: AccountState, verdict: Verdict, now: float, cfg: PacingCo
     return state
 
 
-def chunk_recipients(recipients: Iterable[str], per_message: int | None) -> list[list[str]]:
+def chunk_recipients(recipients: Iterable[_T], per_message: int | None) -> list[list[_T]]:
     """Envelope chunks of at most `per_message` recipients, in order."""
     items = list(recipients)
     if not per_message or len(items) <= per_message:
         return [items]
-    return [items[i:i + per_message] for i in range(0, len(items), per_message)]
+    return [items[i : i + per_message] for i in range(0, len(items), per_message)]

@@ -15,8 +15,9 @@ the limits have per-minute windows or something is counted per day.)
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from shared.governor.pacing import AccountState, Shape
 
@@ -44,8 +45,14 @@ class Later:
     reason: str
 
 
-def plain_decision(states: Iterable[AccountState], held: Iterable[str], shape: Shape, now: float,
-                   rng: random.Random, spread_seconds: float = RELEASE_SPREAD_SECONDS) -> Go | Later:
+def plain_decision(
+    states: Iterable[AccountState],
+    held: Iterable[str],
+    shape: Shape,
+    now: float,
+    rng: random.Random,
+    spread_seconds: float = RELEASE_SPREAD_SECONDS,
+) -> Go | Later:
     """The preferred account when it is usable, else one usable account at random (instances
     reading the same rows spread out); when none is usable, a delay to the first one free again
     plus a random share of `spread_seconds`."""
@@ -59,16 +66,25 @@ def plain_decision(states: Iterable[AccountState], held: Iterable[str], shape: S
     resting = [s.available_at() for s in states if s.available_at() > now]
     first_free = min(resting) if resting else now
     delay = max(first_free - now, 0.0) + rng.uniform(0.0, spread_seconds)
-    why = "every account is resting (throttled or unhealthy)" if resting else "every account is held after a local failure"
+    why = (
+        "every account is resting (throttled or unhealthy)"
+        if resting
+        else "every account is held after a local failure"
+    )
     return Later(max(delay, 1.0), why)
 
 
 class PlainScheduler:
     """`plain_decision` on the governor's rows, read at most every `refresh_seconds`."""
 
-    def __init__(self, governor: Any, rng: random.Random | None = None, *,
-                 refresh_seconds: float = HEALTH_REFRESH_SECONDS,
-                 spread_seconds: float = RELEASE_SPREAD_SECONDS) -> None:
+    def __init__(
+        self,
+        governor: Any,
+        rng: random.Random | None = None,
+        *,
+        refresh_seconds: float = HEALTH_REFRESH_SECONDS,
+        spread_seconds: float = RELEASE_SPREAD_SECONDS,
+    ) -> None:
         self.governor = governor
         self.rng = rng or random.Random()
         self.refresh_seconds = refresh_seconds
@@ -76,5 +92,6 @@ class PlainScheduler:
 
     async def decide(self, shape: Shape, now: float) -> Go | Later:
         await self.governor.refresh(older_than=self.refresh_seconds)
-        return plain_decision(self.governor.known_states(), self.governor.held(), shape, now, self.rng,
-                              self.spread_seconds)
+        return plain_decision(
+            self.governor.known_states(), self.governor.held(), shape, now, self.rng, self.spread_seconds
+        )

@@ -13,14 +13,27 @@ import asyncio
 import bisect
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 
-from shared.governor.pacing import (AccountState, Decision, Grant, Impossible, PacingConfig, Release, Shape, TenantState, Wait,
-                     after_reply, decide, release_slot)
+from shared.governor.pacing import (
+    AccountState,
+    Decision,
+    Grant,
+    Impossible,
+    PacingConfig,
+    Release,
+    Shape,
+    TenantState,
+    Wait,
+    after_reply,
+    decide,
+    release_slot,
+)
 from shared.send.replies import Outcome, Verdict
 
 PARTITION = "governor"
@@ -39,7 +52,7 @@ def _slots_to_text(slots: tuple[float, ...]) -> str:
     if not slots:
         return ""
     ms = [round(s * 1000) for s in slots]
-    return "d:" + ",".join([str(ms[0])] + [str(b - a) for a, b in zip(ms, ms[1:])])
+    return "d:" + ",".join([str(ms[0])] + [str(b - a) for a, b in zip(ms, ms[1:], strict=False)])
 
 
 def _slots_from_text(text: str | None) -> tuple[float, ...]:
@@ -56,7 +69,7 @@ def _slots_from_text(text: str | None) -> tuple[float, ...]:
 
 def account_from_row(row: Any) -> AccountState:
     return AccountState(
-        account=row["RowKey"][len(_ACCOUNT_PREFIX):],
+        account=row["RowKey"][len(_ACCOUNT_PREFIX) :],
         day=int(row.get("Day", -1)),
         internal_today=int(row.get("InternalToday", 0)),
         external_today=int(row.get("ExternalToday", 0)),
@@ -105,14 +118,20 @@ class _Conflict(Exception):
 
 
 class TableGovernor:
-    def __init__(self, table: Any, accounts: Iterable[str], config: PacingConfig,
-                 rng: random.Random | None = None, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self,
+        table: Any,
+        accounts: Iterable[str],
+        config: PacingConfig,
+        rng: random.Random | None = None,
+        clock: Any = time.monotonic,
+    ) -> None:
         self._table = table
         self._accounts = tuple(accounts)
         self.config = config
         self._rng = rng or random.Random()
         self._monotonic = clock
-        self.round_trips = 0   # Table calls, for the benchmark
+        self.round_trips = 0  # Table calls, for the benchmark
         self.conflicts = 0
         self._lock = asyncio.Lock()
         self._snapshot: tuple[list[AccountState], TenantState | None] | None = None
@@ -129,8 +148,9 @@ class TableGovernor:
         tenant = TenantState()
         async for row in self._table.query_entities("PartitionKey eq @pk", parameters={"pk": PARTITION}):
             if row["RowKey"] == TENANT_ROW:
-                tenant = TenantState(day=int(row.get("Day", -1)), claimed=int(row.get("Claimed", 0)),
-                                     etag=row.metadata.get("etag"))
+                tenant = TenantState(
+                    day=int(row.get("Day", -1)), claimed=int(row.get("Claimed", 0)), etag=row.metadata.get("etag")
+                )
             elif row["RowKey"].startswith(_ACCOUNT_PREFIX):
                 state = account_from_row(row)
                 found[state.account] = state
@@ -143,8 +163,9 @@ class TableGovernor:
         self._snapshot_at = self._monotonic()
         self._stale.clear()
 
-    async def _write(self, rows: list[tuple[AccountState, str | None]], tenant: TenantState | None,
-                     old_tenant_etag: str | None) -> tuple[list[str | None], str | None]:
+    async def _write(
+        self, rows: list[tuple[AccountState, str | None]], tenant: TenantState | None, old_tenant_etag: str | None
+    ) -> tuple[list[str | None], str | None]:
         """Write account rows (each If-Match its old ETag) and maybe the tenant row, all in one
         transaction when there is more than one; returns the new ETags."""
         self.round_trips += 1
@@ -155,15 +176,16 @@ class TableGovernor:
                 if old_etag is None:
                     meta = await self._table.create_entity(row)
                 else:
-                    meta = await self._table.update_entity(row, mode="replace", etag=old_etag,
-                                                           match_condition=MatchConditions.IfNotModified)
+                    meta = await self._table.update_entity(
+                        row, mode="replace", etag=old_etag, match_condition=MatchConditions.IfNotModified
+                    )
                 return [meta.get("etag")], None
             operations = [_operation(account_to_row(a), etag) for a, etag in rows]
             if tenant is not None:
                 operations.append(_operation(_tenant_to_row(tenant), old_tenant_etag))
             metas = await self._table.submit_transaction(operations)
             etags = [m.get("etag") for m in metas]
-            return etags[:len(rows)], (etags[-1] if tenant is not None else None)
+            return etags[: len(rows)], (etags[-1] if tenant is not None else None)
         except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError) as exc:
             raise _Conflict from exc
         except HttpResponseError as exc:  # TableTransactionError: 409/412 inside the batch
@@ -207,9 +229,13 @@ class TableGovernor:
         queue), all accounts; no Table call."""
         if self._snapshot is None:
             return 0
-        return sum(max(len(s.slots) - bisect.bisect_right(s.slots, now),
-                       len(s.external_slots) - bisect.bisect_right(s.external_slots, now))
-                   for s in self._snapshot[0])
+        return sum(
+            max(
+                len(s.slots) - bisect.bisect_right(s.slots, now),
+                len(s.external_slots) - bisect.bisect_right(s.external_slots, now),
+            )
+            for s in self._snapshot[0]
+        )
 
     def known_states(self) -> list[AccountState]:
         """The account rows as this process last read or wrote them (no Table call)."""
@@ -232,9 +258,17 @@ class TableGovernor:
         states = [by_name.get(s.account, s) for s in states]
         self._snapshot = (states, tenant if tenant is not None else old_tenant)
 
-    async def acquire(self, shape: Shape, now: float, *, allow_booking: bool = True,
-                      release: Release | None = None, only: str | None = None,
-                      book_not_before: float = 0.0, backlog_until: float | None = None) -> Decision:
+    async def acquire(
+        self,
+        shape: Shape,
+        now: float,
+        *,
+        allow_booking: bool = True,
+        release: Release | None = None,
+        only: str | None = None,
+        book_not_before: float = 0.0,
+        backlog_until: float | None = None,
+    ) -> Decision:
         """Grant (maybe a booking later today), Wait, or Impossible.
 
         `release`: the request's earlier slot, given back in the same write that takes the new one
@@ -250,13 +284,24 @@ class TableGovernor:
                 if self._snapshot is None or self._monotonic() - self._snapshot_at > SNAPSHOT_SECONDS:
                     await self._refresh()
                     fresh = True
+                assert self._snapshot is not None
                 states, tenant = self._snapshot
                 usable = self._usable(states, release, only)
-                decision = decide(usable, tenant, shape, now, self.config, self._rng, allow_booking=allow_booking,
-                                  release=release, book_not_before=book_not_before,
-                                  backlog_until=backlog_until)
-                if not fresh and (isinstance(decision, Wait) or (
-                        self._stale and isinstance(decision, Grant) and decision.at > now)):
+                decision = decide(
+                    usable,
+                    tenant,
+                    shape,
+                    now,
+                    self.config,
+                    self._rng,
+                    allow_booking=allow_booking,
+                    release=release,
+                    book_not_before=book_not_before,
+                    backlog_until=backlog_until,
+                )
+                if not fresh and (
+                    isinstance(decision, Wait) or (self._stale and isinstance(decision, Grant) and decision.at > now)
+                ):
                     # A wait, or a booking made while some row is known stale (the account left
                     # out could have an earlier slot): only ever on fresh state.
                     await self._refresh()
@@ -272,20 +317,29 @@ class TableGovernor:
                 new_tenant = decision.tenant_state if isinstance(decision, Grant) else None
                 old = {s.account: s for s in states}
                 try:
-                    etags, tenant_etag = await self._write([(r, old[r.account].etag) for r in rows], new_tenant,
-                                                           tenant.etag if tenant is not None else None)
+                    etags, tenant_etag = await self._write(
+                        [(r, old[r.account].etag) for r in rows],
+                        new_tenant,
+                        tenant.etag if tenant is not None else None,
+                    )
                 except _Conflict:
                     # Only those rows (or the tenant row) are known stale: try another account from
                     # the same read, and read again once nothing fresh is left.
                     self._stale.update(r.account for r in rows)
                     fresh = False
-                    if new_tenant is not None or release is not None or only is not None \
-                            or len(self._stale) >= len(states):
+                    if (
+                        new_tenant is not None
+                        or release is not None
+                        or only is not None
+                        or len(self._stale) >= len(states)
+                    ):
                         self._snapshot = None
                     await self._backoff(attempt)
                     continue
-                self._remember([replace(r, etag=e) for r, e in zip(rows, etags)],
-                               replace(new_tenant, etag=tenant_etag) if new_tenant is not None else None)
+                self._remember(
+                    [replace(r, etag=e) for r, e in zip(rows, etags, strict=False)],
+                    replace(new_tenant, etag=tenant_etag) if new_tenant is not None else None,
+                )
                 return decision
         # Heavy contention: come back shortly rather than spin here. A release not written is
         # not lost: the caller gives it back with `refund` or the booking stays counted.
@@ -297,8 +351,11 @@ class TableGovernor:
         # Rows another instance changed under us are left out until the next read, and so are
         # accounts this process holds after a local failure (unless nothing else is left).
         held = {a for a, until in self._held.items() if until > self._monotonic()}
-        usable = [s for s in states if s.account not in self._stale and s.account not in held] or \
-            [s for s in states if s.account not in self._stale] or states
+        usable = (
+            [s for s in states if s.account not in self._stale and s.account not in held]
+            or [s for s in states if s.account not in self._stale]
+            or states
+        )
         if release is not None and all(s.account != release.account for s in usable):
             usable = usable + [s for s in states if s.account == release.account]
         return usable
@@ -307,7 +364,9 @@ class TableGovernor:
         """A grant at `at` that got old before its message could go (a slow session): give the slot
         back and take one now on the same account if it still fits. Returns the new slot time, or
         None when it does not fit now (the old slot is given back either way)."""
-        decision = await self.acquire(shape, now, allow_booking=False, release=Release(account, at, shape), only=account)
+        decision = await self.acquire(
+            shape, now, allow_booking=False, release=Release(account, at, shape), only=account
+        )
         if isinstance(decision, Grant) and decision.at <= now:
             return decision.at
         if decision.released_state is None and not isinstance(decision, Grant):

@@ -7,11 +7,11 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 from shared.settings import SettingsError
-
 
 # Key Vault secret names are 1-127 letters, digits and dashes: a readable part and a hash.
 _READABLE_MAX = 100
@@ -83,8 +83,14 @@ class KeyVaultPasswords:
     """Passwords read from Key Vault with the app's identity, cached for a while so a burst of
     messages is not a burst of Key Vault calls. `forget` after an auth failure picks up a rotation."""
 
-    def __init__(self, vault_url: str, credential: Any, ttl_seconds: float,
-                 clock: Callable[[], float] = time.monotonic, **client_options: Any) -> None:
+    def __init__(
+        self,
+        vault_url: str,
+        credential: Any,
+        ttl_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        **client_options: Any,
+    ) -> None:
         """`client_options` go to SecretClient unchanged; only tests pass them (a local CA in
         `connection_verify`, `verify_challenge_resource=False` for a vault on 127.0.0.1)."""
         from azure.keyvault.secrets.aio import SecretClient
@@ -107,7 +113,9 @@ class KeyVaultPasswords:
             try:
                 secret = await self._client.get_secret(name)
             except Exception as exc:  # the SDK raises several types; the caller needs one
-                raise CredentialError(f"cannot read Key Vault secret {name!r} for {account}: {type(exc).__name__}") from exc
+                raise CredentialError(
+                    f"cannot read Key Vault secret {name!r} for {account}: {type(exc).__name__}"
+                ) from exc
             if not secret.value:
                 raise CredentialError(f"Key Vault secret {name!r} for {account} is empty")
             self._cache[account] = _Cached(secret.value, self._clock() + self._ttl)
@@ -170,7 +178,6 @@ def azure_credential(client_id: str) -> Any:
     from azure.identity.aio import DefaultAzureCredential
 
     return DefaultAzureCredential()
-
 
 
 if __name__ == "__main__":  # python -m shared.hve.credentials ADDRESS...: the secret name of each account

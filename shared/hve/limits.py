@@ -5,8 +5,9 @@ Values come from docs/hve-facts.md. `None` means "no limit enforced".
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Mapping
+from typing import Any
 
 TEN_MB = 10 * 1024 * 1024
 
@@ -66,7 +67,7 @@ def resolve_limits(profile: str, overrides: Mapping[str, object] | None = None) 
     unknown = set(overrides) - _FIELD_NAMES
     if unknown:
         raise ValueError(f"HVE_LIMITS has unknown keys: {', '.join(sorted(unknown))}")
-    clean: dict[str, object] = {}
+    clean: dict[str, Any] = {}
     for key, value in overrides.items():
         if key == "external_allowed":
             if not isinstance(value, bool):

@@ -11,8 +11,9 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Protocol, Sequence
+from typing import Protocol
 
 import aiosmtplib
 
@@ -177,37 +178,54 @@ class HveSmtp:
         return pool
 
     async def _open(self, account: str) -> _Session:
-        smtp = aiosmtplib.SMTP(hostname=self._host, port=self._port, start_tls=True,
-                               tls_context=self._context, timeout=self._timeout)
+        smtp = aiosmtplib.SMTP(
+            hostname=self._host, port=self._port, start_tls=True, tls_context=self._context, timeout=self._timeout
+        )
         await smtp.connect()
         self.stats.connections_opened += 1
         try:
             if smtp.get_transport_info("ssl_object") is None:
                 # Never send credentials in clear text, whatever the server offered.
-                raise AuthError(Verdict(Outcome.ACCOUNT, 0, "", "refusing to authenticate: the connection is not encrypted"))
+                raise AuthError(
+                    Verdict(Outcome.ACCOUNT, 0, "", "refusing to authenticate: the connection is not encrypted")
+                )
             await self._auth.authenticate(smtp, account)
         except BaseException:
             smtp.close()
             raise
         return _Session(smtp, self._clock())
 
-    async def submit(self, account: str, recipients: Sequence[str], message: bytes, *,
-                     before_mail: Callable[[], Awaitable[bool]] | None = None) -> SubmitResult:
+    async def submit(
+        self,
+        account: str,
+        recipients: Sequence[str],
+        message: bytes,
+        *,
+        before_mail: Callable[[], Awaitable[bool]] | None = None,
+    ) -> SubmitResult:
         """One transaction for `recipients`. `before_mail` runs once a session is ready, just before
         MAIL FROM (the moment that counts at HVE): returning False calls the send off."""
         pool = self._pool(account)
         try:
             # Bounded: a message must not wait on a busy pool past its slot (and its ledger lease).
             await asyncio.wait_for(pool.slots.acquire(), timeout=self._pool_wait)
-        except asyncio.TimeoutError:
-            return SubmitResult(Verdict(Outcome.DEFER, 0, "", f"no SMTP session free for {account} within {self._pool_wait:g} s"))
+        except TimeoutError:
+            return SubmitResult(
+                Verdict(Outcome.DEFER, 0, "", f"no SMTP session free for {account} within {self._pool_wait:g} s")
+            )
         try:
             return await self._submit(pool, account, recipients, message, before_mail)
         finally:
             pool.slots.release()
 
-    async def _submit(self, pool: _AccountPool, account: str, recipients: Sequence[str], message: bytes,
-                      before_mail: Callable[[], Awaitable[bool]] | None) -> SubmitResult:
+    async def _submit(
+        self,
+        pool: _AccountPool,
+        account: str,
+        recipients: Sequence[str],
+        message: bytes,
+        before_mail: Callable[[], Awaitable[bool]] | None,
+    ) -> SubmitResult:
         held = self._auth_failed.get(account)
         if held is not None and self._clock() < held[0]:
             return SubmitResult(held[1])
@@ -240,7 +258,7 @@ class HveSmtp:
         except CredentialError as exc:
             # Code 0: a local failure (Key Vault, managed identity), not a reply about the account.
             return SubmitResult(Verdict(Outcome.ACCOUNT, 0, "", f"credential: {exc}"[:300]))
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             return SubmitResult(connection_lost(f"{type(exc).__name__}: {exc}"))
         if before_mail is not None and not await _guarded(before_mail, session):
             return self._finish(pool, session, _called_off(), True)
@@ -256,8 +274,9 @@ class HveSmtp:
             session.smtp.close()
         return result
 
-    async def _transaction(self, session: _Session, account: str, recipients: Sequence[str],
-                           message: bytes) -> tuple[SubmitResult, bool]:
+    async def _transaction(
+        self, session: _Session, account: str, recipients: Sequence[str], message: bytes
+    ) -> tuple[SubmitResult, bool]:
         """MAIL, one RCPT per recipient, DATA, each step on its own so a failure is known to be
         before DATA (nothing delivered) or after it (maybe delivered). Returns the result and
         whether the session can be reused."""
@@ -289,7 +308,7 @@ class HveSmtp:
                 return SubmitResult(first, refused, deferred), True
             data_sent = True
             reply = await smtp.data(message)
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
             return SubmitResult(connection_lost(f"{type(exc).__name__}: {exc}"), maybe_delivered=data_sent), False
         except aiosmtplib.SMTPResponseException as exc:
             # A reply, so the server's answer is known: not delivered.

@@ -35,9 +35,10 @@ import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
@@ -45,8 +46,9 @@ from opentelemetry import metrics
 
 log = logging.getLogger("hve_relay.aggregates")
 
-DELIVERY_STATUSES = frozenset({"delivered", "failed", "pending", "expanded", "quarantined", "filteredAsSpam",
-                               "gettingStatus", "recalled"})
+DELIVERY_STATUSES = frozenset(
+    {"delivered", "failed", "pending", "expanded", "quarantined", "filteredAsSpam", "gettingStatus", "recalled"}
+)
 OUTCOMES = ("sent", "refused", "dead")
 # Where categories past the cap are counted (the writers' per-hour cap, the report's top N).
 OTHER_CATEGORY = "other"
@@ -106,7 +108,7 @@ def hour_of(at: float) -> int:
 
 
 def _day_key(hour: int) -> str:
-    return datetime.fromtimestamp(hour, timezone.utc).strftime("%Y%m%d")
+    return datetime.fromtimestamp(hour, UTC).strftime("%Y%m%d")
 
 
 def day_key(at: float) -> str:
@@ -125,12 +127,13 @@ def split_days(start: int, end: int, now: float, rollup_after: float) -> tuple[l
 
 def _row_key(hour: int, shard: int, account: str, category: str) -> str:
     # Account and category come from producers: hashed, so any text makes a valid key.
-    digest = hashlib.sha256(f"{account}\x00{category}".encode("utf-8")).hexdigest()[:20]
-    return f"{datetime.fromtimestamp(hour, timezone.utc).hour:02d}-{shard:03d}-{digest}"
+    digest = hashlib.sha256(f"{account}\x00{category}".encode()).hexdigest()[:20]
+    return f"{datetime.fromtimestamp(hour, UTC).hour:02d}-{shard:03d}-{digest}"
 
 
-def row_fields(hour: int, account: str, category: str, counts: Mapping[str, int],
-               last_seen: Mapping[str, float]) -> dict[str, Any]:
+def row_fields(
+    hour: int, account: str, category: str, counts: Mapping[str, int], last_seen: Mapping[str, float]
+) -> dict[str, Any]:
     """The properties of an aggregate row besides its keys and `Writes`. The report reads `Data`
     only: one JSON property per row parses several times faster than five typed ones. Account
     and Category are repeated as plain properties for people browsing the table."""
@@ -142,11 +145,11 @@ def row_fields(hour: int, account: str, category: str, counts: Mapping[str, int]
 class Bucket:
     """The counts of one (hour, account, category), summed over shards."""
 
-    start: int                 # epoch seconds of the hour
+    start: int  # epoch seconds of the hour
     account: str
     category: str
     counts: Counter = field(default_factory=Counter)
-    last_seen: dict[str, float] = field(default_factory=dict)   # code -> epoch seconds
+    last_seen: dict[str, float] = field(default_factory=dict)  # code -> epoch seconds
 
 
 def fold_categories(buckets: Iterable[Bucket], keep: int) -> list[Bucket]:
@@ -161,8 +164,10 @@ def fold_categories(buckets: Iterable[Bucket], keep: int) -> list[Bucket]:
         if b.category in ("", OTHER_CATEGORY):
             continue
         requests, everything = volume.get(b.category, (0, 0))
-        volume[b.category] = (requests + sum(n for k, n in b.counts.items() if k.startswith("requests.")),
-                              everything + sum(abs(n) for n in b.counts.values()))
+        volume[b.category] = (
+            requests + sum(n for k, n in b.counts.items() if k.startswith("requests.")),
+            everything + sum(abs(n) for n in b.counts.values()),
+        )
     if len(volume) <= keep:
         return buckets
     kept = set(sorted(volume, key=lambda c: (-volume[c][0], -volume[c][1], c))[:keep])
@@ -189,13 +194,13 @@ class _Batch:
     seq: int
     counts: Counter
     last_seen: dict[str, float]
-    since: float = 0.0         # monotonic time of its oldest count
-    done: bool = False         # merged (its write answered, or found applied on a re-check)
+    since: float = 0.0  # monotonic time of its oldest count
+    done: bool = False  # merged (its write answered, or found applied on a re-check)
 
 
 @dataclass
 class _Cached:
-    etag: str
+    etag: str | None
     counts: dict[str, int]
     last_seen: dict[str, float]
     writes: dict[str, int]
@@ -206,23 +211,34 @@ class AggregateStats:
     """Per process, for tests, the bench and telemetry."""
 
     merges: int = 0
-    races: int = 0        # ETag races lost (another writer changed the row)
-    replayed: int = 0     # batches found already applied on a re-check (their answer had been lost)
-    failures: int = 0     # flushes of a row that failed (kept for the next flush)
-    dropped: int = 0      # counts given up (not written within the buffer's age bound, or over its size)
-    folded: int = 0       # counts recorded under `other` (their category was past the per-hour cap)
-    timeouts: int = 0     # flushes cut at their deadline (what they did not write stays pending)
+    races: int = 0  # ETag races lost (another writer changed the row)
+    replayed: int = 0  # batches found already applied on a re-check (their answer had been lost)
+    failures: int = 0  # flushes of a row that failed (kept for the next flush)
+    dropped: int = 0  # counts given up (not written within the buffer's age bound, or over its size)
+    folded: int = 0  # counts recorded under `other` (their category was past the per-hour cap)
+    timeouts: int = 0  # flushes cut at their deadline (what they did not write stays pending)
     rollups_written: int = 0
     rollups_used: int = 0
-    rows_read: int = 0    # rows the report's two range queries returned
-    pages_read: int = 0   # their Table requests: one per 1,000 rows (at least one per query)
+    rows_read: int = 0  # rows the report's two range queries returned
+    pages_read: int = 0  # their Table requests: one per 1,000 rows (at least one per query)
 
 
 class Aggregates:
-    def __init__(self, table: Any, *, flush_seconds: float = 5.0, shards: int = 8, max_pending: int = 10_000,
-                 rollup_after_seconds: float = 7200.0, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None, max_buffer_seconds: float = 60.0, max_categories: int = 50,
-                 flush_deadline: float | None = 10.0, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        table: Any,
+        *,
+        flush_seconds: float = 5.0,
+        shards: int = 8,
+        max_pending: int = 10_000,
+        rollup_after_seconds: float = 7200.0,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        max_buffer_seconds: float = 60.0,
+        max_categories: int = 50,
+        flush_deadline: float | None = 10.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._table = table
         self.rollup_after = max(60.0, rollup_after_seconds)
         self.flush_seconds = flush_seconds
@@ -233,9 +249,10 @@ class Aggregates:
         self.flush_deadline = flush_deadline if flush_deadline and flush_deadline > 0 else None
         # The oldest count memory may hold: at least two flush periods, so a failed batch is tried
         # again at least once.
-        self.max_buffer_seconds = max(float(max_buffer_seconds),
-                                      2 * (max(0.0, flush_seconds) + (self.flush_deadline or 0.0)))
-        self.max_categories = max(0, int(max_categories or 0))   # 0: no cap
+        self.max_buffer_seconds = max(
+            float(max_buffer_seconds), 2 * (max(0.0, flush_seconds) + (self.flush_deadline or 0.0))
+        )
+        self.max_categories = max(0, int(max_categories or 0))  # 0: no cap
         self._admitted: dict[int, set[str]] = {}
         self._monotonic = monotonic
         self._clock = clock
@@ -246,22 +263,32 @@ class Aggregates:
         self._seq = 0
         # (hour, account, category) -> [counts, last seen per code, monotonic time of the first count]
         self._buffer: dict[tuple[int, str, str], list[Any]] = {}
-        self._pending: list[_Batch] = []   # batches whose write failed: retried first, same number
+        self._pending: list[_Batch] = []  # batches whose write failed: retried first, same number
         self._cache: dict[tuple[str, str], _Cached] = {}
         self._flusher: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self._table_ready = False
         self._failures_counter = metrics.get_meter("hve_relay").create_counter(
-            "hve_relay.aggregates.write_failures", unit="{row}",
-            description="Aggregate rows whose merge failed (kept for the next flush)")
+            "hve_relay.aggregates.write_failures",
+            unit="{row}",
+            description="Aggregate rows whose merge failed (kept for the next flush)",
+        )
         self._dropped_counter = metrics.get_meter("hve_relay").create_counter(
-            "hve_relay.aggregates.dropped", unit="{count}",
-            description="Counts given up: not written within AGGREGATES_MAX_BUFFER_SECONDS (storage unreachable)")
+            "hve_relay.aggregates.dropped",
+            unit="{count}",
+            description="Counts given up: not written within AGGREGATES_MAX_BUFFER_SECONDS (storage unreachable)",
+        )
 
     # --- recording (the send path: memory only, never raises) -----------------------------------
 
-    def add(self, at: float, account: str, category: str, counts: Mapping[str, int],
-            last_seen: Mapping[str, float] | None = None) -> None:
+    def add(
+        self,
+        at: float,
+        account: str,
+        category: str,
+        counts: Mapping[str, int],
+        last_seen: Mapping[str, float] | None = None,
+    ) -> None:
         try:
             hour = hour_of(at)
             key = (hour, account or "", self._category(hour, category or "", counts))
@@ -294,8 +321,9 @@ class Aggregates:
         self.stats.folded += sum(abs(int(n)) for n in counts.values())
         return OTHER_CATEGORY
 
-    def outcome(self, at: float, account: str, category: str, state: str, *, internal: int = 0,
-                external: int = 0) -> None:
+    def outcome(
+        self, at: float, account: str, category: str, state: str, *, internal: int = 0, external: int = 0
+    ) -> None:
         """A request reached its final state (once per request: called when the ledger row became final)."""
         counts = {f"requests.{state}": 1}
         if state == "sent":
@@ -309,7 +337,7 @@ class Aggregates:
         """SMTP replies other than 250, by code label (`code_label`)."""
         seen = Counter(f"codes.{label}" for label in labels if label)
         if seen:
-            self.add(at, account, category, seen, {name[len("codes."):]: at for name in seen})
+            self.add(at, account, category, seen, {name[len("codes.") :]: at for name in seen})
 
     async def add_delivery(self, at: datetime | float, account: str, category: str, deltas: Mapping[str, int]) -> None:
         """Message-trace statuses (issue 10): add `deltas` (may be negative, e.g. pending -1,
@@ -322,8 +350,9 @@ class Aggregates:
 
     def unwritten(self) -> int:
         """Counts this process holds that are not in the table yet (buffered or pending)."""
-        return (sum(sum(abs(n) for n in entry[0].values()) for entry in self._buffer.values())
-                + sum(sum(abs(n) for n in b.counts.values()) for b in self._pending))
+        return sum(sum(abs(n) for n in entry[0].values()) for entry in self._buffer.values()) + sum(
+            sum(abs(n) for n in b.counts.values()) for b in self._pending
+        )
 
     # --- flushing ------------------------------------------------------------------------------
 
@@ -366,8 +395,19 @@ class Aggregates:
                 if not counts and not last:
                     continue
                 self._seq += 1
-                batches.append(_Batch(_day_key(hour), _row_key(hour, self.shard, account, category), hour, account,
-                                      category, self._seq, counts, dict(last), since))
+                batches.append(
+                    _Batch(
+                        _day_key(hour),
+                        _row_key(hour, self.shard, account, category),
+                        hour,
+                        account,
+                        category,
+                        self._seq,
+                        counts,
+                        dict(last),
+                        since,
+                    )
+                )
             if not batches:
                 return
             try:
@@ -378,8 +418,11 @@ class Aggregates:
                         await self._write(batches)
             except TimeoutError:
                 self.stats.timeouts += 1
-                log.warning("aggregates: a flush was cut after %g s (storage slow or unreachable); what it did "
-                            "not write is kept for the next flush", self.flush_deadline)
+                log.warning(
+                    "aggregates: a flush was cut after %g s (storage slow or unreachable); what it did "
+                    "not write is kept for the next flush",
+                    self.flush_deadline,
+                )
             finally:
                 # Whatever was not written (failed, not tried, or cut while in flight: it may have
                 # landed, so its row is read again and its number in `Writes` tells) stays pending
@@ -390,8 +433,12 @@ class Aggregates:
             self._bound_pending()
             # What would be older than the bound before the next flush ends is given up now: memory
             # never holds more than AGGREGATES_MAX_BUFFER_SECONDS of counts (what a kill can lose).
-            self._give_up(self._monotonic() + max(0.0, self.flush_seconds) + (self.flush_deadline or 0.0)
-                          - self.max_buffer_seconds)
+            self._give_up(
+                self._monotonic()
+                + max(0.0, self.flush_seconds)
+                + (self.flush_deadline or 0.0)
+                - self.max_buffer_seconds
+            )
             self._prune_cache()
 
     async def _write(self, batches: list[_Batch]) -> None:
@@ -424,14 +471,19 @@ class Aggregates:
         n = sum(sum(abs(v) for v in b.counts.values()) for b in lost)
         self.stats.dropped += n
         self._dropped_counter.add(n)
-        log.error("aggregates: %d count(s) in %d batch(es) given up: not written within %g s (storage "
-                  "unreachable); the ledger keeps the truth", n, len(lost), self.max_buffer_seconds)
+        log.error(
+            "aggregates: %d count(s) in %d batch(es) given up: not written within %g s (storage "
+            "unreachable); the ledger keeps the truth",
+            n,
+            len(lost),
+            self.max_buffer_seconds,
+        )
 
     def _bound_pending(self) -> None:
         # Storage down for long: memory stays bounded; the oldest counts are given up (low side).
         if len(self._pending) > self.max_pending:
-            lost = self._pending[:-self.max_pending]
-            self._pending = self._pending[-self.max_pending:]
+            lost = self._pending[: -self.max_pending]
+            self._pending = self._pending[-self.max_pending :]
             n = sum(sum(abs(v) for v in b.counts.values()) for b in lost)
             self.stats.dropped += n
             self._dropped_counter.add(n)
@@ -451,8 +503,11 @@ class Aggregates:
         except ResourceExistsError:
             pass
         except Exception as exc:  # noqa: BLE001
-            log.warning("aggregates: table %s not ready (%s); counts kept for the next flush",
-                        getattr(self._table, "table_name", "?"), type(exc).__name__)
+            log.warning(
+                "aggregates: table %s not ready (%s); counts kept for the next flush",
+                getattr(self._table, "table_name", "?"),
+                type(exc).__name__,
+            )
             return False
         self._table_ready = True
         return True
@@ -465,8 +520,9 @@ class Aggregates:
         # not written (a retry finds it applied and marks again).
         if batch.hour - batch.hour % 86400 + 86400 + self.rollup_after / 2 <= self._clock():
             try:
-                await self._table.upsert_entity({"PartitionKey": batch.pk, "RowKey": _ROLLUP_MARK, "State": "stale"},
-                                                mode="replace")
+                await self._table.upsert_entity(
+                    {"PartitionKey": batch.pk, "RowKey": _ROLLUP_MARK, "State": "stale"}, mode="replace"
+                )
             except Exception as exc:  # noqa: BLE001
                 self._failed(1)
                 log.warning("aggregates: rollup of %s not marked stale (%s); retried", batch.pk, type(exc).__name__)
@@ -489,12 +545,15 @@ class Aggregates:
                         return True
                     self._cache[key] = cached
                 if cached.writes.get(self.writer, 0) >= batch.seq:
-                    self.stats.replayed += 1   # our earlier try did land; its answer was lost
+                    self.stats.replayed += 1  # our earlier try did land; its answer was lost
                     return True
                 try:
                     meta = await self._table.update_entity(
-                        self._entity(batch, cached.counts, cached.last_seen, cached.writes), mode="replace",
-                        etag=cached.etag, match_condition=MatchConditions.IfNotModified)
+                        self._entity(batch, cached.counts, cached.last_seen, cached.writes),
+                        mode="replace",
+                        etag=cached.etag,
+                        match_condition=MatchConditions.IfNotModified,
+                    )
                 except (ResourceModifiedError, ResourceNotFoundError):
                     self._cache.pop(key, None)
                     self.stats.races += 1
@@ -508,12 +567,17 @@ class Aggregates:
         except Exception as exc:  # noqa: BLE001 - storage trouble never reaches the send path
             self._cache.pop(key, None)
             self._failed(1)
-            log.warning("aggregates: merge into %s/%s failed (%s); kept for the next flush", batch.pk, batch.rk,
-                        type(exc).__name__)
+            log.warning(
+                "aggregates: merge into %s/%s failed (%s); kept for the next flush",
+                batch.pk,
+                batch.rk,
+                type(exc).__name__,
+            )
             return False
 
-    def _merged(self, batch: _Batch, counts: Mapping[str, int], last: Mapping[str, float],
-                writes: Mapping[str, int]) -> tuple[dict[str, int], dict[str, float], dict[str, int]]:
+    def _merged(
+        self, batch: _Batch, counts: Mapping[str, int], last: Mapping[str, float], writes: Mapping[str, int]
+    ) -> tuple[dict[str, int], dict[str, float], dict[str, int]]:
         new_counts = Counter(counts)
         new_counts.update(batch.counts)
         new_last = dict(last)
@@ -525,15 +589,25 @@ class Aggregates:
             new_writes = dict(list(new_writes.items())[-_WRITERS_KEPT:])
         return {k: v for k, v in new_counts.items() if v}, new_last, new_writes
 
-    def _entity(self, batch: _Batch, counts: Mapping[str, int], last: Mapping[str, float],
-                writes: Mapping[str, int]) -> dict[str, Any]:
+    def _entity(
+        self, batch: _Batch, counts: Mapping[str, int], last: Mapping[str, float], writes: Mapping[str, int]
+    ) -> dict[str, Any]:
         c, ls, w = self._merged(batch, counts, last, writes)
-        return {"PartitionKey": batch.pk, "RowKey": batch.rk,
-                **row_fields(batch.hour, batch.account, batch.category, c, ls),
-                "Writes": json.dumps(w, separators=(",", ":"))}
+        return {
+            "PartitionKey": batch.pk,
+            "RowKey": batch.rk,
+            **row_fields(batch.hour, batch.account, batch.category, c, ls),
+            "Writes": json.dumps(w, separators=(",", ":")),
+        }
 
-    def _remember(self, batch: _Batch, meta: Mapping[str, Any], counts: Mapping[str, int],
-                  last: Mapping[str, float], writes: Mapping[str, int]) -> None:
+    def _remember(
+        self,
+        batch: _Batch,
+        meta: Mapping[str, Any],
+        counts: Mapping[str, int],
+        last: Mapping[str, float],
+        writes: Mapping[str, int],
+    ) -> None:
         self.stats.merges += 1
         c, ls, w = self._merged(batch, counts, last, writes)
         self._cache[(batch.pk, batch.rk)] = _Cached(meta.get("etag"), c, ls, w)
@@ -544,7 +618,9 @@ class Aggregates:
         except ResourceNotFoundError:
             return None
         data = json.loads(row.get("Data") or "{}")
-        return _Cached(row.metadata["etag"], data.get("n", {}), data.get("l", {}), json.loads(row.get("Writes") or "{}"))
+        return _Cached(
+            row.metadata["etag"], data.get("n", {}), data.get("l", {}), json.loads(row.get("Writes") or "{}")
+        )
 
     def _prune_cache(self) -> None:
         # Only the current and the previous hour are still written to.
@@ -596,7 +672,9 @@ class Aggregates:
             return []
         pages = self._table.query_entities(
             "PartitionKey ge @lo and PartitionKey le @hi and RowKey lt @rollup",
-            parameters={"lo": pks[0], "hi": pks[-1], "rollup": _ROLLUP}, select=["Data"]).by_page()
+            parameters={"lo": pks[0], "hi": pks[-1], "rollup": _ROLLUP},
+            select=["Data"],
+        ).by_page()
         records = []
         async for page in pages:
             self.stats.pages_read += 1
@@ -611,7 +689,9 @@ class Aggregates:
             return []
         pages = self._table.query_entities(
             "PartitionKey ge @lo and PartitionKey le @hi and RowKey lt @rollup",
-            parameters={"lo": min(pks), "hi": max(pks), "rollup": _ROLLUP}, select=["PartitionKey"]).by_page()
+            parameters={"lo": min(pks), "hi": max(pks), "rollup": _ROLLUP},
+            select=["PartitionKey"],
+        ).by_page()
         found: set[str] = set()
         async for page in pages:
             self.stats.pages_read += 1
@@ -628,7 +708,8 @@ class Aggregates:
         pages = self._table.query_entities(
             "PartitionKey ge @lo and PartitionKey le @hi and RowKey ge @rollup",
             parameters={"lo": pks[0], "hi": pks[-1], "rollup": _ROLLUP},
-            select=["PartitionKey", "RowKey", "Data", "State", "Rows"]).by_page()
+            select=["PartitionKey", "RowKey", "Data", "State", "Rows"],
+        ).by_page()
         async for page in pages:
             self.stats.pages_read += 1
             async for row in page:
@@ -660,8 +741,9 @@ class Aggregates:
 
     async def _mark(self, pk: str, state: str) -> str | None:
         try:
-            meta = await self._table.upsert_entity({"PartitionKey": pk, "RowKey": _ROLLUP_MARK, "State": state},
-                                                   mode="replace")
+            meta = await self._table.upsert_entity(
+                {"PartitionKey": pk, "RowKey": _ROLLUP_MARK, "State": state}, mode="replace"
+            )
             return meta.get("etag")
         except Exception as exc:  # noqa: BLE001 - the report is answered from the hours anyway
             log.warning("aggregates: rollup of %s not started (%s)", pk, type(exc).__name__)
@@ -678,20 +760,33 @@ class Aggregates:
                 hour["l"][code] = max(hour["l"].get(code, 0.0), ts)
         entities = []
         for (account, category), hours in keys.items():
-            text = json.dumps({"a": account, "c": category, "hours": {
-                str(h): {"n": {k: v for k, v in x["n"].items() if v}, "l": x["l"]} for h, x in sorted(hours.items())}},
-                separators=(",", ":"))
+            text = json.dumps(
+                {
+                    "a": account,
+                    "c": category,
+                    "hours": {
+                        str(h): {"n": {k: v for k, v in x["n"].items() if v}, "l": x["l"]}
+                        for h, x in sorted(hours.items())
+                    },
+                },
+                separators=(",", ":"),
+            )
             if len(text) > _MAX_PROPERTY_CHARS:
                 log.info("aggregates: no rollup for %s (a row would exceed the property size)", pk)
                 return
-            digest = hashlib.sha256(f"{account}\x00{category}".encode("utf-8")).hexdigest()[:20]
+            digest = hashlib.sha256(f"{account}\x00{category}".encode()).hexdigest()[:20]
             entities.append({"PartitionKey": pk, "RowKey": f"{_ROLLUP}{digest}", "Data": text})
         try:
             for i in range(0, len(entities), 100):
-                await self._table.submit_transaction([("upsert", e, {"mode": "replace"}) for e in entities[i:i + 100]])
-            await self._table.update_entity({"PartitionKey": pk, "RowKey": _ROLLUP_MARK, "State": "done",
-                                             "Rows": len(entities)}, mode="replace", etag=etag,
-                                            match_condition=MatchConditions.IfNotModified)
+                await self._table.submit_transaction(
+                    [("upsert", e, {"mode": "replace"}) for e in entities[i : i + 100]]
+                )
+            await self._table.update_entity(
+                {"PartitionKey": pk, "RowKey": _ROLLUP_MARK, "State": "done", "Rows": len(entities)},
+                mode="replace",
+                etag=etag,
+                match_condition=MatchConditions.IfNotModified,
+            )
             self.stats.rollups_written += 1
         except Exception as exc:  # noqa: BLE001 - the report is answered from the hours anyway
             log.warning("aggregates: rollup of %s not written (%s)", pk, type(exc).__name__)

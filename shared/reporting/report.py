@@ -8,9 +8,10 @@ table, one read of the governor, two queue properties and two peeks.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from shared.reporting.aggregates import OUTCOMES, Aggregates, Bucket, fold_categories
 
@@ -34,14 +35,14 @@ def _iso(at: datetime | float | None) -> str | None:
     if at is None:
         return None
     if not isinstance(at, datetime):
-        at = datetime.fromtimestamp(at, timezone.utc)
-    return at.astimezone(timezone.utc).isoformat(timespec="seconds")
+        at = datetime.fromtimestamp(at, UTC)
+    return at.astimezone(UTC).isoformat(timespec="seconds")
 
 
 # Times the window may name: a few days inside datetime's range, so rounding out to whole days and
 # converting from any UTC offset cannot overflow.
-_EARLIEST = datetime(1, 1, 3, tzinfo=timezone.utc)
-_LATEST = datetime(9999, 12, 29, tzinfo=timezone.utc)
+_EARLIEST = datetime(1, 1, 3, tzinfo=UTC)
+_LATEST = datetime(9999, 12, 29, tzinfo=UTC)
 
 
 def _parse_time(name: str, raw: str) -> datetime:
@@ -49,7 +50,7 @@ def _parse_time(name: str, raw: str) -> datetime:
     expected = f"{name} must be an ISO 8601 date or date-time between 0001-01-03 and 9999-12-28"
     try:
         at = datetime.fromisoformat(raw.strip().replace("Z", "+00:00").replace(" ", "+"))
-        at = at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+        at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
     except (ValueError, OverflowError):
         raise ReportRequestError(expected) from None
     if not _EARLIEST <= at <= _LATEST:
@@ -67,8 +68,9 @@ def _ceil(at: datetime, bucket: str) -> datetime:
     return floor if floor == at else floor + BUCKETS[bucket]
 
 
-def parse_window(params: Mapping[str, str], now: float, max_days: float = 31,
-                 retention: timedelta | None = None) -> Window:
+def parse_window(
+    params: Mapping[str, str], now: float, max_days: float = 31, retention: timedelta | None = None
+) -> Window:
     """since/until/bucket from the query string: defaults until=now, since=until-24h, bucket=hour;
     since rounded down and until up to the bucket. With `retention`, a window reaching further back
     than that before `now` starts at `now - retention` (rounded down): nothing older is kept, so
@@ -76,7 +78,7 @@ def parse_window(params: Mapping[str, str], now: float, max_days: float = 31,
     bucket = (params.get("bucket") or "hour").strip().lower()
     if bucket not in BUCKETS:
         raise ReportRequestError("bucket must be 'hour' or 'day'")
-    until = _parse_time("until", params["until"]) if params.get("until") else datetime.fromtimestamp(now, timezone.utc)
+    until = _parse_time("until", params["until"]) if params.get("until") else datetime.fromtimestamp(now, UTC)
     since = _parse_time("since", params["since"]) if params.get("since") else until - DEFAULT_SPAN
     since, until = _floor(since, bucket), _ceil(until, bucket)
     if until <= since:
@@ -84,15 +86,20 @@ def parse_window(params: Mapping[str, str], now: float, max_days: float = 31,
     if until - since > timedelta(days=max_days):
         raise ReportRequestError(f"the window is longer than {max_days:g} days; ask for less")
     if retention is not None:
-        kept = _floor(datetime.fromtimestamp(now, timezone.utc) - retention, bucket)
+        kept = _floor(datetime.fromtimestamp(now, UTC) - retention, bucket)
         since = max(since, kept)
         until = max(until, since)
     return Window(since, until, bucket)
 
 
 def _empty_counts() -> dict[str, Any]:
-    return {"requests": {o: 0 for o in OUTCOMES}, "deferrals": 0, "recipients": {"internal": 0, "external": 0},
-            "codes": {}, "delivery": {}}
+    return {
+        "requests": {o: 0 for o in OUTCOMES},
+        "deferrals": 0,
+        "recipients": {"internal": 0, "external": 0},
+        "codes": {},
+        "delivery": {},
+    }
 
 
 _SPLIT: dict[str, tuple[str, str]] = {}
@@ -103,7 +110,7 @@ def _add(into: dict[str, Any], counts: Mapping[str, int]) -> None:
         split = _SPLIT.get(name)
         if split is None:
             split = name.partition(".")[::2]
-            if len(_SPLIT) < 10_000:   # counter names are few; the bound is only a guard
+            if len(_SPLIT) < 10_000:  # counter names are few; the bound is only a guard
                 _SPLIT[name] = split
         group, leaf = split
         if group == "deferrals" and not leaf:
@@ -116,14 +123,15 @@ def _add(into: dict[str, Any], counts: Mapping[str, int]) -> None:
 def shape(buckets: Iterable[Bucket], window: Window) -> dict[str, Any]:
     """series, totals and errors of the report from the hourly buckets (pure)."""
     rows: dict[tuple[int, str, str], dict[str, Any]] = {}
-    starts: dict[int, tuple[int, str]] = {}   # hour -> (bucket start, its ISO text)
+    starts: dict[int, tuple[int, str]] = {}  # hour -> (bucket start, its ISO text)
     totals = _empty_counts()
     errors: dict[tuple[str, str], dict[str, Any]] = {}
     for b in buckets:
         start = starts.get(b.start)
         if start is None:
-            at = _floor(datetime.fromtimestamp(b.start, timezone.utc), window.bucket)
-            start = starts[b.start] = (int(at.timestamp()), _iso(at))
+            at = _floor(datetime.fromtimestamp(b.start, UTC), window.bucket)
+            start = (int(at.timestamp()), _iso(at) or "")
+            starts[b.start] = start
         key = (start[0], b.account, b.category)
         row = rows.get(key)
         if row is None:
@@ -140,8 +148,7 @@ def shape(buckets: Iterable[Bucket], window: Window) -> dict[str, Any]:
                 err["lastSeen"] = max(err["lastSeen"], b.last_seen.get(code, b.start))
     series = [rows[k] for k in sorted(rows)]
     ordered = sorted(errors.values(), key=lambda e: (-e["count"], e["code"], e["account"]))
-    return {"series": series, "totals": totals,
-            "errors": [{**e, "lastSeen": _iso(e["lastSeen"])} for e in ordered]}
+    return {"series": series, "totals": totals, "errors": [{**e, "lastSeen": _iso(e["lastSeen"])} for e in ordered]}
 
 
 async def queue_state(queue: Any, now: float) -> dict[str, Any]:
@@ -154,22 +161,39 @@ async def queue_state(queue: Any, now: float) -> dict[str, Any]:
     return {"name": queue.queue_name, "depth": props.approximate_message_count or 0, "oldestAgeSeconds": oldest}
 
 
-def budget(status: Mapping[str, Any], totals: Mapping[str, Any], daily_budget: int | None,
-           price_per_million: float) -> dict[str, Any]:
+def budget(
+    status: Mapping[str, Any], totals: Mapping[str, Any], daily_budget: int | None, price_per_million: float
+) -> dict[str, Any]:
     spent = int(status["tenant"]["recipients_today"] or 0)
     period = totals["recipients"]["internal"] + totals["recipients"]["external"]
-    return {"dailyRecipientBudget": daily_budget, "spentToday": spent,
-            "pricePerMillionRecipients": float(price_per_million), "currency": "USD",
-            "costToday": spent * price_per_million / 1e6, "costPeriod": period * price_per_million / 1e6}
+    return {
+        "dailyRecipientBudget": daily_budget,
+        "spentToday": spent,
+        "pricePerMillionRecipients": float(price_per_million),
+        "currency": "USD",
+        "costToday": spent * price_per_million / 1e6,
+        "costPeriod": period * price_per_million / 1e6,
+    }
 
 
-async def build_report(*, window: Window, aggregates: Aggregates, governor: Any, mail_queue: Any,
-                       poison_queue: Any, settings: Any, now: float) -> dict[str, Any]:
+async def build_report(
+    *,
+    window: Window,
+    aggregates: Aggregates,
+    governor: Any,
+    mail_queue: Any,
+    poison_queue: Any,
+    settings: Any,
+    now: float,
+) -> dict[str, Any]:
     from shared.reporting.status import status_report, usage_from_aggregates, usage_from_buckets
 
     buckets, (states, tenant), mail, poison = await asyncio.gather(
-        aggregates.read(window.since, window.until), governor.read(),
-        queue_state(mail_queue, now), queue_state(poison_queue, now))
+        aggregates.read(window.since, window.until),
+        governor.read(),
+        queue_state(mail_queue, now),
+        queue_state(poison_queue, now),
+    )
     if governor.config.plain:
         # The governor counts nothing per message on the plain path: today's use is in the aggregates
         # (from the window's buckets when it covers the day so far, else one more read).
@@ -182,22 +206,35 @@ async def build_report(*, window: Window, aggregates: Aggregates, governor: Any,
     # Categories come from producers: the busiest AGGREGATES_MAX_CATEGORIES of the window are shown,
     # the rest under `other` (totals unchanged), so the series stay bounded.
     body = shape(fold_categories(buckets, settings.aggregates_max_categories), window)
-    return {"schema": SCHEMA, "generatedAt": _iso(now), "since": _iso(window.since), "until": _iso(window.until),
-            "bucket": window.bucket, **body, "status": status, "queues": {"mail": mail, "poison": poison},
-            "budget": budget(status, body["totals"], settings.daily_recipient_budget,
-                             settings.price_per_million_recipients)}
+    return {
+        "schema": SCHEMA,
+        "generatedAt": _iso(now),
+        "since": _iso(window.since),
+        "until": _iso(window.until),
+        "bucket": window.bucket,
+        **body,
+        "status": status,
+        "queues": {"mail": mail, "poison": poison},
+        "budget": budget(
+            status, body["totals"], settings.daily_recipient_budget, settings.price_per_million_recipients
+        ),
+    }
 
 
 def render_text(report: Mapping[str, Any]) -> str:
     """The series as a terminal table (tools.ledger report)."""
-    header = f"{'start':25} {'account':28} {'category':16} {'sent':>6} {'refused':>7} {'dead':>5} {'defer':>6} " \
-             f"{'int':>6} {'ext':>6} {'deliv':>6} {'failed':>6} {'quar':>5} {'spam':>5}  codes"
+    header = (
+        f"{'start':25} {'account':28} {'category':16} {'sent':>6} {'refused':>7} {'dead':>5} {'defer':>6} "
+        f"{'int':>6} {'ext':>6} {'deliv':>6} {'failed':>6} {'quar':>5} {'spam':>5}  codes"
+    )
     lines = [f"report {report['since']} .. {report['until']} by {report['bucket']}", header, "-" * len(header)]
     for r in report["series"] + [{"start": "total", "account": "", "category": "", **report["totals"]}]:
         req, rc, dv = r["requests"], r["recipients"], r.get("delivery") or {}
         codes = ", ".join(f"{c} x{n}" for c, n in sorted(r["codes"].items()))
-        lines.append(f"{r['start']:25} {(r['account'] or '-')[:28]:28} {(r['category'] or '-')[:16]:16} "
-                     f"{req.get('sent', 0):>6} {req.get('refused', 0):>7} {req.get('dead', 0):>5} {r['deferrals']:>6} "
-                     f"{rc['internal']:>6} {rc['external']:>6} {dv.get('delivered', 0):>6} {dv.get('failed', 0):>6} "
-                     f"{dv.get('quarantined', 0):>5} {dv.get('filteredAsSpam', 0):>5}  {codes}")
+        lines.append(
+            f"{r['start']:25} {(r['account'] or '-')[:28]:28} {(r['category'] or '-')[:16]:16} "
+            f"{req.get('sent', 0):>6} {req.get('refused', 0):>7} {req.get('dead', 0):>5} {r['deferrals']:>6} "
+            f"{rc['internal']:>6} {rc['external']:>6} {dv.get('delivered', 0):>6} {dv.get('failed', 0):>6} "
+            f"{dv.get('quarantined', 0):>5} {dv.get('filteredAsSpam', 0):>5}  {codes}"
+        )
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
@@ -41,8 +42,9 @@ def producer_prefix(producer: str, request_id: str) -> str:
 
 
 class BlobReader:
-    def __init__(self, container_client, max_bytes: int | None, *, state_container=None,
-                 producers: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, container_client, max_bytes: int | None, *, state_container=None, producers: frozenset[str] = frozenset()
+    ) -> None:
         self._container = container_client
         self._state = state_container
         self._max = max_bytes
@@ -57,15 +59,22 @@ class BlobReader:
         relay's containers; RequestRefused otherwise."""
         parts = urlsplit(url)
         if parts.query or parts.fragment:
-            raise RequestRefused("claim-check", "blob URLs must not carry a query (no SAS tokens: the relay uses its own identity)")
+            raise RequestRefused(
+                "claim-check", "blob URLs must not carry a query (no SAS tokens: the relay uses its own identity)"
+            )
         clean = f"{parts.scheme}://{parts.netloc}{parts.path}"
-        for prefix, container, state in ((self._prefix, self._container, False), (self._state_prefix, self._state, True)):
+        for prefix, container, state in (
+            (self._prefix, self._container, False),
+            (self._state_prefix, self._state, True),
+        ):
             if prefix is not None and clean.startswith(prefix) and len(clean) > len(prefix):
-                name = unquote(clean[len(prefix):])
+                name = unquote(clean[len(prefix) :])
                 if ".." in name.split("/") or "\\" in name:
                     raise RequestRefused("claim-check", "blob name must not contain '..' or a backslash")
                 return container, name, state
-        raise RequestRefused("claim-check", f"blob URL is outside the relay's container {self._container.container_name!r}")
+        raise RequestRefused(
+            "claim-check", f"blob URL is outside the relay's container {self._container.container_name!r}"
+        )
 
     def blob_name(self, url: str) -> str:
         """The name of a blob in the producers' container (RequestRefused for any other URL)."""
@@ -74,7 +83,7 @@ class BlobReader:
             raise RequestRefused("claim-check", "not a blob of the producers' container")
         return name
 
-    def locate(self, url: str, request_id: str, what: str, *, claim_check: bool = False) -> tuple[object, str]:
+    def locate(self, url: str, request_id: str, what: str, *, claim_check: bool = False) -> tuple[Any, str]:
         """(container client, blob name) of a blob request `request_id` may make the relay read;
         RequestRefused("blob-not-owned") when the blob is not that request's."""
         container, name, state = self._split(url)
@@ -82,13 +91,18 @@ class BlobReader:
             # The relay's own deferred copy of this very request, and only as its claim check.
             if claim_check and re.fullmatch(re.escape(f"{DEFERRED_PREFIX}{request_id}-") + r"[0-9a-f]{32}\.json", name):
                 return container, name
-            raise RequestRefused("blob-not-owned", f"{what}: the blob is one of the relay's own copies, not this request's")
-        producer, _, rest = name[len(REQUESTS_PREFIX):].partition("/") if name.startswith(REQUESTS_PREFIX) else ("", "", "")
+            raise RequestRefused(
+                "blob-not-owned", f"{what}: the blob is one of the relay's own copies, not this request's"
+            )
+        producer, _, rest = (
+            name[len(REQUESTS_PREFIX) :].partition("/") if name.startswith(REQUESTS_PREFIX) else ("", "", "")
+        )
         if producer not in self.producers or not rest.startswith(f"{request_id}/") or rest == f"{request_id}/":
             raise RequestRefused(
                 "blob-not-owned",
                 f"{what}: the blob is not under requests/<producer>/<request id>/ of this request (a producer of "
-                "BLOB_PRODUCERS, this request's id): a request may only name blobs its producer wrote for it")
+                "BLOB_PRODUCERS, this request's id): a request may only name blobs its producer wrote for it",
+            )
         return container, name
 
     # --- reading --------------------------------------------------------------------------------
@@ -102,8 +116,9 @@ class BlobReader:
             raise RequestRefused("claim-check", f"{what}: blob {name!r} does not exist") from None
         return int(props.size)
 
-    async def read(self, url: str, what: str, request_id: str, max_bytes: int | None = None, *,
-                   claim_check: bool = False) -> bytes:
+    async def read(
+        self, url: str, what: str, request_id: str, max_bytes: int | None = None, *, claim_check: bool = False
+    ) -> bytes:
         """The blob's content, never more than `max_bytes` (and the reader's limit) held in memory:
         at most that many bytes plus one are asked for, so a blob that grew after its size was
         checked is refused, not read."""
@@ -115,7 +130,7 @@ class BlobReader:
         except ResourceNotFoundError:
             raise RequestRefused("claim-check", f"{what}: blob {name!r} does not exist") from None
         except HttpResponseError as exc:
-            if cap is not None and exc.error_code == "InvalidRange":  # a range of an empty blob
+            if cap is not None and getattr(exc, "error_code", None) == "InvalidRange":  # a range of an empty blob
                 return b""
             raise
         total = stream.properties.size

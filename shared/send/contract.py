@@ -12,8 +12,9 @@ import hashlib
 import hmac
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 if TYPE_CHECKING:
@@ -51,10 +52,20 @@ _ATTACHMENT_NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\\"]")
 _CONTENT_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
 
 _FIELDS = {
-    "id", "to", "cc", "bcc", "subject", "text", "html", "attachments",
-    "account", "category", "headers",
+    "id",
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "text",
+    "html",
+    "attachments",
+    "account",
+    "category",
+    "headers",
     # Asked for by callers used to Send-MailMessage; refused unless it is the HVE account.
-    "from", "sender",
+    "from",
+    "sender",
     # Written by the relay on re-enqueued copies; informational (the ledger counts attempts).
     "attempt",
     # Written by the relay on requests whose id is in its own namespaces (see `RELAY_ID_PREFIXES`).
@@ -121,7 +132,7 @@ class ValidationPolicy:
     max_recipients: int | None
 
     @classmethod
-    def from_settings(cls, settings: "Settings", limits: "Limits") -> "ValidationPolicy":
+    def from_settings(cls, settings: Settings, limits: Limits) -> ValidationPolicy:
         """The policy the send stage applies (and the welcome scan checks its requests against)."""
         account_domains = {a.rsplit("@", 1)[1] for a in settings.accounts}
         return cls(
@@ -140,6 +151,7 @@ class ClaimCheck:
 
 
 # --- queue body ---------------------------------------------------------------------------------
+
 
 def decode_queue_body(body: bytes | str) -> dict[str, Any]:
     """The JSON object in a queue message written raw or base64-encoded (both are accepted)."""
@@ -183,7 +195,9 @@ def _check_tree(doc: Any) -> None:
             for key, item in value.items():
                 path = f"{where}.{key}" if where else str(key)
                 if not _is_text(key):
-                    raise RequestRefused("bad-encoding", f"a field name under {where or 'the request'} is not valid Unicode text")
+                    raise RequestRefused(
+                        "bad-encoding", f"a field name under {where or 'the request'} is not valid Unicode text"
+                    )
                 stack.append((item, path, depth + 1))
         elif isinstance(value, list):
             stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
@@ -254,7 +268,8 @@ def check_id_claim(doc: Mapping[str, Any], request_id: str, key: bytes) -> None:
         raise RequestRefused(
             "reserved-id",
             "ids of the form 'c-' + 32 hex digits or 'welcome-...' are given by the relay itself; "
-            "a producer chooses another id (or none)")
+            "a producer chooses another id (or none)",
+        )
 
 
 def content_digest(key: bytes, doc: Mapping[str, Any]) -> str:
@@ -303,7 +318,9 @@ def claim_check_of(doc: Mapping[str, Any]) -> ClaimCheck | None:
         return None
     extra = set(doc) - {"claimCheck", "id", "attempt", "idProof"}
     if extra:
-        raise RequestRefused("schema", f"a claim-check message carries only 'claimCheck', 'id' and 'attempt', not {sorted(extra)}")
+        raise RequestRefused(
+            "schema", f"a claim-check message carries only 'claimCheck', 'id' and 'attempt', not {sorted(extra)}"
+        )
     ref = doc["claimCheck"]
     if not isinstance(ref, dict) or not isinstance(ref.get("blobUrl"), str) or set(ref) != {"blobUrl"}:
         raise RequestRefused("schema", "claimCheck must be an object with a single string field 'blobUrl'")
@@ -311,7 +328,9 @@ def claim_check_of(doc: Mapping[str, Any]) -> ClaimCheck | None:
     request_id = parse_request_id(doc.get("id"))
     if request_id is None:
         # The blob lives under its request's id (`requests/<producer>/<id>/`): no id, no blob.
-        raise RequestRefused("schema", "a claim-check message needs the request's id (its blob is under requests/<producer>/<id>/)")
+        raise RequestRefused(
+            "schema", "a claim-check message needs the request's id (its blob is under requests/<producer>/<id>/)"
+        )
     return ClaimCheck(blob_url=ref["blobUrl"], id=request_id)
 
 
@@ -323,6 +342,7 @@ def check_blob_url(field: str, url: str, reason: str) -> None:
 
 # --- validation ---------------------------------------------------------------------------------
 
+
 def parse_request_id(value: Any) -> str | None:
     """The caller's idempotency key, checked (it becomes a Table key and a Message-ID seed)."""
     if value is None:
@@ -333,8 +353,10 @@ def parse_request_id(value: Any) -> str | None:
             "id must be 1-200 characters of letters, digits and . _ : @ = + - (starting with a letter or digit)",
         )
     if _ADDRESS_SHAPED.search(value):
-        raise RequestRefused("address-shaped", "id looks like it holds a mail address; ids are stored and logged in "
-                                               "clear, so they must not")
+        raise RequestRefused(
+            "address-shaped",
+            "id looks like it holds a mail address; ids are stored and logged in clear, so they must not",
+        )
     return value
 
 
@@ -403,7 +425,9 @@ def _attachments(doc: Mapping[str, Any]) -> tuple[Attachment, ...]:
             raise RequestRefused("bad-attachment", f"{where}.name must be a non-empty file name")
         check_header_value(f"{where}.name", name)
         if _ATTACHMENT_NAME_FORBIDDEN.search(name):
-            raise RequestRefused("bad-attachment", f"{where}.name must not contain quotes, slashes or control characters")
+            raise RequestRefused(
+                "bad-attachment", f"{where}.name must not contain quotes, slashes or control characters"
+            )
         if not isinstance(ctype, str) or not _CONTENT_TYPE.match(ctype):
             raise RequestRefused("bad-attachment", f"{where}.contentType must look like 'type/subtype'")
         has_inline, has_blob = "contentBase64" in item, "blobUrl" in item
@@ -512,13 +536,18 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
     if len(category) > MAX_CATEGORY_LENGTH:
         raise RequestRefused("schema", f"category is longer than {MAX_CATEGORY_LENGTH} characters")
     if _ADDRESS_SHAPED.search(category):
-        raise RequestRefused("address-shaped", "category looks like it holds a mail address; categories are stored, "
-                                               "logged and aggregated in clear, so they must not")
+        raise RequestRefused(
+            "address-shaped",
+            "category looks like it holds a mail address; categories are stored, "
+            "logged and aggregated in clear, so they must not",
+        )
 
     attachments = _attachments(doc)
     if request_id is None and any(a.blob_url for a in attachments):
-        raise RequestRefused("bad-attachment", "a request with blobUrl attachments needs an id (its blobs are under "
-                                               "requests/<producer>/<id>/)")
+        raise RequestRefused(
+            "bad-attachment",
+            "a request with blobUrl attachments needs an id (its blobs are under requests/<producer>/<id>/)",
+        )
 
     return MailRequest(
         id=request_id,

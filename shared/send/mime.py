@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from datetime import UTC, datetime
 from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime
-from datetime import datetime, timezone
 
 from shared.send.contract import Address, MailRequest
 
@@ -56,7 +56,7 @@ def build_message(
     if not request.to and not request.cc:
         msg["To"] = "undisclosed-recipients:;"
     msg["Subject"] = request.subject
-    msg["Date"] = format_datetime(now or datetime.now(timezone.utc))
+    msg["Date"] = format_datetime(now or datetime.now(UTC))
     msg["Message-ID"] = message_id(request_id, message_id_domain, chunk, key=message_id_key)
     for name, value in request.headers:
         msg[name] = value

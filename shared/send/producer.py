@@ -13,7 +13,8 @@ import base64
 import json
 import secrets
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from shared.send.blobs import RELAY_PRODUCER, producer_prefix
 from shared.storage import StorageClients
@@ -39,9 +40,15 @@ def attachment_blob_name(request_id: str, file_name: str, producer: str = RELAY_
     return f"{producer_prefix(producer, request_id)}{secrets.token_urlsafe(16)}/{file_name}"
 
 
-async def enqueue_requests(storage: StorageClients, queue_name: str, container_name: str,
-                           requests: Iterable[dict[str, Any]], *, encode_base64: bool = False,
-                           producer: str = RELAY_PRODUCER) -> list[str]:
+async def enqueue_requests(
+    storage: StorageClients,
+    queue_name: str,
+    container_name: str,
+    requests: Iterable[dict[str, Any]],
+    *,
+    encode_base64: bool = False,
+    producer: str = RELAY_PRODUCER,
+) -> list[str]:
     """Put each request on the queue (claim check for big ones). Returns the ids it carried ('' if none)."""
     queue = await storage.queue(queue_name)
     container = storage.container(container_name)
@@ -58,8 +65,9 @@ async def enqueue_requests(storage: StorageClients, queue_name: str, container_n
             request_id = request.get("id") or f"cc-{uuid.uuid4()}"
             # Unguessable and never overwritten: no producer can replace (or predict) another's
             # request. The relay deletes the blob once the request is final.
-            blob = await container.upload_blob(claim_check_blob_name(request_id, producer),
-                                               json.dumps({**request, "id": request_id}), overwrite=False)
+            blob = await container.upload_blob(
+                claim_check_blob_name(request_id, producer), json.dumps({**request, "id": request_id}), overwrite=False
+            )
             stub: dict[str, Any] = {"id": request_id, "claimCheck": {"blobUrl": blob.url}}
             if "idProof" in request:
                 stub["idProof"] = request["idProof"]

@@ -23,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from azure.core.exceptions import ResourceNotFoundError
@@ -50,8 +51,10 @@ class BlobArea:
 
     def request_blob(self, name: str, request_id: str) -> bool:
         """Whether `name` is one of `request_id`'s blobs by its name."""
-        return self.named_by_request and re.fullmatch(
-            re.escape(f"{self.prefix}{request_id}-") + r"[0-9a-f]{32}\.json", name) is not None
+        return (
+            self.named_by_request
+            and re.fullmatch(re.escape(f"{self.prefix}{request_id}-") + r"[0-9a-f]{32}\.json", name) is not None
+        )
 
 
 def relay_blob_areas(settings: Any) -> tuple[BlobArea, ...]:
@@ -70,7 +73,7 @@ class RelayBlobs:
         self.areas = tuple(areas)
 
     @classmethod
-    def of(cls, storage: Any, settings: Any) -> "RelayBlobs":
+    def of(cls, storage: Any, settings: Any) -> RelayBlobs:
         return cls(storage, relay_blob_areas(settings))
 
     def _container(self, area: BlobArea) -> Any:
@@ -86,13 +89,14 @@ class RelayBlobs:
             base = self._container(area).url.rstrip("/") + "/"
             if parts.query or parts.fragment or not clean.startswith(base):
                 continue
-            name = unquote(clean[len(base):])
+            name = unquote(clean[len(base) :])
             if name.startswith(area.prefix) and ".." not in name.split("/") and "\\" not in name:
                 return area, name
         return None
 
-    async def delete_for_request(self, request_id: str, claim_blob: str = "", *, find_copies: bool | None = None,
-                                 logger: logging.Logger = log) -> int:
+    async def delete_for_request(
+        self, request_id: str, claim_blob: str = "", *, find_copies: bool | None = None, logger: logging.Logger = log
+    ) -> int:
         """Best effort, never raises: delete the request's claim-check blob (if it is under one of
         the relay's prefixes) and, with `find_copies`, every blob named for it (one listing per
         area). By default (None) they are looked for only when the claim-check blob is one of
@@ -111,8 +115,7 @@ class RelayBlobs:
                 if not area.named_by_request or not find_copies:
                     continue
                 try:
-                    async for blob in self._container(area).list_blobs(
-                            name_starts_with=f"{area.prefix}{request_id}-"):
+                    async for blob in self._container(area).list_blobs(name_starts_with=f"{area.prefix}{request_id}-"):
                         if area.request_blob(blob.name, request_id):
                             names.add((area, blob.name))
                 except ResourceNotFoundError:
@@ -122,8 +125,11 @@ class RelayBlobs:
             results = [exc]
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
-            logger.warning("request %s: claim-check blob not deleted (%s); the lifecycle rule and purge_expired will",
-                           request_id, type(failed[0]).__name__)
+            logger.warning(
+                "request %s: claim-check blob not deleted (%s); the lifecycle rule and purge_expired will",
+                request_id,
+                type(failed[0]).__name__,
+            )
         return sum(1 for r in results if r is True)
 
     async def delete_copy(self, request_id: str, url: str, *, logger: logging.Logger = log) -> bool:
@@ -135,8 +141,11 @@ class RelayBlobs:
                 return False
             return await self._delete(*owned)
         except Exception as exc:  # noqa: BLE001 - any storage failure is only logged
-            logger.warning("request %s: claim-check blob not deleted (%s); the lifecycle rule and purge_expired will",
-                           request_id, type(exc).__name__)
+            logger.warning(
+                "request %s: claim-check blob not deleted (%s); the lifecycle rule and purge_expired will",
+                request_id,
+                type(exc).__name__,
+            )
             return False
 
     async def sweep(self, older_than: datetime, max_blobs: int) -> tuple[int, bool]:

@@ -10,18 +10,18 @@ import re
 from dataclasses import dataclass
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     SENT = "sent"
-    DEFER = "defer"          # try again later, same or another account
-    REFUSE = "refuse"        # the message itself is unacceptable: never retry
-    ACCOUNT = "account"      # the account cannot send now: defer the message, mark the account
+    DEFER = "defer"  # try again later, same or another account
+    REFUSE = "refuse"  # the message itself is unacceptable: never retry
+    ACCOUNT = "account"  # the account cannot send now: defer the message, mark the account
 
 
 @dataclass(frozen=True)
 class Verdict:
     outcome: Outcome
-    code: int                 # SMTP basic code; 0 when the connection was lost without a reply
-    enhanced: str             # e.g. "4.5.104", "" when the reply had none
+    code: int  # SMTP basic code; 0 when the connection was lost without a reply
+    enhanced: str  # e.g. "4.5.104", "" when the reply had none
     text: str
     # The server asked us to slow down: the governor puts the account in cooldown.
     throttled: bool = False
@@ -35,30 +35,30 @@ _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 # Enhanced status code -> (outcome, throttled, token_expired, daily_quota). Most specific wins.
 _BY_ENHANCED: dict[str, tuple[Outcome, bool, bool, bool]] = {
-    "4.5.104": (Outcome.DEFER, True, False, False),   # external message rate per account
-    "4.5.102": (Outcome.DEFER, True, False, True),    # daily external quota
-    "5.5.105": (Outcome.REFUSE, False, False, False), # external sending not supported (GA)
-    "5.3.4": (Outcome.REFUSE, False, False, False),   # message too big
+    "4.5.104": (Outcome.DEFER, True, False, False),  # external message rate per account
+    "4.5.102": (Outcome.DEFER, True, False, True),  # daily external quota
+    "5.5.105": (Outcome.REFUSE, False, False, False),  # external sending not supported (GA)
+    "5.3.4": (Outcome.REFUSE, False, False, False),  # message too big
     "5.7.139": (Outcome.ACCOUNT, False, False, False),  # basic auth blocked / org config
-    "5.7.3": (Outcome.ACCOUNT, False, False, False),    # authentication unsuccessful
-    "5.7.142": (Outcome.ACCOUNT, False, True, False),   # token about to expire
-    "5.7.143": (Outcome.ACCOUNT, False, True, False),   # token expired
+    "5.7.3": (Outcome.ACCOUNT, False, False, False),  # authentication unsuccessful
+    "5.7.142": (Outcome.ACCOUNT, False, True, False),  # token about to expire
+    "5.7.143": (Outcome.ACCOUNT, False, True, False),  # token expired
     "5.7.144": (Outcome.ACCOUNT, False, False, False),  # token lacks permission
     "5.7.240": (Outcome.ACCOUNT, False, False, False),  # app not allowed for this HVE account
-    "5.7.57": (Outcome.ACCOUNT, False, False, False),   # not authenticated
-    "5.7.60": (Outcome.ACCOUNT, False, False, False),   # not allowed to send as this sender
-    "5.7.0": (Outcome.ACCOUNT, False, False, False),    # e.g. STARTTLS/auth required
+    "5.7.57": (Outcome.ACCOUNT, False, False, False),  # not authenticated
+    "5.7.60": (Outcome.ACCOUNT, False, False, False),  # not allowed to send as this sender
+    "5.7.0": (Outcome.ACCOUNT, False, False, False),  # e.g. STARTTLS/auth required
 }
 for _n in range(121, 127):  # 501 5.5.121..5.5.126: malformed XOAUTH2 exchange
     _BY_ENHANCED[f"5.5.{_n}"] = (Outcome.ACCOUNT, False, False, False)
 
 # Enhanced-code classes (x.y) when the exact code is not listed.
 _BY_CLASS: dict[str, Outcome] = {
-    "5.1": Outcome.REFUSE,   # bad address / mailbox
-    "5.2": Outcome.REFUSE,   # mailbox full / message too big for it
-    "5.3": Outcome.REFUSE,   # mail system: size and the like
-    "5.6": Outcome.REFUSE,   # content / media
-    "5.5": Outcome.REFUSE,   # protocol / policy on this message
+    "5.1": Outcome.REFUSE,  # bad address / mailbox
+    "5.2": Outcome.REFUSE,  # mailbox full / message too big for it
+    "5.3": Outcome.REFUSE,  # mail system: size and the like
+    "5.6": Outcome.REFUSE,  # content / media
+    "5.5": Outcome.REFUSE,  # protocol / policy on this message
 }
 
 
@@ -86,7 +86,9 @@ def classify_reply(code: int, text: str) -> Verdict:
 
 # Anything shaped like local@domain, quoted local parts included; the domain is kept (it tells
 # internal from external and is no one's address), the local part is not.
-_ADDRESS = re.compile(r"""(?:"[^"\r\n]*"|[^\s<>()\[\]",;:@'][^\s<>()\[\]",;:@]*)@((?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+|\[[^\]\s]*\])""")
+_ADDRESS = re.compile(
+    r"""(?:"[^"\r\n]*"|[^\s<>()\[\]",;:@'][^\s<>()\[\]",;:@]*)@((?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+|\[[^\]\s]*\])"""
+)
 
 
 def mask_addresses(text: str) -> str:

@@ -14,10 +14,19 @@ import logging
 import math
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
 
+from shared.governor.pacing import Impossible, PacingConfig, Release, Shape, Wait, chunk_recipients
+from shared.governor.preview.queue_timing import BacklogEstimator, ReturnLatency
+from shared.governor.scheduler import Later, PlainScheduler
+from shared.governor.table import Grant, TableGovernor
+from shared.hve.credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential, check_secret_names
+from shared.hve.limits import Limits, resolve_limits
+from shared.hve.smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
+from shared.ledger import DEAD, DEFERRED, FINAL_STATES, REFUSED, SENDING, SENT, Ledger, LedgerConflict, LedgerEntry
 from shared.reporting.aggregates import Aggregates, reply_labels
 from shared.send.blobs import BlobReader
 from shared.send.contract import (
@@ -28,26 +37,18 @@ from shared.send.contract import (
     claim_check_of,
     content_digest,
     content_request_id,
-    id_proof,
-    is_relay_id,
     decode_queue_body,
     fits_on_queue,
+    id_proof,
+    is_internal,
+    is_relay_id,
+    mime_base64_size,
     parse_request_id,
     queue_text,
-    is_internal,
-    mime_base64_size,
     validate_request,
 )
-from shared.hve.credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential, check_secret_names
-from shared.governor.table import Grant, TableGovernor
-from shared.governor.scheduler import Later, PlainScheduler
-from shared.governor.pacing import Impossible, PacingConfig, Release, Shape, Wait, chunk_recipients
-from shared.hve.smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
-from shared.governor.preview.queue_timing import BacklogEstimator, ReturnLatency
-from shared.send.relay_blobs import RelayBlobs
-from shared.ledger import DEAD, DEFERRED, FINAL_STATES, REFUSED, SENDING, SENT, Ledger, LedgerConflict, LedgerEntry
-from shared.hve.limits import Limits, resolve_limits
 from shared.send.mime import build_message, message_id
+from shared.send.relay_blobs import RelayBlobs
 from shared.send.replies import Outcome, Verdict, mask_addresses
 from shared.send.retry import retry_delay, visibility_for
 from shared.settings import UNSET_HASH_KEY, Settings
@@ -76,7 +77,7 @@ class Handled:
     """What became of one queue message (returned for the host's log and for tests)."""
 
     request_id: str
-    state: str                # sent | deferred | refused | dead | duplicate | busy
+    state: str  # sent | deferred | refused | dead | duplicate | busy
     reason: str = ""
     account: str = ""
     code: int = 0
@@ -84,17 +85,20 @@ class Handled:
 
 
 def pacing_config(settings: Settings, limits: Limits) -> PacingConfig:
-    return PacingConfig(limits=limits, margin_seconds=settings.pacing_margin_seconds,
-                        day_offset_seconds=settings.daily_reset_seconds,
-                        daily_recipient_budget=settings.daily_recipient_budget,
-                        cooldown_seconds=settings.account_cooldown_seconds,
-                        unhealthy_seconds=settings.account_unhealthy_seconds,
-                        booking_horizon_seconds=settings.booking_horizon_seconds,
-                        bookings_per_second=settings.bookings_per_second)
+    return PacingConfig(
+        limits=limits,
+        margin_seconds=settings.pacing_margin_seconds,
+        day_offset_seconds=settings.daily_reset_seconds,
+        daily_recipient_budget=settings.daily_recipient_budget,
+        cooldown_seconds=settings.account_cooldown_seconds,
+        unhealthy_seconds=settings.account_unhealthy_seconds,
+        booking_horizon_seconds=settings.booking_horizon_seconds,
+        bookings_per_second=settings.bookings_per_second,
+    )
 
 
 def _utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, timezone.utc)
+    return datetime.fromtimestamp(ts, UTC)
 
 
 class Relay:
@@ -132,8 +136,9 @@ class Relay:
         self._pacer_seen = -math.inf
         # With HVE_BACKLOG_SAMPLE_SECONDS set, bookings never fall due inside the queue's visible
         # backlog (capped at half the horizon).
-        self.backlog = BacklogEstimator(settings.backlog_sample_seconds, settings.backlog_min_messages,
-                                        settings.booking_horizon_seconds / 2)
+        self.backlog = BacklogEstimator(
+            settings.backlog_sample_seconds, settings.backlog_min_messages, settings.booking_horizon_seconds / 2
+        )
         self.return_latency = ReturnLatency(settings.slot_wait_seconds)
         # Waiting for a booked slot a moment away (the simulation puts its virtual clock here).
         self.sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
@@ -143,13 +148,13 @@ class Relay:
         # health decides, from the governor's rows read now and then; nothing is written per
         # message, no slot is booked, no queue length is read (shared/governor/scheduler.py). Otherwise the
         # governor's `acquire` paces every transaction (bookings, pacer, backlog readings).
-        self.scheduler: PlainScheduler | None = (PlainScheduler(governor, self.rng)
-                                                 if governor.config.plain else None)
+        self.scheduler: PlainScheduler | None = PlainScheduler(governor, self.rng) if governor.config.plain else None
         self.message_id_domain = settings.accounts[0].rsplit("@", 1)[1]
 
     @classmethod
-    async def create(cls, settings: Settings, *, token_credential: Any = None,
-                     clock: Callable[[], float] = time.time) -> "Relay":
+    async def create(
+        cls, settings: Settings, *, token_credential: Any = None, clock: Callable[[], float] = time.time
+    ) -> Relay:
         settings.require_accounts()
         if settings.recipient_hash_key == UNSET_HASH_KEY.encode():
             log.warning("RECIPIENT_HASH_KEY is not set: recipient hashes use a built-in key (fine for local runs only)")
@@ -171,31 +176,55 @@ class Relay:
         else:
             authenticator = BasicAuth(LocalPasswords(settings.local_passwords))
         smtp = HveSmtp(
-            host=settings.smtp_host, port=settings.smtp_port, authenticator=authenticator,
-            context=tls_context(settings.smtp_ca_file), timeout=settings.smtp_timeout,
-            pool_size=settings.pool_size, idle_seconds=settings.pool_idle_seconds,
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            authenticator=authenticator,
+            context=tls_context(settings.smtp_ca_file),
+            timeout=settings.smtp_timeout,
+            pool_size=settings.pool_size,
+            idle_seconds=settings.pool_idle_seconds,
             auth_failure_hold=min(AUTH_FAILURE_HOLD_SECONDS, settings.account_unhealthy_seconds),
             pool_wait=settings.pool_wait_seconds,
         )
-        ledger = Ledger(await storage.table(settings.ledger_table),
-                        await storage.table(settings.recipient_index_table), settings.recipient_hash_key)
+        ledger = Ledger(
+            await storage.table(settings.ledger_table),
+            await storage.table(settings.recipient_index_table),
+            settings.recipient_hash_key,
+        )
         # The governor ages its view of the rows by the same clock as everything else when one is
         # given (the simulation's virtual clock); by the monotonic clock otherwise.
-        governor = TableGovernor(await storage.table(settings.governor_table), settings.accounts,
-                                 pacing_config(settings, limits),
-                                 clock=time.monotonic if clock is time.time else clock)
-        payloads = BlobReader(storage.container(settings.claim_check_container), limits.message_bytes,
-                              state_container=storage.container(settings.relay_state_container),
-                              producers=settings.blob_producers)
-        relay = cls(settings, storage=storage, smtp=smtp, governor=governor, ledger=ledger,
-                    queue=await storage.queue(settings.mail_queue),
-                    payloads=payloads, limits=limits, clock=clock,
-                    aggregates=Aggregates(storage.tables.get_table_client(settings.aggregates_table), clock=clock,
-                                          flush_seconds=settings.aggregates_flush_seconds,
-                                          shards=settings.aggregates_shards,
-                                          rollup_after_seconds=settings.aggregates_rollup_after_seconds,
-                                          max_buffer_seconds=settings.aggregates_max_buffer_seconds,
-                                          max_categories=settings.aggregates_max_categories))
+        governor = TableGovernor(
+            await storage.table(settings.governor_table),
+            settings.accounts,
+            pacing_config(settings, limits),
+            clock=time.monotonic if clock is time.time else clock,
+        )
+        payloads = BlobReader(
+            storage.container(settings.claim_check_container),
+            limits.message_bytes,
+            state_container=storage.container(settings.relay_state_container),
+            producers=settings.blob_producers,
+        )
+        relay = cls(
+            settings,
+            storage=storage,
+            smtp=smtp,
+            governor=governor,
+            ledger=ledger,
+            queue=await storage.queue(settings.mail_queue),
+            payloads=payloads,
+            limits=limits,
+            clock=clock,
+            aggregates=Aggregates(
+                storage.tables.get_table_client(settings.aggregates_table),
+                clock=clock,
+                flush_seconds=settings.aggregates_flush_seconds,
+                shards=settings.aggregates_shards,
+                rollup_after_seconds=settings.aggregates_rollup_after_seconds,
+                max_buffer_seconds=settings.aggregates_max_buffer_seconds,
+                max_categories=settings.aggregates_max_categories,
+            ),
+        )
         relay.closers = closers
         return relay
 
@@ -225,10 +254,14 @@ class Relay:
             if handled.code:
                 span.set_attribute("hve.smtp.code", handled.code)
             self.instruments.messages.add(1, {"outcome": handled.state, "account": handled.account or "-"})
-            log.log(logging.DEBUG if handled.state == "pacer" else logging.INFO,
-                    "request %s: %s%s%s", handled.request_id, handled.state,
-                    f" via {handled.account}" if handled.account else "",
-                    f" ({mask_addresses(handled.reason)})" if handled.reason else "")
+            log.log(
+                logging.DEBUG if handled.state == "pacer" else logging.INFO,
+                "request %s: %s%s%s",
+                handled.request_id,
+                handled.state,
+                f" via {handled.account}" if handled.account else "",
+                f" ({mask_addresses(handled.reason)})" if handled.reason else "",
+            )
             return handled
 
     async def _handle(self, body: bytes | str, queue_message_id: str, dequeue_count: int) -> Handled:
@@ -255,19 +288,28 @@ class Relay:
             stub["idProof"] = id_proof(key, request_id)
 
         claimed = False
+        entry: LedgerEntry | None
         if self.scheduler is not None and claim is None:
             # Nothing to wait for before sending: the claim is the row's creation (one write,
             # no read). A row that exists already (a copy, a retry, another request) is read.
             try:
-                entry = await self.ledger.save(LedgerEntry(
-                    request_id=request_id, state=SENDING, first_received=_utc(received), updated=_utc(received),
-                    queue_message_id=queue_message_id, chunks_total=0, content_digest=content_digest(key, doc)))
+                entry = await self.ledger.save(
+                    LedgerEntry(
+                        request_id=request_id,
+                        state=SENDING,
+                        first_received=_utc(received),
+                        updated=_utc(received),
+                        queue_message_id=queue_message_id,
+                        chunks_total=0,
+                        content_digest=content_digest(key, doc),
+                    )
+                )
                 claimed = True
             except LedgerConflict:
                 entry = await self.ledger.get(request_id)
         else:
             entry = await self.ledger.get(request_id)
-        full = None  # the request's full JSON object, once read
+        full: dict[str, Any] | None = None  # the request's full JSON object, once read
         if entry is not None and not claimed:
             # The id is taken: by this request (a copy, a retry, a replay) or by another one.
             try:
@@ -275,11 +317,17 @@ class Relay:
             except RequestRefused as refusal:
                 return await self._refuse_unread(queue_message_id, refusal, received)
             if not same:
-                return await self._refuse_unread(queue_message_id, RequestRefused(
-                    "id-conflict", "another request with different content was already received under this id; "
-                                   "give each request its own id"), received)
+                return await self._refuse_unread(
+                    queue_message_id,
+                    RequestRefused(
+                        "id-conflict",
+                        "another request with different content was already received under this id; "
+                        "give each request its own id",
+                    ),
+                    received,
+                )
         if entry is not None and entry.state in FINAL_STATES:
-            if claim is not None:   # a copy of ours that came back after the clean-up
+            if claim is not None:  # a copy of ours that came back after the clean-up
                 await RelayBlobs.of(self.storage, self.settings).delete_copy(request_id, claim.blob_url, logger=log)
             return Handled(request_id, "duplicate", f"already {entry.state}", entry.account, entry.last_code)
         if entry is not None and entry.state == SENDING and not claimed:
@@ -288,8 +336,14 @@ class Relay:
                 delay = await self._requeue(stub, min(lease_left, BUSY_RECHECK_SECONDS), entry.attempts)
                 return Handled(request_id, "busy", "another instance is sending it", entry.account, 0, delay)
         if entry is None:
-            entry = LedgerEntry(request_id=request_id, state="received", first_received=_utc(received),
-                                updated=_utc(received), queue_message_id=queue_message_id, chunks_total=0)
+            entry = LedgerEntry(
+                request_id=request_id,
+                state="received",
+                first_received=_utc(received),
+                updated=_utc(received),
+                queue_message_id=queue_message_id,
+                chunks_total=0,
+            )
         try:
             prepared = await self._prepare(doc, claim, request_id, full)
         except RequestRefused as refusal:
@@ -304,13 +358,16 @@ class Relay:
         if claim is not None:
             entry = entry.evolve(claim_blob=claim.blob_url)
         if not entry.content_digest:
-            entry = entry.evolve(content_digest=content_digest(key, prepared.full))
+            entry = entry.evolve(content_digest=content_digest(key, prepared.full or doc))
         request = prepared.request
         internal = sum(1 for r in request.recipients if is_internal(r, self.policy.internal_domains))
-        entry = entry.evolve(category=request.category, internal_recipients=internal,
-                             external_recipients=len(request.recipients) - internal,
-                             message_id=message_id(request_id, self.message_id_domain, key=key),
-                             chunks_total=max(entry.chunks_total, len(prepared.chunks)))
+        entry = entry.evolve(
+            category=request.category,
+            internal_recipients=internal,
+            external_recipients=len(request.recipients) - internal,
+            message_id=message_id(request_id, self.message_id_domain, key=key),
+            chunks_total=max(entry.chunks_total, len(prepared.chunks)),
+        )
         # The clock is read after the downloads: a slot is the moment the message goes, not the
         # moment the handler started.
         expired = self._expired(entry, self.clock())
@@ -328,15 +385,16 @@ class Relay:
             raise RequestRefused("claim-check", "the id in the blob differs from the id on the queue")
         return {**full, "id": request_id}
 
-    async def _same_request(self, entry: LedgerEntry, doc: dict, claim: Any,
-                            request_id: str) -> tuple[bool, dict | None]:
+    async def _same_request(
+        self, entry: LedgerEntry, doc: dict, claim: Any, request_id: str
+    ) -> tuple[bool, dict | None]:
         """Whether this message is the request the row was made for (by the keyed digest of its
         content, contract.content_digest), and its full object if it had to be read."""
         key = self.settings.recipient_hash_key
         if not entry.content_digest:
-            return True, None    # a row written before digests were kept: it cannot tell
+            return True, None  # a row written before digests were kept: it cannot tell
         if claim is not None and claim.blob_url == entry.claim_blob:
-            return True, None    # the very blob the row was made from (it may be deleted by now)
+            return True, None  # the very blob the row was made from (it may be deleted by now)
         if content_digest(key, doc) == entry.content_digest:
             return True, None
         if claim is None:
@@ -344,20 +402,27 @@ class Relay:
         full = await self._full_request(doc, claim, request_id)
         return content_digest(key, full) == entry.content_digest, full
 
-    async def _prepare(self, doc: dict, claim: Any, request_id: str, full: dict | None = None) -> "_Prepared":
+    async def _prepare(self, doc: dict, claim: Any, request_id: str, full: dict | None = None) -> _Prepared:
         """Read the full request (claim check, blob attachments), validate it, check its size."""
         if full is None:
             full = await self._full_request(doc, claim, request_id)
         request = validate_request(full, self.policy)
         attachments = await self._attachments(request, request_id)
         recipients = list(dict.fromkeys(r.addr for r in request.recipients))
-        prepared = _Prepared(request, attachments, recipients,
-                             chunk_recipients(range(len(recipients)), self.limits.recipients_per_message), full=full)
+        prepared = _Prepared(
+            request,
+            attachments,
+            recipients,
+            chunk_recipients(range(len(recipients)), self.limits.recipients_per_message),
+            full=full,
+        )
         # Built once here for the size check, and reused if the first chunk goes out as this account.
         prepared.first = self._message(prepared, request_id, self.settings.accounts[0], 0, self.clock())
         size = len(prepared.first)
         if self.limits.message_bytes is not None and size > self.limits.message_bytes:
-            raise RequestRefused("too-large", f"the encoded message is {size} bytes; the limit is {self.limits.message_bytes}")
+            raise RequestRefused(
+                "too-large", f"the encoded message is {size} bytes; the limit is {self.limits.message_bytes}"
+            )
         return prepared
 
     async def _attachments(self, request: MailRequest, request_id: str) -> list[tuple[str, str, bytes]]:
@@ -365,28 +430,35 @@ class Relay:
         their sizes (blob properties, base64 overhead included) against the message size limit. A
         few hundred bytes naming one big blob many times are refused without a download."""
         if len(request.attachments) > self.settings.max_attachments:
-            raise RequestRefused("too-many-attachments", f"{len(request.attachments)} attachments; the limit is "
-                                                         f"{self.settings.max_attachments}")
+            raise RequestRefused(
+                "too-many-attachments",
+                f"{len(request.attachments)} attachments; the limit is {self.settings.max_attachments}",
+            )
         limit = self.limits.message_bytes
         # Every blob is checked to be this request's (shared/send/blobs.py) before anything of any is read.
         for i, a in enumerate(request.attachments):
             if a.blob_url is not None:
                 self.payloads.locate(a.blob_url, request_id, f"attachments[{i}].blobUrl")
-        sizes = [len(a.content) if a.content is not None
-                 else await self.payloads.size(a.blob_url, f"attachment {a.name!r}", request_id)
-                 for a in request.attachments]
+        sizes = [
+            len(a.content)
+            if a.content is not None
+            else await self.payloads.size(a.blob_url or "", f"attachment {a.name!r}", request_id)
+            for a in request.attachments
+        ]
         estimate = sum(mime_base64_size(size) for size in sizes)
         if limit is not None and estimate > limit:
-            raise RequestRefused("too-large", f"the attachments take about {estimate} bytes encoded; the message limit "
-                                              f"is {limit}")
+            raise RequestRefused(
+                "too-large", f"the attachments take about {estimate} bytes encoded; the message limit is {limit}"
+            )
         # What the blobs may still grow by before the limit: a blob that grew past it since its size
         # was read is refused at that many bytes, never read whole.
         slack = (limit - estimate) * 3 // 4 if limit is not None else None
         out: list[tuple[str, str, bytes]] = []
-        for a, size in zip(request.attachments, sizes):
+        for a, size in zip(request.attachments, sizes, strict=False):
             if a.content is None:
-                data = await self.payloads.read(a.blob_url, f"attachment {a.name!r}", request_id,
-                                                size + slack if slack is not None else None)
+                data = await self.payloads.read(
+                    a.blob_url or "", f"attachment {a.name!r}", request_id, size + slack if slack is not None else None
+                )
                 if slack is not None:
                     slack -= max(0, len(data) - size)
                 out.append((a.name, a.content_type, data))
@@ -394,25 +466,33 @@ class Relay:
                 out.append((a.name, a.content_type, a.content))
         return out
 
-    def _message(self, prepared: "_Prepared", request_id: str, account: str, index: int, now: float) -> bytes:
+    def _message(self, prepared: _Prepared, request_id: str, account: str, index: int, now: float) -> bytes:
         # Transaction `index` > 0 (another chunk, or a follow-up for recipients HVE deferred) has
         # its own Message-ID suffix, or Exchange would drop it as a duplicate of the first.
-        return build_message(prepared.request, request_id=request_id, account=account,
-                             message_id_key=self.settings.recipient_hash_key,
-                             sender_name=self.settings.sender_name, message_id_domain=self.message_id_domain,
-                             attachments=prepared.attachments, now=_utc(now), chunk=index)
+        return build_message(
+            prepared.request,
+            request_id=request_id,
+            account=account,
+            message_id_key=self.settings.recipient_hash_key,
+            sender_name=self.settings.sender_name,
+            message_id_domain=self.message_id_domain,
+            attachments=prepared.attachments,
+            now=_utc(now),
+            chunk=index,
+        )
 
-    def _envelope(self, entry: LedgerEntry, prepared: "_Prepared", index: int) -> list[int] | None:
+    def _envelope(self, entry: LedgerEntry, prepared: _Prepared, index: int) -> list[int] | None:
         """Recipient indices of transaction `index`: a planned chunk, then follow-ups for the
         recipients HVE deferred at RCPT; None when nothing is left to send."""
         refused = set(entry.refused_recipients)
         if index < len(prepared.chunks):
             return [i for i in prepared.chunks[index] if i not in refused]
         pending = [i for i in entry.pending_recipients if i not in refused]
-        return pending[:self.limits.recipients_per_message or len(pending)] or None
+        return pending[: self.limits.recipients_per_message or len(pending)] or None
 
-    async def _send_chunks(self, entry: LedgerEntry, stub: dict, prepared: "_Prepared", *,
-                           claimed: bool = False) -> Handled:
+    async def _send_chunks(
+        self, entry: LedgerEntry, stub: dict, prepared: _Prepared, *, claimed: bool = False
+    ) -> Handled:
         """Each transaction (a chunk, or a follow-up) gets its own slot; progress is saved in the
         ledger after every accepted transaction, so a retry resumes at the first one not sent.
         `claimed`: this delivery created the row as `sending` a moment ago (the plain path)."""
@@ -425,7 +505,9 @@ class Relay:
                 continue
             if index >= len(prepared.chunks) and deferred_here:
                 # HVE deferred some recipients a moment ago: they go in a follow-up, later.
-                return await self._retry_later(entry, stub, f"{len(entry.pending_recipients)} recipient(s) deferred by HVE")
+                return await self._retry_later(
+                    entry, stub, f"{len(entry.pending_recipients)} recipient(s) deferred by HVE"
+                )
             addresses = [prepared.recipients[i] for i in envelope]
             internal = sum(1 for a in addresses if a.rsplit("@", 1)[1].lower() in self.policy.internal_domains)
             shape = Shape(internal, len(addresses) - internal, prepared.request.account)
@@ -440,9 +522,10 @@ class Relay:
             # A booked slot is the request's, not this delivery's: a duplicate delivery of the
             # request holds the same one, so losing the claim to it must not give the slot back.
             shared = booking == (account, slot_at)
-            sent = await self._transaction(entry, stub, prepared, index, envelope, account, slot_at, shape,
-                                           shared_slot=shared, claimed=claimed)
-            claimed = False   # from here on each transaction renews the claim with its own write
+            sent = await self._transaction(
+                entry, stub, prepared, index, envelope, account, slot_at, shape, shared_slot=shared, claimed=claimed
+            )
+            claimed = False  # from here on each transaction renews the claim with its own write
             if isinstance(sent, Handled):
                 return sent
             deferred_here = deferred_here or len(sent.pending_recipients) > len(entry.pending_recipients)
@@ -457,15 +540,18 @@ class Relay:
         return await self._finish(entry, state, reason)
 
     @staticmethod
-    def _outcome_of(entry: LedgerEntry, prepared: "_Prepared") -> tuple[str, str]:
+    def _outcome_of(entry: LedgerEntry, prepared: _Prepared) -> tuple[str, str]:
         """The final state and reason of a request whose transactions are all done."""
         everyone = len(prepared.recipients)
         if len(entry.refused_recipients) >= everyone:
-            return REFUSED, (f"refused by HVE: all {everyone} recipient(s); last reply "
-                             f"{entry.last_code} {entry.last_reply}")[:300]
+            return REFUSED, (
+                f"refused by HVE: all {everyone} recipient(s); last reply {entry.last_code} {entry.last_reply}"
+            )[:300]
         return SENT, f"{len(entry.refused_recipients)} recipient(s) refused by HVE" if entry.refused_recipients else ""
 
-    async def _plain_slot(self, entry: LedgerEntry, stub: dict, shape: Shape) -> tuple[str, float, LedgerEntry] | Handled:
+    async def _plain_slot(
+        self, entry: LedgerEntry, stub: dict, shape: Shape
+    ) -> tuple[str, float, LedgerEntry] | Handled:
         """The account to send on now, or the request back on the queue while every account rests."""
         now = self.clock()
         decision = await self.scheduler.decide(shape, now) if self.scheduler is not None else None
@@ -473,14 +559,27 @@ class Relay:
             if now + decision.delay - entry.first_received.timestamp() > self.settings.max_age_seconds:
                 return await self._finish(entry, DEAD, f"no account free before the age limit ({decision.reason})")
             delay = await self._requeue(stub, decision.delay, entry.attempts)
-            await self._save_quietly(entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=_utc(now)))
+            await self._save_quietly(
+                entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=_utc(now))
+            )
             return Handled(entry.request_id, DEFERRED, decision.reason, "", 0, delay)
         assert decision is not None
         return decision.account, decision.at, entry
 
-    async def _transaction(self, entry: LedgerEntry, stub: dict, prepared: "_Prepared", index: int,
-                           envelope: list[int], account: str, slot_at: float, shape: Shape, *,
-                           shared_slot: bool = False, claimed: bool = False) -> LedgerEntry | Handled:
+    async def _transaction(
+        self,
+        entry: LedgerEntry,
+        stub: dict,
+        prepared: _Prepared,
+        index: int,
+        envelope: list[int],
+        account: str,
+        slot_at: float,
+        shape: Shape,
+        *,
+        shared_slot: bool = False,
+        claimed: bool = False,
+    ) -> LedgerEntry | Handled:
         """One SMTP transaction on a granted slot; the new entry when HVE accepted it."""
         addresses = [prepared.recipients[i] for i in envelope]
         lapse = self.settings.pacing_margin_seconds / 2
@@ -495,7 +594,7 @@ class Relay:
             nonlocal slot_at, trying, called_off
             now = self.clock()
             if claimed and now - trying.updated.timestamp() < self.settings.sending_lease_seconds / 2:
-                return True   # the row was created as `sending` by this delivery a moment ago
+                return True  # the row was created as `sending` by this delivery a moment ago
             if self.scheduler is None and now - slot_at > lapse:
                 new_at = await self.governor.recheck(account, slot_at, shape, now)
                 if new_at is None:
@@ -525,8 +624,13 @@ class Relay:
             # recheck gave the slot back already.
             self.stats.lapsed += 1
             delay = await self._requeue(stub, LAPSED_RETRY_SECONDS, entry.attempts)
-            await self._save_quietly(entry.evolve(state=DEFERRED, reason="waiting: the slot lapsed before an SMTP session was ready",
-                                                  updated=_utc(self.clock())))
+            await self._save_quietly(
+                entry.evolve(
+                    state=DEFERRED,
+                    reason="waiting: the slot lapsed before an SMTP session was ready",
+                    updated=_utc(self.clock()),
+                )
+            )
             return Handled(entry.request_id, DEFERRED, "slot lapsed", account, 0, delay)
 
         verdict = result.verdict
@@ -537,10 +641,14 @@ class Relay:
         # Throttling at RCPT teaches the governor as much as at DATA.
         feedback = verdict if verdict.throttled else next((v for v in result.deferred.values() if v.throttled), verdict)
         await self.governor.report(account, feedback, now)
-        refused_now = [i for i, a in zip(envelope, addresses) if a in result.refused]
-        deferred_now = [i for i, a in zip(envelope, addresses) if a in result.deferred]
-        trying = trying.evolve(last_code=verdict.code, last_reply=verdict.text[:300], updated=_utc(now),
-                               refused_recipients=tuple(sorted(set(trying.refused_recipients) | set(refused_now))))
+        refused_now = [i for i, a in zip(envelope, addresses, strict=False) if a in result.refused]
+        deferred_now = [i for i, a in zip(envelope, addresses, strict=False) if a in result.deferred]
+        trying = trying.evolve(
+            last_code=verdict.code,
+            last_reply=verdict.text[:300],
+            updated=_utc(now),
+            refused_recipients=tuple(sorted(set(trying.refused_recipients) | set(refused_now))),
+        )
         if verdict.outcome is not Outcome.SENT:
             if not result.maybe_delivered and self.scheduler is None:
                 # Definitely not delivered: the charge goes back. (A reply lost after DATA keeps it.)
@@ -552,8 +660,11 @@ class Relay:
                 return await self._save_progress(trying.evolve(chunks_sent=index + 1))
             return await self._not_sent(trying, stub, verdict, account, now)
         pending = [i for i in trying.pending_recipients if i not in envelope] + deferred_now
-        done = trying.evolve(chunks_sent=index + 1, pending_recipients=tuple(pending),
-                             chunks_total=max(trying.chunks_total, index + (2 if pending else 1)))
+        done = trying.evolve(
+            chunks_sent=index + 1,
+            pending_recipients=tuple(pending),
+            chunks_total=max(trying.chunks_total, index + (2 if pending else 1)),
+        )
         finished_by_other = False
         if self.scheduler is not None and self._envelope(done, prepared, index + 1) is None:
             # Nothing left to send: the progress write is the final one (and the recipient index
@@ -565,15 +676,25 @@ class Relay:
             # Progress is durable before the next slot is asked for: a crash or a failed governor
             # call from here on never sends this transaction again.
             done = await self._save_progress(done)
-        accepted = [a for i, a in zip(envelope, addresses) if i not in refused_now and i not in deferred_now]
+        accepted = [
+            a for i, a in zip(envelope, addresses, strict=False) if i not in refused_now and i not in deferred_now
+        ]
         if done.chunks_total > 1:
-            await self.ledger.record_chunk(done, index, account=account, recipients=len(accepted), code=verdict.code,
-                                           message_id=message_id(done.request_id, self.message_id_domain, index,
-                                                                 key=self.settings.recipient_hash_key))
+            await self.ledger.record_chunk(
+                done,
+                index,
+                account=account,
+                recipients=len(accepted),
+                code=verdict.code,
+                message_id=message_id(
+                    done.request_id, self.message_id_domain, index, key=self.settings.recipient_hash_key
+                ),
+            )
         await self.ledger.index_recipients(done.evolve(state=SENT), accepted)
         if finished_by_other:
-            return Handled(done.request_id, "duplicate", f"already {done.state} by another delivery", account,
-                           verdict.code)
+            return Handled(
+                done.request_id, "duplicate", f"already {done.state} by another delivery", account, verdict.code
+            )
         return done
 
     async def _save_progress(self, entry: LedgerEntry) -> LedgerEntry:
@@ -610,8 +731,9 @@ class Relay:
         await self._save_quietly(entry.evolve(state=DEFERRED, reason=why, updated=_utc(now)))
         return Handled(entry.request_id, DEFERRED, why, entry.account, entry.last_code, delay)
 
-    async def _slot(self, entry: LedgerEntry, stub: dict, shape: Shape, index: int,
-                    now: float) -> tuple[str, float, LedgerEntry] | Handled:
+    async def _slot(
+        self, entry: LedgerEntry, stub: dict, shape: Shape, index: int, now: float
+    ) -> tuple[str, float, LedgerEntry] | Handled:
         """The account and slot time to send transaction `index` on now (with the entry minus a
         used-up booking), or what became of the request when it cannot go now (booked, waiting,
         refused, dead)."""
@@ -623,8 +745,12 @@ class Relay:
                 early = entry.booked_at - now
                 if early > self.settings.slot_wait_seconds + 1:  # (+1: wakes are whole seconds)
                     # Far from the slot (a redelivery): sleep again on the queue, not here.
-                    delay = await self._requeue(stub, early - self.return_latency.early_wake(), entry.attempts, jitter=False)
-                    return Handled(entry.request_id, DEFERRED, "booked slot not reached", entry.booked_account, 0, delay)
+                    delay = await self._requeue(
+                        stub, early - self.return_latency.early_wake(), entry.attempts, jitter=False
+                    )
+                    return Handled(
+                        entry.request_id, DEFERRED, "booked slot not reached", entry.booked_account, 0, delay
+                    )
                 # Woke early on purpose (see shared/governor/preview/queue_timing.py): the slot is a moment away.
                 await self.sleep(early)
                 now = max(self.clock(), entry.booked_at)
@@ -632,7 +758,9 @@ class Relay:
             entry = entry.evolve(booked_account="", booked_at=0.0, booked_chunk=-1, booked_wake=0.0)
             # Late by up to half the margin is safe: the other half covers the SMTP exchange. An
             # account this process saw start resting since is not used (no extra round trip).
-            if now <= booked_at + self.settings.pacing_margin_seconds / 2 and not self.governor.known_resting(booked, now):
+            if now <= booked_at + self.settings.pacing_margin_seconds / 2 and not self.governor.known_resting(
+                booked, now
+            ):
                 return booked, booked_at, entry
             # Later than that: the booking is given back in the same write that takes the next
             # slot, which is now if the windows allow it.
@@ -647,9 +775,14 @@ class Relay:
         # at +186 were booked at the padded end, came back behind it and were lost; with four
         # draining 55 s, skipping the +62 opening left it empty.)
         plain = self.backlog.lead(now, padded=False) or 0.0
-        decision = await self.governor.acquire(shape, now, release=release, allow_booking=lead is not None,
-                                               book_not_before=now + (lead or 0.0),
-                                               backlog_until=now + (plain + (lead or 0.0)) / 2)
+        decision = await self.governor.acquire(
+            shape,
+            now,
+            release=release,
+            allow_booking=lead is not None,
+            book_not_before=now + (lead or 0.0),
+            backlog_until=now + (plain + (lead or 0.0)) / 2,
+        )
         if release is not None and not (isinstance(decision, Grant) and decision.at <= now):
             self.stats.late_rebooked += 1
         if isinstance(decision, Impossible):
@@ -658,17 +791,26 @@ class Relay:
             if decision.until - entry.first_received.timestamp() > self.settings.max_age_seconds:
                 return await self._finish(entry, DEAD, f"no send slot before the age limit ({decision.reason})")
             delay = await self._requeue(stub, decision.until - now, entry.attempts)
-            await self._save_quietly(entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=_utc(now)))
+            await self._save_quietly(
+                entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=_utc(now))
+            )
             return Handled(entry.request_id, DEFERRED, decision.reason, "", 0, delay)
         if decision.at > now:
             # Back on the queue to wake as much before the slot as booked messages come back late.
             # (Whole seconds, rounded down: at least that early.)
             wake_in = max(0, math.floor(decision.at - now - self.return_latency.early_wake() + 1e-6))
             delay = await self._requeue(stub, wake_in, entry.attempts, jitter=False)
-            await self._save_quietly(entry.evolve(
-                state=DEFERRED, reason=f"booked a slot on {decision.account}", updated=_utc(now),
-                booked_account=decision.account, booked_at=decision.at, booked_chunk=index,
-                booked_wake=now + delay))
+            await self._save_quietly(
+                entry.evolve(
+                    state=DEFERRED,
+                    reason=f"booked a slot on {decision.account}",
+                    updated=_utc(now),
+                    booked_account=decision.account,
+                    booked_at=decision.at,
+                    booked_chunk=index,
+                    booked_wake=now + delay,
+                )
+            )
             await self._keep_host_polling(decision.at)
             return Handled(entry.request_id, DEFERRED, "booked", decision.account, 0, delay)
         return decision.account, decision.at, entry
@@ -687,7 +829,9 @@ class Relay:
                 self.governor.hold_locally(account, LOCAL_HOLD_SECONDS)
             wait, why = ACCOUNT_RETRY_SECONDS, f"account {account} unavailable: {verdict.code} {verdict.text}"[:300]
         else:
-            wait = retry_delay(entry.attempts, self.settings.retry_base_seconds, self.settings.retry_max_seconds, self.rng)
+            wait = retry_delay(
+                entry.attempts, self.settings.retry_base_seconds, self.settings.retry_max_seconds, self.rng
+            )
             why = f"transient: {verdict.code} {verdict.text}"[:300]
         delay = await self._requeue(stub, wait, entry.attempts)
         await self._save_quietly(entry.evolve(state=DEFERRED, reason=why))
@@ -753,8 +897,11 @@ class Relay:
         return Handled("pacer", "pacer", f"next tick in {interval:g} s")
 
     async def _send_pacer(self, interval: float) -> None:
-        await self.queue.send_message(json.dumps({PACER_KEY: 1}), visibility_timeout=math.ceil(interval),
-                                      time_to_live=max(60, math.ceil(10 * interval)))
+        await self.queue.send_message(
+            json.dumps({PACER_KEY: 1}),
+            visibility_timeout=math.ceil(interval),
+            time_to_live=max(60, math.ceil(10 * interval)),
+        )
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -804,8 +951,9 @@ class Relay:
         lifecycle rule (infra/) and `purge_expired` to delete, never a reason to fail or retry the
         request. Only the relay's prefixes: what else is in the container (attachments) belongs to
         the producer."""
-        await RelayBlobs.of(self.storage, self.settings).delete_for_request(entry.request_id, entry.claim_blob,
-                                                                            logger=log)
+        await RelayBlobs.of(self.storage, self.settings).delete_for_request(
+            entry.request_id, entry.claim_blob, logger=log
+        )
 
     async def _save_quietly(self, entry: LedgerEntry) -> None:
         """Record an outcome. On a lost ETag race our row still wins, unless the other one is final
@@ -816,11 +964,15 @@ class Relay:
             current = await self.ledger.get(entry.request_id)
             if current is not None and current.state in FINAL_STATES:
                 if self.ledger.landed(conflict, current):
-                    self._count(entry)   # our write made it final; only its answer was lost
+                    self._count(entry)  # our write made it final; only its answer was lost
                 return
-            if (current is not None and current.state == SENDING and entry.state != SENDING
-                    and current.updated.timestamp() + self.settings.sending_lease_seconds > self.clock()
-                    and entry.state not in FINAL_STATES):
+            if (
+                current is not None
+                and current.state == SENDING
+                and entry.state != SENDING
+                and current.updated.timestamp() + self.settings.sending_lease_seconds > self.clock()
+                and entry.state not in FINAL_STATES
+            ):
                 return
             await self.ledger.put(entry)
         # Counted only here, once our row is written: a row already final returned above, so a
@@ -831,8 +983,14 @@ class Relay:
         if self.aggregates is None:
             return
         if entry.state in FINAL_STATES:
-            self.aggregates.outcome(self.clock(), entry.account, entry.category, entry.state,
-                                    internal=entry.internal_recipients, external=entry.external_recipients)
+            self.aggregates.outcome(
+                self.clock(),
+                entry.account,
+                entry.category,
+                entry.state,
+                internal=entry.internal_recipients,
+                external=entry.external_recipients,
+            )
             if entry.state == REFUSED and entry.reason.startswith("id-conflict:"):
                 # Of the refused, those that came under an id another request had taken.
                 self.aggregates.add(self.clock(), entry.account, entry.category, {"requests.id-conflict": 1})
@@ -841,10 +999,16 @@ class Relay:
 
     async def _refuse_unread(self, queue_message_id: str, refusal: RequestRefused, now: float) -> Handled:
         """A message that cannot even be read is recorded under its queue message id and set aside."""
-        entry = LedgerEntry(request_id=queue_message_id, state=REFUSED, first_received=_utc(now), updated=_utc(now),
-                            reason=f"{refusal.reason}: {refusal.detail}", queue_message_id=queue_message_id)
+        entry = LedgerEntry(
+            request_id=queue_message_id,
+            state=REFUSED,
+            first_received=_utc(now),
+            updated=_utc(now),
+            reason=f"{refusal.reason}: {refusal.detail}",
+            queue_message_id=queue_message_id,
+        )
         try:
-            await self.ledger.save(entry)   # created: counted once; a second delivery finds the row
+            await self.ledger.save(entry)  # created: counted once; a second delivery finds the row
             self._count(entry)
         except LedgerConflict:
             await self.ledger.put(entry)
@@ -855,16 +1019,16 @@ class Relay:
 class _Prepared:
     request: MailRequest
     attachments: list[tuple[str, str, bytes]]
-    recipients: list[str]         # envelope addresses, de-duplicated; the ledger names them by index
-    chunks: list[list[int]]       # recipient indices of each planned SMTP transaction
-    first: bytes | None = None    # the message of chunk 0 as the first account
-    full: dict = None             # the request's JSON object (for its content digest)  # type: ignore[assignment]
+    recipients: list[str]  # envelope addresses, de-duplicated; the ledger names them by index
+    chunks: list[list[int]]  # recipient indices of each planned SMTP transaction
+    first: bytes | None = None  # the message of chunk 0 as the first account
+    full: dict[str, Any] | None = None  # the request's JSON object (for its content digest)
 
 
 @dataclass
 class RelayStats:
     """Counts for the simulation and the benchmarks (per process)."""
 
-    late: int = 0            # requests that came back after their booked slot plus the tolerance
-    late_rebooked: int = 0   # ...of which could not go at once and were booked again (or wait)
-    lapsed: int = 0          # grants that got old waiting for an SMTP session and were not taken again
+    late: int = 0  # requests that came back after their booked slot plus the tolerance
+    late_rebooked: int = 0  # ...of which could not go at once and were booked again (or wait)
+    lapsed: int = 0  # grants that got old waiting for an SMTP session and were not taken again

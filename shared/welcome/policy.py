@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import quote
 
 from shared.graph import graph_time  # the literal is the Graph adapter's (tools.welcome imports it from here too)
 from shared.send.contract import MAX_SUBJECT_LENGTH
 
 # What a scan asks Graph for (createdDateTime, accountEnabled and userType are not in the default set).
-USER_SELECT = ("id", "displayName", "givenName", "userPrincipalName", "mail", "createdDateTime",
-               "accountEnabled", "userType")
+USER_SELECT = (
+    "id",
+    "displayName",
+    "givenName",
+    "userPrincipalName",
+    "mail",
+    "createdDateTime",
+    "accountEnabled",
+    "userType",
+)
 CATEGORY = "welcome"
 REQUEST_ID_PREFIX = "welcome-"
 
@@ -30,7 +39,7 @@ DONE_STATES = frozenset({STATE_ENQUEUED, STATE_SKIPPED})
 
 
 def utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def parse_graph_time(value: str) -> datetime:
@@ -49,7 +58,7 @@ class GraphUser:
     user_type: str
 
     @classmethod
-    def from_graph(cls, doc: Mapping[str, Any]) -> "GraphUser":
+    def from_graph(cls, doc: Mapping[str, Any]) -> GraphUser:
         created = doc.get("createdDateTime")
         return cls(
             id=str(doc["id"]),
@@ -71,7 +80,7 @@ class GraphUser:
 @dataclass(frozen=True)
 class Decision:
     user: GraphUser
-    outcome: str              # welcome | pending | skip
+    outcome: str  # welcome | pending | skip
     reason: str = ""
     retry_until: datetime | None = None  # pending: re-checked on every scan until then
 
@@ -82,8 +91,16 @@ def request_id_for(user_id: str) -> str:
 
 # --- eligibility ----------------------------------------------------------------------------------
 
-def decide(user: GraphUser, now: datetime, pending_for: timedelta, *, group_id: str = "",
-           group_members: frozenset[str] | None = None, first_seen: datetime | None = None) -> Decision:
+
+def decide(
+    user: GraphUser,
+    now: datetime,
+    pending_for: timedelta,
+    *,
+    group_id: str = "",
+    group_members: frozenset[str] | None = None,
+    first_seen: datetime | None = None,
+) -> Decision:
     """Welcome an enabled member with a mail address (in the group, when one is configured).
 
     A guest is skipped for good. Anything that can still change (the mailbox is being created,
@@ -104,8 +121,9 @@ def decide(user: GraphUser, now: datetime, pending_for: timedelta, *, group_id: 
     return hold(user, "; ".join(waiting), now, pending_for, first_seen=first_seen)
 
 
-def hold(user: GraphUser, reason: str, now: datetime, pending_for: timedelta, *,
-         first_seen: datetime | None = None) -> Decision:
+def hold(
+    user: GraphUser, reason: str, now: datetime, pending_for: timedelta, *, first_seen: datetime | None = None
+) -> Decision:
     """Pending for `reason` until `pending_for` after the user was created; skipped after that."""
     deadline = (user.created or first_seen or now) + pending_for
     if now >= deadline:
@@ -130,6 +148,7 @@ def needs_group_check(user: GraphUser, group_id: str) -> bool:
 
 # --- window arithmetic ----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Window:
     since: datetime
@@ -137,8 +156,15 @@ class Window:
     why: str
 
 
-def scan_window(now: datetime, watermark: datetime | None, *, lookback: timedelta, overlap: timedelta,
-                pending_for: timedelta, oldest_pending: datetime | None = None) -> Window:
+def scan_window(
+    now: datetime,
+    watermark: datetime | None,
+    *,
+    lookback: timedelta,
+    overlap: timedelta,
+    pending_for: timedelta,
+    oldest_pending: datetime | None = None,
+) -> Window:
     """Users created at or after `since` are read (no upper bound: a user created while the scan
     runs is simply seen early, and seen again by the next scan's overlap).
 
@@ -166,15 +192,24 @@ def scan_window(now: datetime, watermark: datetime | None, *, lookback: timedelt
 
 # --- the message ----------------------------------------------------------------------------------
 
+
 class TemplateError(ValueError):
     """A welcome template is missing, or uses a variable or section the renderer does not know."""
 
 
 TEMPLATE_FILES = {"subject": "welcome.subject.txt", "text": "welcome.txt", "html": "welcome.html"}
-TEMPLATE_VARIABLES = frozenset({
-    "display_name", "first_name", "user_principal_name", "mail",
-    "outlook_url", "faq_url", "support_address", "support_mailto",
-})
+TEMPLATE_VARIABLES = frozenset(
+    {
+        "display_name",
+        "first_name",
+        "user_principal_name",
+        "mail",
+        "outlook_url",
+        "faq_url",
+        "support_address",
+        "support_mailto",
+    }
+)
 _TAG = re.compile(r"\{\{\s*([#^/]?)\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]+")
 
@@ -218,7 +253,9 @@ def _parse(name: str, source: str) -> tuple:
         current.append(source[pos:start])
         pos = end
         if var not in TEMPLATE_VARIABLES:
-            raise TemplateError(f"{name}: unknown variable {{{{{kind}{var}}}}}; known: {', '.join(sorted(TEMPLATE_VARIABLES))}")
+            raise TemplateError(
+                f"{name}: unknown variable {{{{{kind}{var}}}}}; known: {', '.join(sorted(TEMPLATE_VARIABLES))}"
+            )
         if kind in ("#", "^"):
             block: list = []
             current.append((kind, var, block))
@@ -266,13 +303,15 @@ class Templates:
     html: Template
 
     @classmethod
-    def from_sources(cls, sources: Mapping[str, str]) -> "Templates":
+    def from_sources(cls, sources: Mapping[str, str]) -> Templates:
         missing = [TEMPLATE_FILES[k] for k in TEMPLATE_FILES if k not in sources]
         if missing:
             raise TemplateError(f"missing welcome template(s): {', '.join(missing)}")
-        return cls(subject=Template(TEMPLATE_FILES["subject"], sources["subject"].strip()),
-                   text=Template(TEMPLATE_FILES["text"], sources["text"]),
-                   html=Template(TEMPLATE_FILES["html"], sources["html"], escape_html=True))
+        return cls(
+            subject=Template(TEMPLATE_FILES["subject"], sources["subject"].strip()),
+            text=Template(TEMPLATE_FILES["text"], sources["text"]),
+            html=Template(TEMPLATE_FILES["html"], sources["html"], escape_html=True),
+        )
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from shared.send.contract import RequestRefused, ValidationPolicy, id_proof, parse_address, validate_request
 from shared.settings import Settings, SettingsError
@@ -42,8 +43,8 @@ from shared.welcome.policy import (
     Decision,
     GraphUser,
     Links,
-    Templates,
     TemplateError,
+    Templates,
     Window,
     build_request,
     decide,
@@ -70,12 +71,12 @@ class ScanReport:
     started: datetime
     window: Window
     dry_run: bool
-    decisions: list[Decision] = field(default_factory=list)   # decided in this scan, by creation time
+    decisions: list[Decision] = field(default_factory=list)  # decided in this scan, by creation time
     already: list[tuple[GraphUser, UserRow]] = field(default_factory=list)  # enqueued/skipped by an earlier scan
-    expired: list[UserRow] = field(default_factory=list)      # pending rows that ran out without being seen again
+    expired: list[UserRow] = field(default_factory=list)  # pending rows that ran out without being seen again
     users_read: int = 0
     graph_requests: int = 0
-    watermark: datetime | None = None                        # the stored watermark after the scan
+    watermark: datetime | None = None  # the stored watermark after the scan
 
     def of(self, outcome: str) -> list[Decision]:
         return [d for d in self.decisions if d.outcome == outcome]
@@ -87,11 +88,13 @@ class ScanReport:
     def summary(self) -> str:
         """One line without names or addresses (it goes to the logs)."""
         verb = "would welcome" if self.dry_run else "welcomed"
-        return (f"welcome scan{' (dry run)' if self.dry_run else ''} since {graph_time(self.window.since)}: "
-                f"{self.users_read} user(s) read, {verb} {len(self.of(WELCOME))}, pending {len(self.of(PENDING))}, "
-                f"skipped {len(self.of(SKIP)) + len(self.expired)}, already done {len(self.already)}; "
-                f"{self.graph_requests} Graph request(s)"
-                + (f"; watermark {graph_time(self.watermark)}" if self.watermark and not self.dry_run else ""))
+        return (
+            f"welcome scan{' (dry run)' if self.dry_run else ''} since {graph_time(self.window.since)}: "
+            f"{self.users_read} user(s) read, {verb} {len(self.of(WELCOME))}, pending {len(self.of(PENDING))}, "
+            f"skipped {len(self.of(SKIP)) + len(self.expired)}, already done {len(self.already)}; "
+            f"{self.graph_requests} Graph request(s)"
+            + (f"; watermark {graph_time(self.watermark)}" if self.watermark and not self.dry_run else "")
+        )
 
 
 def validation_policy(settings: Settings) -> ValidationPolicy:
@@ -112,12 +115,15 @@ def check_bcc(settings: Settings, policy: ValidationPolicy) -> str:
     except RequestRefused as exc:
         raise SettingsError(f"WELCOME_BCC: {exc.detail}") from None
     if not policy.external_allowed and address.domain not in policy.internal_domains:
-        raise SettingsError(f"WELCOME_BCC {address.addr!r} is outside HVE_INTERNAL_DOMAINS, and the limits "
-                            f"profile {settings.limits_profile!r} refuses external recipients")
+        raise SettingsError(
+            f"WELCOME_BCC {address.addr!r} is outside HVE_INTERNAL_DOMAINS, and the limits "
+            f"profile {settings.limits_profile!r} refuses external recipients"
+        )
     return settings.welcome_bcc
 
 
 # --- templates ----------------------------------------------------------------------------------
+
 
 @lru_cache(maxsize=1)
 def builtin_templates() -> Templates:
@@ -136,14 +142,16 @@ async def load_templates(settings: Settings, storage: Any = None) -> Templates:
             raise TemplateError("WELCOME_TEMPLATES names blobs, but no storage client was given")
         from azure.core.exceptions import ResourceNotFoundError
 
-        container_name, _, prefix = spec[len("blob:"):].strip("/").partition("/")
+        container_name, _, prefix = spec[len("blob:") :].strip("/").partition("/")
         container = storage.container(container_name)
         for key, name in TEMPLATE_FILES.items():
             blob = f"{prefix.rstrip('/')}/{name}" if prefix else name
             try:
                 sources[key] = (await (await container.download_blob(blob)).readall()).decode("utf-8")
             except ResourceNotFoundError:
-                raise TemplateError(f"WELCOME_TEMPLATES: blob {blob!r} not found in container {container_name!r}") from None
+                raise TemplateError(
+                    f"WELCOME_TEMPLATES: blob {blob!r} not found in container {container_name!r}"
+                ) from None
     else:
         folder = Path(spec)
         for key, name in TEMPLATE_FILES.items():
@@ -156,16 +164,26 @@ async def load_templates(settings: Settings, storage: Any = None) -> Templates:
 
 # --- the scan -------------------------------------------------------------------------------------
 
+
 def _utc_from(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, timezone.utc)
+    return datetime.fromtimestamp(ts, UTC)
 
 
 class WelcomeScan:
     """One scan's work, given its peers: a Graph client, the state table, the queue (through
     `storage`), the templates. `clock` returns epoch seconds."""
 
-    def __init__(self, settings: Settings, *, graph: Any, state: WelcomeState, storage: Any, templates: Templates,
-                 clock: Callable[[], float] = time.time, checkpoint: Checkpoint | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        graph: Any,
+        state: WelcomeState,
+        storage: Any,
+        templates: Templates,
+        clock: Callable[[], float] = time.time,
+        checkpoint: Checkpoint | None = None,
+    ) -> None:
         self.settings = settings
         self.graph = graph
         self.state = state
@@ -175,8 +193,11 @@ class WelcomeScan:
         self.checkpoint = checkpoint or (lambda stage, user_id: None)
         self.policy = validation_policy(settings)
         self.bcc = check_bcc(settings, self.policy)
-        self.links = Links(outlook_url=settings.welcome_outlook_url, faq_url=settings.welcome_faq_url,
-                           support_address=settings.welcome_support_address)
+        self.links = Links(
+            outlook_url=settings.welcome_outlook_url,
+            faq_url=settings.welcome_faq_url,
+            support_address=settings.welcome_support_address,
+        )
 
     async def run(self, *, dry_run: bool = False) -> ScanReport:
         s = self.settings
@@ -186,8 +207,14 @@ class WelcomeScan:
         rows = await self.state.rows(now - max(s.welcome_lookback, s.welcome_pending, s.welcome_overlap))
         pending_rows = [r for r in rows.values() if r.state == STATE_PENDING]
         oldest_pending = min((r.created or r.first_seen for r in pending_rows), default=None)
-        window = scan_window(now, watermark, lookback=s.welcome_lookback, overlap=s.welcome_overlap,
-                             pending_for=s.welcome_pending, oldest_pending=oldest_pending)
+        window = scan_window(
+            now,
+            watermark,
+            lookback=s.welcome_lookback,
+            overlap=s.welcome_overlap,
+            pending_for=s.welcome_pending,
+            oldest_pending=oldest_pending,
+        )
         report = ScanReport(started=now, window=window, dry_run=dry_run)
         requests_before = getattr(self.graph, "requests", 0)
 
@@ -196,8 +223,10 @@ class WelcomeScan:
             user = GraphUser.from_graph(doc)
             users[user.id] = user
         report.users_read = len(users)
-        todo = sorted((u for u in users.values() if not (u.id in rows and rows[u.id].state in DONE_STATES)),
-                      key=lambda u: (u.created or now, u.id))
+        todo = sorted(
+            (u for u in users.values() if not (u.id in rows and rows[u.id].state in DONE_STATES)),
+            key=lambda u: (u.created or now, u.id),
+        )
         for user in users.values():
             if user.id in rows and rows[user.id].state in DONE_STATES:
                 report.already.append((user, rows[user.id]))
@@ -208,8 +237,14 @@ class WelcomeScan:
 
         for user in todo:
             row = rows.get(user.id)
-            decision = decide(user, now, s.welcome_pending, group_id=s.welcome_group_id,
-                              group_members=group_members, first_seen=row.first_seen if row else None)
+            decision = decide(
+                user,
+                now,
+                s.welcome_pending,
+                group_id=s.welcome_group_id,
+                group_members=group_members,
+                first_seen=row.first_seen if row else None,
+            )
             request = None
             if decision.outcome == WELCOME:
                 request = build_request(user, self.templates, self.links, bcc=self.bcc)
@@ -217,8 +252,13 @@ class WelcomeScan:
                     validate_request(request, self.policy)
                 except RequestRefused as refusal:
                     # Held, not dropped: a fixed setting (HVE_INTERNAL_DOMAINS) lets it through later.
-                    decision = hold(user, f"the relay would refuse the request ({refusal})", now, s.welcome_pending,
-                                    first_seen=row.first_seen if row else None)
+                    decision = hold(
+                        user,
+                        f"the relay would refuse the request ({refusal})",
+                        now,
+                        s.welcome_pending,
+                        first_seen=row.first_seen if row else None,
+                    )
                     request = None
             report.decisions.append(decision)
             if not dry_run:
@@ -228,8 +268,14 @@ class WelcomeScan:
             if row.user_id in users or row.retry_until is None or now < row.retry_until:
                 continue
             # Pending until its deadline and not listed any more (deleted, or older than any window).
-            expired = UserRow(user_id=row.user_id, state=STATE_SKIPPED, first_seen=row.first_seen, updated=now,
-                              created=row.created, reason=f"{row.reason} until {graph_time(row.retry_until)}")
+            expired = UserRow(
+                user_id=row.user_id,
+                state=STATE_SKIPPED,
+                first_seen=row.first_seen,
+                updated=now,
+                created=row.created,
+                reason=f"{row.reason} until {graph_time(row.retry_until)}",
+            )
             report.expired.append(expired)
             if not dry_run:
                 await self.state.save(expired)
@@ -240,8 +286,12 @@ class WelcomeScan:
             return report
         self.checkpoint("watermark", "")
         report.watermark = await self.state.advance_watermark(
-            now, last_users_read=report.users_read, last_enqueued=len(report.of(WELCOME)),
-            last_pending=len(report.of(PENDING)), last_window_since=window.since)
+            now,
+            last_users_read=report.users_read,
+            last_enqueued=len(report.of(WELCOME)),
+            last_pending=len(report.of(PENDING)),
+            last_window_since=window.since,
+        )
         return report
 
     async def _carry_out(self, decision: Decision, request: dict | None, row: UserRow | None, now: datetime) -> None:
@@ -254,28 +304,61 @@ class WelcomeScan:
             # `welcome-` ids are the relay's own namespace: the request carries the relay's proof, a
             # producer's request under such an id is refused (shared/send/contract.check_id_claim).
             request = {**request, "idProof": id_proof(self.settings.recipient_hash_key, request["id"])}
-            await enqueue_requests(self.storage, self.settings.mail_queue, self.settings.claim_check_container, [request])
+            await enqueue_requests(
+                self.storage, self.settings.mail_queue, self.settings.claim_check_container, [request]
+            )
             self.checkpoint("enqueued", user.id)
-            await self.state.save(UserRow(user_id=user.id, state=STATE_ENQUEUED, first_seen=first_seen, updated=now,
-                                          created=user.created, request_id=request["id"]))
+            await self.state.save(
+                UserRow(
+                    user_id=user.id,
+                    state=STATE_ENQUEUED,
+                    first_seen=first_seen,
+                    updated=now,
+                    created=user.created,
+                    request_id=request["id"],
+                )
+            )
             log.info("welcome: user %s enqueued as %s", user.id, request["id"])
         elif decision.outcome == PENDING:
             if row is not None and row.state == STATE_PENDING and row.reason == decision.reason:
                 return  # nothing new to record
-            await self.state.save(UserRow(user_id=user.id, state=STATE_PENDING, first_seen=first_seen, updated=now,
-                                          created=user.created, reason=decision.reason,
-                                          retry_until=decision.retry_until))
+            await self.state.save(
+                UserRow(
+                    user_id=user.id,
+                    state=STATE_PENDING,
+                    first_seen=first_seen,
+                    updated=now,
+                    created=user.created,
+                    reason=decision.reason,
+                    retry_until=decision.retry_until,
+                )
+            )
             log.info("welcome: user %s pending: %s", user.id, decision.reason)
         else:
-            await self.state.save(UserRow(user_id=user.id, state=STATE_SKIPPED, first_seen=first_seen, updated=now,
-                                          created=user.created, reason=decision.reason))
+            await self.state.save(
+                UserRow(
+                    user_id=user.id,
+                    state=STATE_SKIPPED,
+                    first_seen=first_seen,
+                    updated=now,
+                    created=user.created,
+                    reason=decision.reason,
+                )
+            )
             log.info("welcome: user %s skipped: %s", user.id, decision.reason)
         self.checkpoint("recorded", user.id)
 
 
-async def run_scan(settings: Settings, *, dry_run: bool = False, clock: Callable[[], float] = time.time,
-                   credential: Any = None, graph: Any = None, storage: Any = None,
-                   checkpoint: Checkpoint | None = None) -> ScanReport:
+async def run_scan(
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    clock: Callable[[], float] = time.time,
+    credential: Any = None,
+    graph: Any = None,
+    storage: Any = None,
+    checkpoint: Checkpoint | None = None,
+) -> ScanReport:
     """One welcome scan. Builds (and closes) the Graph client and storage clients it is not given:
     `credential` is any object with `async get_token(scope)` (default: the app identity, or
     GRAPH_DEV_TOKEN for a loopback stand-in)."""
@@ -290,8 +373,15 @@ async def run_scan(settings: Settings, *, dry_run: bool = False, clock: Callable
         try:
             templates = await load_templates(settings, storage)
             state = await WelcomeState.open(storage, settings.welcome_state_table, read_only=dry_run)
-            scan = WelcomeScan(settings, graph=graph, state=state, storage=storage, templates=templates,
-                               clock=clock, checkpoint=checkpoint)
+            scan = WelcomeScan(
+                settings,
+                graph=graph,
+                state=state,
+                storage=storage,
+                templates=templates,
+                clock=clock,
+                checkpoint=checkpoint,
+            )
             return await scan.run(dry_run=dry_run)
         finally:
             if own_graph:

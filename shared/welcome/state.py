@@ -11,7 +11,7 @@ Like the ledger, no addresses or names: a user is known here by object id only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
@@ -25,7 +25,7 @@ _MAX_TEXT = 500
 @dataclass(frozen=True)
 class UserRow:
     user_id: str
-    state: str                   # pending | enqueued | skipped
+    state: str  # pending | enqueued | skipped
     first_seen: datetime
     updated: datetime
     created: datetime | None = None
@@ -35,8 +35,13 @@ class UserRow:
 
     def to_entity(self) -> dict[str, Any]:
         entity: dict[str, Any] = {
-            "PartitionKey": _USER, "RowKey": self.user_id, "state": self.state, "reason": self.reason[:_MAX_TEXT],
-            "first_seen": self.first_seen, "updated": self.updated, "request_id": self.request_id,
+            "PartitionKey": _USER,
+            "RowKey": self.user_id,
+            "state": self.state,
+            "reason": self.reason[:_MAX_TEXT],
+            "first_seen": self.first_seen,
+            "updated": self.updated,
+            "request_id": self.request_id,
         }
         if self.created is not None:
             entity["created"] = self.created
@@ -45,16 +50,21 @@ class UserRow:
         return entity
 
     @classmethod
-    def from_entity(cls, entity: Any) -> "UserRow":
+    def from_entity(cls, entity: Any) -> UserRow:
         def when(name: str) -> datetime | None:
             value = entity.get(name)
             return utc(value) if isinstance(value, datetime) else None
 
-        return cls(user_id=entity["RowKey"], state=str(entity.get("state", "")), reason=str(entity.get("reason", "")),
-                   first_seen=when("first_seen") or datetime.fromtimestamp(0, timezone.utc),
-                   updated=when("updated") or datetime.fromtimestamp(0, timezone.utc),
-                   created=when("created"), request_id=str(entity.get("request_id", "")),
-                   retry_until=when("retry_until"))
+        return cls(
+            user_id=entity["RowKey"],
+            state=str(entity.get("state", "")),
+            reason=str(entity.get("reason", "")),
+            first_seen=when("first_seen") or datetime.fromtimestamp(0, UTC),
+            updated=when("updated") or datetime.fromtimestamp(0, UTC),
+            created=when("created"),
+            request_id=str(entity.get("request_id", "")),
+            retry_until=when("retry_until"),
+        )
 
 
 class WelcomeState:
@@ -66,7 +76,7 @@ class WelcomeState:
         self.read_only = read_only
 
     @classmethod
-    async def open(cls, storage: Any, table_name: str, *, read_only: bool = False) -> "WelcomeState":
+    async def open(cls, storage: Any, table_name: str, *, read_only: bool = False) -> WelcomeState:
         if read_only:
             return cls(storage.tables.get_table_client(table_name), read_only=True)
         return cls(await storage.table(table_name))
@@ -85,8 +95,15 @@ class WelcomeState:
         self._writable()
         current = await self.watermark()
         new = max(utc(value), current) if current else utc(value)
-        await self._table.upsert_entity({"PartitionKey": _SCAN, "RowKey": _WATERMARK, "watermark": new,
-                                         "updated": datetime.now(timezone.utc), **stats})
+        await self._table.upsert_entity(
+            {
+                "PartitionKey": _SCAN,
+                "RowKey": _WATERMARK,
+                "watermark": new,
+                "updated": datetime.now(UTC),
+                **stats,
+            }
+        )
         return new
 
     async def rows(self, created_since: datetime) -> dict[str, UserRow]:
@@ -95,7 +112,8 @@ class WelcomeState:
         query = "PartitionKey eq @pk and ( created ge @since or state eq @pending )"  # the SDK needs the spaces
         try:
             async for entity in self._table.query_entities(
-                    query, parameters={"pk": _USER, "since": utc(created_since), "pending": STATE_PENDING}):
+                query, parameters={"pk": _USER, "since": utc(created_since), "pending": STATE_PENDING}
+            ):
                 row = UserRow.from_entity(entity)
                 rows[row.user_id] = row
         except ResourceNotFoundError:

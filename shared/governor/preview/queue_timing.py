@@ -43,7 +43,7 @@ LATENCY_IGNORED_ABOVE = 120.0
 
 @dataclass
 class ReturnLatency:
-    max_seconds: float                # the longest early wake (and in-process wait) allowed
+    max_seconds: float  # the longest early wake (and in-process wait) allowed
     _seen: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
 
     def observe(self, seconds: float) -> None:
@@ -66,12 +66,12 @@ class ReturnLatency:
 
 @dataclass
 class BacklogEstimator:
-    sample_seconds: float            # how often the queue is asked (0: the estimator is off)
-    min_messages: int                # a backlog this small is a poll or two, not congestion
-    max_lead_seconds: float          # never put bookings further out than this for a backlog
-    _samples: deque = field(default_factory=deque)     # (t, backlog)
-    _handled: deque = field(default_factory=deque)     # t of each message this process handled
-    _asked: float = float("-inf")                      # when a reading was last asked for
+    sample_seconds: float  # how often the queue is asked (0: the estimator is off)
+    min_messages: int  # a backlog this small is a poll or two, not congestion
+    max_lead_seconds: float  # never put bookings further out than this for a backlog
+    _samples: deque = field(default_factory=deque)  # (t, backlog)
+    _handled: deque = field(default_factory=deque)  # t of each message this process handled
+    _asked: float = float("-inf")  # when a reading was last asked for
 
     @property
     def enabled(self) -> bool:

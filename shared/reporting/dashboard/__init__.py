@@ -27,19 +27,21 @@ def _sha256(text: str) -> str:
 
 
 def content_security_policy(script: str, style: str) -> str:
-    return "; ".join([
-        "default-src 'none'",
-        f"script-src {_sha256(script)}",
-        f"style-src {_sha256(style)}",
-        "connect-src 'self'",  # only /api/report, same origin
-        "img-src data:",  # the empty favicon, so the browser asks the host for none
-        "base-uri 'none'",
-        "form-action 'none'",
-        "frame-ancestors 'none'",
-        # No string ever becomes markup: innerHTML and friends throw.
-        "require-trusted-types-for 'script'",
-        "trusted-types 'none'",
-    ])
+    return "; ".join(
+        [
+            "default-src 'none'",
+            f"script-src {_sha256(script)}",
+            f"style-src {_sha256(style)}",
+            "connect-src 'self'",  # only /api/report, same origin
+            "img-src data:",  # the empty favicon, so the browser asks the host for none
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+            # No string ever becomes markup: innerHTML and friends throw.
+            "require-trusted-types-for 'script'",
+            "trusted-types 'none'",
+        ]
+    )
 
 
 @lru_cache(maxsize=1)
