@@ -9,7 +9,7 @@ import random
 from datetime import datetime, timezone
 
 from shared.governor.pacing import AccountState, Shape
-from shared.governor.scheduler import RELEASE_SPREAD_SECONDS, Go, Later, plain_decision
+from shared.governor.scheduler import RELEASE_SPREAD_SECONDS, BudgetedScheduler, Go, Later, plain_decision
 from shared.send.stage import Relay
 from shared.reporting.status import usage_from_aggregates
 from tests.relay_harness import ACCOUNTS, drain, enqueue, relay_settings
@@ -118,7 +118,7 @@ def test_todays_use_comes_from_the_aggregates_when_the_governor_counts_nothing(s
     assert used[A].messages_today == 0 and used[C].messages_today == 0
 
 
-def test_the_paced_path_is_used_whenever_something_is_counted_or_windowed(storage, emulator):
+def test_the_paced_path_is_used_whenever_something_is_windowed_or_counted_per_account(storage, emulator):
     async def scheduler(**env):
         relay = await Relay.create(relay_settings(storage, emulator, **env))
         try:
@@ -127,6 +127,68 @@ def test_the_paced_path_is_used_whenever_something_is_counted_or_windowed(storag
             await relay.close()
 
     assert asyncio.run(scheduler()) is not None
-    assert asyncio.run(scheduler(HVE_DAILY_RECIPIENT_BUDGET="1000")) is None
+    assert isinstance(asyncio.run(scheduler(HVE_DAILY_RECIPIENT_BUDGET="1000")), BudgetedScheduler)
     assert asyncio.run(scheduler(HVE_LIMITS_PROFILE="preview-2024")) is None
     assert asyncio.run(scheduler(HVE_LIMITS='{"messages_per_minute": 30}')) is None
+
+
+async def _two_workers(a, b):
+    async def worker(relay):
+        handled = []
+        for _ in range(40):
+            got = False
+            async for msg in relay.queue.receive_messages(messages_per_page=8, visibility_timeout=60):
+                got = True
+                handled.append(await relay.handle(msg.content, msg.id, msg.dequeue_count))
+                await relay.queue.delete_message(msg)
+            if not got:
+                break
+        return handled
+
+    first, second = await asyncio.gather(worker(a), worker(b))
+    return first + second
+
+
+def _budget_run(storage, emulator, budget: str, n: int):
+    """Two relays (two processes) share a daily budget; `n` one-recipient requests."""
+    async def main():
+        env = dict(HVE_DAILY_RECIPIENT_BUDGET=budget, AGGREGATES_FLUSH_SECONDS="0")
+        a = await Relay.create(relay_settings(storage, emulator, **env))
+        b = await Relay.create(relay_settings(storage, emulator, **env))
+        try:
+            for i in range(n):
+                await enqueue(a, {"id": f"b-{i}", "to": [f"u{i}@contoso.com"], "subject": "Hi", "text": "Hello"})
+            claims = {"n": 0}
+            for relay in (a, b):
+                claim = relay.governor.claim_allowance
+
+                async def counted(*args, _claim=claim, **kwargs):
+                    claims["n"] += 1
+                    return await _claim(*args, **kwargs)
+
+                relay.governor.claim_allowance = counted
+            handled = await _two_workers(a, b)
+            _, tenant = await a.governor.read()
+            return handled, tenant, claims["n"]
+        finally:
+            await a.close()
+            await b.close()
+
+    return asyncio.run(main())
+
+
+def test_a_daily_budget_is_taken_from_the_tenant_row_in_blocks_not_per_message(storage, emulator):
+    handled, tenant, claims = _budget_run(storage, emulator, "100000", 60)
+    assert sorted(h.state for h in handled) == ["sent"] * 60
+    assert claims <= 2 and tenant.claimed <= 200     # a block of 100 per process at most
+
+
+def test_a_daily_budget_shared_by_two_processes_is_never_exceeded(storage, emulator):
+    handled, tenant, claims = _budget_run(storage, emulator, "30", 50)
+    sent = [h for h in handled if h.state == "sent"]
+    waiting = [h for h in handled if h.state == "deferred"]
+    assert len(sent) == len(emulator.accepted()) <= 30 and tenant.claimed <= 30
+    assert len(sent) >= 28            # near the cap the blocks shrink: little is stranded
+    assert len(sent) + len(waiting) == 50 and all("budget" in h.reason for h in waiting)
+    # Once a process finds the day's cap spent it stops asking the tenant row.
+    assert claims <= 30 + 2

@@ -192,7 +192,7 @@ def test_a_host_killed_while_its_final_ledger_write_hangs_is_counted_once_when_a
     from tools.azurite import connection_string
     from tools.fault_proxy import Fault, FaultProxy
 
-    env = {"HVE_DAILY_RECIPIENT_BUDGET": "100000"} if path == "paced" else {}
+    env = {"HVE_LIMITS": '{"messages_per_minute": 100000}'} if path == "paced" else {}
     final_put = 2 if path == "paced" else 1
     settings = app_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0.1", SENDING_LEASE_SECONDS="2", **env)
     row = f"{settings['LEDGER_TABLE']}(PartitionKey='hang-1',RowKey='request')"
@@ -253,7 +253,7 @@ def run(coro):
 def test_two_deliveries_of_one_request_at_once_are_counted_once(storage, emulator, path):
     # Paced (something counted per day): the ledger row is read first. Plain (ga-2026, no budget):
     # the claim is the row's creation, and both deliveries try to create it.
-    env = {"HVE_DAILY_RECIPIENT_BUDGET": "100000"} if path == "paced" else {}
+    env = {"HVE_LIMITS": '{"messages_per_minute": 100000}'} if path == "paced" else {}
 
     async def main():
         relay = await Relay.create(relay_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0", **env))
@@ -623,7 +623,7 @@ def test_a_final_ledger_write_whose_answer_is_lost_is_counted_once(azurite, stor
 
     async def main(conn: str):
         relay = await Relay.create(relay_settings(storage, emulator, AzureWebJobsStorage=conn, AGGREGATES_FLUSH_SECONDS="0",
-                                                  **({"HVE_DAILY_RECIPIENT_BUDGET": "100000"} if path == "paced" else {})))
+                                                  **({"HVE_LIMITS": '{"messages_per_minute": 100000}'} if path == "paced" else {})))
         try:
             await enqueue(relay, mail("lost-final", ["ann@contoso.com"], "orders"))
             handled = await drain(relay)
@@ -664,7 +664,7 @@ def test_a_delivery_whose_progress_write_comes_back_after_another_finished_the_r
 
     body = mail("slow-a", ["ann@contoso.com"], "orders", account="news@contoso.com")
 
-    env = {"HVE_DAILY_RECIPIENT_BUDGET": "100000"} if path == "paced" else {}
+    env = {"HVE_LIMITS": '{"messages_per_minute": 100000}'} if path == "paced" else {}
 
     async def main(conn: str):
         a = await Relay.create(relay_settings(storage, emulator, AzureWebJobsStorage=conn, AGGREGATES_FLUSH_SECONDS="0",

@@ -91,10 +91,12 @@ class PacingConfig:
 
     @property
     def plain(self) -> bool:
-        """No per-minute window and nothing counted per day (`ga-2026` without a budget): only
-        account health decides, and nothing needs writing per message (shared/governor/scheduler.py)."""
+        """No per-minute window and no per-account daily limit (`ga-2026`): only account health
+        decides which account sends, and no account row is written per message
+        (shared/governor/scheduler.py). A tenant cap (HVE_DAILY_RECIPIENT_BUDGET) is then taken
+        from the tenant row in blocks."""
         lim = self.limits
-        return self.tenant_cap is None and all(
+        return all(
             v is None
             for v in (
                 lim.external_messages_per_minute,

@@ -1,5 +1,8 @@
 """Which account sends a message, when there are no per-minute windows to pace against.
 
+(With a tenant cap — HVE_DAILY_RECIPIENT_BUDGET — `BudgetedScheduler` also takes today's
+recipients from the tenant row in blocks held by this process: one write per block.)
+
 Under HVE's 2026 limits (`ga-2026`, or any profile whose per-minute limits are null) and with
 nothing counted per day (no daily budget, no daily cap), pacing has nothing to enforce. What is
 left is account health: an account resting after a throttling reply (cooldown) or an
@@ -35,6 +38,13 @@ class Go:
 
     account: str
     at: float
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """The message can never go (more recipients than a whole day's cap)."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -95,3 +105,51 @@ class PlainScheduler:
         return plain_decision(
             self.governor.known_states(), self.governor.held(), shape, now, self.rng, self.spread_seconds
         )
+
+    def give_back(self, recipients: int) -> None:
+        """Recipients of a message that was definitely not delivered (nothing to give back here)."""
+
+
+# Recipients a process takes from the tenant's daily cap at once (near the cap, less: see
+# `TableGovernor.claim_allowance`), so little is stranded in idle processes at the end of a day.
+BUDGET_BLOCK = 100
+
+
+class BudgetedScheduler(PlainScheduler):
+    """`PlainScheduler` under a daily tenant cap: recipients are taken from the tenant row in
+    blocks (`TableGovernor.claim_allowance`) and spent from memory, so about one write per
+    BUDGET_BLOCK recipients instead of one per message. A block not spent by the end of its day
+    is not used (the cap errs on the safe side by at most a block per process)."""
+
+    def __init__(self, governor: Any, rng: random.Random | None = None, **kwargs: Any) -> None:
+        super().__init__(governor, rng, **kwargs)
+        self._day = -1
+        self._left = 0
+        self._spent = False   # the cap was found spent today (claims are never handed back)
+
+    async def decide(self, shape: Shape, now: float) -> Go | Later | Refuse:  # type: ignore[override]
+        cfg = self.governor.config
+        cap = cfg.tenant_cap
+        if cap is not None and shape.recipients > cap:
+            return Refuse(f"{shape.recipients} exceeds the limit of {cap} recipients a day (daily recipient budget)")
+        decision = await super().decide(shape, now)
+        if isinstance(decision, Later) or cap is None:
+            return decision
+        day = cfg.day_of(now)
+        if day != self._day:
+            self._day, self._left, self._spent = day, 0, False
+        if self._left < shape.recipients:
+            need = shape.recipients - self._left
+            taken = 0 if self._spent else await self.governor.claim_allowance(need, BUDGET_BLOCK, now)
+            if taken == 0:
+                self._spent = True
+                until = cfg.day_end(day)
+                return Later(
+                    until - now + self.rng.uniform(0.0, self.spread_seconds), "daily recipient budget spent for today"
+                )
+            self._left += taken
+        self._left -= shape.recipients
+        return decision
+
+    def give_back(self, recipients: int) -> None:
+        self._left += recipients

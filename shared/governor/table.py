@@ -411,3 +411,35 @@ class TableGovernor:
 
     async def states(self) -> list[AccountState]:
         return (await self.read())[0]
+
+    async def claim_allowance(self, need: int, block: int, now: float) -> int:
+        """Take up to `block` recipients (at least `need` when that much is left) of today's tenant
+        cap from the tenant row, If-Match its ETag; how many were taken (0: the cap is spent, or
+        less than `need` is left). The plain path's budget: one write per block, not per message."""
+        cap = self.config.tenant_cap
+        if cap is None:
+            return block
+        day = self.config.day_of(now)
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            self.round_trips += 1
+            try:
+                row = await self._table.get_entity(PARTITION, TENANT_ROW)
+                tenant = TenantState(
+                    day=int(row.get("Day", -1)), claimed=int(row.get("Claimed", 0)), etag=row.metadata.get("etag")
+                )
+            except ResourceNotFoundError:
+                tenant = TenantState()
+            today = tenant.on_day(day)
+            left = cap - today.claimed
+            if left < need or left <= 0:
+                return 0
+            # Near the cap, smaller blocks (a sixteenth of what is left): little is stranded.
+            take = min(left, max(need, min(block, max(1, left // 16))))
+            updated = replace(today, claimed=today.claimed + take)
+            try:
+                await self._write([], updated, tenant.etag)
+            except _Conflict:
+                await self._backoff(attempt)
+                continue
+            return take
+        return 0

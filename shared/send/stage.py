@@ -21,7 +21,7 @@ from typing import Any
 
 from shared.governor.pacing import Impossible, PacingConfig, Release, Shape, Wait, chunk_recipients
 from shared.governor.preview.queue_timing import BacklogEstimator, ReturnLatency
-from shared.governor.scheduler import Later, PlainScheduler
+from shared.governor.scheduler import BudgetedScheduler, Later, PlainScheduler, Refuse
 from shared.governor.table import Grant, TableGovernor
 from shared.hve.credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential, check_secret_names
 from shared.hve.limits import Limits, resolve_limits
@@ -144,11 +144,15 @@ class Relay:
         self.sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
         self.closers: list[Callable[[], Awaitable[None]]] = []
         self.policy = ValidationPolicy.from_settings(settings, limits)
-        # No per-minute window and nothing counted per day (ga-2026 without a budget): only account
-        # health decides, from the governor's rows read now and then; nothing is written per
-        # message, no slot is booked, no queue length is read (shared/governor/scheduler.py). Otherwise the
-        # governor's `acquire` paces every transaction (bookings, pacer, backlog readings).
-        self.scheduler: PlainScheduler | None = PlainScheduler(governor, self.rng) if governor.config.plain else None
+        # No per-minute window and no per-account daily limit (ga-2026): only account health
+        # decides, from the governor's rows read now and then; no account row is written per
+        # message, no slot is booked, no queue length is read, and a daily budget is taken from the
+        # tenant row in blocks (shared/governor/scheduler.py). Otherwise the governor's `acquire`
+        # paces every transaction (bookings, pacer, backlog readings).
+        self.scheduler: PlainScheduler | None = None
+        if governor.config.plain:
+            budgeted = governor.config.tenant_cap is not None
+            self.scheduler = BudgetedScheduler(governor, self.rng) if budgeted else PlainScheduler(governor, self.rng)
         self.message_id_domain = settings.accounts[0].rsplit("@", 1)[1]
 
     @classmethod
@@ -555,9 +559,11 @@ class Relay:
         """The account to send on now, or the request back on the queue while every account rests."""
         now = self.clock()
         decision = await self.scheduler.decide(shape, now) if self.scheduler is not None else None
+        if isinstance(decision, Refuse):
+            return await self._finish(entry, REFUSED, f"over-limit: {decision.reason}")
         if isinstance(decision, Later):
             if now + decision.delay - entry.first_received.timestamp() > self.settings.max_age_seconds:
-                return await self._finish(entry, DEAD, f"no account free before the age limit ({decision.reason})")
+                return await self._finish(entry, DEAD, f"no send slot before the age limit ({decision.reason})")
             delay = await self._requeue(stub, decision.delay, entry.attempts)
             await self._save_quietly(
                 entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=_utc(now))
@@ -616,7 +622,9 @@ class Relay:
         if called_off == "claimed":
             # Another delivery of the same request got there first; let it finish. Its slot is
             # given back unless it is the booking the other delivery sends on.
-            if self.scheduler is None and not (shared_slot and slot_at == original_slot):
+            if self.scheduler is not None:
+                self.scheduler.give_back(shape.recipients)
+            elif not (shared_slot and slot_at == original_slot):
                 await self.governor.refund(Release(account, slot_at, shape))
             delay = await self._requeue(stub, BUSY_RECHECK_SECONDS, entry.attempts)
             return Handled(entry.request_id, "busy", "another instance claimed it", account, 0, delay)
@@ -650,10 +658,12 @@ class Relay:
             refused_recipients=tuple(sorted(set(trying.refused_recipients) | set(refused_now))),
         )
         if verdict.outcome is not Outcome.SENT:
-            if not result.maybe_delivered and self.scheduler is None:
+            if not result.maybe_delivered:
                 # Definitely not delivered: the charge goes back. (A reply lost after DATA keeps it.)
-                # (The plain path charges nothing.)
-                await self.governor.refund(Release(account, slot_at, shape))
+                if self.scheduler is not None:
+                    self.scheduler.give_back(shape.recipients)
+                else:
+                    await self.governor.refund(Release(account, slot_at, shape))
             if len(refused_now) == len(envelope):
                 # Every recipient of this transaction refused for good at RCPT: the others of the
                 # request (other chunks) still go; the ledger names these by index.
