@@ -125,7 +125,7 @@ class BudgetedScheduler(PlainScheduler):
         super().__init__(governor, rng, **kwargs)
         self._day = -1
         self._left = 0
-        self._spent = False   # the cap was found spent today (claims are never handed back)
+        self._spent = False  # the cap was found spent today (claims are never handed back)
 
     async def decide(self, shape: Shape, now: float) -> Go | Later | Refuse:  # type: ignore[override]
         cfg = self.governor.config
