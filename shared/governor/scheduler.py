@@ -17,6 +17,7 @@ the limits have per-minute windows or something is counted per day.)
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -126,6 +127,7 @@ class BudgetedScheduler(PlainScheduler):
         self._day = -1
         self._left = 0
         self._spent = False  # the cap was found spent today (claims are never handed back)
+        self._claiming = asyncio.Lock()
 
     async def decide(self, shape: Shape, now: float) -> Go | Later | Refuse:  # type: ignore[override]
         cfg = self.governor.config
@@ -139,15 +141,16 @@ class BudgetedScheduler(PlainScheduler):
         if day != self._day:
             self._day, self._left, self._spent = day, 0, False
         if self._left < shape.recipients:
-            need = shape.recipients - self._left
-            taken = 0 if self._spent else await self.governor.claim_allowance(need, BUDGET_BLOCK, now)
-            if taken == 0:
-                self._spent = True
+            async with self._claiming:  # messages handled together wait for one claim, not race
+                if self._left < shape.recipients and not self._spent:
+                    taken = await self.governor.claim_allowance(shape.recipients - self._left, BUDGET_BLOCK, now)
+                    self._left += taken
+                    self._spent = taken == 0
+            if self._left < shape.recipients:
                 until = cfg.day_end(day)
                 return Later(
                     until - now + self.rng.uniform(0.0, self.spread_seconds), "daily recipient budget spent for today"
                 )
-            self._left += taken
         self._left -= shape.recipients
         return decision
 
