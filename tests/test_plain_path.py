@@ -192,3 +192,26 @@ def test_a_daily_budget_shared_by_two_processes_is_never_exceeded(storage, emula
     assert len(sent) + len(waiting) == 50 and all("budget" in h.reason for h in waiting)
     # Once a process finds the day's cap spent it stops asking the tenant row.
     assert claims <= 30 + 2
+
+
+def test_the_status_cli_shows_todays_use_from_the_aggregates_on_the_plain_path(storage, emulator):
+    from tools import status as status_cli
+
+    settings = relay_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0")
+
+    async def send():
+        relay = await Relay.create(settings)
+        try:
+            for i in range(3):
+                await enqueue(relay, {"id": f"cli-{i}", "to": [f"c{i}@contoso.com"], "subject": "Hi", "text": "Hello",
+                                      "account": C})
+            await drain(relay)
+            await relay.aggregates.flush()
+        finally:
+            await relay.close()
+
+    asyncio.run(send())
+    report = asyncio.run(status_cli.report(settings))
+    used = {a["account"]: a["used_today"] for a in report["accounts"]}
+    assert used[C] == {"messages": 3, "internal_recipients": 3, "external_recipients": 0}
+    assert report["tenant"]["recipients_today"] == 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from shared.reporting.aggregates import Aggregates
@@ -16,7 +17,8 @@ from shared.governor.table import TableGovernor
 from shared.hve.limits import resolve_limits
 from shared.send.stage import pacing_config
 from shared.settings import Settings
-from shared.reporting.status import delivery_last_24h, render_text, status_report, to_json
+from shared.reporting.status import (delivery_last_24h, last_24h_since, render_text, status_report, to_json,
+                                     usage_from_buckets)
 from shared.storage import StorageClients
 from tools.enqueue import load_local_settings
 
@@ -29,8 +31,13 @@ async def report(settings: Settings) -> dict:
         states, tenant = await governor.read()
         aggregates = Aggregates(storage.tables.get_table_client(settings.aggregates_table), flush_seconds=0,
                                 rollup_after_seconds=settings.aggregates_rollup_after_seconds)
-        return status_report(states, tenant, config, settings.limits_profile,
-                             delivery=await delivery_last_24h(aggregates, time.time()))
+        now = time.time()
+        buckets = await aggregates.read(last_24h_since(now), datetime.fromtimestamp(now + 1, timezone.utc))
+        if config.plain:
+            # The governor counts nothing per message on the plain path: today's use is in the aggregates.
+            states = usage_from_buckets(states, buckets, config, now)
+        return status_report(states, tenant, config, settings.limits_profile, now,
+                             delivery=await delivery_last_24h(aggregates, now, buckets))
     finally:
         await storage.close()
 
