@@ -38,7 +38,12 @@ for hour in "${hours[@]}"; do
   # The clock starts at that instant and runs on from there (so 23:59:30 crosses midnight).
   # Chromium does not run under libfaketime here (pages never load, or it crashes when skipped
   # with FAKETIME_SKIP_CMDS): the browser test runs on the real clock only, in ./tools/test.sh.
-  TZ=UTC LD_PRELOAD="$ROOT/$shim:$lib" FAKETIME="@$day $hour" FAKETIME_DONT_FAKE_MONOTONIC=1 \
+  # An offset from the real clock, not an absolute start ("@day hour"): with an absolute start each
+  # process's clock begins at that instant when the process starts, so a local host started twenty
+  # minutes into the run is twenty minutes behind Azurite and the emulator, whose TLS certificate is
+  # then "not yet valid" for it. With an offset every process reads the same shifted clock.
+  offset=$(( $(date -u -d "$day $hour" +%s) - $(date -u +%s) ))
+  TZ=UTC LD_PRELOAD="$ROOT/$shim:$lib" FAKETIME="$(printf '%+d' "$offset")" FAKETIME_DONT_FAKE_MONOTONIC=1 \
     .venv/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_dashboard_browser.py "$@" >"$log" 2>&1
   rc=$?
   line="$(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed)' "$log" | tail -n 1)"
