@@ -43,6 +43,25 @@ async def status(req: func.HttpRequest) -> func.HttpResponse:
     return func.HttpResponse(await wiring.status_json(), headers=JSON_HEADERS, mimetype="application/json")
 
 
+@app.route(route="send", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+async def send(req: func.HttpRequest) -> func.HttpResponse:
+    """One mail request (contract v1) onto the mail queue: 202 with its id and status path, 400 with
+    the refusal reasons, 409 for another request's id, 413 over HTTP_SEND_MAX_BYTES
+    (schemas: shared/schema/send-response.v1.json, error.v1.json)."""
+    status_code, body, headers = await wiring.send_response(req.get_body(), req.headers.get("content-length"))
+    return func.HttpResponse(
+        body, status_code=status_code, headers={**JSON_HEADERS, **headers}, mimetype="application/json"
+    )
+
+
+@app.route(route="requests/{id}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+async def request_status(req: func.HttpRequest) -> func.HttpResponse:
+    """One request: state, attempts, account, last SMTP code, times, chunks, delivery counts; never an
+    address (schema: shared/schema/request-status.v1.json; 404 for an unknown id)."""
+    status_code, body = await wiring.request_status_response(req.route_params.get("id", ""))
+    return func.HttpResponse(body, status_code=status_code, headers=JSON_HEADERS, mimetype="application/json")
+
+
 @app.route(route="report", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 async def report(req: func.HttpRequest) -> func.HttpResponse:
     """Counts per hour or day, account and category, with the live account, queue and budget state

@@ -225,6 +225,14 @@ param hvePricePerMillionRecipients string = '42'
 @minValue(1)
 param reportMaxDays int = 31
 
+@description('Largest body POST /api/send accepts, in bytes (413 above it); at most 16 MiB.')
+@minValue(1024)
+@maxValue(16777216)
+param httpSendMaxBytes int = 1048576
+
+@description('Client IP ranges (CIDR, e.g. 203.0.113.0/24) allowed to call the app\'s HTTP routes (/api/send, /api/requests, /api/status, /api/report, /api/dashboard); every other address is denied by the app\'s access restrictions (ipSecurityRestrictions). Empty: no restriction (function keys only). Queue and timer triggers are not affected.')
+param allowedClientIpRanges array = []
+
 @description('OTLP/HTTP endpoint for telemetry; used only when Application Insights is not (leave empty in Azure).')
 param otelExporterOtlpEndpoint string = ''
 
@@ -455,6 +463,8 @@ var appSettings = {
   AGGREGATES_MAX_CATEGORIES: string(aggregatesMaxCategories)
   HVE_PRICE_PER_MILLION_RECIPIENTS: hvePricePerMillionRecipients
   REPORT_MAX_DAYS: string(reportMaxDays)
+  // HTTP intake (POST /api/send).
+  HTTP_SEND_MAX_BYTES: string(httpSendMaxBytes)
   RECIPIENT_HASH_KEY: '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=${recipientHashKeySecretName})'
   // Welcome scan.
   WELCOME_ENABLED: welcomeEnabled ? 'true' : 'false'
@@ -507,6 +517,7 @@ module functionApp 'modules/functionapp.bicep' = {
     instanceMemoryMB: instanceMemoryMB
     zoneRedundant: zoneRedundant
     appSettings: union(appSettings, timerSettings)
+    allowedClientIpRanges: allowedClientIpRanges
   }
   dependsOn: [
     rbac

@@ -183,6 +183,17 @@ class Ledger:
             raise LedgerConflict(entry.request_id, entry.write) from exc
         return entry.evolve(etag=meta.get("etag"))
 
+    async def withdraw(self, entry: LedgerEntry) -> bool:
+        """Delete the row only while it is as `entry` read or wrote it (its ETag): a claim given back
+        (`POST /api/send` when its queue write failed). False when the row changed or is gone."""
+        try:
+            await self._table.delete_entity(
+                entry.request_id, _ROW, etag=entry.etag, match_condition=MatchConditions.IfNotModified
+            )
+        except (ResourceModifiedError, ResourceNotFoundError):
+            return False
+        return True
+
     @staticmethod
     def landed(conflict: LedgerConflict, current: LedgerEntry | None) -> bool:
         """Whether the write that raised `conflict` is the one `current` (the row read after it)

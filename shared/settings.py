@@ -252,6 +252,11 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "REPORT_MAX_DAYS", "31", "Longest span `GET /api/report` answers (since to until); longer asks get a 400."
     ),
+    SettingSpec(
+        "HTTP_SEND_MAX_BYTES",
+        "1048576",
+        "Largest body `POST /api/send` accepts, in bytes (default 1 MiB: a request with about 700 KB of base64 attachments); a longer one is answered 413 before it is parsed. Requests over a queue message go on by claim check. At most 16777216 (16 MiB, over HVE's 10 MB message limit with base64 and JSON overhead).",
+    ),
     SettingSpec("APPLICATIONINSIGHTS_CONNECTION_STRING", "", "Export telemetry to Azure Monitor when set."),
     SettingSpec(
         "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
@@ -376,12 +381,27 @@ class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the setting."""
 
 
+# Producer names the relay itself writes under (shared/send/blobs.py HTTP_PRODUCER: `POST /api/send`'s
+# claim checks); a producer granted `requests/http/` could otherwise name blobs as if the relay wrote them.
+RESERVED_PRODUCERS = frozenset({"http"})
+# Largest HTTP_SEND_MAX_BYTES: HVE's 10 MB message in base64 inside JSON, and some room.
+HTTP_SEND_MAX_BYTES_CAP = 16 * 1024 * 1024
+
+
 def _producers(value: str) -> frozenset[str]:
     names = frozenset(p.lower() for p in _csv(value))
     for name in names:
         if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", name):
             raise SettingsError(f"BLOB_PRODUCERS: {name!r} is not a producer name (lower-case letters, digits and '-')")
+        if name in RESERVED_PRODUCERS:
+            raise SettingsError(f"BLOB_PRODUCERS: {name!r} is the relay's own producer name (POST /api/send)")
     return names
+
+
+def _http_send_max_bytes(value: int) -> int:
+    if not 1024 <= value <= HTTP_SEND_MAX_BYTES_CAP:
+        raise SettingsError(f"HTTP_SEND_MAX_BYTES must be between 1024 and {HTTP_SEND_MAX_BYTES_CAP}, got {value}")
+    return value
 
 
 def _time_of_day(name: str, value: str) -> float:
@@ -504,6 +524,7 @@ class Settings:
     aggregates_max_categories: int
     price_per_million_recipients: float
     report_max_days: float
+    http_send_max_bytes: int
     recipient_hash_key: bytes = field(repr=False)
     appinsights_connection_string: str = field(repr=False)
     otlp_endpoint: str
@@ -665,6 +686,7 @@ class Settings:
             aggregates_max_categories=number("AGGREGATES_MAX_CATEGORIES", int),
             price_per_million_recipients=number("HVE_PRICE_PER_MILLION_RECIPIENTS"),
             report_max_days=max(1.0, number("REPORT_MAX_DAYS")),
+            http_send_max_bytes=_http_send_max_bytes(number("HTTP_SEND_MAX_BYTES", int)),
             recipient_hash_key=(hash_key or UNSET_HASH_KEY).encode(),
             appinsights_connection_string=get("APPLICATIONINSIGHTS_CONNECTION_STRING"),
             otlp_endpoint=get("OTEL_EXPORTER_OTLP_ENDPOINT"),

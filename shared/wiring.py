@@ -118,6 +118,50 @@ async def report_response(params: Mapping[str, str]) -> tuple[int, str]:
     return 200, json.dumps(report, separators=(",", ":"))
 
 
+async def send_response(body: bytes, content_length: str | None) -> tuple[int, str, dict[str, str]]:
+    """(HTTP status, JSON body, headers) of `POST /api/send`: one request onto the mail queue."""
+    from shared.send.intake import Intake
+
+    relay = await get_relay()
+    intake = Intake(
+        ledger=relay.ledger,
+        queue=relay.queue,
+        container=relay.storage.container(relay.settings.claim_check_container),
+        payloads=relay.payloads,
+        policy=relay.policy,
+        hash_key=relay.settings.recipient_hash_key,
+        clock=relay.clock,
+        max_body_bytes=relay.settings.http_send_max_bytes,
+        message_bytes=relay.limits.message_bytes,
+        max_attachments=relay.settings.max_attachments,
+    )
+    answer = await intake.submit(body, content_length)
+    return answer.status, json.dumps(answer.body, separators=(",", ":")), dict(answer.headers)
+
+
+async def request_status_response(request_id: str) -> tuple[int, str]:
+    """(HTTP status, JSON body) of `GET /api/requests/{id}`: one request's state from the ledger."""
+    from shared.delivery.trace import DeliveryStore
+    from shared.reporting.request_status import request_view
+    from shared.send.contract import RequestRefused, parse_request_id
+
+    not_found = 404, json.dumps({"error": "not-found", "message": "no request with this id"})
+    try:
+        if parse_request_id(request_id) is None:
+            return not_found
+    except RequestRefused:
+        return not_found  # never echoed: an id that is not one may hold anything
+    relay = await get_relay()
+    entry = await relay.ledger.get(request_id)
+    if entry is None:
+        return not_found
+    delivery = DeliveryStore(
+        await relay.storage.table(relay.settings.delivery_table), relay.settings.recipient_hash_key
+    )
+    summary = await delivery.summary(request_id)
+    return 200, json.dumps(request_view(entry, summary), separators=(",", ":"))
+
+
 def dashboard_page() -> Any:
     """The operations dashboard page (body and headers)."""
     from shared.reporting.dashboard import page

@@ -22,6 +22,7 @@ from shared.governor.table import TableGovernor
 from shared.delivery.trace import DeliveryStore
 from shared.ledger import Ledger
 from shared.hve.limits import resolve_limits
+from shared.reporting.request_status import request_view
 from shared.reporting.report import ReportRequestError, build_report, parse_window, render_text
 from shared.send.stage import pacing_config
 from shared.settings import Settings
@@ -63,11 +64,11 @@ async def run(settings: Settings, command: str, arg: str | None, since: datetime
                 return {"error": f"no request {arg!r} in the ledger"}
             delivery = DeliveryStore(await storage.table(settings.delivery_table), settings.recipient_hash_key)
             summary = await delivery.summary(arg)
-            return {"id": entry.request_id, "state": entry.state, "account": entry.account, "attempts": entry.attempts,
-                    "last_code": entry.last_code, "delivery": summary["delivery"] if summary else {},
-                    "delivery_by_chunk": summary["chunks"] if summary else {},
+            # What GET /api/requests/{id} answers, and the operator's detail beside it.
+            view = request_view(entry, summary)
+            return {**view, "delivery_by_chunk": summary["chunks"] if summary else {},
                     "recipients": await delivery.recipients(arg),
-                    **{k: v for k, v in asdict(entry).items() if k not in ("request_id", "etag")},
+                    **{k: v for k, v in asdict(entry).items() if k not in ("request_id", "etag") and k not in view},
                     "chunks": await ledger.chunks(arg)}
         return {"address": "(hashed)", "requests": await ledger.requests_for_address(arg)}
     finally:

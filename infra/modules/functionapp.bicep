@@ -49,6 +49,18 @@ param zoneRedundant bool = false
 @description('App settings (name -> value); the complete set, replacing any other.')
 param appSettings object
 
+@description('Client IP ranges (CIDR) allowed to reach the HTTP routes; empty: every address (function keys still required).')
+param allowedClientIpRanges array = []
+
+// Access restrictions of the app's HTTP front end: one Allow rule per range, then Deny for the rest.
+// The deployment endpoint (scm) keeps its own (Entra-authenticated) access.
+var ipRestrictions = [for (range, i) in allowedClientIpRanges: {
+  name: 'client-${i}'
+  ipAddress: range
+  action: 'Allow'
+  priority: 100 + i
+}]
+
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   name: planName
   location: location
@@ -85,6 +97,8 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
       http20Enabled: true
+      ipSecurityRestrictions: ipRestrictions
+      ipSecurityRestrictionsDefaultAction: empty(allowedClientIpRanges) ? 'Allow' : 'Deny'
       appSettings: [for setting in items(appSettings): {
         name: setting.key
         value: setting.value

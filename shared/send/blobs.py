@@ -32,6 +32,11 @@ from shared.send.contract import RequestRefused
 REQUESTS_PREFIX = "requests/"
 # The producer name of the relay's own producers (welcome scan, tools.enqueue, tools.demo).
 RELAY_PRODUCER = "hve-relay"
+# The producer name of `POST /api/send` (shared/send/intake.py): the relay writes its claim checks with
+# its own identity, under a prefix of their own so they are told apart from the other tools'.
+HTTP_PRODUCER = "http"
+# Producer names that are the relay itself: never a name of BLOB_PRODUCERS (shared/settings.py).
+RELAY_PRODUCERS = frozenset({RELAY_PRODUCER, HTTP_PRODUCER})
 # Prefix of the relay's own copies in RELAY_STATE_CONTAINER.
 DEFERRED_PREFIX = "deferred/"
 
@@ -50,7 +55,7 @@ class BlobReader:
         self._max = max_bytes
         self._prefix = container_client.url.rstrip("/") + "/"
         self._state_prefix = state_container.url.rstrip("/") + "/" if state_container is not None else None
-        self.producers = frozenset(producers) | {RELAY_PRODUCER}
+        self.producers = frozenset(producers) | RELAY_PRODUCERS
 
     # --- where a URL points, and whether this request may name it -------------------------------
 
