@@ -465,6 +465,9 @@ var appSettings = {
   REPORT_MAX_DAYS: string(reportMaxDays)
   // HTTP intake (POST /api/send).
   HTTP_SEND_MAX_BYTES: string(httpSendMaxBytes)
+  // Read by the Functions host, not the code: bodies beyond this are refused (413) before they are read
+  // whole. A little over HTTP_SEND_MAX_BYTES, so the app's own 413 (JSON, with the reason) answers first.
+  FUNCTIONS_REQUEST_BODY_SIZE_LIMIT: string(httpSendMaxBytes + 65536)
   RECIPIENT_HASH_KEY: '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=${recipientHashKeySecretName})'
   // Welcome scan.
   WELCOME_ENABLED: welcomeEnabled ? 'true' : 'false'

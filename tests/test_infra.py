@@ -36,10 +36,13 @@ IAC_VENV = Path(os.environ.get("IAC_VENV", ROOT / ".venv-iac"))
 PARSER_PYTHON = IAC_VENV / "pycep" / "bin" / "python"
 
 # Settings the Functions host (not our code) reads and the template therefore sets although
-# shared/settings.py does not list them: name -> reason. Empty on Flex Consumption: the worker
-# runtime and its version live in functionAppConfig.runtime, not in FUNCTIONS_WORKER_RUNTIME,
-# and the host's identity-based storage settings (AzureWebJobsStorage__*) are in the list.
-HOST_ONLY_SETTINGS: dict[str, str] = {}
+# shared/settings.py does not list them: name -> reason. On Flex Consumption the worker runtime and
+# its version live in functionAppConfig.runtime, not in FUNCTIONS_WORKER_RUNTIME, and the host's
+# identity-based storage settings (AzureWebJobsStorage__*) are in the list.
+HOST_ONLY_SETTINGS: dict[str, str] = {
+    "FUNCTIONS_REQUEST_BODY_SIZE_LIMIT": "the host refuses longer HTTP bodies (413) before reading them whole; "
+    "a little over HTTP_SEND_MAX_BYTES (POST /api/send)",
+}
 
 # App settings Flex Consumption rejects or ignores (its functionAppConfig replaces them);
 # the template must never set them: name -> what replaces it.

@@ -68,7 +68,8 @@ What it does like the real host
   * HTTP trigger: `/<routePrefix>/<route>` (routePrefix from host.json, default "api"),
     route parameters `{x}`, `{x:constraint}`, `{x?}` (last segment), `{*rest}`; methods as
     declared. Auth levels are NOT enforced: any or no key is accepted, as with
-    `func start`. Returns the function's HttpResponse (str/bytes = 200, None = 204,
+    `func start`. A body over FUNCTIONS_REQUEST_BODY_SIZE_LIMIT (default 100 MB) gets a 413
+    without an invocation. Returns the function's HttpResponse (str/bytes = 200, None = 204,
     exception = 500).
   * `POST /admin/functions/<name>` with `{"input": "..."}` runs a non-HTTP function once
     (timer: a TimerRequest; queue: the input as a message body, not through the queue)
@@ -1122,7 +1123,10 @@ class DevHost:
     async def _start_http(self) -> None:
         from aiohttp import web
 
-        app = web.Application(client_max_size=100 * 1024 * 1024)
+        # Like the real host: bodies over FUNCTIONS_REQUEST_BODY_SIZE_LIMIT (default 100 MB) are answered
+        # 413 while being read, and never reach the function.
+        limit = self.settings.get("FUNCTIONS_REQUEST_BODY_SIZE_LIMIT") or ""
+        app = web.Application(client_max_size=int(limit) if limit.strip().isdigit() else 100 * 1024 * 1024)
         prefix = f"/{self.route_prefix}" if self.route_prefix else ""
         for spec in self.functions.values():
             if spec.trigger_type != HTTP_TRIGGER:
