@@ -19,8 +19,8 @@ from shared.send.intake import Answer, Intake
 from shared.send.mime import message_id
 from shared.send.stage import Relay
 from tests.relay_harness import drain, enqueue, relay_settings
-from tests.test_no_addresses import leaks
 from tests.schemas import ERROR_SCHEMA, SEND_SCHEMA
+from tests.test_no_addresses import leaks
 
 
 def mail(request_id: str | None = "order-1", to: Any = ("ann@contoso.com",), **extra: Any) -> dict[str, Any]:
