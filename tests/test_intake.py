@@ -344,3 +344,17 @@ def test_the_http_producer_name_is_the_relays_own():
     assert HTTP_PRODUCER in RELAY_PRODUCERS and RESERVED_PRODUCERS == {HTTP_PRODUCER}
     with pytest.raises(SettingsError, match="relay's own producer name"):
         Settings.from_env({"BLOB_PRODUCERS": "shop,http"})
+
+
+def test_an_http_request_is_sent_on_the_governed_path_too(storage, emulator):
+    """Under preview-2024 every transaction goes through the governor's acquire; the intake's
+    `received` row is read there instead of created by the send stage."""
+
+    async def go(relay: Relay):
+        answer = await intake_for(relay).submit(body(mail("governed-1")))
+        handled = await drain(relay)
+        return answer, handled, await relay.ledger.get("governed-1")
+
+    answer, handled, row = run(go, storage, emulator, HVE_LIMITS_PROFILE="preview-2024")
+    accepted(answer, "governed-1")
+    assert [h.state for h in handled] == ["sent"] and row.state == "sent" and row.attempts == 1
