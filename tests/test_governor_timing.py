@@ -389,13 +389,13 @@ def test_a_booked_request_wakes_before_its_slot_by_the_lateness_seen_and_waits_f
         for _ in range(10):
             relay.return_latency.observe(1.5)
         sent_at: list[float] = []
-        real_submit = relay.smtp.submit
+        real_lease = relay.smtp.lease
 
-        async def timed_submit(*args, **kwargs):
+        async def timed_lease(*args, **kwargs):   # the session for a transaction is asked for
             sent_at.append(clock())
-            return await real_submit(*args, **kwargs)
+            return await real_lease(*args, **kwargs)
 
-        relay.smtp.submit = timed_submit
+        relay.smtp.lease = timed_lease
         try:
             bodies = [json.dumps(mail(id=f"early-{i}", to=[f"c{i}@fabrikam.example"])) for i in range(11)]
             first = [await relay.handle(b, f"q{i}") for i, b in enumerate(bodies)]

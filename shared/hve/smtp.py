@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -114,8 +114,6 @@ class SubmitResult:
     # otherwise. False means "definitely not delivered" (safe to give the slot back, safe to
     # resend at once).
     maybe_delivered: bool = False
-    # The caller's `before_mail` check called the send off (nothing was sent).
-    called_off: bool = False
 
 
 @dataclass
@@ -125,22 +123,60 @@ class PoolStats:
     transactions: int = 0
 
 
-def _called_off() -> SubmitResult:
-    return SubmitResult(Verdict(Outcome.DEFER, 0, "", "not sent: called off before MAIL FROM"), called_off=True)
-
-
-async def _guarded(before_mail: Callable[[], Awaitable[bool]], session: _Session) -> bool:
-    """The caller's check; if it fails (storage down), the session is closed, not leaked."""
-    try:
-        return await before_mail()
-    except BaseException:
-        session.smtp.close()
-        raise
-
-
 def _split(reply: str) -> tuple[int, str]:
     code, _, text = reply.partition(" ")
     return int(code), text
+
+
+class SessionLease:
+    """An authenticated session, ready for MAIL FROM, held for one transaction with its pool slot.
+
+    `HveSmtp.lease` returns it at the moment that counts at HVE; the caller makes its own checks
+    (its slot, its claim) and then either calls `send` once or leaves the `async with` block
+    without sending: the session goes back to the pool (reset before its next use), or is closed
+    when the block raised. The adapter never calls back into the caller."""
+
+    def __init__(self, owner: HveSmtp, pool: _AccountPool, account: str, session: _Session, reused: bool) -> None:
+        self._owner = owner
+        self._pool = pool
+        self._account = account
+        self._session: _Session | None = session
+        self._reused = reused
+
+    async def __aenter__(self) -> SessionLease:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        session, self._session = self._session, None
+        try:
+            if session is not None:  # not sent: called off, or the caller's check raised
+                if exc_type is None:
+                    self._owner._keep(self._pool, session, dirty=True)
+                else:
+                    session.smtp.close()  # not leaked (the caller's check failed: storage down)
+        finally:
+            self._pool.slots.release()
+
+    async def send(self, recipients: Sequence[str], message: bytes) -> SubmitResult:
+        """The transaction: MAIL FROM, RCPT, DATA. A reused session found dead before DATA is
+        replaced once (nothing was sent on it)."""
+        session = self._session
+        if session is None:
+            raise RuntimeError("a session lease carries one transaction")
+        owner = self._owner
+        result, keep = await owner._transaction(session, self._account, recipients, message)
+        self._session = None
+        if not self._reused or keep or result.verdict.code != 0 or result.maybe_delivered:
+            # A reply lost after DATA is never resent here: the caller defers it through the
+            # ledger, so the resend is governed and counted.
+            return owner._finish(self._pool, session, result, keep)
+        session.smtp.close()
+        # The reused session was dead before DATA: one fresh session is safe.
+        fresh = await owner._open_or_fail(self._account)
+        if isinstance(fresh, SubmitResult):
+            return fresh
+        result, keep = await owner._transaction(fresh, self._account, recipients, message)
+        return owner._finish(self._pool, fresh, result, keep)
 
 
 class HveSmtp:
@@ -195,16 +231,18 @@ class HveSmtp:
             raise
         return _Session(smtp, self._clock())
 
-    async def submit(
-        self,
-        account: str,
-        recipients: Sequence[str],
-        message: bytes,
-        *,
-        before_mail: Callable[[], Awaitable[bool]] | None = None,
-    ) -> SubmitResult:
-        """One transaction for `recipients`. `before_mail` runs once a session is ready, just before
-        MAIL FROM (the moment that counts at HVE): returning False calls the send off."""
+    async def submit(self, account: str, recipients: Sequence[str], message: bytes) -> SubmitResult:
+        """One transaction for `recipients`, on a pooled session (for callers with nothing to
+        check before MAIL FROM; the send stage takes a `lease` and checks first)."""
+        lease = await self.lease(account)
+        if isinstance(lease, SubmitResult):
+            return lease
+        async with lease:
+            return await lease.send(recipients, message)
+
+    async def lease(self, account: str) -> SessionLease | SubmitResult:
+        """A session of `account` ready for MAIL FROM (reused, or opened: TCP, STARTTLS, AUTH), or
+        why there is none (no session free within the pool wait, AUTH refused, connection failed)."""
         pool = self._pool(account)
         try:
             # Bounded: a message must not wait on a busy pool past its slot (and its ledger lease).
@@ -214,39 +252,32 @@ class HveSmtp:
                 Verdict(Outcome.DEFER, 0, "", f"no SMTP session free for {account} within {self._pool_wait:g} s")
             )
         try:
-            return await self._submit(pool, account, recipients, message, before_mail)
-        finally:
+            ready = await self._ready(pool, account)
+        except BaseException:
             pool.slots.release()
+            raise
+        if isinstance(ready, SubmitResult):
+            pool.slots.release()
+        return ready
 
-    async def _submit(
-        self,
-        pool: _AccountPool,
-        account: str,
-        recipients: Sequence[str],
-        message: bytes,
-        before_mail: Callable[[], Awaitable[bool]] | None,
-    ) -> SubmitResult:
+    async def _ready(self, pool: _AccountPool, account: str) -> SessionLease | SubmitResult:
         held = self._auth_failed.get(account)
         if held is not None and self._clock() < held[0]:
             return SubmitResult(held[1])
         # Every account's idle sessions are checked, so a quiet account's sessions close too.
         for each in self._pools.values():
             self._close_expired(each)
-        session = pool.idle.pop() if pool.idle else None
-        if session is not None:
+        if pool.idle:
             self.stats.sessions_reused += 1
-            if before_mail is not None and not await _guarded(before_mail, session):
-                return self._finish(pool, session, _called_off(), True)
-            before_mail = None
-            result, keep = await self._transaction(session, account, recipients, message)
-            if keep or result.verdict.code != 0 or result.maybe_delivered:
-                # A reply lost after DATA is never resent here: the caller defers it through the
-                # ledger, so the resend is governed and counted.
-                return self._finish(pool, session, result, keep)
-            session.smtp.close()
-            # The reused session was dead before DATA: one fresh session is safe.
+            return SessionLease(self, pool, account, pool.idle.pop(), reused=True)
+        opened = await self._open_or_fail(account)
+        if isinstance(opened, SubmitResult):
+            return opened
+        return SessionLease(self, pool, account, opened, reused=False)
+
+    async def _open_or_fail(self, account: str) -> _Session | SubmitResult:
         try:
-            session = await self._open(account)
+            return await self._open(account)
         except AuthError as exc:
             return SubmitResult(exc.verdict)
         except aiosmtplib.SMTPAuthenticationError as exc:
@@ -260,16 +291,15 @@ class HveSmtp:
             return SubmitResult(Verdict(Outcome.ACCOUNT, 0, "", f"credential: {exc}"[:300]))
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             return SubmitResult(connection_lost(f"{type(exc).__name__}: {exc}"))
-        if before_mail is not None and not await _guarded(before_mail, session):
-            return self._finish(pool, session, _called_off(), True)
-        result, keep = await self._transaction(session, account, recipients, message)
-        return self._finish(pool, session, result, keep)
+
+    def _keep(self, pool: _AccountPool, session: _Session, *, dirty: bool) -> None:
+        session.last_used = self._clock()
+        session.dirty = dirty
+        pool.idle.append(session)
 
     def _finish(self, pool: _AccountPool, session: _Session, result: SubmitResult, keep: bool) -> SubmitResult:
         if keep:
-            session.last_used = self._clock()
-            session.dirty = result.verdict.outcome is not Outcome.SENT
-            pool.idle.append(session)
+            self._keep(pool, session, dirty=result.verdict.outcome is not Outcome.SENT)
         else:
             session.smtp.close()
         return result

@@ -25,7 +25,7 @@ from shared.governor.scheduler import BudgetedScheduler, Later, PlainScheduler, 
 from shared.governor.table import Grant, TableGovernor
 from shared.hve.credentials import KeyVaultPasswords, LocalPasswords, TokenSource, azure_credential, check_secret_names
 from shared.hve.limits import Limits, resolve_limits
-from shared.hve.smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, tls_context
+from shared.hve.smtp import AUTH_FAILURE_HOLD_SECONDS, BasicAuth, HveSmtp, OAuthAuth, SubmitResult, tls_context
 from shared.ledger import DEAD, DEFERRED, FINAL_STATES, REFUSED, SENDING, SENT, Ledger, LedgerConflict, LedgerEntry
 from shared.reporting.aggregates import Aggregates, reply_labels
 from shared.send.blobs import BlobReader
@@ -593,32 +593,37 @@ class Relay:
         trying = entry.evolve(account=account, attempts=entry.attempts + 1, reason="")
         called_off = ""
 
-        async def before_mail() -> bool:
-            # The moment that counts at HVE. A grant that got old waiting for a session is taken
-            # again (or given back), and only now is the request claimed in the ledger, so the
-            # claim's lease never runs out while the message still waits for a session.
-            nonlocal slot_at, trying, called_off
-            now = self.clock()
-            if claimed and now - trying.updated.timestamp() < self.settings.sending_lease_seconds / 2:
-                return True  # the row was created as `sending` by this delivery a moment ago
-            if self.scheduler is None and now - slot_at > lapse:
-                new_at = await self.governor.recheck(account, slot_at, shape, now)
-                if new_at is None:
-                    called_off = "lapsed"
-                    return False
-                slot_at = new_at
-            try:
-                trying = await self.ledger.save(trying.evolve(state=SENDING, updated=_utc(now), chunks_sent=index))
-            except LedgerConflict:
-                called_off = "claimed"
-                return False
-            return True
-
         if index == 0 and account == self.settings.accounts[0] and prepared.first is not None:
             message = prepared.first
         else:
             message = self._message(prepared, entry.request_id, account, index, self.clock())
-        result = await self.smtp.submit(account, addresses, message, before_mail=before_mail)
+        lease = await self.smtp.lease(account)
+        if isinstance(lease, SubmitResult):
+            result = lease  # no session: nothing was sent, nothing claimed
+        else:
+            async with lease:
+                # The moment that counts at HVE. A grant that got old waiting for a session is
+                # taken again (or given back), and only now is the request claimed in the ledger,
+                # so the claim's lease never runs out while the message still waits for a session.
+                now = self.clock()
+                if claimed and now - trying.updated.timestamp() < self.settings.sending_lease_seconds / 2:
+                    pass  # the row was created as `sending` by this delivery a moment ago
+                else:
+                    if self.scheduler is None and now - slot_at > lapse:
+                        new_at = await self.governor.recheck(account, slot_at, shape, now)
+                        if new_at is None:
+                            called_off = "lapsed"
+                        else:
+                            slot_at = new_at
+                    if not called_off:
+                        try:
+                            trying = await self.ledger.save(
+                                trying.evolve(state=SENDING, updated=_utc(now), chunks_sent=index)
+                            )
+                        except LedgerConflict:
+                            called_off = "claimed"
+                if not called_off:
+                    result = await lease.send(addresses, message)
         if called_off == "claimed":
             # Another delivery of the same request got there first; let it finish. Its slot is
             # given back unless it is the booking the other delivery sends on.
