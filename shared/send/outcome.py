@@ -1,0 +1,31 @@
+"""What the send stage answers for one queue message, and what it counts per process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+
+@dataclass(frozen=True)
+class Handled:
+    """What became of one queue message (returned for the host's log and for tests)."""
+
+    request_id: str
+    state: str  # sent | deferred | refused | dead | duplicate | busy | pacer
+    reason: str = ""
+    account: str = ""
+    code: int = 0
+    delay_seconds: int = 0
+
+
+@dataclass
+class RelayStats:
+    """Counts for the simulation and the benchmarks (per process)."""
+
+    late: int = 0  # requests that came back after their booked slot plus the tolerance
+    late_rebooked: int = 0  # ...of which could not go at once and were booked again (or wait)
+    lapsed: int = 0  # grants that got old waiting for an SMTP session and were not taken again
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
