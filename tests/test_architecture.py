@@ -149,3 +149,21 @@ def test_adapters_import_no_stage():
 def test_the_checker_sees_relative_lazy_and_from_package_imports():
     source = "def f():\n    from . import stage\n    from ..governor import table\n    from shared import wiring\n"
     assert {"shared.send.stage", "shared.governor.table", "shared.wiring"} <= imports_of(source, "shared.send")
+
+
+# --- issue 20, item 2: the send stage reads as its steps ------------------------------------------
+
+SEND_STEPS = ["stage", "decode", "ledger_gate", "prepare", "schedule", "transmit", "record", "pacer", "outcome"]
+
+
+def test_the_send_stage_is_its_steps_each_a_few_hundred_lines():
+    long = {name: n for name in SEND_STEPS
+            if (n := len((SHARED / "send" / f"{name}.py").read_text(encoding="utf-8").splitlines())) > 300}
+    assert not long, f"send stage modules over 300 lines: {long}"
+
+
+def test_the_smtp_adapter_reaches_neither_the_ledger_nor_the_governor():
+    deps = shared_modules()["shared.hve.smtp"]
+    wrong = {d for d in deps if d == "shared.ledger" or d.startswith("shared.governor")
+             or (d.startswith("shared.send.") and d != "shared.send.replies")}
+    assert not wrong, f"shared/hve/smtp.py imports {sorted(wrong)}: it lends sessions, the send stage decides"
