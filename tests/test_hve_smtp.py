@@ -211,3 +211,35 @@ def test_a_pooled_session_found_dead_is_replaced_once_and_the_message_still_goes
     assert third.verdict.outcome is Outcome.DEFER and third.verdict.code == 0
     assert emulator.connections_opened == 3  # one replacement, not a loop of them
     assert stats.sessions_reused == 2
+
+
+def test_a_lease_called_off_returns_its_session_and_one_whose_check_raised_closes_it(emulator):
+    """The adapter lends a ready session and calls nothing of the caller's: leaving the block
+    without sending gives the session back to the pool (nothing sent, the next message reuses it);
+    a check that raised inside the block closes it (the next message opens a fresh one). The pool
+    slot comes back either way (pool size 1)."""
+    async def main():
+        smtp = HveSmtp(host="127.0.0.1", port=emulator.port, context=tls_context(str(emulator.ca_file)), timeout=5,
+                       pool_size=1, pool_wait=1,
+                       authenticator=BasicAuth(LocalPasswords({"news@contoso.com": "news-pw"})))
+        try:
+            lease = await smtp.lease("news@contoso.com")
+            async with lease:
+                pass                                          # called off: the claim was lost
+            after_call_off = (emulator.connections_opened, len(emulator.messages()))
+            sent = await smtp.submit("news@contoso.com", ["ann@contoso.com"], MESSAGE)
+            reused = smtp.stats.sessions_reused
+            lease = await smtp.lease("news@contoso.com")
+            with pytest.raises(ConnectionError):
+                async with lease:
+                    raise ConnectionError("storage unavailable")  # the caller's check failed
+            again = await smtp.submit("news@contoso.com", ["ann@contoso.com"], MESSAGE)
+            return after_call_off, sent, reused, again
+        finally:
+            await smtp.close()
+
+    after_call_off, sent, reused, again = asyncio.run(main())
+    assert after_call_off == (1, 0)
+    assert sent.verdict.outcome is Outcome.SENT and reused == 1
+    assert again.verdict.outcome is Outcome.SENT
+    assert emulator.connections_opened == 2 and len(emulator.messages()) == 2

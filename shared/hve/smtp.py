@@ -2,7 +2,10 @@
 
 The pool lives as long as the worker process (one per event loop), so consecutive invocations
 reuse authenticated sessions instead of paying TCP + TLS + AUTH for every message.
-Failures never raise out of `submit`: they come back as a `Verdict` carrying the SMTP code.
+Failures never raise out of `submit`, `lease` or `SessionLease.send`: they come back as a `Verdict`
+carrying the SMTP code. A caller with something to check at the moment that counts at HVE (the send
+stage: its slot, its ledger claim) takes a `lease` on a session ready for MAIL FROM, checks, then
+sends or gives the session back; the adapter never calls back into it.
 """
 
 from __future__ import annotations
