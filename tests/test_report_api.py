@@ -315,6 +315,48 @@ def test_two_deliveries_of_one_request_at_once_are_counted_once(storage, emulato
     assert counts.get("requests.sent") == 1 and counts.get("requests.refused") == 1, (results, counts)
 
 
+def test_a_final_row_is_counted_when_written_even_if_the_recipient_index_then_fails(storage, emulator):
+    """Plain path: the last transaction's write makes the row final; the recipient index write after
+    it fails (storage blip), so the invocation fails and the host delivers the message again. The
+    request is counted once: by the write that made it final, not by the redelivery (a duplicate).
+    And an unreadable message delivered twice keeps one refused row, counted once."""
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0"))
+        assert relay.scheduler is not None
+        real_index = relay.ledger.index_recipients
+        failures = []
+
+        async def failing_once(*args, **kwargs):
+            if not failures:
+                failures.append(1)
+                raise ConnectionError("storage unavailable")
+            return await real_index(*args, **kwargs)
+
+        relay.ledger.index_recipients = failing_once
+        try:
+            body = mail("index-blip", ["ann@contoso.com"], "c")
+            with pytest.raises(ConnectionError):
+                await relay.handle(body, "q1")
+            row = await relay.ledger.get("index-blip")
+            again = await relay.handle(body, "q1", 2)
+            unread = [await relay.handle("{not json", "q-unread", n) for n in (1, 2)]
+            await relay.aggregates.flush()
+            now = datetime.now(timezone.utc)
+            buckets = await relay.aggregates.read(now - timedelta(hours=1), now + timedelta(hours=1))
+            return row, again, unread, buckets, await relay.ledger.get("q-unread")
+        finally:
+            await relay.close()
+
+    row, again, unread, buckets, unread_row = run(main())
+    counts: dict[str, int] = {}
+    for b in buckets:
+        for k, v in b.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    assert row.state == "sent" and again.state == "duplicate"
+    assert [h.state for h in unread] == ["refused", "refused"] and unread_row.state == "refused"
+    assert counts.get("requests.sent") == 1 and counts.get("requests.refused") == 1, counts
+
+
 def test_an_unreachable_aggregates_table_never_fails_or_holds_a_send(storage, emulator):
     async def main():
         relay = await Relay.create(relay_settings(storage, emulator, AGGREGATES_TABLE="not_a_valid_table_name!",
