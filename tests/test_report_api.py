@@ -9,7 +9,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import jsonschema
@@ -341,7 +341,7 @@ def test_a_final_row_is_counted_when_written_even_if_the_recipient_index_then_fa
             again = await relay.handle(body, "q1", 2)
             unread = [await relay.handle("{not json", "q-unread", n) for n in (1, 2)]
             await relay.aggregates.flush()
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             buckets = await relay.aggregates.read(now - timedelta(hours=1), now + timedelta(hours=1))
             return row, again, unread, buckets, await relay.ledger.get("q-unread")
         finally:
