@@ -747,6 +747,46 @@ def test_producers_get_no_role_on_the_account_or_anything_else(bicep):
                 "Microsoft.Storage/storageAccounts/blobServices/containers"), name
 
 
+def _producer_examples() -> dict[str, str]:
+    text = (INFRA / "README.md").read_text(encoding="utf-8")
+    return {m.group(1): m.group(2) for m in
+            re.finditer(r"<!-- producers-example: ([\w-]+) -->\n```\w*\n(.*?)\n```", text, re.S)}
+
+
+def test_the_infra_readme_s_producer_examples_fit_the_parameters(bicep):
+    """infra/README.md's `az deployment group create --parameters` and `.bicepparam` examples give the
+    same producers, in the parameter's shape, with names the relay accepts."""
+    from shared.settings import Settings
+
+    main = bicep["main.bicep"]
+    examples = _producer_examples()
+    assert set(examples) == {"az", "bicepparam"}
+    az = examples["az"]
+    assert "az deployment group create" in az and "-f infra/main.bicep" in az
+    producers = json.loads(re.search(r"producers='([^']*)'", az).group(1))
+    queue_only = json.loads(re.search(r"producerPrincipalIds='([^']*)'", az).group(1))
+    for entry in producers:
+        assert set(entry) <= {"name", "principalId", "principalType"} and {"name", "principalId"} <= set(entry)
+    grants = evaluate("producerGrants", main, {"producers": producers})
+    allowed = [d["argument"] for d in main["parameters"]["producerPrincipalType"]["decorators"]
+               if d["type"] == "allowed"][0]
+    assert all(g["principalType"] in allowed for g in grants)
+    blob_producers = evaluate(_app_settings(bicep)["BLOB_PRODUCERS"], main, {"producers": producers})
+    assert Settings.from_env({"BLOB_PRODUCERS": blob_producers}).blob_producers == {g["name"] for g in grants}
+    ids = [g["principalId"] for g in grants] + queue_only
+    assert len(set(ids)) == len(ids), "a principal appears once (one assignment per principal, role and scope)"
+
+    # The .bicepparam names the template next to it and gives the same values, in Bicep syntax.
+    bicepparam = examples["bicepparam"]
+    assert bicepparam.startswith("using 'main.bicep'\n")
+    params = set(re.findall(r"^param (\w+) =", bicepparam, re.M))
+    required = {n for n, p in main["parameters"].items() if p.get("default") is None}
+    assert required <= params <= set(main["parameters"]), params
+    entries = re.findall(r"\{ name: '([^']*)', principalId: '([^']*)'(?:, principalType: '([^']*)')? \}", bicepparam)
+    assert [{"name": n, "principalId": i, **({"principalType": t} if t else {})} for n, i, t in entries] == producers
+    assert re.findall(r"'([0-9a-f-]{36})'", bicepparam.split("param producerPrincipalIds", 1)[1]) == queue_only
+
+
 # ------------------------------------------------------------------ Flex Consumption
 
 
