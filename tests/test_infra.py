@@ -730,10 +730,11 @@ def test_every_producer_queue_is_granted_to_the_producers(bicep):
     resources = _resources(rbac)
     values = _rbac_values(bicep)
     queues = [q for q in evaluate(_storage_module_params(bicep)["queueNames"], main) if not q.endswith("-poison")]
-    granted = {evaluate(_body(resources[b["scope"]]["config"])["name"], rbac, values).rsplit("/", 1)[-1]
-               for c, b in _rbac_assignments(bicep).values()
-               if _loops_over(c) == ("producer", "producers") and _role_of(b, rbac) == QUEUE_MESSAGE_SENDER}
-    assert granted == set(queues)
+    for loop in (("producer", "producers"), ("principalId", "producerPrincipalIds")):
+        granted = {evaluate(_body(resources[b["scope"]]["config"])["name"], rbac, values).rsplit("/", 1)[-1]
+                   for c, b in _rbac_assignments(bicep).values()
+                   if _loops_over(c) == loop and _role_of(b, rbac) == QUEUE_MESSAGE_SENDER}
+        assert granted == set(queues), f"{loop[1]} may send to {sorted(granted)}, the relay reads {sorted(queues)}"
 
 
 def test_producers_get_no_role_on_the_account_or_anything_else(bicep):
