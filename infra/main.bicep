@@ -196,9 +196,6 @@ param sendingLeaseSeconds int = 120
 @description('Attachments one request may have; more is refused before anything is downloaded.')
 param maxAttachments int = 20
 
-@description('Producers that may hand the relay blobs (claim checks, blob attachments), by name: each writes only under `requests/<name>/` of the claim-check container. Their role assignments (queue send; Storage Blob Data Contributor with an ABAC condition on that prefix) are made outside this template: see the README, Security.')
-param blobProducers array = []
-
 @description('Seconds between two merges of a worker process\'s counts into the aggregates table (report).')
 param aggregatesFlushSeconds int = 5
 
@@ -235,6 +232,22 @@ param allowedClientIpRanges array = []
 
 @description('OTLP/HTTP endpoint for telemetry; used only when Application Insights is not (leave empty in Azure).')
 param otelExporterOtlpEndpoint string = ''
+
+// ---------------------------------------------------------------- producers
+
+@description('Producers, each an Entra principal with a producer name: [{ name: \'billing\', principalId: \'<object id>\' }], optionally principalType per entry (else producerPrincipalType). Each gets Storage Queue Data Message Sender on the mail queue and Storage Blob Data Contributor on the claim-check container with a condition: every blob action only under `requests/<name>/`. The names, lower-cased, are BLOB_PRODUCERS (lower-case letters, digits and \'-\'; never `http` or `hve-relay`, the relay\'s own). infra/README.md, Producers.')
+param producers array = []
+
+@description('Object ids of queue-only producers (no claim checks, no blob attachments): Storage Queue Data Message Sender on the mail queue each, nothing else. A principal is in producers or here, not both, and is not deployerPrincipalId.')
+param producerPrincipalIds array = []
+
+@description('Principal type of producerPrincipalIds and of producers entries without principalType (a managed identity or an app registration is a ServicePrincipal).')
+@allowed([
+  'ServicePrincipal'
+  'User'
+  'Group'
+])
+param producerPrincipalType string = 'ServicePrincipal'
 
 // ---------------------------------------------------------------- welcome scan
 
@@ -317,6 +330,15 @@ var claimCheckContainerName = 'mail-payloads'
 var relayStateContainerName = 'hve-relay-state'
 var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'
 
+// Producers, normalised once: the role assignments (modules/rbac.bicep) and BLOB_PRODUCERS come from
+// this one list, so a producer's prefix and the name the relay accepts cannot drift apart.
+var producerGrants = [for producer in producers: {
+  name: toLower(producer.name)
+  principalId: producer.principalId
+  principalType: contains(producer, 'principalType') ? producer.principalType : producerPrincipalType
+}]
+var blobProducerNames = [for grant in producerGrants: grant.name]
+
 // Secret written by infra/deploy.sh (never by this template), read through a Key Vault reference.
 var recipientHashKeySecretName = 'recipient-hash-key'
 
@@ -386,8 +408,12 @@ module rbac 'modules/rbac.bicep' = {
     keyVaultName: keyVault.outputs.name
     applicationInsightsName: monitoring.outputs.applicationInsightsName
     mailQueueName: mailQueueName
+    claimCheckContainerName: claimCheckContainerName
     deployerPrincipalId: deployerPrincipalId
     deployerPrincipalType: deployerPrincipalType
+    producers: producerGrants
+    producerPrincipalIds: producerPrincipalIds
+    producerPrincipalType: producerPrincipalType
   }
 }
 
@@ -414,7 +440,7 @@ var appSettings = {
   GOVERNOR_TABLE: governorTableName
   CLAIM_CHECK_CONTAINER: claimCheckContainerName
   RELAY_STATE_CONTAINER: relayStateContainerName
-  BLOB_PRODUCERS: join(blobProducers, ',')
+  BLOB_PRODUCERS: join(blobProducerNames, ',')
   // HVE.
   HVE_ACCOUNTS: join(hveAccounts, ',')
   HVE_AUTH: hveAuth

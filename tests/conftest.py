@@ -60,7 +60,8 @@ def pytest_make_collect_report(collector: pytest.Collector) -> object:
 # A test is `system` by its module, `integration` when it uses a real-peer fixture (directly or
 # through another fixture) or its module starts peers itself, `unit` otherwise.
 SYSTEM_MODULES = {
-    "test_bench_scripts", "test_crash_and_faults", "test_dashboard_browser", "test_dashboard_page", "test_deploy_script",
+    "test_bench_scripts", "test_crash_and_faults", "test_dashboard_browser", "test_dashboard_page", "test_demo",
+    "test_deploy_script",
     "test_devhost", "test_function_app", "test_http_api", "test_real_host_timing", "test_report_api", "test_simulation",
 }
 # Single tests of another tier than their module's (a whole script run from an integration module).

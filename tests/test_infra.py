@@ -200,8 +200,14 @@ def evaluate(value: Any, doc: dict[str, Any], overrides: dict[str, Any] | None =
     overrides = overrides or {}
 
     def interpolated(expr: str) -> Any:
-        if expr in overrides or expr in params or expr in variables:
-            return ev(expr)
+        head, *path = expr.split(".")
+        if head in overrides or head in params or head in variables:
+            value = ev(head)
+            for part in path:  # `${producer.name}`: a loop item's field
+                if not isinstance(value, dict) or part not in value:
+                    raise Unknown(f"${{{expr}}}")
+                value = value[part]
+            return value
         raise Unknown(f"${{{expr}}}")  # a resource property or a module output
 
     def ev(v: Any) -> Any:
@@ -233,6 +239,13 @@ def evaluate(value: Any, doc: dict[str, Any], overrides: dict[str, Any] | None =
                 return ev(args["delimiter"]).join(_text(x) for x in ev(args["input_array"]))
             if kind == "empty":
                 return not ev(args["item_to_test"])
+            if kind == "to_lower":
+                return _text(ev(args["string_to_change"])).lower()
+            if kind == "contains":
+                return ev(args["item_to_find"]) in ev(args["container"])
+            if kind == "replace":
+                return _text(ev(args["original_string"])).replace(_text(ev(args["old_string"])),
+                                                                 _text(ev(args["new_string"])))
             raise Unknown(f"function {kind}")
         if isinstance(v, dict) and "operator" in v:
             op = v["operator"]
@@ -249,7 +262,18 @@ def evaluate(value: Any, doc: dict[str, Any], overrides: dict[str, Any] | None =
                 return ev(ops["operand_1"]) and ev(ops["operand_2"])
             if kind == "not":
                 return not ev(ops["bool_value"])
+            if kind == "property_accessor":
+                base, field = ev(ops["operand_1"]), ops["operand_2"]
+                if not isinstance(base, dict) or field not in base:
+                    raise Unknown(f"{ops['operand_1']!r}.{field}")  # a resource property or a module output
+                return base[field]
             raise Unknown(f"operator {kind}")
+        if isinstance(v, dict) and "loop_type" in v:  # [for item in array: config]
+            detail = v["loop_type"]["detail"]
+            if v["loop_type"]["type"] != "array" or v.get("condition") is not None:
+                raise Unknown("loop")
+            return [evaluate(v["config"], doc, {**overrides, detail["item_name"]: item})
+                    for item in ev(detail["array_name"])]
         if isinstance(v, dict):
             return {k: ev(x) for k, x in v.items()}
         raise Unknown(repr(v))
@@ -439,6 +463,8 @@ def test_storage_account_security(bicep):
     assert props.get("defaultToOAuthAuthentication") is True
     assert props.get("allowCrossTenantReplication") is False
     for _, name, res in _all_resources(bicep, "Microsoft.Storage/storageAccounts/blobServices/containers"):
+        if res.get("existing"):
+            continue  # a reference (role scope) to a container created above
         assert _body(res["config"]).get("properties", {}).get("publicAccess") == "None", name
 
 
@@ -516,6 +542,250 @@ def test_app_runs_as_the_user_assigned_identity(bicep):
     assert site["properties"]["keyVaultReferenceIdentity"] == "identityId"
     module = _body(_module_for(bicep, "modules/functionapp.bicep")["config"])
     assert _accessor_path(module["params"]["identityId"]) == ["identity", "id"]
+
+
+# ------------------------------------------------------------------ producers' roles
+
+# What a producer gets (issue 21): the built-in roles, by id.
+QUEUE_MESSAGE_SENDER = "c6a89b2d-59bc-44d0-9896-0f6e12d7b80a"  # Storage Queue Data Message Sender
+BLOB_DATA_CONTRIBUTOR = "ba92f5b4-2d11-453d-a403-e96b0029c9fe"  # Storage Blob Data Contributor
+# Every data action of Storage Blob Data Contributor but move/action (a rename, hierarchical namespace only:
+# the account has none, test_producer_blob_condition_covers_every_data_action_of_the_role): the condition
+# must restrict each of them to the producer's prefix.
+BLOB_CONTRIBUTOR_DATA_ACTIONS = [
+    f"Microsoft.Storage/storageAccounts/blobServices/containers/blobs/{a}"
+    for a in ("read", "write", "add/action", "delete")
+]
+SAMPLE_PRODUCERS = [
+    {"name": "Billing", "principalId": "11111111-1111-1111-1111-111111111111"},
+    {"name": "shop", "principalId": "22222222-2222-2222-2222-222222222222", "principalType": "Group"},
+]
+
+
+def _producer_grants(bicep, producers=SAMPLE_PRODUCERS) -> list[dict[str, Any]]:
+    return evaluate("producerGrants", bicep["main.bicep"], {"producers": producers})
+
+
+def _rbac_assignments(bicep) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Role assignments of modules/rbac.bicep: name -> (the parsed resource's config, its body)."""
+    rbac = bicep["modules/rbac.bicep"]
+    return {name: (res["config"], _body(res["config"]))
+            for name, res in _resources(rbac, "Microsoft.Authorization/roleAssignments").items()}
+
+
+def _role_of(body: dict[str, Any], rbac: dict[str, Any]) -> str:
+    role_fn = body["properties"]["roleDefinitionId"]["function"]
+    assert role_fn["type"] == "subscription_resource_id"
+    assert role_fn["parameters"]["resource_type"] == "Microsoft.Authorization/roleDefinitions"
+    return _resolve_accessor(role_fn["parameters"]["resource_name_1"], rbac)
+
+
+def _loops_over(config: dict[str, Any]) -> tuple[str, str] | None:
+    """(item, array) of a `[for item in array: ...]` resource, None for a single one."""
+    if isinstance(config, dict) and "loop_type" in config:
+        detail = config["loop_type"]["detail"]
+        return detail["item_name"], detail["array_name"]
+    return None
+
+
+def _rbac_values(bicep) -> dict[str, Any]:
+    """What main.bicep passes to modules/rbac.bicep that can be known before deployment."""
+    main = bicep["main.bicep"]
+    return {"mailQueueName": evaluate("mailQueueName", main),
+            "claimCheckContainerName": evaluate("claimCheckContainerName", main),
+            "storageAccountName": "st"}
+
+
+def test_producers_parameter_is_one_list_for_roles_and_blob_producers(bicep):
+    main = bicep["main.bicep"]
+    params = main["parameters"]
+    assert params["producers"]["type"] == "array" and params["producers"]["default"] == []
+    assert params["producerPrincipalIds"]["type"] == "array" and params["producerPrincipalIds"]["default"] == []
+    assert params["producerPrincipalType"]["default"] == "ServicePrincipal"
+    allowed = [d["argument"] for d in params["producerPrincipalType"]["decorators"] if d["type"] == "allowed"]
+    assert allowed and set(allowed[0]) == {"ServicePrincipal", "User", "Group"}
+    assert "blobProducers" not in params, "BLOB_PRODUCERS comes from `producers` only (names cannot drift)"
+
+    # One normalised list: lower-cased names (as the relay reads BLOB_PRODUCERS), a type per principal.
+    assert _producer_grants(bicep) == [
+        {"name": "billing", "principalId": SAMPLE_PRODUCERS[0]["principalId"], "principalType": "ServicePrincipal"},
+        {"name": "shop", "principalId": SAMPLE_PRODUCERS[1]["principalId"], "principalType": "Group"},
+    ]
+    assert evaluate("producerGrants", main, {"producers": SAMPLE_PRODUCERS[:1], "producerPrincipalType": "User"})[0][
+        "principalType"] == "User"
+
+    # BLOB_PRODUCERS is derived from the same parameter, and the relay reads exactly those names.
+    setting = _app_settings(bicep)["BLOB_PRODUCERS"]
+    assert _refers_to(setting, "blobProducerNames")
+    value = evaluate(setting, main, {"producers": SAMPLE_PRODUCERS})
+    assert value == "billing,shop"
+    from shared.settings import Settings
+    assert Settings.from_env({"BLOB_PRODUCERS": value}).blob_producers == {"billing", "shop"}
+    assert evaluate(setting, main) == "", "no producers by default: only the relay's own"
+
+    # ...and the role assignments get that list, not the raw parameter.
+    module = _body(_module_for(bicep, "modules/rbac.bicep")["config"])["params"]
+    assert module["producers"] == "producerGrants"
+    assert module["producerPrincipalIds"] == "producerPrincipalIds"
+    assert module["producerPrincipalType"] == "producerPrincipalType"
+    assert module["mailQueueName"] == "mailQueueName"
+    assert module["claimCheckContainerName"] == "claimCheckContainerName"
+
+
+def test_producer_role_assignments_scope_role_and_condition(bicep):
+    rbac = bicep["modules/rbac.bicep"]
+    resources = _resources(rbac)
+    values = _rbac_values(bicep)
+    grants = _producer_grants(bicep)
+    found: dict[tuple[str, str], dict[str, Any]] = {}  # (role id, loop array) -> body
+    for name, (config, body) in _rbac_assignments(bicep).items():
+        loop = _loops_over(config)
+        if loop is None or loop[1] not in ("producers", "producerPrincipalIds"):
+            continue
+        item, array = loop
+        props = body["properties"]
+        role = _role_of(body, rbac)
+        scope = resources[body["scope"]]
+        assert scope["existing"] is True, f"{name}: scoped to an existing resource of storage.bicep"
+        scope_name = evaluate(_body(scope["config"])["name"], rbac, values)
+        found[(role, array)] = {"scope_type": scope["type"], "scope_name": scope_name, "body": body}
+
+        # Deterministic names: guid(scope, principal, role).
+        guid = body["name"]["function"]
+        assert guid["type"] == "guid", name
+        guid_args = list(guid["parameters"].values())
+        assert _accessor_path(guid_args[0]) == [body["scope"], "id"], name
+        principal = props["principalId"]
+        assert guid_args[1] == principal, name
+        assert _resolve_accessor(guid_args[2], rbac) == role, name
+
+        if array == "producers":
+            assert _accessor_path(principal) == [item, "principalId"], name
+            assert _accessor_path(props["principalType"]) == [item, "principalType"], name
+        else:
+            assert principal == item, name
+            assert props["principalType"] == "producerPrincipalType", name
+
+    queue = f"st/default/{values['mailQueueName']}"
+    container = f"st/default/{values['claimCheckContainerName']}"
+    assert set(found) == {(QUEUE_MESSAGE_SENDER, "producers"), (BLOB_DATA_CONTRIBUTOR, "producers"),
+                          (QUEUE_MESSAGE_SENDER, "producerPrincipalIds")}, \
+        "named producers: queue sender + blob contributor; queue-only producers: queue sender; nothing else"
+    for key in ((QUEUE_MESSAGE_SENDER, "producers"), (QUEUE_MESSAGE_SENDER, "producerPrincipalIds")):
+        assert found[key]["scope_type"] == "Microsoft.Storage/storageAccounts/queueServices/queues", key
+        assert found[key]["scope_name"] == queue, f"{key}: the mail queue only"
+        assert "condition" not in found[key]["body"]["properties"], key
+    blob = found[(BLOB_DATA_CONTRIBUTOR, "producers")]
+    assert blob["scope_type"] == "Microsoft.Storage/storageAccounts/blobServices/containers"
+    assert blob["scope_name"] == container, "the claim-check container only (never the relay's own container)"
+    assert blob["scope_name"] != f"st/default/{evaluate('relayStateContainerName', bicep['main.bicep'])}"
+
+    props = blob["body"]["properties"]
+    assert props["conditionVersion"] == "2.0"
+    for grant in grants:
+        condition = evaluate(props["condition"], rbac, {**values, "producer": grant})
+        prefix = f"requests/{grant['name']}/"
+        # Writes and reads (path) and listings (prefix) are both held to the producer's prefix...
+        assert condition.count(f"StringStartsWith '{prefix}'") == 2, condition
+        assert "@Resource[Microsoft.Storage/storageAccounts/blobServices/containers/blobs:path] " \
+               f"StringStartsWith '{prefix}'" in condition
+        assert "@Request[Microsoft.Storage/storageAccounts/blobServices/containers/blobs:prefix] " \
+               f"StringStartsWith '{prefix}'" in condition
+        assert condition.count(f"StringEquals '{values['claimCheckContainerName']}'") == 2
+        # ...and to nobody else's.
+        assert set(re.findall(r"StringStartsWith '([^']*)'", condition)) == {prefix}
+        assert "{prefix}" not in condition and "{container}" not in condition
+        for action in BLOB_CONTRIBUTOR_DATA_ACTIONS:
+            assert f"!(ActionMatches{{'{action}'}}" in condition, action
+        assert condition.count("(") == condition.count(")")
+
+
+def test_producer_condition_is_the_readme_s(bicep):
+    """The README shows the condition for producer `shop`; it is the one the template writes."""
+    rbac = bicep["modules/rbac.bicep"]
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    m = re.search(r"The condition for producer `shop`.*?```\n(.*?)```", text, re.DOTALL)
+    assert m, "README: the condition for producer `shop`"
+    (_, body), = [(c, b) for c, b in _rbac_assignments(bicep).values()
+                  if _loops_over(c) and _role_of(b, rbac) == BLOB_DATA_CONTRIBUTOR]
+    shop = next(g for g in _producer_grants(bicep) if g["name"] == "shop")
+    condition = evaluate(body["properties"]["condition"], rbac, {**_rbac_values(bicep), "producer": shop})
+    assert " ".join(condition.split()) == " ".join(m.group(1).split())
+
+
+def test_producer_blob_condition_covers_every_data_action_of_the_role(bicep):
+    """Storage Blob Data Contributor's data actions are read, write, add/action, delete and move/action.
+    The condition restricts the first four; move/action renames in a hierarchical namespace only, which
+    the account does not have (so it stays unusable)."""
+    _, account = _the(bicep, "Microsoft.Storage/storageAccounts")
+    assert not account["properties"].get("isHnsEnabled"), \
+        "with a hierarchical namespace the producers' condition must also restrict blobs/move/action"
+
+
+def test_every_producer_queue_is_granted_to_the_producers(bicep):
+    """Producers may send to every queue the relay reads requests from (not the poison queue): today the
+    mail queue. A new one (e.g. a priority queue) needs its own sender assignments in modules/rbac.bicep."""
+    main = bicep["main.bicep"]
+    rbac = bicep["modules/rbac.bicep"]
+    resources = _resources(rbac)
+    values = _rbac_values(bicep)
+    queues = [q for q in evaluate(_storage_module_params(bicep)["queueNames"], main) if not q.endswith("-poison")]
+    for loop in (("producer", "producers"), ("principalId", "producerPrincipalIds")):
+        granted = {evaluate(_body(resources[b["scope"]]["config"])["name"], rbac, values).rsplit("/", 1)[-1]
+                   for c, b in _rbac_assignments(bicep).values()
+                   if _loops_over(c) == loop and _role_of(b, rbac) == QUEUE_MESSAGE_SENDER}
+        assert granted == set(queues), f"{loop[1]} may send to {sorted(granted)}, the relay reads {sorted(queues)}"
+
+
+def test_producers_get_no_role_on_the_account_or_anything_else(bicep):
+    """Only the two producer scopes: nothing on the storage account, the relay's container, the vault."""
+    rbac = bicep["modules/rbac.bicep"]
+    resources = _resources(rbac)
+    for name, (config, body) in _rbac_assignments(bicep).items():
+        if _refers_to(body["properties"]["principalId"], "producer") or _loops_over(config):
+            assert resources[body["scope"]]["type"] in (
+                "Microsoft.Storage/storageAccounts/queueServices/queues",
+                "Microsoft.Storage/storageAccounts/blobServices/containers"), name
+
+
+def _producer_examples() -> dict[str, str]:
+    text = (INFRA / "README.md").read_text(encoding="utf-8")
+    return {m.group(1): m.group(2) for m in
+            re.finditer(r"<!-- producers-example: ([\w-]+) -->\n```\w*\n(.*?)\n```", text, re.S)}
+
+
+def test_the_infra_readme_s_producer_examples_fit_the_parameters(bicep):
+    """infra/README.md's `az deployment group create --parameters` and `.bicepparam` examples give the
+    same producers, in the parameter's shape, with names the relay accepts."""
+    from shared.settings import Settings
+
+    main = bicep["main.bicep"]
+    examples = _producer_examples()
+    assert set(examples) == {"az", "bicepparam"}
+    az = examples["az"]
+    assert "az deployment group create" in az and "-f infra/main.bicep" in az
+    producers = json.loads(re.search(r"producers='([^']*)'", az).group(1))
+    queue_only = json.loads(re.search(r"producerPrincipalIds='([^']*)'", az).group(1))
+    for entry in producers:
+        assert set(entry) <= {"name", "principalId", "principalType"} and {"name", "principalId"} <= set(entry)
+    grants = evaluate("producerGrants", main, {"producers": producers})
+    allowed = [d["argument"] for d in main["parameters"]["producerPrincipalType"]["decorators"]
+               if d["type"] == "allowed"][0]
+    assert all(g["principalType"] in allowed for g in grants)
+    blob_producers = evaluate(_app_settings(bicep)["BLOB_PRODUCERS"], main, {"producers": producers})
+    assert Settings.from_env({"BLOB_PRODUCERS": blob_producers}).blob_producers == {g["name"] for g in grants}
+    ids = [g["principalId"] for g in grants] + queue_only
+    assert len(set(ids)) == len(ids), "a principal appears once (one assignment per principal, role and scope)"
+
+    # The .bicepparam names the template next to it and gives the same values, in Bicep syntax.
+    bicepparam = examples["bicepparam"]
+    assert bicepparam.startswith("using 'main.bicep'\n")
+    params = set(re.findall(r"^param (\w+) =", bicepparam, re.M))
+    required = {n for n, p in main["parameters"].items() if p.get("default") is None}
+    assert required <= params <= set(main["parameters"]), params
+    entries = re.findall(r"\{ name: '([^']*)', principalId: '([^']*)'(?:, principalType: '([^']*)')? \}", bicepparam)
+    assert [{"name": n, "principalId": i, **({"principalType": t} if t else {})} for n, i, t in entries] == producers
+    assert re.findall(r"'([0-9a-f-]{36})'", bicepparam.split("param producerPrincipalIds", 1)[1]) == queue_only
 
 
 # ------------------------------------------------------------------ Flex Consumption

@@ -1,5 +1,6 @@
 """The local demo: Azurite + HVE emulator + the function app under the local host, a sample batch
-of mail requests, progress while they flow, and a closing summary read from the ledger.
+of mail requests, progress while they flow, a summary read from the ledger, then one mail through
+POST /api/send and its GET /api/requests/<id> answer, the welcome scan and delivery confirmation.
 
     python -m tools.demo [--requests tools/samples/demo-requests.json] [--keep] [--http-port 7071]
 
@@ -17,6 +18,8 @@ import signal
 import socket
 import sys
 import time
+import urllib.error
+import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -34,6 +37,10 @@ from tools.hve_emulator import EmulatorConfig, HveEmulator
 ROOT = Path(__file__).resolve().parents[1]
 STATE = ROOT / ".local"
 ACCOUNTS = {"news@contoso.com": "news-pw", "alerts@contoso.com": "alerts-pw", "billing@contoso.com": "billing-pw"}
+# The one mail the demo sends through the HTTP door (POST /api/send), as docs/producers.md does.
+HTTP_REQUEST = {"id": "demo-http-1", "to": ["Ann Example <ann@contoso.com>"], "subject": "Hello over HTTP",
+                "category": "http", "text": "Hello Ann,\n\nthis one came through POST /api/send.\n"}
+FINAL_STATES = ("sent", "refused", "dead")
 
 
 def say(text: str) -> None:
@@ -116,6 +123,48 @@ def dashboard_url(host: DevHost) -> str:
     # The local host, like `func start`, checks no function key; `code=` is there so the URL has
     # the shape it has in Azure (?code=<function key>) and the page's key handling runs.
     return f"http://127.0.0.1:{host.http_port}/{host.route_prefix}/dashboard?code=local"
+
+
+def http_call(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
+    """(status, JSON answer) of one call to the local host, with a function key as in Azure (the local
+    host, like `func start`, checks none)."""
+    call = urllib.request.Request(
+        url, data=json.dumps(body).encode("utf-8") if body is not None else None, method="POST" if body else "GET",
+        headers={"Content-Type": "application/json", "x-functions-key": "local"})
+    try:
+        with urllib.request.urlopen(call, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # 4xx/5xx: the body says why
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def http_send(host: DevHost, limit: float = 60) -> dict:
+    """One mail through POST /api/send on the local host, its status URL, and the GET /api/requests/<id>
+    answer once the request is final (sent). Returns that answer."""
+    say("\n== Over HTTP (POST /api/send on the local host) ==")
+    base = f"http://127.0.0.1:{host.http_port}"
+    url = f"{base}/{host.route_prefix}/send"
+    status, accepted = http_call(url, HTTP_REQUEST)
+    say(f"POST {url}  ->  {status} {json.dumps(accepted)}")
+    if status != 202:
+        return accepted
+    status_url = base + accepted["status"]
+    say(f"status URL  {status_url}")
+    started, seen, view = time.monotonic(), [], {}
+    while True:
+        status, view = http_call(status_url)
+        state = view.get("state", "")
+        if status == 200 and (not seen or seen[-1] != state):
+            seen.append(state)
+        if state in FINAL_STATES:
+            break
+        if time.monotonic() - started > limit:
+            say(f"  (stopping the wait after {limit:.0f} s)")
+            break
+        time.sleep(0.2)
+    say(f"GET  {status_url}  ->  {status} {json.dumps(view)}")
+    say(f"  states seen: {' -> '.join(seen)} ({time.monotonic() - started:.1f} s)")
+    return view
 
 
 def welcome_scan(settings: Settings, host: DevHost, graph: GraphStandIn) -> None:
@@ -216,14 +265,18 @@ def run(requests_file: Path, keep_running: bool, http_port: int = 7071) -> int:
             say(f"HVE emulator accepted {stats['accepted_messages']} messages over {stats['connections_opened']} "
                 f"TLS connection(s) with {stats['auth_count']} AUTH(s); replies {stats['replies']}")
             say(f"Stored messages: {emulator.messages_dir.relative_to(ROOT)}/")
+            http_view = http_send(host)
+            accepted_before = len(emulator.accepted())
             welcome_scan(settings, host, graph)
-            say(f"welcome mails accepted by the emulator: {len(emulator.accepted()) - stats['accepted_messages']}")
+            say(f"welcome mails accepted by the emulator: {len(emulator.accepted()) - accepted_before}")
             delivery_reconciliation(values, emulator, graph)
             if keep_running:
                 say("\nStill running (Ctrl-C to stop). Enqueue more with: python -m tools.enqueue --to ann@contoso.com --subject Hi --text Hello")
                 say(f"  AzureWebJobsStorage={azurite.connection_string}")
                 say(f"  dashboard   {dashboard_url(host)}")
                 say(f"  status      http://127.0.0.1:{host.http_port}/{host.route_prefix}/status")
+                say(f"  send        curl -X POST http://127.0.0.1:{host.http_port}/{host.route_prefix}/send "
+                    "-H 'Content-Type: application/json' -d '{\"to\": [\"ann@contoso.com\"], \"subject\": \"Hi\", \"text\": \"Hello\"}'")
                 signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C
                 try:
                     while True:
@@ -233,7 +286,7 @@ def run(requests_file: Path, keep_running: bool, http_port: int = 7071) -> int:
             # The relay keeps its SMTP sessions and storage clients for the life of the worker; close them.
             asyncio.run_coroutine_threadsafe(close_relays(), _background_loop()).result(timeout=10)
     sent = summary["by_state"].get("sent", 0)
-    return 0 if sent > 0 else 1
+    return 0 if sent > 0 and http_view.get("state") == "sent" else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,11 @@ param keyVaultName string
 @description('Application Insights component of the relay.')
 param applicationInsightsName string
 
-@description('Queue the deployer may send a first request to.')
+@description('Queue the deployer and the producers may send requests to.')
 param mailQueueName string
+
+@description('Container where producers put claim-check requests and blob attachments, each under `requests/<name>/`.')
+param claimCheckContainerName string
 
 @description('Object id of the person or pipeline running the deployment (empty: no deployer roles).')
 param deployerPrincipalId string = ''
@@ -28,6 +31,20 @@ param deployerPrincipalId string = ''
 ])
 param deployerPrincipalType string = 'User'
 
+@description('Named producers, normalised by main.bicep: [{ name (lower-case, as in BLOB_PRODUCERS), principalId, principalType }]. Each gets queue Message Sender on the mail queue and Storage Blob Data Contributor on the claim-check container, conditioned on its own prefix `requests/<name>/`.')
+param producers array = []
+
+@description('Queue-only producers: object ids that get queue Message Sender on the mail queue and nothing else.')
+param producerPrincipalIds array = []
+
+@description('Principal type of producerPrincipalIds.')
+@allowed([
+  'ServicePrincipal'
+  'User'
+  'Group'
+])
+param producerPrincipalType string = 'ServicePrincipal'
+
 // Built-in role definition ids (the same in every tenant).
 var roles = {
   storageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
@@ -37,7 +54,40 @@ var roles = {
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
   keyVaultSecretsOfficer: 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
   storageQueueDataMessageSender: 'c6a89b2d-59bc-44d0-9896-0f6e12d7b80a'
+  storageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
 }
+
+// The condition on a producer's Storage Blob Data Contributor (condition version 2.0): every blob
+// data action (read, write, add, delete) is allowed only on blobs whose name starts with the
+// producer's prefix, and listing only with a prefix under it; '{container}' and '{prefix}' are
+// replaced per producer. The relay reads a blob only under `requests/<producer>/<request id>/`
+// (shared/send/blobs.py), so a producer can neither read, overwrite nor plant another's blobs.
+var producerBlobConditionTemplate = '''
+(
+ (
+  !(ActionMatches{'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read'} AND NOT SubOperationMatches{'Blob.List'})
+  AND !(ActionMatches{'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write'})
+  AND !(ActionMatches{'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/add/action'})
+  AND !(ActionMatches{'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/delete'})
+ )
+ OR
+ (
+  @Resource[Microsoft.Storage/storageAccounts/blobServices/containers:name] StringEquals '{container}'
+  AND @Resource[Microsoft.Storage/storageAccounts/blobServices/containers/blobs:path] StringStartsWith '{prefix}'
+ )
+)
+AND
+(
+ (
+  !(ActionMatches{'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read'} AND SubOperationMatches{'Blob.List'})
+ )
+ OR
+ (
+  @Resource[Microsoft.Storage/storageAccounts/blobServices/containers:name] StringEquals '{container}'
+  AND @Request[Microsoft.Storage/storageAccounts/blobServices/containers/blobs:prefix] StringStartsWith '{prefix}'
+ )
+)
+'''
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -45,6 +95,10 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
 
 resource mailQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' existing = {
   name: '${storageAccountName}/default/${mailQueueName}'
+}
+
+resource claimCheckContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
+  name: '${storageAccountName}/default/${claimCheckContainerName}'
 }
 
 resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
@@ -131,3 +185,51 @@ resource deployerQueueSender 'Microsoft.Authorization/roleAssignments@2022-04-01
     principalType: deployerPrincipalType
   }
 }
+
+// Producers (the `producers` and `producerPrincipalIds` parameters of main.bicep). The relay's
+// own container (RELAY_STATE_CONTAINER) is never granted to anybody here, and the HTTP routes
+// need no role: the function key or Entra token is the caller's credential there.
+// One assignment per principal, role and scope (guid of the three): a principal may appear once
+// across `producers`, `producerPrincipalIds` and the deployer; renaming a producer updates its
+// condition in place.
+
+// Named producers: put requests on the mail queue (this queue only: they cannot peek, read or
+// delete other producers' requests). A second producer queue (e.g. a priority queue) needs a loop
+// like this one scoped to it.
+resource producerQueueSenders 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for producer in producers: {
+  name: guid(mailQueue.id, producer.principalId, roles.storageQueueDataMessageSender)
+  scope: mailQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageQueueDataMessageSender)
+    principalId: producer.principalId
+    principalType: producer.principalType
+    description: 'hve-relay producer ${producer.name}: send requests to ${mailQueueName}'
+  }
+}]
+
+// Named producers: claim checks and blob attachments, only under requests/<name>/ of the
+// claim-check container.
+resource producerBlobWriters 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for producer in producers: {
+  name: guid(claimCheckContainer.id, producer.principalId, roles.storageBlobDataContributor)
+  scope: claimCheckContainer
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataContributor)
+    principalId: producer.principalId
+    principalType: producer.principalType
+    description: 'hve-relay producer ${producer.name}: blobs under requests/${producer.name}/ only'
+    conditionVersion: '2.0'
+    condition: replace(replace(producerBlobConditionTemplate, '{container}', claimCheckContainerName), '{prefix}', 'requests/${producer.name}/')
+  }
+}]
+
+// Queue-only producers: the mail queue, nothing else (no blob prefix without a name).
+resource queueOnlyProducerSenders 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in producerPrincipalIds: {
+  name: guid(mailQueue.id, principalId, roles.storageQueueDataMessageSender)
+  scope: mailQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageQueueDataMessageSender)
+    principalId: principalId
+    principalType: producerPrincipalType
+    description: 'hve-relay queue-only producer: send requests to ${mailQueueName}'
+  }
+}]

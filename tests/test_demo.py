@@ -1,0 +1,85 @@
+"""`./tools/demo.sh`, the README's "run it locally" command, runs as written: Azurite, the HVE emulator,
+the Graph stand-in and the local host, the sample batch with its faults, then one mail through
+POST /api/send whose status URL and final GET /api/requests/<id> answer it prints. The output keeps the
+shape the README shows (every line of its sample, numbers aside) and the batch's outcome."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from tests.schemas import REQUEST_STATUS_SCHEMA
+from tools.demo import HTTP_REQUEST
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_output() -> str:
+    # --http-port 0: any free port (the default, 7071, may be taken by a developer's own host).
+    run = subprocess.run(
+        [str(ROOT / "tools" / "demo.sh"), "--http-port", "0"], cwd=ROOT, capture_output=True, text=True,
+        timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert run.returncode == 0, f"demo.sh exited with {run.returncode}:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+    return run.stdout
+
+
+def _readme_sample() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("`./tools/demo.sh` starts Azurite", 1)[1]
+    return section.split("```\n", 1)[1].split("\n```", 1)[0].splitlines()
+
+
+def _pattern(line: str) -> re.Pattern[str]:
+    """A README sample line as a pattern: numbers and ports vary, `...` stands for what the README leaves out."""
+    parts = [".*" if p == "..." else r"\d+" if p.isdigit() else re.escape(p)
+             for p in re.split(r"(\d+|\.\.\.)", line.strip())]
+    return re.compile(r"\s*" + "".join(parts) + r"\s*$")
+
+
+def test_the_demo_prints_every_line_of_the_readme_sample(demo_output):
+    lines = demo_output.splitlines()
+    sample = [s for s in _readme_sample() if s.strip() != "..."]
+    assert any("POST" in s for s in sample), "the README's sample shows the HTTP door"
+    for line in sample:
+        pattern = _pattern(line)
+        assert any(pattern.match(out) for out in lines), f"README line not in the demo's output: {line!r}"
+
+
+def test_the_batch_ends_as_the_readme_says(demo_output):
+    # The sample batch's outcome is fixed by tools/samples/demo-requests.json and the faults.
+    assert re.search(r"^\s+\d+\.\ds  sent 37  deferred 0  refused 6  dead 0  on queue 0$", demo_output, re.M)
+    summary = demo_output.split("== Summary (from the ledger) ==\n", 1)[1].split("\n\n", 1)[0]
+    assert "  refused   6\n" in summary and "  sent      37\n" in summary
+    assert "HVE emulator accepted 37 messages over " in summary
+    assert "welcome mails accepted by the emulator: 4" in demo_output, "the HTTP mail is not counted as a welcome"
+
+
+def test_the_demo_sends_one_mail_over_http_and_shows_its_status(demo_output):
+    section = demo_output.split("== Over HTTP (POST /api/send on the local host) ==\n", 1)[1].split("\n\n", 1)[0]
+    lines = section.splitlines()
+    rid = HTTP_REQUEST["id"]
+
+    post = re.fullmatch(r"POST (http://127\.0\.0\.1:(\d+))/api/send  ->  202 (.*)", lines[0])
+    assert post, lines[0]
+    base = post.group(1)
+    assert json.loads(post.group(3)) == {"id": rid, "status": f"/api/requests/{rid}"}
+
+    assert lines[1] == f"status URL  {base}/api/requests/{rid}"
+
+    get = re.fullmatch(rf"GET  {re.escape(base)}/api/requests/{rid}  ->  200 (.*)", lines[2])
+    assert get, lines[2]
+    view = json.loads(get.group(1))
+    jsonschema.validate(view, REQUEST_STATUS_SCHEMA)
+    assert view["id"] == rid and view["state"] == "sent" and view["last_code"] == 250 and view["attempts"] >= 1
+    assert view["chunks_sent"] == view["chunks_total"] == 1
+    assert "ann@" not in section.lower(), "no recipient address in what the demo prints of the HTTP door"
+
+    assert re.fullmatch(r"  states seen: (\w+ -> )*sent \(\d+\.\d s\)", lines[3]), lines[3]
