@@ -37,6 +37,13 @@ async def confirm_delivery(timer: func.TimerRequest) -> None:
     await wiring.delivery_timer(past_due=timer.past_due)
 
 
+@app.timer_trigger(arg_name="timer", schedule="0 */5 * * * *")
+async def sample_health(timer: func.TimerRequest) -> None:
+    """Queue depths, the oldest message's age and account health as gauges for the alert rules
+    (infra/modules/alerts.bicep; in Azure disabled unless enableAlerts, see docs/alerts.md)."""
+    await wiring.health_timer()
+
+
 @app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 async def status(req: func.HttpRequest) -> func.HttpResponse:
     """Live per-account view from the rate governor (used today, remaining, next slot, health)."""

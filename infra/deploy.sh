@@ -7,6 +7,9 @@
 #
 #   infra/deploy.sh --resource-group rg-hve-relay --location swedencentral
 #
+# azd (azure.yaml) provisions main.bicep itself and runs the other steps through its hooks
+# (infra/hooks/), which call this script with --step: one code path for both.
+#
 # Secrets are never echoed, never put on a command line and never written to disk:
 #   HVE account passwords (HVE_AUTH=basic): environment variable HVE_PASSWORD_<ADDRESS>, the
 #     address upper-cased with every character other than A-Z and 0-9 replaced by "_"
@@ -67,6 +70,11 @@ Usage: infra/deploy.sh --resource-group NAME [options]
       --deployer-object-id ID  object id of the signed-in principal (default: the `oid` claim
                              of its access token; works for users, service principals and
                              managed identities)
+      --step STEP            run only this step of an existing deployment (repeatable; in this
+                             order whatever the order given): tools, grants, secrets,
+                             references, code, summary. The outputs come from the environment
+                             when azd provides them (AZURE_FUNCTION_APP_NAME set, the azd hooks),
+                             else from the deployment --name. No group, no main.bicep.
   -h, --help                 this text
 
 Passwords (HVE_AUTH=basic): HVE_PASSWORD_<ADDRESS> environment variables, else a prompt.
@@ -87,6 +95,7 @@ SKIP_APP=0
 DEPLOYER_ROLES=1
 DEPLOYER_ID=""
 OVERRIDES=()
+STEPS=()
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -100,15 +109,30 @@ while [[ $# -gt 0 ]]; do
     --skip-app) SKIP_APP=1; shift ;;
     --no-deployer-roles) DEPLOYER_ROLES=0; shift ;;
     --deployer-object-id) [[ $# -ge 2 ]] || die "$1 needs a value"; DEPLOYER_ID="$2"; shift 2 ;;
+    --step)
+      [[ $# -ge 2 ]] || die "$1 needs a step name"
+      case "$2" in tools | grants | secrets | references | code | summary) ;; *) die "unknown step: $2 (tools, grants, secrets, references, code, summary)" ;; esac
+      STEPS+=("$2"); shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown option: $1" ;;
   esac
 done
 
-[[ -n "$RESOURCE_GROUP" ]] || { usage >&2; die "--resource-group is required"; }
-[[ -f "$PARAMETERS_FILE" ]] || die "parameters file not found: $PARAMETERS_FILE"
+# want STEP: this run does STEP (every step without --step).
+want() {
+  local s
+  [[ ${#STEPS[@]} -gt 0 ]] || return 0
+  for s in ${STEPS[@]+"${STEPS[@]}"}; do [[ "$s" != "$1" ]] || return 0; done
+  return 1
+}
+STEP_MODE=0
+[[ ${#STEPS[@]} -eq 0 ]] || STEP_MODE=1
+
+[[ -n "$RESOURCE_GROUP" || "${STEPS[*]-}" == "tools" ]] || { usage >&2; die "--resource-group is required"; }
+[[ $STEP_MODE -eq 0 || $WHAT_IF -eq 0 ]] || die "--what-if previews main.bicep; --step runs steps of an existing deployment: use one or the other"
+[[ $STEP_MODE -eq 1 || -f "$PARAMETERS_FILE" ]] || die "parameters file not found: $PARAMETERS_FILE"
 command -v az >/dev/null 2>&1 || die "the Azure CLI (az) is not installed: https://aka.ms/azure-cli"
-if [[ $WHAT_IF -eq 0 && $SKIP_APP -eq 0 ]]; then
+if [[ $WHAT_IF -eq 0 && $SKIP_APP -eq 0 ]] && want code; then
   command -v zip >/dev/null 2>&1 || die "zip is not installed (needed to package the code; or use --skip-app)"
   command -v git >/dev/null 2>&1 || die "git is not installed (needed to list the files to package; or use --skip-app)"
 fi
@@ -201,7 +225,14 @@ SUBSCRIPTION_NAME="$(sed -n 1p <<<"$account")"
 SUBSCRIPTION_ID="$(sed -n 2p <<<"$account")"
 LOGIN_TYPE="$(sed -n 3p <<<"$account")"
 say "subscription: $SUBSCRIPTION_NAME $SUBSCRIPTION_ID"
+# azd provisioned into AZURE_SUBSCRIPTION_ID; every az call below goes to az's own subscription.
+if [[ $STEP_MODE -eq 1 && -n "${AZURE_SUBSCRIPTION_ID:-}" && "$(lower "$AZURE_SUBSCRIPTION_ID")" != "$(lower "$SUBSCRIPTION_ID")" ]]; then
+  die "az is signed in to subscription $SUBSCRIPTION_ID, the azd environment is in $AZURE_SUBSCRIPTION_ID: run 'az account set --subscription $AZURE_SUBSCRIPTION_ID' (or 'az login'), then run this again"
+fi
+[[ "${STEPS[*]-}" != "tools" ]] || exit 0
 
+# ------------------------------------------------------------------ 2-4: only without --step
+if [[ $STEP_MODE -eq 0 ]]; then
 if [[ $WHAT_IF -eq 0 ]] && grep -q 'contoso' "$PARAMETERS_FILE"; then
   die "$PARAMETERS_FILE still has the example contoso values: put your HVE accounts and domains in it (or pass --parameters FILE)"
 fi
@@ -300,7 +331,18 @@ fi
 
 step "Deploying infra/main.bicep (a few minutes)"
 az deployment group create "${deploy_args[@]}" --query properties.provisioningState -o tsv
+fi # STEP_MODE -eq 0
 
+# The deployment's outputs: from azd's environment in its hooks (azd names its deployments
+# itself and exports every output), else from the deployment.
+if [[ $STEP_MODE -eq 1 && -n "${AZURE_FUNCTION_APP_NAME:-}" ]]; then
+  say "outputs: from the environment (azd)"
+  outputs="$(printf '%s\n' "${AZURE_FUNCTION_APP_NAME:-}" "${AZURE_FUNCTION_APP_URL:-}" "${AZURE_STORAGE_ACCOUNT_NAME:-}" \
+    "${AZURE_KEY_VAULT_NAME:-}" "${AZURE_MANAGED_IDENTITY_PRINCIPAL_ID:-}" "${MAIL_QUEUE:-}" "${MAIL_QUEUE_URL:-}" \
+    "${HVE_ACCOUNTS:-}" "${HVE_AUTH:-}" "${HVE_INTERNAL_DOMAINS:-}" "${RECIPIENT_HASH_KEY_SECRET_NAME:-}" \
+    "${GRAPH_USER_READ_ALL_GRANTED:-false}" "${WELCOME_ENABLED:-false}" "${EXCHANGE_MAIL_SEND_GRANTED:-false}" \
+    "${GRAPH_MESSAGE_TRACE_GRANTED:-false}")"
+else
 outputs="$(az deployment group show --resource-group "$RESOURCE_GROUP" --name "$DEPLOYMENT_NAME" --query '[
   properties.outputs.AZURE_FUNCTION_APP_NAME.value,
   properties.outputs.AZURE_FUNCTION_APP_URL.value,
@@ -318,6 +360,7 @@ outputs="$(az deployment group show --resource-group "$RESOURCE_GROUP" --name "$
   properties.outputs.EXCHANGE_MAIL_SEND_GRANTED.value,
   properties.outputs.GRAPH_MESSAGE_TRACE_GRANTED.value
 ]' -o tsv)"
+fi
 values=()
 while IFS= read -r line; do values+=("$line"); done <<<"$outputs"
 [[ ${#values[@]} -ge 15 ]] || die "unexpected deployment outputs; see: az deployment group show -g $RESOURCE_GROUP -n $DEPLOYMENT_NAME"
@@ -344,7 +387,7 @@ TRACE_GRANTED="$(lower "${values[14]}")"
 # replicated the new service principal and the grant fails with "Not a valid reference update"
 # (microsoftgraph/msgraph-bicep-types#193). A grant that exists is not deployed again (a
 # redeploy can conflict, #161), so a rerun changes nothing.
-if [[ "$GRAPH_GRANTED" == "true" || "$EXCHANGE_GRANTED" == "true" || "$TRACE_GRANTED" == "true" ]]; then
+if want grants && [[ "$GRAPH_GRANTED" == "true" || "$EXCHANGE_GRANTED" == "true" || "$TRACE_GRANTED" == "true" ]]; then
   step "Entra app-role grants for the app identity $IDENTITY_PRINCIPAL_ID (infra/modules/graph.bicep)"
   assigned="$(az rest --method get \
     --uri "https://graph.microsoft.com/v1.0/servicePrincipals/$IDENTITY_PRINCIPAL_ID/appRoleAssignments" \
@@ -428,7 +471,7 @@ put_secret() {
 }
 
 SECRETS_CHANGED=0
-if [[ $SKIP_SECRETS -eq 0 ]]; then
+if [[ $SKIP_SECRETS -eq 0 ]] && want secrets; then
   step "Secrets in Key Vault $KEY_VAULT"
   if [[ "$HVE_AUTH" == "basic" ]]; then
     IFS=',' read -r -a accounts <<<"$HVE_ACCOUNTS"
@@ -502,6 +545,7 @@ REFS_PATH="/subscriptions/$SUBSCRIPTION_ID/resourceGroups/$RESOURCE_GROUP/provid
 refresh_references() {
   az rest --method post --uri "$REFS_PATH/refresh?api-version=$WEB_API_VERSION" --output none
 }
+if want references; then
 step "Key Vault references of $APP_NAME: refresh, then wait until every one is Resolved"
 refresh_references
 try=1
@@ -524,12 +568,13 @@ while :; do
   sleep "$REFS_WAIT"
   try=$((try + 1))
 done
+fi
 
 # ------------------------------------------------------------------ 8. code
 # Only what the app needs, and only what git tracks: a stray local file (notes, a .env, a
 # scratch script) never leaves the machine.
 PACKAGE_ALLOWLIST=(function_app.py host.json requirements.txt shared)
-if [[ $SKIP_APP -eq 0 ]]; then
+if [[ $SKIP_APP -eq 0 ]] && want code; then
   step "Packaging and deploying the code to $APP_NAME"
   git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1 ||
     die "$ROOT is not a git checkout: the package is made of the files git tracks (or use --skip-app)"
@@ -572,6 +617,7 @@ elif [[ $SECRETS_CHANGED -eq 1 ]]; then
 fi
 
 # ------------------------------------------------------------------ 9. what now
+want summary || exit 0
 step "Done"
 say "function app : $APP_URL"
 say "mail queue   : $MAIL_QUEUE_URL"

@@ -529,6 +529,7 @@ var appSettings = {
 var timerSettings = {
   'AzureWebJobs.welcome_new_users.Disabled': welcomeEnabled ? 'false' : 'true'
   'AzureWebJobs.confirm_delivery.Disabled': deliveryTraceEnabled ? 'false' : 'true'
+  'AzureWebJobs.sample_health.Disabled': enableAlerts ? 'false' : 'true'
 }
 
 module functionApp 'modules/functionapp.bicep' = {
@@ -551,6 +552,33 @@ module functionApp 'modules/functionapp.bicep' = {
   dependsOn: [
     rbac
   ]
+}
+
+// ---------------------------------------------------------------- alerts (modules/alerts.bicep, docs/alerts.md)
+
+@description('Deploy the alert rules (modules/alerts.bicep, docs/alerts.md) and turn on the sample_health timer they read.')
+param enableAlerts bool = false
+
+@description('Address the alerts\' action group e-mails; empty: they fire in the portal only.')
+param alertEmail string = ''
+
+@description('Alert when the oldest visible message on the mail queue is older than this many minutes.')
+@minValue(5)
+param alertOldestMessageMinutes int = 30
+
+module alerts 'modules/alerts.bicep' = if (enableAlerts) {
+  name: 'alerts'
+  params: {
+    location: location
+    tags: tags
+    resourceToken: resourceToken
+    applicationInsightsId: monitoring.outputs.applicationInsightsId
+    alertEmail: alertEmail
+    mailQueueName: mailQueueName
+    poisonQueueName: poisonQueueName
+    oldestMessageMinutes: alertOldestMessageMinutes
+    deliveryTraceEnabled: deliveryTraceEnabled
+  }
 }
 
 // ---------------------------------------------------------------- outputs (env style)

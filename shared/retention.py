@@ -233,8 +233,10 @@ async def handle_timer(now: datetime | None = None) -> PurgeReport:
     """The `purge_expired` timer: one bounded pass over the app's tables and the relay's blobs."""
     from shared.settings import Settings
     from shared.storage import StorageClients
+    from shared.telemetry import Instruments, configure, flush_metrics
 
     settings = Settings.from_env()
+    configure(settings)
     storage = StorageClients(settings)
     try:
         ledger_table = await storage.table(settings.ledger_table)
@@ -270,4 +272,10 @@ async def handle_timer(now: datetime | None = None) -> PurgeReport:
         ", ".join(f"{n} {what}" for what, n in report.deleted.items()),
         f"; more left for the next run: {', '.join(report.more)}" if report.more else "",
     )
+    dead = report.lost_in_flight + report.lost_in_queue
+    if dead:
+        # Counted like the send stage's dead requests (hve_relay.messages, outcome dead), so the
+        # "dead request" alert sees these too; the account is in the ledger rows, not here.
+        Instruments().messages.add(dead, {"outcome": "dead", "account": "-"})
+        await asyncio.to_thread(flush_metrics)
     return report

@@ -86,3 +86,37 @@ class Instruments:
             unit="{recipient}",
             description="Recipients reaching a message-trace status, by status and account",
         )
+        # Sampled by the `sample_health` timer (shared/reporting/health.py) for the alert rules of
+        # infra/modules/alerts.bicep (docs/alerts.md): the last value each time it runs.
+        self.queue_depth = meter.create_gauge(
+            "hve_relay.queue.depth", unit="{message}", description="Approximate messages on a queue, by queue"
+        )
+        self.queue_oldest_age = meter.create_gauge(
+            "hve_relay.queue.oldest_age",
+            unit="s",
+            description="Age of the oldest message visible on a queue (0: none visible), by queue",
+        )
+        self.account_unhealthy = meter.create_gauge(
+            "hve_relay.account.unhealthy",
+            unit="1",
+            description="1 while the governor keeps an account out of rotation after an authentication failure, else 0",
+        )
+        self.delivery_trace_runs = meter.create_counter(
+            "hve_relay.delivery_trace.runs",
+            unit="{run}",
+            description="Message-trace reconciliations that finished, by result (complete, stopped)",
+        )
+
+
+def flush_metrics(timeout_millis: int = 10_000) -> bool:
+    """Export what the process's meter provider holds now (a timer's samples would otherwise wait
+    for the next periodic export, which a scaled-in instance may never reach). No-op providers
+    have nothing to flush."""
+    flush = getattr(metrics.get_meter_provider(), "force_flush", None)
+    if flush is None:
+        return False
+    try:
+        return bool(flush(timeout_millis))
+    except Exception:  # telemetry never fails the caller
+        log.warning("flushing the metrics failed", exc_info=True)
+        return False

@@ -188,3 +188,21 @@ async def delivery_timer(past_due: bool = False) -> Any:
     from shared.delivery.trace import handle_timer
 
     return await handle_timer(past_due=past_due)
+
+
+async def health_timer() -> Any:
+    """`sample_health`: queue depths, the oldest message's age and account health as OpenTelemetry
+    gauges for the alert rules (infra/modules/alerts.bicep), exported before the timer returns."""
+    from shared.reporting.health import sample
+    from shared.telemetry import flush_metrics
+
+    relay = await get_relay()
+    result = await sample(
+        governor=relay.governor,
+        mail_queue=relay.queue,
+        poison_queue=await relay.storage.queue(relay.settings.poison_queue),
+        instruments=relay.instruments,
+        now=relay.clock(),
+    )
+    await asyncio.to_thread(flush_metrics)
+    return result

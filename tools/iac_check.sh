@@ -161,7 +161,7 @@ say "== 3. infra/deploy.sh"
 bash -n "$INFRA/deploy.sh" || fail "bash -n infra/deploy.sh"
 say "  ok      bash -n"
 if command -v shellcheck >/dev/null 2>&1; then
-  shellcheck "$INFRA/deploy.sh" "$ROOT/tools/iac_check.sh" "$ROOT/tools/test_hours.sh" || fail "shellcheck"
+  shellcheck "$INFRA/deploy.sh" "$INFRA"/hooks/*.sh "$ROOT/tools/iac_check.sh" "$ROOT/tools/test_hours.sh" || fail "shellcheck"
   say "  ok      shellcheck $(shellcheck --version | sed -n 's/^version: //p')"
 elif [[ "${IAC_REQUIRE_SHELLCHECK:-0}" == "1" ]]; then
   fail "shellcheck is not installed (apt-get install -y shellcheck)"

@@ -464,8 +464,7 @@ class Reconciler:
         waits = [c.not_before for c in cursors.values() if c.not_before is not None and c.not_before > now]
         if waits:
             tally.stopped = f"throttled: Graph asked to wait until {max(waits).isoformat()}"
-            log.info("delivery trace: %s", tally.summary())
-            return tally
+            return self._finished(tally)
         budget = RequestBudget(self.cfg.requests_per_5min, await self.store.budget_spent())
         details: dict[tuple[str, str], tuple[str, str]] = {}
         try:
@@ -507,7 +506,14 @@ class Reconciler:
             tally.stopped = stop.why
         finally:
             await self.store.save_budget(budget.spent, self.clock())
+        return self._finished(tally)
+
+    def _finished(self, tally: RunTally) -> RunTally:
+        """A run that ended without an error (complete, or stopped by Graph's or its own budget):
+        logged, and counted in `hve_relay.delivery_trace.runs` (the "no run finished" alert)."""
         log.info("delivery trace: %s", tally.summary())
+        if self.instruments is not None:
+            self.instruments.delivery_trace_runs.add(1, {"result": "stopped" if tally.stopped else "complete"})
         return tally
 
     async def _where_sent(
@@ -817,13 +823,18 @@ async def reconcile(
 
 async def handle_timer(past_due: bool = False) -> RunTally | None:
     """The `confirm_delivery` timer: one reconciliation when DELIVERY_TRACE_ENABLED=true."""
-    from shared.telemetry import configure
+    from shared.telemetry import configure, flush_metrics
 
     settings = Settings.from_env()
     if not settings.delivery_enabled:
         return None
     configure(settings)
-    return await reconcile(settings)
+    try:
+        return await reconcile(settings)
+    finally:
+        # The run's count reaches Application Insights now, not at a periodic export the instance
+        # may not live to see (the "no run finished" alert reads it).
+        await asyncio.to_thread(flush_metrics)
 
 
 async def rates_last_24h(settings: Settings, storage: Any, now: datetime | None = None) -> dict[str, Any]:
