@@ -5,8 +5,8 @@
 // page's CSP also forbids inline handlers and requires Trusted Types, so an innerHTML slip throws.
 (function () {
   const REFRESH_MS = 15000;
-  // The 7-day report is the big one (about 1.7 MB at 100,000 requests a day, bench.report) and
-  // changes slowly: it is asked for every 5 minutes, and again at once after it failed.
+  // The 7-day report (by UTC day: one row per day, account and category) changes slowly: it is
+  // asked for every 5 minutes, and again at once after it failed.
   const WEEK_REFRESH_MS = 300000;
   let weekAt = null;
   const HOUR = 3600000;
