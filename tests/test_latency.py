@@ -239,3 +239,17 @@ def test_histograms_from_racing_writers_on_shards_and_from_a_closed_days_rollup_
     late_key = (int(T0), "news@contoso.com")
     want = {**expected, late_key: lat.merge([expected.get(late_key, [0] * N), hist(b2=1)])}
     assert histograms(after) == want
+
+
+def test_the_ledger_tool_prints_the_latency_after_its_table():
+    from shared.reporting.report import render_text
+
+    window = Window(datetime.fromtimestamp(H, timezone.utc), datetime.fromtimestamp(H + 7200, timezone.utc), "hour")
+    doc = {**shape([bucket(0, "a@x", "", b5=2, inf=1), bucket(1, "b@x", "c", b1=1)], window),
+           "since": "s", "until": "u", "bucket": "hour"}
+    lines = render_text(doc).splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("latency (s)")))
+    assert [line.split() for line in lines[at + 1:]] == [
+        ["2026-12-01T00:00:00+00:00", "3", "5", ">3600", "a@x", "(>3600)"],
+        ["2026-12-01T01:00:00+00:00", "1", "1", "1", "b@x", "(1)"],
+        ["total", "4", "5", ">3600", "a@x", "(>3600)"]]
