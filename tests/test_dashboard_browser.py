@@ -215,6 +215,36 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
             context.close()
 
 
+def seconds(value: float | None, bounds: list[float]) -> str:
+    """A latency estimate as the page writes it (page.js `seconds`)."""
+    if value is None:
+        return "> " + seconds(bounds[-1], bounds)
+    if value < 60:
+        return f"{value:g} s"
+    if value < 3600:
+        return f"{round(value / 60, 1):g} min"
+    return f"{round(value / 3600, 1):g} h"
+
+
+def check_latency(browser: "Browser", window: str, report: dict[str, Any]) -> None:
+    """The page's latency tiles, table and chart say what the report's latency section says."""
+    latency = report["latency"]
+    bounds, totals = latency["bounds"], latency["totals"]
+    assert browser.field(f"{window}.latency.p50") == seconds(totals["p50"], bounds)
+    assert browser.field(f"{window}.latency.p95") == seconds(totals["p95"], bounds)
+    assert browser.field(f"{window}.latency.slowest") == latency["accounts"][0]["account"]
+    day = report["bucket"] == "day"
+    expected = [[r["start"][:10] if day else r["start"][:10] + " " + r["start"][11:16] + " UTC", str(r["count"]),
+                 seconds(r["p50"], bounds), seconds(r["p95"], bounds), r["slowest"]["account"],
+                 seconds(r["slowest"]["p50"], bounds), seconds(r["slowest"]["p95"], bounds),
+                 str(r["slowest"]["count"])] for r in latency["series"]]
+    assert browser.table(f"{window}.latency") == expected
+    drawn = browser.page.eval_on_selector_all(
+        f'[data-chart="{window}.latency"] rect.bar', "rs => rs.map(r => [r.dataset.start, r.dataset.key, r.dataset.value])")
+    assert sorted(drawn) == sorted([r["start"], q, "above" if r[q] is None else f"{r[q]:g}"]
+                                   for r in latency["series"] for q in ("p50", "p95"))
+
+
 def ledger_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by_state = Counter(r["State"] for r in rows)
     sent = [r for r in rows if r["State"] == "sent"]
@@ -276,6 +306,17 @@ def test_dashboard_loads_clean_draws_its_charts_and_shows_the_report_and_the_led
         errors = [[row[0], row[1], int(row[2])] for row in browser.table(f"{window}.errors")]
         assert errors == [[e["code"], e["account"], e["count"]] for e in report["errors"]]
         assert any(code.startswith("451") for code, _, _ in errors)
+
+        # How long mail takes: every sent request has its latency; the page shows the report's.
+        assert report["latency"]["totals"]["count"] == totals["requests"]["sent"] == ledger["by_state"]["sent"]
+        check_latency(browser, window, report)
+
+    # The 7 days are 7 UTC days (today included), one bar each, not 168 hourly slivers.
+    assert (day["bucket"], week["bucket"]) == ("hour", "day")
+    since = datetime.fromisoformat(week["since"])
+    assert (since.hour, since.minute) == (0, 0) and datetime.fromisoformat(week["until"]) - since == timedelta(days=7)
+    assert page.locator('[data-chart="w7d.outcomes"] rect.bar.sent').count() <= 7
+    assert len(browser.table("w7d.latency")) == len(week["latency"]["series"]) <= 7
 
     # Now: accounts, queues, budget.
     accounts = browser.table("accounts")
@@ -367,12 +408,27 @@ def contract_report(now: datetime) -> dict[str, Any]:
     counts = {"requests": {"sent": 9, "refused": 1, "dead": 0}, "deferrals": 2,
               "recipients": {"internal": 7, "external": 3}, "codes": {"550 5.7.1": 2},
               "delivery": {"delivered": 6, "failed": 2, "pending": 1, "quarantined": 1}}
+    earlier = {**counts, "requests": {"sent": 3, "refused": 0, "dead": 0}, "deferrals": 0, "codes": {},
+               "recipients": {"internal": 3, "external": 0}, "delivery": {"delivered": 2, "gettingStatus": 1}}
+    total = {**counts, "requests": {"sent": 12, "refused": 1, "dead": 0}, "recipients": {"internal": 10, "external": 3},
+             "delivery": {"delivered": 8, "failed": 2, "pending": 1, "quarantined": 1, "gettingStatus": 1}}
+    bounds = [1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
     return {
         "schema": "hve-relay.report.v1", "generatedAt": iso(now), "since": iso(hour - timedelta(hours=23)),
         "until": iso(hour + timedelta(hours=1)), "bucket": "hour",
-        "series": [{"start": iso(hour), "account": account, "category": HOSTILE, **counts}],
-        "totals": counts,
+        "series": [{"start": iso(hour - timedelta(hours=2)), "account": "b@x", "category": "", **earlier},
+                   {"start": iso(hour), "account": account, "category": HOSTILE, **counts}],
+        "totals": total,
         "errors": [{"code": "550 5.7.1", "account": account, "count": 2, "lastSeen": iso(now)}],
+        "latency": {"bounds": bounds, "series": [
+            {"start": iso(hour - timedelta(hours=2)), "count": 3, "histogram": [2, 1] + [0] * 10, "p50": 1, "p95": 2,
+             "slowest": {"account": "b@x", "count": 3, "p50": 1, "p95": 2}},
+            {"start": iso(hour), "count": 9, "histogram": [0, 0, 4, 3, 0, 0, 0, 1, 0, 0, 0, 1], "p50": 10, "p95": None,
+             "slowest": {"account": account, "count": 9, "p50": 10, "p95": None}}],
+            "totals": {"count": 12, "histogram": [2, 1, 4, 3, 0, 0, 0, 1, 0, 0, 0, 1], "p50": 5, "p95": None},
+            "accounts": [{"account": account, "count": 9, "histogram": [0, 0, 4, 3, 0, 0, 0, 1, 0, 0, 0, 1],
+                          "p50": 10, "p95": None},
+                         {"account": "b@x", "count": 3, "histogram": [2, 1] + [0] * 10, "p50": 1, "p95": 2}]},
         "status": {"at": iso(now), "limits_profile": "ga-2026", "daily_window_ends": iso(hour + timedelta(hours=1)),
                    "tenant": {"recipients_today": 10, "cap": None, "allowance_claimed": None, "remaining": None},
                    "accounts": [{"account": account, "health": "cooling-down",
@@ -407,9 +463,23 @@ def test_delivery_rates_show_when_traced_and_every_label_from_outside_stays_text
     assert page.evaluate("document.body.dataset.state") == "ready"
     assert browser.console == [] and browser.failed == [] and browser.dialogs == []
 
-    assert browser.field("w24.delivery.rate") == "60.0 %"  # 6 of 10 traced
-    assert browser.table("w24.delivery") == [["delivered", "6", "60.0 %"], ["failed", "2", "20.0 %"],
-                                              ["pending", "1", "10.0 %"], ["quarantined", "1", "10.0 %"]]
+    assert browser.field("w24.delivery.rate") == "61.5 %"  # 8 of 13 traced recipients
+    assert browser.table("w24.delivery") == [["delivered", "8", "61.5 %"], ["failed", "2", "15.4 %"],
+                                              ["pending", "1", "7.7 %"], ["quarantined", "1", "7.7 %"],
+                                              ["gettingStatus", "1", "7.7 %"]]
+    # Delivery results beside the send outcomes: tiles and a chart per hour, equal to the report
+    # (pending: pending and gettingStatus, still open at the last trace).
+    shown = {k: int(browser.field(f"w24.results.{k}")) for k in ("delivered", "failed", "quarantined", "pending")}
+    assert shown == {"delivered": 8, "failed": 2, "quarantined": 1, "pending": 2}
+    assert page.locator('[data-field="w24.results.other"]').count() == 0      # no spam or recall: no tile
+    assert dict(browser.bars("w24.results")) == shown
+    per_hour = browser.page.eval_on_selector_all('[data-chart="w24.results"] rect.bar',
+                                                 "rs => rs.map(r => r.querySelector('title').textContent)")
+    assert len(per_hour) == 6 and sum(t.endswith(": 1 pending") for t in per_hour) == 2    # one per hour
+    # Latency: p95 above the last bound shows as such; the slowest account is a label like any other.
+    assert browser.field("w24.latency.p95") == "> 1 h" and browser.field("w24.latency.p50") == "5 s"
+    assert browser.field("w24.latency.slowest") == "<img src=x onerror=alert(2)>"
+    check_latency(browser, "w24", report)
     assert browser.table("w24.errors")[0][:3] == ["550 5.7.1", "<img src=x onerror=alert(2)>", "2"]
     row = browser.table("accounts")[0]
     assert row[0] == "<img src=x onerror=alert(2)>" and row[-1] == "<script>alert(4)</script>"

@@ -17,6 +17,7 @@ import pytest
 from azure.data.tables import TableClient
 from azure.storage.queue import QueueClient
 
+from shared.hve.smtp import SessionLease
 from shared.reporting.aggregates import Aggregates
 from shared.ledger import Ledger
 from shared.reporting.report import ReportRequestError, Window, parse_window, shape
@@ -643,7 +644,10 @@ def test_a_flush_whose_answer_is_lost_on_the_send_path_is_not_added_twice(azurit
     for b in buckets:
         for k, v in b.counts.items():
             counts[k] = counts.get(k, 0) + v
-    assert counts == {"requests.sent": 2, "recipients.internal": 3}
+    latencies = sum(n for k, n in counts.items() if k.startswith("latency."))   # one per sent request, once too
+    assert {k: n for k, n in counts.items() if not k.startswith("latency.")} == {"requests.sent": 2,
+                                                                               "recipients.internal": 3}
+    assert latencies == 2
 
 
 @pytest.mark.parametrize("path,final_put", [("paced", 2), ("plain", 1)])
@@ -740,3 +744,97 @@ def test_a_delivery_whose_progress_write_comes_back_after_another_finished_the_r
     assert results[1].state == "sent" and final.state == "sent", results
     assert len(emulator.accepted()) == 2          # B's repeat under the same Message-ID
     assert sum(b.counts.get("requests.sent", 0) for b in buckets) == 1, results
+
+
+# ------------------------------------------------------------------ send latency (injected clock)
+
+
+class StepClock:
+    """The relay's clock: a fixed time that moves with real time, plus the jumps the test makes."""
+
+    def __init__(self, start: datetime) -> None:
+        self._offset = start.timestamp() - time.time()
+
+    def __call__(self) -> float:
+        return time.time() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        self._offset += seconds
+
+
+@pytest.mark.parametrize("path", ["plain", "paced"])
+def test_send_latencies_set_by_an_injected_clock_come_back_from_the_report_as_p50_p95_and_slowest_account(
+        storage, emulator, monkeypatch, path):
+    """Each SMTP transaction 'takes' the seconds its subject names (the clock jumps when HVE's answer
+    comes back), so every request's latency is known: first seen -> the 250 of its last transaction
+    (a request in two chunks takes both). GET /api/report's handler, on that clock, answers p50/p95
+    as the upper bounds of the histogram buckets holding them, per hour and for the window, and the
+    slowest account by p95. The histogram rides the outcome's row: no row of its own."""
+    import re
+
+    from shared import wiring
+
+    limits = {"recipients_per_message": 2, **({"messages_per_minute": 100000} if path == "paced" else {})}
+    settings = relay_settings(storage, emulator, AGGREGATES_FLUSH_SECONDS="0", HVE_LIMITS=json.dumps(limits))
+    clock = StepClock(datetime(2026, 3, 10, 12, 5, tzinfo=timezone.utc))   # no test depends on the hour it runs
+    plan = [("news@contoso.com", ["ann@contoso.com"], s) for s in (3, 3, 3, 7, 7)] + [
+        ("alerts@contoso.com", ["ann@contoso.com"], 7), ("alerts@contoso.com", ["bob@contoso.com"], 7),
+        ("alerts@contoso.com", ["ann@contoso.com", "bob@contoso.com", "cy@contoso.com"], 20),   # 2 chunks: 40 s
+        ("alerts@contoso.com", ["dee@contoso.com"], 45), ("alerts@contoso.com", ["eve@contoso.com"], 200)]
+
+    async def main():
+        relay = await Relay.create(settings, clock=clock)
+        assert (relay.scheduler is not None) == (path == "plain")
+        real_send = SessionLease.send
+        transactions: list[int] = []
+
+        async def slow_send(lease, addresses, message):
+            result = await real_send(lease, addresses, message)
+            seconds = int(re.search(rb"^Subject: latency (\d+)", message, re.M)[1])
+            transactions.append(seconds)
+            clock.advance(seconds)                  # HVE's 250 comes back this much later
+            return result
+
+        monkeypatch.setattr(SessionLease, "send", slow_send)
+
+        async def this_relay():
+            return relay
+
+        monkeypatch.setattr(wiring, "get_relay", this_relay)
+        try:
+            for i, (account, to, seconds) in enumerate(plan):
+                await enqueue(relay, mail(f"lat-{i}", to, "orders", account=account, subject=f"latency {seconds}"))
+                handled = await drain(relay)        # one at a time: each latency is its own jumps
+                assert [h.state for h in handled] == ["sent"], handled
+            await relay.aggregates.flush()
+            by_hour = await wiring.report_response({})
+            by_day = await wiring.report_response({"bucket": "day"})
+            rows = [dict(r) async for r in relay.aggregates._table.list_entities()]
+            return transactions, by_hour, by_day, rows
+        finally:
+            await relay.close()
+
+    transactions, (status, report), (day_status, by_day), rows = run(main())
+    assert len(transactions) == len(plan) + 1          # the 3-recipient request went in two transactions
+    assert status == day_status == 200
+    report, by_day = json.loads(report), json.loads(by_day)
+    jsonschema.validate(report, SCHEMA)
+    jsonschema.validate(by_day, SCHEMA)
+    assert report["totals"]["requests"]["sent"] == 10
+    latency = report["latency"]
+    # Latencies 3 3 3 7 7 | 7 7 40 45 200 (+ milliseconds of real time): buckets 5 5 5 10 10 | 10 10 60 60 300.
+    assert latency["totals"]["histogram"] == [0, 0, 3, 4, 0, 2, 0, 1, 0, 0, 0, 0]
+    assert (latency["totals"]["p50"], latency["totals"]["p95"]) == (10, 300)     # the 5th and the 10th of 10
+    (hour,) = latency["series"]
+    assert hour["start"] == "2026-03-10T12:00:00+00:00" and (hour["count"], hour["p50"], hour["p95"]) == (10, 10, 300)
+    # The slowest account by p95; its p50 (the 3rd of 7 7 40 45 200) is the two-chunk request: 40 s, not 20.
+    assert hour["slowest"] == {"account": "alerts@contoso.com", "count": 5, "p50": 60, "p95": 300}
+    assert [(a["account"], a["p50"], a["p95"]) for a in latency["accounts"]] == [
+        ("alerts@contoso.com", 60, 300), ("news@contoso.com", 5, 10)]
+    assert by_day["latency"]["totals"] == latency["totals"] and len(by_day["latency"]["series"]) == 1
+    assert by_day["latency"]["series"][0]["start"] == "2026-03-10T00:00:00+00:00"
+    # In the table: one row per account (and category), the latency beside the outcome.
+    assert len(rows) == 2
+    for row in rows:
+        counts = json.loads(row["Data"])["n"]
+        assert counts["requests.sent"] == 5 == sum(n for k, n in counts.items() if k.startswith("latency."))

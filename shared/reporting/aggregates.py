@@ -1,7 +1,9 @@
 """Hourly counters per account and category, written as the ledger changes, read by the report.
 
 Counter names (as in the report contract): `requests.<outcome>`, `deferrals`, `recipients.internal`,
-`recipients.external`, `codes.<SMTP code>`, `delivery.<message-trace status>`.
+`recipients.external`, `codes.<SMTP code>`, `delivery.<message-trace status>`, and `latency.<bound>`
+(the send-latency histogram of the sent requests, shared/reporting/latency.py: one counter per bucket,
+in the same row as the outcome, so it is merged, rolled up and flushed like every other count).
 
 How they are written (README "Report API and aggregates"):
 - The send path only adds to an in-memory buffer (no I/O, never raises): a send is never failed
@@ -43,6 +45,8 @@ from typing import Any
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from opentelemetry import metrics
+
+from shared.reporting import latency as latency_histogram
 
 log = logging.getLogger("hve_relay.aggregates")
 
@@ -329,6 +333,18 @@ class Aggregates:
         if state == "sent":
             counts.update({"recipients.internal": internal, "recipients.external": external})
         self.add(at, account, category, counts)
+
+    def latency(self, at: float, account: str, category: str, seconds: float) -> None:
+        """A sent request took `seconds` from first seen (the ledger's `first_received`) to HVE's
+        `250` for its last transaction: 1 more in its histogram bucket (`latency.<bound>`). Called
+        once per request, beside `outcome(..., "sent")` and with the same `at`, so it lands in the
+        row (hour, account, category) that flush writes anyway: no extra row, no extra request."""
+        try:
+            name = latency_histogram.counter_name(float(seconds))
+        except Exception:  # noqa: BLE001 - counting must never fail a send
+            log.exception("aggregates: a latency was not recorded")
+            return
+        self.add(at, account, category, {name: 1})
 
     def deferral(self, at: float, account: str, category: str) -> None:
         self.add(at, account, category, {"deferrals": 1})

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from shared.reporting import latency as lat
 from shared.reporting.aggregates import OUTCOMES, Aggregates, Bucket, fold_categories
 
 SCHEMA = "hve-relay.report.v1"
@@ -121,7 +122,8 @@ def _add(into: dict[str, Any], counts: Mapping[str, int]) -> None:
 
 
 def shape(buckets: Iterable[Bucket], window: Window) -> dict[str, Any]:
-    """series, totals and errors of the report from the hourly buckets (pure)."""
+    """series, totals, errors and latency of the report from the hourly buckets (pure)."""
+    buckets = list(buckets)
     rows: dict[tuple[int, str, str], dict[str, Any]] = {}
     starts: dict[int, tuple[int, str]] = {}  # hour -> (bucket start, its ISO text)
     totals = _empty_counts()
@@ -148,7 +150,57 @@ def shape(buckets: Iterable[Bucket], window: Window) -> dict[str, Any]:
                 err["lastSeen"] = max(err["lastSeen"], b.last_seen.get(code, b.start))
     series = [rows[k] for k in sorted(rows)]
     ordered = sorted(errors.values(), key=lambda e: (-e["count"], e["code"], e["account"]))
-    return {"series": series, "totals": totals, "errors": [{**e, "lastSeen": _iso(e["lastSeen"])} for e in ordered]}
+    return {
+        "series": series,
+        "totals": totals,
+        "errors": [{**e, "lastSeen": _iso(e["lastSeen"])} for e in ordered],
+        "latency": latency_section(buckets, window),
+    }
+
+
+def _slowest(per_account: Mapping[str, list[int]]) -> list[dict[str, Any]]:
+    """Per account, count, histogram, p50 and p95; slowest first (p95, then p50, then the number
+    of requests; then by name)."""
+    shown: list[dict[str, Any]] = [{"account": a, **lat.summary(h)} for a, h in per_account.items() if sum(h)]
+    shown.sort(key=lambda s: s["account"])
+    shown.sort(key=lat.slower_key, reverse=True)
+    return shown
+
+
+def latency_section(buckets: Iterable[Bucket], window: Window) -> dict[str, Any]:
+    """Send latency of the window's sent requests (first seen -> HVE's 250 for the last transaction)
+    from the `latency.<bound>` histograms of the hourly buckets: per bucket of the window its
+    histogram, p50, p95 and slowest account (by p95); the window's; and per account. p50 and p95
+    are the upper bound of the histogram bucket holding them (shared/reporting/latency.py)."""
+    per_start: dict[int, dict[str, list[int]]] = {}
+    per_account: dict[str, list[int]] = {}
+    for b in buckets:
+        if not any(name.startswith(lat.PREFIX) for name in b.counts):
+            continue
+        hist = lat.histogram(b.counts)
+        start = int(_floor(datetime.fromtimestamp(b.start, UTC), window.bucket).timestamp())
+        accounts = per_start.setdefault(start, {})
+        accounts[b.account] = lat.merge([accounts.get(b.account, [0] * len(hist)), hist])
+        per_account[b.account] = lat.merge([per_account.get(b.account, [0] * len(hist)), hist])
+    series = []
+    for start in sorted(per_start):
+        merged = lat.merge(per_start[start].values())
+        if not sum(merged):
+            continue
+        slowest = _slowest(per_start[start])[0]
+        series.append(
+            {
+                "start": _iso(start),
+                **lat.summary(merged),
+                "slowest": {k: slowest[k] for k in ("account", "count", "p50", "p95")},
+            }
+        )
+    return {
+        "bounds": list(lat.BOUNDS),
+        "series": series,
+        "totals": lat.summary(lat.merge(per_account.values())),
+        "accounts": _slowest(per_account),
+    }
 
 
 async def queue_state(queue: Any, now: float) -> dict[str, Any]:
@@ -237,4 +289,18 @@ def render_text(report: Mapping[str, Any]) -> str:
             f"{rc['internal']:>6} {rc['external']:>6} {dv.get('delivered', 0):>6} {dv.get('failed', 0):>6} "
             f"{dv.get('quarantined', 0):>5} {dv.get('filteredAsSpam', 0):>5}  {codes}"
         )
+    latency = report.get("latency") or {}
+    if latency.get("series"):
+        lines.append("")
+        lines.append(f"{'latency (s)':25} {'sent':>6} {'p50':>6} {'p95':>6}  slowest account (p95)")
+
+        def secs(v: float | None) -> str:
+            return f"{v:g}" if v is not None else f">{latency['bounds'][-1]:g}"
+
+        for r in latency["series"] + [{"start": "total", **latency["totals"], "slowest": None}]:
+            slow = r.get("slowest") or (latency["accounts"][0] if latency["accounts"] else None)
+            lines.append(
+                f"{r['start']:25} {r['count']:>6} {secs(r['p50']):>6} {secs(r['p95']):>6}  "
+                + (f"{slow['account'] or '-'} ({secs(slow['p95'])})" if slow else "-")
+            )
     return "\n".join(lines)

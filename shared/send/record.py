@@ -219,6 +219,9 @@ class Recorder:
                 internal=entry.internal_recipients,
                 external=entry.external_recipients,
             )
+            if entry.state == SENT:  # latency: first seen -> the ledger's record of HVE's last 250
+                seconds = (entry.updated - entry.first_received).total_seconds()
+                r.aggregates.latency(r.clock(), entry.account, entry.category, seconds)
             if entry.state == REFUSED and entry.reason.startswith("id-conflict:"):
                 # Of the refused, those that came under an id another request had taken.
                 r.aggregates.add(r.clock(), entry.account, entry.category, {"requests.id-conflict": 1})
