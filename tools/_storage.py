@@ -24,12 +24,13 @@ On that path nothing is created: Bicep made every queue and table, and the opera
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.settings import Settings, SettingsError
 from shared.storage import SERVICES, StorageClients, account_urls
@@ -37,6 +38,7 @@ from shared.storage import SERVICES, StorageClients, account_urls
 ACCOUNT_ENV = "AZURE_STORAGE_ACCOUNT"
 SERVICE_URI_ENV = {service: f"AzureWebJobsStorage__{service}ServiceUri" for service in SERVICES}
 DEFAULT_SUFFIX = "core.windows.net"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -97,14 +99,61 @@ def target_from_settings(settings: Settings) -> StorageTarget:
     return StorageTarget(account_name=name, service_urls=account_urls(name) if name else {})
 
 
-def operator_credential() -> Any:
-    """DefaultAzureCredential as the operator: no managed identity (unless AZURE_TOKEN_CREDENTIALS
-    says otherwise) and no browser pop-up."""
-    from azure.identity.aio import DefaultAzureCredential
+class SignInError(Exception):
+    """The operator is not signed in (or not as anyone Storage accepts). Not an AzureError: the
+    storage SDK would retry that with back-off for a minute and more before saying so."""
 
-    if (os.environ.get("AZURE_TOKEN_CREDENTIALS") or "").strip():
-        return DefaultAzureCredential()
-    return DefaultAzureCredential(exclude_managed_identity_credential=True)
+
+class OperatorCredential:
+    """DefaultAzureCredential as the operator: no managed identity (unless AZURE_TOKEN_CREDENTIALS
+    says otherwise) and no browser pop-up; a failed sign-in fails at once."""
+
+    def __init__(self) -> None:
+        from azure.identity.aio import DefaultAzureCredential
+
+        if (os.environ.get("AZURE_TOKEN_CREDENTIALS") or "").strip():
+            self._credential = DefaultAzureCredential()
+        else:
+            self._credential = DefaultAzureCredential(exclude_managed_identity_credential=True)
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        from azure.core.exceptions import ClientAuthenticationError
+
+        try:
+            return await self._credential.get_token(*scopes, **kwargs)
+        except ClientAuthenticationError as exc:
+            raise SignInError(
+                f"{exc.message}\nSign in first (az login, or AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET "
+                "for a service principal), or give --connection-string."
+            ) from None
+
+    async def close(self) -> None:
+        await self._credential.close()
+
+
+def operator_credential() -> OperatorCredential:
+    return OperatorCredential()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run for a tool's main(): a failed sign-in, or storage refusing who signed in, is a
+    message and exit code 2 rather than a traceback."""
+    from azure.core.exceptions import HttpResponseError
+
+    try:
+        return asyncio.run(coro)
+    except SignInError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except HttpResponseError as exc:
+        if exc.status_code not in (401, 403):
+            raise
+        code = getattr(exc, "error_code", None) or ""
+        code = getattr(code, "value", code)
+        print(f"error: storage refused the request ({exc.status_code} {code}): {exc.reason}.\n"
+              "Signed in, the operator needs the roles in infra/README.md (Operator roles); a fresh "
+              "role assignment can take a few minutes to apply.", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class ToolStorage(StorageClients):

@@ -11,13 +11,13 @@ Storage: --connection-string / --account-name (tools/_storage.py).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
 from shared.delivery.trace import DeliveryDelta, reconcile
 from shared.settings import Settings, SettingsError
 from tools._storage import StorageTarget, add_arguments, open_storage, tool_settings
+from tools._storage import run as run_tool
 from tools.enqueue import load_local_settings
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             await storage.close()
 
     try:
-        tally = asyncio.run(once(*tool_settings(args)))
+        tally = run_tool(once(*tool_settings(args)))
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

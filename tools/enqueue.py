@@ -11,7 +11,6 @@ storage: --connection-string / --account-name (tools/_storage.py).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 from shared.send.producer import enqueue_requests
 from shared.settings import Settings
 from tools._storage import StorageTarget, add_arguments, open_storage, tool_settings
+from tools._storage import run as run_tool
 
 
 def load_local_settings(path: Path) -> None:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     load_local_settings(Path(args.settings))
     settings, target = tool_settings(args)
     requests = _requests_from_args(args)
-    asyncio.run(enqueue(settings, requests, encode_base64=args.base64, target=target))
+    run_tool(enqueue(settings, requests, encode_base64=args.base64, target=target))
     print(f"enqueued {len(requests)} request(s) on {settings.mail_queue}", file=sys.stderr)
     return 0
 

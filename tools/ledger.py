@@ -14,7 +14,6 @@ account needs the deployment's RECIPIENT_HASH_KEY in the environment (Key Vault 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 from dataclasses import asdict
 import time
@@ -31,6 +30,7 @@ from shared.reporting.report import ReportRequestError, build_report, parse_wind
 from shared.send.stage import pacing_config
 from shared.settings import UNSET_HASH_KEY, Settings
 from tools._storage import StorageTarget, add_arguments, open_storage, tool_settings
+from tools._storage import run as run_tool
 from tools.enqueue import load_local_settings
 
 
@@ -113,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                      "without it no address matches")
     if args.command == "report":
         try:
-            doc = asyncio.run(report(settings, args.since, args.until, args.bucket, target))
+            doc = run_tool(report(settings, args.since, args.until, args.bucket, target))
         except ReportRequestError as exc:
             parser.error(str(exc))
         print(json.dumps(doc, indent=2) if args.json else render_text(doc))
         return 0
-    result = asyncio.run(run(settings, args.command, args.arg, args.since, target))
+    result = run_tool(run(settings, args.command, args.arg, args.since, target))
     if args.command == "show" and not args.json:
         print(render_show(result))
         return 1 if "error" in result else 0

@@ -10,12 +10,12 @@ Storage: --connection-string / --account-name (tools/_storage.py).
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 
 from shared.send.contract import RequestRefused, claim_check_of, content_request_id, decode_queue_body
 from shared.settings import Settings
 from tools._storage import StorageTarget, add_arguments, open_storage, tool_settings
+from tools._storage import run as run_tool
 from tools.enqueue import load_local_settings
 
 
@@ -36,7 +36,7 @@ async def run(settings: Settings, command: str, target: StorageTarget | None = N
         poison = await storage.queue(settings.poison_queue)
         if command == "list":
             count = 0
-            async for message in poison.peek_messages(max_messages=32):
+            for message in await poison.peek_messages(max_messages=32):
                 count += 1
                 print(f"{message.id}  inserted {message.inserted_on:%Y-%m-%d %H:%M:%S}  {describe(message.content)}")
             props = await poison.get_queue_properties()
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     load_local_settings(Path(args.settings))
     settings, target = tool_settings(args)
-    return asyncio.run(run(settings, args.command, target))
+    return run_tool(run(settings, args.command, target))
 
 
 if __name__ == "__main__":

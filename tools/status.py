@@ -8,7 +8,6 @@ next free slot, cooldown, health; and delivery rates of the last 24 hours (messa
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +20,7 @@ from shared.settings import Settings
 from shared.reporting.status import (delivery_last_24h, last_24h_since, render_text, status_report, to_json,
                                      usage_from_buckets)
 from tools._storage import StorageTarget, add_arguments, open_storage, tool_settings
+from tools._storage import run as run_tool
 from tools.enqueue import load_local_settings
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     load_local_settings(Path(args.settings))
     settings, target = tool_settings(args)
-    result = asyncio.run(report(settings, target))
+    result = run_tool(report(settings, target))
     print(to_json(result) if args.json else render_text(result))
     return 0
 

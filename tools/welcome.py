@@ -15,7 +15,6 @@ Storage: --connection-string / --account-name (tools/_storage.py).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from shared.settings import Settings, SettingsError
 from shared.welcome.scan import ScanReport, run_scan
 from shared.welcome.policy import PENDING, SKIP, WELCOME, Decision, graph_time
 from tools._storage import StorageTarget, add_arguments, open_storage, tool_settings
+from tools._storage import run as run_tool
 from tools.enqueue import load_local_settings
 
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             await storage.close()
 
     try:
-        report = asyncio.run(scan(*tool_settings(args)))
+        report = run_tool(scan(*tool_settings(args)))
     except SettingsError as exc:
         print(f"welcome: {exc}", file=sys.stderr)
         return 2
