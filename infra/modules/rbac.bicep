@@ -1,6 +1,8 @@
 // Role assignments. The app's user-assigned identity gets exactly what the code and the
 // Functions host use; the deployer (optional) gets what infra/deploy.sh needs to write the
-// secrets and to drop a first request on the queue.
+// secrets and to drop a first request on the queue; the deployer and the operators get what the
+// operations tools (tools.ledger, .status, .poison, .enqueue) need from a laptop (infra/README.md,
+// "Operator roles").
 
 @description('Principal (object) id of the app\'s user-assigned managed identity.')
 param identityPrincipalId string
@@ -17,6 +19,9 @@ param applicationInsightsName string
 @description('Queue the deployer may send a first request to.')
 param mailQueueName string
 
+@description('Poison queue of the mail queue.')
+param poisonQueueName string = '${mailQueueName}-poison'
+
 @description('Object id of the person or pipeline running the deployment (empty: no deployer roles).')
 param deployerPrincipalId string = ''
 
@@ -28,6 +33,22 @@ param deployerPrincipalId string = ''
 ])
 param deployerPrincipalType string = 'User'
 
+@description('Object ids of further operators (people, groups or pipelines) who run the operations tools against this deployment.')
+param operatorPrincipalIds array = []
+
+@description('Type of every operatorPrincipalIds entry.')
+@allowed([
+  'User'
+  'ServicePrincipal'
+  'Group'
+])
+param operatorPrincipalType string = 'User'
+
+// The deployer is an operator too; union() drops a deployer listed again.
+var operatorIds = union(empty(deployerPrincipalId) ? [] : [
+  deployerPrincipalId
+], operatorPrincipalIds)
+
 // Built-in role definition ids (the same in every tenant).
 var roles = {
   storageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
@@ -37,6 +58,7 @@ var roles = {
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
   keyVaultSecretsOfficer: 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
   storageQueueDataMessageSender: 'c6a89b2d-59bc-44d0-9896-0f6e12d7b80a'
+  storageTableDataReader: '76199698-9eea-4c19-bc75-cec21354c6b6'
 }
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
@@ -45,6 +67,10 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
 
 resource mailQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' existing = {
   name: '${storageAccountName}/default/${mailQueueName}'
+}
+
+resource poisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' existing = {
+  name: '${storageAccountName}/default/${poisonQueueName}'
 }
 
 resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
@@ -131,3 +157,39 @@ resource deployerQueueSender 'Microsoft.Authorization/roleAssignments@2022-04-01
     principalType: deployerPrincipalType
   }
 }
+
+// Operators: read the ledger, recipient index, delivery, governor, aggregates and welcome tables
+// (tools.ledger summary/show/lookup/report, tools.status, tools.welcome --dry-run). Read only.
+resource operatorTableReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for id in operatorIds: {
+  name: guid(storage.id, id, roles.storageTableDataReader)
+  scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataReader)
+    principalId: id
+    principalType: (id == deployerPrincipalId) ? deployerPrincipalType : operatorPrincipalType
+  }
+}]
+
+// Operators: peek, receive and delete poison messages (tools.poison list/requeue), read the
+// queue's depth (tools.ledger report). This queue only.
+resource operatorPoisonQueue 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for id in operatorIds: {
+  name: guid(poisonQueue.id, id, roles.storageQueueDataContributor)
+  scope: poisonQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageQueueDataContributor)
+    principalId: id
+    principalType: (id == deployerPrincipalId) ? deployerPrincipalType : operatorPrincipalType
+  }
+}]
+
+// Operators: put requests back (tools.poison requeue) or new ones (tools.enqueue) on the mail
+// queue, and read its depth and oldest message (tools.ledger report). This queue only.
+resource operatorMailQueue 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for id in operatorIds: {
+  name: guid(mailQueue.id, id, roles.storageQueueDataContributor)
+  scope: mailQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageQueueDataContributor)
+    principalId: id
+    principalType: (id == deployerPrincipalId) ? deployerPrincipalType : operatorPrincipalType
+  }
+}]
