@@ -19,7 +19,7 @@ param environmentName string
 @description('Azure region of all resources (one that offers Flex Consumption).')
 param location string = resourceGroup().location
 
-@description('Object id of the user or service principal running the deployment; it gets Key Vault Secrets Officer and queue Message Sender so infra/deploy.sh can write the secrets and a first request. Empty: no deployer roles.')
+@description('Object id of the user or service principal running the deployment; it gets Key Vault Secrets Officer and queue Message Sender so infra/deploy.sh can write the secrets and a first request, and the operator roles (operatorPrincipalIds). Empty: no deployer roles.')
 param deployerPrincipalId string = ''
 
 @description('Type of deployerPrincipalId.')
@@ -29,6 +29,17 @@ param deployerPrincipalId string = ''
   'Group'
 ])
 param deployerPrincipalType string = 'User'
+
+@description('Object ids of further operators who run the operations tools (tools.ledger, .status, .poison, .enqueue) from their own machines: Storage Table Data Reader on the account, Storage Queue Data Contributor on the mail queue and its poison queue. The deployer gets them too.')
+param operatorPrincipalIds array = []
+
+@description('Type of every operatorPrincipalIds entry.')
+@allowed([
+  'User'
+  'ServicePrincipal'
+  'Group'
+])
+param operatorPrincipalType string = 'User'
 
 @description('Storage redundancy.')
 @allowed([
@@ -414,6 +425,9 @@ module rbac 'modules/rbac.bicep' = {
     producers: producerGrants
     producerPrincipalIds: producerPrincipalIds
     producerPrincipalType: producerPrincipalType
+    poisonQueueName: poisonQueueName
+    operatorPrincipalIds: operatorPrincipalIds
+    operatorPrincipalType: operatorPrincipalType
   }
 }
 

@@ -526,6 +526,58 @@ def test_role_assignments_for_the_app_identity(bicep):
     assert not extra, f"the app identity has roles nobody asked for: {extra}"
 
 
+# What the operations tools need from an operator's machine (tools/_storage.py; infra/README.md,
+# "Operator roles"): role -> the resources it is scoped to.
+OPERATOR_ROLES = {
+    ("Storage Table Data Reader", "76199698-9eea-4c19-bc75-cec21354c6b6"): {"storage"},
+    ("Storage Queue Data Contributor", "974c5e8b-45b9-4653-ba55-5f855dd0fb88"): {"mailQueue", "poisonQueue"},
+}
+
+
+def test_operator_roles_read_the_tables_and_work_the_two_queues_only(bicep):
+    rbac = bicep["modules/rbac.bicep"]
+    resources = _resources(rbac)
+    found: dict[tuple[str, str], set[str]] = {}
+    for name, res in _resources(rbac, "Microsoft.Authorization/roleAssignments").items():
+        config = res["config"]
+        if "loop_type" not in config or not name.startswith("operator"):
+            continue  # the app's and the deployer's own, and the producers' (their own test)
+        assert config["loop_type"]["detail"] == {"item_name": "id", "array_name": "operatorIds"}, name
+        body = _body(config)
+        props = body["properties"]
+        assert props["principalId"] == "id", name
+        assert body["name"]["function"]["type"] == "guid", name
+        assert body["name"]["function"]["parameters"]["extra_string_1"] == "id", name
+        role_id = _resolve_accessor(props["roleDefinitionId"]["function"]["parameters"]["resource_name_1"], rbac)
+        role = next(key for key in OPERATOR_ROLES if key[1] == role_id)
+        found.setdefault(role, set()).add(body["scope"])
+        # A deployer keeps its own principal type; everybody else has operatorPrincipalType.
+        assert evaluate(props["principalType"], rbac, {"id": "d", "deployerPrincipalId": "d",
+                                                       "deployerPrincipalType": "ServicePrincipal"}) == "ServicePrincipal"
+        assert evaluate(props["principalType"], rbac, {"id": "o", "deployerPrincipalId": "d",
+                                                       "operatorPrincipalType": "Group"}) == "Group"
+    assert found == OPERATOR_ROLES
+    assert resources["poisonQueue"]["existing"] and resources["mailQueue"]["existing"]
+    assert resources["storage"]["type"] == "Microsoft.Storage/storageAccounts"
+    # No write on any table and nothing on blobs or Key Vault for operators.
+    assert "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3" not in {k[1] for k in found}
+
+    # Who the operators are: the deployer (when one is given) and operatorPrincipalIds, each once.
+    ids = rbac["variables"]["operatorIds"]["value"]["function"]
+    assert ids["type"] == "union"
+    assert evaluate(ids["parameters"]["arg_1"], rbac) == []
+    assert evaluate(ids["parameters"]["arg_1"], rbac, {"deployerPrincipalId": "d"}) == ["d"]
+    assert ids["parameters"]["arg_2"] == "operatorPrincipalIds"
+    assert evaluate("operatorPrincipalIds", rbac) == []
+
+    module = _body(_module_for(bicep, "modules/rbac.bicep")["config"])
+    for param in ("operatorPrincipalIds", "operatorPrincipalType", "deployerPrincipalId", "poisonQueueName"):
+        assert module["params"][param] == param, f"main.bicep does not pass {param} to rbac.bicep"
+    main = bicep["main.bicep"]
+    assert evaluate("operatorPrincipalIds", main) == []
+    assert evaluate("poisonQueueName", main) == "outbound-mail-poison"
+
+
 def _resolve_accessor(value: Any, doc: dict[str, Any]) -> Any:
     """`roles.storageQueueDataContributor` -> the literal in `var roles`."""
     path = _accessor_path(value)
@@ -742,7 +794,8 @@ def test_producers_get_no_role_on_the_account_or_anything_else(bicep):
     rbac = bicep["modules/rbac.bicep"]
     resources = _resources(rbac)
     for name, (config, body) in _rbac_assignments(bicep).items():
-        if _refers_to(body["properties"]["principalId"], "producer") or _loops_over(config):
+        if _refers_to(body["properties"]["principalId"], "producer") or (
+                _loops_over(config) and not name.startswith("operator")):
             assert resources[body["scope"]]["type"] in (
                 "Microsoft.Storage/storageAccounts/queueServices/queues",
                 "Microsoft.Storage/storageAccounts/blobServices/containers"), name

@@ -9,6 +9,8 @@ Python API::
         az.blob_port, az.queue_port, az.table_port
 
     Azurite(location=Path(".local/azurite"))    # persist to a folder instead
+    Azurite(cert=pem, key=key_pem, oauth=True)  # HTTPS, and OAuth bearer tokens accepted (Azurite
+                                                # checks audience, issuer and lifetime, not signatures)
     az = Azurite().start(); ...; az.stop()      # without a with-block
 
 CLI::
@@ -79,15 +81,16 @@ class AzuriteError(RuntimeError):
     """Azurite is missing, failed to start, or did not become ready in time."""
 
 
-def connection_string(blob_port: int, queue_port: int, table_port: int, host: str = "127.0.0.1") -> str:
+def connection_string(blob_port: int, queue_port: int, table_port: int, host: str = "127.0.0.1",
+                      scheme: str = "http") -> str:
     """The devstoreaccount1 connection string with explicit endpoints on `host`."""
     return (
-        "DefaultEndpointsProtocol=http;"
+        f"DefaultEndpointsProtocol={scheme};"
         f"AccountName={ACCOUNT_NAME};"
         f"AccountKey={ACCOUNT_KEY};"
-        f"BlobEndpoint=http://{host}:{blob_port}/{ACCOUNT_NAME};"
-        f"QueueEndpoint=http://{host}:{queue_port}/{ACCOUNT_NAME};"
-        f"TableEndpoint=http://{host}:{table_port}/{ACCOUNT_NAME};"
+        f"BlobEndpoint={scheme}://{host}:{blob_port}/{ACCOUNT_NAME};"
+        f"QueueEndpoint={scheme}://{host}:{queue_port}/{ACCOUNT_NAME};"
+        f"TableEndpoint={scheme}://{host}:{table_port}/{ACCOUNT_NAME};"
     )
 
 
@@ -142,7 +145,16 @@ class Azurite:
         node: str | None = None,
         entry: Path | str | None = None,
         debug_log: Path | str | None = None,
+        cert: Path | str | None = None,
+        key: Path | str | None = None,
+        oauth: bool = False,
     ) -> None:
+        # HTTPS with this certificate (PEM) and key; `oauth` (needs HTTPS) also accepts bearer tokens.
+        if (cert is None) != (key is None) or (oauth and cert is None):
+            raise ValueError("cert and key go together, and oauth needs them (bearer tokens only over HTTPS)")
+        self.cert = Path(cert) if cert is not None else None
+        self.key = Path(key) if key is not None else None
+        self.oauth = oauth
         # Azurite's own log of every request it serves (`--debug FILE`): what the benches count.
         self.debug_log = Path(debug_log) if debug_log is not None else None
         self.location = Path(location) if location is not None else None
@@ -177,20 +189,24 @@ class Azurite:
         return self._port("Table")
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.cert is not None else "http"
+
+    @property
     def blob_endpoint(self) -> str:
-        return f"http://{self.host}:{self.blob_port}/{ACCOUNT_NAME}"
+        return f"{self.scheme}://{self.host}:{self.blob_port}/{ACCOUNT_NAME}"
 
     @property
     def queue_endpoint(self) -> str:
-        return f"http://{self.host}:{self.queue_port}/{ACCOUNT_NAME}"
+        return f"{self.scheme}://{self.host}:{self.queue_port}/{ACCOUNT_NAME}"
 
     @property
     def table_endpoint(self) -> str:
-        return f"http://{self.host}:{self.table_port}/{ACCOUNT_NAME}"
+        return f"{self.scheme}://{self.host}:{self.table_port}/{ACCOUNT_NAME}"
 
     @property
     def connection_string(self) -> str:
-        return connection_string(self.blob_port, self.queue_port, self.table_port, self.host)
+        return connection_string(self.blob_port, self.queue_port, self.table_port, self.host, self.scheme)
 
     @property
     def pid(self) -> int | None:
@@ -219,6 +235,10 @@ class Azurite:
         args += ["--skipApiVersionCheck", "--loose", "--silent", "--disableTelemetry"]
         if self.debug_log is not None:
             args += ["--debug", str(self.debug_log)]
+        if self.cert is not None and self.key is not None:
+            args += ["--cert", str(self.cert), "--key", str(self.key)]
+        if self.oauth:
+            args += ["--oauth", "basic"]
         if self.location is None:
             args.append("--inMemoryPersistence")
         else:

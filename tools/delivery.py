@@ -5,17 +5,19 @@
 
 Uses the app settings (local.settings.json or the environment): GRAPH_BASE_URL, the app identity
 (or GRAPH_DEV_TOKEN for the local stand-in), HVE_ACCOUNTS, DELIVERY_TRACE_* and DELIVERY_TABLE.
+Storage: --connection-string / --account-name (tools/_storage.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
 from shared.delivery.trace import DeliveryDelta, reconcile
 from shared.settings import Settings, SettingsError
+from tools._storage import StorageTarget, add_arguments, open_storage, tool_settings
+from tools._storage import run as run_tool
 from tools.enqueue import load_local_settings
 
 
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--once", action="store_true", help="run one reconciliation now")
     mode.add_argument("--dry-run", action="store_true", help="show the Graph queries it would make")
     parser.add_argument("--settings", default="local.settings.json")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     load_local_settings(Path(args.settings))
     changed: list[DeliveryDelta] = []
@@ -35,8 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     async def collect(delta: DeliveryDelta) -> None:
         changed.append(delta)
 
+    async def once(settings: Settings, target: StorageTarget):
+        settings.require_accounts()
+        storage = open_storage(settings, target)
+        try:
+            return await reconcile(settings, dry_run=args.dry_run, on_delta=collect, storage=storage)
+        finally:
+            await storage.close()
+
     try:
-        tally = asyncio.run(reconcile(Settings.from_env(), dry_run=args.dry_run, on_delta=collect))
+        tally = run_tool(once(*tool_settings(args)))
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

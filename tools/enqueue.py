@@ -4,13 +4,13 @@
     python -m tools.enqueue --file requests.json [--base64] [--repeat 100]
 
 A request bigger than a queue message allows is uploaded to the claim-check container and
-the queue gets a stub pointing at it. Settings come from the environment or local.settings.json.
+the queue gets a stub pointing at it. Settings come from the environment or local.settings.json;
+storage: --connection-string / --account-name (tools/_storage.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -20,7 +20,9 @@ from typing import Any
 
 from shared.send.producer import enqueue_requests
 from shared.settings import Settings
-from shared.storage import StorageClients
+from tools._storage import StorageTarget, add_arguments, open_storage, tool_settings
+from tools._storage import run as run_tool
+
 
 def load_local_settings(path: Path) -> None:
     """Values of local.settings.json into the environment; variables already set win."""
@@ -29,8 +31,9 @@ def load_local_settings(path: Path) -> None:
             os.environ.setdefault(key, str(value))
 
 
-async def enqueue(settings: Settings, requests: list[dict[str, Any]], *, encode_base64: bool = False) -> list[str]:
-    storage = StorageClients(settings)
+async def enqueue(settings: Settings, requests: list[dict[str, Any]], *, encode_base64: bool = False,
+                  target: StorageTarget | None = None) -> list[str]:
+    storage = open_storage(settings, target)
     try:
         return await enqueue_requests(storage, settings.mail_queue, settings.claim_check_container, requests,
                                       encode_base64=encode_base64)
@@ -84,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="enqueue the requests N times (ids get -N suffixes)")
     parser.add_argument("--base64", action="store_true", help="write base64 like a Functions output binding")
     parser.add_argument("--settings", default="local.settings.json")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     load_local_settings(Path(args.settings))
-    settings = Settings.from_env()
+    settings, target = tool_settings(args)
     requests = _requests_from_args(args)
-    asyncio.run(enqueue(settings, requests, encode_base64=args.base64))
+    run_tool(enqueue(settings, requests, encode_base64=args.base64, target=target))
     print(f"enqueued {len(requests)} request(s) on {settings.mail_queue}", file=sys.stderr)
     return 0
 

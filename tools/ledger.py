@@ -5,12 +5,15 @@
                                                # from the aggregates: what GET /api/report answers
     python -m tools.ledger show REQUEST_ID [--json]   # with per-recipient delivery status (by hash)
     python -m tools.ledger lookup ADDRESS      # by keyed hash: the ledger holds no addresses
+
+Storage: --connection-string / --account-name (tools/_storage.py). `lookup` against a real
+account needs the deployment's RECIPIENT_HASH_KEY in the environment (Key Vault secret
+`recipient-hash-key`); without it no address would ever match.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 from dataclasses import asdict
 import time
@@ -25,15 +28,17 @@ from shared.hve.limits import resolve_limits
 from shared.reporting.request_status import request_view
 from shared.reporting.report import ReportRequestError, build_report, parse_window, render_text
 from shared.send.stage import pacing_config
-from shared.settings import Settings
-from shared.storage import StorageClients
+from shared.settings import UNSET_HASH_KEY, Settings
+from tools._storage import StorageTarget, add_arguments, open_storage, tool_settings
+from tools._storage import run as run_tool
 from tools.enqueue import load_local_settings
 
 
-async def report(settings: Settings, since: datetime | None, until: datetime | None, bucket: str) -> dict:
+async def report(settings: Settings, since: datetime | None, until: datetime | None, bucket: str,
+                 target: StorageTarget | None = None) -> dict:
     """The same document as `GET /api/report`, read from the aggregates table (not the ledger rows:
     its cost does not grow with the ledger)."""
-    storage = StorageClients(settings)
+    storage = open_storage(settings, target)
     try:
         config = pacing_config(settings, resolve_limits(settings.limits_profile, settings.limits_overrides))
         now = time.time()
@@ -51,8 +56,9 @@ async def report(settings: Settings, since: datetime | None, until: datetime | N
         await storage.close()
 
 
-async def run(settings: Settings, command: str, arg: str | None, since: datetime | None = None) -> object:
-    storage = StorageClients(settings)
+async def run(settings: Settings, command: str, arg: str | None, since: datetime | None = None,
+              target: StorageTarget | None = None) -> object:
+    storage = open_storage(settings, target)
     try:
         ledger = Ledger(await storage.table(settings.ledger_table), await storage.table(settings.recipient_index_table),
                         settings.recipient_hash_key)
@@ -96,19 +102,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", choices=["day", "hour"], default="day", help="report: bucket size (default: day)")
     parser.add_argument("--json", action="store_true", help="report: the JSON of GET /api/report; show: one JSON object instead of text")
     parser.add_argument("--settings", default="local.settings.json")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     if args.command in ("show", "lookup") and not args.arg:
         parser.error(f"{args.command} needs an argument")
     load_local_settings(Path(args.settings))
+    settings, target = tool_settings(args)
+    if args.command == "lookup" and target.signed_in and settings.recipient_hash_key == UNSET_HASH_KEY.encode():
+        parser.error("lookup needs the deployment's RECIPIENT_HASH_KEY (Key Vault secret recipient-hash-key): "
+                     "without it no address matches")
     if args.command == "report":
-        settings = Settings.from_env()
         try:
-            doc = asyncio.run(report(settings, args.since, args.until, args.bucket))
+            doc = run_tool(report(settings, args.since, args.until, args.bucket, target))
         except ReportRequestError as exc:
             parser.error(str(exc))
         print(json.dumps(doc, indent=2) if args.json else render_text(doc))
         return 0
-    result = asyncio.run(run(Settings.from_env(), args.command, args.arg, args.since))
+    result = run_tool(run(settings, args.command, args.arg, args.since, target))
     if args.command == "show" and not args.json:
         print(render_show(result))
         return 1 if "error" in result else 0

@@ -3,17 +3,19 @@
 
     python -m tools.poison list
     python -m tools.poison requeue            # every poison message back onto the mail queue
+
+Storage: --connection-string / --account-name (tools/_storage.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 
 from shared.send.contract import RequestRefused, claim_check_of, content_request_id, decode_queue_body
 from shared.settings import Settings
-from shared.storage import StorageClients
+from tools._storage import StorageTarget, add_arguments, open_storage, tool_settings
+from tools._storage import run as run_tool
 from tools.enqueue import load_local_settings
 
 
@@ -28,13 +30,13 @@ def describe(body: str) -> str:
     return f"id={doc.get('id') or content_request_id(body)}" + (" (claim check)" if claim else "")
 
 
-async def run(settings: Settings, command: str) -> int:
-    storage = StorageClients(settings)
+async def run(settings: Settings, command: str, target: StorageTarget | None = None) -> int:
+    storage = open_storage(settings, target)
     try:
         poison = await storage.queue(settings.poison_queue)
         if command == "list":
             count = 0
-            async for message in poison.peek_messages(max_messages=32):
+            for message in await poison.peek_messages(max_messages=32):
                 count += 1
                 print(f"{message.id}  inserted {message.inserted_on:%Y-%m-%d %H:%M:%S}  {describe(message.content)}")
             props = await poison.get_queue_properties()
@@ -62,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.poison", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["list", "requeue"])
     parser.add_argument("--settings", default="local.settings.json")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     load_local_settings(Path(args.settings))
-    return asyncio.run(run(Settings.from_env(), args.command))
+    settings, target = tool_settings(args)
+    return run_tool(run(settings, args.command, target))
 
 
 if __name__ == "__main__":

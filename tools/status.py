@@ -2,12 +2,12 @@
 next free slot, cooldown, health; and delivery rates of the last 24 hours (message trace).
 
     python -m tools.status [--json] [--settings local.settings.json]
+    python -m tools.status --account-name <storage account>   # production, as you (az login)
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,12 +19,13 @@ from shared.send.stage import pacing_config
 from shared.settings import Settings
 from shared.reporting.status import (delivery_last_24h, last_24h_since, render_text, status_report, to_json,
                                      usage_from_buckets)
-from shared.storage import StorageClients
+from tools._storage import StorageTarget, add_arguments, open_storage, tool_settings
+from tools._storage import run as run_tool
 from tools.enqueue import load_local_settings
 
 
-async def report(settings: Settings) -> dict:
-    storage = StorageClients(settings)
+async def report(settings: Settings, target: StorageTarget | None = None) -> dict:
+    storage = open_storage(settings, target)
     try:
         config = pacing_config(settings, resolve_limits(settings.limits_profile, settings.limits_overrides))
         governor = TableGovernor(await storage.table(settings.governor_table), settings.accounts, config)
@@ -46,9 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.status", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the same JSON as the status HTTP function")
     parser.add_argument("--settings", default="local.settings.json")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     load_local_settings(Path(args.settings))
-    result = asyncio.run(report(Settings.from_env()))
+    settings, target = tool_settings(args)
+    result = run_tool(report(settings, target))
     print(to_json(result) if args.json else render_text(result))
     return 0
 

@@ -9,12 +9,12 @@ WELCOME_ENABLED is false: that setting switches the timer, not this command.
 
 Against the local stand-in: GRAPH_BASE_URL=http://127.0.0.1:8484 and
 GRAPH_DEV_TOKEN=graph-standin-dev-token (python -m tools.graph_standin prints both).
+Storage: --connection-string / --account-name (tools/_storage.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -22,6 +22,8 @@ from pathlib import Path
 from shared.settings import Settings, SettingsError
 from shared.welcome.scan import ScanReport, run_scan
 from shared.welcome.policy import PENDING, SKIP, WELCOME, Decision, graph_time
+from tools._storage import StorageTarget, add_arguments, open_storage, tool_settings
+from tools._storage import run as run_tool
 from tools.enqueue import load_local_settings
 
 
@@ -87,11 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="decide and print, write nothing")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--settings", default="local.settings.json")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     load_local_settings(Path(args.settings))
+
+    async def scan(settings: Settings, target: StorageTarget) -> ScanReport:
+        storage = open_storage(settings, target)
+        try:
+            return await run_scan(settings, dry_run=args.dry_run, storage=storage)
+        finally:
+            await storage.close()
+
     try:
-        settings = Settings.from_env()
-        report = asyncio.run(run_scan(settings, dry_run=args.dry_run))
+        report = run_tool(scan(*tool_settings(args)))
     except SettingsError as exc:
         print(f"welcome: {exc}", file=sys.stderr)
         return 2

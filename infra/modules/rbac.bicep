@@ -1,6 +1,8 @@
 // Role assignments. The app's user-assigned identity gets exactly what the code and the
 // Functions host use; the deployer (optional) gets what infra/deploy.sh needs to write the
-// secrets and to drop a first request on the queue.
+// secrets and to drop a first request on the queue; the deployer and the operators get what the
+// operations tools (tools.ledger, .status, .poison, .enqueue) need from a laptop (infra/README.md,
+// "Operator roles").
 
 @description('Principal (object) id of the app\'s user-assigned managed identity.')
 param identityPrincipalId string
@@ -19,6 +21,9 @@ param mailQueueName string
 
 @description('Container where producers put claim-check requests and blob attachments, each under `requests/<name>/`.')
 param claimCheckContainerName string
+
+@description('Poison queue of the mail queue.')
+param poisonQueueName string = '${mailQueueName}-poison'
 
 @description('Object id of the person or pipeline running the deployment (empty: no deployer roles).')
 param deployerPrincipalId string = ''
@@ -45,6 +50,22 @@ param producerPrincipalIds array = []
 ])
 param producerPrincipalType string = 'ServicePrincipal'
 
+@description('Object ids of further operators (people, groups or pipelines) who run the operations tools against this deployment.')
+param operatorPrincipalIds array = []
+
+@description('Type of every operatorPrincipalIds entry.')
+@allowed([
+  'User'
+  'ServicePrincipal'
+  'Group'
+])
+param operatorPrincipalType string = 'User'
+
+// The deployer is an operator too; union() drops a deployer listed again.
+var operatorIds = union(empty(deployerPrincipalId) ? [] : [
+  deployerPrincipalId
+], operatorPrincipalIds)
+
 // Built-in role definition ids (the same in every tenant).
 var roles = {
   storageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
@@ -55,6 +76,7 @@ var roles = {
   keyVaultSecretsOfficer: 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
   storageQueueDataMessageSender: 'c6a89b2d-59bc-44d0-9896-0f6e12d7b80a'
   storageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
+  storageTableDataReader: '76199698-9eea-4c19-bc75-cec21354c6b6'
 }
 
 // The condition on a producer's Storage Blob Data Contributor (condition version 2.0): every blob
@@ -99,6 +121,10 @@ resource mailQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-
 
 resource claimCheckContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
   name: '${storageAccountName}/default/${claimCheckContainerName}'
+}
+
+resource poisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' existing = {
+  name: '${storageAccountName}/default/${poisonQueueName}'
 }
 
 resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
@@ -231,5 +257,41 @@ resource queueOnlyProducerSenders 'Microsoft.Authorization/roleAssignments@2022-
     principalId: principalId
     principalType: producerPrincipalType
     description: 'hve-relay queue-only producer: send requests to ${mailQueueName}'
+  }
+}]
+
+// Operators: read the ledger, recipient index, delivery, governor, aggregates and welcome tables
+// (tools.ledger summary/show/lookup/report, tools.status, tools.welcome --dry-run). Read only.
+resource operatorTableReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for id in operatorIds: {
+  name: guid(storage.id, id, roles.storageTableDataReader)
+  scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataReader)
+    principalId: id
+    principalType: (id == deployerPrincipalId) ? deployerPrincipalType : operatorPrincipalType
+  }
+}]
+
+// Operators: peek, receive and delete poison messages (tools.poison list/requeue), read the
+// queue's depth (tools.ledger report). This queue only.
+resource operatorPoisonQueue 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for id in operatorIds: {
+  name: guid(poisonQueue.id, id, roles.storageQueueDataContributor)
+  scope: poisonQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageQueueDataContributor)
+    principalId: id
+    principalType: (id == deployerPrincipalId) ? deployerPrincipalType : operatorPrincipalType
+  }
+}]
+
+// Operators: put requests back (tools.poison requeue) or new ones (tools.enqueue) on the mail
+// queue, and read its depth and oldest message (tools.ledger report). This queue only.
+resource operatorMailQueue 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for id in operatorIds: {
+  name: guid(mailQueue.id, id, roles.storageQueueDataContributor)
+  scope: mailQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageQueueDataContributor)
+    principalId: id
+    principalType: (id == deployerPrincipalId) ? deployerPrincipalType : operatorPrincipalType
   }
 }]

@@ -758,13 +758,16 @@ async def reconcile(
     dry_run: bool = False,
     clock: Callable[[], float] = time.time,
     graph: GraphClient | None = None,
+    storage: Any = None,
 ) -> RunTally:
-    """One reconciliation with the app's storage and Graph identity."""
+    """One reconciliation with the app's storage and Graph identity (or the `storage` given,
+    which the caller closes)."""
     from shared.storage import StorageClients
     from shared.telemetry import Instruments
 
     settings.require_accounts()
-    storage = StorageClients(settings)
+    own_storage = storage is None
+    storage = storage if storage is not None else StorageClients(settings)
     # One attempt per request: every HTTP call counts against the tenant's 100 per 5 minutes, and
     # a 429 ends the run (its Retry-After kept for the next).
     own_graph = graph is None
@@ -818,7 +821,8 @@ async def reconcile(
     finally:
         if own_graph:
             await client.close()
-        await storage.close()
+        if own_storage:
+            await storage.close()
 
 
 async def handle_timer(past_due: bool = False) -> RunTally | None:
