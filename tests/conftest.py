@@ -67,6 +67,7 @@ SYSTEM_MODULES = {
 SYSTEM_TESTS = {"test_delivery_trace.py::test_the_delivery_bench_runs_end_to_end",
                 "test_producers_doc.py::test_the_curl_and_python_examples_send_their_first_mail_through_the_local_host"}
 INTEGRATION_MODULES = {"test_azurite", "test_ci_policy", "test_hve_emulator", "test_hve_smtp", "test_infra",
+                       "test_requirements_lock",
                        "test_packaging", "test_repo_stands_alone", "test_graph_client", "test_identity_adapters"}
 REAL_PEER_FIXTURES = {"azurite", "storage", "emulator", "graph_standin"}
 TIERS = ("unit", "integration", "system")
