@@ -62,6 +62,7 @@ def pytest_make_collect_report(collector: pytest.Collector) -> object:
 SYSTEM_MODULES = {
     "test_bench_scripts", "test_crash_and_faults", "test_dashboard_browser", "test_dashboard_page", "test_deploy_script",
     "test_devhost", "test_function_app", "test_http_api", "test_real_host_timing", "test_report_api", "test_simulation",
+    "test_telemetry_otlp",
 }
 # Single tests of another tier than their module's (a whole script run from an integration module).
 SYSTEM_TESTS = {"test_delivery_trace.py::test_the_delivery_bench_runs_end_to_end",
