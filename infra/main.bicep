@@ -447,6 +447,11 @@ var appSettings = {
   APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.applicationInsightsConnectionString
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD;ClientId=${identity.properties.clientId}'
   OTEL_EXPORTER_OTLP_ENDPOINT: otelExporterOtlpEndpoint
+  // The Python worker hands each invocation the host's trace context and tells the host not to
+  // forward the worker's logs as well (the app exports them): no duplicates. Not
+  // PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: the worker would configure a second exporter, and
+  // without the managed identity (shared/telemetry.py configures the one, Entra-authenticated).
+  PYTHON_ENABLE_OPENTELEMETRY: 'true'
   // Storage names.
   MAIL_QUEUE: mailQueueName
   LEDGER_TABLE: ledgerTableName

@@ -11,10 +11,12 @@ import atexit
 import json
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from shared import telemetry
 from shared.send.stage import Handled, Relay
 from shared.settings import SETTINGS, Settings
 
@@ -36,9 +38,7 @@ async def get_relay() -> Relay:
     task = per_loop.get(key)
     if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
         settings = Settings.from_env()
-        from shared.telemetry import configure
-
-        configure(settings)
+        telemetry.configure(settings)
         task = per_loop[key] = loop.create_task(Relay.create(settings))
     return await task
 
@@ -63,6 +63,14 @@ def _close_at_exit() -> None:
 
 
 # --- entry points of the triggers ------------------------------------------------------------------
+
+
+@contextmanager
+def invocation(context: Any) -> Iterator[None]:
+    """Around every trigger: the invocation's spans and logs are children of the host's invocation
+    span (`context.trace_context`, W3C traceparent), so host and app telemetry share one trace."""
+    with telemetry.invocation(getattr(context, "trace_context", None)):
+        yield
 
 
 async def handle_queue_message(body: bytes, queue_message_id: str, dequeue_count: int) -> Handled:

@@ -63,11 +63,13 @@ SYSTEM_MODULES = {
     "test_bench_scripts", "test_crash_and_faults", "test_dashboard_browser", "test_dashboard_page", "test_demo",
     "test_deploy_script",
     "test_devhost", "test_function_app", "test_http_api", "test_real_host_timing", "test_report_api", "test_simulation",
+    "test_telemetry_otlp",
 }
 # Single tests of another tier than their module's (a whole script run from an integration module).
 SYSTEM_TESTS = {"test_delivery_trace.py::test_the_delivery_bench_runs_end_to_end",
                 "test_producers_doc.py::test_the_curl_and_python_examples_send_their_first_mail_through_the_local_host"}
 INTEGRATION_MODULES = {"test_azurite", "test_ci_policy", "test_hve_emulator", "test_hve_smtp", "test_infra",
+                       "test_requirements_lock",
                        "test_packaging", "test_repo_stands_alone", "test_graph_client", "test_identity_adapters"}
 REAL_PEER_FIXTURES = {"azurite", "storage", "emulator", "graph_standin"}
 TIERS = ("unit", "integration", "system")

@@ -42,6 +42,14 @@ PARSER_PYTHON = IAC_VENV / "pycep" / "bin" / "python"
 HOST_ONLY_SETTINGS: dict[str, str] = {
     "FUNCTIONS_REQUEST_BODY_SIZE_LIMIT": "the host refuses longer HTTP bodies (413) before reading them whole; "
     "a little over HTTP_SEND_MAX_BYTES (POST /api/send)",
+    "PYTHON_ENABLE_OPENTELEMETRY": "the Python worker attaches the host's trace context to each invocation and "
+    "the host stops forwarding the worker's logs, which the app exports itself (shared/telemetry.py)",
+}
+# Settings the template must never set: name -> why.
+NEVER_SET_SETTINGS = {
+    "PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY": "the worker would call configure_azure_monitor itself, a second "
+    "exporter next to the app's (and without its managed identity): every span and log sent twice",
+    "PYTHON_APPLICATIONINSIGHTS_LOGGER_NAME": "only read by the worker's own configure_azure_monitor (not used)",
 }
 
 # App settings Flex Consumption rejects or ignores (its functionAppConfig replaces them);
@@ -341,6 +349,16 @@ def test_every_app_setting_the_code_reads_is_set_and_nothing_else(bicep):
     assert not forbidden, f"infra/main.bicep sets settings that must not be set in Azure: {forbidden}"
     assert not flex, f"Flex Consumption does not take these settings: {flex}"
     assert set(HOST_ONLY_SETTINGS).isdisjoint({s.name for s in SETTINGS})
+    never = sorted(template & set(NEVER_SET_SETTINGS))
+    assert not never, f"infra/main.bicep must not set: {[(n, NEVER_SET_SETTINGS[n]) for n in never]}"
+
+
+def test_the_worker_and_the_host_export_opentelemetry(bicep):
+    """Microsoft Learn, "Use OpenTelemetry with Azure Functions": host.json telemetryMode
+    OpenTelemetry (the host's own telemetry) and PYTHON_ENABLE_OPENTELEMETRY=true (the worker's)."""
+    assert _app_settings(bicep)["PYTHON_ENABLE_OPENTELEMETRY"] == "true"
+    host = json.loads((ROOT / "host.json").read_text())
+    assert host["telemetryMode"] == "OpenTelemetry"
 
 
 def test_the_function_app_gets_exactly_main_app_settings(bicep):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from pathlib import Path
 
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -64,3 +66,63 @@ def test_exporter_follows_the_settings():
     assert exporter_for(Settings.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})) == "otlp"
     assert exporter_for(Settings.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
                                            "APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=x"})) == "azure-monitor"
+
+
+def test_azure_monitor_collects_the_app_namespace_only(monkeypatch):
+    """configure_azure_monitor gets the app's logger namespace: without it the distro attaches its
+    handler to the root logger, where the worker's own handler sits, and every record goes twice
+    (azure-functions-python-worker#1342); the exporter's own logging would be collected too."""
+    import azure.monitor.opentelemetry as distro
+
+    from shared import telemetry
+
+    calls: list[dict] = []
+    monkeypatch.setattr(distro, "configure_azure_monitor", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(telemetry, "_configured", False)
+    settings = Settings.from_env({"APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=x",
+                                  "AZURE_CLIENT_ID": "00000000-0000-0000-0000-000000000001"})
+    assert telemetry.configure(settings) == "azure-monitor"
+    assert telemetry.configure(settings) == "already"
+    assert len(calls) == 1
+    kwargs = calls[0]
+    assert kwargs["logger_name"] == telemetry.LOGGER_NAMESPACE == "hve_relay"
+    assert kwargs["connection_string"] == "InstrumentationKey=x"
+    assert type(kwargs["credential"]).__name__ == "ManagedIdentityCredential"
+    # No web-framework instrumentation: the host already records each invocation as a request.
+    assert all(not kwargs["instrumentation_options"][name]["enabled"] for name in ("django", "fastapi", "flask"))
+
+
+def test_every_logger_of_the_app_is_in_the_exported_namespace():
+    root = Path(__file__).resolve().parents[1]
+    names = []
+    for path in [root / "function_app.py", *(root / "shared").rglob("*.py")]:
+        names += [(path.name, m) for m in re.findall(r"getLogger\(([^)]*)\)", path.read_text())]
+    assert names
+    wrong = [(file, arg) for file, arg in names
+             if not re.fullmatch(r'"hve_relay(\.[a-z_]+)*"|f"\{LOGGER_NAMESPACE\}\.[a-z_]+"|LOGGER_NAMESPACE', arg)]
+    assert not wrong, f"loggers outside the exported namespace hve_relay: {wrong}"
+
+
+def test_an_invocation_is_a_child_of_the_host_invocation_span():
+    from shared.telemetry import invocation
+
+    class HostContext:
+        trace_parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        trace_state = "congo=t61rcWkgMzE"
+
+    tracer = TRACER_PROVIDER.get_tracer("test")
+    with invocation(HostContext()):
+        with tracer.start_as_current_span("inside") as inside:
+            pass
+    with invocation(type("NoHost", (), {"trace_parent": "", "trace_state": ""})()):
+        with tracer.start_as_current_span("no-host") as alone:
+            pass
+    with tracer.start_as_current_span("after") as after:
+        pass
+    context = inside.get_span_context()
+    assert f"{context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
+    assert inside.parent is not None and f"{inside.parent.span_id:016x}" == "b7ad6b7169203331"
+    assert context.trace_state.get("congo") == "t61rcWkgMzE"
+    # Without a traceparent, and after the invocation, spans are roots of their own traces.
+    assert alone.parent is None and after.parent is None
+    assert after.get_span_context().trace_id != context.trace_id

@@ -78,12 +78,15 @@ What it does like the real host
     skipped when `AzureWebJobs.<name>.Disabled` is "true" or "1".
   * `async def` functions run concurrently on the host's event loop; plain `def` ones in
     a thread pool (PYTHON_THREADPOOL_THREAD_COUNT, default min(32, cpus + 4)). A
-    parameter named `context` gets an azure.functions.Context. Queue output bindings
-    (`func.Out` or `$return`) are written after a successful invocation.
+    parameter named `context` gets an azure.functions.Context; its trace_context holds a
+    W3C traceparent per invocation, like the real host's (the id of the host's invocation
+    span, in the HTTP caller's trace when the request carried a `traceparent` header, else a
+    new trace). Queue output bindings (`func.Out` or `$return`) are written after a
+    successful invocation.
   * functionTimeout (host.json) fails an invocation that runs too long; an async one is
     cancelled, a sync one cannot be stopped and keeps its thread until it returns.
-  * One log line per invocation (logger "devhost"): function, outcome, duration, and the
-    message id and dequeue count for queue triggers.
+  * One log line per invocation (logger "devhost"): function, outcome, duration, the
+    message id and dequeue count for queue triggers, and the invocation's traceparent.
 
 Not supported: other triggers and bindings (start-up fails, naming them; use
 `--functions` to run the rest), identity-based storage connections, function keys,
@@ -124,6 +127,8 @@ from azure.functions import _abc as azf_abc
 from azure.functions.decorators.core import BindingDirection
 from azure.functions.queue import QueueMessage as _TriggerQueueMessage  # has dequeue_count etc.
 from azure.functions.timer import TimerRequest
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
 
 log = logging.getLogger("devhost")
 
@@ -469,16 +474,45 @@ class Invocation:
     message_id: str | None = None
     dequeue_count: int | None = None
     error: BaseException | None = None
+    trace_parent: str = ""  # the W3C traceparent handed to the function (context.trace_context)
 
     @property
     def succeeded(self) -> bool:
         return self.outcome == SUCCEEDED
 
 
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def invocation_traceparent(incoming: str | None = None) -> str:
+    """The traceparent of one invocation, as the real host builds it: the id of its own invocation
+    span, in the caller's trace when an HTTP request carried a valid W3C `traceparent` header, else
+    in a new trace (sampled)."""
+    match = _TRACEPARENT.match((incoming or "").strip().lower())
+    if match and match.group(1) != "0" * 32 and match.group(2) != "0" * 16:
+        trace_id, flags = match.group(1), match.group(3)
+    else:
+        trace_id, flags = uuid.uuid4().hex, "01"
+    return f"00-{trace_id}-{os.urandom(8).hex()}-{flags}"
+
+
 class _TraceContext(azf_abc.TraceContext):
-    trace_state = ""
-    trace_parent = ""
-    attributes: dict[str, str] = {}
+    def __init__(self, trace_parent: str = "", trace_state: str = "", attributes: dict[str, str] | None = None) -> None:
+        self._trace_parent = trace_parent
+        self._trace_state = trace_state
+        self._attributes = dict(attributes or {})
+
+    @property
+    def trace_parent(self) -> str:
+        return self._trace_parent
+
+    @property
+    def trace_state(self) -> str:
+        return self._trace_state
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        return self._attributes
 
 
 class _RetryContext(azf_abc.RetryContext):
@@ -490,10 +524,12 @@ class _RetryContext(azf_abc.RetryContext):
 class _Context(func.Context):
     _thread_local = threading.local()
 
-    def __init__(self, invocation_id: str, function_name: str, function_directory: str) -> None:
+    def __init__(self, invocation_id: str, function_name: str, function_directory: str,
+                 trace_context: _TraceContext | None = None) -> None:
         self._invocation_id = invocation_id
         self._function_name = function_name
         self._function_directory = function_directory
+        self._trace_context = trace_context or _TraceContext()
 
     @property
     def invocation_id(self) -> str:
@@ -513,7 +549,7 @@ class _Context(func.Context):
 
     @property
     def trace_context(self) -> azf_abc.TraceContext:
-        return _TraceContext()
+        return self._trace_context
 
     @property
     def retry_context(self) -> azf_abc.RetryContext:
@@ -799,6 +835,12 @@ class DevHost:
         install_signal_handlers: bool = True,
     ) -> None:
         """Run the host on the current event loop until stopped (or idle with once=True)."""
+        # The real host is another process: its own work (polling queues, leases, deletes) is not
+        # the app's telemetry. It runs here under an unsampled span, so an exporter the app
+        # installs exports only what runs inside invocations (each gets a sampled traceparent).
+        otel_context.attach(otel_trace.set_span_in_context(otel_trace.NonRecordingSpan(otel_trace.SpanContext(
+            trace_id=int(uuid.uuid4().hex, 16), span_id=int.from_bytes(os.urandom(8), "big") or 1,
+            is_remote=True, trace_flags=otel_trace.TraceFlags(otel_trace.TraceFlags.DEFAULT)))))
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         self._listeners, self._tasks, self._clients = [], [], {}
@@ -964,9 +1006,15 @@ class DevHost:
         """Call the user function once; returns (record, return value). Never raises
         for a function error (the record says Failed); re-raises cancellation."""
         invocation_id = str(uuid.uuid4())
+        # Like the real host: each invocation is a span of the host's, in the HTTP caller's trace
+        # when the request carried a traceparent, handed to the function as context.trace_context.
+        incoming = trigger_value.headers.get("traceparent") if isinstance(trigger_value, func.HttpRequest) else None
+        trace_state = (trigger_value.headers.get("tracestate") or "") if incoming else ""
+        trace_parent = invocation_traceparent(incoming)
         kwargs: dict[str, Any] = {spec.trigger_arg: trigger_value}
         if spec.wants_context:
-            kwargs["context"] = _Context(invocation_id, spec.name, str(self.app_root or Path.cwd()))
+            trace_context = _TraceContext(trace_parent, trace_state, {"OperationName": spec.name})
+            kwargs["context"] = _Context(invocation_id, spec.name, str(self.app_root or Path.cwd()), trace_context)
         outs = {o.name: _Out() for o in spec.outputs if o.name != "$return"}
         kwargs.update(outs)
         started_at = _utcnow()
@@ -1008,6 +1056,7 @@ class DevHost:
                 message_id=message_id,
                 dequeue_count=dequeue_count,
                 error=error,
+                trace_parent=trace_parent,
             )
             self.invocations.append(record)
             self._log_invocation(record)
@@ -1022,7 +1071,8 @@ class DevHost:
         extra = ""
         if record.message_id is not None:
             extra = f" message_id={record.message_id} dequeue_count={record.dequeue_count}"
-        line = f"{record.function}: {record.outcome} in {record.duration_ms:.0f} ms{extra} invocation_id={record.invocation_id}"
+        line = (f"{record.function}: {record.outcome} in {record.duration_ms:.0f} ms{extra} "
+                f"invocation_id={record.invocation_id} traceparent={record.trace_parent}")
         if record.error is not None:
             # A binding problem (DevHostError) needs no traceback; a function error does.
             trace = None if isinstance(record.error, DevHostError) else record.error

@@ -2,7 +2,7 @@
 real host behaviour: its own polling back-off, batches, leases, and a process that can be killed.
 
     host = HostProcess(workdir, settings, host_json={...}, lease_seconds=3)
-    host.start()                  # send_mail only, no HTTP; log in workdir/host-<run>.log
+    host.start()                  # send_mail only, no HTTP (http_port=N: HTTP too); log in workdir/host-<run>.log
     ...
     host.terminate()              # graceful (SIGTERM), or host.kill() (SIGKILL, like a lost instance)
 
@@ -27,12 +27,15 @@ class HostProcess:
     """`python -m tools.devhost` with its own settings file and host.json."""
 
     def __init__(self, workdir: Path, settings: Mapping[str, str], *, host_json: Mapping[str, Any],
-                 lease_seconds: float | None = None, log_level: str = "WARNING", functions: str = "send_mail") -> None:
+                 lease_seconds: float | None = None, log_level: str = "WARNING", functions: str = "send_mail",
+                 http_port: int | None = None, env: Mapping[str, str] | None = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.lease_seconds = lease_seconds  # None: the host's own default (10 minutes, like Azure)
         self.log_level = log_level
         self.functions = functions
+        self.http_port = http_port  # None: no HTTP
+        self.env = dict(env or {})  # extra environment (not app settings), e.g. OTEL_BSP_SCHEDULE_DELAY
         self.settings_file = workdir / "local.settings.json"
         self.settings_file.write_text(json.dumps({"IsEncrypted": False, "Values": dict(settings)}))
         self.host_json = workdir / "host.json"
@@ -48,9 +51,10 @@ class HostProcess:
     def start(self, *, once: bool = False) -> None:
         self.runs += 1
         # Only this run's settings: nothing from the caller's environment may override them.
-        env = {k: v for k, v in os.environ.items() if k not in {s.name for s in SETTINGS}}
+        env = {k: v for k, v in os.environ.items() if k not in {s.name for s in SETTINGS}} | self.env
+        http = ["--no-http"] if self.http_port is None else ["--http-port", str(self.http_port)]
         args = [sys.executable, "-m", "tools.devhost", "--app", "function_app", "--settings", str(self.settings_file),
-                "--host-json", str(self.host_json), "--no-http", "--functions", self.functions,
+                "--host-json", str(self.host_json), *http, "--functions", self.functions,
                 "--log-level", self.log_level]
         if self.lease_seconds is not None:
             args += ["--lease-seconds", str(self.lease_seconds)]

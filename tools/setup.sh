@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up what the demo and the tests need, once (re-runs are cheap: stamps skip finished steps).
-#   .venv/          Python 3.11+ with requirements-dev.txt (the app's runtime deps + local tools)
+#   .venv/          Python 3.11+ with requirements.txt (the app's runtime packages, locked and
+#                   hash-checked: --require-hashes) and requirements-dev.txt (local tools, not
+#                   hash-checked, constrained to the runtime pins)
 #   node_modules/   Azurite from npm, installed into the repo (not globally)
 # Usage: tools/setup.sh [--tests]   (--tests also: swaks, shellcheck, Chromium for the browser test,
 #                                    the Bicep check environments)
@@ -30,11 +32,28 @@ if [[ ! -x .venv/bin/python ]]; then
   say "creating .venv with $PYTHON"
   "$PYTHON" -m venv .venv
 fi
+# pip_install ARGS...: quiet pip; on failure its whole output is shown and setup stops.
+pip_install() {
+  local out
+  if ! out="$(.venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2>&1)"; then
+    printf '%s\n' "$out" >&2
+    echo "pip install $* failed" >&2
+    exit 1
+  fi
+  grep -v "^WARNING: Location" <<<"$out" || true
+}
 want="$(stamp_of requirements.txt requirements-dev.txt)"
 if [[ "$(cat .venv/.requirements 2>/dev/null)" != "$want" ]]; then
-  say "installing Python packages (requirements-dev.txt)"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip 2>/dev/null
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip 2>/dev/null || true
+  # The deployed packages exactly as Azure's remote build installs them: every version pinned and
+  # every file checked against its hash (requirements.txt, compiled from requirements.in).
+  say "installing the app's runtime packages (requirements.txt, --require-hashes)"
+  pip_install --require-hashes -r requirements.txt
+  # The local tools, not hash-checked; the runtime pins (without their hashes) as constraints, so a
+  # tool can never move a runtime package: a conflict stops here instead.
+  say "installing the local tools (requirements-dev.txt)"
+  grep -E '^[A-Za-z0-9][A-Za-z0-9._-]*==' requirements.txt | sed 's/[[:space:]].*//' > .venv/runtime-pins.txt
+  pip_install -c .venv/runtime-pins.txt -r requirements-dev.txt
   .venv/bin/python -c "import azure.functions, aiosmtplib, aiosmtpd" || { echo "pip install failed" >&2; exit 1; }
   echo "$want" > .venv/.requirements
 fi

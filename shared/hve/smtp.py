@@ -23,7 +23,7 @@ import aiosmtplib
 from shared.hve.credentials import CredentialError, PasswordSource, TokenSource
 from shared.send.replies import Outcome, Verdict, classify_reply, connection_lost
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("hve_relay.smtp")
 
 # A session idle longer than this may have been dropped by the server: probe it with RSET first.
 PROBE_AFTER_IDLE_SECONDS = 10.0
