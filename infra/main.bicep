@@ -101,6 +101,12 @@ param hveAuth string = 'basic'
 @description('Display name on the From header.')
 param hveSenderName string = ''
 
+@description('Every message carries Auto-Submitted: auto-generated (RFC 3834), so auto-responders do not answer it.')
+param mailAutoSubmitted bool = true
+
+@description('Every message carries X-Auto-Response-Suppress: All (Exchange: no out-of-office, auto-reply, receipt or NDR back to the HVE account).')
+param mailSuppressAutoResponses bool = true
+
 @description('ga-2026: external recipients refused; preview-2024: external allowed, rate limited.')
 @allowed([
   'ga-2026'
@@ -471,6 +477,8 @@ var appSettings = {
   HVE_SMTP_TIMEOUT_SECONDS: string(hveSmtpTimeoutSeconds)
   HVE_INTERNAL_DOMAINS: join(hveInternalDomains, ',')
   HVE_SENDER_NAME: hveSenderName
+  MAIL_AUTO_SUBMITTED: mailAutoSubmitted ? 'true' : 'false'
+  MAIL_SUPPRESS_AUTO_RESPONSES: mailSuppressAutoResponses ? 'true' : 'false'
   HVE_LIMITS_PROFILE: hveLimitsProfile
   HVE_LIMITS: empty(hveLimits) ? '' : string(hveLimits)
   HVE_DAILY_RECIPIENT_BUDGET: hveDailyRecipientBudget > 0 ? string(hveDailyRecipientBudget) : ''

@@ -81,6 +81,16 @@ SETTINGS: tuple[SettingSpec, ...] = (
     ),
     SettingSpec("HVE_SENDER_NAME", "", "Display name on the From header (the address is always the HVE account)."),
     SettingSpec(
+        "MAIL_AUTO_SUBMITTED",
+        "true",
+        "`true`: every message carries `Auto-Submitted: auto-generated` (RFC 3834), so well-behaved auto-responders do not answer it; `false`: left out.",
+    ),
+    SettingSpec(
+        "MAIL_SUPPRESS_AUTO_RESPONSES",
+        "true",
+        "`true`: every message carries `X-Auto-Response-Suppress: All` (Exchange: no out-of-office, auto-reply, receipt or NDR back to the HVE account), replacing a producer's own; `false`: left out (a producer's own passes).",
+    ),
+    SettingSpec(
         "HVE_LIMITS_PROFILE",
         "ga-2026",
         "`ga-2026` (external recipients refused) or `preview-2024` (external allowed, rate limited).",
@@ -432,6 +442,15 @@ def _duration(name: str, value: str) -> timedelta:
     return timedelta(**parts)
 
 
+def _flag(name: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {value!r}")
+
+
 def _delivery_settings(get, number) -> dict:
     """The DELIVERY_TRACE_* settings, checked against Graph's message-trace rules."""
     max_age = _duration("DELIVERY_TRACE_MAX_AGE", get("DELIVERY_TRACE_MAX_AGE"))
@@ -553,6 +572,8 @@ class Settings:
     delivery_details_per_run: int = 10
     delivery_table: str = "hvedelivery"
     delivery_retry_after_max: timedelta = timedelta(hours=1)
+    mail_auto_submitted: bool = True
+    mail_suppress_auto_responses: bool = True
 
     @property
     def poison_queue(self) -> str:
@@ -645,6 +666,8 @@ class Settings:
             oauth_scope=get("HVE_OAUTH_SCOPE"),
             internal_domains=frozenset(d.lower() for d in _csv(get("HVE_INTERNAL_DOMAINS"))),
             sender_name=get("HVE_SENDER_NAME"),
+            mail_auto_submitted=_flag("MAIL_AUTO_SUBMITTED", get("MAIL_AUTO_SUBMITTED")),
+            mail_suppress_auto_responses=_flag("MAIL_SUPPRESS_AUTO_RESPONSES", get("MAIL_SUPPRESS_AUTO_RESPONSES")),
             limits_profile=profile,
             limits_overrides=json_object("HVE_LIMITS"),
             daily_recipient_budget=int(number("HVE_DAILY_RECIPIENT_BUDGET", int)) if budget_raw else None,

@@ -63,6 +63,8 @@ _FIELDS = {
     "account",
     "category",
     "headers",
+    # Where replies go (the Reply-To header); not a recipient.
+    "replyTo",
     # Asked for by callers used to Send-MailMessage; refused unless it is the HVE account.
     "from",
     "sender",
@@ -117,6 +119,8 @@ class MailRequest:
     account: str | None
     category: str
     headers: tuple[tuple[str, str], ...]
+    # The Reply-To header's addresses: not recipients (not in the envelope, counted in no limit).
+    reply_to: tuple[Address, ...] = ()
 
     @property
     def recipients(self) -> tuple[Address, ...]:
@@ -542,6 +546,10 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
             "logged and aggregated in clear, so they must not",
         )
 
+    # Where replies go: validated like `to`, but not a recipient (no limit, no domain rule: HVE
+    # never sends to it; replies come from the recipients' own servers).
+    reply_to = _address_list(doc, "replyTo")
+
     attachments = _attachments(doc)
     if request_id is None and any(a.blob_url for a in attachments):
         raise RequestRefused(
@@ -561,4 +569,5 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
         account=account,
         category=category,
         headers=_custom_headers(doc),
+        reply_to=reply_to,
     )

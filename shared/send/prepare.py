@@ -23,7 +23,7 @@ from shared.send.contract import (
 )
 from shared.send.decode import Decoded, read_full
 from shared.send.ledger_gate import Admitted
-from shared.send.mime import build_message, message_id
+from shared.send.mime import automatic_headers, build_message, message_id
 from shared.send.outcome import Handled, utc
 
 if TYPE_CHECKING:
@@ -172,4 +172,5 @@ class Preparer:
             attachments=prepared.attachments,
             now=utc(now),
             chunk=index,
+            relay_headers=automatic_headers(r.settings),
         )
