@@ -165,7 +165,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "SEND_MAX_AGE_HOURS",
         "72",
-        "Age after which a still-undelivered request is recorded as dead. A row still `deferred` this long plus 7 days (the poison queue's time to live) after its last update is recorded by `purge_expired` as `dead`, reason `lost-in-queue`.",
+        "Age after which a still-undelivered request is recorded as dead, counted from its first receipt, or from its `sendAt` when it names one. A row still `deferred` this long plus 7 days (the poison queue's time to live) after its last update is recorded by `purge_expired` as `dead`, reason `lost-in-queue`.",
     ),
     SettingSpec("RETRY_BASE_SECONDS", "30", "First retry delay; doubles per attempt, with jitter."),
     SettingSpec("RETRY_MAX_SECONDS", "3600", "Cap of the retry delay."),

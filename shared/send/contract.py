@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from shared.send.send_at import MAX_SEND_AHEAD_SECONDS, BadSendAt, parse_send_at
+
 if TYPE_CHECKING:
     from shared.hve.limits import Limits
     from shared.settings import Settings
@@ -65,6 +67,8 @@ _FIELDS = {
     "headers",
     # Where replies go (the Reply-To header); not a recipient.
     "replyTo",
+    # When to send (ISO 8601 with an offset); see shared/send/send_at.py.
+    "sendAt",
     # Asked for by callers used to Send-MailMessage; refused unless it is the HVE account.
     "from",
     "sender",
@@ -121,6 +125,8 @@ class MailRequest:
     headers: tuple[tuple[str, str], ...]
     # The Reply-To header's addresses: not recipients (not in the envelope, counted in no limit).
     reply_to: tuple[Address, ...] = ()
+    # Epoch seconds of `sendAt`, when the request names one: not sent before, age counted from it.
+    send_at: float | None = None
 
     @property
     def recipients(self) -> tuple[Address, ...]:
@@ -490,6 +496,20 @@ def _check_send_as(doc: Mapping[str, Any], accounts: frozenset[str], chosen: str
             )
 
 
+def check_send_at(request: MailRequest, now: float) -> None:
+    """Refuse (`send-at-too-far`) a request scheduled more than 7 days ahead of the relay's clock:
+    the queue cannot hide it that long. A time in the past is fine (it is sent now)."""
+    if request.send_at is None:
+        return
+    ahead = request.send_at - now
+    if ahead > MAX_SEND_AHEAD_SECONDS:
+        raise RequestRefused(
+            "send-at-too-far",
+            f"sendAt is {ahead / 3600:.1f} hours ahead; at most 7 days (168 hours) ahead, "
+            "the storage queue's longest visibility timeout",
+        )
+
+
 def is_internal(address: Address, internal_domains: Iterable[str]) -> bool:
     return address.domain in internal_domains
 
@@ -549,6 +569,10 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
     # Where replies go: validated like `to`, but not a recipient (no limit, no domain rule: HVE
     # never sends to it; replies come from the recipients' own servers).
     reply_to = _address_list(doc, "replyTo")
+    try:
+        send_at = parse_send_at(doc.get("sendAt"))
+    except BadSendAt as bad:
+        raise RequestRefused("bad-send-at", str(bad)) from None
 
     attachments = _attachments(doc)
     if request_id is None and any(a.blob_url for a in attachments):
@@ -570,4 +594,5 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
         category=category,
         headers=_custom_headers(doc),
         reply_to=reply_to,
+        send_at=send_at,
     )
