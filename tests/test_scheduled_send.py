@@ -308,3 +308,16 @@ def test_the_age_limit_counts_from_send_at_not_from_the_first_receipt(storage, e
 def test_a_time_of_day_in_another_offset_is_the_same_moment():
     plus_two = datetime(2026, 3, 10, 14, 0, tzinfo=timezone(timedelta(hours=2))).isoformat()
     assert validate_request(good(sendAt=plus_two), POLICY).send_at == NOON
+
+
+def test_tools_enqueue_writes_send_at_and_reply_to_into_the_request():
+    import argparse
+
+    from tools.enqueue import _requests_from_args
+
+    args = argparse.Namespace(file=None, to=["ann@contoso.com"], cc=None, bcc=None, subject="Hi", text="Hello",
+                              html=None, category=None, id="cli-1", reply_to=["help@contoso.com"],
+                              send_at="2026-03-10T13:00:00Z", repeat=1)
+    [request] = _requests_from_args(args)
+    assert request["sendAt"] == "2026-03-10T13:00:00Z" and request["replyTo"] == ["help@contoso.com"]
+    assert validate_request(request, POLICY).send_at == NOON + 3600

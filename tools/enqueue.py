@@ -58,6 +58,10 @@ def _requests_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
             request["html"] = args.html
         if args.category:
             request["category"] = args.category
+        if args.reply_to:
+            request["replyTo"] = args.reply_to
+        if args.send_at:
+            request["sendAt"] = args.send_at
         if args.id:
             request["id"] = args.id
         requests = [request]
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text")
     parser.add_argument("--html")
     parser.add_argument("--category")
+    parser.add_argument("--reply-to", action="append", help="Reply-To address (repeatable)")
+    parser.add_argument("--send-at", help="send not before this ISO 8601 time with an offset, at most 7 days ahead")
     parser.add_argument("--id", help="idempotency key (default: derived from the content, so identical requests are sent once)")
     parser.add_argument("--repeat", type=int, default=1, help="enqueue the requests N times (ids get -N suffixes)")
     parser.add_argument("--base64", action="store_true", help="write base64 like a Functions output binding")
