@@ -394,7 +394,9 @@ def test_storage_names_are_the_code_defaults(bicep):
     tables = evaluate(params["tableNames"], main)
     containers = params["containerNames"]
 
-    assert sorted(queues) == sorted([defaults["MAIL_QUEUE"], defaults["MAIL_QUEUE"] + "-poison"])
+    # The mail queue and the priority lane, each with the poison queue its trigger's host writes to.
+    assert sorted(queues) == sorted([defaults["MAIL_QUEUE"], defaults["MAIL_QUEUE"] + "-poison",
+                                     defaults["MAIL_QUEUE_PRIORITY"], defaults["MAIL_QUEUE_PRIORITY"] + "-poison"])
     assert sorted(tables) == sorted([
         defaults["LEDGER_TABLE"], defaults["RECIPIENT_INDEX_TABLE"], defaults["GOVERNOR_TABLE"],
         defaults["WELCOME_STATE_TABLE"], defaults["AGGREGATES_TABLE"], defaults["DELIVERY_TABLE"],
@@ -411,7 +413,8 @@ def test_storage_names_are_the_code_defaults(bicep):
     assert fa["deploymentContainerName"] == "deploymentContainerName"
     # The settings name the created queue/tables/container, not copies of the strings.
     settings = _app_settings(bicep)
-    for setting, var in [("MAIL_QUEUE", "mailQueueName"), ("LEDGER_TABLE", "ledgerTableName"),
+    for setting, var in [("MAIL_QUEUE", "mailQueueName"), ("MAIL_QUEUE_PRIORITY", "priorityQueueName"),
+                         ("LEDGER_TABLE", "ledgerTableName"),
                          ("RECIPIENT_INDEX_TABLE", "recipientIndexTableName"),
                          ("GOVERNOR_TABLE", "governorTableName"), ("WELCOME_STATE_TABLE", "welcomeTableName"),
                          ("AGGREGATES_TABLE", "aggregatesTableName"),
