@@ -12,8 +12,15 @@ JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"
 
 @app.queue_trigger(arg_name="msg", queue_name="%MAIL_QUEUE%", connection="AzureWebJobsStorage")
 async def send_mail(msg: func.QueueMessage) -> None:
-    """One mail request from the queue: validate, get a send slot, submit to HVE, record."""
+    """One mail request from the mail queue: validate, get a send slot, submit to HVE, record."""
     await wiring.handle_queue_message(msg.get_body(), msg.id or "", msg.dequeue_count or 1)
+
+
+@app.queue_trigger(arg_name="msg", queue_name="%MAIL_QUEUE_PRIORITY%", connection="AzureWebJobsStorage")
+async def send_mail_priority(msg: func.QueueMessage) -> None:
+    """The priority lane: the same send stage on its own queue, polled by its own trigger, so a
+    request here never waits behind the mail queue's backlog. Deferred copies come back here."""
+    await wiring.handle_queue_message(msg.get_body(), msg.id or "", msg.dequeue_count or 1, lane="priority")
 
 
 @app.timer_trigger(arg_name="timer", schedule="%WELCOME_SCHEDULE%")

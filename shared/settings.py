@@ -56,7 +56,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "MAIL_QUEUE_PRIORITY",
         "outbound-mail-priority",
-        "The priority lane: a second queue with its own trigger (`send_mail_priority`), the same send stage, governor and accounts; deferred copies go back onto it. `POST /api/send` puts `\"priority\": \"high\"` requests here; queue producers choose the lane by the queue they write to. Its poison queue is `<name>-poison`; it must differ from `MAIL_QUEUE`.",
+        'The priority lane: a second queue with its own trigger (`send_mail_priority`), the same send stage, governor and accounts; deferred copies go back onto it. `POST /api/send` puts `"priority": "high"` requests here; queue producers choose the lane by the queue they write to. Its poison queue is `<name>-poison`; it must differ from `MAIL_QUEUE`.',
     ),
     SettingSpec("HVE_SMTP_HOST", "smtp.hve.mx.microsoft", "HVE SMTP endpoint."),
     SettingSpec("HVE_SMTP_PORT", "587", "HVE SMTP port (STARTTLS)."),

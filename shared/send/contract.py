@@ -31,6 +31,8 @@ QUEUE_MESSAGE_BUDGET = QUEUE_MESSAGE_MAX_BYTES - 1024
 MAX_REQUEST_ID_LENGTH = 200
 MAX_SUBJECT_LENGTH = 998
 MAX_CATEGORY_LENGTH = 64
+# The lanes a request may ask for (`priority`): "high" is the priority queue (MAIL_QUEUE_PRIORITY).
+PRIORITIES = ("normal", "high")
 MAX_CUSTOM_HEADERS = 20
 # The contract nests three levels (request -> attachments -> attachment); anything deeper is junk,
 # and walking it could exhaust the interpreter's recursion limit.
@@ -70,9 +72,13 @@ _FIELDS = {
     "attempt",
     # Written by the relay on requests whose id is in its own namespaces (see `RELAY_ID_PREFIXES`).
     "idProof",
+    # The lane: `POST /api/send` routes "high" onto the priority queue. On the queue path the lane
+    # is the queue the request was written to; the field is checked there but moves nothing.
+    "priority",
 }
-# Fields that are not the request's content: its identity, the relay's bookkeeping.
-_NOT_CONTENT = {"id", "attempt", "idProof"}
+# Fields that are not the request's content: its identity, the relay's bookkeeping, its lane (the
+# same mail asked for again in another lane is the same request, not an id-conflict).
+_NOT_CONTENT = {"id", "attempt", "idProof", "priority"}
 # Headers a caller may never set through `headers`, even under an X- name, because the relay owns them.
 _RESERVED_HEADERS = {"x-hve-relay-request-id"}
 
@@ -117,6 +123,7 @@ class MailRequest:
     account: str | None
     category: str
     headers: tuple[tuple[str, str], ...]
+    priority: str = "normal"
 
     @property
     def recipients(self) -> tuple[Address, ...]:
@@ -542,6 +549,10 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
             "logged and aggregated in clear, so they must not",
         )
 
+    priority = doc.get("priority", "normal")
+    if priority not in PRIORITIES:
+        raise RequestRefused("schema", "priority must be 'high' or 'normal'")
+
     attachments = _attachments(doc)
     if request_id is None and any(a.blob_url for a in attachments):
         raise RequestRefused(
@@ -561,4 +572,5 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
         account=account,
         category=category,
         headers=_custom_headers(doc),
+        priority=priority,
     )
