@@ -19,6 +19,7 @@ from shared.settings import Settings, SettingsError
 from tests.relay_harness import ACCOUNTS
 from tests.test_function_app import app_settings, close_app_relays
 from tools import enqueue as enqueue_tool
+from tools import poison as poison_tool
 from tools.devhost import DevHost
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +186,32 @@ def test_enqueue_tool_puts_priority_requests_on_the_priority_queue(storage, monk
 
 
 # --- function_app.py under the local host ----------------------------------------------------------
+
+
+def test_a_priority_request_that_keeps_failing_lands_in_the_lanes_poison_queue_and_is_replayed_onto_the_lane(
+        storage, emulator):
+    from tests.test_function_app import FAST_HOST
+
+    broken = app_settings(storage, emulator, LEDGER_TABLE="not_a_valid_table_name!")  # as if storage were down
+    body = json.dumps(mail("reset-poison"))
+    lane = QueueClient.from_connection_string(storage.connection_string, storage.priority_queue_name)
+    lane.create_queue()
+    lane.send_message(body)
+    try:
+        host = DevHost(ROOT / "function_app.py", broken, host_json=FAST_HOST, functions=["send_mail_priority"])
+        assert [i.outcome for i in host.run_until_idle(timeout=60)] == ["Failed", "Failed"]
+        poison = QueueClient.from_connection_string(storage.connection_string, f"{storage.priority_queue_name}-poison")
+        assert [m.content for m in poison.peek_messages()] == [body]
+        assert queued(storage, storage.poison_queue_name) == 0
+
+        fixed = app_settings(storage, emulator)
+        asyncio.run(poison_tool.run(Settings.from_env(fixed), "requeue", priority=True))
+        assert list(poison.peek_messages()) == [] and queued(storage, storage.priority_queue_name) == 1
+        host = DevHost(ROOT / "function_app.py", fixed, host_json=FAST_HOST, functions=["send_mail_priority"])
+        assert [i.outcome for i in host.run_until_idle(timeout=60)] == ["Succeeded"]
+    finally:
+        close_app_relays()
+    assert [m.recipients for m in emulator.accepted()] == [("ann@contoso.com",)]
 
 # The repo's own host.json queue settings (maxPollingInterval 2 s: the idle priority queue is polled
 # at most that far apart), with a short visibility timeout for failures.
