@@ -52,7 +52,8 @@ async def status(req: func.HttpRequest) -> func.HttpResponse:
 
 @app.route(route="send", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 async def send(req: func.HttpRequest) -> func.HttpResponse:
-    """One mail request (contract v1) onto the mail queue: 202 with its id and status path, 400 with
+    """One mail request (contract v1) onto the mail queue, or the priority queue for `"priority": "high"`:
+    202 with its id and status path, 400 with
     the refusal reasons, 409 for another request's id, 413 over HTTP_SEND_MAX_BYTES
     (schemas: shared/schema/send-response.v1.json, error.v1.json)."""
     status_code, body, headers = await wiring.send_response(req.get_body(), req.headers.get("content-length"))
