@@ -335,6 +335,9 @@ var keyVaultName = '${abbrs.keyVaultVaults}${resourceToken}'
 // Storage names: the code's defaults (shared/settings.py), set explicitly below.
 var mailQueueName = 'outbound-mail'
 var poisonQueueName = '${mailQueueName}-poison'
+// The priority lane: its own queue and trigger (send_mail_priority), the same send stage.
+var priorityQueueName = 'outbound-mail-priority'
+var priorityPoisonQueueName = '${priorityQueueName}-poison'
 var ledgerTableName = 'hveledger'
 var recipientIndexTableName = 'hverecipients'
 var governorTableName = 'hvegovernor'
@@ -388,6 +391,8 @@ module storage 'modules/storage.bicep' = {
     queueNames: [
       mailQueueName
       poisonQueueName
+      priorityQueueName
+      priorityPoisonQueueName
     ]
     tableNames: [
       ledgerTableName
@@ -425,6 +430,7 @@ module rbac 'modules/rbac.bicep' = {
     keyVaultName: keyVault.outputs.name
     applicationInsightsName: monitoring.outputs.applicationInsightsName
     mailQueueName: mailQueueName
+    priorityQueueName: priorityQueueName
     claimCheckContainerName: claimCheckContainerName
     deployerPrincipalId: deployerPrincipalId
     deployerPrincipalType: deployerPrincipalType
@@ -460,6 +466,7 @@ var appSettings = {
   PYTHON_ENABLE_OPENTELEMETRY: 'true'
   // Storage names.
   MAIL_QUEUE: mailQueueName
+  MAIL_QUEUE_PRIORITY: priorityQueueName
   LEDGER_TABLE: ledgerTableName
   RECIPIENT_INDEX_TABLE: recipientIndexTableName
   GOVERNOR_TABLE: governorTableName
@@ -624,6 +631,7 @@ output AZURE_MANAGED_IDENTITY_PRINCIPAL_ID string = identity.properties.principa
 output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsName
 output MAIL_QUEUE string = mailQueueName
 output MAIL_QUEUE_URL string = '${storage.outputs.queueEndpoint}${mailQueueName}'
+output MAIL_QUEUE_PRIORITY string = priorityQueueName
 output HVE_ACCOUNTS string = join(hveAccounts, ',')
 output HVE_AUTH string = hveAuth
 output HVE_INTERNAL_DOMAINS string = join(hveInternalDomains, ',')

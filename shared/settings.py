@@ -53,6 +53,11 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "MAIL_QUEUE", "outbound-mail", "Queue that carries mail requests; its poison queue is `<name>-poison`."
     ),
+    SettingSpec(
+        "MAIL_QUEUE_PRIORITY",
+        "outbound-mail-priority",
+        'The priority lane: a second queue with its own trigger (`send_mail_priority`), the same send stage, governor and accounts; deferred copies go back onto it. `POST /api/send` puts `"priority": "high"` requests here; queue producers choose the lane by the queue they write to. Its poison queue is `<name>-poison`; it must differ from `MAIL_QUEUE`.',
+    ),
     SettingSpec("HVE_SMTP_HOST", "smtp.hve.mx.microsoft", "HVE SMTP endpoint."),
     SettingSpec("HVE_SMTP_PORT", "587", "HVE SMTP port (STARTTLS)."),
     SettingSpec(
@@ -574,10 +579,15 @@ class Settings:
     delivery_retry_after_max: timedelta = timedelta(hours=1)
     mail_auto_submitted: bool = True
     mail_suppress_auto_responses: bool = True
+    priority_queue: str = "outbound-mail-priority"
 
     @property
     def poison_queue(self) -> str:
         return f"{self.mail_queue}-poison"
+
+    @property
+    def priority_poison_queue(self) -> str:
+        return f"{self.priority_queue}-poison"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -642,6 +652,11 @@ class Settings:
                 "and WELCOME_LOOKBACK + WELCOME_OVERLAP"
             )
 
+        if get("MAIL_QUEUE_PRIORITY").lower() == get("MAIL_QUEUE").lower():
+            raise SettingsError(
+                "MAIL_QUEUE_PRIORITY must differ from MAIL_QUEUE: the priority lane is a queue of its own"
+            )
+
         if get("RELAY_STATE_CONTAINER") == get("CLAIM_CHECK_CONTAINER"):
             raise SettingsError(
                 "RELAY_STATE_CONTAINER must differ from CLAIM_CHECK_CONTAINER: producers write the "
@@ -654,6 +669,7 @@ class Settings:
             storage_client_id=get("AzureWebJobsStorage__clientId"),
             managed_identity_client_id=get("AZURE_CLIENT_ID"),
             mail_queue=get("MAIL_QUEUE"),
+            priority_queue=get("MAIL_QUEUE_PRIORITY"),
             smtp_host=get("HVE_SMTP_HOST"),
             smtp_port=number("HVE_SMTP_PORT", int),
             smtp_ca_file=get("HVE_SMTP_CA_FILE"),

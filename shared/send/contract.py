@@ -33,6 +33,8 @@ QUEUE_MESSAGE_BUDGET = QUEUE_MESSAGE_MAX_BYTES - 1024
 MAX_REQUEST_ID_LENGTH = 200
 MAX_SUBJECT_LENGTH = 998
 MAX_CATEGORY_LENGTH = 64
+# The lanes a request may ask for (`priority`): "high" is the priority queue (MAIL_QUEUE_PRIORITY).
+PRIORITIES = ("normal", "high")
 MAX_CUSTOM_HEADERS = 20
 # The contract nests three levels (request -> attachments -> attachment); anything deeper is junk,
 # and walking it could exhaust the interpreter's recursion limit.
@@ -76,9 +78,13 @@ _FIELDS = {
     "attempt",
     # Written by the relay on requests whose id is in its own namespaces (see `RELAY_ID_PREFIXES`).
     "idProof",
+    # The lane: `POST /api/send` routes "high" onto the priority queue. On the queue path the lane
+    # is the queue the request was written to; the field is checked there but moves nothing.
+    "priority",
 }
-# Fields that are not the request's content: its identity, the relay's bookkeeping.
-_NOT_CONTENT = {"id", "attempt", "idProof"}
+# Fields that are not the request's content: its identity, the relay's bookkeeping, its lane (the
+# same mail asked for again in another lane is the same request, not an id-conflict).
+_NOT_CONTENT = {"id", "attempt", "idProof", "priority"}
 # Headers a caller may never set through `headers`, even under an X- name, because the relay owns them.
 _RESERVED_HEADERS = {"x-hve-relay-request-id"}
 
@@ -127,6 +133,7 @@ class MailRequest:
     reply_to: tuple[Address, ...] = ()
     # Epoch seconds of `sendAt`, when the request names one: not sent before, age counted from it.
     send_at: float | None = None
+    priority: str = "normal"
 
     @property
     def recipients(self) -> tuple[Address, ...]:
@@ -573,6 +580,9 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
         send_at = parse_send_at(doc.get("sendAt"))
     except BadSendAt as bad:
         raise RequestRefused("bad-send-at", str(bad)) from None
+    priority = doc.get("priority", "normal")
+    if priority not in PRIORITIES:
+        raise RequestRefused("schema", "priority must be 'high' or 'normal'")
 
     attachments = _attachments(doc)
     if request_id is None and any(a.blob_url for a in attachments):
@@ -595,4 +605,5 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
         headers=_custom_headers(doc),
         reply_to=reply_to,
         send_at=send_at,
+        priority=priority,
     )
