@@ -1,7 +1,7 @@
 """One typed settings object, read from app settings (environment variables).
 
 `SETTINGS` is the single list of every app setting the code reads. The Bicep
-template and its tests check themselves against it, and the README table is
+template and its tests check themselves against it, and the table in docs/settings.md is
 generated from the same descriptions, so a setting cannot exist in one place only.
 """
 

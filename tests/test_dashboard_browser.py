@@ -1,7 +1,7 @@
 """The operations dashboard in a real browser: Debian's headless Chromium, driven by Playwright, opens
 GET /api/dashboard on the function app under the local host after a demo-like run (the demo's sample
 batch and faults, plus a request whose category is markup), and the page is checked against
-GET /api/report and the ledger. Saves a screenshot (the README's, docs/dashboard.png, comes from here).
+GET /api/report and the ledger. Saves a screenshot (the one in docs/operations.md, docs/dashboard.png, comes from here).
 
 Skips, saying why, where Playwright or Chromium is missing (`tools/setup.sh --tests` installs both);
 under CI=true a skip is a failure (tests/conftest.py)."""
@@ -39,7 +39,7 @@ sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright for Python is not installed: run tools/setup.sh --tests")
 
 ROOT = Path(__file__).resolve().parents[1]
-# The README's picture is refreshed with DASHBOARD_SCREENSHOT=docs/dashboard.png; by default the
+# The picture in docs/operations.md is refreshed with DASHBOARD_SCREENSHOT=docs/dashboard.png; by default the
 # screenshot goes to .local/ so a test run leaves the work tree clean.
 SCREENSHOT = ROOT / os.environ.get("DASHBOARD_SCREENSHOT", ".local/dashboard.png")
 HOSTILE = "<script>alert(1)</script>"

@@ -1,7 +1,7 @@
-"""`./tools/demo.sh`, the README's "run it locally" command, runs as written: Azurite, the HVE emulator,
+"""`./tools/demo.sh`, the README's "run it locally" command (its sample output in docs/local.md), runs as written: Azurite, the HVE emulator,
 the Graph stand-in and the local host, the sample batch with its faults, then one mail through
 POST /api/send whose status URL and final GET /api/requests/<id> answer it prints. The output keeps the
-shape the README shows (every line of its sample, numbers aside) and the batch's outcome."""
+shape docs/local.md shows (every line of its sample, numbers aside) and the batch's outcome."""
 
 from __future__ import annotations
 
@@ -31,29 +31,29 @@ def demo_output() -> str:
     return run.stdout
 
 
-def _readme_sample() -> list[str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def _sample() -> list[str]:
+    text = (ROOT / "docs" / "local.md").read_text(encoding="utf-8")
     section = text.split("`./tools/demo.sh` starts Azurite", 1)[1]
     return section.split("```\n", 1)[1].split("\n```", 1)[0].splitlines()
 
 
 def _pattern(line: str) -> re.Pattern[str]:
-    """A README sample line as a pattern: numbers and ports vary, `...` stands for what the README leaves out."""
+    """A sample line as a pattern: numbers and ports vary, `...` stands for what the sample leaves out."""
     parts = [".*" if p == "..." else r"\d+" if p.isdigit() else re.escape(p)
              for p in re.split(r"(\d+|\.\.\.)", line.strip())]
     return re.compile(r"\s*" + "".join(parts) + r"\s*$")
 
 
-def test_the_demo_prints_every_line_of_the_readme_sample(demo_output):
+def test_the_demo_prints_every_line_of_the_documented_sample(demo_output):
     lines = demo_output.splitlines()
-    sample = [s for s in _readme_sample() if s.strip() != "..."]
-    assert any("POST" in s for s in sample), "the README's sample shows the HTTP door"
+    sample = [s for s in _sample() if s.strip() != "..."]
+    assert any("POST" in s for s in sample), "the sample in docs/local.md shows the HTTP door"
     for line in sample:
         pattern = _pattern(line)
-        assert any(pattern.match(out) for out in lines), f"README line not in the demo's output: {line!r}"
+        assert any(pattern.match(out) for out in lines), f"docs/local.md sample line not in the demo's output: {line!r}"
 
 
-def test_the_batch_ends_as_the_readme_says(demo_output):
+def test_the_batch_ends_as_the_docs_say(demo_output):
     # The sample batch's outcome is fixed by tools/samples/demo-requests.json and the faults.
     assert re.search(r"^\s+\d+\.\ds  sent 37  deferred 0  refused 6  dead 0  on queue 0$", demo_output, re.M)
     summary = demo_output.split("== Summary (from the ledger) ==\n", 1)[1].split("\n\n", 1)[0]

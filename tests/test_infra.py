@@ -778,12 +778,12 @@ def test_producer_role_assignments_scope_role_and_condition(bicep):
         assert condition.count("(") == condition.count(")")
 
 
-def test_producer_condition_is_the_readme_s(bicep):
-    """The README shows the condition for producer `shop`; it is the one the template writes."""
+def test_producer_condition_is_the_documented_one(bicep):
+    """docs/security.md shows the condition for producer `shop`; it is the one the template writes."""
     rbac = bicep["modules/rbac.bicep"]
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (ROOT / "docs" / "security.md").read_text(encoding="utf-8")
     m = re.search(r"The condition for producer `shop`.*?```\n(.*?)```", text, re.DOTALL)
-    assert m, "README: the condition for producer `shop`"
+    assert m, "docs/security.md: the condition for producer `shop`"
     (_, body), = [(c, b) for c, b in _rbac_assignments(bicep).values()
                   if _loops_over(c) and _role_of(b, rbac) == BLOB_DATA_CONTRIBUTOR]
     shop = next(g for g in _producer_grants(bicep) if g["name"] == "shop")

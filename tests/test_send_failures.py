@@ -1,6 +1,6 @@
 """The send stage's failure branches, against Azurite and the HVE emulator over TLS.
 
-Each test drives one way a request can fail and checks what the README promises for it: the
+Each test drives one way a request can fail and checks what the docs (docs/operations.md, docs/contract.md) promise for it: the
 reason recorded in the ledger, how many attempts it cost, and whether a copy went back on the
 queue. Time is the relay's injected clock where the branch depends on age.
 """

@@ -17,7 +17,7 @@ assignments, the last code package. Failures come from a fixture (a scenario fil
       "reference_never_resolves": false,
       "graph_principal_not_found": 1,      the first N Graph reads of the new identity answer 404
       "graph_replication_failures": 2,     the first N graph.bicep deployments fail "Not a valid reference update"
-      "graph_conflict_on_existing": true,  deploying a grant that exists fails with a conflict (#161)
+      "graph_conflict_on_existing": true,  deploying a grant that exists fails with a conflict (microsoftgraph/msgraph-bicep-types#161)
       "graph_deploy_error": null,          any other graph.bicep failure (text), every time
       "publish_forbidden": 2               the first N config-zip calls fail with 403 AuthorizationPermissionMismatch
     }

@@ -1,4 +1,4 @@
-"""Print the README's settings table from shared/settings.py (the one list), or --check it.
+"""Print the settings table of docs/settings.md from shared/settings.py (the one list), or --write it there.
 
     python -m tools.settings_table [--write]
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from shared.settings import SETTINGS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
 START, END = "<!-- settings:start -->", "<!-- settings:end -->"
 _SCOPES = {"app": "Azure + local", "local": "local only", "platform": "platform"}
 
@@ -24,17 +24,18 @@ def table() -> str:
     return "\n".join(rows)
 
 
-def readme_with_table(text: str) -> str:
+def with_table(text: str) -> str:
+    """`text` with the table between the settings markers regenerated."""
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     return pattern.sub(f"{START}\n{table()}\n{END}", text)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.settings_table")
-    parser.add_argument("--write", action="store_true", help="rewrite the table in README.md")
+    parser.add_argument("--write", action="store_true", help="rewrite the table in docs/settings.md")
     args = parser.parse_args()
     if args.write:
-        README.write_text(readme_with_table(README.read_text()))
+        DOC.write_text(with_table(DOC.read_text()))
     else:
         print(table())
     return 0

@@ -5,7 +5,7 @@ Counter names (as in the report contract): `requests.<outcome>`, `deferrals`, `r
 (the send-latency histogram of the sent requests, shared/reporting/latency.py: one counter per bucket,
 in the same row as the outcome, so it is merged, rolled up and flushed like every other count).
 
-How they are written (README "Report API and aggregates"):
+How they are written (docs/operations.md, "Report API and aggregates"):
 - The send path only adds to an in-memory buffer (no I/O, never raises): a send is never failed
   or slowed by the aggregates.
 - A background task per process flushes the buffer every AGGREGATES_FLUSH_SECONDS as ETag merges

@@ -8,7 +8,7 @@ itself). A URL is read only when it is
 - in the producers' container (CLAIM_CHECK_CONTAINER) under `requests/<producer>/<request id>/`,
   where `<producer>` is one of BLOB_PRODUCERS (or the relay's own, `hve-relay`) and `<request id>`
   is the id of the request that names it: a producer can only write under its own prefix (an ABAC
-  condition on its role, see the README), so the blob was written by that producer for that
+  condition on its role, see docs/security.md), so the blob was written by that producer for that
   request; or
 - the relay's own copy of a request (a deferred copy too big for the queue) in
   RELAY_STATE_CONTAINER, `deferred/<request id>-<32 hex>.json`, a container no producer is granted.

@@ -2,7 +2,7 @@
 
 Script and style are inline and allowed by their SHA-256 in a strict Content-Security-Policy, so the
 page needs no second request (a second request would need the function key in its URL too) and no
-outside resource. Charts are SVG drawn by the page's own script (see README, "Operations dashboard").
+outside resource. Charts are SVG drawn by the page's own script (see docs/operations.md, "Operations dashboard").
 """
 
 from __future__ import annotations
