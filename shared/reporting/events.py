@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from shared.ledger import FINAL_STATES, LedgerEntry
+from shared.ledger import FINAL_STATES, LedgerEntry, as_stored
 from shared.reporting.request_status import request_view
 
 SPEC_VERSION = "1.0"
@@ -49,6 +49,7 @@ def _instant(at: datetime) -> str:
 
 
 def _event(kind: str, request_id: str, version: str, at: datetime, data: dict[str, Any], source: str) -> dict:
+    """(`data` from the entry as the ledger holds it: never HVE's reply text with an address in it.)"""
     return {
         "specversion": SPEC_VERSION,
         "type": kind,
@@ -67,7 +68,12 @@ def outcome_event(entry: LedgerEntry, source: str) -> dict[str, Any] | None:
     if entry.state not in FINAL_STATES:
         return None
     return _event(
-        TYPE_PREFIX + entry.state, entry.request_id, entry.state, entry.updated, request_view(entry, None), source
+        TYPE_PREFIX + entry.state,
+        entry.request_id,
+        entry.state,
+        entry.updated,
+        request_view(as_stored(entry), None),
+        source,
     )
 
 
@@ -75,5 +81,5 @@ def delivery_event(entry: LedgerEntry, summary: Mapping[str, Any], source: str) 
     """The event of a delivery summary (shared/delivery/trace.py `summary_view`) at version `seq`:
     the counts then, with the request's ledger row."""
     at = summary.get("updated") or entry.updated
-    data = request_view(entry, summary)
+    data = request_view(as_stored(entry), summary)
     return _event(DELIVERY_TYPE, entry.request_id, f"delivery-{summary['seq']}", at, data, source)
