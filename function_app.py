@@ -15,9 +15,17 @@ JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"
 
 @app.queue_trigger(arg_name="msg", queue_name="%MAIL_QUEUE%", connection="AzureWebJobsStorage")
 async def send_mail(msg: func.QueueMessage, context: func.Context) -> None:
-    """One mail request from the queue: validate, get a send slot, submit to HVE, record."""
+    """One mail request from the mail queue: validate, get a send slot, submit to HVE, record."""
     with wiring.invocation(context):
         await wiring.handle_queue_message(msg.get_body(), msg.id or "", msg.dequeue_count or 1)
+
+
+@app.queue_trigger(arg_name="msg", queue_name="%MAIL_QUEUE_PRIORITY%", connection="AzureWebJobsStorage")
+async def send_mail_priority(msg: func.QueueMessage, context: func.Context) -> None:
+    """The priority lane: the same send stage on its own queue, polled by its own trigger, so a
+    request here never waits behind the mail queue's backlog. Deferred copies come back here."""
+    with wiring.invocation(context):
+        await wiring.handle_queue_message(msg.get_body(), msg.id or "", msg.dequeue_count or 1, lane="priority")
 
 
 @app.timer_trigger(arg_name="timer", schedule="%WELCOME_SCHEDULE%")
@@ -60,7 +68,8 @@ async def status(req: func.HttpRequest, context: func.Context) -> func.HttpRespo
 
 @app.route(route="send", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 async def send(req: func.HttpRequest, context: func.Context) -> func.HttpResponse:
-    """One mail request (contract v1) onto the mail queue: 202 with its id and status path, 400 with
+    """One mail request (contract v1) onto the mail queue, or the priority queue for `"priority": "high"`:
+    202 with its id and status path, 400 with
     the refusal reasons, 409 for another request's id, 413 over HTTP_SEND_MAX_BYTES
     (schemas: shared/schema/send-response.v1.json, error.v1.json)."""
     with wiring.invocation(context):

@@ -101,6 +101,12 @@ param hveAuth string = 'basic'
 @description('Display name on the From header.')
 param hveSenderName string = ''
 
+@description('Every message carries Auto-Submitted: auto-generated (RFC 3834), so auto-responders do not answer it.')
+param mailAutoSubmitted bool = true
+
+@description('Every message carries X-Auto-Response-Suppress: All (Exchange: no out-of-office, auto-reply, receipt or NDR back to the HVE account).')
+param mailSuppressAutoResponses bool = true
+
 @description('ga-2026: external recipients refused; preview-2024: external allowed, rate limited.')
 @allowed([
   'ga-2026'
@@ -340,6 +346,9 @@ var keyVaultName = '${abbrs.keyVaultVaults}${resourceToken}'
 // Storage names: the code's defaults (shared/settings.py), set explicitly below.
 var mailQueueName = 'outbound-mail'
 var poisonQueueName = '${mailQueueName}-poison'
+// The priority lane: its own queue and trigger (send_mail_priority), the same send stage.
+var priorityQueueName = 'outbound-mail-priority'
+var priorityPoisonQueueName = '${priorityQueueName}-poison'
 var ledgerTableName = 'hveledger'
 var recipientIndexTableName = 'hverecipients'
 var governorTableName = 'hvegovernor'
@@ -393,6 +402,8 @@ module storage 'modules/storage.bicep' = {
     queueNames: [
       mailQueueName
       poisonQueueName
+      priorityQueueName
+      priorityPoisonQueueName
     ]
     tableNames: [
       ledgerTableName
@@ -430,6 +441,7 @@ module rbac 'modules/rbac.bicep' = {
     keyVaultName: keyVault.outputs.name
     applicationInsightsName: monitoring.outputs.applicationInsightsName
     mailQueueName: mailQueueName
+    priorityQueueName: priorityQueueName
     claimCheckContainerName: claimCheckContainerName
     deployerPrincipalId: deployerPrincipalId
     deployerPrincipalType: deployerPrincipalType
@@ -483,6 +495,7 @@ var appSettings = {
   PYTHON_ENABLE_OPENTELEMETRY: 'true'
   // Storage names.
   MAIL_QUEUE: mailQueueName
+  MAIL_QUEUE_PRIORITY: priorityQueueName
   LEDGER_TABLE: ledgerTableName
   RECIPIENT_INDEX_TABLE: recipientIndexTableName
   GOVERNOR_TABLE: governorTableName
@@ -500,6 +513,8 @@ var appSettings = {
   HVE_SMTP_TIMEOUT_SECONDS: string(hveSmtpTimeoutSeconds)
   HVE_INTERNAL_DOMAINS: join(hveInternalDomains, ',')
   HVE_SENDER_NAME: hveSenderName
+  MAIL_AUTO_SUBMITTED: mailAutoSubmitted ? 'true' : 'false'
+  MAIL_SUPPRESS_AUTO_RESPONSES: mailSuppressAutoResponses ? 'true' : 'false'
   HVE_LIMITS_PROFILE: hveLimitsProfile
   HVE_LIMITS: empty(hveLimits) ? '' : string(hveLimits)
   HVE_DAILY_RECIPIENT_BUDGET: hveDailyRecipientBudget > 0 ? string(hveDailyRecipientBudget) : ''
@@ -649,6 +664,7 @@ output AZURE_MANAGED_IDENTITY_PRINCIPAL_ID string = identity.properties.principa
 output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsName
 output MAIL_QUEUE string = mailQueueName
 output MAIL_QUEUE_URL string = '${storage.outputs.queueEndpoint}${mailQueueName}'
+output MAIL_QUEUE_PRIORITY string = priorityQueueName
 output HVE_ACCOUNTS string = join(hveAccounts, ',')
 output HVE_AUTH string = hveAuth
 output HVE_INTERNAL_DOMAINS string = join(hveInternalDomains, ',')

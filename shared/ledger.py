@@ -69,11 +69,19 @@ class LedgerEntry:
     # Keyed digest of the request's content (contract.content_digest; never the content): another
     # request under the same id is an `id-conflict`, the same content again a duplicate.
     content_digest: str = ""
+    # The request's sendAt (epoch seconds), when it names one: its age limit counts from there.
+    send_at: float | None = None
     etag: str | None = field(default=None, compare=False)
     write: str = field(default="", compare=False)  # a random mark of the write that stored this row
 
     def evolve(self, **changes: Any) -> LedgerEntry:
         return replace(self, **changes)
+
+    @property
+    def age_from(self) -> float:
+        """Where the request's age limit (SEND_MAX_AGE_HOURS) counts from: its sendAt when it has
+        one (earlier or later than its first receipt), else its first receipt."""
+        return self.send_at if self.send_at is not None else self.first_received.timestamp()
 
 
 def recipient_hash(key: bytes, address: str) -> str:
@@ -109,6 +117,7 @@ def _to_row(entry: LedgerEntry) -> dict[str, Any]:
         "ClaimCheck": entry.claim_blob,
         "ContentDigest": entry.content_digest,
         "Write": entry.write,
+        **({"SendAt": float(entry.send_at)} if entry.send_at is not None else {}),
     }
 
 
@@ -159,6 +168,7 @@ def _from_row(row: Any) -> LedgerEntry:
         content_digest=row.get("ContentDigest", ""),
         etag=row.metadata.get("etag") if hasattr(row, "metadata") else None,
         write=row.get("Write", "") or "",
+        send_at=float(row["SendAt"]) if row.get("SendAt") is not None else None,
     )
 
 

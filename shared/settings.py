@@ -53,6 +53,11 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "MAIL_QUEUE", "outbound-mail", "Queue that carries mail requests; its poison queue is `<name>-poison`."
     ),
+    SettingSpec(
+        "MAIL_QUEUE_PRIORITY",
+        "outbound-mail-priority",
+        'The priority lane: a second queue with its own trigger (`send_mail_priority`), the same send stage, governor and accounts; deferred copies go back onto it. `POST /api/send` puts `"priority": "high"` requests here; queue producers choose the lane by the queue they write to. Its poison queue is `<name>-poison`; it must differ from `MAIL_QUEUE`.',
+    ),
     SettingSpec("HVE_SMTP_HOST", "smtp.hve.mx.microsoft", "HVE SMTP endpoint."),
     SettingSpec("HVE_SMTP_PORT", "587", "HVE SMTP port (STARTTLS)."),
     SettingSpec(
@@ -80,6 +85,16 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Comma-separated accepted domains of the tenant; any other recipient domain is external.",
     ),
     SettingSpec("HVE_SENDER_NAME", "", "Display name on the From header (the address is always the HVE account)."),
+    SettingSpec(
+        "MAIL_AUTO_SUBMITTED",
+        "true",
+        "`true`: every message carries `Auto-Submitted: auto-generated` (RFC 3834), so well-behaved auto-responders do not answer it; `false`: left out.",
+    ),
+    SettingSpec(
+        "MAIL_SUPPRESS_AUTO_RESPONSES",
+        "true",
+        "`true`: every message carries `X-Auto-Response-Suppress: All` (Exchange: no out-of-office, auto-reply, receipt or NDR back to the HVE account), replacing a producer's own; `false`: left out (a producer's own passes).",
+    ),
     SettingSpec(
         "HVE_LIMITS_PROFILE",
         "ga-2026",
@@ -155,7 +170,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "SEND_MAX_AGE_HOURS",
         "72",
-        "Age after which a still-undelivered request is recorded as dead. A row still `deferred` this long plus 7 days (the poison queue's time to live) after its last update is recorded by `purge_expired` as `dead`, reason `lost-in-queue`.",
+        "Age after which a still-undelivered request is recorded as dead, counted from its first receipt, or from its `sendAt` when it names one. A row still `deferred` this long plus 7 days (the poison queue's time to live) after its last update is recorded by `purge_expired` as `dead`, reason `lost-in-queue`.",
     ),
     SettingSpec("RETRY_BASE_SECONDS", "30", "First retry delay; doubles per attempt, with jitter."),
     SettingSpec("RETRY_MAX_SECONDS", "3600", "Cap of the retry delay."),
@@ -459,6 +474,15 @@ def _duration(name: str, value: str) -> timedelta:
     return timedelta(**parts)
 
 
+def _flag(name: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {value!r}")
+
+
 def _delivery_settings(get, number) -> dict:
     """The DELIVERY_TRACE_* settings, checked against Graph's message-trace rules."""
     max_age = _duration("DELIVERY_TRACE_MAX_AGE", get("DELIVERY_TRACE_MAX_AGE"))
@@ -590,10 +614,17 @@ class Settings:
     events_topic_endpoint: str = ""
     events_source: str = ""
     events_ca_file: str = ""
+    mail_auto_submitted: bool = True
+    mail_suppress_auto_responses: bool = True
+    priority_queue: str = "outbound-mail-priority"
 
     @property
     def poison_queue(self) -> str:
         return f"{self.mail_queue}-poison"
+
+    @property
+    def priority_poison_queue(self) -> str:
+        return f"{self.priority_queue}-poison"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -658,6 +689,11 @@ class Settings:
                 "and WELCOME_LOOKBACK + WELCOME_OVERLAP"
             )
 
+        if get("MAIL_QUEUE_PRIORITY").lower() == get("MAIL_QUEUE").lower():
+            raise SettingsError(
+                "MAIL_QUEUE_PRIORITY must differ from MAIL_QUEUE: the priority lane is a queue of its own"
+            )
+
         if get("RELAY_STATE_CONTAINER") == get("CLAIM_CHECK_CONTAINER"):
             raise SettingsError(
                 "RELAY_STATE_CONTAINER must differ from CLAIM_CHECK_CONTAINER: producers write the "
@@ -670,6 +706,7 @@ class Settings:
             storage_client_id=get("AzureWebJobsStorage__clientId"),
             managed_identity_client_id=get("AZURE_CLIENT_ID"),
             mail_queue=get("MAIL_QUEUE"),
+            priority_queue=get("MAIL_QUEUE_PRIORITY"),
             smtp_host=get("HVE_SMTP_HOST"),
             smtp_port=number("HVE_SMTP_PORT", int),
             smtp_ca_file=get("HVE_SMTP_CA_FILE"),
@@ -682,6 +719,8 @@ class Settings:
             oauth_scope=get("HVE_OAUTH_SCOPE"),
             internal_domains=frozenset(d.lower() for d in _csv(get("HVE_INTERNAL_DOMAINS"))),
             sender_name=get("HVE_SENDER_NAME"),
+            mail_auto_submitted=_flag("MAIL_AUTO_SUBMITTED", get("MAIL_AUTO_SUBMITTED")),
+            mail_suppress_auto_responses=_flag("MAIL_SUPPRESS_AUTO_RESPONSES", get("MAIL_SUPPRESS_AUTO_RESPONSES")),
             limits_profile=profile,
             limits_overrides=json_object("HVE_LIMITS"),
             daily_recipient_budget=int(number("HVE_DAILY_RECIPIENT_BUDGET", int)) if budget_raw else None,

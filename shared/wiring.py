@@ -62,6 +62,52 @@ def _close_at_exit() -> None:
                 pass
 
 
+# --- the priority lane: the same stage on another queue -------------------------------------------
+
+BULK, PRIORITY = "bulk", "priority"
+# The priority lane's Relay, per bulk Relay (so a new set of settings gets a new lane too).
+_priority_lanes: weakref.WeakKeyDictionary[Relay, Relay] = weakref.WeakKeyDictionary()
+
+
+async def get_lane(lane: str = BULK) -> Relay:
+    """The send stage for one lane. The priority lane is the process's Relay on MAIL_QUEUE_PRIORITY:
+    the stage puts deferred copies (and pacers) back on `relay.queue`, so the lane has its own queue
+    and, with it, its own backlog readings and pacer chain; everything else is the bulk Relay's own
+    objects: governor, scheduler (health reads, budget blocks), SMTP pool, ledger, aggregates,
+    counters. Only the bulk Relay is closed (`close_relays`): the lane owns nothing of its own."""
+    relay = await get_relay()
+    if lane == BULK:
+        return relay
+    if lane != PRIORITY:
+        raise ValueError(f"unknown lane {lane!r}")
+    priority = _priority_lanes.get(relay)
+    if priority is None:
+        queue = await relay.storage.queue(relay.settings.priority_queue)
+        priority = _priority_lanes.setdefault(relay, _on_queue(relay, queue))
+    return priority
+
+
+def _on_queue(relay: Relay, queue: Any) -> Relay:
+    lane = Relay(
+        relay.settings,
+        storage=relay.storage,
+        smtp=relay.smtp,
+        governor=relay.governor,
+        ledger=relay.ledger,
+        queue=queue,
+        payloads=relay.payloads,
+        limits=relay.limits,
+        clock=relay.clock,
+        rng=relay.rng,
+        aggregates=relay.aggregates,
+    )
+    # One scheduler per process: its health view and the daily budget's block are the process's.
+    lane.scheduler = relay.scheduler
+    lane.instruments, lane.stats, lane.sleep = relay.instruments, relay.stats, relay.sleep
+    lane.events = relay.events  # one set of events targets per process, closed with the bulk Relay
+    return lane
+
+
 # --- entry points of the triggers ------------------------------------------------------------------
 
 
@@ -73,9 +119,10 @@ def invocation(context: Any) -> Iterator[None]:
         yield
 
 
-async def handle_queue_message(body: bytes, queue_message_id: str, dequeue_count: int) -> Handled:
-    """`send_mail`: one mail request from the queue."""
-    relay = await get_relay()
+async def handle_queue_message(body: bytes, queue_message_id: str, dequeue_count: int, lane: str = BULK) -> Handled:
+    """`send_mail` (lane "bulk", MAIL_QUEUE) and `send_mail_priority` (lane "priority",
+    MAIL_QUEUE_PRIORITY): one mail request from the lane's queue."""
+    relay = await get_lane(lane)
     return await relay.handle(body, queue_message_id, dequeue_count)
 
 
@@ -127,13 +174,15 @@ async def report_response(params: Mapping[str, str]) -> tuple[int, str]:
 
 
 async def send_response(body: bytes, content_length: str | None) -> tuple[int, str, dict[str, str]]:
-    """(HTTP status, JSON body, headers) of `POST /api/send`: one request onto the mail queue."""
+    """(HTTP status, JSON body, headers) of `POST /api/send`: one request onto the mail queue, or the
+    priority queue for `"priority": "high"`."""
     from shared.send.intake import Intake
 
     relay = await get_relay()
     intake = Intake(
         ledger=relay.ledger,
         queue=relay.queue,
+        priority_queue=(await get_lane(PRIORITY)).queue,
         container=relay.storage.container(relay.settings.claim_check_container),
         payloads=relay.payloads,
         policy=relay.policy,

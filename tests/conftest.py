@@ -67,7 +67,10 @@ SYSTEM_MODULES = {
 }
 # Single tests of another tier than their module's (a whole script run from an integration module).
 SYSTEM_TESTS = {"test_delivery_trace.py::test_the_delivery_bench_runs_end_to_end",
-                "test_producers_doc.py::test_the_curl_and_python_examples_send_their_first_mail_through_the_local_host"}
+                "test_producers_doc.py::test_the_curl_and_python_examples_send_their_first_mail_through_the_local_host",
+                "test_priority_lane.py::test_a_priority_request_is_sent_before_the_bulk_backlog_drains",
+                "test_priority_lane.py::"
+                "test_a_priority_request_that_keeps_failing_lands_in_the_lanes_poison_queue_and_is_replayed_onto_the_lane"}
 INTEGRATION_MODULES = {"test_azurite", "test_ci_policy", "test_hve_emulator", "test_hve_smtp", "test_infra",
                        "test_requirements_lock",
                        "test_packaging", "test_repo_stands_alone", "test_graph_client", "test_identity_adapters"}

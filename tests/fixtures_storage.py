@@ -2,7 +2,8 @@
 
     def test_something(storage):
         storage.connection_string     # Azurite, devstoreaccount1
-        storage.queue_name            # "outbound-mail-1a2b3c4d", unique per test
+        storage.queue_name            # "outbound-mail-1a2b3c4d", unique per test (and its priority lane,
+                                      # storage.priority_queue_name)
         storage.table_prefix          # "t1a2b3c4d", letters and digits, starts with a letter
         storage.env(HVE_POOL_SIZE="1")  # app settings for this test (see Storage.env)
 
@@ -34,6 +35,10 @@ class Storage:
         return f"{self.queue_name}-poison"
 
     @property
+    def priority_queue_name(self) -> str:
+        return f"{self.queue_name}-priority"
+
+    @property
     def table_prefix(self) -> str:
         return f"t{self.suffix}"
 
@@ -50,6 +55,7 @@ class Storage:
         settings = {
             "AzureWebJobsStorage": self.connection_string,
             "MAIL_QUEUE": self.queue_name,
+            "MAIL_QUEUE_PRIORITY": self.priority_queue_name,
             "LEDGER_TABLE": f"{self.table_prefix}ledger",
             "RECIPIENT_INDEX_TABLE": f"{self.table_prefix}rcpt",
             "GOVERNOR_TABLE": f"{self.table_prefix}gov",

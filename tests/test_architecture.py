@@ -153,7 +153,7 @@ def test_the_checker_sees_relative_lazy_and_from_package_imports():
 
 # --- issue 20, item 2: the send stage reads as its steps ------------------------------------------
 
-SEND_STEPS = ["stage", "decode", "ledger_gate", "prepare", "schedule", "transmit", "record", "pacer", "outcome"]
+SEND_STEPS = ["stage", "decode", "ledger_gate", "prepare", "hold", "schedule", "transmit", "record", "pacer", "outcome"]
 
 
 def test_the_send_stage_is_its_steps_each_a_few_hundred_lines():

@@ -98,3 +98,14 @@ def test_trace_fairness_bench_reads_every_account_without_a_429():
     max_per_5min, throttled, never = int(m[1]), int(m[3]), int(m[6])
     assert 0 < max_per_5min <= 60 and throttled == 0 and never == 0, out
     assert "accounts read: 5 of 5" in out, out
+
+
+def test_priority_lane_bench_prints_both_lanes_and_priority_beats_the_backlog():
+    out = run("bench.priority_lane", "--bulk", "300", "--tries", "3", "--bulk-tries", "1", "--bulk-timeout", "150",
+              "--gap", "2")
+    rows = {m[1]: (int(m[2]), m[3], m[4]) for m in re.finditer(
+        r"^(priority|bulk)\s+(\d+)\s+(> \d+|[\d.]+)\s+(> \d+|[\d.]+)\s+(?:> \d+|[\d.]+)$", out, re.M)}
+    assert set(rows) == {"priority", "bulk"} and rows["priority"][0] == 3 and rows["bulk"][0] == 1, out
+    ratio = re.search(r"^ratio bulk/priority p50: (>? ?)([\d.]+)x", out, re.M)
+    assert ratio and float(ratio[2]) > 1.0, out  # the priority request did not wait for the backlog
+    assert re.search(r"^target priority p99 <= 5 s: (met|NOT met) \(", out, re.M), out

@@ -158,9 +158,9 @@ def test_claim_check_stub_is_recognised():
 
 
 # The schema producers read and the validator the relay runs must agree.
-AGREE_VALID = [good(), good(html="<p>x</p>", text=None) | {"text": "t"}, good(attachments=[{"name": "a.pdf", "contentType": "application/pdf", "contentBase64": "aGk="}]),
+AGREE_VALID = [good(), good(priority="high"), good(priority="normal"), good(html="<p>x</p>", text=None) | {"text": "t"}, good(attachments=[{"name": "a.pdf", "contentType": "application/pdf", "contentBase64": "aGk="}]),
                {"id": "x1", "claimCheck": {"blobUrl": "https://acct.blob.core.windows.net/mail-payloads/x1.json"}}]
-AGREE_INVALID = [good(subjct="typo"), {"to": ["a@contoso.com"], "subject": "no body"}, good(headers={"Reply-To": "x@contoso.com"}),
+AGREE_INVALID = [good(subjct="typo"), good(priority="urgent"), good(priority="HIGH"), good(priority=1), {"to": ["a@contoso.com"], "subject": "no body"}, good(headers={"Reply-To": "x@contoso.com"}),
                  good(id="has space"), {"claimCheck": {"blobUrl": "x"}, "to": "a@contoso.com"},
                  good(id="invoice-ann.smith@contoso.com"), good(category="bob.jones@contoso.com"),
                  {"claimCheck": {"blobUrl": "https://acct.blob.core.windows.net/mail-payloads/requests/p/x/y.json"}}]

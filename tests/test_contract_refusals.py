@@ -158,7 +158,8 @@ def test_a_recipient_field_must_be_an_address_or_a_list_of_them():
 # --- the request ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra,reason,detail", [
-    ({"priority": "high", "bogus": 1}, "schema", "unknown fields ['bogus', 'priority']"),
+    ({"urgency": "high", "bogus": 1}, "schema", "unknown fields ['bogus', 'urgency']"),
+    ({"priority": "urgent"}, "schema", "priority must be 'high' or 'normal'"),
     ({"attempt": -1}, "schema", "attempt must be a non-negative integer"),
     ({"attempt": "1"}, "schema", "attempt must be a non-negative integer"),
     ({"attempt": True}, "schema", "attempt must be a non-negative integer"),

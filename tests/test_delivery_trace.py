@@ -612,11 +612,16 @@ def test_the_delivery_counter_counts_recipients_reaching_each_status_by_account(
     h.once()
     h.once()
     points = {}
+    runs = {}
     for metric in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics:
         for point in metric.data.data_points:
+            if metric.name == "hve_relay.delivery_trace.runs":  # the alert's signal: runs that finished
+                runs[point.attributes["result"]] = point.value
+                continue
             points[(metric.name, point.attributes["status"], point.attributes["account"])] = point.value
     assert points == {("hve_relay.delivery", "delivered", "news@contoso.com"): 2,
                       ("hve_relay.delivery", "pending", "news@contoso.com"): 1}
+    assert sum(runs.values()) == 3
 
 
 _KILLED_AFTER_FIRST_WINDOW = r"""

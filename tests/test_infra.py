@@ -436,7 +436,9 @@ def test_storage_names_are_the_code_defaults(bicep):
     tables = evaluate(params["tableNames"], main)
     containers = params["containerNames"]
 
-    assert sorted(queues) == sorted([defaults["MAIL_QUEUE"], defaults["MAIL_QUEUE"] + "-poison"])
+    # The mail queue and the priority lane, each with the poison queue its trigger's host writes to.
+    assert sorted(queues) == sorted([defaults["MAIL_QUEUE"], defaults["MAIL_QUEUE"] + "-poison",
+                                     defaults["MAIL_QUEUE_PRIORITY"], defaults["MAIL_QUEUE_PRIORITY"] + "-poison"])
     assert sorted(tables) == sorted([
         defaults["LEDGER_TABLE"], defaults["RECIPIENT_INDEX_TABLE"], defaults["GOVERNOR_TABLE"],
         defaults["WELCOME_STATE_TABLE"], defaults["AGGREGATES_TABLE"], defaults["DELIVERY_TABLE"],
@@ -453,7 +455,8 @@ def test_storage_names_are_the_code_defaults(bicep):
     assert fa["deploymentContainerName"] == "deploymentContainerName"
     # The settings name the created queue/tables/container, not copies of the strings.
     settings = _app_settings(bicep)
-    for setting, var in [("MAIL_QUEUE", "mailQueueName"), ("LEDGER_TABLE", "ledgerTableName"),
+    for setting, var in [("MAIL_QUEUE", "mailQueueName"), ("MAIL_QUEUE_PRIORITY", "priorityQueueName"),
+                         ("LEDGER_TABLE", "ledgerTableName"),
                          ("RECIPIENT_INDEX_TABLE", "recipientIndexTableName"),
                          ("GOVERNOR_TABLE", "governorTableName"), ("WELCOME_STATE_TABLE", "welcomeTableName"),
                          ("AGGREGATES_TABLE", "aggregatesTableName"),
@@ -663,6 +666,7 @@ def _rbac_values(bicep) -> dict[str, Any]:
     main = bicep["main.bicep"]
     return {"mailQueueName": evaluate("mailQueueName", main),
             "claimCheckContainerName": evaluate("claimCheckContainerName", main),
+            "priorityQueueName": evaluate("priorityQueueName", main),
             "storageAccountName": "st"}
 
 
@@ -708,6 +712,7 @@ def test_producer_role_assignments_scope_role_and_condition(bicep):
     values = _rbac_values(bicep)
     grants = _producer_grants(bicep)
     found: dict[tuple[str, str], dict[str, Any]] = {}  # (role id, loop array) -> body
+    queues_granted: dict[str, set[str]] = {}  # loop array -> the queues its sender role is scoped to
     for name, (config, body) in _rbac_assignments(bicep).items():
         loop = _loops_over(config)
         if loop is None or loop[1] not in ("producers", "producerPrincipalIds"):
@@ -719,6 +724,8 @@ def test_producer_role_assignments_scope_role_and_condition(bicep):
         assert scope["existing"] is True, f"{name}: scoped to an existing resource of storage.bicep"
         scope_name = evaluate(_body(scope["config"])["name"], rbac, values)
         found[(role, array)] = {"scope_type": scope["type"], "scope_name": scope_name, "body": body}
+        if role == QUEUE_MESSAGE_SENDER:
+            queues_granted.setdefault(array, set()).add(scope_name)
 
         # Deterministic names: guid(scope, principal, role).
         guid = body["name"]["function"]
@@ -743,7 +750,8 @@ def test_producer_role_assignments_scope_role_and_condition(bicep):
         "named producers: queue sender + blob contributor; queue-only producers: queue sender; nothing else"
     for key in ((QUEUE_MESSAGE_SENDER, "producers"), (QUEUE_MESSAGE_SENDER, "producerPrincipalIds")):
         assert found[key]["scope_type"] == "Microsoft.Storage/storageAccounts/queueServices/queues", key
-        assert found[key]["scope_name"] == queue, f"{key}: the mail queue only"
+        # The mail queue and the priority lane's queue, nothing else.
+        assert queues_granted[key[1]] == {queue, f"st/default/{values['priorityQueueName']}"}, key
         assert "condition" not in found[key]["body"]["properties"], key
     blob = found[(BLOB_DATA_CONTRIBUTOR, "producers")]
     assert blob["scope_type"] == "Microsoft.Storage/storageAccounts/blobServices/containers"

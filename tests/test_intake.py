@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from datetime import UTC, datetime
+from email import message_from_bytes, policy
 from typing import Any
 
 import jsonschema
@@ -17,6 +19,7 @@ from shared.ledger import RECEIVED, LedgerEntry
 from shared.send.contract import content_digest, content_request_id
 from shared.send.intake import Answer, Intake
 from shared.send.mime import message_id
+from shared.send.retry import MAX_VISIBILITY_SECONDS
 from shared.send.stage import Relay
 from tests.relay_harness import drain, enqueue, relay_settings
 from tests.schemas import ERROR_SCHEMA, SEND_SCHEMA
@@ -230,6 +233,8 @@ def test_refusals_are_the_queue_paths_reasons_naming_fields_never_values(storage
         "header-injection": mail("r-7", subject="hi\r\nBcc: " + needle),
         "bad-attachment": mail("r-8", attachments=[{"name": "a", "contentBase64": "not base64!"}]),
         "schema": {**mail("r-10"), needle: "x"},
+        "bad-send-at": mail("r-11", sendAt="2026-03-10 13:00"),
+        "send-at-too-far": mail("r-12", sendAt="2999-01-01T00:00:00Z"),
         "malformed": b'{"to": ["' + needle.encode() + b'"], "text": ',
     }
 
@@ -358,3 +363,99 @@ def test_an_http_request_is_sent_on_the_governed_path_too(storage, emulator):
     answer, handled, row = run(go, storage, emulator, HVE_LIMITS_PROFILE="preview-2024")
     accepted(answer, "governed-1")
     assert [h.state for h in handled] == ["sent"] and row.state == "sent" and row.attempts == 1
+
+
+# --- replyTo and sendAt over HTTP ------------------------------------------------------------------
+
+
+class RecordingQueue:
+    """The real queue client, noting the visibility delay of every message put on it."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self.delays: list[Any] = []
+
+    async def send_message(self, content: str, **kwargs: Any) -> Any:
+        self.delays.append(kwargs.get("visibility_timeout"))
+        return await self.queue.send_message(content, **kwargs)
+
+
+async def on_queue(relay: Relay) -> tuple[int, int]:
+    """(messages on the queue, of which visible now)."""
+    total = (await relay.queue.get_queue_properties()).approximate_message_count
+    return total, await queue_depth(relay)
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def test_a_post_with_send_at_is_queued_hidden_until_then_and_sent_with_its_reply_to(storage, emulator):
+    """The intake puts a request whose sendAt is ahead on the queue hidden for the time left, so
+    the send stage does not even read it before it is due; replyTo goes through as on the queue path."""
+    doc = mail("later-http-1", replyTo=["Help Desk <help.desk@contoso.com>"])
+
+    async def go(relay: Relay):
+        queue = RecordingQueue(relay.queue)
+        doc["sendAt"] = iso(time.time() + 3.5)
+        answer = await intake_for(relay, queue=queue).submit(body(doc))
+        posted = time.monotonic()
+        row = await relay.ledger.get("later-http-1")
+        hidden = await on_queue(relay)
+        while not (await on_queue(relay))[1] and time.monotonic() < posted + 30:
+            await asyncio.sleep(0.1)
+        back_after = time.monotonic() - posted
+        handled = await drain(relay)
+        return answer, queue.delays, row, hidden, back_after, handled, await relay.ledger.get("later-http-1")
+
+    answer, delays, row, hidden, back_after, handled, final = run(go, storage, emulator)
+    accepted(answer, "later-http-1")
+    assert delays in ([3], [4])                # the time left, whole seconds rounded up, no jitter
+    assert row.state == RECEIVED and row.send_at == datetime.fromisoformat(doc["sendAt"]).timestamp()
+    assert hidden == (1, 0)                    # on the queue, invisible
+    assert back_after >= delays[0] - 1.0       # Azurite kept it hidden for its visibility delay
+    assert [h.state for h in handled] == ["sent"] and final.state == "sent" and final.attempts == 1
+    [accepted_mail] = emulator.accepted()
+    assert accepted_mail.recipients == ("ann@contoso.com",)  # Reply-To is no recipient
+    sent = message_from_bytes(accepted_mail.path.read_bytes(), policy=policy.default)
+    assert [a.addr_spec for a in sent["Reply-To"].addresses] == ["help.desk@contoso.com"]
+
+
+def test_a_post_with_send_at_days_ahead_is_hidden_at_most_the_queues_7_days(storage, emulator):
+    clock = Clock(start=float(int(time.time())))
+
+    async def go(relay: Relay):
+        queue = RecordingQueue(relay.queue)
+        intake = intake_for(relay, queue=queue, clock=clock)
+        answers = [
+            await intake.submit(body(mail("days-1", sendAt=iso(clock.now + 2 * 86400)))),
+            await intake.submit(body(mail("week-1", sendAt=iso(clock.now + 7 * 86400)))),
+            await intake.submit(body(mail("past-1", sendAt=iso(clock.now - 600)))),
+        ]
+        visible = [json.loads(m.content)["id"] for m in await relay.queue.peek_messages(max_messages=32)]
+        return answers, queue.delays, await on_queue(relay), visible
+
+    answers, delays, (total, _), visible = run(go, storage, emulator)
+    for answer, request_id in zip(answers, ["days-1", "week-1", "past-1"], strict=True):
+        accepted(answer, request_id)
+    # 2 days: the time left; 7 days: the queue's longest (the send stage holds it for the last
+    # minute); in the past: at once.
+    assert delays == [2 * 86400, MAX_VISIBILITY_SECONDS, None]
+    assert total == 3 and visible == ["past-1"]
+
+
+def test_send_at_over_http_is_refused_as_on_the_queue_path_and_nothing_is_queued(storage, emulator):
+    clock = Clock(start=float(int(time.time())))
+
+    async def go(relay: Relay):
+        intake = intake_for(relay, clock=clock)
+        too_far = await intake.submit(body(mail("far-1", sendAt=iso(clock.now + 7 * 86400 + 60))))
+        no_zone = await intake.submit(body(mail("zone-1", sendAt="2026-03-10T13:00:00")))
+        return too_far, no_zone, await on_queue(relay), await relay.ledger.get("far-1")
+
+    too_far, no_zone, depth, row = run(go, storage, emulator)
+    for answer, reason in ((too_far, "send-at-too-far"), (no_zone, "bad-send-at")):
+        assert answer.status == 400
+        jsonschema.validate(answer.body, ERROR_SCHEMA)
+        assert [r["reason"] for r in answer.body["reasons"]] == [reason]
+    assert depth == (0, 0) and row is None

@@ -8,6 +8,7 @@ import json
 import logging
 
 
+from shared.ledger import recipient_hash
 from shared.send.replies import mask_addresses
 from shared.send.stage import Relay
 from shared.telemetry import Instruments
@@ -24,8 +25,11 @@ REFUSED_BY_HVE = "carol.private@contoso.com"
 DEFERRED_FOR = "dana.retry@contoso.com"
 RCPT_REFUSED = "erin.unknown@contoso.com"
 SEND_AS = "fred.spoof@contoso.com"
-ADDRESSES = [a.split("<")[-1].rstrip(">") for a in SENT_TO] + [
-    CC, BCC, BAD, EXTERNAL, REFUSED_BY_HVE, DEFERRED_FOR, RCPT_REFUSED, SEND_AS]
+# Reply-To is not a recipient: not hashed into the index either, and never in clear.
+REPLY_TO = ["Rita Replies <rita.replies@contoso.com>", "remote.replier@gmail-like.example"]
+BAD_REPLY_TO = "rex..broken@contoso.com"
+ADDRESSES = [a.split("<")[-1].rstrip(">") for a in SENT_TO + REPLY_TO] + [
+    CC, BCC, BAD, EXTERNAL, REFUSED_BY_HVE, DEFERRED_FOR, RCPT_REFUSED, SEND_AS, BAD_REPLY_TO]
 # The needles: each full address, and each local part (an address masked badly leaves it behind).
 NEEDLES = sorted({a.lower() for a in ADDRESSES} | {a.split("@")[0].lower() for a in ADDRESSES} | {"privatename"})
 
@@ -83,8 +87,9 @@ def test_a_demo_run_leaves_no_address_in_ledger_index_logs_or_spans(storage, emu
             await enqueue(relay, mail("one-rcpt-refused", [RCPT_REFUSED, "bob.hidden@fabrikam-internal.com"]))
             await drain(relay)
             for doc in [
-                mail("sent-chunked", SENT_TO, cc=[CC], bcc=[BCC], category="newsletter"),
+                mail("sent-chunked", SENT_TO, cc=[CC], bcc=[BCC], category="newsletter", replyTo=REPLY_TO),
                 mail("bad-address", ["ann.privatename@contoso.com", BAD]),
+                mail("bad-reply-to", ["ann.privatename@contoso.com"], replyTo=[REPLY_TO[0], BAD_REPLY_TO]),
                 mail("external", [EXTERNAL]),
                 mail("send-as", ["ann.privatename@contoso.com"], **{"from": SEND_AS}),
                 mail("unknown-account", ["ann.privatename@contoso.com"], account=SEND_AS),
@@ -110,6 +115,10 @@ def test_a_demo_run_leaves_no_address_in_ledger_index_logs_or_spans(storage, emu
     assert rows["deferred-then-sent"]["State"] == "sent" and rows["deferred-then-sent"]["Attempts"] == 2
     assert rows["sent-chunked"]["State"] == "sent" and rows["sent-chunked"]["ChunksTotal"] == 2
     assert rows["bad-address"]["Reason"].startswith("bad-address: to[1]")
+    assert rows["bad-reply-to"]["Reason"].startswith("bad-address: replyTo[1]")
+    # "Was this address mailed?" is about recipients: Reply-To addresses are not indexed, even hashed.
+    assert {recipient_hash(b"test-hash-key", a.split("<")[-1].rstrip(">")) for a in REPLY_TO}.isdisjoint(
+        {r["PartitionKey"] for r in index} | {r["RowKey"] for r in index})
     assert rows["external"]["Reason"].startswith("external-not-allowed")
     assert rows["send-as"]["Reason"].startswith("send-as") and rows["unknown-account"]["Reason"].startswith("unknown-account")
     assert any(r["State"] == "refused" and r["Reason"].startswith("malformed") for r in rows.values())

@@ -385,6 +385,7 @@ class StandIn:
             "AZURE_MANAGED_IDENTITY_PRINCIPAL_ID": principal,
             "MAIL_QUEUE": "outbound-mail",
             "MAIL_QUEUE_URL": f"https://{names['st']}.queue.core.windows.net/outbound-mail",
+            "MAIL_QUEUE_PRIORITY": "outbound-mail-priority",
             "HVE_ACCOUNTS": ",".join(accounts),
             "HVE_AUTH": params.get("hveAuth", "basic"),
             "HVE_INTERNAL_DOMAINS": ",".join(params["hveInternalDomains"]),

@@ -2,6 +2,10 @@
 
     python -m tools.enqueue --to ann@contoso.com --subject Hi --text "Hello"
     python -m tools.enqueue --file requests.json [--base64] [--repeat 100]
+    python -m tools.enqueue --priority --to ann@contoso.com --subject "Reset" --text "..."
+
+`--priority` writes to the priority lane's queue (MAIL_QUEUE_PRIORITY) instead of MAIL_QUEUE: on the
+queue path the lane is the queue (a `priority` field in a request moves nothing).
 
 A request bigger than a queue message allows is uploaded to the claim-check container and
 the queue gets a stub pointing at it. Settings come from the environment or local.settings.json;
@@ -32,10 +36,11 @@ def load_local_settings(path: Path) -> None:
 
 
 async def enqueue(settings: Settings, requests: list[dict[str, Any]], *, encode_base64: bool = False,
-                  target: StorageTarget | None = None) -> list[str]:
+                  target: StorageTarget | None = None, priority: bool = False) -> list[str]:
     storage = open_storage(settings, target)
+    queue = settings.priority_queue if priority else settings.mail_queue
     try:
-        return await enqueue_requests(storage, settings.mail_queue, settings.claim_check_container, requests,
+        return await enqueue_requests(storage, queue, settings.claim_check_container, requests,
                                       encode_base64=encode_base64)
     finally:
         await storage.close()
@@ -58,6 +63,10 @@ def _requests_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
             request["html"] = args.html
         if args.category:
             request["category"] = args.category
+        if args.reply_to:
+            request["replyTo"] = args.reply_to
+        if args.send_at:
+            request["sendAt"] = args.send_at
         if args.id:
             request["id"] = args.id
         requests = [request]
@@ -83,17 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text")
     parser.add_argument("--html")
     parser.add_argument("--category")
+    parser.add_argument("--reply-to", action="append", help="Reply-To address (repeatable)")
+    parser.add_argument("--send-at", help="send not before this ISO 8601 time with an offset, at most 7 days ahead")
     parser.add_argument("--id", help="idempotency key (default: derived from the content, so identical requests are sent once)")
     parser.add_argument("--repeat", type=int, default=1, help="enqueue the requests N times (ids get -N suffixes)")
     parser.add_argument("--base64", action="store_true", help="write base64 like a Functions output binding")
+    parser.add_argument("--priority", action="store_true",
+                        help="put the requests on the priority lane's queue (MAIL_QUEUE_PRIORITY)")
     parser.add_argument("--settings", default="local.settings.json")
     add_arguments(parser)
     args = parser.parse_args(argv)
     load_local_settings(Path(args.settings))
     settings, target = tool_settings(args)
     requests = _requests_from_args(args)
-    run_tool(enqueue(settings, requests, encode_base64=args.base64, target=target))
-    print(f"enqueued {len(requests)} request(s) on {settings.mail_queue}", file=sys.stderr)
+    run_tool(enqueue(settings, requests, encode_base64=args.base64, target=target, priority=args.priority))
+    queue = settings.priority_queue if args.priority else settings.mail_queue
+    print(f"enqueued {len(requests)} request(s) on {queue}", file=sys.stderr)
     return 0
 
 

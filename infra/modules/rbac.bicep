@@ -22,6 +22,9 @@ param mailQueueName string
 @description('Container where producers put claim-check requests and blob attachments, each under `requests/<name>/`.')
 param claimCheckContainerName string
 
+@description('The priority lane\'s queue: producers may send to it as to the mail queue.')
+param priorityQueueName string = 'outbound-mail-priority'
+
 @description('Poison queue of the mail queue.')
 param poisonQueueName string = '${mailQueueName}-poison'
 
@@ -121,6 +124,10 @@ resource mailQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-
 
 resource claimCheckContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
   name: '${storageAccountName}/default/${claimCheckContainerName}'
+}
+
+resource priorityQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' existing = {
+  name: '${storageAccountName}/default/${priorityQueueName}'
 }
 
 resource poisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' existing = {
@@ -233,6 +240,18 @@ resource producerQueueSenders 'Microsoft.Authorization/roleAssignments@2022-04-0
   }
 }]
 
+// The priority lane's queue too (MAIL_QUEUE_PRIORITY): the same right, the other lane.
+resource producerPriorityQueueSenders 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for producer in producers: {
+  name: guid(priorityQueue.id, producer.principalId, roles.storageQueueDataMessageSender)
+  scope: priorityQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageQueueDataMessageSender)
+    principalId: producer.principalId
+    principalType: producer.principalType
+    description: 'hve-relay producer ${producer.name}: send requests to ${priorityQueueName}'
+  }
+}]
+
 // Named producers: claim checks and blob attachments, only under requests/<name>/ of the
 // claim-check container.
 resource producerBlobWriters 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for producer in producers: {
@@ -257,6 +276,17 @@ resource queueOnlyProducerSenders 'Microsoft.Authorization/roleAssignments@2022-
     principalId: principalId
     principalType: producerPrincipalType
     description: 'hve-relay queue-only producer: send requests to ${mailQueueName}'
+  }
+}]
+
+resource queueOnlyProducerPrioritySenders 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for principalId in producerPrincipalIds: {
+  name: guid(priorityQueue.id, principalId, roles.storageQueueDataMessageSender)
+  scope: priorityQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageQueueDataMessageSender)
+    principalId: principalId
+    principalType: producerPrincipalType
+    description: 'hve-relay queue-only producer: send requests to ${priorityQueueName}'
   }
 }]
 

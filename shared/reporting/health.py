@@ -22,7 +22,7 @@ from typing import Any
 
 from shared.reporting.report import queue_state
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("hve_relay.health")
 
 
 async def sample(*, governor: Any, mail_queue: Any, poison_queue: Any, instruments: Any, now: float) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from shared.send.send_at import MAX_SEND_AHEAD_SECONDS, BadSendAt, parse_send_at
+
 if TYPE_CHECKING:
     from shared.hve.limits import Limits
     from shared.settings import Settings
@@ -31,6 +33,8 @@ QUEUE_MESSAGE_BUDGET = QUEUE_MESSAGE_MAX_BYTES - 1024
 MAX_REQUEST_ID_LENGTH = 200
 MAX_SUBJECT_LENGTH = 998
 MAX_CATEGORY_LENGTH = 64
+# The lanes a request may ask for (`priority`): "high" is the priority queue (MAIL_QUEUE_PRIORITY).
+PRIORITIES = ("normal", "high")
 MAX_CUSTOM_HEADERS = 20
 # The contract nests three levels (request -> attachments -> attachment); anything deeper is junk,
 # and walking it could exhaust the interpreter's recursion limit.
@@ -63,6 +67,10 @@ _FIELDS = {
     "account",
     "category",
     "headers",
+    # Where replies go (the Reply-To header); not a recipient.
+    "replyTo",
+    # When to send (ISO 8601 with an offset); see shared/send/send_at.py.
+    "sendAt",
     # Asked for by callers used to Send-MailMessage; refused unless it is the HVE account.
     "from",
     "sender",
@@ -70,9 +78,13 @@ _FIELDS = {
     "attempt",
     # Written by the relay on requests whose id is in its own namespaces (see `RELAY_ID_PREFIXES`).
     "idProof",
+    # The lane: `POST /api/send` routes "high" onto the priority queue. On the queue path the lane
+    # is the queue the request was written to; the field is checked there but moves nothing.
+    "priority",
 }
-# Fields that are not the request's content: its identity, the relay's bookkeeping.
-_NOT_CONTENT = {"id", "attempt", "idProof"}
+# Fields that are not the request's content: its identity, the relay's bookkeeping, its lane (the
+# same mail asked for again in another lane is the same request, not an id-conflict).
+_NOT_CONTENT = {"id", "attempt", "idProof", "priority"}
 # Headers a caller may never set through `headers`, even under an X- name, because the relay owns them.
 _RESERVED_HEADERS = {"x-hve-relay-request-id"}
 
@@ -117,6 +129,11 @@ class MailRequest:
     account: str | None
     category: str
     headers: tuple[tuple[str, str], ...]
+    # The Reply-To header's addresses: not recipients (not in the envelope, counted in no limit).
+    reply_to: tuple[Address, ...] = ()
+    # Epoch seconds of `sendAt`, when the request names one: not sent before, age counted from it.
+    send_at: float | None = None
+    priority: str = "normal"
 
     @property
     def recipients(self) -> tuple[Address, ...]:
@@ -486,6 +503,20 @@ def _check_send_as(doc: Mapping[str, Any], accounts: frozenset[str], chosen: str
             )
 
 
+def check_send_at(request: MailRequest, now: float) -> None:
+    """Refuse (`send-at-too-far`) a request scheduled more than 7 days ahead of the relay's clock:
+    the queue cannot hide it that long. A time in the past is fine (it is sent now)."""
+    if request.send_at is None:
+        return
+    ahead = request.send_at - now
+    if ahead > MAX_SEND_AHEAD_SECONDS:
+        raise RequestRefused(
+            "send-at-too-far",
+            f"sendAt is {ahead / 3600:.1f} hours ahead; at most 7 days (168 hours) ahead, "
+            "the storage queue's longest visibility timeout",
+        )
+
+
 def is_internal(address: Address, internal_domains: Iterable[str]) -> bool:
     return address.domain in internal_domains
 
@@ -542,6 +573,17 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
             "logged and aggregated in clear, so they must not",
         )
 
+    # Where replies go: validated like `to`, but not a recipient (no limit, no domain rule: HVE
+    # never sends to it; replies come from the recipients' own servers).
+    reply_to = _address_list(doc, "replyTo")
+    try:
+        send_at = parse_send_at(doc.get("sendAt"))
+    except BadSendAt as bad:
+        raise RequestRefused("bad-send-at", str(bad)) from None
+    priority = doc.get("priority", "normal")
+    if priority not in PRIORITIES:
+        raise RequestRefused("schema", "priority must be 'high' or 'normal'")
+
     attachments = _attachments(doc)
     if request_id is None and any(a.blob_url for a in attachments):
         raise RequestRefused(
@@ -561,4 +603,7 @@ def validate_request(doc: Mapping[str, Any], policy: ValidationPolicy) -> MailRe
         account=account,
         category=category,
         headers=_custom_headers(doc),
+        reply_to=reply_to,
+        send_at=send_at,
+        priority=priority,
     )

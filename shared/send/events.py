@@ -40,7 +40,14 @@ class EventsNotPublished(Exception):
 class OutcomeEvents:
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
-        self.publisher: Publisher = publisher(relay.settings, relay.storage)
+        self._publisher: Publisher | None = None
+
+    @property
+    def publisher(self) -> Publisher:
+        """The targets, made on first use (a Relay that never publishes opens no credential)."""
+        if self._publisher is None:
+            self._publisher = publisher(self.relay.settings, self.relay.storage)
+        return self._publisher
 
     async def after(self, handled: Handled, dequeue_count: int) -> None:
         """Publish the event of a final row this delivery recorded or found (a duplicate)."""
@@ -76,4 +83,5 @@ class OutcomeEvents:
         self.relay.instruments.events.add(1, {"type": event["type"]})
 
     async def close(self) -> None:
-        await self.publisher.close()
+        if self._publisher is not None:
+            await self._publisher.close()

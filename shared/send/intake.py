@@ -25,6 +25,16 @@ between its claim and the queue, and the next identical POST takes it over (an E
 does) and enqueues. A request without an id gets the queue path's: `c-` + 32 hex digits of the
 SHA-256 of the body, so a client retrying an id-less POST gets the same id, not a second mail.
 
+**Scheduled send.** A request whose `sendAt` is ahead goes on the queue hidden for the time left
+(whole seconds, at most the queue's longest visibility, 7 days less a minute: shared/send/send_at.py),
+so it is not read before it is due; a `sendAt` more than 7 days ahead is refused
+(`send-at-too-far`) as the send stage would. The row holds the time (`SendAt`), and the send stage
+still holds a copy that comes back early (shared/send/hold.py).
+
+**Lanes.** `"priority": "high"` puts the request on the priority queue (MAIL_QUEUE_PRIORITY, its own
+trigger, the same send stage), `"normal"` or none on the mail queue. The lane is not content: the
+same request POSTed again in the other lane is the same request (202, not queued twice).
+
 **Claim check.** A request that does not fit in a queue message goes to CLAIM_CHECK_CONTAINER under
 `requests/http/<id>/` (producer name `http`, shared/send/blobs.py) and the queue gets the stub; the
 row names the blob, so the relay deletes it once the request is final.
@@ -49,6 +59,7 @@ from shared.send.contract import (
     RequestRefused,
     ValidationPolicy,
     check_id_claim,
+    check_send_at,
     content_digest,
     content_request_id,
     decode_queue_body,
@@ -62,6 +73,8 @@ from shared.send.contract import (
 )
 from shared.send.producer import claim_check_blob_name
 from shared.send.replies import mask_addresses
+from shared.send.retry import visibility_for
+from shared.send.send_at import hold_seconds
 
 log = logging.getLogger("hve_relay.intake")
 
@@ -148,9 +161,12 @@ class Intake:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         lease_seconds: float = INTAKE_LEASE_SECONDS,
         wait_seconds: float = WAIT_FOR_QUEUE_SECONDS,
+        priority_queue: Any = None,
     ) -> None:
         self.ledger = ledger
         self.queue = queue
+        # "priority": "high" goes here; without a priority queue (one lane) onto `queue` as well.
+        self.priority_queue = priority_queue if priority_queue is not None else queue
         self.container = container
         self.payloads = payloads
         self.policy = policy
@@ -180,8 +196,9 @@ class Intake:
             full["idProof"] = id_proof(self.key, request_id)
         digest = content_digest(self.key, doc)
         text = queue_text(full)
+        queue = self.priority_queue if request.priority == "high" else self.queue
         try:
-            return await self._claim_and_enqueue(request_id, digest, text, request.category)
+            return await self._claim_and_enqueue(request_id, digest, text, request, queue)
         except AzureError as exc:
             log.warning("POST /api/send %s: storage failed: %s", request_id, type(exc).__name__)
             return error(503, "unavailable", "storage could not be reached; try again", headers={"Retry-After": "5"})
@@ -208,6 +225,7 @@ class Intake:
             check_id_claim(doc, request_id, self.key)
         request = validate_request(doc, self.policy)
         # What the send stage would refuse before reading anything, refused here already.
+        check_send_at(request, self.clock())
         if len(request.attachments) > self.max_attachments:
             raise RequestRefused(
                 "too-many-attachments",
@@ -226,7 +244,9 @@ class Intake:
 
     # --- the claim ------------------------------------------------------------------------------
 
-    async def _claim_and_enqueue(self, request_id: str, digest: str, text: str, category: str) -> Answer:
+    async def _claim_and_enqueue(
+        self, request_id: str, digest: str, text: str, request: MailRequest, queue: Any
+    ) -> Answer:
         blob_url = ""
         if not fits_on_queue(text):
             blob_url = await self._upload(request_id, text)
@@ -236,26 +256,27 @@ class Intake:
             state=RECEIVED,
             first_received=_utc(now),
             updated=_utc(now),
-            category=category,
+            category=request.category,
             chunks_total=0,
             claim_blob=blob_url,
             content_digest=digest,
+            send_at=request.send_at,
         )
         try:
             entry = await self.ledger.save(entry)
         except LedgerConflict:
             if blob_url:
                 await self._delete_blob(blob_url)
-            return await self._taken(request_id, digest, text, category)
-        return await self._enqueue(entry, text)
+            return await self._taken(request_id, digest, text, request, queue)
+        return await self._enqueue(entry, text, queue)
 
-    async def _taken(self, request_id: str, digest: str, text: str, category: str) -> Answer:
+    async def _taken(self, request_id: str, digest: str, text: str, request: MailRequest, queue: Any) -> Answer:
         """The id has a row: this request's (202, or take over a dead POST's claim) or another's (409)."""
         polls = max(1, int(self.wait_seconds / POLL_SECONDS))
         for _ in range(polls):
             current = await self.ledger.get(request_id)
             if current is None:  # a failed POST withdrew its claim a moment ago: claim it now
-                return await self._claim_and_enqueue(request_id, digest, text, category)
+                return await self._claim_and_enqueue(request_id, digest, text, request, queue)
             if current.content_digest and current.content_digest != digest:
                 return error(
                     409,
@@ -272,7 +293,7 @@ class Intake:
                     mine = await self.ledger.save(current.evolve(updated=_utc(self.clock())))
                 except LedgerConflict:
                     continue  # another POST took it over, or the send stage moved it on: look again
-                return await self._enqueue(mine, text)
+                return await self._enqueue(mine, text, queue)
             await self.sleep(POLL_SECONDS)
         return error(
             503,
@@ -281,9 +302,9 @@ class Intake:
             headers={"Retry-After": str(max(1, round(self.lease_seconds)))},
         )
 
-    async def _enqueue(self, entry: LedgerEntry, text: str) -> Answer:
-        """Put the claimed request on the queue (its stub when it has a claim-check blob), then note
-        the queue message in its row."""
+    async def _enqueue(self, entry: LedgerEntry, text: str, queue: Any) -> Answer:
+        """Put the claimed request on its lane's queue (its stub when it has a claim-check blob), then
+        note the queue message in its row."""
         if entry.claim_blob:
             stub: dict[str, Any] = {"id": entry.request_id, "claimCheck": {"blobUrl": entry.claim_blob}}
             if is_relay_id(entry.request_id):
@@ -292,10 +313,12 @@ class Intake:
         elif not fits_on_queue(text):  # taken over from a POST that died before its blob
             entry = entry.evolve(claim_blob=await self._upload(entry.request_id, text))
             entry = await self.ledger.save(entry)
-            return await self._enqueue(entry, text)
+            return await self._enqueue(entry, text, queue)
+        # A sendAt ahead: hidden until then (no jitter; at most the queue's longest visibility).
+        delay = visibility_for(hold_seconds(entry.send_at, self.clock()), jitter_fraction=0.0)
         try:
             # time_to_live=-1: a request must not expire unseen while HVE is throttling.
-            sent = await self.queue.send_message(text, time_to_live=-1)
+            sent = await queue.send_message(text, visibility_timeout=delay or None, time_to_live=-1)
         except AzureError:
             await self._withdraw(entry)
             raise

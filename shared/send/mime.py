@@ -9,8 +9,29 @@ from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime
+from typing import TYPE_CHECKING
 
 from shared.send.contract import Address, MailRequest
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+# RFC 3834: a message sent by a program, not a person; well-behaved auto-responders do not answer it.
+AUTO_SUBMITTED = ("Auto-Submitted", "auto-generated")
+# Exchange's own header: suppress out-of-office, auto-replies, read/delivery receipts and NDRs.
+AUTO_RESPONSE_SUPPRESS = "X-Auto-Response-Suppress"
+SUPPRESS_ALL = (AUTO_RESPONSE_SUPPRESS, "All")
+
+
+def automatic_headers(settings: Settings) -> tuple[tuple[str, str], ...]:
+    """The headers the relay adds to every message, by MAIL_AUTO_SUBMITTED and
+    MAIL_SUPPRESS_AUTO_RESPONSES, so out-of-office replies do not flood the HVE account."""
+    out = []
+    if settings.mail_auto_submitted:
+        out.append(AUTO_SUBMITTED)
+    if settings.mail_suppress_auto_responses:
+        out.append(SUPPRESS_ALL)
+    return tuple(out)
 
 
 def message_id(request_id: str, domain: str, chunk: int = 0, *, key: bytes) -> str:
@@ -39,12 +60,15 @@ def build_message(
     attachments: list[tuple[str, str, bytes]],
     now: datetime | None = None,
     chunk: int = 0,
+    relay_headers: tuple[tuple[str, str], ...] = (),
 ) -> bytes:
     """The RFC 5322 message, CRLF line endings. Bcc never appears in the headers.
 
     `attachments` are (name, content type, bytes), already resolved from inline base64 or blobs.
     `chunk` > 0 marks one of several SMTP transactions of a request with many recipients: each has
     its own Message-ID, or Exchange would drop the later ones as duplicates.
+    `relay_headers` (`automatic_headers`) are added after the request's own; a producer's
+    X-Auto-Response-Suppress gives way to the relay's (`All` covers every flag it could name).
     """
     msg = EmailMessage(policy=SMTP)
     local, domain = account.rsplit("@", 1)
@@ -58,7 +82,13 @@ def build_message(
     msg["Subject"] = request.subject
     msg["Date"] = format_datetime(now or datetime.now(UTC))
     msg["Message-ID"] = message_id(request_id, message_id_domain, chunk, key=message_id_key)
+    if request.reply_to:
+        msg["Reply-To"] = [_header_address(a) for a in request.reply_to]
+    overridden = {name.lower() for name, _ in relay_headers}
     for name, value in request.headers:
+        if name.lower() not in overridden:
+            msg[name] = value
+    for name, value in relay_headers:
         msg[name] = value
 
     if request.text and request.html:

@@ -16,6 +16,7 @@ from shared.ledger import DEAD, REFUSED, LedgerEntry
 from shared.send.contract import (
     MailRequest,
     RequestRefused,
+    check_send_at,
     content_digest,
     is_internal,
     mime_base64_size,
@@ -23,7 +24,7 @@ from shared.send.contract import (
 )
 from shared.send.decode import Decoded, read_full
 from shared.send.ledger_gate import Admitted
-from shared.send.mime import build_message, message_id
+from shared.send.mime import automatic_headers, build_message, message_id
 from shared.send.outcome import Handled, utc
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class Preparer:
 
     async def prepare(self, admitted: Admitted, decoded: Decoded) -> tuple[LedgerEntry, Prepared] | Handled:
         """The request ready to send, and its row annotated (category, recipients, Message-ID,
-        chunks); or the request refused (or dead, past its age limit) and recorded."""
+        chunks, sendAt); or the request refused (or dead, past its age limit) and recorded."""
         r = self.relay
         key = r.settings.recipient_hash_key
         entry, claim = admitted.entry, decoded.claim
@@ -83,6 +84,7 @@ class Preparer:
             external_recipients=len(request.recipients) - internal,
             message_id=message_id(decoded.request_id, r.message_id_domain, key=key),
             chunks_total=max(entry.chunks_total, len(prepared.chunks)),
+            send_at=request.send_at,
         )
         # The clock is read after the downloads: a slot is the moment the message goes, not the
         # moment the handler started.
@@ -98,6 +100,7 @@ class Preparer:
         if full is None:
             full = await read_full(r.payloads, decoded)
         request = validate_request(full, r.policy)
+        check_send_at(request, r.clock())
         attachments = await self._attachments(request, request_id)
         recipients = list(dict.fromkeys(a.addr for a in request.recipients))
         prepared = Prepared(
@@ -172,4 +175,5 @@ class Preparer:
             attachments=prepared.attachments,
             now=utc(now),
             chunk=index,
+            relay_headers=automatic_headers(r.settings),
         )

@@ -176,7 +176,7 @@ class Recorder:
         settings = self.relay.settings
         if count_attempts and entry.attempts >= settings.max_attempts:
             return f"gave up after {entry.attempts} attempts"
-        age = now - entry.first_received.timestamp()
+        age = now - entry.age_from
         if age > settings.max_age_seconds:
             return f"gave up after {age / 3600:.1f} hours"
         return ""

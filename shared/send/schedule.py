@@ -65,7 +65,7 @@ class Slots:
         if isinstance(decision, Refuse):
             return await r.recorder.finish(entry, REFUSED, f"over-limit: {decision.reason}")
         if isinstance(decision, Later):
-            if now + decision.delay - entry.first_received.timestamp() > r.settings.max_age_seconds:
+            if now + decision.delay - entry.age_from > r.settings.max_age_seconds:
                 return await r.recorder.finish(entry, DEAD, f"no send slot before the age limit ({decision.reason})")
             waiting = entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=utc(now))
             delay = await r.recorder.defer(stub, decision.delay, waiting)
@@ -129,7 +129,7 @@ class Slots:
         if isinstance(decision, Impossible):
             return await r.recorder.finish(entry, REFUSED, f"over-limit: {decision.reason}")
         if isinstance(decision, Wait):
-            if decision.until - entry.first_received.timestamp() > r.settings.max_age_seconds:
+            if decision.until - entry.age_from > r.settings.max_age_seconds:
                 return await r.recorder.finish(entry, DEAD, f"no send slot before the age limit ({decision.reason})")
             waiting = entry.evolve(state=DEFERRED, reason=f"waiting: {decision.reason}", updated=utc(now))
             delay = await r.recorder.defer(stub, decision.until - now, waiting)

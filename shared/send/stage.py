@@ -8,6 +8,7 @@ seconds away (the 2024 preview's per-minute windows); every longer wait is a vis
 `Relay.handle` reads as the steps, each in its own module:
 
     decode (decode.py) -> ledger gate (ledger_gate.py) -> prepare (prepare.py)
+      -> hold (hold.py: back on the queue while its sendAt is ahead)
       -> for each chunk: schedule (schedule.py) -> transmit (transmit.py) -> record (record.py)
 
 The Relay holds what they share (settings, clients, clock, the governor, per-process state) and
@@ -36,6 +37,7 @@ from shared.send.blobs import BlobReader
 from shared.send.contract import ValidationPolicy
 from shared.send.decode import PacerTick, Unreadable, decode
 from shared.send.events import OutcomeEvents
+from shared.send.hold import hold_until_due
 from shared.send.ledger_gate import LedgerGate
 from shared.send.outcome import Handled, RelayStats
 from shared.send.pacer import Pacer
@@ -256,6 +258,9 @@ class Relay:
         if isinstance(ready, Handled):  # refused, or past its age
             return ready
         entry, prepared = ready
+        held = await hold_until_due(self, entry, decoded.stub)  # sendAt still ahead: back on the queue until then
+        if held is not None:
+            return held
         return await self._send_chunks(entry, decoded.stub, prepared, claimed=admitted.claimed)
 
     async def _send_chunks(self, entry: LedgerEntry, stub: dict, prepared: Prepared, *, claimed: bool) -> Handled:
