@@ -1,6 +1,6 @@
 """Storage requests per message on the send path, counted from Azurite's own request log.
 
-    .venv/bin/python -m bench.storage_requests [--messages 60] [--profile ga-2026] [--budget 0]
+    .venv/bin/python -m bench.storage_requests [--messages 60] [--profile ga-2026] [--budget 0] [--events]
 
 Requests go on an Azurite queue, `send_mail` runs under the local host (the real trigger path:
 receive, handle, delete) against the HVE emulator over verified TLS, and Azurite logs every
@@ -8,6 +8,8 @@ request it serves (`--debug FILE`). Each logged request is put in a class by its
 path: which table (ledger, recipient index, governor, aggregates), which queue operation. The
 host's own polling (receiving messages) is shown apart and not charged to the relay; the delete
 after a success is charged, as the function's outcome costs it.
+
+`--events` sets EVENTS_QUEUE: each final request also puts its outcome event there (`events queue put`).
 
 Prints one row per class (requests per message) and the total the relay causes per message.
 """
@@ -58,6 +60,8 @@ def classify(service: str, method: str, url: str, names: dict[str, str], agent: 
         return f"{names.get(table, table)} {method}"
     if service == "Queue":
         parts = path.split("/")
+        if parts[0] in names and method == "POST":
+            return f"{names[parts[0]]} put"
         host = agent.startswith(HOST_USER_AGENT)
         if len(parts) == 1:
             if method == "PUT":
@@ -76,7 +80,7 @@ def classify(service: str, method: str, url: str, names: dict[str, str], agent: 
     return f"blob {method}"
 
 
-def run(n: int, profile: str, budget: int) -> tuple[Counter, float]:
+def run(n: int, profile: str, budget: int, events: bool = False) -> tuple[Counter, float]:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "azurite-debug.log"
         with Azurite(debug_log=log) as azurite, EmulatorProcess(Path(tmp)) as emulator:
@@ -90,10 +94,13 @@ def run(n: int, profile: str, budget: int) -> tuple[Counter, float]:
                 "LEDGER_TABLE": f"ledger{tag}", "RECIPIENT_INDEX_TABLE": f"rcpt{tag}", "GOVERNOR_TABLE": f"gov{tag}",
                 "AGGREGATES_TABLE": f"agg{tag}",
                 **({"HVE_DAILY_RECIPIENT_BUDGET": str(budget)} if budget else {}),
+                **({"EVENTS_QUEUE": f"events-{tag}"} if events else {}),
             }
             settings = Settings.from_env(values)
             names = {settings.ledger_table: "ledger", settings.recipient_index_table: "recipient index",
                      settings.governor_table: "governor", settings.aggregates_table: "aggregates"}
+            if events:
+                names[settings.events_queue] = "events queue"
 
             async def enqueue() -> None:
                 storage = StorageClients(settings)
@@ -142,13 +149,15 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=60)
     parser.add_argument("--profile", default="ga-2026")
     parser.add_argument("--budget", type=int, default=0, help="HVE_DAILY_RECIPIENT_BUDGET (0: none)")
+    parser.add_argument("--events", action="store_true", help="EVENTS_QUEUE set: outcome events on")
     args = parser.parse_args()
-    counts, elapsed = run(args.messages, args.profile, args.budget)
+    counts, elapsed = run(args.messages, args.profile, args.budget, args.events)
     n = args.messages
     host_only = {"host receive", "host queue length read"}
     relay_total = sum(v for k, v in counts.items() if k not in host_only and k not in ("table create", "queue create"))
     print(f"storage requests per message, from Azurite's request log: {n} single-recipient internal messages, "
-          f"profile {args.profile}, budget {args.budget or 'none'}, {elapsed:.1f} s under the local host")
+          f"profile {args.profile}, budget {args.budget or 'none'}, events {'on' if args.events else 'off'}, "
+          f"{elapsed:.1f} s under the local host")
     for name, value in sorted(counts.items(), key=lambda kv: -kv[1]):
         note = "  (the host's polling, not charged)" if name in host_only else (
             "  (once per process, not charged)" if name in ("table create", "queue create") else "")

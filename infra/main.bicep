@@ -321,6 +321,17 @@ param deliveryTraceMaxAge string = 'P3D'
 @maxValue(100)
 param deliveryTraceRequestsPer5Min int = 60
 
+// ---------------------------------------------------------------- outcome events (docs/producers.md)
+
+@description('Storage queue (in the app\'s account) that gets an outcome event (CloudEvents 1.0) when a request becomes final or its delivery counts change; empty: none. Consumers need Storage Queue Data Message Processor on it.')
+param eventsQueueName string = ''
+
+@description('Deploy an Event Grid custom topic (modules/events.bicep) that gets the same events, with the app identity as its EventGrid Data Sender.')
+param enableEventGridTopic bool = false
+
+@description('The events\' source is /hve-relay/<this>; empty: the function app\'s name.')
+param eventsSource string = ''
+
 // ---------------------------------------------------------------- names
 
 var abbrs = loadJsonContent('abbreviations.json')
@@ -448,6 +459,24 @@ module rbac 'modules/rbac.bicep' = {
 // identity. In the same deployment Entra has not replicated the new service principal yet and the
 // grant fails ("Not a valid reference update", microsoftgraph/msgraph-bicep-types#193).
 
+// The events queue lives in the app's storage account (the app identity's queue role covers it).
+resource eventsQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = if (!empty(eventsQueueName)) {
+  name: '${abbrs.storageStorageAccounts}${resourceToken}/default/${empty(eventsQueueName) ? 'unused' : eventsQueueName}'
+  dependsOn: [
+    storage
+  ]
+}
+
+module events 'modules/events.bicep' = if (enableEventGridTopic) {
+  name: 'events'
+  params: {
+    location: location
+    tags: tags
+    topicName: '${abbrs.eventGridTopics}${resourceToken}'
+    identityPrincipalId: identity.properties.principalId
+  }
+}
+
 // Every app setting the function app gets, and nothing else (shared/settings.py, scope "app").
 var appSettings = {
   // Functions host storage, identity-based (no connection string, shared keys are off).
@@ -555,6 +584,10 @@ var appSettings = {
   DELIVERY_TRACE_DETAILS_PER_RUN: '10'
   DELIVERY_TRACE_RETRY_AFTER_MAX: 'PT1H'
   DELIVERY_TABLE: deliveryTableName
+  // Outcome events (shared/events.py).
+  EVENTS_QUEUE: eventsQueueName
+  EVENTS_TOPIC_ENDPOINT: enableEventGridTopic ? events.outputs.endpoint : ''
+  EVENTS_SOURCE: eventsSource
 }
 
 // A disabled feature costs nothing: its timer function is disabled (AzureWebJobs.<function>.Disabled),
@@ -642,3 +675,6 @@ output EXCHANGE_MAIL_SEND_GRANTED bool = grantExchangeMailSend
 output GRAPH_MESSAGE_TRACE_GRANTED bool = grantGraphMessageTrace
 output WELCOME_ENABLED bool = welcomeEnabled
 output DELIVERY_TRACE_ENABLED bool = deliveryTraceEnabled
+output EVENTS_QUEUE string = eventsQueueName
+output EVENTS_TOPIC_NAME string = enableEventGridTopic ? events.outputs.name : ''
+

@@ -121,6 +121,14 @@ def _to_row(entry: LedgerEntry) -> dict[str, Any]:
     }
 
 
+def as_stored(entry: LedgerEntry) -> LedgerEntry:
+    """The entry as its row holds it: free text masked and cut as `_to_row` writes it (an entry kept
+    in memory after a write still has HVE's reply as it came, addresses and all)."""
+    return entry.evolve(
+        last_reply=mask_addresses(entry.last_reply)[:_MAX_TEXT], reason=mask_addresses(entry.reason)[:_MAX_TEXT]
+    )
+
+
 def _indices_to_text(indices: tuple[int, ...]) -> str:
     return ",".join(str(i) for i in indices)
 

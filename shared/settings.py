@@ -379,6 +379,33 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "hvedelivery",
         "Table of delivery status: per request the count of recipients in each trace status, per recipient (by recipient hash) its status, and the reconciliation cursors.",
     ),
+    SettingSpec(
+        "EVENTS_QUEUE",
+        "",
+        "Storage queue that gets an outcome event (CloudEvents 1.0 JSON, shared/schema/event.v1.json) when a request becomes final and when its delivery counts change; empty: no queue events.",
+    ),
+    SettingSpec(
+        "EVENTS_TOPIC_ENDPOINT",
+        "",
+        "Event Grid custom topic endpoint (https://<topic>.<region>-1.eventgrid.azure.net/api/events) that gets the same events, published with the app's managed identity (EventGrid Data Sender); empty: none.",
+    ),
+    SettingSpec(
+        "EVENTS_SOURCE",
+        "",
+        "The events' `source` is `/hve-relay/<this>`; empty: the function app's name (WEBSITE_SITE_NAME), `local` without one.",
+    ),
+    SettingSpec(
+        "EVENTS_CA_FILE",
+        "",
+        "Extra CA bundle (PEM) trusted for EVENTS_TOPIC_ENDPOINT, for a local stand-in. Public CAs stay trusted.",
+        "local",
+    ),
+    SettingSpec(
+        "WEBSITE_SITE_NAME",
+        "",
+        "The function app's name, set by the platform (the events' default source).",
+        "platform",
+    ),
 )
 
 _DEFAULTS = {spec.name: spec.default for spec in SETTINGS}
@@ -488,6 +515,12 @@ def _delivery_settings(get, number) -> dict:
     )
 
 
+def _events_endpoint(value: str) -> str:
+    if value and not value.lower().startswith("https://"):
+        raise SettingsError("EVENTS_TOPIC_ENDPOINT must be an https:// URL (the topic endpoint)")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     storage_connection_string: str
@@ -577,6 +610,10 @@ class Settings:
     delivery_details_per_run: int = 10
     delivery_table: str = "hvedelivery"
     delivery_retry_after_max: timedelta = timedelta(hours=1)
+    events_queue: str = ""
+    events_topic_endpoint: str = ""
+    events_source: str = ""
+    events_ca_file: str = ""
     mail_auto_submitted: bool = True
     mail_suppress_auto_responses: bool = True
     priority_queue: str = "outbound-mail-priority"
@@ -744,6 +781,10 @@ class Settings:
             graph_base_url=get("GRAPH_BASE_URL").rstrip("/"),
             graph_dev_token=get("GRAPH_DEV_TOKEN"),
             **_delivery_settings(get, number),
+            events_queue=get("EVENTS_QUEUE"),
+            events_topic_endpoint=_events_endpoint(get("EVENTS_TOPIC_ENDPOINT")),
+            events_source=get("EVENTS_SOURCE") or get("WEBSITE_SITE_NAME"),
+            events_ca_file=get("EVENTS_CA_FILE"),
         )
 
     def require_accounts(self) -> None:

@@ -178,6 +178,14 @@ class Instruments:
             unit="{run}",
             description="Message-trace reconciliations that finished, by result (complete, stopped)",
         )
+        self.events = meter.create_counter(
+            "hve_relay.events", unit="{event}", description="Outcome events published (copies included), by type"
+        )
+        self.events_dropped = meter.create_counter(
+            "hve_relay.events.dropped",
+            unit="{event}",
+            description="Outcome events given up after PUBLISH_ATTEMPTS tries (the events target kept failing), by type",
+        )
 
 
 def flush_metrics(timeout_millis: int = 10_000) -> bool:

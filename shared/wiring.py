@@ -104,6 +104,7 @@ def _on_queue(relay: Relay, queue: Any) -> Relay:
     # One scheduler per process: its health view and the daily budget's block are the process's.
     lane.scheduler = relay.scheduler
     lane.instruments, lane.stats, lane.sleep = relay.instruments, relay.stats, relay.sleep
+    lane.events = relay.events  # one set of events targets per process, closed with the bulk Relay
     return lane
 
 

@@ -3,7 +3,7 @@
     triggers (function_app.py) -> shared/wiring.py -> stages -> adapters
 
 Stages: send, governor, hve, delivery, welcome, reporting (folders) and retention (a top-level job).
-Adapters: settings, storage, ledger, graph, telemetry.
+Adapters: settings, storage, ledger, graph, telemetry, events.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / "shared"
 
 STAGES = {"send", "governor", "hve", "delivery", "welcome", "reporting", "retention"}
-ADAPTERS = {"settings", "storage", "ledger", "graph", "telemetry"}
+ADAPTERS = {"settings", "storage", "ledger", "graph", "telemetry", "events"}
 WIRING = "shared.wiring"
 # A stage's entry module: what the wiring calls. No other stage imports it (reporting must not reach
 # the governor through the send stage's Relay, for one).

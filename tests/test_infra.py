@@ -1147,3 +1147,31 @@ def test_deploy_script_passes_shellcheck():
         pytest.skip("shellcheck is not installed (apt-get install -y shellcheck); tools/iac_check.sh runs it too")
     subprocess.run(["shellcheck", str(INFRA / "deploy.sh"), str(ROOT / "tools" / "iac_check.sh")],
                    check=True, timeout=60)
+
+
+# ------------------------------------------------------------------ outcome events (modules/events.bicep)
+
+
+def test_the_event_grid_topic_and_its_sender_role_come_only_with_the_flag(bicep):
+    module = _module_for(bicep, "modules/events.bicep")
+    assert _condition(module["config"]) == "enableEventGridTopic"
+    params = _body(module["config"])["params"]
+    assert _accessor_path(params["identityPrincipalId"]) == ["identity", "properties", "principalId"]
+    main = bicep["main.bicep"]
+    assert evaluate("enableEventGridTopic", main) is False and evaluate("eventsQueueName", main) == ""
+    settings = _app_settings(bicep)
+    assert settings["EVENTS_QUEUE"] == "eventsQueueName" and settings["EVENTS_SOURCE"] == "eventsSource"
+    endpoint = json.dumps(settings["EVENTS_TOPIC_ENDPOINT"])
+    assert "enableEventGridTopic" in endpoint and "endpoint" in endpoint, endpoint
+
+    doc = bicep["modules/events.bicep"]
+    (topic,) = _resources(doc, "Microsoft.EventGrid/topics").values()
+    props = _body(topic["config"])["properties"]
+    assert props["inputSchema"] == "CloudEventSchemaV1_0" and props["disableLocalAuth"] is True
+    (role,) = _resources(doc, "Microsoft.Authorization/roleAssignments").values()
+    body = _body(role["config"])
+    assert _condition(role["config"]) is None and body["scope"] == "topic"
+    assert body["properties"]["principalId"] == "identityPrincipalId"
+    assert body["properties"]["principalType"] == "ServicePrincipal"
+    role_fn = body["properties"]["roleDefinitionId"]["function"]
+    assert evaluate(role_fn["parameters"]["resource_name_1"], doc) == "d5a91429-5739-47e2-a06b-3470a27159e7"  # EventGrid Data Sender

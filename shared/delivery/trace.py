@@ -35,6 +35,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError
 
+from shared.delivery.events import DeliveryEvents
 from shared.delivery.policy import (
     DETAIL_STATUSES,
     OPEN_STATUSES,
@@ -425,6 +426,7 @@ class Reconciler:
         instruments: Any = None,
         sent_hours: SentHours | None = None,
         on_window: Callable[[], Awaitable[None]] | None = None,
+        events: DeliveryEvents | None = None,
     ) -> None:
         self.settings = settings
         self.cfg = trace_config(settings)
@@ -440,6 +442,9 @@ class Reconciler:
         # Called after a window's rows are committed and before its cursor is saved: whatever the
         # deltas feed (the aggregates) is written before the run moves past the rows they describe.
         self.on_window = on_window
+        # Delivery events (EVENTS_QUEUE, EVENTS_TOPIC_ENDPOINT; shared/delivery/events.py): published
+        # after the counts are committed, before the cursor moves past their window.
+        self.events = events
 
     async def run(self, *, dry_run: bool = False) -> RunTally:
         tally = RunTally()
@@ -484,6 +489,10 @@ class Reconciler:
                         raise
                     fullest = max(fullest, tally.requests - before)
                     await self._apply(pending, tally)
+                    if self.events is not None and self.events.take_failures():
+                        raise _Stop(
+                            "error: the events target did not take delivery events; the next run reads the window again"
+                        )
                     details.update(pending.detail_targets)
                     if pending.oldest_open is not None:
                         oldest_open = min(oldest_open or pending.oldest_open, pending.oldest_open)
@@ -645,6 +654,8 @@ class Reconciler:
             chunks = {c: counts(v) for c, v in sorted(by_chunk.items(), key=lambda kv: int(kv[0]))}
             delta = count_delta(old_counts, new_counts)
             if not changed and summary is not None and not delta:
+                if self.events is not None:  # a version a run committed but did not get published
+                    await self.events.publish_pending(summary)
                 return False
             seq = int(summary.get("Seq", 0)) + (1 if delta else 0) if summary else 1
             now = datetime.now(UTC)
@@ -662,6 +673,7 @@ class Reconciler:
                 "Open": bool(open_times),
                 "Seq": seq,
                 "Updated": now,
+                **(self.events.carried(summary) if self.events is not None else {}),
             }
             if open_times:
                 summary_row["OldestOpen"] = min(open_times)
@@ -686,6 +698,8 @@ class Reconciler:
                 )
             except (ResourceExistsError, ResourceModifiedError):
                 continue  # another run committed first: read again, the delta is against its counts
+            if self.events is not None:
+                await self.events.publish_pending(summary_row)
             if delta:
                 self._count(request.account, delta)
                 await self.on_delta(
@@ -801,24 +815,37 @@ async def reconcile(
         if aggregates.unwritten():
             raise _Stop("error: the aggregates table could not be written; the next run goes on from this window")
 
+    from shared.ledger import Ledger
+
+    events: DeliveryEvents | None = None
     try:
+        ledger_table = await storage.table(settings.ledger_table)
+        index_table = await storage.table(settings.recipient_index_table)
+        delivery_table = await storage.table(settings.delivery_table)
+        instruments = Instruments()
+        if not dry_run:
+            ledger = Ledger(ledger_table, index_table, settings.recipient_hash_key)
+            events = DeliveryEvents.of(settings, storage, ledger, delivery_table, instruments)
         reconciler = Reconciler(
             settings,
             client,
-            DeliveryStore(await storage.table(settings.delivery_table), settings.recipient_hash_key),
-            await storage.table(settings.ledger_table),
-            await storage.table(settings.recipient_index_table),
+            DeliveryStore(delivery_table, settings.recipient_hash_key),
+            ledger_table,
+            index_table,
             on_delta=on_delta if dry_run else counted,
             clock=clock,
-            instruments=Instruments(),
+            instruments=instruments,
             sent_hours=SentHours(aggregates_table, clock, settings.aggregates_rollup_after_seconds),
             on_window=None if dry_run else window_written,
+            events=events,
         )
         try:
             return await reconciler.run(dry_run=dry_run)
         finally:
             await aggregates.flush()
     finally:
+        if events is not None:
+            await events.close()
         if own_graph:
             await client.close()
         if own_storage:

@@ -118,7 +118,8 @@ class LedgerGate:
         if entry is not None and entry.state in FINAL_STATES:
             if claim is not None:  # a copy of ours that came back after the clean-up
                 await RelayBlobs.of(r.storage, r.settings).delete_copy(request_id, claim.blob_url, logger=log)
-            return Handled(request_id, "duplicate", f"already {entry.state}", entry.account, entry.last_code)
+            # (Its event is published again: this may be the delivery of one that died before.)
+            return Handled(request_id, "duplicate", f"already {entry.state}", entry.account, entry.last_code, row=entry)
         if entry is not None and entry.state == SENDING and not claimed:
             lease_left = entry.updated.timestamp() + r.settings.sending_lease_seconds - received
             if lease_left > 0:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+
+from shared.ledger import LedgerEntry
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,8 @@ class Handled:
     account: str = ""
     code: int = 0
     delay_seconds: int = 0
+    # The ledger row as it stands when it is final (recorded or found by this delivery): its event.
+    row: LedgerEntry | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

@@ -71,15 +71,15 @@ class Recorder:
 
     async def finish(self, entry: LedgerEntry, state: str, reason: str) -> Handled:
         entry = entry.evolve(state=state, reason=reason, updated=utc(self.relay.clock()))
-        await self.save(entry)
+        row = (await self.save(entry)).entry
         if state in FINAL_STATES:
             await self.delete_claim_check(entry)
-        return Handled(entry.request_id, state, reason, entry.account, entry.last_code)
+        return Handled(entry.request_id, state, reason, entry.account, entry.last_code, row=row)
 
     async def finished(self, entry: LedgerEntry) -> Handled:
         """A request whose final row is written (and counted) already: its blobs deleted."""
         await self.delete_claim_check(entry)
-        return Handled(entry.request_id, entry.state, entry.reason, entry.account, entry.last_code)
+        return Handled(entry.request_id, entry.state, entry.reason, entry.account, entry.last_code, row=entry)
 
     async def refuse_unread(self, queue_message_id: str, refusal: RequestRefused, now: float) -> Handled:
         """A message that cannot even be read is recorded under its queue message id and set aside."""
@@ -91,8 +91,8 @@ class Recorder:
             reason=f"{refusal.reason}: {refusal.detail}",
             queue_message_id=queue_message_id,
         )
-        await self.save(entry)  # a second delivery finds the row final: counted once
-        return Handled(queue_message_id, REFUSED, entry.reason)
+        row = (await self.save(entry)).entry  # a second delivery finds the row final: counted once
+        return Handled(queue_message_id, REFUSED, entry.reason, row=row)
 
     async def transaction(self, sent: Transmitted, stub: dict, prepared: Prepared, index: int) -> LedgerEntry | Handled:
         """What one SMTP transaction changed: progress (or the final row), the chunk's row, the
@@ -133,7 +133,12 @@ class Recorder:
         await r.ledger.index_recipients(done.evolve(state=SENT), sent.accepted)
         if finished_by_other:
             return Handled(
-                done.request_id, "duplicate", f"already {done.state} by another delivery", sent.account, verdict.code
+                done.request_id,
+                "duplicate",
+                f"already {done.state} by another delivery",
+                sent.account,
+                verdict.code,
+                row=done,
             )
         return done
 

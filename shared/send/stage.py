@@ -36,6 +36,7 @@ from shared.reporting.aggregates import Aggregates
 from shared.send.blobs import BlobReader
 from shared.send.contract import ValidationPolicy
 from shared.send.decode import PacerTick, Unreadable, decode
+from shared.send.events import OutcomeEvents
 from shared.send.hold import hold_until_due
 from shared.send.ledger_gate import LedgerGate
 from shared.send.outcome import Handled, RelayStats
@@ -126,6 +127,7 @@ class Relay:
         self.transmit = Transmit(self)
         self.recorder = Recorder(self)
         self.pacer = Pacer(self)
+        self.events = OutcomeEvents(self)  # after record: the outcome event, before the message goes
 
     @classmethod
     async def create(
@@ -207,6 +209,7 @@ class Relay:
     async def close(self) -> None:
         if self.aggregates is not None:
             await self.aggregates.close()
+        await self.events.close()
         await self.smtp.close()
         await self.storage.close()
         for close in self.closers:
@@ -238,6 +241,7 @@ class Relay:
                 f" via {handled.account}" if handled.account else "",
                 f" ({mask_addresses(handled.reason)})" if handled.reason else "",
             )
+            await self.events.after(handled, dequeue_count)  # raises: the message must come back
             return handled
 
     async def _handle(self, body: bytes | str, queue_message_id: str) -> Handled:
