@@ -5,6 +5,7 @@ the way the real Functions host plays it.
     .venv/bin/python -m bench.simulate --polling 60 --instances 4
     .venv/bin/python -m bench.simulate --accounts 4 --external 400 --internal 400
     .venv/bin/python -m bench.simulate --budget               # ga-2026 with a daily recipient budget
+    .venv/bin/python -m bench.simulate --scheduler bookings --scheduler next-free   # issue 20: both, side by side
 
 Real parts: the send stage (`Relay.handle`, one Relay per host instance, as each instance is its
 own process), the governor and ledger tables in Azurite, pooled SMTP over verified TLS to the HVE
@@ -103,6 +104,10 @@ class HostModel:
     batch_size: int = 16
     new_batch_threshold: int = 8
     handler_seconds: tuple[float, float] = (0.02, 0.3)
+    # The preview's pacing: "bookings" (the governor's acquire, as deployed) or "next-free" (the
+    # issue-20 experiment, bench/next_free.py), with its jitter.
+    scheduler: str = "bookings"
+    jitter_seconds: float = 2.0
 
 
 @dataclass
@@ -132,6 +137,7 @@ class SimResult:
     polls: int
     wall_seconds: float
     sent_per_day: dict[int, int] = field(default_factory=dict)
+    deferrals: int = 0  # next-free: deferrals to an opening (re-deferrals are in late_rebooked)
 
     @property
     def makespan_ratio(self) -> float:
@@ -177,6 +183,12 @@ async def _run(connection_string: str, emulator: HveEmulator, accounts: dict[str
     for _ in range(host.instances):
         relay = await Relay.create(settings, clock=clock)
         relay.queue = queue  # visibility delays on the virtual clock instead of Azurite's wall clock
+        if host.scheduler == "next-free":
+            from bench.next_free import install
+
+            install(relay, host.jitter_seconds)
+        elif host.scheduler != "bookings":
+            raise ValueError(f"unknown scheduler {host.scheduler!r}")
         instances.append(_Instance(relay))
     for request in requests:
         queue.put(json.dumps(request))
@@ -290,11 +302,12 @@ def simulate(*, accounts: int = 20, external: int = 10_000, internal: int = 10_0
             relays, handled, last_sent, per_day, polls = await _run(
                 az.connection_string, emulator, account_passwords, clock, requests, overrides, host, random.Random(seed))
             figures = (sum(r.governor.round_trips for r in relays), sum(r.governor.conflicts for r in relays),
-                       sum(r.stats.late for r in relays), sum(r.stats.late_rebooked for r in relays))
+                       sum(r.stats.late for r in relays), sum(r.stats.late_rebooked for r in relays),
+                       sum(getattr(r.slots, "deferrals", 0) for r in relays))
             for relay in relays:
                 await relay.close()
             return handled, last_sent, per_day, polls, figures
-        handled, last_sent, per_day, polls, (round_trips, conflicts, late, rebooked) = asyncio.run(main())
+        handled, last_sent, per_day, polls, (round_trips, conflicts, late, rebooked, deferrals) = asyncio.run(main())
         replies = emulator.stats()["replies"]
     outcomes: dict[str, int] = {}
     for h in handled:
@@ -306,19 +319,21 @@ def simulate(*, accounts: int = 20, external: int = 10_000, internal: int = 10_0
         makespan_seconds=last_sent - start, theoretical_seconds=theoretical_minimum(external, accounts, per_minute),
         invocations=len(handled), governor_round_trips=round_trips, governor_conflicts=conflicts, late=late, late_rebooked=rebooked, polls=polls,
         wall_seconds=time.perf_counter() - wall, sent_per_day={day: n for day, n in sorted(per_day.items())},
+        deferrals=deferrals,
     )
 
 
 def table_row(r: SimResult) -> str:
-    return (f"| {r.host.max_polling_interval:g} s | {r.host.instances} | {r.sent} | "
+    return (f"| {r.host.scheduler} | {r.host.max_polling_interval:g} s | {r.host.instances} | {r.sent} | "
             f"{sum(r.throttle_replies.values())} | {r.makespan_seconds:.0f} s / {r.theoretical_seconds:.0f} s = "
             f"{r.makespan_ratio:.3f} (target {r.target_seconds:.0f} s) | {r.rebookings_per_message:.4f} | "
-            f"{r.round_trips_per_message:.2f} | {r.wall_seconds:.0f} s |")
+            f"{r.round_trips_per_message:.2f} | {r.invocations / max(1, r.sent):.2f} | {r.wall_seconds:.0f} s |")
 
 
-TABLE_HEADER = ("| maxPollingInterval | instances | sent | throttling replies | makespan / minimum | "
-                "lateness re-bookings per message | governor round trips per message | wall |\n"
-                "|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = ("| pacing | maxPollingInterval | instances | sent | throttling replies | makespan / minimum | "
+                "re-bookings (bookings: late; next-free: re-deferrals) per message | governor round trips per message | "
+                "handler runs per message | wall |\n"
+                "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:
@@ -329,6 +344,9 @@ def main() -> None:
     parser.add_argument("--polling", type=float, action="append", help="maxPollingInterval in seconds (repeatable; default 2 and 60)")
     parser.add_argument("--instances", type=int, action="append", help="host instances (repeatable; default 1 and 4)")
     parser.add_argument("--budget", action="store_true", help="ga-2026 with a daily recipient budget instead")
+    parser.add_argument("--scheduler", action="append", choices=["bookings", "next-free"],
+                        help="the preview's pacing (repeatable; default bookings): next-free is bench/next_free.py")
+    parser.add_argument("--jitter", type=float, default=2.0, help="next-free: seconds of jitter after an opening")
     args = parser.parse_args()
     if args.budget:
         # 23:00 UTC: the budget runs out before midnight and sending resumes in the next window.
@@ -344,9 +362,11 @@ def main() -> None:
     print(TABLE_HEADER, flush=True)
     for polling in args.polling or [2.0, 60.0]:
         for instances in args.instances or [1, 4]:
-            result = simulate(accounts=args.accounts, external=args.external, internal=args.internal,
-                              host=HostModel(instances=instances, max_polling_interval=polling))
-            print(table_row(result), flush=True)
+            for scheduler in args.scheduler or ["bookings"]:
+                result = simulate(accounts=args.accounts, external=args.external, internal=args.internal,
+                                  host=HostModel(instances=instances, max_polling_interval=polling,
+                                                 scheduler=scheduler, jitter_seconds=args.jitter))
+                print(table_row(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -45,3 +45,16 @@ def test_bookings_that_all_come_back_seconds_late_are_still_sent_without_a_livel
     # woke at their slot, each missed it once: 0.36-0.6 re-bookings per message, 316 s.)
     assert result.rebookings_per_message <= 0.05
     assert result.makespan_seconds <= 1.25 * result.theoretical_seconds
+
+
+def test_the_next_free_experiment_still_runs_and_shows_its_crowd_at_each_opening(azurite):
+    # The issue-20 alternative (bench/next_free.py, docs/governor.md "Bookings or next-free time"),
+    # kept runnable for the comparison: no bookings, a request that does not fit waits on the queue
+    # for the next opening. HVE never says no; but every request deferred to an opening comes back
+    # there with all the others, only a window's worth fit, and the rest are deferred again.
+    result = simulate(accounts=2, external=60, internal=20, profile="preview-2024", azurite=azurite,
+                      host=HostModel(instances=1, max_polling_interval=2.0, scheduler="next-free"))
+    assert result.sent == 80 and result.throttle_replies == {}
+    assert result.deferrals >= 40                  # 20 a minute fit; 40 wait for the next openings
+    assert result.late_rebooked > 0                # re-deferrals: the crowd at the opening
+    assert result.makespan_seconds <= result.theoretical_seconds + 3 * 2 + 2 + 3 + 10

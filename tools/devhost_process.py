@@ -28,8 +28,10 @@ class HostProcess:
 
     def __init__(self, workdir: Path, settings: Mapping[str, str], *, host_json: Mapping[str, Any],
                  lease_seconds: float | None = None, log_level: str = "WARNING", functions: str = "send_mail",
-                 http_port: int | None = None, env: Mapping[str, str] | None = None) -> None:
+                 http_port: int | None = None, env: Mapping[str, str] | None = None,
+                 app: str = "function_app") -> None:
         self.workdir = workdir
+        self.app = app  # the function app module (bench/next_free_app.py: the issue-20 experiment)
         workdir.mkdir(parents=True, exist_ok=True)
         self.lease_seconds = lease_seconds  # None: the host's own default (10 minutes, like Azure)
         self.log_level = log_level
@@ -53,7 +55,7 @@ class HostProcess:
         # Only this run's settings: nothing from the caller's environment may override them.
         env = {k: v for k, v in os.environ.items() if k not in {s.name for s in SETTINGS}} | self.env
         http = ["--no-http"] if self.http_port is None else ["--http-port", str(self.http_port)]
-        args = [sys.executable, "-m", "tools.devhost", "--app", "function_app", "--settings", str(self.settings_file),
+        args = [sys.executable, "-m", "tools.devhost", "--app", self.app, "--settings", str(self.settings_file),
                 "--host-json", str(self.host_json), *http, "--functions", self.functions,
                 "--log-level", self.log_level]
         if self.lease_seconds is not None:
