@@ -14,7 +14,7 @@
    process) and prints the median time, the requests, and the 7 d / 24 h ratios.
 
 The ledger is not read at all: its size cannot change these numbers (the Table requests per table
-are printed to show it). Target (issue 11): under 1 s and under 200 Table requests for 7 days.
+are printed to show it). Target: under 1 s and under 200 Table requests for 7 days.
 """
 
 from __future__ import annotations

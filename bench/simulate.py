@@ -5,7 +5,7 @@ the way the real Functions host plays it.
     .venv/bin/python -m bench.simulate --polling 60 --instances 4
     .venv/bin/python -m bench.simulate --accounts 4 --external 400 --internal 400
     .venv/bin/python -m bench.simulate --budget               # ga-2026 with a daily recipient budget
-    .venv/bin/python -m bench.simulate --scheduler bookings --scheduler next-free   # issue 20: both, side by side
+    .venv/bin/python -m bench.simulate --scheduler bookings --scheduler next-free   # both, side by side
 
 Real parts: the send stage (`Relay.handle`, one Relay per host instance, as each instance is its
 own process), the governor and ledger tables in Azurite, pooled SMTP over verified TLS to the HVE
@@ -105,7 +105,7 @@ class HostModel:
     new_batch_threshold: int = 8
     handler_seconds: tuple[float, float] = (0.02, 0.3)
     # The preview's pacing: "bookings" (the governor's acquire, as deployed) or "next-free" (the
-    # issue-20 experiment, bench/next_free.py), with its jitter.
+    # the next-free experiment, bench/next_free.py), with its jitter.
     scheduler: str = "bookings"
     jitter_seconds: float = 2.0
 

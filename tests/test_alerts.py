@@ -208,7 +208,7 @@ def _queries(bicep) -> dict[str, str]:
 
 def test_every_query_reads_exactly_its_metric_and_only_recorded_dimensions(bicep, emitted):
     queries = _queries(bicep)
-    assert set(queries) == set(RULE_METRICS), "one rule per alert of issue 23"
+    assert set(queries) == set(RULE_METRICS), "one rule per documented alert"
     read = set()
     for rule, kql in queries.items():
         names = set(re.findall(r'\bname\s*==\s*"([^"]+)"', kql))

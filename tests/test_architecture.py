@@ -151,7 +151,7 @@ def test_the_checker_sees_relative_lazy_and_from_package_imports():
     assert {"shared.send.stage", "shared.governor.table", "shared.wiring"} <= imports_of(source, "shared.send")
 
 
-# --- issue 20, item 2: the send stage reads as its steps ------------------------------------------
+# --- the send stage reads as its steps ---------------------------------------------------------
 
 SEND_STEPS = ["stage", "decode", "ledger_gate", "prepare", "hold", "schedule", "transmit", "record", "pacer", "outcome"]
 

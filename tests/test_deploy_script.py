@@ -301,7 +301,7 @@ def test_a_redeploy_of_an_existing_grant_is_skipped_not_conflicted(repo, tmp_pat
 
 
 def test_the_message_trace_grant_is_deployed_once_with_the_tenant_prerequisite_in_the_next_steps(repo, tmp_path):
-    """Delivery confirmation (issue 10): ExchangeMessageTrace.Read.All through graph.bicep, and the
+    """Delivery confirmation: ExchangeMessageTrace.Read.All through graph.bicep, and the
     service principal 8bd644d1-... named in the next steps."""
     deployer = Deployer(repo, tmp_path / "azure", {"group": {"location": "swedencentral"}})
     first = deployer.run("--skip-app", "--set", "grantGraphMessageTrace=true", env=PASSWORDS)

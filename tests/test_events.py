@@ -1,4 +1,4 @@
-"""Outcome events (issue 21, item 3): CloudEvents on EVENTS_QUEUE and an Event Grid topic when a request
+"""Outcome events: CloudEvents on EVENTS_QUEUE and an Event Grid topic when a request
 becomes final and when its delivery counts change; at least once, never lost on a crash between the
 ledger write and the publish, the same id on every copy.
 

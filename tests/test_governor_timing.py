@@ -320,7 +320,7 @@ def test_throttling_at_rcpt_cools_the_account_like_throttling_at_data(storage, e
     assert state.cooldown_until > time.time() and "4.5.104" in state.last_problem
 
 
-# --- issue 9, item 5: chunk progress is durable ---------------------------------------------------
+# --- chunk progress is durable ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["paced", "plain"])
 def test_a_failed_governor_call_between_chunks_never_sends_a_chunk_again(storage, emulator, path):

@@ -32,7 +32,7 @@ def as_bytes(doc) -> bytes:
     return json.dumps(doc).encode()
 
 
-# The payloads of issue 9, item 3: each used to raise instead of being refused.
+# Hostile payloads: each used to raise instead of being refused.
 HOSTILE = {
     "nested-5000": (b'{"to": "a@contoso.com", "text": "x", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "malformed"),
     "bare-nest-5000": (b"[" * 5000, "malformed"),

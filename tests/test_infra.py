@@ -619,7 +619,7 @@ def test_app_runs_as_the_user_assigned_identity(bicep):
 
 # ------------------------------------------------------------------ producers' roles
 
-# What a producer gets (issue 21): the built-in roles, by id.
+# What a producer gets: the built-in roles, by id.
 QUEUE_MESSAGE_SENDER = "c6a89b2d-59bc-44d0-9896-0f6e12d7b80a"  # Storage Queue Data Message Sender
 BLOB_DATA_CONTRIBUTOR = "ba92f5b4-2d11-453d-a403-e96b0029c9fe"  # Storage Blob Data Contributor
 # Every data action of Storage Blob Data Contributor but move/action (a rename, hierarchical namespace only:

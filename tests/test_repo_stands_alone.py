@@ -51,3 +51,17 @@ def test_every_facts_reference_names_a_file_in_docs():
                     hits.append(f"{path.relative_to(ROOT)}:{number}: {name}")
     assert not hits, "facts files that do not exist in docs/:\n" + "\n".join(hits)
     assert (ROOT / "docs" / "hve-facts.md").is_file() and (ROOT / "docs" / "functions-host-facts.md").is_file()
+
+
+def test_no_file_refers_to_the_projects_issue_tracker():
+    """Code, tests and docs say what and why in their own words, not "see issue 9" (a clone has no
+    tracker). Upstream projects' issues (`owner/repo#123`) are public references and stay."""
+    tracker = re.compile(r"\b[Ii]ssues?[- ]\d+")
+    hits = []
+    for path in _tracked_text_files():
+        if path == Path(__file__).resolve():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if tracker.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
+    assert not hits, "references to the issue tracker:\n" + "\n".join(hits)

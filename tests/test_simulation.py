@@ -48,7 +48,7 @@ def test_bookings_that_all_come_back_seconds_late_are_still_sent_without_a_livel
 
 
 def test_the_next_free_experiment_still_runs_and_shows_its_crowd_at_each_opening(azurite):
-    # The issue-20 alternative (bench/next_free.py, docs/governor.md "Bookings or next-free time"),
+    # The next-free alternative (bench/next_free.py, docs/governor.md "Bookings or next-free time"),
     # kept runnable for the comparison: no bookings, a request that does not fit waits on the queue
     # for the next opening. HVE never says no; but every request deferred to an opening comes back
     # there with all the others, only a window's worth fit, and the rest are deferred again.

@@ -31,7 +31,7 @@ class HostProcess:
                  http_port: int | None = None, env: Mapping[str, str] | None = None,
                  app: str = "function_app") -> None:
         self.workdir = workdir
-        self.app = app  # the function app module (bench/next_free_app.py: the issue-20 experiment)
+        self.app = app  # the function app module (bench/next_free_app.py: the next-free experiment)
         workdir.mkdir(parents=True, exist_ok=True)
         self.lease_seconds = lease_seconds  # None: the host's own default (10 minutes, like Azure)
         self.log_level = log_level

@@ -356,7 +356,7 @@ class Aggregates:
             self.add(at, account, category, seen, {name[len("codes.") :]: at for name in seen})
 
     async def add_delivery(self, at: datetime | float, account: str, category: str, deltas: Mapping[str, int]) -> None:
-        """Message-trace statuses (issue 10): add `deltas` (may be negative, e.g. pending -1,
+        """Message-trace statuses: add `deltas` (may be negative, e.g. pending -1,
         delivered +1) to `delivery.<status>`; written by the next flush (or `flush()`)."""
         unknown = set(deltas) - DELIVERY_STATUSES
         if unknown:
