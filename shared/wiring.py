@@ -74,7 +74,7 @@ async def get_lane(lane: str = BULK) -> Relay:
     the stage puts deferred copies (and pacers) back on `relay.queue`, so the lane has its own queue
     and, with it, its own backlog readings and pacer chain; everything else is the bulk Relay's own
     objects: governor, scheduler (health reads, budget blocks), SMTP pool, ledger, aggregates,
-    counters. Only the bulk Relay is closed (`close_relays`): the lane owns nothing of its own."""
+    suppression list, counters. Only the bulk Relay is closed (`close_relays`): the lane owns nothing of its own."""
     relay = await get_relay()
     if lane == BULK:
         return relay
@@ -100,6 +100,7 @@ def _on_queue(relay: Relay, queue: Any) -> Relay:
         clock=relay.clock,
         rng=relay.rng,
         aggregates=relay.aggregates,
+        suppressions=relay.suppressions,  # one suppression list (and its snapshot) per process
     )
     # One scheduler per process: its health view and the daily budget's block are the process's.
     lane.scheduler = relay.scheduler
@@ -217,6 +218,15 @@ async def request_status_response(request_id: str) -> tuple[int, str]:
     )
     summary = await delivery.summary(request_id)
     return 200, json.dumps(request_view(entry, summary), separators=(",", ":"))
+
+
+async def suppression_response(action: str, body: bytes) -> tuple[int, str]:
+    """(HTTP status, JSON body) of `POST /api/suppressions/check` and `/remove` (body `{"address": ...}`)."""
+    from shared.send.suppression import admin_answer
+
+    relay = await get_relay()
+    status, doc = await admin_answer(relay.suppressions, action, body)
+    return status, json.dumps(doc, separators=(",", ":"))
 
 
 def dashboard_page() -> Any:

@@ -26,6 +26,7 @@ from shared.send.decode import Decoded, read_full
 from shared.send.ledger_gate import Admitted
 from shared.send.mime import automatic_headers, build_message, message_id
 from shared.send.outcome import Handled, utc
+from shared.send.suppression import all_suppressed
 
 if TYPE_CHECKING:
     from shared.send.stage import Relay
@@ -43,8 +44,8 @@ class Prepared:
 
 def envelope_of(entry: LedgerEntry, prepared: Prepared, index: int, limits: Limits) -> list[int] | None:
     """Recipient indices of transaction `index`: a planned chunk, then follow-ups for the
-    recipients HVE deferred at RCPT; None when nothing is left to send."""
-    refused = set(entry.refused_recipients)
+    recipients HVE deferred at RCPT; None when nothing is left to send. Suppressed recipients are left out."""
+    refused = set(entry.refused_recipients) | set(entry.suppressed_recipients)
     if index < len(prepared.chunks):
         return [i for i in prepared.chunks[index] if i not in refused]
     pending = [i for i in entry.pending_recipients if i not in refused]
@@ -91,6 +92,10 @@ class Preparer:
         expired = r.recorder.expired(entry, r.clock())
         if expired:
             return await r.recorder.finish(entry, DEAD, expired)
+        if r.suppressions is not None:  # one batched lookup (shared/send/suppression.py)
+            entry = await r.suppressions.skip(entry, prepared.recipients, prepared.chunks, r.policy.internal_domains)
+            if len(entry.suppressed_recipients) >= len(prepared.recipients):
+                return await r.recorder.finish(entry, REFUSED, all_suppressed(len(prepared.recipients)))
         return entry, prepared
 
     async def _read(self, decoded: Decoded, full: dict[str, Any] | None) -> Prepared:
