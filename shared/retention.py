@@ -10,6 +10,8 @@ What is deleted, each counted from its row's last update:
 - delivery-status rows (`Updated`): per request counts and per recipient-hash statuses;
 - aggregate rows (the report's hourly counters and daily rollups) of UTC days that ended before
   the retention period began;
+- suppression-list rows (shared/send/suppression.py) past their `Expires` (SUPPRESSION_DAYS after the
+  recipient's last permanent failure, at most LEDGER_RETENTION_DAYS): ignored already, deleted here;
 - blobs under the relay's own prefixes (shared/send/relay_blobs.py: claim-check requests, deferred
   copies) last modified before it; never anything else in the container (attachments).
 
