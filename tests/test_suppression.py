@@ -461,3 +461,33 @@ def test_no_address_in_the_suppression_table_or_the_logs(storage, emulator):
     logged = "\n".join(handler.lines).lower()
     assert "suppressed until" in logged  # the suppression was logged, by reason and source
     assert [n for n in needles if n in logged] == []
+
+
+# --- a request held for its sendAt is looked up when it is due, not when it is held ------------------------
+
+
+def test_a_scheduled_request_is_looked_up_when_due_so_a_suppression_lifted_meanwhile_does_not_refuse_it(
+        storage, emulator):
+    settings = relay_settings(storage, emulator)
+    due = datetime.now(UTC) + timedelta(seconds=3)
+
+    async def main():
+        relay = await Relay.create(settings)
+        try:
+            assert relay.suppressions is not None
+            await relay.suppressions.add(GONE, "admin", "admin")
+            await enqueue(relay, mail("later", [GONE], sendAt=due.strftime("%Y-%m-%dT%H:%M:%SZ")))
+            held = []
+            async for msg in relay.queue.receive_messages(messages_per_page=1, visibility_timeout=60):
+                held.append(await relay.handle(msg.content, msg.id, msg.dequeue_count))
+                await relay.queue.delete_message(msg)
+                break
+            await relay.suppressions.remove(GONE)  # lifted before it is due
+            return held, await drain(relay)
+        finally:
+            await relay.close()
+
+    held, rest = run(main())
+    assert [(h.state, h.reason) for h in held] == [("deferred", "scheduled")]
+    assert [(h.state, h.reason) for h in rest][-1] == ("sent", "")
+    assert run(ledger_entry(settings, "later")).suppressed_recipients == ()

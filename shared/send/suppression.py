@@ -42,6 +42,7 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from shared.ledger import LedgerEntry, recipient_hash
 from shared.send.replies import Outcome, classify_reply
+from shared.send.send_at import hold_seconds
 
 log = logging.getLogger("hve_relay.suppression")
 
@@ -225,18 +226,21 @@ class SuppressionList:
     async def skip(
         self, entry: LedgerEntry, recipients: Sequence[str], chunks: Sequence[Sequence[int]], internal_domains: Any
     ) -> LedgerEntry:
-        """The request's row with its suppressed recipients (by index, `SuppressedRecipients`) among
-        those still to be sent, left out of its recipient counts. One batched lookup; when the list
-        cannot be read, the request goes without it (logged)."""
+        """The request's row with its suppressed recipients (by index, `SuppressedRecipients`) left
+        out of its recipient counts: those still to be sent, looked up now (a suppression lifted
+        since an earlier attempt no longer holds one back), and those left out of transactions
+        already sent. One batched lookup; a request held for its `sendAt` is looked up when it is
+        due; when the list cannot be read, the request goes without it (logged)."""
+        if hold_seconds(entry.send_at, self.clock()) > 0:
+            return entry
         unsent = [i for chunk in chunks[entry.chunks_sent :] for i in chunk] + list(entry.pending_recipients)
         try:
             found = await self.suppressed(recipients[i] for i in unsent)
         except Exception as exc:  # noqa: BLE001 - an unreadable list never holds mail up
             log.warning("suppression list not read (%s): sent without it", type(exc).__name__)
             return entry
-        skipped = sorted(
-            set(entry.suppressed_recipients) | set(skip_suppressed(found, recipients, unsent, entry.refused_recipients))
-        )
+        earlier = set(entry.suppressed_recipients) - set(unsent)
+        skipped = sorted(earlier | set(skip_suppressed(found, recipients, unsent, entry.refused_recipients)))
         internal = sum(1 for i in skipped if recipients[i].rsplit("@", 1)[-1].lower() in internal_domains)
         return entry.evolve(
             suppressed_recipients=tuple(skipped),
