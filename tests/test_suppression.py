@@ -491,3 +491,29 @@ def test_a_scheduled_request_is_looked_up_when_due_so_a_suppression_lifted_meanw
     assert [(h.state, h.reason) for h in held] == [("deferred", "scheduled")]
     assert [(h.state, h.reason) for h in rest][-1] == ("sent", "")
     assert run(ledger_entry(settings, "later")).suppressed_recipients == ()
+
+
+# --- the priority lane skips the same recipients, from the process's one list --------------------------------
+
+
+def test_the_priority_lane_skips_suppressed_recipients_from_the_same_list(storage, emulator, monkeypatch):
+    from shared import wiring
+    from tests.test_function_app import app_settings
+    from tests.test_priority_lane import handle_one, use_settings
+    from tests.test_priority_lane import run as run_wired
+
+    use_settings(monkeypatch, app_settings(storage, emulator))
+
+    async def scenario():
+        bulk, priority = await wiring.get_lane("bulk"), await wiring.get_lane("priority")
+        assert priority.suppressions is bulk.suppressions is not None
+        refuse_next_rcpt(emulator, GONE)
+        await bulk.queue.send_message(json.dumps(mail("bulk-1", [GONE])))
+        first = await handle_one("bulk")
+        await priority.queue.send_message(json.dumps(mail("urgent-1", [GONE, OTHER])))
+        return first, await handle_one("priority")
+
+    first, urgent = run_wired(scenario())
+    assert first.state == "refused"
+    assert (urgent.state, urgent.reason) == ("sent", "1 recipient(s) suppressed")
+    assert emulator.accepted()[-1].recipients == (OTHER,)
