@@ -83,6 +83,7 @@ async def get_lane(lane: str = BULK) -> Relay:
     priority = _priority_lanes.get(relay)
     if priority is None:
         queue = await relay.storage.queue(relay.settings.priority_queue)
+        await relay.preparer.suppression_list()  # opened now, to be the lane's too
         priority = _priority_lanes.setdefault(relay, _on_queue(relay, queue))
     return priority
 
@@ -100,10 +101,10 @@ def _on_queue(relay: Relay, queue: Any) -> Relay:
         clock=relay.clock,
         rng=relay.rng,
         aggregates=relay.aggregates,
-        suppressions=relay.suppressions,  # one suppression list (and its snapshot) per process
     )
     # One scheduler per process: its health view and the daily budget's block are the process's.
     lane.scheduler = relay.scheduler
+    lane.preparer.suppressions = relay.preparer.suppressions  # one suppression list (and snapshot) per process
     lane.instruments, lane.stats, lane.sleep = relay.instruments, relay.stats, relay.sleep
     lane.events = relay.events  # one set of events targets per process, closed with the bulk Relay
     return lane
@@ -225,7 +226,7 @@ async def suppression_response(action: str, body: bytes) -> tuple[int, str]:
     from shared.send.suppression import admin_answer
 
     relay = await get_relay()
-    status, doc = await admin_answer(relay.suppressions, action, body)
+    status, doc = await admin_answer(await relay.preparer.suppression_list(), action, body)
     return status, json.dumps(doc, separators=(",", ":"))
 
 

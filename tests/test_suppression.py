@@ -474,15 +474,16 @@ def test_a_scheduled_request_is_looked_up_when_due_so_a_suppression_lifted_meanw
     async def main():
         relay = await Relay.create(settings)
         try:
-            assert relay.suppressions is not None
-            await relay.suppressions.add(GONE, "admin", "admin")
+            suppressions = await relay.preparer.suppression_list()
+            assert suppressions is not None
+            await suppressions.add(GONE, "admin", "admin")
             await enqueue(relay, mail("later", [GONE], sendAt=due.strftime("%Y-%m-%dT%H:%M:%SZ")))
             held = []
             async for msg in relay.queue.receive_messages(messages_per_page=1, visibility_timeout=60):
                 held.append(await relay.handle(msg.content, msg.id, msg.dequeue_count))
                 await relay.queue.delete_message(msg)
                 break
-            await relay.suppressions.remove(GONE)  # lifted before it is due
+            await suppressions.remove(GONE)  # lifted before it is due
             return held, await drain(relay)
         finally:
             await relay.close()
@@ -506,7 +507,7 @@ def test_the_priority_lane_skips_suppressed_recipients_from_the_same_list(storag
 
     async def scenario():
         bulk, priority = await wiring.get_lane("bulk"), await wiring.get_lane("priority")
-        assert priority.suppressions is bulk.suppressions is not None
+        assert priority.preparer.suppressions is bulk.preparer.suppressions is not None
         refuse_next_rcpt(emulator, GONE)
         await bulk.queue.send_message(json.dumps(mail("bulk-1", [GONE])))
         first = await handle_one("bulk")

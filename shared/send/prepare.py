@@ -26,7 +26,7 @@ from shared.send.decode import Decoded, read_full
 from shared.send.ledger_gate import Admitted
 from shared.send.mime import automatic_headers, build_message, message_id
 from shared.send.outcome import Handled, utc
-from shared.send.suppression import all_suppressed
+from shared.send.suppression import SuppressionList, all_suppressed
 
 if TYPE_CHECKING:
     from shared.send.stage import Relay
@@ -55,6 +55,16 @@ def envelope_of(entry: LedgerEntry, prepared: Prepared, index: int, limits: Limi
 class Preparer:
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        # The suppression list (shared/send/suppression.py), opened on first use; the wiring shares
+        # the process's one list with the priority lane.
+        self.suppressions: SuppressionList | None = None
+
+    async def suppression_list(self) -> SuppressionList | None:
+        """The suppression list; None when SUPPRESSION_ENABLED is false."""
+        r = self.relay
+        if self.suppressions is None and r.settings.suppression_enabled:
+            self.suppressions = await SuppressionList.of(r.storage, r.settings, r.clock)
+        return self.suppressions
 
     async def prepare(self, admitted: Admitted, decoded: Decoded) -> tuple[LedgerEntry, Prepared] | Handled:
         """The request ready to send, and its row annotated (category, recipients, Message-ID,
@@ -92,8 +102,8 @@ class Preparer:
         expired = r.recorder.expired(entry, r.clock())
         if expired:
             return await r.recorder.finish(entry, DEAD, expired)
-        if r.suppressions is not None:  # one batched lookup (shared/send/suppression.py)
-            entry = await r.suppressions.skip(entry, prepared.recipients, prepared.chunks, r.policy.internal_domains)
+        if (suppressions := await self.suppression_list()) is not None:  # one batched lookup
+            entry = await suppressions.skip(entry, prepared.recipients, prepared.chunks, r.policy.internal_domains)
             if len(entry.suppressed_recipients) >= len(prepared.recipients):
                 return await r.recorder.finish(entry, REFUSED, all_suppressed(len(prepared.recipients)))
         return entry, prepared

@@ -45,7 +45,6 @@ from shared.send.prepare import Prepared, Preparer, envelope_of
 from shared.send.record import Recorder, outcome_of
 from shared.send.replies import mask_addresses
 from shared.send.schedule import Slots
-from shared.send.suppression import SuppressionList
 from shared.send.transmit import Transmit
 from shared.settings import UNSET_HASH_KEY, Settings
 from shared.storage import StorageClients
@@ -86,7 +85,6 @@ class Relay:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         aggregates: Aggregates | None = None,
-        suppressions: SuppressionList | None = None,
     ) -> None:
         settings.require_accounts()
         self.settings = settings
@@ -100,7 +98,6 @@ class Relay:
         self.clock = clock
         self.rng = rng or random.Random()
         self.aggregates = aggregates
-        self.suppressions = suppressions  # None: SUPPRESSION_ENABLED is false
         self.instruments = Instruments()
         self.stats = RelayStats()
         # With HVE_BACKLOG_SAMPLE_SECONDS set, bookings never fall due inside the queue's visible
@@ -205,7 +202,6 @@ class Relay:
                 max_buffer_seconds=settings.aggregates_max_buffer_seconds,
                 max_categories=settings.aggregates_max_categories,
             ),
-            suppressions=await SuppressionList.of(storage, settings, clock),
         )
         relay.closers = closers
         return relay
