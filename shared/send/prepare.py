@@ -63,7 +63,8 @@ class Preparer:
         """The suppression list; None when SUPPRESSION_ENABLED is false."""
         r = self.relay
         if self.suppressions is None and r.settings.suppression_enabled:
-            self.suppressions = await SuppressionList.of(r.storage, r.settings, r.clock)
+            opened = await SuppressionList.of(r.storage, r.settings, r.clock)
+            self.suppressions = self.suppressions or opened  # requests that opened it at once share the first
         return self.suppressions
 
     async def prepare(self, admitted: Admitted, decoded: Decoded) -> tuple[LedgerEntry, Prepared] | Handled:
