@@ -88,6 +88,23 @@ async def request_status(req: func.HttpRequest, context: func.Context) -> func.H
         return func.HttpResponse(body, status_code=status_code, headers=JSON_HEADERS, mimetype="application/json")
 
 
+@app.route(route="suppressions/check", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+async def suppression_check(req: func.HttpRequest, context: func.Context) -> func.HttpResponse:
+    """Whether an address (JSON body {"address": ...}, never a query string) is on the suppression
+    list: {suppressed, reason, until}, never the address (schema: shared/schema/suppression-answer.v1.json)."""
+    with wiring.invocation(context):
+        status_code, body = await wiring.suppression_response("check", req.get_body())
+        return func.HttpResponse(body, status_code=status_code, headers=JSON_HEADERS, mimetype="application/json")
+
+
+@app.route(route="suppressions/remove", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+async def suppression_remove(req: func.HttpRequest, context: func.Context) -> func.HttpResponse:
+    """Take an address (JSON body {"address": ...}) off the suppression list: {removed, suppressed: false, ...}."""
+    with wiring.invocation(context):
+        status_code, body = await wiring.suppression_response("remove", req.get_body())
+        return func.HttpResponse(body, status_code=status_code, headers=JSON_HEADERS, mimetype="application/json")
+
+
 @app.route(route="report", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 async def report(req: func.HttpRequest, context: func.Context) -> func.HttpResponse:
     """Counts per hour or day, account and category, with the live account, queue and budget state

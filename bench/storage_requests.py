@@ -98,7 +98,8 @@ def run(n: int, profile: str, budget: int, events: bool = False) -> tuple[Counte
             }
             settings = Settings.from_env(values)
             names = {settings.ledger_table: "ledger", settings.recipient_index_table: "recipient index",
-                     settings.governor_table: "governor", settings.aggregates_table: "aggregates"}
+                     settings.governor_table: "governor", settings.aggregates_table: "aggregates",
+                     settings.suppression_table: "suppression list"}
             if events:
                 names[settings.events_queue] = "events queue"
 

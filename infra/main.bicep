@@ -196,6 +196,13 @@ param retryMaxSeconds int = 3600
 @minValue(4)
 param ledgerRetentionDays int = 90
 
+@description('Skip recipients on the suppression list (5xx at RCPT, message trace failed with a 5.x.x reason, added by an operator).')
+param suppressionEnabled bool = true
+
+@description('Days a recipient stays suppressed after its last permanent failure; at most ledgerRetentionDays.')
+@minValue(1)
+param suppressionDays int = 30
+
 @description('NCRONTAB schedule of the purge_expired timer (retention and lost-in-flight requests).')
 param retentionSchedule string = '0 30 2 * * *'
 
@@ -355,6 +362,7 @@ var governorTableName = 'hvegovernor'
 var aggregatesTableName = 'hveaggregates'
 var welcomeTableName = 'hvewelcome'
 var deliveryTableName = 'hvedelivery'
+var suppressionTableName = 'hvesuppression'
 var claimCheckContainerName = 'mail-payloads'
 // The relay's own copies (deferred requests too big for a queue message): only the app's identity
 // has a role on it; never grant a producer anything here.
@@ -412,6 +420,7 @@ module storage 'modules/storage.bicep' = {
       welcomeTableName
       aggregatesTableName
       deliveryTableName
+      suppressionTableName
     ]
     containerNames: [
       deploymentContainerName
@@ -558,6 +567,11 @@ var appSettings = {
   // whole. A little over HTTP_SEND_MAX_BYTES, so the app's own 413 (JSON, with the reason) answers first.
   FUNCTIONS_REQUEST_BODY_SIZE_LIMIT: string(httpSendMaxBytes + 65536)
   RECIPIENT_HASH_KEY: '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=${recipientHashKeySecretName})'
+  // Suppression list (keyed hashes, never addresses).
+  SUPPRESSION_ENABLED: suppressionEnabled ? 'true' : 'false'
+  SUPPRESSION_DAYS: string(suppressionDays)
+  SUPPRESSION_TABLE: suppressionTableName
+  SUPPRESSION_CACHE_SECONDS: '60'
   // Welcome scan.
   WELCOME_ENABLED: welcomeEnabled ? 'true' : 'false'
   WELCOME_SCHEDULE: welcomeSchedule

@@ -64,6 +64,8 @@ class LedgerEntry:
     # refused for now (4xx at RCPT), still to go in a follow-up transaction; refused for good (5xx).
     pending_recipients: tuple[int, ...] = ()
     refused_recipients: tuple[int, ...] = ()
+    # On the suppression list when the request was prepared: left out, never sent (shared/send/suppression.py).
+    suppressed_recipients: tuple[int, ...] = ()
     # The request's claim-check blob (URL), deleted once the request is final.
     claim_blob: str = ""
     # Keyed digest of the request's content (contract.content_digest; never the content): another
@@ -114,6 +116,7 @@ def _to_row(entry: LedgerEntry) -> dict[str, Any]:
         "BookedWake": float(entry.booked_wake),
         "PendingRecipients": _indices_to_text(entry.pending_recipients),
         "RefusedRecipients": _indices_to_text(entry.refused_recipients),
+        "SuppressedRecipients": _indices_to_text(entry.suppressed_recipients),
         "ClaimCheck": entry.claim_blob,
         "ContentDigest": entry.content_digest,
         "Write": entry.write,
@@ -164,6 +167,7 @@ def _from_row(row: Any) -> LedgerEntry:
         booked_wake=float(row.get("BookedWake", 0.0)),
         pending_recipients=_indices_from_text(row.get("PendingRecipients")),
         refused_recipients=_indices_from_text(row.get("RefusedRecipients")),
+        suppressed_recipients=_indices_from_text(row.get("SuppressedRecipients")),
         claim_blob=row.get("ClaimCheck", ""),
         content_digest=row.get("ContentDigest", ""),
         etag=row.metadata.get("etag") if hasattr(row, "metadata") else None,

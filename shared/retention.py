@@ -10,6 +10,8 @@ What is deleted, each counted from its row's last update:
 - delivery-status rows (`Updated`): per request counts and per recipient-hash statuses;
 - aggregate rows (the report's hourly counters and daily rollups) of UTC days that ended before
   the retention period began;
+- suppression-list rows (shared/send/suppression.py) past their `Expires` (SUPPRESSION_DAYS after the
+  recipient's last permanent failure, at most LEDGER_RETENTION_DAYS): ignored already, deleted here;
 - blobs under the relay's own prefixes (shared/send/relay_blobs.py: claim-check requests, deferred
   copies) last modified before it; never anything else in the container (attachments).
 
@@ -85,6 +87,7 @@ async def purge_expired(
     lost_in_queue_after: timedelta | None = None,
     aggregates_table: Any | None = None,
     blobs: RelayBlobs | None = None,
+    suppression_table: Any | None = None,
 ) -> PurgeReport:
     report = PurgeReport()
     report.lost_in_flight = await settle_lost_in_flight(ledger, now, lost_after, max_rows, aggregates, blobs)
@@ -126,6 +129,9 @@ async def purge_expired(
         targets.append(
             _Target("aggregates", aggregates_table, "PartitionKey lt @day", {"day": day_key(cutoff.timestamp())})
         )
+    if suppression_table is not None:
+        # Suppressions past their expiry (shared/send/suppression.py): ignored already, deleted here.
+        targets.append(_Target("suppression", suppression_table, "Expires lt @now", {"now": now}))
     for target in targets:
         deleted, more = await _delete_matching(target, max_rows)
         report.deleted[target.what] = deleted
@@ -261,6 +267,7 @@ async def handle_timer(now: datetime | None = None) -> PurgeReport:
             delivery_table=delivery_table,
             aggregates_table=aggregates_table,
             blobs=RelayBlobs.of(storage, settings),
+            suppression_table=await storage.table(settings.suppression_table),
         )
         await aggregates.flush()
     finally:

@@ -210,6 +210,26 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Secret key of the recipient hashes in the ledger (HMAC-SHA256). Set it; without it a built-in key is used and a warning is logged.",
     ),
     SettingSpec(
+        "SUPPRESSION_ENABLED",
+        "true",
+        "Skip recipients on the suppression list (a 5xx at RCPT, a message-trace `failed` with a 5.x.x reason, or added by an operator): recorded `suppressed`, the others still go; a request whose recipients are all suppressed is refused `all-suppressed`. `false`: nothing is looked up or added.",
+    ),
+    SettingSpec(
+        "SUPPRESSION_DAYS",
+        "30",
+        "Days a recipient stays on the suppression list after its last permanent failure (or an operator's `add`); then it is mailed again and `purge_expired` deletes its row. At most LEDGER_RETENTION_DAYS.",
+    ),
+    SettingSpec(
+        "SUPPRESSION_TABLE",
+        "hvesuppression",
+        "Table of the suppression list: one row per suppressed recipient by keyed hash (RECIPIENT_HASH_KEY), with reason, source request, first/last time and expiry; never an address.",
+    ),
+    SettingSpec(
+        "SUPPRESSION_CACHE_SECONDS",
+        "60",
+        "Each worker process keeps what it read of the suppression list this long: a suppression added (or removed) by another instance, the CLI or the HTTP route takes up to this long to bite (or to stop) there.",
+    ),
+    SettingSpec(
         "LEDGER_RETENTION_DAYS",
         "90",
         "Days the relay keeps who was mailed: ledger rows of final requests, chunk rows, recipient-index rows, delivery-status rows, welcome user rows and aggregate rows not updated for this long, and blobs left under the relay's `requests/` and `deferred/` prefixes, are deleted by the daily `purge_expired` timer. Longer than SEND_MAX_AGE_HOURS and WELCOME_LOOKBACK + WELCOME_OVERLAP (a request replayed after it is treated as new).",
@@ -617,6 +637,10 @@ class Settings:
     mail_auto_submitted: bool = True
     mail_suppress_auto_responses: bool = True
     priority_queue: str = "outbound-mail-priority"
+    suppression_enabled: bool = True
+    suppression_days: float = 30.0
+    suppression_table: str = "hvesuppression"
+    suppression_cache_seconds: float = 60.0
 
     @property
     def poison_queue(self) -> str:
@@ -692,6 +716,13 @@ class Settings:
         if get("MAIL_QUEUE_PRIORITY").lower() == get("MAIL_QUEUE").lower():
             raise SettingsError(
                 "MAIL_QUEUE_PRIORITY must differ from MAIL_QUEUE: the priority lane is a queue of its own"
+            )
+
+        suppression_days = number("SUPPRESSION_DAYS")
+        if not 0 < suppression_days <= retention_days:
+            raise SettingsError(
+                f"SUPPRESSION_DAYS ({suppression_days:g}) must be more than 0 and at most LEDGER_RETENTION_DAYS "
+                f"({retention_days:g}): the relay keeps who was mailed no longer than that"
             )
 
         if get("RELAY_STATE_CONTAINER") == get("CLAIM_CHECK_CONTAINER"):
@@ -785,6 +816,10 @@ class Settings:
             events_topic_endpoint=_events_endpoint(get("EVENTS_TOPIC_ENDPOINT")),
             events_source=get("EVENTS_SOURCE") or get("WEBSITE_SITE_NAME"),
             events_ca_file=get("EVENTS_CA_FILE"),
+            suppression_enabled=_flag("SUPPRESSION_ENABLED", get("SUPPRESSION_ENABLED")),
+            suppression_days=suppression_days,
+            suppression_table=get("SUPPRESSION_TABLE"),
+            suppression_cache_seconds=number("SUPPRESSION_CACHE_SECONDS"),
         )
 
     def require_accounts(self) -> None:

@@ -74,7 +74,7 @@ async def get_lane(lane: str = BULK) -> Relay:
     the stage puts deferred copies (and pacers) back on `relay.queue`, so the lane has its own queue
     and, with it, its own backlog readings and pacer chain; everything else is the bulk Relay's own
     objects: governor, scheduler (health reads, budget blocks), SMTP pool, ledger, aggregates,
-    counters. Only the bulk Relay is closed (`close_relays`): the lane owns nothing of its own."""
+    suppression list, counters. Only the bulk Relay is closed (`close_relays`): the lane owns nothing of its own."""
     relay = await get_relay()
     if lane == BULK:
         return relay
@@ -83,6 +83,7 @@ async def get_lane(lane: str = BULK) -> Relay:
     priority = _priority_lanes.get(relay)
     if priority is None:
         queue = await relay.storage.queue(relay.settings.priority_queue)
+        await relay.preparer.suppression_list()  # opened now, to be the lane's too
         priority = _priority_lanes.setdefault(relay, _on_queue(relay, queue))
     return priority
 
@@ -103,6 +104,7 @@ def _on_queue(relay: Relay, queue: Any) -> Relay:
     )
     # One scheduler per process: its health view and the daily budget's block are the process's.
     lane.scheduler = relay.scheduler
+    lane.preparer.suppressions = relay.preparer.suppressions  # one suppression list (and snapshot) per process
     lane.instruments, lane.stats, lane.sleep = relay.instruments, relay.stats, relay.sleep
     lane.events = relay.events  # one set of events targets per process, closed with the bulk Relay
     return lane
@@ -217,6 +219,15 @@ async def request_status_response(request_id: str) -> tuple[int, str]:
     )
     summary = await delivery.summary(request_id)
     return 200, json.dumps(request_view(entry, summary), separators=(",", ":"))
+
+
+async def suppression_response(action: str, body: bytes) -> tuple[int, str]:
+    """(HTTP status, JSON body) of `POST /api/suppressions/check` and `/remove` (body `{"address": ...}`)."""
+    from shared.send.suppression import admin_answer
+
+    relay = await get_relay()
+    status, doc = await admin_answer(await relay.preparer.suppression_list(), action, body)
+    return status, json.dumps(doc, separators=(",", ":"))
 
 
 def dashboard_page() -> Any:

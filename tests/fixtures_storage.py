@@ -60,6 +60,8 @@ class Storage:
             "RECIPIENT_INDEX_TABLE": f"{self.table_prefix}rcpt",
             "GOVERNOR_TABLE": f"{self.table_prefix}gov",
             "AGGREGATES_TABLE": f"{self.table_prefix}agg",
+            # Per test: a recipient one test's HVE refused must not be suppressed in the next test.
+            "SUPPRESSION_TABLE": f"{self.table_prefix}sup",
             "CLAIM_CHECK_CONTAINER": self.container_name,
             "RELAY_STATE_CONTAINER": self.state_container_name,
         }

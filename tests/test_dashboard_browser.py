@@ -288,6 +288,8 @@ def test_dashboard_loads_clean_draws_its_charts_and_shows_the_report_and_the_led
         for kind in ("internal", "external"):
             shown = int(browser.field(f"{window}.recipients.{kind}"))
             assert shown == totals["recipients"].get(kind, 0) == ledger[kind], (window, kind)
+        # Left out by the suppression list: the report's count (absent when none), as a tile.
+        assert int(browser.field(f"{window}.recipients.suppressed")) == totals["recipients"].get("suppressed", 0)
         assert int(browser.field(f"{window}.deferrals")) == totals["deferrals"]
         assert float(browser.field(f"{window}.cost").lstrip("$")) == pytest.approx(report["budget"]["costPeriod"], abs=1e-6)
 
@@ -295,7 +297,7 @@ def test_dashboard_loads_clean_draws_its_charts_and_shows_the_report_and_the_led
         outcomes, recipients = browser.bars(f"{window}.outcomes"), browser.bars(f"{window}.recipients")
         assert outcomes["sent"] > 0 and recipients["internal"] > 0
         assert dict(outcomes) == {k: v for k, v in totals["requests"].items() if v}
-        assert dict(recipients) == {k: v for k, v in totals["recipients"].items() if v}
+        assert dict(recipients) == {k: v for k, v in totals["recipients"].items() if v and k != "suppressed"}
 
         # Per category: the page, the report and the ledger agree, the markup category as text.
         shown = {row[0]: [int(n) for n in row[1:4]] for row in browser.table(f"{window}.categories")}
@@ -406,11 +408,12 @@ def contract_report(now: datetime) -> dict[str, Any]:
     iso = lambda t: t.isoformat(timespec="seconds")  # noqa: E731
     account = "<img src=x onerror=alert(2)>"
     counts = {"requests": {"sent": 9, "refused": 1, "dead": 0}, "deferrals": 2,
-              "recipients": {"internal": 7, "external": 3}, "codes": {"550 5.7.1": 2},
+              "recipients": {"internal": 7, "external": 3, "suppressed": 2}, "codes": {"550 5.7.1": 2},
               "delivery": {"delivered": 6, "failed": 2, "pending": 1, "quarantined": 1}}
     earlier = {**counts, "requests": {"sent": 3, "refused": 0, "dead": 0}, "deferrals": 0, "codes": {},
                "recipients": {"internal": 3, "external": 0}, "delivery": {"delivered": 2, "gettingStatus": 1}}
-    total = {**counts, "requests": {"sent": 12, "refused": 1, "dead": 0}, "recipients": {"internal": 10, "external": 3},
+    total = {**counts, "requests": {"sent": 12, "refused": 1, "dead": 0},
+             "recipients": {"internal": 10, "external": 3, "suppressed": 2},
              "delivery": {"delivered": 8, "failed": 2, "pending": 1, "quarantined": 1, "gettingStatus": 1}}
     bounds = [1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
     return {
@@ -464,6 +467,9 @@ def test_delivery_rates_show_when_traced_and_every_label_from_outside_stays_text
     assert browser.console == [] and browser.failed == [] and browser.dialogs == []
 
     assert browser.field("w24.delivery.rate") == "61.5 %"  # 8 of 13 traced recipients
+    # Recipients the suppression list left out: a tile and a column per category, as in the report.
+    assert browser.field("w24.recipients.suppressed") == "2"
+    assert sorted(row[-1] for row in browser.table("w24.categories")) == ["0", "2"]
     assert browser.table("w24.delivery") == [["delivered", "8", "61.5 %"], ["failed", "2", "15.4 %"],
                                               ["pending", "1", "7.7 %"], ["quarantined", "1", "7.7 %"],
                                               ["gettingStatus", "1", "7.7 %"]]

@@ -442,6 +442,7 @@ def test_storage_names_are_the_code_defaults(bicep):
     assert sorted(tables) == sorted([
         defaults["LEDGER_TABLE"], defaults["RECIPIENT_INDEX_TABLE"], defaults["GOVERNOR_TABLE"],
         defaults["WELCOME_STATE_TABLE"], defaults["AGGREGATES_TABLE"], defaults["DELIVERY_TABLE"],
+        defaults["SUPPRESSION_TABLE"],
     ])
     assert "deploymentContainerName" in containers, "the Flex deployment container must be created"
     assert evaluate("claimCheckContainerName", main) == defaults["CLAIM_CHECK_CONTAINER"]
@@ -461,6 +462,7 @@ def test_storage_names_are_the_code_defaults(bicep):
                          ("GOVERNOR_TABLE", "governorTableName"), ("WELCOME_STATE_TABLE", "welcomeTableName"),
                          ("AGGREGATES_TABLE", "aggregatesTableName"),
                          ("DELIVERY_TABLE", "deliveryTableName"),
+                         ("SUPPRESSION_TABLE", "suppressionTableName"),
                          ("CLAIM_CHECK_CONTAINER", "claimCheckContainerName"),
                          ("RELAY_STATE_CONTAINER", "relayStateContainerName")]:
         assert settings[setting] == var, f"{setting} must be set from {var}"

@@ -68,6 +68,7 @@ from shared.graph import GraphClient, GraphError, GraphThrottled
 from shared.ledger import recipient_hash
 from shared.send.mime import message_id
 from shared.send.replies import mask_addresses
+from shared.send.suppression import SuppressionList
 from shared.settings import Settings
 
 log = logging.getLogger("hve_relay.delivery")
@@ -427,8 +428,11 @@ class Reconciler:
         sent_hours: SentHours | None = None,
         on_window: Callable[[], Awaitable[None]] | None = None,
         events: DeliveryEvents | None = None,
+        suppressions: SuppressionList | None = None,
     ) -> None:
         self.settings = settings
+        # A recipient trace says `failed` for a 5.x.x reason goes on the suppression list.
+        self.suppressions = suppressions
         self.cfg = trace_config(settings)
         self.graph = graph
         self.store = store
@@ -745,7 +749,10 @@ class Reconciler:
                 events = await self.graph.trace_details(trace_id, address)
             except GraphError as exc:
                 raise _Stop(f"error: {mask_addresses(str(exc))}") from None
-            await self.store.set_reason(digest, hashed, _reason(events, row.get("Status", "")))
+            reason = _reason(events, row.get("Status", ""))
+            await self.store.set_reason(digest, hashed, reason)
+            if self.suppressions is not None:
+                await self.suppressions.note_trace(address, row.get("Status", ""), reason, request_id)
 
 
 def _reason(events: list[dict[str, Any]], status: str) -> str:
@@ -838,6 +845,7 @@ async def reconcile(
             sent_hours=SentHours(aggregates_table, clock, settings.aggregates_rollup_after_seconds),
             on_window=None if dry_run else window_written,
             events=events,
+            suppressions=None if dry_run else await SuppressionList.of(storage, settings, clock),
         )
         try:
             return await reconciler.run(dry_run=dry_run)

@@ -34,5 +34,6 @@ def request_view(entry: LedgerEntry, delivery: Mapping[str, Any] | None) -> dict
         "final_at": _instant(entry.updated) if final else None,
         "chunks_total": entry.chunks_total,
         "chunks_sent": entry.chunks_sent,
+        "suppressed": len(entry.suppressed_recipients),
         "delivery": dict(delivery["delivery"]) if delivery else {},
     }

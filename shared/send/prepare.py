@@ -26,6 +26,7 @@ from shared.send.decode import Decoded, read_full
 from shared.send.ledger_gate import Admitted
 from shared.send.mime import automatic_headers, build_message, message_id
 from shared.send.outcome import Handled, utc
+from shared.send.suppression import SuppressionList, all_suppressed
 
 if TYPE_CHECKING:
     from shared.send.stage import Relay
@@ -43,8 +44,8 @@ class Prepared:
 
 def envelope_of(entry: LedgerEntry, prepared: Prepared, index: int, limits: Limits) -> list[int] | None:
     """Recipient indices of transaction `index`: a planned chunk, then follow-ups for the
-    recipients HVE deferred at RCPT; None when nothing is left to send."""
-    refused = set(entry.refused_recipients)
+    recipients HVE deferred at RCPT; None when nothing is left to send. Suppressed recipients are left out."""
+    refused = set(entry.refused_recipients) | set(entry.suppressed_recipients)
     if index < len(prepared.chunks):
         return [i for i in prepared.chunks[index] if i not in refused]
     pending = [i for i in entry.pending_recipients if i not in refused]
@@ -54,6 +55,17 @@ def envelope_of(entry: LedgerEntry, prepared: Prepared, index: int, limits: Limi
 class Preparer:
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        # The suppression list (shared/send/suppression.py), opened on first use; the wiring shares
+        # the process's one list with the priority lane.
+        self.suppressions: SuppressionList | None = None
+
+    async def suppression_list(self) -> SuppressionList | None:
+        """The suppression list; None when SUPPRESSION_ENABLED is false."""
+        r = self.relay
+        if self.suppressions is None and r.settings.suppression_enabled:
+            opened = await SuppressionList.of(r.storage, r.settings, r.clock)
+            self.suppressions = self.suppressions or opened  # requests that opened it at once share the first
+        return self.suppressions
 
     async def prepare(self, admitted: Admitted, decoded: Decoded) -> tuple[LedgerEntry, Prepared] | Handled:
         """The request ready to send, and its row annotated (category, recipients, Message-ID,
@@ -91,6 +103,10 @@ class Preparer:
         expired = r.recorder.expired(entry, r.clock())
         if expired:
             return await r.recorder.finish(entry, DEAD, expired)
+        if (suppressions := await self.suppression_list()) is not None:  # one batched lookup
+            entry = await suppressions.skip(entry, prepared.recipients, prepared.chunks, r.policy.internal_domains)
+            if len(entry.suppressed_recipients) >= len(prepared.recipients):
+                return await r.recorder.finish(entry, REFUSED, all_suppressed(len(prepared.recipients)))
         return entry, prepared
 
     async def _read(self, decoded: Decoded, full: dict[str, Any] | None) -> Prepared:

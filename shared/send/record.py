@@ -20,6 +20,7 @@ from shared.send.prepare import Prepared, envelope_of
 from shared.send.relay_blobs import RelayBlobs
 from shared.send.replies import Outcome, Verdict
 from shared.send.retry import retry_delay, visibility_for
+from shared.send.suppression import all_suppressed
 
 if TYPE_CHECKING:
     from shared.send.stage import Relay
@@ -35,12 +36,17 @@ LOCAL_HOLD_SECONDS = 10.0
 
 def outcome_of(entry: LedgerEntry, prepared: Prepared) -> tuple[str, str]:
     """The final state and reason of a request whose transactions are all done."""
-    everyone = len(prepared.recipients)
-    if len(entry.refused_recipients) >= everyone:
+    everyone, refused = len(prepared.recipients), len(entry.refused_recipients)
+    skipped = len(entry.suppressed_recipients)
+    if refused + skipped >= everyone:
+        if not refused:
+            return REFUSED, all_suppressed(everyone)
         return REFUSED, (
-            f"refused by HVE: all {everyone} recipient(s); last reply {entry.last_code} {entry.last_reply}"
+            f"refused by HVE: all {refused} recipient(s){f' ({skipped} suppressed)' if skipped else ''}; "
+            f"last reply {entry.last_code} {entry.last_reply}"
         )[:300]
-    return SENT, f"{len(entry.refused_recipients)} recipient(s) refused by HVE" if entry.refused_recipients else ""
+    notes = [f"{refused} recipient(s) refused by HVE"] if refused else []
+    return SENT, "; ".join(notes + ([f"{skipped} recipient(s) suppressed"] if skipped else []))
 
 
 class Recorder:
@@ -227,6 +233,8 @@ class Recorder:
             if entry.state == SENT:  # latency: first seen -> the ledger's record of HVE's last 250
                 seconds = (entry.updated - entry.first_received).total_seconds()
                 r.aggregates.latency(r.clock(), entry.account, entry.category, seconds)
+            if skipped := len(entry.suppressed_recipients):  # left out: on the suppression list
+                r.aggregates.add(r.clock(), entry.account, entry.category, {"recipients.suppressed": skipped})
             if entry.state == REFUSED and entry.reason.startswith("id-conflict:"):
                 # Of the refused, those that came under an id another request had taken.
                 r.aggregates.add(r.clock(), entry.account, entry.category, {"requests.id-conflict": 1})

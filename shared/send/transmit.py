@@ -103,6 +103,8 @@ class Transmit:
         # Throttling at RCPT teaches the governor as much as at DATA.
         feedback = verdict if verdict.throttled else next((v for v in result.deferred.values() if v.throttled), verdict)
         await r.governor.report(account, feedback, now)
+        if result.refused and (suppressions := await r.preparer.suppression_list()) is not None:
+            await suppressions.note_refused(result.refused, entry.request_id)  # 5xx at RCPT: suppressed
         refused_now = [i for i, a in zip(envelope, addresses, strict=False) if a in result.refused]
         deferred_now = [i for i, a in zip(envelope, addresses, strict=False) if a in result.deferred]
         trying = trying.evolve(

@@ -330,15 +330,16 @@
     const byCategory = new Map();
     for (const row of report.series || []) {
       const key = row.category || '';
-      const c = byCategory.get(key) || { sent: 0, refused: 0, dead: 0, deferrals: 0, internal: 0, external: 0 };
+      const c = byCategory.get(key) || { sent: 0, refused: 0, dead: 0, deferrals: 0, internal: 0, external: 0, suppressed: 0 };
       for (const k of OUTCOMES) c[k] += num((row.requests || {})[k]);
       for (const k of KINDS) c[k] += num((row.recipients || {})[k]);
+      c.suppressed += num((row.recipients || {}).suppressed);
       c.deferrals += num(row.deferrals);
       byCategory.set(key, c);
     }
     const table = el('table', { 'data-table': prefix + '.categories' });
     const head = el('tr');
-    for (const h of ['category', 'sent', 'refused', 'dead', 'deferrals', 'internal', 'external']) {
+    for (const h of ['category', 'sent', 'refused', 'dead', 'deferrals', 'internal', 'external', 'suppressed']) {
       head.append(el('th', h === 'category' ? {} : { class: 'num' }, h));
     }
     table.append(el('thead'));
@@ -346,11 +347,11 @@
     const tbody = el('tbody');
     const rows = [...byCategory.entries()].sort((a, b) => (b[1].sent + b[1].refused + b[1].dead)
       - (a[1].sent + a[1].refused + a[1].dead) || (a[0] < b[0] ? -1 : 1));
-    if (!rows.length) emptyRow(tbody, 7, 'no requests in this period');
+    if (!rows.length) emptyRow(tbody, 8, 'no requests in this period');
     for (const [name, c] of rows) {
       const tr = el('tr', { 'data-category-row': '' });
       tr.append(labelCell(name));
-      for (const k of ['sent', 'refused', 'dead', 'deferrals', 'internal', 'external']) tr.append(numCell(c[k]));
+      for (const k of ['sent', 'refused', 'dead', 'deferrals', 'internal', 'external', 'suppressed']) tr.append(numCell(c[k]));
       tbody.append(tr);
     }
     table.append(tbody);
@@ -416,6 +417,9 @@
     for (const k of OUTCOMES) tiles.append(tile('requests ' + k, int(num(req[k])), prefix + '.requests.' + k));
     tiles.append(tile('deferrals', int(num(totals.deferrals)), prefix + '.deferrals'));
     for (const k of KINDS) tiles.append(tile('recipients ' + k, int(num(rec[k])), prefix + '.recipients.' + k));
+    // Left out because they are on the suppression list (never sent): counted apart from the kinds.
+    tiles.append(tile('recipients suppressed', int(num(rec.suppressed)), prefix + '.recipients.suppressed',
+      'on the suppression list, not sent'));
     tiles.append(tile('cost', money(budget.costPeriod, budget.currency), prefix + '.cost'));
     body.append(tiles);
     // How long mail takes: first seen -> HVE's 250 for the last transaction, over the window.
