@@ -1,4 +1,4 @@
-"""The suppression list (issue 22, item 1) end to end: the real send stage against Azurite and the HVE
+"""The suppression list end to end: the real send stage against Azurite and the HVE
 emulator over TLS, message trace from the Graph stand-in, the CLI and the HTTP routes under the local
 host. What suppresses (a 5xx at RCPT, trace `failed` with a 5.x.x reason, an operator), what never
 does (4xx, pending, quarantined), the effect on later requests, expiry, and no address at rest."""
