@@ -1,7 +1,9 @@
 """`./tools/demo.sh`, the README's "run it locally" command (its sample output in docs/local.md), runs as written: Azurite, the HVE emulator,
 the Graph stand-in and the local host, the sample batch with its faults, then one mail through
-POST /api/send whose status URL and final GET /api/requests/<id> answer it prints. The output keeps the
-shape docs/local.md shows (every line of its sample, numbers aside) and the batch's outcome."""
+POST /api/send whose status URL and final GET /api/requests/<id> answer it prints, a recipient refused
+for good at RCPT left out of the next request (suppressed 1) and a priority request sent while bulk
+requests are still queued. The output keeps the shape docs/local.md shows (every line of its sample,
+numbers aside) and the batch's outcome."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import jsonschema
 import pytest
 
 from tests.schemas import REQUEST_STATUS_SCHEMA
-from tools.demo import HTTP_REQUEST
+from tools.demo import BACKLOG, HTTP_REQUEST
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,3 +85,34 @@ def test_the_demo_sends_one_mail_over_http_and_shows_its_status(demo_output):
     assert "ann@" not in section.lower(), "no recipient address in what the demo prints of the HTTP door"
 
     assert re.fullmatch(r"  states seen: (\w+ -> )*sent \(\d+\.\d s\)", lines[3]), lines[3]
+
+
+def test_a_recipient_refused_for_good_at_rcpt_is_left_out_of_the_next_request(demo_output):
+    section = demo_output.split("== Suppression list (docs/suppression.md) ==\n", 1)[1].split("\n\n", 1)[0]
+    first, check, second = section.splitlines()
+    assert re.fullmatch(r"demo-gone-1  to olaf@ +->  refused  suppressed 0  last code 550  HVE accepted: none", first), first
+
+    post = re.fullmatch(r"POST /api/suppressions/check \(olaf@\)  ->  200 (.*)", check)
+    assert post, check
+    answer = json.loads(post.group(1))
+    assert answer["suppressed"] is True and answer["reason"] == "rcpt:550 5.1.1", answer
+
+    # The second request, to the refused recipient and another one: sent, the refused one left out.
+    sent = re.fullmatch(r"demo-gone-2  to olaf@, bob@ +->  sent  suppressed (\d+)  last code 250  HVE accepted: bob@", second)
+    assert sent, second
+    assert int(sent.group(1)) == 1
+    assert "@contoso.com" not in section, "only local parts of addresses, as in the demo's other lines"
+
+
+def test_a_priority_request_is_sent_while_bulk_requests_are_still_queued(demo_output):
+    section = demo_output.split('== Priority lane ("priority": "high" on POST /api/send) ==\n', 1)[1].split("\n\n", 1)[0]
+    enqueued, priority, drained = section.splitlines()
+    assert re.fullmatch(rf"enqueued    {BACKLOG} bulk requests on 'outbound-mail' in \d+\.\d s, then "
+                        r'POST /api/send with "priority": "high"  ->  202', enqueued), enqueued
+    sent = re.fullmatch(r"priority request sent (\d+\.\d) s after its POST, (\d+) bulk requests still queued "
+                        rf"\((\d+) of {BACKLOG} sent before it\)", priority)
+    assert sent, priority
+    still_queued, sent_before = int(sent.group(2)), int(sent.group(3))
+    assert still_queued > 0 and still_queued + sent_before == BACKLOG, priority
+    assert re.fullmatch(rf"backlog drained: {BACKLOG} of {BACKLOG} bulk requests sent \d+\.\d s after the first was queued",
+                        drained), drained

@@ -1,6 +1,8 @@
 """The local demo: Azurite + HVE emulator + the function app under the local host, a sample batch
 of mail requests, progress while they flow, a summary read from the ledger, then one mail through
-POST /api/send and its GET /api/requests/<id> answer, the welcome scan and delivery confirmation.
+POST /api/send and its GET /api/requests/<id> answer, the welcome scan and delivery confirmation,
+a recipient HVE refuses for good (suppressed on the next request) and a priority request
+overtaking a bulk backlog.
 
     python -m tools.demo [--requests tools/samples/demo-requests.json] [--keep] [--http-port 7071]
 
@@ -20,15 +22,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from shared.ledger import Ledger
 from shared.send.producer import enqueue_requests
-from shared.wiring import close_relays
 from shared.settings import Settings
 from shared.storage import StorageClients
 from shared.welcome.scan import run_scan
+from shared.wiring import close_relays
 from tools.azurite import Azurite
 from tools.devhost import DevHost, _background_loop
 from tools.graph_standin import GraphStandIn
@@ -41,6 +43,13 @@ ACCOUNTS = {"news@contoso.com": "news-pw", "alerts@contoso.com": "alerts-pw", "b
 HTTP_REQUEST = {"id": "demo-http-1", "to": ["Ann Example <ann@contoso.com>"], "subject": "Hello over HTTP",
                 "category": "http", "text": "Hello Ann,\n\nthis one came through POST /api/send.\n"}
 FINAL_STATES = ("sent", "refused", "dead")
+# The suppression list: HVE refuses GONE for good at RCPT (550 5.1.1); the next request to GONE and
+# OTHER leaves GONE out and sends to OTHER. The demo prints only their local parts ("olaf@").
+GONE, OTHER = "Olaf Example <olaf@contoso.com>", "Bob Example <bob@contoso.com>"
+# The priority lane: a bulk backlog on the mail queue, then one "priority": "high" POST /api/send.
+BACKLOG = 300
+URGENT = "Kim Example <kim@contoso.com>"
+READERS = ["ann", "bob", "carla", "erin", "farid", "gita", "ines", "jon"]
 
 
 def say(text: str) -> None:
@@ -138,6 +147,24 @@ def http_call(url: str, body: dict | None = None, timeout: float = 30) -> tuple[
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+def wait_final(status_url: str, limit: float = 60) -> tuple[int, dict, list[str]]:
+    """GET the status URL until the request is final (or `limit` s): the last (status, answer) and
+    the states seen on the way."""
+    started, seen, view, status = time.monotonic(), [], {}, 0
+    while True:
+        status, view = http_call(status_url)
+        state = view.get("state", "")
+        if status == 200 and (not seen or seen[-1] != state):
+            seen.append(state)
+        if state in FINAL_STATES:
+            break
+        if time.monotonic() - started > limit:
+            say(f"  (stopping the wait after {limit:.0f} s)")
+            break
+        time.sleep(0.2)
+    return status, view, seen
+
+
 def http_send(host: DevHost, limit: float = 60) -> dict:
     """One mail through POST /api/send on the local host, its status URL, and the GET /api/requests/<id>
     answer once the request is final (sent). Returns that answer."""
@@ -150,18 +177,8 @@ def http_send(host: DevHost, limit: float = 60) -> dict:
         return accepted
     status_url = base + accepted["status"]
     say(f"status URL  {status_url}")
-    started, seen, view = time.monotonic(), [], {}
-    while True:
-        status, view = http_call(status_url)
-        state = view.get("state", "")
-        if status == 200 and (not seen or seen[-1] != state):
-            seen.append(state)
-        if state in FINAL_STATES:
-            break
-        if time.monotonic() - started > limit:
-            say(f"  (stopping the wait after {limit:.0f} s)")
-            break
-        time.sleep(0.2)
+    started = time.monotonic()
+    status, view, seen = wait_final(status_url, limit)
     say(f"GET  {status_url}  ->  {status} {json.dumps(view)}")
     say(f"  states seen: {' -> '.join(seen)} ({time.monotonic() - started:.1f} s)")
     return view
@@ -190,7 +207,8 @@ def delivery_reconciliation(values: dict[str, str], emulator: HveEmulator, graph
     """Message trace (Graph stand-in) fed from what the emulator accepted, some recipients failing,
     quarantined or still pending; one reconciliation; the per-recipient outcome, by status."""
     from shared.delivery.trace import DeliveryStore, reconcile
-    from tools.ledger import render_show, run as ledger_run
+    from tools.ledger import render_show
+    from tools.ledger import run as ledger_run
 
     say("\n== Delivery confirmation (message trace, Graph stand-in) ==")
     graph.set_outcome("hugo@contoso.com", "failed")
@@ -209,7 +227,7 @@ def delivery_reconciliation(values: dict[str, str], emulator: HveEmulator, graph
         try:
             store = DeliveryStore(await storage.table(settings.delivery_table), settings.recipient_hash_key)
             counts: dict[str, int] = {}
-            for summary in await store.summaries_since(datetime.now(timezone.utc) - timedelta(days=1)):
+            for summary in await store.summaries_since(datetime.now(UTC) - timedelta(days=1)):
                 for status, n in summary["delivery"].items():
                     counts[status] = counts.get(status, 0) + n
             return counts
@@ -222,6 +240,101 @@ def delivery_reconciliation(values: dict[str, str], emulator: HveEmulator, graph
     shown = asyncio.run(ledger_run(settings, "show", "demo-007", None))   # Hugo: failed, reason masked
     say("python -m tools.ledger show demo-007:")
     say("  " + render_show(shown).replace("\n", "\n  "))
+
+
+def _address(name_addr: str) -> str:
+    return name_addr.split("<")[-1].rstrip(">").lower()
+
+
+def _local(name_addr: str) -> str:
+    """What the demo prints of an address: its local part ("olaf@"), as in its other lines."""
+    return _address(name_addr).split("@")[0] + "@"
+
+
+def suppression(host: DevHost, emulator: HveEmulator, limit: float = 60) -> dict:
+    """A recipient HVE refuses for good at RCPT goes on the suppression list; the next request to it
+    and another recipient is sent to the other one only (`suppressed 1`). Returns that request's
+    GET /api/requests/<id> answer."""
+    say("\n== Suppression list (docs/suppression.md) ==")
+    base = f"http://127.0.0.1:{host.http_port}/{host.route_prefix}"
+    # The host is idle: the next RCPT is this request's. HVE quotes the recipient, as Exchange does.
+    emulator.fail_next(1, f"550 5.1.1 <{_address(GONE)}>: Recipient address rejected: User unknown", stage="RCPT")
+    view: dict = {}
+    for rid, to in (("demo-gone-1", [GONE]), ("demo-gone-2", [GONE, OTHER])):
+        before = len(emulator.accepted())
+        status, accepted = http_call(f"{base}/send", {"id": rid, "to": to, "subject": "Your statement", "category": "http",
+                                                      "text": "Hello,\n\nyour statement is ready.\n"})
+        if status != 202:
+            say(f"POST /{host.route_prefix}/send {rid}  ->  {status} {json.dumps(accepted)}")
+            return accepted
+        _, view, _ = wait_final(f"http://127.0.0.1:{host.http_port}{accepted['status']}", limit)
+        went = sorted({_local(r) for m in emulator.accepted()[before:] for r in m.recipients})
+        say(f"{rid}  to {', '.join(_local(a) for a in to):12}  ->  {view.get('state')}  suppressed {view.get('suppressed')}"
+            f"  last code {view.get('last_code')}  HVE accepted: {', '.join(went) or 'none'}")
+        if rid == "demo-gone-1":  # the address goes in the body, never in a URL, and is not echoed
+            status, answer = http_call(f"{base}/suppressions/check", {"address": _address(GONE)})
+            say(f"POST /{host.route_prefix}/suppressions/check ({_local(GONE)})  ->  {status} {json.dumps(answer)}")
+    return view
+
+
+async def _enqueue_backlog(settings: Settings, requests: list[dict]) -> None:
+    storage = StorageClients(settings)
+    try:
+        queue = await storage.queue(settings.mail_queue)
+        lanes = 16  # a producer writing in parallel: the backlog is on the queue within a second or two
+
+        async def lane(part: list[dict]) -> None:
+            for request in part:
+                await queue.send_message(json.dumps(request, separators=(",", ":")), time_to_live=-1)
+
+        await asyncio.gather(*(lane(requests[i::lanes]) for i in range(lanes)))
+    finally:
+        await storage.close()
+
+
+def priority_lane(host: DevHost, settings: Settings, emulator: HveEmulator, backlog: int = BACKLOG,
+                  limit: float = 120) -> dict:
+    """A bulk backlog on the mail queue, then one POST /api/send with "priority": "high": when the
+    emulator accepted it and how many bulk requests were still queued then. Returns what it measured."""
+    say("\n== Priority lane (\"priority\": \"high\" on POST /api/send) ==")
+    bulk = [{"id": f"demo-bulk-{i:03d}", "to": [f"{name.title()} Example <{name}@contoso.com>"],
+             "subject": f"Newsletter {i}", "category": "newsletter", "text": "This week's news.\n"}
+            for i, name in ((i, READERS[i % len(READERS)]) for i in range(backlog))]
+    before = len(emulator.accepted())
+    started = time.monotonic()
+    asyncio.run(_enqueue_backlog(settings, bulk))
+    queued_in = time.monotonic() - started
+    url = f"http://127.0.0.1:{host.http_port}/{host.route_prefix}/send"
+    posted = time.monotonic()
+    status, _ = http_call(url, {"id": "demo-priority-1", "to": [URGENT], "subject": "Your sign-in code",
+                                "category": "http", "priority": "high", "text": "Your code is 123456.\n"})
+    say(f"enqueued    {backlog} bulk requests on '{settings.mail_queue}' in {queued_in:.1f} s, then "
+        f"POST /{host.route_prefix}/send with \"priority\": \"high\"  ->  {status}")
+    result: dict = {"sent_after": None, "still_queued": None}
+    if status != 202:
+        return result
+    urgent = _address(URGENT)
+    while time.monotonic() - posted < limit:
+        accepted_now = emulator.accepted()[before:]
+        if any(urgent in (r.lower() for r in m.recipients) for m in accepted_now):
+            # Every bulk request HVE has not accepted yet is still on the mail queue (waiting or leased).
+            bulk_sent = len(accepted_now) - 1
+            result = {"sent_after": time.monotonic() - posted, "still_queued": backlog - bulk_sent}
+            say(f"priority request sent {result['sent_after']:.1f} s after its POST, {result['still_queued']} bulk requests "
+                f"still queued ({bulk_sent} of {backlog} sent before it)")
+            break
+        time.sleep(0.02)
+    else:
+        say(f"  (the priority request was not sent within {limit:.0f} s)")
+    while len(emulator.accepted()) - before < backlog + 1 and time.monotonic() - posted < limit:
+        time.sleep(0.2)
+    try:
+        host.wait_until_idle(timeout=10)
+    except TimeoutError:
+        pass
+    bulk_sent = len(emulator.accepted()[before:]) - (1 if result["sent_after"] is not None else 0)
+    say(f"backlog drained: {bulk_sent} of {backlog} bulk requests sent {time.monotonic() - started:.1f} s after the first was queued")
+    return result
 
 
 def run(requests_file: Path, keep_running: bool, http_port: int = 7071) -> int:
@@ -270,6 +383,8 @@ def run(requests_file: Path, keep_running: bool, http_port: int = 7071) -> int:
             welcome_scan(settings, host, graph)
             say(f"welcome mails accepted by the emulator: {len(emulator.accepted()) - accepted_before}")
             delivery_reconciliation(values, emulator, graph)
+            suppression(host, emulator)
+            priority_lane(host, settings, emulator)
             if keep_running:
                 say("\nStill running (Ctrl-C to stop). Enqueue more with: python -m tools.enqueue --to ann@contoso.com --subject Hi --text Hello")
                 say(f"  AzureWebJobsStorage={azurite.connection_string}")
