@@ -85,6 +85,9 @@ def plain_decision(
     return Later(max(delay, 1.0), why)
 
 
+# The schedulers below await the governor (its Table rows), so tools/mutation.sh leaves them out;
+# their tests run against Azurite (tests/test_plain_path.py).
+# pragma: no mutate block
 class PlainScheduler:
     """`plain_decision` on the governor's rows, read at most every `refresh_seconds`."""
 
