@@ -147,6 +147,10 @@ class BudgetedScheduler(PlainScheduler):
             async with self._claiming:  # messages handled together wait for one claim, not race
                 if self._left < shape.recipients and not self._spent:
                     taken = await self.governor.claim_allowance(shape.recipients - self._left, BUDGET_BLOCK, now)
+                    if taken is None:
+                        # Other instances won every race for the tenant row: the cap is not known
+                        # to be spent (taking it for spent deferred this process to the day's end).
+                        return Later(1.0 + self.rng.uniform(0.0, 1.0), "governor contention")
                     self._left += taken
                     self._spent = taken == 0
             if self._left < shape.recipients:
