@@ -5,14 +5,37 @@ scheduled request. Fast and pure, like the rest of setup.cfg's [mutmut] selectio
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from shared.delivery.policy import (
+    TraceConfig,
+    _ceil_seconds,
+    count_delta,
+    delivery_rates,
+    graph_time,
+    is_open,
+    retry_at,
+    row_problem,
+)
 from shared.governor.pacing import AccountState, Shape
 from shared.governor.scheduler import Go, Later, plain_decision
-from shared.send.contract import MAX_JSON_DEPTH, RequestRefused, _check_tree, _safe_path
+from shared.send.contract import (
+    MAX_JSON_DEPTH,
+    QUEUE_MESSAGE_BUDGET,
+    RequestRefused,
+    _check_tree,
+    _safe_path,
+    check_blob_url,
+    claim_check_of,
+    content_digest,
+    decode_queue_body,
+    fits_on_queue,
+    id_proof,
+)
 from shared.send.send_at import held_reason
+from shared.welcome.policy import GraphUser, decide, needs_group_check, parse_graph_time, span
 
 NOW = 1_796_000_000.0
 A, B = "a@contoso.com", "b@contoso.com"
@@ -101,3 +124,143 @@ def test_json_nested_as_deep_as_allowed_passes_and_one_level_more_is_refused():
 def test_a_held_requests_reason_is_its_send_at_in_utc_to_the_second():
     at = datetime(2026, 3, 10, 8, 5, 9, 750000, tzinfo=UTC).timestamp()
     assert held_reason(at) == "scheduled: not before 2026-03-10T08:05:09Z"
+
+
+# --- the contract's keyed digests and its refusal codes -----------------------------------------
+
+
+def test_the_content_digest_is_the_same_across_releases_and_key_orders():
+    # Ledger rows keep it: a redelivery after an upgrade must still match its row (`duplicate`,
+    # not `id-conflict`), so the canonical text and the key's context string are fixed.
+    doc = {"to": ["ann@contoso.com"], "subject": "Привет", "text": "x", "id": "r1"}
+    assert content_digest(b"k", doc) == "11a614300e74aa663d3c8deae7134df1"
+    assert content_digest(b"k", dict(reversed(list(doc.items())))) == "11a614300e74aa663d3c8deae7134df1"
+
+
+def test_an_id_proof_is_the_same_across_releases():
+    # Copies the relay re-enqueued before an upgrade carry proofs made by the release before.
+    assert id_proof(b"k", "r-1") == "589986a8a24ad44c4fcd760e7375405e"
+
+
+@pytest.mark.parametrize("url", ["https://a.blob.core.windows.net/c/x\\y", "https://a.blob.core.windows.net/c/x%5Cy"])
+def test_a_blob_url_with_a_backslash_is_refused_with_the_callers_field_and_reason(url):
+    with pytest.raises(RequestRefused) as refused:
+        check_blob_url("attachments[0].blobUrl", url, "bad-attachment")
+    assert (refused.value.reason, refused.value.detail) == (
+        "bad-attachment", "attachments[0].blobUrl must not contain a backslash")
+    with pytest.raises(RequestRefused) as refused:
+        claim_check_of({"claimCheck": {"blobUrl": url}, "id": "r-1"})
+    assert (refused.value.reason, refused.value.detail) == (
+        "claim-check", "claimCheck.blobUrl must not contain a backslash")
+
+
+def test_a_claim_check_stub_may_carry_the_relays_id_proof():
+    stub = {"claimCheck": {"blobUrl": "https://a.blob.core.windows.net/c/requests/p/r-1/request.json"},
+            "id": "r-1", "attempt": 2, "idProof": "0" * 32}
+    assert claim_check_of(stub).id == "r-1"
+
+
+def test_json_too_deep_or_with_a_number_too_large_to_read_is_malformed_and_says_which():
+    with pytest.raises(RequestRefused) as refused:
+        decode_queue_body(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert (refused.value.reason, refused.value.detail) == ("malformed", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    with pytest.raises(RequestRefused) as refused:
+        decode_queue_body(b'{"a":' + b"9" * 5000 + b"}")
+    assert (refused.value.reason, refused.value.detail) == ("malformed", "JSON holds a number too large to read")
+
+
+def test_a_base64_copy_fits_on_the_queue_up_to_the_budget_exactly():
+    fits = QUEUE_MESSAGE_BUDGET // 4 * 3  # base64 makes 4 bytes of every 3
+    assert fits_on_queue("x" * fits, base64_encoded=True)
+    assert not fits_on_queue("x" * (fits + 1), base64_encoded=True)
+    assert fits_on_queue("x" * QUEUE_MESSAGE_BUDGET) and not fits_on_queue("x" * (QUEUE_MESSAGE_BUDGET + 1))
+
+
+# --- delivery confirmation's small rules ----------------------------------------------------------
+
+
+def test_a_trace_bound_is_written_in_utc_to_the_second_and_a_naive_one_is_refused():
+    cet = timezone(timedelta(hours=1))
+    assert graph_time(datetime(2026, 12, 2, 4, 0, 30, 999999, tzinfo=cet)) == "2026-12-02T03:00:30Z"
+    with pytest.raises(ValueError, match="^a trace bound must be timezone-aware$"):
+        graph_time(datetime(2026, 12, 2, 4, 0))
+
+
+def test_a_bound_is_rounded_up_to_the_next_whole_second_unless_it_is_one():
+    at = datetime(2026, 12, 2, 3, 0, 5, tzinfo=UTC)
+    assert _ceil_seconds(at) == at
+    assert _ceil_seconds(at + timedelta(microseconds=1)) == at + timedelta(seconds=1)
+
+
+def test_a_request_is_open_while_any_recipient_is_pending_or_getting_status():
+    assert is_open(["delivered", "pending"]) and is_open(["gettingStatus"])
+    assert not is_open(["delivered", "failed"]) and not is_open([])
+
+
+def test_rates_name_each_final_status_and_are_rounded_to_four_places():
+    rates = delivery_rates({"delivered": 2, "filteredAsSpam": 1})
+    assert rates["filteredAsSpam"] == 0.3333 and rates["delivered"] == 0.6667 and rates["traced"] == 3
+
+
+def test_deltas_count_a_status_that_appears_or_disappears():
+    assert count_delta({"pending": 2}, {"delivered": 2}) == {"delivered": 2, "pending": -2}
+
+
+@pytest.mark.parametrize("field", ["status", "id", "senderAddress"])
+def test_a_row_whose_optional_field_is_not_text_is_named(field):
+    row = {"messageId": "<m@x>", "recipientAddress": "a@b.c", "receivedDateTime": "2026-12-02T03:00:00Z", field: 5}
+    assert row_problem(row) == f"{field} is not a string"
+
+
+def test_a_429_waits_its_retry_after_at_least_a_second_and_at_most_the_cap():
+    now = datetime(2026, 12, 2, 3, 0, tzinfo=UTC)
+    assert retry_at(now, 1.5) == now + timedelta(seconds=1.5)
+    assert retry_at(now, 0.2) == now + timedelta(seconds=1)
+    assert retry_at(now, 30.0, cap=timedelta(0)) == now + timedelta(seconds=1)
+
+
+@pytest.mark.parametrize("bad", [dict(span=timedelta(0)), dict(max_age=timedelta(0))])
+def test_a_trace_config_with_an_empty_span_or_max_age_is_refused(bad):
+    with pytest.raises(ValueError, match=r"^the trace (span|max age) must be more than 0"):
+        TraceConfig(**bad)
+
+
+# --- the welcome scan's small rules ---------------------------------------------------------------
+
+
+def _user(**changes):
+    base = dict(id="u1", display_name="Ann Lee", given_name="Ann", user_principal_name="ann@contoso.com",
+                mail="ann@contoso.com", created=datetime(2026, 12, 1, tzinfo=UTC), account_enabled=True,
+                user_type="Member")
+    return GraphUser(**{**base, **changes})
+
+
+@pytest.mark.parametrize(("delta", "text"), [
+    (timedelta(seconds=1), "1 second"), (timedelta(seconds=45), "45 seconds"), (timedelta(seconds=90), "90 seconds"),
+    (timedelta(minutes=90), "90 minutes"), (timedelta(hours=1), "1 hour"), (timedelta(hours=36), "1.5 days"),
+    (timedelta(days=7), "7 days"),
+])
+def test_a_duration_is_said_in_the_largest_whole_unit_and_days_may_be_fractional(delta, text):
+    assert span(delta) == text
+
+
+@pytest.mark.parametrize(("user", "group", "needed"), [
+    (_user(), "g1", True),
+    (_user(), "", False),
+    (_user(user_type="Guest"), "g1", False),
+    (_user(account_enabled=False), "g1", False),
+    (_user(mail=""), "g1", False),
+])
+def test_the_group_is_read_only_when_membership_could_change_the_decision(user, group, needed):
+    assert needs_group_check(user, group) is needed
+
+
+def test_graph_times_with_z_are_utc():
+    assert parse_graph_time("2026-12-02T03:00:00Z") == datetime(2026, 12, 2, 3, 0, tzinfo=UTC)
+    assert parse_graph_time("2026-12-02T04:00:00+01:00") == datetime(2026, 12, 2, 3, 0, tzinfo=UTC)
+
+
+def test_every_decision_names_its_user():
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    for user in (_user(), _user(user_type="Guest"), _user(mail=""), _user(mail="", created=None)):
+        assert decide(user, now, timedelta(days=7), first_seen=now - timedelta(days=30)).user == user
