@@ -5,6 +5,7 @@ scheduled request. Fast and pure, like the rest of setup.cfg's [mutmut] selectio
 from __future__ import annotations
 
 import random
+import time
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -19,7 +20,17 @@ from shared.delivery.policy import (
     retry_at,
     row_problem,
 )
-from shared.governor.pacing import AccountState, Shape
+from shared.governor.pacing import (
+    OPENING_SLACK_SECONDS,
+    AccountState,
+    Grant,
+    PacingConfig,
+    Shape,
+    Wait,
+    _after_backlog,
+    decide,
+)
+from shared.hve.limits import PROFILES
 from shared.governor.scheduler import Go, Later, plain_decision
 from shared.send.contract import (
     MAX_JSON_DEPTH,
@@ -34,8 +45,9 @@ from shared.send.contract import (
     fits_on_queue,
     id_proof,
 )
-from shared.send.send_at import held_reason
-from shared.welcome.policy import GraphUser, decide, needs_group_check, parse_graph_time, span
+from shared.send.send_at import BadSendAt, held_reason, parse_send_at
+from shared.welcome.policy import GraphUser, needs_group_check, parse_graph_time, span
+from shared.welcome.policy import decide as welcome_decide
 
 NOW = 1_796_000_000.0
 A, B = "a@contoso.com", "b@contoso.com"
@@ -263,4 +275,107 @@ def test_graph_times_with_z_are_utc():
 def test_every_decision_names_its_user():
     now = datetime(2026, 12, 2, tzinfo=UTC)
     for user in (_user(), _user(user_type="Guest"), _user(mail=""), _user(mail="", created=None)):
-        assert decide(user, now, timedelta(days=7), first_seen=now - timedelta(days=30)).user == user
+        assert welcome_decide(user, now, timedelta(days=7), first_seen=now - timedelta(days=30)).user == user
+
+
+# --- bookings behind a backlog (pacing's `_after_backlog` and the end of the day) ---------------
+
+PREVIEW_CFG = PacingConfig(limits=PROFILES["preview-2024"], margin_seconds=1.0)  # a window of 61 s
+DAY_START = 1_799_884_800.0  # 2027-01-15 00:00 UTC
+
+
+def test_an_opening_exactly_whole_windows_before_the_backlogs_end_is_the_last_one_skipped():
+    # Openings at +0, +61 and +122: the backlog ends at +122 exactly, so it takes +0 and +61, and
+    # the booking goes after the opening at +122 (the backlog's last), a slack after it.
+    w = PREVIEW_CFG.window
+    assert _after_backlog(1000.0, 1000.0 + 2 * w, 1000.0 + 2 * w, PREVIEW_CFG) == 1000.0 + 2 * w + OPENING_SLACK_SECONDS
+
+
+def test_with_no_opening_left_to_the_backlog_the_booking_waits_only_for_the_floor():
+    assert _after_backlog(1000.0, 1003.0, 1000.0, PREVIEW_CFG) == 1003.0
+    assert _after_backlog(1000.0, 1000.5, 1000.0, PREVIEW_CFG) == 1000.5
+    assert _after_backlog(1000.0, 1003.0, 990.0, PREVIEW_CFG) == 1003.0
+
+
+def _external_full(account: str, at: float) -> AccountState:
+    slots = tuple(at + i * 0.1 for i in range(10))
+    return AccountState(account=account, external_slots=slots, day=PREVIEW_CFG.day_of(at), external_today=10,
+                        messages_today=10)
+
+
+def test_behind_a_backlog_the_account_free_soonest_after_it_is_booked():
+    now = DAY_START + 3600
+    # b's window opens 20 s after a's; the backlog ends before either: a, listed second, goes first.
+    states = [_external_full("b@contoso.com", now + 20), _external_full("a@contoso.com", now)]
+    for seed in range(8):
+        decision = decide(states, None, Shape(0, 1), now + 1, PREVIEW_CFG, random.Random(seed),
+                          book_not_before=now + 30, backlog_until=now + 30)
+        assert isinstance(decision, Grant) and decision.account == "a@contoso.com", seed
+        assert decision.at < now + 70
+
+
+def test_a_backlog_lasting_past_the_end_of_the_day_waits_for_the_first_slot_after_it():
+    now = DAY_START + 86_400 - 30  # 30 s before the daily windows turn
+    states = [_external_full("a@contoso.com", now - 50)]
+    decision = decide(states, None, Shape(0, 1), now, PREVIEW_CFG, random.Random(1),
+                      book_not_before=now + 600, backlog_until=now + 600)
+    # The window opens at +11 s; the backlog takes it; the booking would go after the next opening
+    # (+72 s) and a slack: 47 s into the next day, which is waited for, not booked.
+    assert decision == Wait(until=DAY_START + 86_400 + 47, reason="")
+
+
+def test_a_backlog_ending_exactly_at_the_end_of_the_day_waits_for_the_next_day():
+    now = DAY_START + 86_400 - 7200  # two hours before the daily windows turn: past the booking horizon
+    states = [_external_full("a@contoso.com", now - 50)]
+    # The backlog's end is known (`backlog_until` now) but the floor is the end of the day: the
+    # first slot is the turn of the day itself, which is not today's to book.
+    decision = decide(states, None, Shape(0, 1), now, PREVIEW_CFG, random.Random(1),
+                      book_not_before=DAY_START + 86_400, backlog_until=now)
+    assert decision == Wait(until=DAY_START + 86_400, reason="")
+
+
+# --- sendAt offsets and fractions ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "utc"), [
+    ("2026-03-10T23:59:00+23:59", "2026-03-10T00:00:00"),
+    ("2026-03-10T05:59:00+05:59", "2026-03-10T00:00:00"),
+    ("2026-03-10T00:00:00-23:00", "2026-03-10T23:00:00"),
+])
+def test_send_at_takes_every_offset_up_to_23_59(text, utc):
+    assert parse_send_at(text) == datetime.fromisoformat(utc + "+00:00").timestamp()
+
+
+@pytest.mark.parametrize("text", ["2026-03-10T00:00:00+00:60", "2026-03-10T00:00:00+24:00"])
+def test_send_at_with_an_offset_past_23_59_is_refused(text):
+    with pytest.raises(BadSendAt):
+        parse_send_at(text)
+
+
+def test_send_at_with_more_than_six_digits_of_fraction_keeps_the_microseconds():
+    assert parse_send_at("2026-03-10T08:05:09.1234567Z") == parse_send_at("2026-03-10T08:05:09.123456Z")
+
+
+def test_a_held_requests_reason_is_in_utc_whatever_the_hosts_time_zone(monkeypatch):
+    at = datetime(2026, 3, 10, 8, 5, 9, tzinfo=UTC).timestamp()
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    try:
+        assert held_reason(at) == "scheduled: not before 2026-03-10T08:05:09Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_a_booking_that_spreading_pushes_past_the_end_of_the_day_waits_instead():
+    # a's next slot is half a second before the daily windows turn; that second already has its
+    # one booking (b's, resting after it), so the spread would put a's into the next day: a wait
+    # for the slot, as if nothing were spread.
+    end = DAY_START + 86_400
+    cfg = PacingConfig(limits=PROFILES["preview-2024"], margin_seconds=1.0, bookings_per_second=1)
+    a = AccountState("a@contoso.com", external_slots=tuple(end - 61.5 + i * 0.1 for i in range(10)),
+                     day=cfg.day_of(end - 100), external_today=10, messages_today=10)
+    b = AccountState("b@contoso.com", external_slots=(end - 0.7,), day=cfg.day_of(end - 100), external_today=1,
+                     messages_today=1, cooldown_until=end + 1000)
+    decision = decide([a, b], None, Shape(0, 1), end - 100, cfg, random.Random(1))
+    assert isinstance(decision, Wait) and decision.until == end - 0.5 and decision.reason
