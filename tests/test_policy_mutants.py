@@ -5,6 +5,7 @@ scheduled request. Fast and pure, like the rest of setup.cfg's [mutmut] selectio
 from __future__ import annotations
 
 import random
+import re
 import time
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -38,15 +39,28 @@ from shared.send.contract import (
     RequestRefused,
     _check_tree,
     _safe_path,
+    ValidationPolicy,
     check_blob_url,
+    check_id_claim,
+    check_send_at,
     claim_check_of,
     content_digest,
     decode_queue_body,
     fits_on_queue,
     id_proof,
+    queue_text,
+    validate_request,
 )
 from shared.send.send_at import BadSendAt, held_reason, parse_send_at
-from shared.welcome.policy import GraphUser, needs_group_check, parse_graph_time, span
+from shared.welcome.policy import (
+    GraphUser,
+    Template,
+    TemplateError,
+    Templates,
+    needs_group_check,
+    parse_graph_time,
+    span,
+)
 from shared.welcome.policy import decide as welcome_decide
 
 NOW = 1_796_000_000.0
@@ -379,3 +393,110 @@ def test_a_booking_that_spreading_pushes_past_the_end_of_the_day_waits_instead()
                      messages_today=1, cooldown_until=end + 1000)
     decision = decide([a, b], None, Shape(0, 1), end - 100, cfg, random.Random(1))
     assert isinstance(decision, Wait) and decision.until == end - 0.5 and decision.reason
+
+
+# --- the contract's refusals say what and where -------------------------------------------------
+
+CONTRACT_POLICY = ValidationPolicy(accounts=frozenset({"news@contoso.com"}), internal_domains=frozenset({"contoso.com"}),
+                                   external_allowed=False, max_recipients=5)
+
+
+def _refused(doc):
+    with pytest.raises(RequestRefused) as refused:
+        validate_request(doc, CONTRACT_POLICY)
+    return refused.value.reason, refused.value.detail
+
+
+def _mail(**extra):
+    return {"to": ["ann@contoso.com"], "subject": "Hello", "text": "Hi", **extra}
+
+
+def test_blob_url_attachments_need_the_requests_id_and_no_backslash():
+    blob = "https://a.blob.core.windows.net/relay/requests/p/r-1/a.pdf"
+    assert _refused(_mail(attachments=[{"name": "a.pdf", "blobUrl": blob}])) == (
+        "bad-attachment", "a request with blobUrl attachments needs an id (its blobs are under requests/<producer>/<id>/)")
+    assert _refused(_mail(id="r-1", attachments=[{"name": "a.pdf", "blobUrl": blob + "\\x"}])) == (
+        "bad-attachment", "attachments[0].blobUrl must not contain a backslash")
+
+
+def test_an_address_shaped_category_is_refused_saying_why():
+    assert _refused(_mail(category="ann@contoso.com")) == (
+        "address-shaped", "category looks like it holds a mail address; categories are stored, "
+        "logged and aggregated in clear, so they must not")
+
+
+def test_the_requested_lane_is_kept():
+    assert validate_request(_mail(priority="high"), CONTRACT_POLICY).priority == "high"
+
+
+def test_a_send_at_too_far_ahead_says_how_far_and_why():
+    request = validate_request(_mail(sendAt="2026-03-20T12:00:00Z"), CONTRACT_POLICY)
+    with pytest.raises(RequestRefused) as refused:
+        check_send_at(request, datetime(2026, 3, 10, 12, 0, tzinfo=UTC).timestamp())
+    assert (refused.value.reason, refused.value.detail) == (
+        "send-at-too-far", "sendAt is 240.0 hours ahead; at most 7 days (168 hours) ahead, "
+        "the storage queue's longest visibility timeout")
+
+
+def test_a_relay_id_without_the_relays_proof_is_refused_saying_whose_ids_they_are():
+    with pytest.raises(RequestRefused) as refused:
+        check_id_claim({}, "welcome-1", b"k")
+    assert (refused.value.reason, refused.value.detail) == (
+        "reserved-id", "ids of the form 'c-' + 32 hex digits or 'welcome-...' are given by the relay itself; "
+        "a producer chooses another id (or none)")
+
+
+@pytest.mark.parametrize(("path", "named"), [("attachments[0].contentType", "attachments[0].contentType"),
+                                             ("attachments[1].contentBase64", "attachments[1].contentBase64")])
+def test_attachment_fields_are_named_in_a_refusal(path, named):
+    assert _safe_path(path) == named
+
+
+def test_a_field_name_with_a_lone_surrogate_is_a_bad_encoding():
+    with pytest.raises(RequestRefused) as refused:
+        _check_tree({"\ud800": "v"})
+    assert refused.value.reason == "bad-encoding"
+
+
+def test_objects_count_towards_the_nesting_limit_like_lists():
+    def nested(levels):
+        doc: object = "x"
+        for _ in range(levels - 1):
+            doc = {"a": doc}
+        return doc
+    _check_tree(nested(MAX_JSON_DEPTH))
+    with pytest.raises(RequestRefused):
+        _check_tree(nested(MAX_JSON_DEPTH + 1))
+
+
+def test_a_queue_message_with_a_lone_surrogate_is_refused_not_raised():
+    for body in ('{"text":"a\\ud800"}', '{"text":"a\ud800"}'):
+        with pytest.raises(RequestRefused):
+            decode_queue_body(body)
+
+
+def test_a_lone_surrogate_has_a_digest_and_keeps_its_escape_on_the_queue():
+    assert re.fullmatch(r"[0-9a-f]{32}", content_digest(b"k", {"text": "a\ud800"}))
+    assert queue_text({"a": "\ud800", "b": 1}) == '{"a":"\\ud800","b":1}'
+
+
+def test_a_graph_user_keeps_every_field_graph_gave_as_text():
+    user = GraphUser.from_graph({"id": 7, "displayName": "Ann Lee", "givenName": "Ann",
+                                 "userPrincipalName": "ann@contoso.com", "mail": " ann@contoso.com ",
+                                 "createdDateTime": "2026-08-14T09:30:12Z", "accountEnabled": True, "userType": "Guest"})
+    assert user == GraphUser(id="7", display_name="Ann Lee", given_name="Ann", user_principal_name="ann@contoso.com",
+                             mail="ann@contoso.com", created=datetime(2026, 8, 14, 9, 30, 12, tzinfo=UTC),
+                             account_enabled=True, user_type="Guest")
+    empty = GraphUser.from_graph({"id": "y", "displayName": None, "givenName": None, "userPrincipalName": None,
+                                  "mail": None, "userType": None, "accountEnabled": "true"})
+    assert empty == GraphUser("y", "", "", "", "", None, False, "")
+
+
+def test_templates_are_named_after_their_files_and_only_the_html_one_escapes():
+    templates = Templates.from_sources({"subject": "  Welcome {{first_name}}\n", "text": "Hi {{display_name}}\n",
+                                        "html": "<p>{{display_name}}</p>"})
+    assert templates.subject == Template("welcome.subject.txt", "Welcome {{first_name}}")
+    assert templates.text == Template("welcome.txt", "Hi {{display_name}}\n")
+    assert templates.html == Template("welcome.html", "<p>{{display_name}}</p>", escape_html=True)
+    with pytest.raises(TemplateError, match=r"^missing welcome template\(s\): welcome.txt, welcome.html$"):
+        Templates.from_sources({"subject": "x"})
