@@ -319,13 +319,15 @@ def _external_full(account: str, at: float) -> AccountState:
 
 def test_behind_a_backlog_the_account_free_soonest_after_it_is_booked():
     now = DAY_START + 3600
-    # b's window opens 20 s after a's; the backlog ends before either: a, listed second, goes first.
+    # a's window opens at +61 s, b's at +81 s; the backlog lasts until +100 s and takes both
+    # openings: a's next one (+122 s) then comes first, b's (+142 s) too late to be near it. a,
+    # listed second, is booked after its opening, a slack after it.
     states = [_external_full("b@contoso.com", now + 20), _external_full("a@contoso.com", now)]
     for seed in range(8):
         decision = decide(states, None, Shape(0, 1), now + 1, PREVIEW_CFG, random.Random(seed),
-                          book_not_before=now + 30, backlog_until=now + 30)
+                          book_not_before=now + 100, backlog_until=now + 100)
         assert isinstance(decision, Grant) and decision.account == "a@contoso.com", seed
-        assert decision.at < now + 70
+        assert decision.at == pytest.approx(now + 2 * PREVIEW_CFG.window + OPENING_SLACK_SECONDS), seed
 
 
 def test_a_backlog_lasting_past_the_end_of_the_day_waits_for_the_first_slot_after_it():
@@ -382,17 +384,17 @@ def test_a_held_requests_reason_is_in_utc_whatever_the_hosts_time_zone(monkeypat
 
 
 def test_a_booking_that_spreading_pushes_past_the_end_of_the_day_waits_instead():
-    # a's next slot is half a second before the daily windows turn; that second already has its
-    # one booking (b's, resting after it), so the spread would put a's into the next day: a wait
-    # for the slot, as if nothing were spread.
+    # a's next slot is a second before the daily windows turn; that second already has its one
+    # booking (b's, resting after it), so the spread would put a's at the turn of the day itself,
+    # which is not today's: a wait for the slot, as if nothing were spread.
     end = DAY_START + 86_400
     cfg = PacingConfig(limits=PROFILES["preview-2024"], margin_seconds=1.0, bookings_per_second=1)
-    a = AccountState("a@contoso.com", external_slots=tuple(end - 61.5 + i * 0.1 for i in range(10)),
+    a = AccountState("a@contoso.com", external_slots=tuple(end - 62 + i * 0.1 for i in range(10)),
                      day=cfg.day_of(end - 100), external_today=10, messages_today=10)
     b = AccountState("b@contoso.com", external_slots=(end - 0.7,), day=cfg.day_of(end - 100), external_today=1,
                      messages_today=1, cooldown_until=end + 1000)
     decision = decide([a, b], None, Shape(0, 1), end - 100, cfg, random.Random(1))
-    assert isinstance(decision, Wait) and decision.until == end - 0.5 and decision.reason
+    assert isinstance(decision, Wait) and decision.until == end - 1 and decision.reason
 
 
 # --- the contract's refusals say what and where -------------------------------------------------
