@@ -29,14 +29,18 @@ def test_governor_benchmark_reports_contention_waits_and_no_over_grants():
     out = run("bench.bench_governor", "--workers", "2", "--decisions", "20", "--accounts", "1")
     rows = {}
     for line in out.splitlines():
-        m = re.match(r"^(ga-2026|preview-2024)\s+(\d+)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$", line)
+        m = re.match(r"^(ga-2026|ga-2026/budget|preview-2024)\s+(\d+)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$",
+                     line)
         if m:
             rows[m[1]] = {"round_trips": float(m[3]), "grants": int(m[5]), "contention_waits": int(m[6]),
                           "over_grants": int(m[7])}
-    assert set(rows) == {"ga-2026", "preview-2024"}, out
+    assert set(rows) == {"ga-2026", "ga-2026/budget", "preview-2024"}, out
     assert all(r["over_grants"] == 0 for r in rows.values()), out
     assert all(r["grants"] + r["contention_waits"] <= 40 and r["grants"] > 0 for r in rows.values()), out
-    assert all(r["round_trips"] >= 1.0 for r in rows.values()), out
+    # The paced path writes an account row per decision; the plain scheduler only reads now and
+    # then (one read per process here), and with a budget claims it in blocks.
+    assert rows["preview-2024"]["round_trips"] >= 1.0, out
+    assert rows["ga-2026"]["round_trips"] <= 0.1 and rows["ga-2026/budget"]["round_trips"] <= 0.3, out
     assert re.search(r"^over-grants: 0 \(re-counted from \d+ granted slots\)$", out, re.M), out
 
 

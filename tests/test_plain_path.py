@@ -8,7 +8,11 @@ import asyncio
 import random
 from datetime import datetime, timezone
 
-from shared.governor.pacing import AccountState, Shape
+from azure.core.exceptions import ResourceModifiedError
+
+from shared.governor.pacing import AccountState, PacingConfig, Shape
+from shared.governor.table import TableGovernor
+from shared.hve.limits import PROFILES
 from shared.governor.scheduler import RELEASE_SPREAD_SECONDS, BudgetedScheduler, Go, Later, plain_decision
 from shared.send.stage import Relay
 from shared.reporting.status import usage_from_aggregates
@@ -40,6 +44,72 @@ def test_requests_released_after_a_cooldown_are_spread_not_crowded_on_one_instan
     assert max(delays) - min(delays) > RELEASE_SPREAD_SECONDS / 2
     # Never half of them within the same 5 seconds (the crowd was all 20 at one instant).
     assert max(sum(1 for d in delays if t <= d < t + 5) for t in delays) < 10
+
+
+class _BudgetGovernor:
+    """What `BudgetedScheduler` asks of the governor: every account free, claims answered in turn."""
+
+    def __init__(self, claims):
+        self.config = PacingConfig(limits=PROFILES["ga-2026"], daily_recipient_budget=1000)
+        self.claims = list(claims)
+
+    async def refresh(self, older_than=0.0):
+        pass
+
+    def known_states(self):
+        return [AccountState(a) for a in ACCOUNTS]
+
+    def held(self):
+        return set()
+
+    async def claim_allowance(self, need, block, now):
+        return self.claims.pop(0)
+
+
+def test_a_budget_claim_that_lost_every_race_defers_briefly_and_is_not_taken_for_a_spent_cap():
+    async def run():
+        scheduler = BudgetedScheduler(_BudgetGovernor([None, 100]), random.Random(1))
+        lost = await scheduler.decide(Shape(1, 0), NOW)
+        after = await scheduler.decide(Shape(1, 0), NOW + 2)
+        return lost, after
+    lost, after = asyncio.run(run())
+    assert isinstance(lost, Later) and 1.0 <= lost.delay <= 2.0 and lost.reason == "governor contention"
+    assert isinstance(after, Go)
+
+
+def test_a_spent_budget_defers_to_the_end_of_the_day():
+    async def run():
+        scheduler = BudgetedScheduler(_BudgetGovernor([0]), random.Random(1))
+        return await scheduler.decide(Shape(1, 0), NOW), await scheduler.decide(Shape(1, 0), NOW + 1)
+    for spent in asyncio.run(run()):  # the second asks no claim: the cap was found spent today
+        day_end = (NOW // 86400 + 1) * 86400
+        assert isinstance(spent, Later) and spent.reason == "daily recipient budget spent for today"
+        assert day_end - NOW - 1 <= spent.delay <= day_end - NOW + RELEASE_SPREAD_SECONDS
+
+
+class _Row(dict):
+    metadata = {"etag": "W/1"}
+
+
+class _RacedTenantRow:
+    """A table whose tenant row another instance always writes first (every If-Match fails)."""
+
+    def __init__(self, claimed):
+        self.claimed = claimed
+
+    async def get_entity(self, partition, row):
+        return _Row(PartitionKey=partition, RowKey=row, Day=int(NOW // 86400), Claimed=self.claimed)
+
+    async def submit_transaction(self, operations):
+        raise ResourceModifiedError("the row changed")
+
+
+def test_a_claim_of_the_budget_that_loses_every_race_is_told_apart_from_a_spent_cap():
+    config = PacingConfig(limits=PROFILES["ga-2026"], daily_recipient_budget=1000)
+    raced = TableGovernor(_RacedTenantRow(claimed=10), ACCOUNTS, config, rng=random.Random(1))
+    assert asyncio.run(raced.claim_allowance(1, 100, NOW)) is None
+    spent = TableGovernor(_RacedTenantRow(claimed=1000), ACCOUNTS, config, rng=random.Random(1))
+    assert asyncio.run(spent.claim_allowance(1, 100, NOW)) == 0
 
 
 def _governor_rows(relay: Relay):

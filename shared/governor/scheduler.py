@@ -85,6 +85,9 @@ def plain_decision(
     return Later(max(delay, 1.0), why)
 
 
+# The schedulers below await the governor (its Table rows), so tools/mutation.sh leaves them out;
+# their tests run against Azurite (tests/test_plain_path.py).
+# pragma: no mutate block
 class PlainScheduler:
     """`plain_decision` on the governor's rows, read at most every `refresh_seconds`."""
 
@@ -144,6 +147,10 @@ class BudgetedScheduler(PlainScheduler):
             async with self._claiming:  # messages handled together wait for one claim, not race
                 if self._left < shape.recipients and not self._spent:
                     taken = await self.governor.claim_allowance(shape.recipients - self._left, BUDGET_BLOCK, now)
+                    if taken is None:
+                        # Other instances won every race for the tenant row: the cap is not known
+                        # to be spent (taking it for spent deferred this process to the day's end).
+                        return Later(1.0 + self.rng.uniform(0.0, 1.0), "governor contention")
                     self._left += taken
                     self._spent = taken == 0
             if self._left < shape.recipients:
