@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import base64
 import json
 import os
@@ -151,6 +152,23 @@ def test_certificates_name_localhost_are_private_and_reused(tmp_path: Path) -> N
     assert paths.ca_file.read_bytes() != before["ca.pem"]
     fresh_ca = x509.load_pem_x509_certificate(paths.ca_file.read_bytes())
     x509.load_pem_x509_certificate(paths.cert_file.read_bytes()).verify_directly_issued_by(fresh_ca)
+
+
+def test_a_certificate_made_by_a_clock_ahead_of_this_one_is_replaced_and_new_ones_are_backdated_a_day(
+        tmp_path: Path) -> None:
+    """Certificates made on the real clock and reused under a clock shifted back (tools/test_hours.sh
+    at 12:00 when it is 21:00) were "not yet valid": every SMTP session failed the handshake."""
+    real = dt.datetime.now(dt.timezone.utc)
+    paths = ensure_certificates(tmp_path, now=real)
+    made = x509.load_pem_x509_certificate(paths.cert_file.read_bytes())
+    assert made.not_valid_before_utc <= real - dt.timedelta(hours=23)  # a client a day behind accepts it
+    behind = real - dt.timedelta(hours=30)
+    ensure_certificates(tmp_path, now=behind)
+    for pem in (paths.cert_file, paths.ca_file):
+        cert = x509.load_pem_x509_certificate(pem.read_bytes())
+        assert cert.not_valid_before_utc <= behind < cert.not_valid_after_utc
+    x509.load_pem_x509_certificate(paths.cert_file.read_bytes()).verify_directly_issued_by(
+        x509.load_pem_x509_certificate(paths.ca_file.read_bytes()))
 
 
 def test_tls_is_only_trusted_through_the_emulator_ca(emulator: HveEmulator) -> None:

@@ -35,6 +35,9 @@ SERVER_IPS = (ipaddress.ip_address("127.0.0.1"),)
 VALIDITY = dt.timedelta(days=365)
 # A certificate this close to expiry is replaced, so a long-running dev stack never trips on it.
 RENEW_BEFORE = dt.timedelta(days=7)
+# Backdated by a day: a client whose clock is behind the one that made the certificate (a process
+# under tools/test_hours.sh's faked clock, a VM that slept) still finds it valid.
+BACKDATE = dt.timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -44,13 +47,15 @@ class CertPaths:
     key_file: Path
 
 
-def ensure_certificates(state_dir: Path) -> CertPaths:
-    """Reuse the CA and server certificate in state_dir if still valid, else create new ones."""
+def ensure_certificates(state_dir: Path, now: dt.datetime | None = None) -> CertPaths:
+    """Reuse the CA and server certificate in state_dir if valid now, else create new ones (one
+    made by a clock that is ahead of this one is not yet valid here, and is replaced too)."""
+    now = now or dt.datetime.now(dt.timezone.utc)
     state_dir.mkdir(parents=True, exist_ok=True)
     paths = CertPaths(state_dir / CA_FILE, state_dir / CERT_FILE, state_dir / KEY_FILE)
     with _locked(state_dir / ".certs.lock"):
-        if not _still_valid(paths):
-            _create(paths)
+        if not _still_valid(paths, now):
+            _create(paths, now)
     return paths
 
 
@@ -62,10 +67,8 @@ def server_tls_context(paths: CertPaths) -> ssl.SSLContext:
     return context
 
 
-def _create(paths: CertPaths) -> None:
-    now = dt.datetime.now(dt.timezone.utc)
-    # Backdated a little so a client with a slightly slow clock still accepts it.
-    not_before = now - dt.timedelta(minutes=5)
+def _create(paths: CertPaths, now: dt.datetime) -> None:
+    not_before = now - BACKDATE
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "HVE emulator local CA")])
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
@@ -134,16 +137,18 @@ def _create(paths: CertPaths) -> None:
     _write_atomic(paths.ca_file, ca_cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _still_valid(paths: CertPaths) -> bool:
+def _still_valid(paths: CertPaths, now: dt.datetime) -> bool:
     try:
         ca_cert = x509.load_pem_x509_certificate(paths.ca_file.read_bytes())
         server_cert = x509.load_pem_x509_certificate(paths.cert_file.read_bytes())
         server_key = serialization.load_pem_private_key(paths.key_file.read_bytes(), None)
     except (OSError, ValueError):
         return False
-    deadline = dt.datetime.now(dt.timezone.utc) + RENEW_BEFORE
+    deadline = now + RENEW_BEFORE
     if any(cert.not_valid_after_utc <= deadline for cert in (ca_cert, server_cert)):
         return False
+    if any(cert.not_valid_before_utc > now for cert in (ca_cert, server_cert)):
+        return False  # made by a clock ahead of this one
     try:
         server_cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature):
