@@ -12,9 +12,9 @@ import datetime as dt
 import ipaddress
 import os
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -50,7 +50,7 @@ class CertPaths:
 def ensure_certificates(state_dir: Path, now: dt.datetime | None = None) -> CertPaths:
     """Reuse the CA and server certificate in state_dir if valid now, else create new ones (one
     made by a clock that is ahead of this one is not yet valid here, and is replaced too)."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     state_dir.mkdir(parents=True, exist_ok=True)
     paths = CertPaths(state_dir / CA_FILE, state_dir / CERT_FILE, state_dir / KEY_FILE)
     with _locked(state_dir / ".certs.lock"):
