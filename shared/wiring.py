@@ -178,22 +178,10 @@ async def report_response(params: Mapping[str, str]) -> tuple[int, str]:
 async def send_response(body: bytes, content_length: str | None) -> tuple[int, str, dict[str, str]]:
     """(HTTP status, JSON body, headers) of `POST /api/send`: one request onto the mail queue, or the
     priority queue for `"priority": "high"`."""
-    from shared.send.intake import Intake
+    from shared.send.intake import intake_for
 
     relay = await get_relay()
-    intake = Intake(
-        ledger=relay.ledger,
-        queue=relay.queue,
-        priority_queue=(await get_lane(PRIORITY)).queue,
-        container=relay.storage.container(relay.settings.claim_check_container),
-        payloads=relay.payloads,
-        policy=relay.policy,
-        hash_key=relay.settings.recipient_hash_key,
-        clock=relay.clock,
-        max_body_bytes=relay.settings.http_send_max_bytes,
-        message_bytes=relay.limits.message_bytes,
-        max_attachments=relay.settings.max_attachments,
-    )
+    intake = intake_for(relay, priority_queue=(await get_lane(PRIORITY)).queue)
     answer = await intake.submit(body, content_length)
     return answer.status, json.dumps(answer.body, separators=(",", ":")), dict(answer.headers)
 

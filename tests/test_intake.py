@@ -17,7 +17,7 @@ import pytest
 
 from shared.ledger import RECEIVED, LedgerEntry
 from shared.send.contract import content_digest, content_request_id
-from shared.send.intake import Answer, Intake
+from shared.send.intake import Answer, intake_for
 from shared.send.mime import message_id
 from shared.send.retry import MAX_VISIBILITY_SECONDS
 from shared.send.stage import Relay
@@ -49,24 +49,6 @@ class Clock:
 
 async def no_sleep(_: float) -> None:
     await asyncio.sleep(0)
-
-
-def intake_for(relay: Relay, **overrides: Any) -> Intake:
-    """The intake as the wiring builds it, from the Relay's own clients."""
-    kwargs: dict[str, Any] = dict(
-        ledger=relay.ledger,
-        queue=relay.queue,
-        container=relay.storage.container(relay.settings.claim_check_container),
-        payloads=relay.payloads,
-        policy=relay.policy,
-        hash_key=relay.settings.recipient_hash_key,
-        clock=relay.clock,
-        max_body_bytes=relay.settings.http_send_max_bytes,
-        message_bytes=relay.limits.message_bytes,
-        max_attachments=relay.settings.max_attachments,
-    )
-    kwargs.update(overrides)
-    return Intake(**kwargs)
 
 
 async def queue_depth(relay: Relay) -> int:

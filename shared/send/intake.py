@@ -47,7 +47,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
@@ -75,6 +75,9 @@ from shared.send.producer import claim_check_blob_name
 from shared.send.replies import mask_addresses
 from shared.send.retry import visibility_for
 from shared.send.send_at import hold_seconds
+
+if TYPE_CHECKING:
+    from shared.send.stage import Relay
 
 log = logging.getLogger("hve_relay.intake")
 
@@ -363,3 +366,22 @@ class Intake:
             await self.container.delete_blob(self.payloads.blob_name(url))
         except (AzureError, RequestRefused) as exc:  # the lifecycle rule takes what is left
             log.warning("POST /api/send: deleting an unused claim-check blob failed: %s", type(exc).__name__)
+
+
+def intake_for(relay: Relay, **overrides: Any) -> Intake:
+    """The intake on a Relay's own clients and settings (the wiring's, and the tests' with a few
+    `overrides`: a clock, a priority queue, short leases)."""
+    kwargs: dict[str, Any] = dict(
+        ledger=relay.ledger,
+        queue=relay.queue,
+        container=relay.storage.container(relay.settings.claim_check_container),
+        payloads=relay.payloads,
+        policy=relay.policy,
+        hash_key=relay.settings.recipient_hash_key,
+        clock=relay.clock,
+        max_body_bytes=relay.settings.http_send_max_bytes,
+        message_bytes=relay.limits.message_bytes,
+        max_attachments=relay.settings.max_attachments,
+    )
+    kwargs.update(overrides)
+    return Intake(**kwargs)
