@@ -301,7 +301,7 @@ def test_a_4xx_at_rcpt_defers_the_recipient_and_never_suppresses_it(storage, emu
 # --- cost: one batched lookup per request, and a short-lived snapshot --------------------------------------
 
 
-def test_the_lookup_is_one_query_per_partition_and_a_snapshot_serves_later_requests(storage, emulator):
+def test_a_short_list_is_one_query_for_every_partition_and_a_snapshot_serves_later_requests(storage, emulator):
     settings = relay_settings(storage, emulator)
     recipients = [f"user{i}@contoso.com" for i in range(40)]
     clock = Clock()
@@ -311,6 +311,7 @@ def test_the_lookup_is_one_query_per_partition_and_a_snapshot_serves_later_reque
         try:
             suppressions = await SuppressionList.of(storage_clients, settings, clock)
             await suppressions.add(recipients[3], "admin", "admin")
+            await suppressions.add(recipients[7], "admin", "admin")
             partitions = {recipient_hash(KEY, a)[0] for a in recipients}
             found = await asyncio.gather(*(suppressions.suppressed(recipients) for _ in range(5)))
             first_reads = suppressions.reads
@@ -323,9 +324,41 @@ def test_the_lookup_is_one_query_per_partition_and_a_snapshot_serves_later_reque
             await storage_clients.close()
 
     partitions, found, first_reads, again, cached_reads, last_reads = run(main())
-    assert all(list(f) == [recipients[3]] for f in found) and list(again) == [recipients[3]]
-    assert first_reads == len(partitions)  # five concurrent lookups of 40 recipients: one query per partition
-    assert cached_reads == first_reads and last_reads == first_reads + 1
+    assert len(partitions) > 5  # the 40 recipients fall in many partitions
+    assert all(sorted(f) == sorted([recipients[3], recipients[7]]) for f in found)
+    assert sorted(again) == sorted([recipients[3], recipients[7]])
+    assert first_reads == 1  # five concurrent lookups of 40 recipients: one query of the whole list
+    assert cached_reads == 1 and last_reads == 2
+
+
+def test_a_long_list_is_read_per_partition_the_recipients_fall_in(storage, emulator):
+    settings = relay_settings(storage, emulator)
+    clock = Clock()
+    suppressed = [f"gone{i}@contoso.com" for i in range(6)]
+    wanted = "user1@contoso.com"
+
+    async def main():
+        storage_clients = StorageClients(settings)
+        try:
+            table = await storage_clients.table(settings.suppression_table)
+            writer = SuppressionList(table, KEY, clock=clock)
+            for address in suppressed:
+                await writer.add(address, "admin", "admin")
+            # A list longer than a whole-list read may be (here 5 rows, in deployment a page):
+            reader = SuppressionList(table, KEY, clock=clock, whole_list_rows=5)
+            first = await reader.suppressed([suppressed[0], wanted])
+            whole_after_first, reads_after_first = reader.whole, reader.reads
+            clock.now += timedelta(seconds=61)
+            second = await reader.suppressed([suppressed[0], wanted])
+            return first, second, whole_after_first, reads_after_first, reader.reads
+        finally:
+            await storage_clients.close()
+
+    first, second, whole_after_first, reads_after_first, reads = run(main())
+    partitions = {recipient_hash(KEY, a)[0] for a in (suppressed[0], wanted)}
+    assert list(first) == [suppressed[0]] and list(second) == [suppressed[0]]
+    assert (whole_after_first, reads_after_first) == (False, 1)  # the whole read found 6 rows: per partition from now
+    assert reads == 1 + len(partitions)
 
 
 def test_an_added_suppression_bites_at_once_in_the_process_that_added_it(storage, emulator):

@@ -18,9 +18,10 @@ PartitionKey is the hash's first hex digit (16 partitions), RowKey the hash; `Re
 request id, or `admin`), `First`, `Last` (times it was suppressed) and `Expires` (Last +
 SUPPRESSION_DAYS). A row past `Expires` is ignored, and deleted by `purge_expired`.
 
-Cost on the send path: one batched lookup per request, answered from an in-process snapshot of
-each partition the request's recipients fall in, read with one query when it is older than
-SUPPRESSION_CACHE_SECONDS (requests waiting for the same partition share the query). So a
+Cost on the send path: one batched lookup per request, answered from an in-process snapshot read
+again when it is older than SUPPRESSION_CACHE_SECONDS (requests waiting for it share the read). The
+snapshot is the whole list, one query, while the list fits one page (1,000 rows: the common case);
+a longer list is read per partition the request's recipients fall in instead. So a
 suppression added elsewhere (another instance, the CLI, the HTTP route) takes up to that long to
 bite, and one removed up to that long to stop biting; in the process that added or removed it, at
 once.
@@ -50,6 +51,10 @@ ADMIN = "admin"
 ALL_SUPPRESSED = "all-suppressed"
 DAY = 86400.0
 _PARTITION_CHARS = 1
+_PARTITIONS = tuple("0123456789abcdef")
+_WHOLE = "*"  # the loading key of a whole-list read
+# A list up to this many rows (one page of a query) is read whole: one query a snapshot.
+WHOLE_LIST_ROWS = 1000
 _FIELDS = ["PartitionKey", "RowKey", "Reason", "Source", "First", "Last", "Expires"]
 # 5xx replies that say nothing about the recipient: this message (size), this tenant (external).
 _NOT_THE_RECIPIENT = frozenset({"5.3.4", "5.5.105"})
@@ -134,15 +139,20 @@ class SuppressionList:
         days: float = 30.0,
         cache_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
+        whole_list_rows: int = WHOLE_LIST_ROWS,
     ) -> None:
         self.table = table
         self.key = key
         self.days = days
         self.cache_seconds = cache_seconds
         self.clock = clock
-        self.reads = 0  # partition queries made (tests, telemetry)
+        self.reads = 0  # snapshot queries made, whole-list or partition (tests, telemetry)
+        # Read the whole list in one query while it is short; once a read finds it longer, per
+        # partition (for the life of the process: a long list does not get short in minutes).
+        self.whole_list_rows = whole_list_rows
+        self.whole = True
         self._cache: dict[str, tuple[float, dict[str, Suppression]]] = {}
-        self._loading: dict[str, asyncio.Future[dict[str, Suppression]]] = {}
+        self._loading: dict[str, asyncio.Future[None]] = {}
 
     @classmethod
     async def of(cls, storage: Any, settings: Any, clock: Callable[[], float] = time.time) -> SuppressionList | None:
@@ -167,7 +177,7 @@ class SuppressionList:
     # --- the send path ---------------------------------------------------------------------------
 
     async def suppressed(self, addresses: Iterable[str]) -> dict[str, Suppression]:
-        """The addresses (of `addresses`) suppressed now: one query per partition not in the snapshot."""
+        """The addresses (of `addresses`) suppressed now, from the snapshot (read again when stale)."""
         hashes = {a: self.hash_of(a) for a in addresses}
         partitions = sorted({self._partition(h) for h in hashes.values()})
         loaded = dict(zip(partitions, await asyncio.gather(*(self._snapshot(p) for p in partitions)), strict=True))
@@ -183,26 +193,41 @@ class SuppressionList:
         cached = self._cache.get(partition)
         if cached is not None and self.clock() - cached[0] < self.cache_seconds:
             return cached[1]
-        loading = self._loading.get(partition)
+        key = _WHOLE if self.whole else partition
+        loading = self._loading.get(key)
         if loading is None:
-            loading = self._loading[partition] = asyncio.ensure_future(self._read_partition(partition))
-            loading.add_done_callback(lambda _: self._loading.pop(partition, None))
-        return await asyncio.shield(loading)
+            read = self._read_whole() if key == _WHOLE else self._read_partition(partition)
+            loading = self._loading[key] = asyncio.ensure_future(read)
+            loading.add_done_callback(lambda _: self._loading.pop(key, None))
+        await asyncio.shield(loading)
+        return self._cache[partition][1]
 
-    async def _read_partition(self, partition: str) -> dict[str, Suppression]:
+    async def _read_whole(self) -> None:
+        """One query for the whole list; every partition's snapshot comes from it."""
         at = self.clock()
+        found = await self._query("Expires gt @now", {"now": datetime.fromtimestamp(at, UTC)})
+        if len(found) > self.whole_list_rows:
+            self.whole = False
+        for partition in _PARTITIONS:
+            self._cache[partition] = (at, {})
+        for hashed, row in found.items():
+            self._cache.setdefault(self._partition(hashed), (at, {}))[1][hashed] = row
+
+    async def _read_partition(self, partition: str) -> None:
+        at = self.clock()
+        found = await self._query(
+            "PartitionKey eq @pk and Expires gt @now", {"pk": partition, "now": datetime.fromtimestamp(at, UTC)}
+        )
+        self._cache[partition] = (at, found)
+
+    async def _query(self, query: str, parameters: dict[str, Any]) -> dict[str, Suppression]:
         rows: dict[str, Suppression] = {}
         self.reads += 1
         try:
-            async for row in self.table.query_entities(
-                "PartitionKey eq @pk and Expires gt @now",
-                parameters={"pk": partition, "now": datetime.fromtimestamp(at, UTC)},
-                select=_FIELDS,
-            ):
+            async for row in self.table.query_entities(query, parameters=parameters, select=_FIELDS):
                 rows[row["RowKey"]] = _from_row(row)
         except ResourceNotFoundError:
             pass  # no table yet: nothing suppressed
-        self._cache[partition] = (at, rows)
         return rows
 
     async def note_refused(self, refused: Mapping[str, str], source: str) -> None:
