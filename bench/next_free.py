@@ -63,7 +63,7 @@ class NextFreeSlots(Slots):
 
     async def _paced(
         self, entry: LedgerEntry, stub: dict, shape: Shape, index: int, now: float
-    ) -> tuple[str, float, LedgerEntry] | Handled:
+    ) -> tuple[str, float, LedgerEntry, None] | Handled:
         r = self.relay
         governor = r.governor
         decision: Grant | Wait | Impossible | None = None
@@ -85,7 +85,7 @@ class NextFreeSlots(Slots):
             delay = await r.recorder.defer(stub, seconds, waiting, jitter=False)
             return Handled(entry.request_id, DEFERRED, decision.reason, "", 0, delay)
         assert decision.at <= now  # bookings are off: a grant is for now
-        return decision.account, decision.at, entry
+        return decision.account, decision.at, entry, None  # no session taken ahead: nothing is booked
 
 
 def install(relay, jitter_seconds: float = JITTER_SECONDS) -> NextFreeSlots:

@@ -13,7 +13,7 @@ import pytest
 
 from bench.latency_proxy import LatencyProxy
 from bench.simulate import VirtualClock, VirtualQueue
-from shared.hve.smtp import HveSmtp, BasicAuth, tls_context
+from shared.hve.smtp import HveSmtp, BasicAuth, SessionLease, tls_context
 from shared.hve.credentials import LocalPasswords
 from shared.send.mime import message_id
 from shared.governor.pacing import AccountState, PacingConfig, Shape, decide, take_slot
@@ -391,9 +391,17 @@ def test_a_booked_request_wakes_before_its_slot_by_the_lateness_seen_and_waits_f
         sent_at: list[float] = []
         real_lease = relay.smtp.lease
 
-        async def timed_lease(*args, **kwargs):   # the session for a transaction is asked for
-            sent_at.append(clock())
-            return await real_lease(*args, **kwargs)
+        async def timed_lease(*args, **kwargs):   # MAIL FROM goes when a lease sends
+            lease = await real_lease(*args, **kwargs)
+            if isinstance(lease, SessionLease):
+                real_send = lease.send
+
+                async def timed_send(*send_args, **send_kwargs):
+                    sent_at.append(clock())
+                    return await real_send(*send_args, **send_kwargs)
+
+                lease.send = timed_send
+            return lease
 
         relay.smtp.lease = timed_lease
         try:
@@ -419,6 +427,56 @@ def test_a_booked_request_wakes_before_its_slot_by_the_lateness_seen_and_waits_f
     assert last.state == "sent", last
     assert slept and abs(slept[0] - 1.2) < 0.01
     assert sent_at[-1] >= entry.booked_at
+    assert emulator.stats()["replies"].get("4.5.104", 0) == 0
+
+
+class JumpClock:
+    """The real clock, moved forward by jumps: real seconds pass (a slow AUTH takes real time), and
+    a minute's window can be skipped."""
+
+    def __init__(self, start: float) -> None:
+        self.jump_to(start)
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+    def jump_to(self, t: float) -> None:
+        self.offset = t - time.monotonic()
+
+
+def test_a_booked_slot_waited_for_in_the_process_has_its_session_ready_at_the_slot(storage, make_emulator):
+    """A new session takes 1.3 s to be ready (a slow AUTH, as on a loaded host): longer than the half
+    margin (1 s) a slot may be late by. A booked request woken 2.5 s before its slot makes its
+    session ready while it waits, so MAIL FROM goes at the slot it booked: not lapsed, not re-dated
+    (a re-dated slot crowds the next window's bookings, and then it lapses)."""
+    clock = JumpClock(START)
+    emulator = make_emulator(profile="preview-2024", clock=clock)
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS_PROFILE="preview-2024",
+                                                  HVE_ACCOUNTS=NEWS, HVE_PACER_SECONDS="0"), clock=clock)
+        relay.queue = queue = VirtualQueue(clock)
+        try:
+            bodies = [json.dumps(mail(id=f"slow-{i}", to=[f"c{i}@fabrikam.example"])) for i in range(11)]
+            first = [await relay.handle(b, f"q{i}") for i, b in enumerate(bodies)]
+            assert [h.state for h in first] == ["sent"] * 10 + ["deferred"]
+            entry = await relay.ledger.get("slow-10")
+            await relay.smtp.close()  # no idle session left: the slot's session must be opened
+            emulator.slow_auth(1.3)
+            clock.jump_to(entry.booked_at - 2.5)
+            [copy] = queue.receive(entry.booked_at, 16)
+            last = await relay.handle(copy.body, copy.message_id)
+            [state] = [s for s in await relay.governor.states() if s.account == NEWS]
+            return last, entry, state, relay.stats
+        finally:
+            await relay.close()
+
+    last, entry, state, stats = run(main())
+    assert last.state == "sent", last
+    received = max(r.received_at for r in emulator.accepted())
+    assert entry.booked_at <= received <= entry.booked_at + 1.0, received - entry.booked_at
+    assert any(abs(s - entry.booked_at) < 1e-3 for s in state.external_slots), "the slot was re-dated"
+    assert (stats.late, stats.lapsed) == (0, 0)
     assert emulator.stats()["replies"].get("4.5.104", 0) == 0
 
 

@@ -318,6 +318,33 @@ def test_password_changed_mid_run_refuses_new_logins_until_reset(emulator: HveEm
     run(main())
 
 
+def test_slow_auth_delays_new_logins_only_until_reset(emulator: HveEmulator) -> None:
+    """A slow front end: every AUTH is answered that much later; an open session is not slowed."""
+    async def main() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        kept = await login(emulator)
+        emulator.slow_auth(0.6)
+        started = loop.time()
+        slow = await login(emulator)
+        slow_seconds = loop.time() - started
+        started = loop.time()
+        assert (await submit(kept, ["team@contoso.com"])).startswith("2.6.0")
+        kept_seconds = loop.time() - started
+        emulator.reset()
+        started = loop.time()
+        fast = await login(emulator)
+        fast_seconds = loop.time() - started
+        for client in (kept, slow, fast):
+            await hang_up(client)
+        return slow_seconds, kept_seconds, fast_seconds
+
+    slow_seconds, kept_seconds, fast_seconds = run(main())
+    assert slow_seconds >= 0.6
+    assert kept_seconds < 0.6 and fast_seconds < 0.6
+    with pytest.raises(ValueError):
+        emulator.slow_auth(-1)
+
+
 # -- XOAUTH2 ---------------------------------------------------------------------------------------
 
 

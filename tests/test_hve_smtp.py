@@ -243,3 +243,32 @@ def test_a_lease_called_off_returns_its_session_and_one_whose_check_raised_close
     assert sent.verdict.outcome is Outcome.SENT and reused == 1
     assert again.verdict.outcome is Outcome.SENT
     assert emulator.connections_opened == 2 and len(emulator.messages()) == 2
+
+
+def test_leases_taken_ahead_leave_one_session_of_the_pool_for_a_message_whose_moment_is_now(emulator):
+    """A booked slot a moment away takes its session ahead; with pool size 3 at most two are held
+    ahead at once, so a message due now still gets the third. A lease sent on, or given back,
+    makes room for the next one taken ahead."""
+    async def main():
+        smtp = HveSmtp(host="127.0.0.1", port=emulator.port, context=tls_context(str(emulator.ca_file)), timeout=5,
+                       pool_size=3, pool_wait=1,
+                       authenticator=BasicAuth(LocalPasswords({"news@contoso.com": "news-pw"})))
+        try:
+            first = await smtp.lease_ahead("news@contoso.com")
+            second = await smtp.lease_ahead("news@contoso.com")
+            third = await smtp.lease_ahead("news@contoso.com")       # would leave none for now
+            now = await smtp.submit("news@contoso.com", ["ann@contoso.com"], MESSAGE)
+            async with first:
+                sent = await first.send(["bob@contoso.com"], MESSAGE)
+            again = await smtp.lease_ahead("news@contoso.com")       # room again
+            async with second:
+                pass
+            async with again:
+                pass
+            return third, now, sent, again
+        finally:
+            await smtp.close()
+
+    third, now, sent, again = asyncio.run(main())
+    assert third is None and again is not None
+    assert now.verdict.outcome is Outcome.SENT and sent.verdict.outcome is Outcome.SENT

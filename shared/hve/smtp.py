@@ -104,6 +104,7 @@ class _Session:
 class _AccountPool:
     slots: asyncio.Semaphore
     idle: list[_Session] = field(default_factory=list)
+    ahead: int = 0  # leases taken ahead of their moment (`HveSmtp.lease_ahead`) not given back yet
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class SessionLease:
         self._account = account
         self._session: _Session | None = session
         self._reused = reused
+        self.ahead = False  # counted in the pool's leases taken ahead until given back
 
     async def __aenter__(self) -> SessionLease:
         return self
@@ -159,6 +161,9 @@ class SessionLease:
                     session.smtp.close()  # not leaked (the caller's check failed: storage down)
         finally:
             self._pool.slots.release()
+            if self.ahead:
+                self.ahead = False
+                self._pool.ahead -= 1
 
     async def send(self, recipients: Sequence[str], message: bytes) -> SubmitResult:
         """The transaction: MAIL FROM, RCPT, DATA. A reused session found dead before DATA is
@@ -262,6 +267,25 @@ class HveSmtp:
         if isinstance(ready, SubmitResult):
             pool.slots.release()
         return ready
+
+    async def lease_ahead(self, account: str) -> SessionLease | SubmitResult | None:
+        """`lease`, for a caller that takes its session before the moment it sends (a booked slot a
+        moment away), or None when that would leave no session of the pool for callers whose
+        moment is now: at most pool size - 1 leases are held ahead at once."""
+        pool = self._pool(account)
+        if pool.ahead >= self._pool_size - 1:
+            return None
+        pool.ahead += 1
+        try:
+            lease = await self.lease(account)
+        except BaseException:
+            pool.ahead -= 1
+            raise
+        if isinstance(lease, SubmitResult):
+            pool.ahead -= 1
+        else:
+            lease.ahead = True
+        return lease
 
     async def _ready(self, pool: _AccountPool, account: str) -> SessionLease | SubmitResult:
         held = self._auth_failed.get(account)

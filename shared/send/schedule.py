@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from shared.governor.pacing import Impossible, Release, Shape, Wait
 from shared.governor.scheduler import Later, Refuse
 from shared.governor.table import Grant
+from shared.hve.smtp import SessionLease, SubmitResult
 from shared.ledger import DEAD, DEFERRED, REFUSED, LedgerEntry
 from shared.send.outcome import Handled, utc
 from shared.send.prepare import Prepared
@@ -34,6 +35,9 @@ class Slot:
     # The request's own booking (not this delivery's): a duplicate delivery holds the same one, so
     # losing the claim to it must not give the slot back.
     shared: bool
+    # A session of `account` made ready while waiting for a booked slot (or why there is none):
+    # the transmit step sends on it instead of asking the pool at the slot.
+    lease: SessionLease | SubmitResult | None = None
 
 
 class Slots:
@@ -48,16 +52,19 @@ class Slots:
         internal = sum(1 for a in addresses if a.rsplit("@", 1)[1].lower() in r.policy.internal_domains)
         shape = Shape(internal, len(addresses) - internal, prepared.request.account)
         booking = (entry.booked_account, entry.booked_at) if entry.booked_chunk == index else None
+        got: tuple[str, float, LedgerEntry, SessionLease | SubmitResult | None] | Handled
         if r.scheduler is not None:
             got = await self._plain(entry, stub, shape)
         else:
             got = await self._paced(entry, stub, shape, index, r.clock())
         if isinstance(got, Handled):
             return got
-        account, at, entry = got
-        return Slot(account, at, entry, shape, shared=booking == (account, at))
+        account, at, entry, held = got
+        return Slot(account, at, entry, shape, shared=booking == (account, at), lease=held)
 
-    async def _plain(self, entry: LedgerEntry, stub: dict, shape: Shape) -> tuple[str, float, LedgerEntry] | Handled:
+    async def _plain(
+        self, entry: LedgerEntry, stub: dict, shape: Shape
+    ) -> tuple[str, float, LedgerEntry, None] | Handled:
         """The account to send on now, or the request back on the queue while every account rests."""
         r = self.relay
         now = r.clock()
@@ -71,16 +78,17 @@ class Slots:
             delay = await r.recorder.defer(stub, decision.delay, waiting)
             return Handled(entry.request_id, DEFERRED, decision.reason, "", 0, delay)
         assert decision is not None
-        return decision.account, decision.at, entry
+        return decision.account, decision.at, entry, None
 
     async def _paced(
         self, entry: LedgerEntry, stub: dict, shape: Shape, index: int, now: float
-    ) -> tuple[str, float, LedgerEntry] | Handled:
+    ) -> tuple[str, float, LedgerEntry, SessionLease | SubmitResult | None] | Handled:
         """The account and slot time to send transaction `index` on now (with the entry minus a
-        used-up booking), or what became of the request when it cannot go now (booked, waiting,
-        refused, dead)."""
+        used-up booking, and for a booked slot waited for here, the session made ready meanwhile),
+        or what became of the request when it cannot go now (booked, waiting, refused, dead)."""
         r = self.relay
         release = None
+        held: SessionLease | SubmitResult | None = None
         if entry.booked_account and entry.booked_chunk == index:
             if entry.booked_wake:
                 r.return_latency.observe(now - entry.booked_wake)
@@ -94,15 +102,25 @@ class Slots:
                     return Handled(
                         entry.request_id, DEFERRED, "booked slot not reached", entry.booked_account, 0, delay
                     )
-                # Woke early on purpose (see shared/governor/preview/queue_timing.py): the slot is a moment away.
-                await r.sleep(early)
+                # Woke early on purpose (see shared/governor/preview/queue_timing.py): the slot is a
+                # moment away. Its account is known, so its session is made ready first (TCP,
+                # STARTTLS, AUTH when none is idle: seconds on a loaded host), and MAIL FROM goes
+                # at the slot instead of a session set-up later (unless the pool is held ahead
+                # already: one session stays for the requests whose slot is now).
+                held = await r.smtp.lease_ahead(entry.booked_account)
+                try:
+                    await r.sleep(max(0.0, entry.booked_at - r.clock()))
+                except BaseException:
+                    await let_go(held)
+                    raise
                 now = max(r.clock(), entry.booked_at)
             booked, booked_at = entry.booked_account, entry.booked_at
             entry = entry.evolve(booked_account="", booked_at=0.0, booked_chunk=-1, booked_wake=0.0)
             # Late by up to half the margin is safe: the other half covers the SMTP exchange. An
             # account this process saw start resting since is not used (no extra round trip).
             if now <= booked_at + r.settings.pacing_margin_seconds / 2 and not r.governor.known_resting(booked, now):
-                return booked, booked_at, entry
+                return booked, booked_at, entry, held
+            await let_go(held)
             # Later than that: the booking is given back in the same write that takes the next
             # slot, which is now if the windows allow it.
             release = Release(booked, booked_at, shape)
@@ -152,4 +170,11 @@ class Slots:
             )
             await r.pacer.keep_host_polling(decision.at)
             return Handled(entry.request_id, DEFERRED, "booked", decision.account, 0, delay)
-        return decision.account, decision.at, entry
+        return decision.account, decision.at, entry, None
+
+
+async def let_go(held: SessionLease | SubmitResult | None) -> None:
+    """A session made ready for a slot that will not be sent on goes back to the pool."""
+    if isinstance(held, SessionLease):
+        async with held:
+            pass

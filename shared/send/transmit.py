@@ -1,7 +1,8 @@
 """The transmit step of the send stage: one SMTP transaction on a slot, and what HVE answered.
 
-The SMTP adapter lends a session ready for MAIL FROM (shared/hve/smtp.py, `HveSmtp.lease`); that is
-the moment that counts at HVE, so only then is a grant that got old waiting for the session taken
+The SMTP adapter lends a session ready for MAIL FROM (shared/hve/smtp.py, `HveSmtp.lease`; for a
+booked slot waited for in the process, the schedule step took it before the slot); that is the
+moment that counts at HVE, so only then is a grant that got old waiting for the session taken
 again, and only then is the request claimed in the ledger (its lease never runs out while the
 message waits for a session). A lost claim or a lapsed slot calls the send off: nothing is sent.
 Otherwise the reply teaches the governor, and a charge for a message certainly not delivered is
@@ -21,7 +22,7 @@ from shared.send.ledger_gate import BUSY_RECHECK_SECONDS
 from shared.send.outcome import Handled, utc
 from shared.send.prepare import Prepared
 from shared.send.replies import Outcome, Verdict
-from shared.send.schedule import Slot
+from shared.send.schedule import Slot, let_go
 
 if TYPE_CHECKING:
     from shared.send.stage import Relay
@@ -77,11 +78,16 @@ class Transmit:
         account, shape = slot.account, slot.shape
         addresses = [prepared.recipients[i] for i in envelope]
         trying = entry.evolve(account=account, attempts=entry.attempts + 1, reason="")
-        if index == 0 and account == r.settings.accounts[0] and prepared.first is not None:
-            message = prepared.first
-        else:
-            message = r.preparer.message(prepared, entry.request_id, account, index, r.clock())
-        lease = await r.smtp.lease(account)
+        try:
+            if index == 0 and account == r.settings.accounts[0] and prepared.first is not None:
+                message = prepared.first
+            else:
+                message = r.preparer.message(prepared, entry.request_id, account, index, r.clock())
+        except BaseException:
+            await let_go(slot.lease)
+            raise
+        # A booked slot waited for in the process comes with its session ready (shared/send/schedule.py).
+        lease = slot.lease if slot.lease is not None else await r.smtp.lease(account)
         go: _Go | _CalledOff
         result: SubmitResult | None
         if isinstance(lease, SubmitResult):

@@ -45,6 +45,8 @@ class HveEmulator:
         self._store = MessageStore(self.state_dir / MESSAGES_DIR)
         self._stats = Stats()
         self._controller: HveController | None = None
+        self._handler: HveHandler | None = None
+        self._slow_auth_seconds = 0.0
         self._certs: CertPaths | None = None
         self._lifecycle = threading.Lock()
 
@@ -69,6 +71,8 @@ class HveEmulator:
                 clock=self.clock,
                 hostname=self.config.hostname,
             )
+            handler.slow_auth_seconds = self._slow_auth_seconds
+            self._handler = handler
             controller = HveController(
                 handler,
                 hostname=self.config.host,
@@ -178,6 +182,16 @@ class HveEmulator:
         first, so the client loses a 250 it never saw."""
         self._faults.drop_next(count, stage, after_accept=after_accept)
 
+    def slow_auth(self, seconds: float) -> None:
+        """Every AUTH from now on is answered `seconds` later (0: at once), as a slow front end would:
+        a new session (TCP, STARTTLS, AUTH) takes that much longer to be ready for MAIL FROM.
+        Sessions already authenticated are not slowed."""
+        if seconds < 0:
+            raise ValueError("seconds must be >= 0")
+        self._slow_auth_seconds = float(seconds)
+        if self._handler is not None:
+            self._handler.slow_auth_seconds = self._slow_auth_seconds
+
     def set_password(self, account: str, password: str) -> None:
         self._accounts.set_password(account, password)
 
@@ -196,9 +210,10 @@ class HveEmulator:
         self._accounts.set_oauth_token(token, None)
 
     def reset(self) -> None:
-        """Counters, faults, quota windows and the messages() list back to empty; accounts,
-        passwords and tokens back to the configuration. Files on disk stay."""
+        """Counters, faults, the AUTH delay, quota windows and the messages() list back to empty;
+        accounts, passwords and tokens back to the configuration. Files on disk stay."""
         self._faults.clear()
+        self.slow_auth(0.0)
         self._accounts.reset()
         self._limiter.reset()
         self._store.forget()

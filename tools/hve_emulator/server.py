@@ -148,6 +148,10 @@ class HveHandler:
         self.stats = stats
         self.clock = clock
         self.hostname = hostname
+        # Seconds every AUTH waits before it is answered (a slow front end: a new session takes
+        # that much longer to be ready). Set by tests through HveEmulator.slow_auth. (Not named
+        # auth_*: aiosmtpd offers every handler attribute so named as an AUTH mechanism.)
+        self.slow_auth_seconds = 0.0
 
     # -- aiosmtpd authenticator callback ------------------------------------------------------
 
@@ -179,6 +183,8 @@ class HveHandler:
         return [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_AUTH(self, server: HveSMTP, session: Session, envelope: Envelope, args: list[str]) -> Any:
+        if self.slow_auth_seconds > 0:
+            await asyncio.sleep(self.slow_auth_seconds)
         fault = await self._apply_fault(server, session, "AUTH")
         return fault if fault is not None else MISSING
 
