@@ -25,6 +25,7 @@ import math
 import random
 from collections.abc import Sequence
 
+from shared.governor.blocks import give_back
 from shared.governor.pacing import AccountState, Impossible, PacingConfig, Shape, Wait, decide
 from shared.governor.table import SNAPSHOT_SECONDS, Grant
 from shared.ledger import DEAD, DEFERRED, REFUSED, LedgerEntry
@@ -68,7 +69,10 @@ class NextFreeSlots(Slots):
         governor = r.governor
         decision: Grant | Wait | Impossible | None = None
         if governor.snapshot_age() <= SNAPSHOT_SECONDS:
-            decision = next_opening(governor.known_states(), shape, now, governor.config)
+            # The view with the slots this process holds unused (a block's spares) free: acquire
+            # hands one out without a Table call.
+            view = [give_back(s, governor.spares_held(), governor.config) for s in governor.known_states()]
+            decision = next_opening(view, shape, now, governor.config)
         if decision is None:
             decision = await governor.acquire(shape, now, allow_booking=False)
         if isinstance(decision, Impossible):

@@ -19,6 +19,7 @@ import asyncio
 import bisect
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
@@ -26,7 +27,17 @@ from typing import Any
 from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 
+from shared.governor.blocks import (
+    BLOCK_SECONDS,
+    Spare,
+    block_size,
+    give_back,
+    shape_key,
+    spare_slot,
+    take_block,
+)
 from shared.governor.pacing import (
+    DAY,
     AccountState,
     Decision,
     Grant,
@@ -151,6 +162,13 @@ class TableGovernor:
         self._held: dict[str, float] = {}
         # The account row this process wrote last (a grant), whose ETag it most likely holds current.
         self._own: str | None = None
+        # Slots this process booked in the rows beyond the one a decision needed (slot blocks,
+        # shared/governor/blocks.py): handed to its next decisions without a Table call; and those
+        # no longer good, given back in its next write of their row.
+        self._spares: list[Spare] = []
+        self._returns: list[Spare] = []
+        self._recent: deque[tuple[float, tuple[int, int]]] = deque()
+        self.spares_used = 0  # decisions served from a spare, for the benchmark
 
     async def read(self) -> tuple[list[AccountState], TenantState | None]:
         """All accounts' rows and the tenant row: one query of one partition."""
@@ -290,6 +308,11 @@ class TableGovernor:
         decision safe against every other instance. A Wait is only ever given on fresh state, and
         so is a booking once a lost race left a row out."""
         async with self._lock:
+            self._remember_decision(shape, now)
+            if release is None and only is None:
+                spare = self._from_spares(shape, now)
+                if spare is not None:
+                    return spare
             fresh = False
             for attempt in range(MAX_CONFLICT_RETRIES):
                 if self._snapshot is None or self._monotonic() - self._snapshot_at > SNAPSHOT_SECONDS:
@@ -297,6 +320,8 @@ class TableGovernor:
                     fresh = True
                 assert self._snapshot is not None
                 states, tenant = self._snapshot
+                # Spares no longer good are given back in whichever row this decision writes.
+                states = [give_back(s, self._returns, self.config) for s in states] if self._returns else states
                 usable = self._usable(states, release, only)
                 decision = decide(
                     usable,
@@ -318,6 +343,10 @@ class TableGovernor:
                     await self._refresh()
                     fresh = True
                     continue
+                extra: tuple[float, ...] = ()
+                if isinstance(decision, Grant) and only is None:
+                    size = self._block_size(shape, now)
+                    decision, extra = take_block(decision, usable, tenant, shape, now, self.config, size)
                 rows: list[AccountState] = []
                 if isinstance(decision, Grant):
                     rows.append(decision.account_state)
@@ -349,16 +378,70 @@ class TableGovernor:
                         self._snapshot = None
                     await self._backoff(attempt)
                     continue
+                except Exception:
+                    # Maybe applied, the answer lost: the spares given back in it are not given
+                    # back again (twice would count a slot fewer than were granted).
+                    written = {r.account for r in rows}
+                    self._returns = [r for r in self._returns if r.account not in written]
+                    raise
                 self._remember(
                     [replace(r, etag=e) for r, e in zip(rows, etags, strict=False)],
                     replace(new_tenant, etag=tenant_etag) if new_tenant is not None else None,
                 )
+                written = {r.account for r in rows}
+                self._returns = [r for r in self._returns if r.account not in written]
                 if isinstance(decision, Grant):
                     self._own = decision.account
+                    plain = replace(shape, preferred_account=None)
+                    self._spares += [Spare(decision.account, at, plain, now) for at in extra]
                 return decision
         # Heavy contention: come back shortly rather than spin here. A release not written is
         # not lost: the caller gives it back with `refund` or the booking stays counted.
         return Wait(until=now + 1.0 + self._rng.uniform(0, 1.0), reason="governor contention")
+
+    def spares_held(self, account: str | None = None) -> list[Spare]:
+        """Slots this process booked ahead of its messages and holds unused (or has yet to give
+        back): counted in their rows like slots granted to messages."""
+        return [s for s in self._spares + self._returns if account in (None, s.account)]
+
+    def _remember_decision(self, shape: Shape, now: float) -> None:
+        while self._recent and self._recent[0][0] < now - BLOCK_SECONDS:
+            self._recent.popleft()
+        self._recent.append((now, shape_key(shape)))
+
+    def _block_size(self, shape: Shape, now: float) -> int:
+        """How many slots a write for this shape books: one more than the decisions this process
+        made for it in the last BLOCK_SECONDS before this one (as long as its spares are good)."""
+        key = shape_key(shape)
+        recent = sum(1 for t, k in self._recent if k == key and now - BLOCK_SECONDS <= t <= now)
+        return block_size(recent - 1)  # (this decision is remembered already)
+
+    def _from_spares(self, shape: Shape, now: float) -> Grant | None:
+        """The earliest good spare for this shape (no Table call), or None. Spares no longer good
+        move to the ones to give back."""
+        good: list[tuple[float, Spare]] = []
+        for spare in self._spares:
+            at = spare_slot(spare, now, self.config)
+            if at is None or self.known_resting(spare.account, now):
+                self._returns.append(spare)
+            else:
+                good.append((at, spare))
+        self._spares = [spare for _, spare in good]
+        # Given back after a day at the latest: the row has moved on by then.
+        self._returns = [r for r in self._returns if r.at > now - DAY]
+        key = shape_key(shape)
+        fit = [
+            (at, spare)
+            for at, spare in good
+            if shape_key(spare.shape) == key and shape.preferred_account in (None, spare.account)
+        ]
+        if not fit or self._snapshot is None:
+            return None
+        at, spare = min(fit, key=lambda item: item[0])
+        self._spares.remove(spare)
+        state = next((s for s in self._snapshot[0] if s.account == spare.account), AccountState(spare.account))
+        self.spares_used += 1
+        return Grant(spare.account, at, state, None)
 
     def _keep_to_own(self, shape: Shape, usable: list[AccountState], now: float) -> Shape:
         """`shape` preferring the account this process wrote last, while it is free and at most
