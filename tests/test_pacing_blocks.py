@@ -82,6 +82,9 @@ def test_a_spare_is_good_for_a_moment_on_its_day_and_goes_now():
     assert spare_slot(internal, START + 1.5, CFG) == START + 1.5
     assert spare_slot(internal, START + BLOCK_SECONDS + 0.01, CFG) is None
     assert spare_slot(internal, START - 0.5, CFG) is None
+    # Good from the very moment of its write up to BLOCK_SECONDS after it, both ends included.
+    assert spare_slot(internal, START, CFG) == START
+    assert spare_slot(internal, START + BLOCK_SECONDS, CFG) == START + BLOCK_SECONDS
     midnight = CFG.day_end(CFG.day_of(START))
     late = Spare(A, midnight - 0.5, Shape(1, 0), taken=midnight - 0.5)
     assert spare_slot(late, midnight + 0.1, CFG) is None
@@ -98,3 +101,13 @@ def test_an_unused_spare_given_back_leaves_the_row_as_if_it_was_never_booked():
     assert (back.internal_today, back.messages_today) == (2, 1)
     # The recipients stay with the account as allowance, taken from the tenant once.
     assert back.allowance == first.account_state.allowance
+
+
+def test_a_block_of_two_books_one_spare_and_a_block_of_one_none():
+    shape = Shape(1, 0)
+    state = AccountState(A)
+    first = decide([state], TenantState(), shape, START, CFG, random.Random(0))
+    assert isinstance(first, Grant) and first.at == START
+    assert take_block(first, [state], TenantState(), shape, START, CFG, 2)[1] == (START,)
+    grant, extra = take_block(first, [state], TenantState(), shape, START, CFG, 1)
+    assert extra == () and grant.account_state == first.account_state
