@@ -444,6 +444,18 @@ class JumpClock:
         self.offset = t - time.monotonic()
 
 
+async def _preview_relay_with_a_booking(storage, emulator, clock, prefix):
+    """A preview-2024 relay on NEWS that sent a window's 10 external mails and booked the 11th
+    (`{prefix}-10`) in the next window: the relay, its virtual queue and the booked row."""
+    relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS_PROFILE="preview-2024",
+                                              HVE_ACCOUNTS=NEWS, HVE_PACER_SECONDS="0"), clock=clock)
+    relay.queue = queue = VirtualQueue(clock)
+    bodies = [json.dumps(mail(id=f"{prefix}-{i}", to=[f"c{i}@fabrikam.example"])) for i in range(11)]
+    first = [await relay.handle(b, f"q{i}") for i, b in enumerate(bodies)]
+    assert [h.state for h in first] == ["sent"] * 10 + ["deferred"]
+    return relay, queue, await relay.ledger.get(f"{prefix}-10")
+
+
 def test_a_booked_slot_waited_for_in_the_process_has_its_session_ready_at_the_slot(storage, make_emulator):
     """A new session takes 1.3 s to be ready (a slow AUTH, as on a loaded host): longer than the half
     margin (1 s) a slot may be late by. A booked request woken 2.5 s before its slot makes its
@@ -453,14 +465,8 @@ def test_a_booked_slot_waited_for_in_the_process_has_its_session_ready_at_the_sl
     emulator = make_emulator(profile="preview-2024", clock=clock)
 
     async def main():
-        relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS_PROFILE="preview-2024",
-                                                  HVE_ACCOUNTS=NEWS, HVE_PACER_SECONDS="0"), clock=clock)
-        relay.queue = queue = VirtualQueue(clock)
+        relay, queue, entry = await _preview_relay_with_a_booking(storage, emulator, clock, "slow")
         try:
-            bodies = [json.dumps(mail(id=f"slow-{i}", to=[f"c{i}@fabrikam.example"])) for i in range(11)]
-            first = [await relay.handle(b, f"q{i}") for i, b in enumerate(bodies)]
-            assert [h.state for h in first] == ["sent"] * 10 + ["deferred"]
-            entry = await relay.ledger.get("slow-10")
             await relay.smtp.close()  # no idle session left: the slot's session must be opened
             emulator.slow_auth(1.3)
             clock.jump_to(entry.booked_at - 2.5)
@@ -488,14 +494,8 @@ def test_two_deliveries_of_a_booked_request_send_once_and_the_booked_slot_stays_
     emulator = make_emulator(profile="preview-2024", clock=clock)
 
     async def main():
-        relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS_PROFILE="preview-2024",
-                                                  HVE_ACCOUNTS=NEWS, HVE_PACER_SECONDS="0"), clock=clock)
-        relay.queue = queue = VirtualQueue(clock)
+        relay, queue, entry = await _preview_relay_with_a_booking(storage, emulator, clock, "dup")
         try:
-            bodies = [json.dumps(mail(id=f"dup-{i}", to=[f"c{i}@fabrikam.example"])) for i in range(11)]
-            first = [await relay.handle(b, f"q{i}") for i, b in enumerate(bodies)]
-            assert [h.state for h in first] == ["sent"] * 10 + ["deferred"]
-            entry = await relay.ledger.get("dup-10")
             clock.t = entry.booked_at
             [copy] = queue.receive(clock.t, 16)
             both = await asyncio.gather(relay.handle(copy.body, "copy-a"), relay.handle(copy.body, "copy-b"))
