@@ -259,3 +259,34 @@ def test_a_spare_given_back_in_a_write_whose_answer_was_lost_is_not_given_back_t
     # Four messages took a slot (the third's grant was applied though its caller never heard), and
     # the last write booked one more (counted, held by the process); the old spare left once.
     assert state.messages_today == 4 + len(held) and len(held) == 1, (state, held)
+
+
+# --- no slot now on an account the process has no SMTP session free for --------------------------
+
+def test_a_decision_while_every_free_account_is_busy_waits_in_the_process_and_takes_nothing(azurite, storage):
+    """`busy` (no SMTP session free in this process) is asked inside the decision: no slot now goes
+    to a busy account, a spare of a busy account is not handed out, and while every account free
+    now is busy the answer is a NO_SESSION wait with no Table write."""
+    from shared.governor.pacing import NO_SESSION
+
+    async def run():
+        tables, (governor,) = await _governors(azurite, storage, MANY[:2], (8,))()
+        try:
+            busy = {MANY[0]}
+            grants = [await governor.acquire(Shape(0, 1), START + i * 0.1, busy=busy.__contains__) for i in range(6)]
+            # Internal mail books blocks of slots: the spares of a busy account stay unused.
+            blocks = [await governor.acquire(Shape(1, 0), START + 1 + i * 0.1, busy=busy.__contains__)
+                      for i in range(6)]
+            busy.add(MANY[1])
+            trips = governor.round_trips
+            waits = [await governor.acquire(shape, START + 2, busy=busy.__contains__)
+                     for shape in (Shape(0, 1), Shape(1, 0))]
+            return grants, blocks, waits, governor.round_trips - trips, await governor.states()
+        finally:
+            await tables[0].close()
+    grants, blocks, waits, trips, states = asyncio.run(run())
+    assert all(isinstance(g, Grant) and g.account == MANY[1] for g in grants + blocks)
+    assert all(isinstance(w, Wait) and w.reason == NO_SESSION and w.until == START + 2 for w in waits)
+    assert trips == 0
+    by_name = {s.account: s for s in states}
+    assert by_name[MANY[0]].messages_today == 0

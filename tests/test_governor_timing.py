@@ -486,6 +486,48 @@ def test_a_booked_slot_waited_for_in_the_process_has_its_session_ready_at_the_sl
     assert emulator.stats()["replies"].get("4.5.104", 0) == 0
 
 
+def test_a_slot_now_is_granted_only_when_the_process_has_a_session_free_for_it(storage, make_emulator):
+    """One session per account, and each transaction keeps it 1.5 s (a slow back end, as on a loaded
+    host): more than the half margin (1 s) a slot may be late by. Three external mails decided at
+    once: a grant now on an account whose only session is taken would wait for it past that
+    tolerance (then the slot is taken again, or lapses when the next window's bookings are packed
+    behind it). So the second and third decisions wait in the process for the session to come free
+    and are granted then: no slot is taken again, none lapses, each goes at its slot."""
+    emulator = make_emulator(profile="preview-2024")
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS_PROFILE="preview-2024",
+                                                  HVE_ACCOUNTS=NEWS, HVE_POOL_SIZE="1", HVE_PACER_SECONDS="0"))
+        rechecks = []
+        recheck = relay.governor.recheck
+
+        async def counted(*args, **kwargs):
+            rechecks.append(args)
+            return await recheck(*args, **kwargs)
+
+        relay.governor.recheck = counted
+        try:
+            emulator.slow_data(1.5)
+            bodies = [json.dumps(mail(id=f"busy-{i}", to=[f"c{i}@fabrikam.example"])) for i in range(3)]
+            results = await asyncio.gather(*(relay.handle(b, f"q{i}") for i, b in enumerate(bodies)))
+            [state] = await relay.governor.states()
+            return results, state, relay.stats, rechecks
+        finally:
+            await relay.close()
+
+    results, state, stats, rechecks = run(main())
+    assert [r.state for r in results] == ["sent"] * 3, results
+    assert rechecks == [] and stats.lapsed == 0
+    assert stats.session_waits >= 2
+    received = sorted(m.received_at for m in emulator.accepted())
+    slots = sorted(state.external_slots)
+    assert len(slots) == len(received) == 3
+    # Each message went at its slot (within the half margin), one after the other.
+    assert all(0 <= r - s <= 1.0 for s, r in zip(slots, received)), (slots, received)
+    assert slots[2] - slots[0] >= 2 * 1.5
+    assert emulator.stats()["replies"].get("4.5.104", 0) == 0
+
+
 def test_two_deliveries_of_a_booked_request_send_once_and_the_booked_slot_stays_counted(storage, make_emulator):
     """A duplicate delivery of a booked request holds the same booking: the copy that loses the
     ledger claim must not give the slot back, or the governor would count one message fewer than

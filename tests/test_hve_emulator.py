@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import ssl
+import time
 import stat
 import subprocess
 import sys
@@ -343,6 +344,31 @@ def test_slow_auth_delays_new_logins_only_until_reset(emulator: HveEmulator) -> 
     assert kept_seconds < 0.6 and fast_seconds < 0.6
     with pytest.raises(ValueError):
         emulator.slow_auth(-1)
+
+
+def test_slow_data_delays_the_reply_not_the_judging_until_reset(emulator: HveEmulator) -> None:
+    """A slow back end: the DATA reply comes that much later; the message is stored with the time
+    it was judged, and a reset answers at once again."""
+    async def main() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        client = await login(emulator)
+        emulator.slow_data(0.6)
+        started, wall = loop.time(), time.time()
+        assert (await submit(client, ["team@contoso.com"])).startswith("2.6.0")
+        slow_seconds = loop.time() - started
+        judged = emulator.accepted()[-1].received_at - wall
+        emulator.reset()
+        started = loop.time()
+        assert (await submit(client, ["team@contoso.com"])).startswith("2.6.0")
+        fast_seconds = loop.time() - started
+        await hang_up(client)
+        return slow_seconds, judged, fast_seconds
+
+    slow_seconds, judged, fast_seconds = run(main())
+    assert slow_seconds >= 0.6 and judged < 0.5
+    assert fast_seconds < 0.6
+    with pytest.raises(ValueError):
+        emulator.slow_data(-1)
 
 
 # -- XOAUTH2 ---------------------------------------------------------------------------------------

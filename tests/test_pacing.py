@@ -194,3 +194,28 @@ def test_chunks_keep_order_and_size():
     chunks = chunk_recipients(rcpts, 50)
     assert [len(c) for c in chunks] == [50, 50, 20] and sum(chunks, []) == rcpts
     assert chunk_recipients(rcpts[:3], None) == [rcpts[:3]]
+
+
+# --- busy: accounts the caller has no SMTP session free for -----------------------------------
+
+def test_a_slot_now_goes_only_to_an_account_the_caller_has_a_session_free_for():
+    from shared.governor.pacing import NO_SESSION
+
+    cfg = PacingConfig(limits=PROFILES["preview-2024"])
+    states = [AccountState(a) for a in ACCOUNTS]
+    for seed in range(40):
+        rng = random.Random(seed)
+        got = decide(states, None, Shape(0, 1, preferred_account=ACCOUNTS[0]), START, cfg, rng, busy={ACCOUNTS[0]})
+        assert isinstance(got, Grant) and got.account != ACCOUNTS[0] and got.at == START
+    every = decide(states, None, Shape(0, 1), START, cfg, random.Random(1), busy=set(ACCOUNTS))
+    assert every == Wait(until=START, reason=NO_SESSION)
+
+
+def test_busy_accounts_do_not_change_a_booking_their_session_is_taken_at_the_slot():
+    cfg = PacingConfig(limits=PROFILES["preview-2024"])
+    full = AccountState(ACCOUNTS[0], external_slots=tuple(START - 30 + i for i in range(10)),
+                        slots=tuple(START - 30 + i for i in range(10)))
+    plain = decide([full], None, Shape(0, 1), START, cfg, random.Random(3))
+    busy = decide([full], None, Shape(0, 1), START, cfg, random.Random(3), busy={ACCOUNTS[0]})
+    assert isinstance(plain, Grant) and plain.at > START
+    assert busy == plain

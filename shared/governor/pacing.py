@@ -41,7 +41,7 @@ import bisect
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -61,6 +61,9 @@ HISTORY_SECONDS = 300.0
 NEAR_SECONDS = 5.0
 # How soon after an account's window opens a backlog's fresh messages are taken to fill it.
 OPENING_SLACK_SECONDS = 5.0
+# The reason of a Wait given because the caller has no SMTP session free on any account free now
+# (`decide`'s `busy`): it waits for one in the process, not on the queue.
+NO_SESSION = "no SMTP session free in this process"
 
 
 _T = TypeVar("_T")
@@ -424,6 +427,7 @@ def decide(
     release: Release | None = None,
     book_not_before: float = 0.0,
     backlog_until: float | None = None,
+    busy: Collection[str] = frozenset(),
 ) -> Decision:
     """Grant now, book a slot later today, wait until a stated time, or refuse as impossible.
 
@@ -435,6 +439,12 @@ def decide(
     that backlog and would come back late, leaving its slot unused, while the fresh messages of
     the backlog could have taken it at once. A grant now is not affected.
 
+    `busy`: accounts the caller has no SMTP session free for at the moment. A slot now is granted
+    only on an account not busy; when every account free now is busy, the answer is a
+    `Wait(until=now, reason=NO_SESSION)` (nothing taken): the caller waits for a session of its
+    own and asks again. (A grant now on a busy account would wait for a session and could get too
+    old to be sent on.)
+
     Picks the account with the earliest slot; among accounts free now, the preferred one, else
     one at random (so instances reading the same state spread out)."""
     rng = rng or random.Random()
@@ -442,7 +452,7 @@ def decide(
     if release is not None:
         states = [release_slot(s, release, cfg) if s.account == release.account else s for s in states]
         released = next((s for s in states if s.account == release.account), None)
-    decision = _decide(states, tenant, shape, now, cfg, rng, allow_booking, book_not_before, backlog_until)
+    decision = _decide(states, tenant, shape, now, cfg, rng, allow_booking, book_not_before, backlog_until, busy)
     if released is None:
         return decision
     if isinstance(decision, Grant):
@@ -460,6 +470,7 @@ def _decide(
     allow_booking: bool,
     book_not_before: float = 0.0,
     backlog_until: float | None = None,
+    busy: Collection[str] = frozenset(),
 ) -> Decision:
     impossible = impossible_reason(shape, cfg)
     if impossible:
@@ -469,6 +480,9 @@ def _decide(
     slots = [(earliest_slot(s, tenant, shape, now, cfg), s) for s in states]
     ready = [s for (t, _), s in slots if t <= now]
     if ready:
+        ready = [s for s in ready if s.account not in busy]
+        if not ready:
+            return Wait(until=now, reason=NO_SESSION)
         preferred = [s for s in ready if s.account == shape.preferred_account]
         if preferred:
             chosen = preferred[0]

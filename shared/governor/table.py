@@ -38,6 +38,7 @@ from shared.governor.blocks import (
 )
 from shared.governor.pacing import (
     DAY,
+    NO_SESSION,
     AccountState,
     Decision,
     Grant,
@@ -49,6 +50,7 @@ from shared.governor.pacing import (
     Wait,
     after_reply,
     decide,
+    earliest_slot,
     release_slot,
 )
 from shared.send.replies import Outcome, Verdict
@@ -266,6 +268,27 @@ class TableGovernor:
             for s in self._snapshot[0]
         )
 
+    def likely_account(self, shape: Shape, now: float, busy: Callable[[str], bool]) -> str | None:
+        """The account a decision for `shape` now would most likely grant a slot now on, from the
+        state this process holds (no Table call): one with a slot free now that is not `busy`, the
+        one this process keeps to first; None when none is known. (The send stage makes that
+        account's SMTP session ready before it asks, so a slot granted now does not wait for a new
+        session: TCP, STARTTLS and AUTH take seconds on a loaded host.)"""
+        if self._snapshot is None:
+            return None
+        states, tenant = self._snapshot
+        ready = [
+            s
+            for s in self._usable(states, None, None)
+            if not busy(s.account) and earliest_slot(s, tenant, shape, now, self.config)[0] <= now
+        ]
+        if not ready:
+            return None
+        kept = self._keep_to_own(shape, ready, now).preferred_account
+        if kept is not None and any(s.account == kept for s in ready):
+            return kept
+        return self._rng.choice(ready).account
+
     def known_states(self) -> list[AccountState]:
         """The account rows as this process last read or wrote them (no Table call)."""
         return list(self._snapshot[0]) if self._snapshot is not None else []
@@ -297,11 +320,15 @@ class TableGovernor:
         only: str | None = None,
         book_not_before: float = 0.0,
         backlog_until: float | None = None,
+        busy: Callable[[str], bool] | None = None,
     ) -> Decision:
         """Grant (maybe a booking later today), Wait, or Impossible.
 
         `release`: the request's earlier slot, given back in the same write that takes the new one
-        (a late booking, a lapsed grant). `only`: decide for that account alone.
+        (a late booking, a lapsed grant). `only`: decide for that account alone. `busy`: whether
+        the caller has no SMTP session free for an account, asked at the moment of deciding: no
+        slot now is granted there (see `decide`; a `Wait` with reason `NO_SESSION` when every
+        account free now is busy, which still writes a `release`).
 
         Decisions in one process take turns (they would only race each other) and start from
         the state this process last read or wrote; the ETag on the write is what makes the
@@ -310,7 +337,7 @@ class TableGovernor:
         async with self._lock:
             self._remember_decision(shape, now)
             if release is None and only is None:
-                spare = self._from_spares(shape, now)
+                spare = self._from_spares(shape, now, busy)
                 if spare is not None:
                     return spare
             fresh = False
@@ -323,6 +350,7 @@ class TableGovernor:
                 # Spares no longer good are given back in whichever row this decision writes.
                 states = [give_back(s, self._returns, self.config) for s in states] if self._returns else states
                 usable = self._usable(states, release, only)
+                taken = frozenset(s.account for s in usable if busy(s.account)) if busy is not None else frozenset()
                 decision = decide(
                     usable,
                     tenant,
@@ -334,9 +362,16 @@ class TableGovernor:
                     release=release,
                     book_not_before=book_not_before,
                     backlog_until=backlog_until,
+                    busy=taken,
                 )
-                if not fresh and (
-                    isinstance(decision, Wait) or (self._stale and isinstance(decision, Grant) and decision.at > now)
+                local = isinstance(decision, Wait) and decision.reason == NO_SESSION
+                if (
+                    not fresh
+                    and not local
+                    and (
+                        isinstance(decision, Wait)
+                        or (self._stale and isinstance(decision, Grant) and decision.at > now)
+                    )
                 ):
                     # A wait, or a booking made while some row is known stale (the account left
                     # out could have an earlier slot): only ever on fresh state.
@@ -416,7 +451,7 @@ class TableGovernor:
         recent = sum(1 for t, k in self._recent if k == key and now - BLOCK_SECONDS <= t <= now)
         return block_size(recent - 1)  # (this decision is remembered already)
 
-    def _from_spares(self, shape: Shape, now: float) -> Grant | None:
+    def _from_spares(self, shape: Shape, now: float, busy: Callable[[str], bool] | None = None) -> Grant | None:
         """The earliest good spare for this shape (no Table call), or None. Spares no longer good
         move to the ones to give back."""
         good: list[tuple[float, Spare]] = []
@@ -433,7 +468,9 @@ class TableGovernor:
         fit = [
             (at, spare)
             for at, spare in good
-            if shape_key(spare.shape) == key and shape.preferred_account in (None, spare.account)
+            if shape_key(spare.shape) == key
+            and shape.preferred_account in (None, spare.account)
+            and not (busy is not None and busy(spare.account))
         ]
         if not fit or self._snapshot is None:
             return None

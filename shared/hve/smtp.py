@@ -160,7 +160,7 @@ class SessionLease:
                 else:
                     session.smtp.close()  # not leaked (the caller's check failed: storage down)
         finally:
-            self._pool.slots.release()
+            self._owner._give_place(self._pool)
             if self.ahead:
                 self.ahead = False
                 self._pool.ahead -= 1
@@ -213,6 +213,7 @@ class HveSmtp:
         self._auth_failed: dict[str, tuple[float, Verdict]] = {}
         self._auth_failure_hold = auth_failure_hold
         self._pool_wait = pool_wait
+        self._room_waiters: list[asyncio.Future[None]] = []
         self.stats = PoolStats()
 
     def _pool(self, account: str) -> _AccountPool:
@@ -220,6 +221,31 @@ class HveSmtp:
         if pool is None:
             pool = self._pools[account] = _AccountPool(asyncio.Semaphore(self._pool_size))
         return pool
+
+    def busy(self, account: str) -> bool:
+        """Whether a `lease` of `account` would have to wait for another caller's session now."""
+        return self._pool(account).slots.locked()
+
+    async def place_given_back(self, timeout: float) -> bool:
+        """Wait until some caller gives a place back in any account's pool (True), or `timeout`
+        seconds (False). For a caller that saw every account it could use `busy`."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._room_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout=timeout)
+        except TimeoutError:
+            return False
+        finally:
+            if waiter in self._room_waiters:
+                self._room_waiters.remove(waiter)
+        return True
+
+    def _give_place(self, pool: _AccountPool) -> None:
+        pool.slots.release()
+        waiters, self._room_waiters = self._room_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _open(self, account: str) -> _Session:
         smtp = aiosmtplib.SMTP(
@@ -252,20 +278,25 @@ class HveSmtp:
         """A session of `account` ready for MAIL FROM (reused, or opened: TCP, STARTTLS, AUTH), or
         why there is none (no session free within the pool wait, AUTH refused, connection failed)."""
         pool = self._pool(account)
-        try:
-            # Bounded: a message must not wait on a busy pool past its slot (and its ledger lease).
-            await asyncio.wait_for(pool.slots.acquire(), timeout=self._pool_wait)
-        except TimeoutError:
-            return SubmitResult(
-                Verdict(Outcome.DEFER, 0, "", f"no SMTP session free for {account} within {self._pool_wait:g} s")
-            )
+        if not pool.slots.locked():
+            # A place is free: taken before this call first yields to the event loop, so a caller
+            # that saw `busy(account)` false a moment ago (with no await since) gets it.
+            await pool.slots.acquire()
+        else:
+            try:
+                # Bounded: a message must not wait on a busy pool past its slot (and its ledger lease).
+                await asyncio.wait_for(pool.slots.acquire(), timeout=self._pool_wait)
+            except TimeoutError:
+                return SubmitResult(
+                    Verdict(Outcome.DEFER, 0, "", f"no SMTP session free for {account} within {self._pool_wait:g} s")
+                )
         try:
             ready = await self._ready(pool, account)
         except BaseException:
-            pool.slots.release()
+            self._give_place(pool)
             raise
         if isinstance(ready, SubmitResult):
-            pool.slots.release()
+            self._give_place(pool)
         return ready
 
     async def lease_ahead(self, account: str) -> SessionLease | SubmitResult | None:

@@ -29,6 +29,7 @@ class RelayStats:
     late: int = 0  # requests that came back after their booked slot plus the tolerance
     late_rebooked: int = 0  # ...of which could not go at once and were booked again (or wait)
     lapsed: int = 0  # grants that got old waiting for an SMTP session and were not taken again
+    session_waits: int = 0  # decisions put off while this process had no SMTP session free for an account free now
 
 
 def utc(ts: float) -> datetime:

@@ -8,11 +8,13 @@ says wait. A request that cannot go now comes back as a `Handled` (deferred, boo
 
 from __future__ import annotations
 
+import asyncio
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from shared.governor.pacing import Impossible, Release, Shape, Wait
+from shared.governor.pacing import NO_SESSION, Impossible, Release, Shape, Wait
 from shared.governor.scheduler import Later, Refuse
 from shared.governor.table import Grant
 from shared.hve.smtp import SessionLease, SubmitResult
@@ -134,15 +136,49 @@ class Slots:
         # at +186 were booked at the padded end, came back behind it and were lost; with four
         # draining 55 s, skipping the +62 opening left it empty.)
         plain = r.backlog.lead(now, padded=False) or 0.0
-        decision = await r.governor.acquire(
-            shape,
-            now,
-            release=release,
-            allow_booking=lead is not None,
-            book_not_before=now + (lead or 0.0),
-            backlog_until=now + (plain + (lead or 0.0)) / 2,
-        )
-        if release is not None and not (isinstance(decision, Grant) and decision.at <= now):
+        late = release is not None
+        # A slot now is granted only on an account this process has an SMTP session free for
+        # (`busy`): a grant now on a busy account waits for a session and, on a loaded host, got
+        # too old to be sent on behind the next window's bookings. While every account free now
+        # is busy, the request waits here for a session to come free, up to the pool wait; past
+        # that it is decided as before. And the session of the account the grant will most likely
+        # be on is made ready first (a new one takes seconds on a loaded host), so MAIL FROM goes
+        # at the slot.
+        loop = asyncio.get_running_loop()  # (a local wait: the event loop's clock, like the pool's)
+        give_up = loop.time() + r.settings.pool_wait_seconds
+        sessions_first = True
+        while True:
+            likely = r.governor.likely_account(shape, now, r.smtp.busy)
+            if shape.preferred_account not in (None, likely):
+                likely = None  # a producer's choice of account stands
+            held = await r.smtp.lease(likely) if likely is not None else None
+            if not isinstance(held, SessionLease):
+                held, likely = None, None
+            now = r.clock()
+            try:
+                decision = await r.governor.acquire(
+                    shape if likely is None else replace(shape, preferred_account=likely),
+                    now,
+                    release=release,
+                    allow_booking=lead is not None,
+                    book_not_before=now + (lead or 0.0),
+                    backlog_until=now + (plain + (lead or 0.0)) / 2,
+                    busy=_busy_but(r.smtp.busy, likely) if sessions_first else None,
+                )
+            except BaseException:
+                await let_go(held)
+                raise
+            if isinstance(decision, Grant) and decision.at <= now and decision.account == likely:
+                return decision.account, decision.at, entry, held
+            await let_go(held)
+            if not (isinstance(decision, Wait) and decision.reason == NO_SESSION):
+                break
+            release = None  # given back in that decision's write
+            r.stats.session_waits += 1
+            await r.smtp.place_given_back(max(0.0, give_up - loop.time()))
+            now = r.clock()
+            sessions_first = loop.time() < give_up
+        if late and not (isinstance(decision, Grant) and decision.at <= now):
             r.stats.late_rebooked += 1
         if isinstance(decision, Impossible):
             return await r.recorder.finish(entry, REFUSED, f"over-limit: {decision.reason}")
@@ -170,7 +206,13 @@ class Slots:
             )
             await r.pacer.keep_host_polling(decision.at)
             return Handled(entry.request_id, DEFERRED, "booked", decision.account, 0, delay)
-        return decision.account, decision.at, entry, None
+        # Its session now: at once when no other caller took the place the decision saw free.
+        return decision.account, decision.at, entry, await r.smtp.lease(decision.account)
+
+
+def _busy_but(busy: Callable[[str], bool], mine: str | None) -> Callable[[str], bool]:
+    """`busy`, except for the account whose session the caller holds already."""
+    return lambda account: account != mine and busy(account)
 
 
 async def let_go(held: SessionLease | SubmitResult | None) -> None:

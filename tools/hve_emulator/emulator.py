@@ -47,6 +47,7 @@ class HveEmulator:
         self._controller: HveController | None = None
         self._handler: HveHandler | None = None
         self._slow_auth_seconds = 0.0
+        self._slow_data_seconds = 0.0
         self._certs: CertPaths | None = None
         self._lifecycle = threading.Lock()
 
@@ -72,6 +73,7 @@ class HveEmulator:
                 hostname=self.config.hostname,
             )
             handler.slow_auth_seconds = self._slow_auth_seconds
+            handler.slow_data_seconds = self._slow_data_seconds
             self._handler = handler
             controller = HveController(
                 handler,
@@ -192,6 +194,16 @@ class HveEmulator:
         if self._handler is not None:
             self._handler.slow_auth_seconds = self._slow_auth_seconds
 
+    def slow_data(self, seconds: float) -> None:
+        """Every reply to DATA from now on comes `seconds` after the message was judged (and, when
+        accepted, stored with the time of judging), as a slow back end would: each transaction
+        keeps its session that much longer. 0: at once."""
+        if seconds < 0:
+            raise ValueError("seconds must be >= 0")
+        self._slow_data_seconds = float(seconds)
+        if self._handler is not None:
+            self._handler.slow_data_seconds = self._slow_data_seconds
+
     def set_password(self, account: str, password: str) -> None:
         self._accounts.set_password(account, password)
 
@@ -210,10 +222,11 @@ class HveEmulator:
         self._accounts.set_oauth_token(token, None)
 
     def reset(self) -> None:
-        """Counters, faults, the AUTH delay, quota windows and the messages() list back to empty;
+        """Counters, faults, the AUTH and DATA delays, quota windows and the messages() list back to empty;
         accounts, passwords and tokens back to the configuration. Files on disk stay."""
         self._faults.clear()
         self.slow_auth(0.0)
+        self.slow_data(0.0)
         self._accounts.reset()
         self._limiter.reset()
         self._store.forget()

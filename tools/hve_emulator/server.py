@@ -152,6 +152,9 @@ class HveHandler:
         # that much longer to be ready). Set by tests through HveEmulator.slow_auth. (Not named
         # auth_*: aiosmtpd offers every handler attribute so named as an AUTH mechanism.)
         self.slow_auth_seconds = 0.0
+        # Seconds the reply to DATA waits after the message was judged (a slow back end: the
+        # session stays busy that much longer). Set through HveEmulator.slow_data.
+        self.slow_data_seconds = 0.0
 
     # -- aiosmtpd authenticator callback ------------------------------------------------------
 
@@ -247,6 +250,8 @@ class HveHandler:
         if fault is not None:  # drop after the server's decision: the client never learns it
             self.log_transaction(session, envelope, reply)
             await self._drop(server, session, "DATA")
+        elif self.slow_data_seconds > 0:
+            await asyncio.sleep(self.slow_data_seconds)
         return reply
 
     async def handle_exception(self, error: Exception) -> str:
