@@ -276,6 +276,16 @@ class TableGovernor:
         session: TCP, STARTTLS and AUTH take seconds on a loaded host.)"""
         if self._snapshot is None:
             return None
+        key = shape_key(shape)
+        for spare in self._spares:  # a good spare is handed out first (`acquire`)
+            if (
+                shape_key(spare.shape) == key
+                and shape.preferred_account in (None, spare.account)
+                and not busy(spare.account)
+                and spare_slot(spare, now, self.config) is not None
+                and not self.known_resting(spare.account, now)
+            ):
+                return spare.account
         states, tenant = self._snapshot
         ready = [
             s
