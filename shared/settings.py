@@ -156,7 +156,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "HVE_POOL_WAIT_SECONDS",
         "10",
-        "Longest wait for a free SMTP session of an account; past it the request is deferred (its slot given back).",
+        "Longest wait for a free SMTP session of an account; past it the request is deferred (its slot given back)."
+        " Under per-minute limits, also the longest a request waits in the process for a session while every"
+        " account with a slot free now has none (no slot is granted now without one); past it, it is decided as before.",
     ),
     SettingSpec(
         "ACCOUNT_UNHEALTHY_SECONDS", "900", "How long an account that failed authentication is left out of rotation."

@@ -290,3 +290,29 @@ def test_a_decision_while_every_free_account_is_busy_waits_in_the_process_and_ta
     assert trips == 0
     by_name = {s.account: s for s in states}
     assert by_name[MANY[0]].messages_today == 0
+
+
+def test_a_decision_is_dated_when_its_turn_comes_not_when_the_caller_began_to_wait(azurite, storage):
+    """Decisions in one process take turns; with `clock`, each grant is dated when it is decided.
+    (Dated at the `now` the caller read before its turn, a grant on a loaded host was over a
+    second old before its session was asked for, and lapsed.)"""
+    import time
+
+    async def run():
+        tables, (governor,) = await _governors(azurite, storage, MANY[:2], (10,))()
+        try:
+            t0 = time.monotonic()
+
+            def clock():
+                return START + time.monotonic() - t0
+
+            now = clock()
+            grants = await asyncio.gather(*(governor.acquire(Shape(0, 1), now, clock=clock) for _ in range(4)))
+            return now, grants
+        finally:
+            await tables[0].close()
+    now, grants = asyncio.run(run())
+    assert all(isinstance(g, Grant) for g in grants)
+    times = [g.at for g in grants]
+    # Each one dated after the one before it was written (a Table write takes some milliseconds).
+    assert times == sorted(times) and len(set(times)) == 4 and times[0] >= now

@@ -331,6 +331,7 @@ class TableGovernor:
         book_not_before: float = 0.0,
         backlog_until: float | None = None,
         busy: Callable[[str], bool] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> Decision:
         """Grant (maybe a booking later today), Wait, or Impossible.
 
@@ -338,13 +339,18 @@ class TableGovernor:
         (a late booking, a lapsed grant). `only`: decide for that account alone. `busy`: whether
         the caller has no SMTP session free for an account, asked at the moment of deciding: no
         slot now is granted there (see `decide`; a `Wait` with reason `NO_SESSION` when every
-        account free now is busy, which still writes a `release`).
+        account free now is busy, which still writes a `release`). `clock`: the decision is made
+        at `clock()` read when it is this call's turn (and again on each retry after a lost race),
+        not at `now`: decisions in one process take turns, and under load a grant dated when the
+        caller started waiting for its turn was over a second old before its session was asked for.
 
         Decisions in one process take turns (they would only race each other) and start from
         the state this process last read or wrote; the ETag on the write is what makes the
         decision safe against every other instance. A Wait is only ever given on fresh state, and
         so is a booking once a lost race left a row out."""
         async with self._lock:
+            if clock is not None:
+                now = max(now, clock())
             self._remember_decision(shape, now)
             if release is None and only is None:
                 spare = self._from_spares(shape, now, busy)
@@ -355,6 +361,8 @@ class TableGovernor:
                 if self._snapshot is None or self._monotonic() - self._snapshot_at > SNAPSHOT_SECONDS:
                     await self._refresh()
                     fresh = True
+                if clock is not None:
+                    now = max(now, clock())
                 assert self._snapshot is not None
                 states, tenant = self._snapshot
                 # Spares no longer good are given back in whichever row this decision writes.

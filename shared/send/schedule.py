@@ -164,10 +164,12 @@ class Slots:
                     book_not_before=now + (lead or 0.0),
                     backlog_until=now + (plain + (lead or 0.0)) / 2,
                     busy=_busy_but(r.smtp.busy, likely) if sessions_first else None,
+                    clock=r.clock,  # (dated when decided: the turn may take a while on a loaded host)
                 )
             except BaseException:
                 await let_go(held)
                 raise
+            now = max(now, r.clock())  # a grant is dated at most this late; a booking is later
             if isinstance(decision, Grant) and decision.at <= now and decision.account == likely:
                 return decision.account, decision.at, entry, held
             await let_go(held)
