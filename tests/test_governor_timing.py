@@ -528,6 +528,50 @@ def test_a_slot_now_is_granted_only_when_the_process_has_a_session_free_for_it(s
     assert emulator.stats()["replies"].get("4.5.104", 0) == 0
 
 
+@pytest.mark.parametrize("margin", ["2", "0"])
+def test_a_grant_now_that_reached_mail_from_late_is_taken_again_behind_the_next_windows_bookings(
+    storage, make_emulator, margin
+):
+    """The relay's governor in Table storage (preview: 10 external a minute, one account): a
+    minute's ten slots granted now, the next minute's ten booked behind them at once (a backlog),
+    then the first grant's message reaches MAIL FROM 1.8 s after its slot (a CPU-starved host).
+    With the default margin the bookings left room behind the slots that had come due, so the slot
+    is taken again where the message really goes; packed tight (no margin, no room) it could not be,
+    and the request would wait a whole window."""
+    emulator = make_emulator(profile="preview-2024")
+
+    async def main():
+        relay = await Relay.create(relay_settings(storage, emulator, HVE_LIMITS_PROFILE="preview-2024",
+                                                  HVE_ACCOUNTS=NEWS, HVE_PACING_MARGIN_SECONDS=margin,
+                                                  HVE_BOOKINGS_PER_SECOND="0"))
+        try:
+            gov, shape = relay.governor, Shape(0, 1)
+            now = START
+            granted = []
+            for _ in range(10):
+                got = await gov.acquire(shape, now)
+                assert got.at == now
+                granted.append(got.at)
+                now += 0.1
+            booked = [(await gov.acquire(shape, now)).at for _ in range(10)]
+            retaken = await gov.recheck(NEWS, granted[0], shape, granted[0] + 1.8)
+            [state] = await gov.states()
+            return granted, booked, retaken, state
+        finally:
+            await relay.close()
+
+    granted, booked, retaken, state = run(main())
+    window = 60 + float(margin)
+    if margin == "2":
+        assert [round(b - g, 3) for g, b in zip(granted, booked)] == [window + 2] * 10
+        assert retaken == pytest.approx(granted[0] + 1.8, abs=1e-3)
+        assert state.external_slots[0] == pytest.approx(granted[1], abs=1e-3)  # re-dated: now second
+    else:
+        assert [round(b - g, 3) for g, b in zip(granted, booked)] == [window] * 10
+        assert retaken is None
+    assert len(state.external_slots) == (20 if retaken is not None else 19)
+
+
 def test_two_deliveries_of_a_booked_request_send_once_and_the_booked_slot_stays_counted(storage, make_emulator):
     """A duplicate delivery of a booked request holds the same booking: the copy that loses the
     ledger claim must not give the slot back, or the governor would count one message fewer than

@@ -46,7 +46,8 @@ def scenarios(draw):
     limits = small_limits(draw)
     cfg = PacingConfig(limits=limits, margin_seconds=draw(st.sampled_from([0.0, 0.5, 2.0])),
                        day_offset_seconds=draw(st.sampled_from([0.0, 3600.0 * 7])),
-                       daily_recipient_budget=draw(st.one_of(st.none(), st.integers(5, 50))))
+                       daily_recipient_budget=draw(st.one_of(st.none(), st.integers(5, 50))),
+                       lapse_room_seconds=draw(st.sampled_from([0.0, 2.0])))
     events = draw(st.lists(st.tuples(
         st.floats(0, 40),                                 # seconds since the previous arrival
         st.integers(0, 5), st.integers(0, 5),             # internal, external recipients
@@ -219,3 +220,48 @@ def test_busy_accounts_do_not_change_a_booking_their_session_is_taken_at_the_slo
     busy = decide([full], None, Shape(0, 1), START, cfg, random.Random(3), busy={ACCOUNTS[0]})
     assert isinstance(plain, Grant) and plain.at > START
     assert busy == plain
+
+
+# --- room behind slots that have come due ---------------------------------------------------
+
+def _first_window_granted(cfg: PacingConfig) -> AccountState:
+    """One account whose ten external slots of this minute were granted now, a moment ago."""
+    granted = tuple(START + i / 10 for i in range(10))
+    return AccountState(ACCOUNTS[0], slots=granted, external_slots=granted)
+
+
+def _book_then_retake(cfg: PacingConfig, late_by: float) -> tuple[Grant, Grant | Wait]:
+    """The next window booked right behind the first grant, then that grant taken again `late_by`
+    after its slot (its message reached MAIL FROM that late), as the stage's recheck does."""
+    from shared.governor.pacing import Release
+
+    booked = decide([_first_window_granted(cfg)], None, Shape(0, 1), START + 1, cfg, random.Random(1))
+    assert isinstance(booked, Grant) and booked.at > START + 1
+    retaken = decide([booked.account_state], None, Shape(0, 1), START + late_by, cfg, random.Random(1),
+                     allow_booking=False, release=Release(ACCOUNTS[0], START, Shape(0, 1)))
+    assert isinstance(retaken, (Grant, Wait))
+    return booked, retaken
+
+
+def test_a_booking_behind_a_slot_come_due_leaves_room_for_that_slot_to_be_taken_again_late():
+    cfg = PacingConfig(limits=PROFILES["preview-2024"], lapse_room_seconds=2.0)
+    booked, retaken = _book_then_retake(cfg, late_by=1.8)
+    assert booked.at == START + cfg.window + 2.0
+    assert isinstance(retaken, Grant) and retaken.at == START + 1.8
+
+
+def test_without_room_a_grant_that_reached_mail_from_late_cannot_be_taken_again():
+    # What the room is for: packed tight, the late grant has no place left in its window.
+    cfg = PacingConfig(limits=PROFILES["preview-2024"], lapse_room_seconds=0.0)
+    booked, retaken = _book_then_retake(cfg, late_by=1.8)
+    assert booked.at == START + cfg.window
+    assert isinstance(retaken, Wait) and retaken.until > START + 1.8
+
+
+def test_a_booking_behind_a_slot_still_ahead_gets_no_room():
+    # Booked requests take their session before the slot; a window of bookings stays packed.
+    cfg = PacingConfig(limits=PROFILES["preview-2024"], lapse_room_seconds=2.0)
+    ahead = tuple(START + 30 + i / 10 for i in range(10))
+    state = AccountState(ACCOUNTS[0], slots=ahead, external_slots=ahead)
+    booked = decide([state], None, Shape(0, 1), START, cfg, random.Random(1))
+    assert isinstance(booked, Grant) and booked.at == START + 30 + cfg.window

@@ -81,6 +81,10 @@ class PacingConfig:
     booking_horizon_seconds: float = 3600.0
     # At most this many bookings (tenant-wide) fall due in one second; 0 turns spreading off.
     bookings_per_second: int = 8
+    # A slot booked right behind one that has come due (its message may still be on its way to
+    # HVE) goes this much later, so that slot can still be taken again a little late (see
+    # `_rolling_ready`). The send stage sets the margin; 0 packs bookings tight.
+    lapse_room_seconds: float = 0.0
 
     @property
     def window(self) -> float:
@@ -236,14 +240,24 @@ def _fits(log: Sequence[float], t: float, limit: int | None, window: float) -> b
     return True
 
 
-def _rolling_ready(log: Sequence[float], t: float, limit: int | None, window: float) -> float:
+def _rolling_ready(
+    log: Sequence[float], t: float, limit: int | None, window: float, now: float = -math.inf, room: float = 0.0
+) -> float:
     """Earliest time >= t a slot fits in the log: t itself (maybe in a gap a released slot left),
-    else after the last `limit` slots, where a slot always fits."""
+    else after the last `limit` slots, where a slot always fits.
+
+    When the slot it follows has come due (at or before `now`), it goes `room` later: that slot's
+    message may still be on its way to MAIL FROM (a grant now on a CPU-starved host). If it gets
+    there more than half the margin late, its slot is taken again where the message really goes
+    (`TableGovernor.recheck`), which fits only while nothing is packed right behind it; without
+    the room it lapsed and its request waited a whole window. A slot still ahead (a booking) gets
+    none: its request takes its session before the slot."""
     if limit is None or _fits(log, _ms_up(t), limit, window):
         return t
     if limit == 0:
         return math.inf
-    return max(t, log[-limit] + window)
+    base = log[-limit]
+    return max(t, base + window + (room if base <= now else 0.0))
 
 
 def _add(log: tuple[float, ...], at: float, keep_after: float) -> tuple[float, ...]:
@@ -286,10 +300,18 @@ def _slot_fits(state: AccountState, shape: Shape, t: float, cfg: PacingConfig) -
 
 
 def earliest_slot(
-    state: AccountState, tenant: TenantState | None, shape: Shape, now: float, cfg: PacingConfig
+    state: AccountState,
+    tenant: TenantState | None,
+    shape: Shape,
+    now: float,
+    cfg: PacingConfig,
+    *,
+    due_by: float | None = None,
 ) -> tuple[float, str]:
-    """Earliest time this account can take the message if nothing else arrives, and what binds."""
+    """Earliest time from `now` this account can take the message if nothing else arrives, and what
+    binds. `due_by`: the real present when `now` is a later floor (slots up to it have come due)."""
     lim = cfg.limits
+    due = now if due_by is None else due_by
     t, why = now, ""
     for candidate, reason in (
         (state.cooldown_until, f"cooling down after {state.last_problem or 'throttling'}"),
@@ -307,7 +329,7 @@ def earliest_slot(
                 "external messages per minute",
             ),
         ):
-            ready = _rolling_ready(log, t, limit, cfg.window)
+            ready = _rolling_ready(log, t, limit, cfg.window, due, cfg.lapse_room_seconds)
             if ready > t:
                 t, why, moved = ready, reason, True
         if not moved or _slot_fits(state, shape, t, cfg):
@@ -499,7 +521,10 @@ def _decide(
         # Slots from the end of the backlog on; the capacity before it is left to the backlog.
         floor = min(book_not_before, today_end)
         until = floor if backlog_until is None else min(backlog_until, floor)
-        slots = [(earliest_slot(s, tenant, shape, _after_backlog(t, floor, until, cfg), cfg), s) for (t, _), s in slots]
+        slots = [
+            (earliest_slot(s, tenant, shape, _after_backlog(t, floor, until, cfg), cfg, due_by=now), s)
+            for (t, _), s in slots
+        ]
         (best_t, best_why), _ = min(slots, key=lambda item: item[0][0])
         if best_t >= today_end:
             return Wait(until=best_t, reason=best_why)

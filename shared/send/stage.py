@@ -65,6 +65,7 @@ def pacing_config(settings: Settings, limits: Limits) -> PacingConfig:
         unhealthy_seconds=settings.account_unhealthy_seconds,
         booking_horizon_seconds=settings.booking_horizon_seconds,
         bookings_per_second=settings.bookings_per_second,
+        lapse_room_seconds=settings.pacing_margin_seconds,
     )
 
 
