@@ -276,16 +276,9 @@ class TableGovernor:
         session: TCP, STARTTLS and AUTH take seconds on a loaded host.)"""
         if self._snapshot is None:
             return None
-        key = shape_key(shape)
-        for spare in self._spares:  # a good spare is handed out first (`acquire`)
-            if (
-                shape_key(spare.shape) == key
-                and shape.preferred_account in (None, spare.account)
-                and not busy(spare.account)
-                and spare_slot(spare, now, self.config) is not None
-                and not self.known_resting(spare.account, now)
-            ):
-                return spare.account
+        found = self._spare_for(shape, now, busy)  # a good spare is handed out first (`acquire`)
+        if found is not None:
+            return found[1].account
         states, tenant = self._snapshot
         ready = [
             s
@@ -482,21 +475,31 @@ class TableGovernor:
         self._spares = [spare for _, spare in good]
         # Given back after a day at the latest: the row has moved on by then.
         self._returns = [r for r in self._returns if r.at > now - DAY]
-        key = shape_key(shape)
-        fit = [
-            (at, spare)
-            for at, spare in good
-            if shape_key(spare.shape) == key
-            and shape.preferred_account in (None, spare.account)
-            and not (busy is not None and busy(spare.account))
-        ]
-        if not fit or self._snapshot is None:
+        found = self._spare_for(shape, now, busy)
+        if found is None or self._snapshot is None:
             return None
-        at, spare = min(fit, key=lambda item: item[0])
+        at, spare = found
         self._spares.remove(spare)
         state = next((s for s in self._snapshot[0] if s.account == spare.account), AccountState(spare.account))
         self.spares_used += 1
         return Grant(spare.account, at, state, None)
+
+    def _spare_for(self, shape: Shape, now: float, busy: Callable[[str], bool] | None) -> tuple[float, Spare] | None:
+        """The earliest good spare this process holds for `shape` (its slot time, and the spare),
+        on an account not `busy`; nothing is changed. Good: `spare_slot` still gives it a time,
+        and the account is not seen resting. (`_from_spares` hands it out, `likely_account`
+        only looks.)"""
+        key = shape_key(shape)
+        fit: list[tuple[float, Spare]] = []
+        for spare in self._spares:
+            if shape_key(spare.shape) != key or shape.preferred_account not in (None, spare.account):
+                continue
+            if busy is not None and busy(spare.account):
+                continue
+            at = spare_slot(spare, now, self.config)
+            if at is not None and not self.known_resting(spare.account, now):
+                fit.append((at, spare))
+        return min(fit, key=lambda item: item[0], default=None)
 
     def _keep_to_own(self, shape: Shape, usable: list[AccountState], now: float) -> Shape:
         """`shape` preferring the account this process wrote last, while it is free and at most
