@@ -272,3 +272,31 @@ def test_leases_taken_ahead_leave_one_session_of_the_pool_for_a_message_whose_mo
     third, now, sent, again = asyncio.run(main())
     assert third is None and again is not None
     assert now.verdict.outcome is Outcome.SENT and sent.verdict.outcome is Outcome.SENT
+
+
+def test_a_session_given_back_while_a_caller_was_still_deciding_wakes_it_at_once(emulator):
+    """A caller sees every pool busy, decides (a Table write, which takes a while), then waits for a
+    place to come back. A place given back during the decision counts: with the mark read before
+    it, the wait ends at once; without, the caller would have slept through it to its timeout."""
+    async def main():
+        smtp = HveSmtp(host="127.0.0.1", port=emulator.port, context=tls_context(str(emulator.ca_file)), timeout=5,
+                       pool_size=1, pool_wait=1,
+                       authenticator=BasicAuth(LocalPasswords({"news@contoso.com": "news-pw"})))
+        loop = asyncio.get_running_loop()
+        try:
+            taken = await smtp.lease("news@contoso.com")
+            assert smtp.busy("news@contoso.com")
+            mark = smtp.places_given_back
+            async with taken:  # given back "while the other caller decides"
+                pass
+            started = loop.time()
+            woke = await smtp.place_given_back(5.0, since=mark)
+            waited = loop.time() - started
+            missed = await smtp.place_given_back(0.2)  # no mark: only a place given back from now on
+            return woke, waited, missed
+        finally:
+            await smtp.close()
+
+    woke, waited, missed = asyncio.run(main())
+    assert woke is True and waited < 0.5
+    assert missed is False

@@ -214,6 +214,7 @@ class HveSmtp:
         self._auth_failure_hold = auth_failure_hold
         self._pool_wait = pool_wait
         self._room_waiters: list[asyncio.Future[None]] = []
+        self._places_given_back = 0
         self.stats = PoolStats()
 
     def _pool(self, account: str) -> _AccountPool:
@@ -226,9 +227,19 @@ class HveSmtp:
         """Whether a `lease` of `account` would have to wait for another caller's session now."""
         return self._pool(account).slots.locked()
 
-    async def place_given_back(self, timeout: float) -> bool:
+    @property
+    def places_given_back(self) -> int:
+        """How many places callers have given back to the pools so far (a mark for
+        `place_given_back`)."""
+        return self._places_given_back
+
+    async def place_given_back(self, timeout: float, since: int | None = None) -> bool:
         """Wait until some caller gives a place back in any account's pool (True), or `timeout`
-        seconds (False). For a caller that saw every account it could use `busy`."""
+        seconds (False). For a caller that saw every account it could use `busy`. `since`: a mark
+        (`places_given_back`) read before the caller looked; a place given back after it counts,
+        also one given back before this call (while the caller was still deciding)."""
+        if since is not None and self._places_given_back > since:
+            return True
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._room_waiters.append(waiter)
         try:
@@ -242,6 +253,7 @@ class HveSmtp:
 
     def _give_place(self, pool: _AccountPool) -> None:
         pool.slots.release()
+        self._places_given_back += 1
         waiters, self._room_waiters = self._room_waiters, []
         for waiter in waiters:
             if not waiter.done():

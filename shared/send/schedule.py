@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from shared.governor.pacing import NO_SESSION, Impossible, Release, Shape, Wait
+from shared.governor.pacing import NO_SESSION, Decision, Impossible, Release, Shape, Wait
 from shared.governor.scheduler import Later, Refuse
 from shared.governor.table import Grant
 from shared.hve.smtp import SessionLease, SubmitResult
@@ -40,6 +40,15 @@ class Slot:
     # A session of `account` made ready while waiting for a booked slot (or why there is none):
     # the transmit step sends on it instead of asking the pool at the slot.
     lease: SessionLease | SubmitResult | None = None
+
+
+@dataclass(frozen=True)
+class _SentOn:
+    """A slot now, on the account whose session the request holds already."""
+
+    account: str
+    at: float
+    lease: SessionLease
 
 
 class Slots:
@@ -137,49 +146,16 @@ class Slots:
         # draining 55 s, skipping the +62 opening left it empty.)
         plain = r.backlog.lead(now, padded=False) or 0.0
         late = release is not None
-        # A slot now is granted only on an account this process has an SMTP session free for
-        # (`busy`): a grant now on a busy account waits for a session and, on a loaded host, got
-        # too old to be sent on behind the next window's bookings. While every account free now
-        # is busy, the request waits here for a session to come free, up to the pool wait; past
-        # that it is decided as before. And the session of the account the grant will most likely
-        # be on is made ready first (a new one takes seconds on a loaded host), so MAIL FROM goes
-        # at the slot.
-        loop = asyncio.get_running_loop()  # (a local wait: the event loop's clock, like the pool's)
-        give_up = loop.time() + r.settings.pool_wait_seconds
-        sessions_first = True
-        while True:
-            likely = r.governor.likely_account(shape, now, r.smtp.busy)
-            if shape.preferred_account not in (None, likely):
-                likely = None  # a producer's choice of account stands
-            held = await r.smtp.lease(likely) if likely is not None else None
-            if not isinstance(held, SessionLease):
-                held, likely = None, None
-            now = r.clock()
-            try:
-                decision = await r.governor.acquire(
-                    shape if likely is None else replace(shape, preferred_account=likely),
-                    now,
-                    release=release,
-                    allow_booking=lead is not None,
-                    book_not_before=now + (lead or 0.0),
-                    backlog_until=now + (plain + (lead or 0.0)) / 2,
-                    busy=_busy_but(r.smtp.busy, likely) if sessions_first else None,
-                    clock=r.clock,  # (dated when decided: the turn may take a while on a loaded host)
-                )
-            except BaseException:
-                await let_go(held)
-                raise
-            now = max(now, r.clock())  # a grant is dated at most this late; a booking is later
-            if isinstance(decision, Grant) and decision.at <= now and decision.account == likely:
-                return decision.account, decision.at, entry, held
-            await let_go(held)
-            if not (isinstance(decision, Wait) and decision.reason == NO_SESSION):
-                break
-            release = None  # given back in that decision's write
-            r.stats.session_waits += 1
-            await r.smtp.place_given_back(max(0.0, give_up - loop.time()))
-            now = r.clock()
-            sessions_first = loop.time() < give_up
+        decided = await self._decide_with_session(
+            shape,
+            release,
+            allow_booking=lead is not None,
+            lead=lead or 0.0,
+            plain=plain,
+        )
+        if isinstance(decided, _SentOn):
+            return decided.account, decided.at, entry, decided.lease
+        decision, now = decided
         if late and not (isinstance(decision, Grant) and decision.at <= now):
             r.stats.late_rebooked += 1
         if isinstance(decision, Impossible):
@@ -210,6 +186,58 @@ class Slots:
             return Handled(entry.request_id, DEFERRED, "booked", decision.account, 0, delay)
         # Its session now: at once when no other caller took the place the decision saw free.
         return decision.account, decision.at, entry, await r.smtp.lease(decision.account)
+
+    async def _decide_with_session(
+        self, shape: Shape, release: Release | None, *, allow_booking: bool, lead: float, plain: float
+    ) -> _SentOn | tuple[Decision, float]:
+        """The governor's decision, with the session for a slot now held first: the slot and its
+        session when the slot is now on the account whose session was made ready, else the
+        decision and the time it was made.
+
+        A slot now is granted only on an account this process has an SMTP session free for
+        (`busy`): a grant now on a busy account waits for a session and, on a loaded host, got too
+        old to be sent on behind the next window's bookings. While every account free now is busy,
+        the request waits here for a session to come free, up to the pool wait; past that it is
+        decided as before. And the session of the account the grant will most likely be on is made
+        ready first (a new one takes seconds on a loaded host), so MAIL FROM goes at the slot."""
+        r = self.relay
+        loop = asyncio.get_running_loop()  # (a local wait: the event loop's clock, like the pool's)
+        give_up = loop.time() + r.settings.pool_wait_seconds
+        sessions_first = True
+        while True:
+            now = r.clock()
+            likely = r.governor.likely_account(shape, now, r.smtp.busy)
+            if shape.preferred_account not in (None, likely):
+                likely = None  # a producer's choice of account stands
+            held = await r.smtp.lease(likely) if likely is not None else None
+            if not isinstance(held, SessionLease):
+                held, likely = None, None
+            mark = r.smtp.places_given_back  # a session given back while deciding is not missed
+            now = r.clock()
+            try:
+                decision = await r.governor.acquire(
+                    shape if likely is None else replace(shape, preferred_account=likely),
+                    now,
+                    release=release,
+                    allow_booking=allow_booking,
+                    book_not_before=now + lead,
+                    backlog_until=now + (plain + lead) / 2,
+                    busy=_busy_but(r.smtp.busy, likely) if sessions_first else None,
+                    clock=r.clock,  # (dated when decided: the turn may take a while on a loaded host)
+                )
+            except BaseException:
+                await let_go(held)
+                raise
+            now = max(now, r.clock())  # a grant is dated at most this late; a booking is later
+            if held is not None and isinstance(decision, Grant) and decision.at <= now and decision.account == likely:
+                return _SentOn(decision.account, decision.at, held)
+            await let_go(held)
+            if not (isinstance(decision, Wait) and decision.reason == NO_SESSION):
+                return decision, now
+            release = None  # given back in that decision's write
+            r.stats.session_waits += 1
+            await r.smtp.place_given_back(max(0.0, give_up - loop.time()), since=mark)
+            sessions_first = loop.time() < give_up
 
 
 def _busy_but(busy: Callable[[str], bool], mine: str | None) -> Callable[[str], bool]:
