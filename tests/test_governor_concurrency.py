@@ -316,3 +316,28 @@ def test_a_decision_is_dated_when_its_turn_comes_not_when_the_caller_began_to_wa
     times = [g.at for g in grants]
     # Each one dated after the one before it was written (a Table write takes some milliseconds).
     assert times == sorted(times) and len(set(times)) == 4 and times[0] >= now
+
+
+def test_a_booking_that_lost_its_race_books_on_another_row_as_near_without_reading_again(azurite, storage):
+    """Two instances book a backlog on two full accounts. The one that loses the ETag race on the
+    row it keeps to books on the other account from the state it holds (its slot is as near as
+    the lost row's was): a lost race costs one write more, not a read and a write more."""
+    x, y = MANY[:2]
+
+    async def run():
+        tables, (one, two) = await _governors(azurite, storage, [x, y], (11, 12))()
+        try:
+            for account in (y, x):  # both accounts' minutes full; `one` wrote x last and keeps to it
+                for i in range(10):
+                    assert (await one.acquire(Shape(0, 1, account), START + i * 0.01)).at == START + i * 0.01
+            theirs = await two.acquire(Shape(0, 1, x), START + 1)  # another instance books on x
+            trips, conflicts = one.round_trips, one.conflicts
+            mine = await one.acquire(Shape(0, 1), START + 1.1)
+            return theirs, mine, one.round_trips - trips, one.conflicts - conflicts
+        finally:
+            for t in tables:
+                await t.close()
+    theirs, mine, trips, conflicts = asyncio.run(run())
+    assert isinstance(theirs, Grant) and theirs.account == x and theirs.at > START + 60
+    assert isinstance(mine, Grant) and mine.account == y and mine.at > START + 60
+    assert conflicts == 1 and trips == 2  # the lost write on x, the write on y; no read between

@@ -38,6 +38,7 @@ from shared.governor.blocks import (
 )
 from shared.governor.pacing import (
     DAY,
+    NEAR_SECONDS,
     NO_SESSION,
     AccountState,
     Decision,
@@ -227,7 +228,7 @@ class TableGovernor:
     async def _backoff(self, attempt: int) -> None:
         # A lost ETag race: retry after a few jittered milliseconds so racing instances spread out.
         self.conflicts += 1
-        await asyncio.sleep(self._rng.uniform(0, 0.004 * (2 ** min(attempt, 5))))
+        await asyncio.sleep(self._rng.uniform(0, 0.01 * (2 ** min(attempt, 4))))
 
     def known_resting(self, account: str, now: float) -> bool:
         """Whether this process last saw the account cooling down or unhealthy, or holds it after a
@@ -381,11 +382,15 @@ class TableGovernor:
                     and not local
                     and (
                         isinstance(decision, Wait)
-                        or (self._stale and isinstance(decision, Grant) and decision.at > now)
+                        or (
+                            isinstance(decision, Grant)
+                            and decision.at > now
+                            and not self._near_stale_rows(decision.at, states, tenant, shape, now)
+                        )
                     )
                 ):
-                    # A wait, or a booking made while some row is known stale (the account left
-                    # out could have an earlier slot): only ever on fresh state.
+                    # A wait, or a booking made while a row left out as stale may have a slot
+                    # clearly earlier: only ever on fresh state.
                     await self._refresh()
                     fresh = True
                     continue
@@ -513,6 +518,20 @@ class TableGovernor:
         if self._own not in free or free[self._own] > min(free.values()) + STICKY_LEAD:
             return shape
         return replace(shape, preferred_account=self._own)
+
+    def _near_stale_rows(
+        self, at: float, states: list[AccountState], tenant: TenantState | None, shape: Shape, now: float
+    ) -> bool:
+        """Whether a booking at `at` is as good as one on the rows left out as stale (known changed
+        by another instance since this process read them) could be: within NEAR_SECONDS of their
+        earliest slot as last read, which is what `decide` spreads bookings over anyway. (What
+        changed them is mostly a slot taken, which only moves their earliest slot later; a lost
+        race then costs a write on another row, not a read as well.)"""
+        stale = [s for s in states if s.account in self._stale]
+        if not stale:
+            return True
+        best = min(earliest_slot(s, tenant, shape, now, self.config)[0] for s in stale)
+        return at <= best + NEAR_SECONDS
 
     def _usable(self, states: list[AccountState], release: Release | None, only: str | None) -> list[AccountState]:
         if only is not None:
