@@ -11,8 +11,7 @@ seconds away (the 2024 preview's per-minute windows); every longer wait is a vis
       -> hold (hold.py: back on the queue while its sendAt is ahead)
       -> for each chunk: schedule (schedule.py) -> transmit (transmit.py) -> record (record.py)
 
-The Relay holds what they share (settings, clients, clock, the governor, per-process state) and
-each step reads it from there. The pacer chain and the backlog readings are in pacer.py.
+The Relay holds what the steps share (settings, clients, clock, governor, per-process state).
 """
 
 from __future__ import annotations
