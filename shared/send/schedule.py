@@ -231,7 +231,8 @@ class Slots:
             now = max(now, r.clock())  # a grant is dated at most this late; a booking is later
             if held is not None and isinstance(decision, Grant) and decision.at <= now and decision.account == likely:
                 return _SentOn(decision.account, decision.at, held)
-            await let_go(held)
+            await let_go(held)  # (its own place back: not one another caller freed)
+            mark += 1 if held is not None else 0
             if not (isinstance(decision, Wait) and decision.reason == NO_SESSION):
                 return decision, now
             release = None  # given back in that decision's write
