@@ -224,7 +224,7 @@ def test_busy_accounts_do_not_change_a_booking_their_session_is_taken_at_the_slo
 
 # --- room behind slots that have come due ---------------------------------------------------
 
-def _first_window_granted(cfg: PacingConfig) -> AccountState:
+def _first_window_granted() -> AccountState:
     """One account whose ten external slots of this minute were granted now, a moment ago."""
     granted = tuple(START + i / 10 for i in range(10))
     return AccountState(ACCOUNTS[0], slots=granted, external_slots=granted)
@@ -235,7 +235,7 @@ def _book_then_retake(cfg: PacingConfig, late_by: float) -> tuple[Grant, Grant |
     after its slot (its message reached MAIL FROM that late), as the stage's recheck does."""
     from shared.governor.pacing import Release
 
-    booked = decide([_first_window_granted(cfg)], None, Shape(0, 1), START + 1, cfg, random.Random(1))
+    booked = decide([_first_window_granted()], None, Shape(0, 1), START + 1, cfg, random.Random(1))
     assert isinstance(booked, Grant) and booked.at > START + 1
     retaken = decide([booked.account_state], None, Shape(0, 1), START + late_by, cfg, random.Random(1),
                      allow_booking=False, release=Release(ACCOUNTS[0], START, Shape(0, 1)))
