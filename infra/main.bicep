@@ -221,7 +221,7 @@ param sendingLeaseSeconds int = 120
 param maxAttachments int = 20
 
 @description('Seconds between two merges of a worker process\'s counts into the aggregates table (report).')
-param aggregatesFlushSeconds int = 5
+param aggregatesFlushSeconds int = 10
 
 @description('Rows one aggregate (hour, account, category) may be spread over under contention.')
 @minValue(1)

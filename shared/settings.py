@@ -258,8 +258,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
     ),
     SettingSpec(
         "AGGREGATES_FLUSH_SECONDS",
-        "5",
-        "Each worker process adds its counts to the aggregates table this often (ETag merges); a process killed loses the counts it has not written yet (at most this long of them while storage answers; see AGGREGATES_MAX_BUFFER_SECONDS), never counts twice.",
+        "10",
+        "Each worker process adds its counts to the aggregates table this often (ETag merges, one request per UTC day for the rows it holds): what `/api/status`, the report and the dashboard (which polls every 15 s) show lags by up to this much. A process killed loses the counts it has not written yet (at most this long of them while storage answers; see AGGREGATES_MAX_BUFFER_SECONDS), never counts twice.",
     ),
     SettingSpec(
         "AGGREGATES_MAX_BUFFER_SECONDS",

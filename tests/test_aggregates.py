@@ -473,3 +473,168 @@ def test_the_report_folds_all_but_the_busiest_categories_into_other_and_keeps_th
     assert other.last_seen == {"451 4.7.0": 3603.0}
     assert totals(folded) == totals(buckets)
     assert fold_categories(buckets, 0) == buckets
+
+
+# ------------------------------------------------------------------ a day's rows in one transaction
+
+# The clock at 00:30 on the day after T0's, counts at 23:00 before and 00:15 after midnight, and a
+# rollup wait long enough that neither day needs a stale mark: the rows this process holds go in
+# their day's entity-group transaction.
+LATER = T0 + 2.5 * 3600
+HOUR_BEFORE = T0 + 3600
+HOUR_AFTER = T0 + 2.25 * 3600
+
+
+def day_aggregates(t: TableClient, **kwargs) -> Aggregates:
+    return Aggregates(t, flush_seconds=0, flush_deadline=None, rollup_after_seconds=86400, clock=lambda: LATER,
+                      **kwargs)
+
+
+def count_rows(agg: Aggregates, accounts: int, categories: int, at: float = HOUR_BEFORE) -> None:
+    for a in range(accounts):
+        for c in range(categories):
+            agg.outcome(at, f"news{a}@contoso.com", f"cat{c}", "sent", internal=1)
+
+
+def test_a_flush_of_rows_the_process_holds_is_one_table_request_per_day(azurite, storage):
+    """Three accounts x two categories in the hour before midnight, two accounts in the hour now
+    begun: the first flush reads (or creates) each row of the earlier hour and creates the new
+    hour's rows in one transaction; every flush after it replaces the rows of a day in one
+    entity-group transaction, one request however many accounts and categories; counts exact."""
+    name = f"{storage.table_prefix}agg"
+
+    async def main(conn: str, proxy: FaultProxy) -> tuple[Aggregates, list[int]]:
+        async with table(conn, name, retry_total=0) as t:
+            agg = day_aggregates(t)
+            requests = []
+            for _ in range(3):
+                count_rows(agg, 3, 2)
+                count_rows(agg, 2, 1, at=HOUR_AFTER)              # the next day
+                before = proxy.requests
+                await agg.flush()
+                requests.append(proxy.requests - before)
+                assert not agg._pending
+            return agg, requests
+
+    with FaultProxy(azurite.table_port) as proxy:
+        agg, requests = asyncio.run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port), proxy))
+    # First flush: the table's creation, a read and a creation per row of the earlier hour (6),
+    # one transaction creating the two rows of the hour now begun.
+    assert requests == [1 + 2 * 6 + 1, 2, 2], requests
+    assert agg.stats.transactions == 5 and agg.stats.transactions_refused == 0
+    assert totals(asyncio.run(read_all(storage.connection_string, name))) == {
+        "requests.sent": 3 * 8, "recipients.internal": 3 * 8}
+
+
+def test_a_day_transaction_refused_for_a_row_another_writer_changed_goes_row_by_row_and_loses_nothing(storage):
+    """Another process changed one of the rows this one holds: the table refuses the whole
+    transaction (its ETag), nothing of it applies; the rows are then merged one by one, the
+    changed row read again, and every count of both writers is in the table once."""
+    name = f"{storage.table_prefix}agg"
+
+    async def main() -> tuple[Aggregates, Aggregates]:
+        async with table(storage.connection_string, name) as t:
+            first, second = day_aggregates(t), day_aggregates(t)
+            count_rows(first, 3, 1)
+            await first.flush()                            # creates the three rows
+            second.outcome(HOUR_BEFORE, "news1@contoso.com", "cat0", "refused")
+            await second.flush()                           # changes one of them
+            count_rows(first, 3, 1)
+            await first.flush()                            # refused as a whole, then row by row
+            for _ in range(2):                             # it moved shard (a race lost): the
+                count_rows(first, 3, 1)                    # new rows are made, then held again
+                await first.flush()
+            assert not first._pending and not second._pending
+            return first, second
+
+    first, second = asyncio.run(main())
+    assert first.stats.transactions_refused == 1 and first.stats.races == 1
+    assert first.stats.transactions >= 1
+    assert totals(asyncio.run(read_all(storage.connection_string, name))) == {
+        "requests.sent": 12, "recipients.internal": 12, "requests.refused": 1}
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["applied-answer-lost", "not-applied"])
+@pytest.mark.parametrize("op", ["update", "create"])
+def test_a_day_transaction_whose_outcome_is_unknown_is_checked_at_the_next_flush_and_counted_once(
+        azurite, storage, applied, op):
+    """The transaction's answer is a 500 (the table applied it, or not): the flush cannot tell, so
+    its rows are read again at the next flush, whose `Writes` say whether the batch landed. Counted
+    once either way, never twice, never lost. `update`: rows the process holds (the earlier hour);
+    `create`: rows of the hour now begun, new to it."""
+    name = f"{storage.table_prefix}agg"
+    faults = {"left": 0}
+    at = HOUR_BEFORE if op == "update" else HOUR_AFTER
+
+    def rule(method: str, path: str):
+        if method == "POST" and path.endswith("$batch") and faults["left"] > 0:
+            faults["left"] -= 1
+            return Fault(500, applied=applied)
+        return None
+
+    async def main(conn: str) -> Aggregates:
+        async with table(conn, name, retry_total=0) as t:
+            agg = day_aggregates(t)
+            if op == "update":
+                count_rows(agg, 2, 2, at)
+                await agg.flush()                          # creates the four rows, one by one
+            count_rows(agg, 2, 2, at)
+            faults["left"] = 1
+            await agg.flush()                              # the transaction's answer is lost
+            assert agg.stats.failures == 4 and len(agg._pending) == 4
+            await agg.flush()                              # re-read: landed or not, it tells
+            assert not agg._pending
+            count_rows(agg, 2, 2, at)
+            await agg.flush()
+            return agg
+
+    with FaultProxy(azurite.table_port, rule=rule) as proxy:
+        agg = asyncio.run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port)))
+        assert proxy.injected == 1
+    assert agg.stats.replayed == (4 if applied else 0)
+    n = 12 if op == "update" else 8
+    assert totals(asyncio.run(read_all(storage.connection_string, name))) == {
+        "requests.sent": n, "recipients.internal": n}
+
+
+def test_rows_of_the_new_hour_another_process_made_first_are_read_and_merged_once(storage):
+    """Two processes count the same rows of the hour now begun: the first creates them in one
+    transaction; the second's creating transaction is refused as a whole (they exist), so it reads
+    and merges them one by one; then both hold them, and every count is in once."""
+    name = f"{storage.table_prefix}agg"
+
+    async def main() -> tuple[Aggregates, Aggregates]:
+        async with table(storage.connection_string, name) as t:
+            first, second = day_aggregates(t), day_aggregates(t)
+            for agg in (first, second):
+                count_rows(agg, 2, 2, HOUR_AFTER)
+            await first.flush()
+            await second.flush()
+            return first, second
+
+    first, second = asyncio.run(main())
+    assert (first.stats.transactions, first.stats.transactions_refused) == (1, 0)
+    assert (second.stats.transactions, second.stats.transactions_refused) == (0, 1)
+    assert second.stats.merges == 4 and second.stats.races == 0
+    assert totals(asyncio.run(read_all(storage.connection_string, name))) == {
+        "requests.sent": 8, "recipients.internal": 8}
+
+
+def test_more_rows_of_a_day_than_one_transaction_holds_go_in_parts_of_at_most_a_hundred(azurite, storage):
+    name = f"{storage.table_prefix}agg"
+
+    async def main(conn: str, proxy: FaultProxy) -> tuple[Aggregates, int]:
+        async with table(conn, name, retry_total=0) as t:
+            agg = day_aggregates(t, max_categories=0)
+            count_rows(agg, 1, 150)
+            await agg.flush()
+            count_rows(agg, 1, 150)
+            before = proxy.requests
+            await agg.flush()
+            return agg, proxy.requests - before
+
+    with FaultProxy(azurite.table_port) as proxy:
+        agg, requests = asyncio.run(main(connection_string(azurite.blob_port, azurite.queue_port, proxy.port), proxy))
+    assert requests == 2 and agg.stats.transactions == 2
+    assert totals(asyncio.run(read_all(storage.connection_string, name))) == {
+        "requests.sent": 300, "recipients.internal": 300}

@@ -12,6 +12,10 @@ How they are written (docs/operations.md, "Report API and aggregates"):
   (read, add, replace-if-unchanged) into rows keyed by UTC day (PartitionKey), hour, shard and
   (account, category). A process writes shard 0 until it loses an ETag race, then moves to a
   random shard below AGGREGATES_SHARDS: no hot row, and few rows while traffic is light.
+- A row is read once (or created) by a process; after that it holds the row's state and ETag, and
+  a flush replaces all the rows of a UTC day it holds in one entity-group transaction: one request
+  per flush, however many accounts and categories. A transaction refused (a row another writer
+  changed) is merged row by row.
 - Every merge records this writer's batch number in the row (`Writes`). A write whose answer was
   lost (an SDK retry after a 500 or a cut connection) is looked up before it is tried again, so a
   batch is added once, never twice.
@@ -66,6 +70,10 @@ _WRITERS_KEPT = 64
 _MERGE_TRIES = 8
 # Rows merged at once by one flush.
 _CONCURRENCY = 8
+# One entity-group transaction: at most 100 entities (the service's limit) and, here, about 2 MB
+# of properties (the limit is 4 MiB per request).
+_TRANSACTION_ROWS = 100
+_TRANSACTION_CHARS = 2_000_000
 _CODE = re.compile(r"[^0-9. ]")
 # Day rollups: RowKeys that sort after every hour row ("00-" .. "23-"); the marker sorts last.
 _ROLLUP = "~"
@@ -200,6 +208,7 @@ class _Batch:
     last_seen: dict[str, float]
     since: float = 0.0  # monotonic time of its oldest count
     done: bool = False  # merged (its write answered, or found applied on a re-check)
+    fresh: bool = True  # not tried before (a retry may have landed: its row is read first)
 
 
 @dataclass
@@ -208,6 +217,28 @@ class _Cached:
     counts: dict[str, int]
     last_seen: dict[str, float]
     writes: dict[str, int]
+    size: int = 0  # characters the row's properties take, about (what a transaction may carry)
+
+
+def _size(counts: Mapping[str, int], last: Mapping[str, float], writes: Mapping[str, int]) -> int:
+    return 300 + sum(len(k) + 12 for k in counts) + sum(len(k) + 20 for k in last) + 30 * len(writes)
+
+
+def _parts(batches: list[_Batch], size: Callable[[_Batch], int]) -> Iterable[list[_Batch]]:
+    """`batches` cut into entity-group transactions: at most 100 entities and about 2 MB each
+    (a transaction carries at most 100 and 4 MiB); a row's own growth until it is written stays
+    well within the margin."""
+    part: list[_Batch] = []
+    total = 0
+    for batch in batches:
+        n = size(batch) + 40 * (len(batch.counts) + len(batch.last_seen))
+        if part and (len(part) == _TRANSACTION_ROWS or total + n > _TRANSACTION_CHARS):
+            yield part
+            part, total = [], 0
+        part.append(batch)
+        total += n
+    if part:
+        yield part
 
 
 @dataclass
@@ -221,6 +252,8 @@ class AggregateStats:
     dropped: int = 0  # counts given up (not written within the buffer's age bound, or over its size)
     folded: int = 0  # counts recorded under `other` (their category was past the per-hour cap)
     timeouts: int = 0  # flushes cut at their deadline (what they did not write stays pending)
+    transactions: int = 0  # entity-group transactions applied (a day's held rows in one request)
+    transactions_refused: int = 0  # refused as a whole (a row changed by another writer): row by row
     rollups_written: int = 0
     rollups_used: int = 0
     rows_read: int = 0  # rows the report's two range queries returned
@@ -232,7 +265,7 @@ class Aggregates:
         self,
         table: Any,
         *,
-        flush_seconds: float = 5.0,
+        flush_seconds: float = 10.0,
         shards: int = 8,
         max_pending: int = 10_000,
         rollup_after_seconds: float = 7200.0,
@@ -445,6 +478,7 @@ class Aggregates:
                 # with its number, also when the flush itself is cancelled (a host shutting down).
                 self._pending = [b for b in batches if not b.done]
                 for b in self._pending:
+                    b.fresh = False
                     self._cache.pop((b.pk, b.rk), None)
             self._bound_pending()
             # What would be older than the bound before the next flush ends is given up now: memory
@@ -458,7 +492,8 @@ class Aggregates:
             self._prune_cache()
 
     async def _write(self, batches: list[_Batch]) -> None:
-        """Merge `batches`, marking each one written `done`."""
+        """Merge `batches`, marking each one written `done`: the rows whose state this process
+        holds in one entity-group transaction per UTC day (`_transact`), the others one by one."""
         if not await self._ensure_table():
             self._failed(len(batches))
             return
@@ -467,6 +502,14 @@ class Aggregates:
         rows: dict[tuple[str, str], list[_Batch]] = {}
         for batch in sorted(batches, key=lambda b: b.seq):
             rows.setdefault((batch.pk, batch.rk), []).append(batch)
+        days: dict[tuple[str, str], list[_Batch]] = {}
+        for key, queue in list(rows.items()):
+            if len(queue) == 1 and (op := self._joins(queue[0])):
+                days.setdefault((op, key[0]), []).append(rows.pop(key)[0])
+        for (op, _), day in days.items():
+            for part in _parts(day, self._size_of):
+                for batch in await self._transact(op, part):
+                    rows[(batch.pk, batch.rk)] = [batch]
         sem = asyncio.Semaphore(_CONCURRENCY)
 
         async def one_row(queue: list[_Batch]) -> None:
@@ -477,6 +520,66 @@ class Aggregates:
                     batch.done = True
 
         await asyncio.gather(*(one_row(q) for q in rows.values()))
+
+    def _joins(self, batch: _Batch) -> str:
+        """The transaction `batch` can go in, if any: `update` when its row's state (ETag) is held
+        and the batch is not known applied; `create` when the row is new to this process, of the
+        hour now begun, and the batch was never tried (the row may exist, made by another process:
+        then the transaction is refused and the row read); '' (one by one) otherwise, and when the
+        row's day needs a rollup mark."""
+        if self._marks(batch):
+            return ""
+        cached = self._cache.get((batch.pk, batch.rk))
+        if cached is None:
+            return "create" if batch.fresh and batch.hour >= hour_of(self._clock()) else ""
+        return "update" if cached.writes.get(self.writer, 0) < batch.seq else ""
+
+    def _size_of(self, batch: _Batch) -> int:
+        cached = self._cache.get((batch.pk, batch.rk))
+        return cached.size if cached else _size({}, {}, {})
+
+    async def _transact(self, op: str, part: list[_Batch]) -> list[_Batch]:
+        """Merge `part` (rows of one day: all held, or all new) in one entity-group transaction:
+        one request. Returns the batches to merge one by one instead: all of them when the table
+        refused the transaction (all or nothing: a row another writer changed failed its ETag, or
+        a new row existed already; row by row, that row is read), none when it applied or when its
+        outcome is unknown (a lost answer or a failed request: each row is read again at the next
+        flush, where its `Writes` tells whether this batch landed)."""
+        from azure.data.tables import RequestTooLargeError, TableTransactionError
+
+        none = _Cached(None, {}, {}, {})
+        held = [(b, self._cache.get((b.pk, b.rk)) or none) for b in part]
+        ops: list[Any] = [
+            ("create", self._entity(b, {}, {}, {}))
+            if op == "create"
+            else (
+                "update",
+                self._entity(b, c.counts, c.last_seen, c.writes),
+                {"mode": "replace", "etag": c.etag, "match_condition": MatchConditions.IfNotModified},
+            )
+            for b, c in held
+        ]
+        try:
+            metas = await self._table.submit_transaction(ops)
+        except (TableTransactionError, RequestTooLargeError):
+            self.stats.transactions_refused += 1
+            return part
+        except Exception as exc:  # noqa: BLE001 - storage trouble never reaches the send path
+            for b in part:
+                self._cache.pop((b.pk, b.rk), None)
+            self._failed(len(part))
+            log.warning(
+                "aggregates: %d row(s) of %s not merged (%s); kept for the next flush",
+                len(part),
+                part[0].pk,
+                type(exc).__name__,
+            )
+            return []
+        for (b, c), meta in zip(held, metas, strict=True):
+            self._remember(b, meta, c.counts, c.last_seen, c.writes)
+            b.done = True
+        self.stats.transactions += 1
+        return []
 
     def _give_up(self, older_than: float) -> None:
         """Drop pending batches whose oldest count was recorded before `older_than` (monotonic)."""
@@ -528,13 +631,17 @@ class Aggregates:
         self._table_ready = True
         return True
 
+    def _marks(self, batch: _Batch) -> bool:
+        """A day that may have been rolled up (ended over half the rollup wait ago, by this
+        clock): its rollup no longer holds every count once `batch` is merged."""
+        return batch.hour - batch.hour % 86400 + 86400 + self.rollup_after / 2 <= self._clock()
+
     async def _merge(self, batch: _Batch) -> bool:
         if not await self._merge_row(batch):
             return False
-        # A day that may have been rolled up (ended over half the rollup wait ago, by this clock):
-        # its rollup no longer holds every count. Until this mark is written, the batch counts as
-        # not written (a retry finds it applied and marks again).
-        if batch.hour - batch.hour % 86400 + 86400 + self.rollup_after / 2 <= self._clock():
+        # Until the day's rollup is marked stale, the batch counts as not written (a retry finds
+        # it applied and marks again).
+        if self._marks(batch):
             try:
                 await self._table.upsert_entity(
                     {"PartitionKey": batch.pk, "RowKey": _ROLLUP_MARK, "State": "stale"}, mode="replace"
@@ -626,7 +733,7 @@ class Aggregates:
     ) -> None:
         self.stats.merges += 1
         c, ls, w = self._merged(batch, counts, last, writes)
-        self._cache[(batch.pk, batch.rk)] = _Cached(meta.get("etag"), c, ls, w)
+        self._cache[(batch.pk, batch.rk)] = _Cached(meta.get("etag"), c, ls, w, _size(c, ls, w))
 
     async def _read(self, pk: str, rk: str) -> _Cached | None:
         try:
@@ -634,9 +741,9 @@ class Aggregates:
         except ResourceNotFoundError:
             return None
         data = json.loads(row.get("Data") or "{}")
-        return _Cached(
-            row.metadata["etag"], data.get("n", {}), data.get("l", {}), json.loads(row.get("Writes") or "{}")
-        )
+        writes = json.loads(row.get("Writes") or "{}")
+        counts, last = data.get("n", {}), data.get("l", {})
+        return _Cached(row.metadata["etag"], counts, last, writes, _size(counts, last, writes))
 
     def _prune_cache(self) -> None:
         # Only the current and the previous hour are still written to.
