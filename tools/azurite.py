@@ -60,6 +60,9 @@ ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Longer than aiohttp's 15 s keep-alive: the client, not the server, closes idle connections.
+_KEEP_ALIVE_SECONDS = 60
+
 _LISTENING = re.compile(r"Azurite (Blob|Queue|Table) service is successfully listening at \S+?:(\d+)")
 
 # Run azurite.js through a small wrapper: process.argv then looks exactly as if node had been
@@ -233,6 +236,11 @@ class Azurite:
             lower = service.lower()
             args += [f"--{lower}Host", self.host, f"--{lower}Port", str(port)]
         args += ["--skipApiVersionCheck", "--loose", "--silent", "--disableTelemetry"]
+        # Node closes an idle keep-alive connection after 5 s; aiohttp (the SDKs' transport) keeps
+        # one for 15 s, so a request sent just as Node closes it is reset (a test's flake, not the
+        # relay's). With the server waiting longer than the client, the client closes first.
+        for service in ("blob", "queue", "table"):
+            args += [f"--{service}KeepAliveTimeout", str(_KEEP_ALIVE_SECONDS)]
         if self.debug_log is not None:
             args += ["--debug", str(self.debug_log)]
         if self.cert is not None and self.key is not None:
