@@ -162,8 +162,8 @@ def main() -> None:
     for name, value in sorted(counts.items(), key=lambda kv: -kv[1]):
         note = "  (the host's polling, not charged)" if name in host_only else (
             "  (once per process, not charged)" if name in ("table create", "queue create") else "")
-        print(f"  {value / n:6.2f}  {name}{note}")
-    print(f"  {relay_total / n:6.2f}  TOTAL caused by the relay per message")
+        print(f"  {value / n:7.3f}  {name}{note}")
+    print(f"  {relay_total / n:7.3f}  TOTAL caused by the relay per message  ({relay_total} requests)")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def test_report_bench_writes_a_history_and_asks_the_real_handler_for_24_hours_an
 def test_storage_requests_bench_counts_the_relays_requests_from_azurites_log():
     out = run("bench.storage_requests", "--messages", "6")
     rows = {line.split(None, 1)[1].split("  (")[0]: float(line.split()[0]) for line in out.splitlines()
-            if re.match(r"^\s+\d+\.\d\d\s", line)}
+            if re.match(r"^\s+\d+\.\d{3}\s", line)}
     # Every message is read, claimed and settled in the ledger, indexed, and deleted from the queue.
     assert rows["queue delete"] == 1.0 and rows["recipient index PATCH"] == 1.0
     assert rows["ledger POST"] == 1.0 and "host receive" in rows
