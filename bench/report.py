@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.data.tables.aio import TableClient
 
-from shared.reporting.aggregates import HOUR, _day_key, _row_key, hour_of, row_fields, split_days
+from shared.reporting.rows import HOUR, day_key, hour_of, row_fields, row_key, split_days
 from shared.wiring import close_relays
 from tools.azurite import Azurite
 from tools.devhost import DevHost, _background_loop
@@ -72,7 +72,7 @@ def synthetic_rows(days: int, per_day: int, now: float, rng: random.Random):
                 for code in rng.sample(CODES, rng.randint(0, 2)):
                     counts[f"codes.{code}"] = rng.randint(1, 5)
                     last[code] = hour + rng.randint(0, HOUR - 1)
-                yield {"PartitionKey": _day_key(hour), "RowKey": _row_key(hour, shard, account, category),
+                yield {"PartitionKey": day_key(hour), "RowKey": row_key(hour, shard, account, category),
                        **row_fields(hour, account, category, {k: v for k, v in counts.items() if v}, last),
                        "Writes": json.dumps({f"w{rng.randrange(40):02d}": rng.randrange(1, 9999)})}
 

@@ -42,7 +42,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.ledger import DEAD, REFUSED, SENT, Ledger, LedgerConflict, LedgerEntry
-from shared.reporting.aggregates import Aggregates, day_key
+from shared.reporting.aggregates import Aggregates
+from shared.reporting.rows import day_key
 from shared.send.relay_blobs import RelayBlobs
 
 log = logging.getLogger("hve_relay.retention")

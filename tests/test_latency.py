@@ -16,7 +16,8 @@ import pytest
 from azure.data.tables.aio import TableClient
 
 from shared.reporting import latency as lat
-from shared.reporting.aggregates import Aggregates, Bucket
+from shared.reporting.aggregates import Aggregates
+from shared.reporting.rows import Bucket
 from shared.reporting.report import Window, latency_section, shape
 
 T0 = datetime(2026, 11, 30, 22, 0, tzinfo=timezone.utc).timestamp()

@@ -403,7 +403,7 @@ def test_a_bad_window_is_refused_with_a_clear_message(params, word):
 
 
 def test_hours_fold_into_days_and_errors_are_ranked_by_count():
-    from shared.reporting.aggregates import Bucket
+    from shared.reporting.rows import Bucket
 
     h = datetime(2026, 12, 1, tzinfo=timezone.utc).timestamp()
     buckets = [Bucket(int(h), "a@x", "c", {"requests.sent": 2, "codes.451 4.7.0": 1}, {"451 4.7.0": h + 60}),
@@ -447,7 +447,7 @@ def test_the_ledger_tool_reports_from_the_aggregates_not_the_ledger_rows(storage
 
 
 def test_reply_codes_count_each_rcpt_refusal_and_the_final_reply_once_and_never_their_text():
-    from shared.reporting.aggregates import reply_labels
+    from shared.reporting.rows import reply_labels
     from shared.hve.smtp import SubmitResult
     from shared.send.replies import classify_reply
 

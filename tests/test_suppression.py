@@ -17,7 +17,8 @@ import jsonschema
 import pytest
 
 from shared.ledger import Ledger, recipient_hash
-from shared.reporting.aggregates import Aggregates, Bucket
+from shared.reporting.aggregates import Aggregates
+from shared.reporting.rows import Bucket
 from shared.reporting.report import Window, shape
 from shared.reporting.request_status import request_view
 from shared.retention import purge_expired

@@ -1,4 +1,5 @@
-"""Hourly counters per account and category, written as the ledger changes, read by the report.
+"""Hourly counters per account and category, written as the ledger changes, read by the report
+(their keys and shapes: shared/reporting/rows.py; reading them: shared/reporting/rollups.py).
 
 Counter names (as in the report contract): `requests.<outcome>`, `deferrals`, `recipients.internal`,
 `recipients.external`, `codes.<SMTP code>`, `delivery.<message-trace status>`, and `latency.<bound>`
@@ -33,17 +34,15 @@ How they are written (docs/operations.md, "Report API and aggregates"):
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import random
-import re
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from azure.core import MatchConditions
@@ -51,15 +50,21 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from opentelemetry import metrics
 
 from shared.reporting import latency as latency_histogram
+from shared.reporting.rollups import ReadStats, Rollups
+from shared.reporting.rows import (
+    DELIVERY_STATUSES,
+    HOUR,
+    OTHER_CATEGORY,
+    ROLLUP_MARK,
+    Bucket,
+    day_key,
+    hour_of,
+    row_fields,
+    row_key,
+)
 
 log = logging.getLogger("hve_relay.aggregates")
 
-DELIVERY_STATUSES = frozenset(
-    {"delivered", "failed", "pending", "expanded", "quarantined", "filteredAsSpam", "gettingStatus", "recalled"}
-)
-OUTCOMES = ("sent", "refused", "dead")
-# Where categories past the cap are counted (the writers' per-hour cap, the report's top N).
-OTHER_CATEGORY = "other"
 # Hours whose admitted categories a process remembers (the send path writes the current hour; the
 # trace files deltas under the hour each request was sent, up to its max age back).
 _HOURS_REMEMBERED = 96
@@ -74,126 +79,6 @@ _CONCURRENCY = 8
 # of properties (the limit is 4 MiB per request).
 _TRANSACTION_ROWS = 100
 _TRANSACTION_CHARS = 2_000_000
-_CODE = re.compile(r"[^0-9. ]")
-# Day rollups: RowKeys that sort after every hour row ("00-" .. "23-"); the marker sorts last.
-_ROLLUP = "~"
-_ROLLUP_MARK = "~~rollup"
-# A string property holds at most 64 KiB (32K UTF-16 characters).
-_MAX_PROPERTY_CHARS = 30_000
-HOUR = 3600
-
-
-def code_label(code: int, enhanced: str = "") -> str:
-    """`451 4.7.0`: the basic and enhanced code of a reply, nothing else of its text."""
-    return _CODE.sub("", f"{code} {enhanced}".strip())[:16]
-
-
-_REPLY = re.compile(r"^\s*(\d{3})(?:[\s-]+([245]\.\d{1,3}\.\d{1,3}))?")
-
-
-def reply_labels(result: Any, recipients: int) -> list[str]:
-    """The replies other than 250 of one SMTP transaction (an `hve_smtp.SubmitResult`): each
-    recipient refused or deferred at RCPT, and the final reply unless it was one of those. Only
-    the codes: reply texts may name addresses."""
-    try:
-        return _reply_labels(result, recipients)
-    except Exception:  # noqa: BLE001 - counting must never fail a send
-        log.exception("aggregates: replies not counted")
-        return []
-
-
-def _reply_labels(result: Any, recipients: int) -> list[str]:
-    labels = []
-    for text in result.refused.values():
-        m = _REPLY.match(text)
-        if m:
-            labels.append(code_label(int(m[1]), m[2] or ""))
-    labels += [code_label(v.code, v.enhanced) for v in result.deferred.values() if v.code]
-    verdict = result.verdict
-    if verdict.code and verdict.code != 250 and len(result.refused) + len(result.deferred) < recipients:
-        labels.append(code_label(verdict.code, verdict.enhanced))
-    return labels
-
-
-def hour_of(at: float) -> int:
-    return int(at // HOUR) * HOUR
-
-
-def _day_key(hour: int) -> str:
-    return datetime.fromtimestamp(hour, UTC).strftime("%Y%m%d")
-
-
-def day_key(at: float) -> str:
-    """The PartitionKey of the rows counting time `at`: its UTC day (`20261129`)."""
-    return _day_key(int(at))
-
-
-def split_days(start: int, end: int, now: float, rollup_after: float) -> tuple[list[str], list[str]]:
-    """The UTC days (partition keys) of the hours [start, end): those that ended more than
-    `rollup_after` before `now` (read from their rollups) and the others (read hour by hour)."""
-    days = range(start - start % 86400, end, 86400)
-    closed = [_day_key(d) for d in days if d + 86400 + rollup_after <= now]
-    open_ = [_day_key(d) for d in days if d + 86400 + rollup_after > now]
-    return closed, open_
-
-
-def _row_key(hour: int, shard: int, account: str, category: str) -> str:
-    # Account and category come from producers: hashed, so any text makes a valid key.
-    digest = hashlib.sha256(f"{account}\x00{category}".encode()).hexdigest()[:20]
-    return f"{datetime.fromtimestamp(hour, UTC).hour:02d}-{shard:03d}-{digest}"
-
-
-def row_fields(
-    hour: int, account: str, category: str, counts: Mapping[str, int], last_seen: Mapping[str, float]
-) -> dict[str, Any]:
-    """The properties of an aggregate row besides its keys and `Writes`. The report reads `Data`
-    only: one JSON property per row parses several times faster than five typed ones. Account
-    and Category are repeated as plain properties for people browsing the table."""
-    data = {"h": hour // HOUR, "a": account, "c": category, "n": dict(counts), "l": dict(last_seen)}
-    return {"Account": account, "Category": category, "Data": json.dumps(data, separators=(",", ":"))}
-
-
-@dataclass
-class Bucket:
-    """The counts of one (hour, account, category), summed over shards."""
-
-    start: int  # epoch seconds of the hour
-    account: str
-    category: str
-    counts: Counter = field(default_factory=Counter)
-    last_seen: dict[str, float] = field(default_factory=dict)  # code -> epoch seconds
-
-
-def fold_categories(buckets: Iterable[Bucket], keep: int) -> list[Bucket]:
-    """The buckets with every category but the `keep` busiest of the window (by requests, then by
-    all counts, then by name) counted under `other`; '' (no category) and `other` are always kept.
-    Writers cap categories per process and hour; this bounds what several of them add up to."""
-    buckets = list(buckets)
-    if keep <= 0:
-        return buckets
-    volume: dict[str, tuple[int, int]] = {}
-    for b in buckets:
-        if b.category in ("", OTHER_CATEGORY):
-            continue
-        requests, everything = volume.get(b.category, (0, 0))
-        volume[b.category] = (
-            requests + sum(n for k, n in b.counts.items() if k.startswith("requests.")),
-            everything + sum(abs(n) for n in b.counts.values()),
-        )
-    if len(volume) <= keep:
-        return buckets
-    kept = set(sorted(volume, key=lambda c: (-volume[c][0], -volume[c][1], c))[:keep])
-    out: dict[tuple[int, str, str], Bucket] = {}
-    for b in buckets:
-        category = b.category if b.category in kept or b.category in ("", OTHER_CATEGORY) else OTHER_CATEGORY
-        key = (b.start, b.account, category)
-        into = out.get(key)
-        if into is None:
-            into = out[key] = Bucket(b.start, b.account, category)
-        into.counts.update(b.counts)
-        for code, ts in b.last_seen.items():
-            into.last_seen[code] = max(into.last_seen.get(code, 0.0), ts)
-    return [out[k] for k in sorted(out)]
 
 
 @dataclass
@@ -242,7 +127,7 @@ def _parts(batches: list[_Batch], size: Callable[[_Batch], int]) -> Iterable[lis
 
 
 @dataclass
-class AggregateStats:
+class AggregateStats(ReadStats):
     """Per process, for tests, the bench and telemetry."""
 
     merges: int = 0
@@ -254,10 +139,6 @@ class AggregateStats:
     timeouts: int = 0  # flushes cut at their deadline (what they did not write stays pending)
     transactions: int = 0  # entity-group transactions applied (a day's held rows in one request)
     transactions_refused: int = 0  # refused as a whole (a row changed by another writer): row by row
-    rollups_written: int = 0
-    rollups_used: int = 0
-    rows_read: int = 0  # rows the report's two range queries returned
-    pages_read: int = 0  # their Table requests: one per 1,000 rows (at least one per query)
 
 
 class Aggregates:
@@ -446,8 +327,8 @@ class Aggregates:
                 self._seq += 1
                 batches.append(
                     _Batch(
-                        _day_key(hour),
-                        _row_key(hour, self.shard, account, category),
+                        day_key(hour),
+                        row_key(hour, self.shard, account, category),
                         hour,
                         account,
                         category,
@@ -644,7 +525,7 @@ class Aggregates:
         if self._marks(batch):
             try:
                 await self._table.upsert_entity(
-                    {"PartitionKey": batch.pk, "RowKey": _ROLLUP_MARK, "State": "stale"}, mode="replace"
+                    {"PartitionKey": batch.pk, "RowKey": ROLLUP_MARK, "State": "stale"}, mode="replace"
                 )
             except Exception as exc:  # noqa: BLE001
                 self._failed(1)
@@ -747,169 +628,15 @@ class Aggregates:
 
     def _prune_cache(self) -> None:
         # Only the current and the previous hour are still written to.
-        horizon = _day_key(hour_of(self._clock()) - 2 * HOUR)
+        horizon = day_key(hour_of(self._clock()) - 2 * HOUR)
         for key in [k for k in self._cache if k[0] < horizon]:
             del self._cache[key]
 
     # --- reading (the report) --------------------------------------------------------------------
 
     async def read(self, since: datetime, until: datetime) -> list[Bucket]:
-        """Buckets with an hour start in [since, until), shards summed. A UTC day that ended more
-        than `rollup_after` ago is read from its rollup (one row per account and category); the
-        others from their hour rows (one per hour, account, category and shard). Two range queries
-        in all, each one Table request per 1,000 rows it returns (`stats.rows_read`,
-        `stats.pages_read`); when a closed day has no valid rollup, one more range query finds
-        which of those days hold rows, and each that does gets a one-time build."""
-        if until <= since:
-            return []
-        start, end = hour_of(since.timestamp()), hour_of(until.timestamp() - 1) + HOUR
-        if end <= start:
-            return []
-        closed, open_ = split_days(start, end, self._clock(), self.rollup_after)
-        try:
-            rolled, hours = await asyncio.gather(self._rollups(closed), self._hour_rows(open_))
-            self.stats.rollups_used += sum(1 for r in rolled.values() if r is not None)
-            unrolled = await self._days_with_rows([pk for pk, r in rolled.items() if r is None])
-            built = await asyncio.gather(*(self._build(pk) for pk in unrolled))
-        except ResourceNotFoundError:  # nothing counted yet: the table is created by the first flush
-            return []
-        records = hours + [rec for r in rolled.values() if r for rec in r] + [rec for b in built for rec in b]
-        buckets: dict[tuple[int, str, str], Bucket] = {}
-        for data in records:
-            hour = int(data["h"]) * HOUR
-            if not start <= hour < end:
-                continue
-            key = (hour, data["a"], data["c"])
-            bucket = buckets.get(key)
-            if bucket is None:
-                bucket = buckets[key] = Bucket(*key)
-            bucket.counts.update(data["n"])
-            for code, ts in data["l"].items():
-                if ts > bucket.last_seen.get(code, 0.0):
-                    bucket.last_seen[code] = ts
-        return [buckets[k] for k in sorted(buckets)]
-
-    async def _hour_rows(self, pks: list[str]) -> list[dict[str, Any]]:
-        """Hour records {h, a, c, n, l} of the days `pks` (consecutive), shards not yet summed."""
-        if not pks:
-            return []
-        pages = self._table.query_entities(
-            "PartitionKey ge @lo and PartitionKey le @hi and RowKey lt @rollup",
-            parameters={"lo": pks[0], "hi": pks[-1], "rollup": _ROLLUP},
-            select=["Data"],
-        ).by_page()
-        records = []
-        async for page in pages:
-            self.stats.pages_read += 1
-            records += [json.loads(row["Data"]) async for row in page]
-        self.stats.rows_read += len(records)
-        return records
-
-    async def _days_with_rows(self, pks: list[str]) -> list[str]:
-        """Those of the days `pks` that hold any hour row (one range query over them): a day
-        without rows gets no rollup, so a window over empty days writes nothing."""
-        if not pks:
-            return []
-        pages = self._table.query_entities(
-            "PartitionKey ge @lo and PartitionKey le @hi and RowKey lt @rollup",
-            parameters={"lo": min(pks), "hi": max(pks), "rollup": _ROLLUP},
-            select=["PartitionKey"],
-        ).by_page()
-        found: set[str] = set()
-        async for page in pages:
-            self.stats.pages_read += 1
-            async for row in page:
-                self.stats.rows_read += 1
-                found.add(row["PartitionKey"])
-        return [pk for pk in pks if pk in found]
-
-    async def _rollups(self, pks: list[str]) -> dict[str, list[dict[str, Any]] | None]:
-        """Per day, its rollup as hour records; None unless complete and not marked stale."""
-        if not pks:
-            return {}
-        by_day: dict[str, list[Any]] = {pk: [] for pk in pks}
-        pages = self._table.query_entities(
-            "PartitionKey ge @lo and PartitionKey le @hi and RowKey ge @rollup",
-            parameters={"lo": pks[0], "hi": pks[-1], "rollup": _ROLLUP},
-            select=["PartitionKey", "RowKey", "Data", "State", "Rows"],
-        ).by_page()
-        async for page in pages:
-            self.stats.pages_read += 1
-            async for row in page:
-                self.stats.rows_read += 1
-                by_day.setdefault(row["PartitionKey"], []).append(row)
-        out: dict[str, list[dict[str, Any]] | None] = {}
-        for pk, rows in by_day.items():
-            marker = next((r for r in rows if r["RowKey"] == _ROLLUP_MARK), None)
-            parts = [r for r in rows if r["RowKey"] != _ROLLUP_MARK]
-            if marker is None or marker.get("State") != "done" or marker.get("Rows") != len(parts):
-                out[pk] = None
-                continue
-            records = []
-            for row in parts:
-                data = json.loads(row["Data"])
-                records += [{"h": int(h), "a": data["a"], "c": data["c"], **hn} for h, hn in data["hours"].items()]
-            out[pk] = records
-        return out
-
-    async def _build(self, pk: str) -> list[dict[str, Any]]:
-        """Read a closed day from its hours and write its rollup. The marker says `building`
-        before the hours are read; a late writer sets it `stale`, and then `done` fails on its
-        ETag: a rollup never hides a count."""
-        etag = await self._mark(pk, "building")
-        records = await self._hour_rows([pk])
-        if etag is not None:
-            await self._write_rollup(pk, records, etag)
-        return records
-
-    async def _mark(self, pk: str, state: str) -> str | None:
-        try:
-            meta = await self._table.upsert_entity(
-                {"PartitionKey": pk, "RowKey": _ROLLUP_MARK, "State": state}, mode="replace"
-            )
-            return meta.get("etag")
-        except Exception as exc:  # noqa: BLE001 - the report is answered from the hours anyway
-            log.warning("aggregates: rollup of %s not started (%s)", pk, type(exc).__name__)
-            return None
-
-    async def _write_rollup(self, pk: str, records: list[dict[str, Any]], etag: str) -> None:
-        """Best effort: one row per (account, category) with its hours summed over shards, then the
-        marker `done`, only if no late writer marked the day `stale` since `building`."""
-        keys: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
-        for data in records:
-            hour = keys.setdefault((data["a"], data["c"]), {}).setdefault(int(data["h"]), {"n": Counter(), "l": {}})
-            hour["n"].update(data["n"])
-            for code, ts in data["l"].items():
-                hour["l"][code] = max(hour["l"].get(code, 0.0), ts)
-        entities = []
-        for (account, category), hours in keys.items():
-            text = json.dumps(
-                {
-                    "a": account,
-                    "c": category,
-                    "hours": {
-                        str(h): {"n": {k: v for k, v in x["n"].items() if v}, "l": x["l"]}
-                        for h, x in sorted(hours.items())
-                    },
-                },
-                separators=(",", ":"),
-            )
-            if len(text) > _MAX_PROPERTY_CHARS:
-                log.info("aggregates: no rollup for %s (a row would exceed the property size)", pk)
-                return
-            digest = hashlib.sha256(f"{account}\x00{category}".encode()).hexdigest()[:20]
-            entities.append({"PartitionKey": pk, "RowKey": f"{_ROLLUP}{digest}", "Data": text})
-        try:
-            for i in range(0, len(entities), 100):
-                await self._table.submit_transaction(
-                    [("upsert", e, {"mode": "replace"}) for e in entities[i : i + 100]]
-                )
-            await self._table.update_entity(
-                {"PartitionKey": pk, "RowKey": _ROLLUP_MARK, "State": "done", "Rows": len(entities)},
-                mode="replace",
-                etag=etag,
-                match_condition=MatchConditions.IfNotModified,
-            )
-            self.stats.rollups_written += 1
-        except Exception as exc:  # noqa: BLE001 - the report is answered from the hours anyway
-            log.warning("aggregates: rollup of %s not written (%s)", pk, type(exc).__name__)
+        """Buckets with an hour start in [since, until), shards summed (shared/reporting/rollups.py):
+        a UTC day that ended more than `rollup_after` ago from its rollup, the others hour by hour."""
+        return await Rollups(self._table, self.stats).read(
+            since, until, now=self._clock(), rollup_after=self.rollup_after
+        )

@@ -14,7 +14,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.reporting import latency as lat
-from shared.reporting.aggregates import OUTCOMES, Aggregates, Bucket, fold_categories
+from shared.reporting.aggregates import Aggregates
+from shared.reporting.rows import OUTCOMES, Bucket, fold_categories
 
 SCHEMA = "hve-relay.report.v1"
 BUCKETS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}

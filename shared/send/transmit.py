@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from shared.governor.pacing import Release
 from shared.hve.smtp import SubmitResult
 from shared.ledger import DEFERRED, SENDING, LedgerEntry
-from shared.reporting.aggregates import reply_labels
+from shared.reporting.rows import reply_labels
 from shared.send.ledger_gate import BUSY_RECHECK_SECONDS
 from shared.send.outcome import Handled, utc
 from shared.send.prepare import Prepared
