@@ -258,6 +258,25 @@ def test_without_room_a_grant_that_reached_mail_from_late_cannot_be_taken_again(
     assert isinstance(retaken, Wait) and retaken.until > START + 1.8
 
 
+def test_a_slot_that_comes_due_at_the_very_moment_of_the_decision_has_come_due():
+    # "At or before the decision": the window's first grant is dated exactly now.
+    cfg = PacingConfig(limits=PROFILES["preview-2024"], lapse_room_seconds=2.0)
+    booked = decide([_first_window_granted()], None, Shape(0, 1), START, cfg, random.Random(1))
+    assert isinstance(booked, Grant) and booked.at == START + cfg.window + 2.0
+
+
+def test_behind_the_queue_backlog_a_booking_behind_a_slot_still_ahead_gets_no_room():
+    # The backlog floor puts the search later than a booking still ahead of the decision; that
+    # booking has not come due (its request takes its session first), so no room behind it.
+    cfg = PacingConfig(limits=PROFILES["preview-2024"], lapse_room_seconds=2.0)
+    ahead = (START + 50,) + (START + 50 + cfg.window - 1,) * 9
+    state = AccountState(ACCOUNTS[0], slots=ahead, external_slots=ahead, cooldown_until=START + 30)
+    booked = decide([state], None, Shape(0, 1), START, cfg, random.Random(1), book_not_before=START + 60)
+    # From the cooling-down account's opening (+30) the backlog's own mail takes the window, so the
+    # search starts one window and the slack later (+97), inside the window of the ten bookings.
+    assert isinstance(booked, Grant) and booked.at == START + 50 + cfg.window
+
+
 def test_a_booking_behind_a_slot_still_ahead_gets_no_room():
     # Booked requests take their session before the slot; a window of bookings stays packed.
     cfg = PacingConfig(limits=PROFILES["preview-2024"], lapse_room_seconds=2.0)

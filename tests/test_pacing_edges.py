@@ -47,6 +47,7 @@ A, B, C = "a@contoso.com", "b@contoso.com", "c@contoso.com"
 NOW = 1000.0          # day 0, far from both ends of the day
 END = DAY             # end of day 0 with no offset
 W = 62.0              # the default window: 60 s + 2 s margin
+NEVER_DUE = -math.inf  # a decision before every slot: none has come due
 
 
 def limits(**kw: object) -> Limits:
@@ -161,15 +162,24 @@ def test_no_limit_always_fits_and_a_zero_limit_never_does():
 
 
 def test_the_earliest_rolling_slot_is_now_a_gap_or_one_window_after_the_limit_th_last_slot():
-    assert _rolling_ready([0.0, 10.0], 20.0, None, W) == 20.0
-    assert _rolling_ready([0.0, 10.0], 20.0, 3, W) == 20.0
-    assert _rolling_ready([0.0, 10.0], 20.0, 2, W) == 62.0
-    assert _rolling_ready([0.0, 10.0], 20.0, 1, W) == 72.0
-    assert _rolling_ready([0.0, 10.0], 80.0, 1, W) == 80.0
-    assert _rolling_ready([0.0, 124.0], 62.0, 1, W) == 62.0     # the gap a released slot left
-    assert _rolling_ready([], 20.0, 0, W) == math.inf
+    # Behind slots still ahead of the decision (none has come due): no room, whatever it is.
+    assert _rolling_ready([0.0, 10.0], 20.0, None, W, NEVER_DUE, 2.0) == 20.0
+    assert _rolling_ready([0.0, 10.0], 20.0, 3, W, NEVER_DUE, 2.0) == 20.0
+    assert _rolling_ready([0.0, 10.0], 20.0, 2, W, NEVER_DUE, 2.0) == 62.0
+    assert _rolling_ready([0.0, 10.0], 20.0, 1, W, NEVER_DUE, 2.0) == 72.0
+    assert _rolling_ready([0.0, 10.0], 80.0, 1, W, NEVER_DUE, 2.0) == 80.0
+    assert _rolling_ready([0.0, 124.0], 62.0, 1, W, NEVER_DUE, 2.0) == 62.0     # the gap a released slot left
+    assert _rolling_ready([], 20.0, 0, W, NEVER_DUE, 2.0) == math.inf
     # The candidate is judged as it will be stored (ms rounded up): 61.9991 is stored as 62.0, which fits.
-    assert _rolling_ready([0.0], 61.9991, 1, W) == 61.9991
+    assert _rolling_ready([0.0], 61.9991, 1, W, NEVER_DUE, 2.0) == 61.9991
+
+
+def test_behind_a_slot_come_due_the_earliest_rolling_slot_is_the_room_later():
+    # The slot it follows (0.0) has come due when it is at or before the decision.
+    assert _rolling_ready([0.0, 10.0], 20.0, 2, W, 20.0, 2.0) == 64.0
+    assert _rolling_ready([0.0, 10.0], 20.0, 2, W, 0.0, 2.0) == 64.0
+    assert _rolling_ready([0.0, 10.0], 20.0, 2, W, -0.001, 2.0) == 62.0
+    assert _rolling_ready([0.0, 10.0], 70.0, 2, W, 20.0, 2.0) == 70.0   # past the room already
 
 
 def test_adding_a_slot_prunes_slots_at_or_before_the_keep_time_and_keeps_the_log_sorted():

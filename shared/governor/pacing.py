@@ -240,9 +240,7 @@ def _fits(log: Sequence[float], t: float, limit: int | None, window: float) -> b
     return True
 
 
-def _rolling_ready(
-    log: Sequence[float], t: float, limit: int | None, window: float, now: float = -math.inf, room: float = 0.0
-) -> float:
+def _rolling_ready(log: Sequence[float], t: float, limit: int | None, window: float, now: float, room: float) -> float:
     """Earliest time >= t a slot fits in the log: t itself (maybe in a gap a released slot left),
     else after the last `limit` slots, where a slot always fits.
 
