@@ -64,6 +64,17 @@ def test_the_batch_ends_as_the_docs_say(demo_output):
     assert "welcome mails accepted by the emulator: 4" in demo_output, "the HTTP mail is not counted as a welcome"
 
 
+def test_the_demo_confirms_delivery_of_what_it_sent_from_the_message_trace(demo_output):
+    # The trace finds the accounts' hours in the hourly aggregates: the demo's mail is seconds old,
+    # so this fails if the worker's counts were not written before the run.
+    section = demo_output.split("== Delivery confirmation (message trace, Graph stand-in) ==\n", 1)[1].split("\n\n", 1)[0]
+    run = re.search(r"^(\d+) Graph request\(s\), (\d+) trace row\(s\): (\d+) matched", section, re.M)
+    assert run and int(run.group(1)) > 0 and int(run.group(3)) > 0, section
+    counts = re.search(r"recipients by delivery status:  delivered (\d+)  failed (\d+)  quarantined (\d+)  pending (\d+)",
+                       section)
+    assert counts and all(int(n) > 0 for n in counts.groups()), section     # hugo@, archive@, jon@ and the rest
+
+
 def test_the_demo_sends_one_mail_over_http_and_shows_its_status(demo_output):
     section = demo_output.split("== Over HTTP (POST /api/send on the local host) ==\n", 1)[1].split("\n\n", 1)[0]
     lines = section.splitlines()
